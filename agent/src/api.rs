@@ -1,0 +1,209 @@
+//! The agent's gRPC API on its unix socket (sinew.agent.v1.Agent).
+
+use std::sync::{Arc, Mutex};
+
+use sinew_proto::v1;
+use tonic::{Request, Response, Status};
+
+use crate::ipam::{Attachment, IpamError};
+use crate::state::{CreateRequest, NodeState, StateError};
+
+pub struct AgentApi {
+    pub state: Arc<Mutex<NodeState>>,
+    pub attach_mode: &'static str,
+    pub routing: &'static str,
+    pub bpf_pin_path: String,
+}
+
+fn attachment(a: Option<v1::Attachment>) -> Result<Attachment, Status> {
+    let a = a.ok_or_else(|| Status::invalid_argument("attachment is required"))?;
+    if a.container_id.is_empty() || a.ifname.is_empty() {
+        return Err(Status::invalid_argument("attachment needs container_id and ifname"));
+    }
+    Ok(Attachment {
+        container_id: a.container_id,
+        ifname: a.ifname,
+    })
+}
+
+fn status(e: StateError) -> Status {
+    match &e {
+        StateError::Ipam(IpamError::Exhausted { .. }) => Status::resource_exhausted(e.to_string()),
+        StateError::Invalid(_) => Status::failed_precondition(e.to_string()),
+        StateError::Net(crate::netutil::NetError::NoSuchInterface(_)) => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+impl AgentApi {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, NodeState>, Status> {
+        self.state
+            .lock()
+            .map_err(|_| Status::internal("agent state is poisoned after a panic; restart sinew-agent"))
+    }
+}
+
+#[tonic::async_trait]
+impl sinew_proto::Agent for AgentApi {
+    async fn status(&self, _: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        let s = self.lock()?;
+        let errors: Vec<String> = s.snapshot.errors.iter().map(|e| e.to_string()).collect();
+        Ok(Response::new(v1::StatusResponse {
+            healthy: true,
+            reason: if errors.is_empty() {
+                String::new()
+            } else {
+                format!("{} invalid resources ignored: {}", errors.len(), errors.join("; "))
+            },
+            node_name: s.local.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            attach_mode: self.attach_mode.into(),
+            routing_mode: self.routing.into(),
+            pod_cidr: s.local.pod_cidr.to_string(),
+            node_ip: s.local.ip.to_string(),
+            endpoints: s.registry.len() as u32,
+            ips_allocated: s.ipam.allocated() as u32,
+            ips_capacity: u32::try_from(s.ipam.capacity()).unwrap_or(u32::MAX),
+            remote_nodes: s.remote_nodes as u32,
+            features: s
+                .features
+                .iter()
+                .map(|f| v1::KernelFeature {
+                    name: f.name.into(),
+                    available: f.available,
+                    used: f.used,
+                    detail: f.detail.clone(),
+                })
+                .collect(),
+            bpf_pin_path: self.bpf_pin_path.clone(),
+            uptime_seconds: s.started.elapsed().as_secs(),
+            maps_reused: s.datapath.maps_reused(),
+        }))
+    }
+
+    async fn allocate_ip(
+        &self,
+        req: Request<v1::AllocateIpRequest>,
+    ) -> Result<Response<v1::AllocateIpResponse>, Status> {
+        let req = req.into_inner();
+        let att = attachment(req.attachment)?;
+        let mut s = self.lock()?;
+        let (alloc, existing) = s
+            .ipam
+            .allocate(&att, &req.pod_namespace, &req.pod_name)
+            .map_err(|e| status(e.into()))?;
+        let ip = alloc
+            .ips
+            .iter()
+            .find(|i| i.is_ipv4())
+            .ok_or_else(|| Status::internal("no IPv4 pool"))?;
+        tracing::info!(container = %att.container_id, %ip, existing, "allocated");
+        Ok(Response::new(v1::AllocateIpResponse {
+            ip: ip.to_string(),
+            prefix_len: 32,
+            gateway: s.gateway().to_string(),
+            mtu: s.pod_mtu,
+            existing,
+        }))
+    }
+
+    async fn release_ip(&self, req: Request<v1::ReleaseIpRequest>) -> Result<Response<v1::ReleaseIpResponse>, Status> {
+        let att = attachment(req.into_inner().attachment)?;
+        let mut s = self.lock()?;
+        // Releasing the address of a live endpoint would let it be handed
+        // out twice: remove the endpoint with it.
+        let (_, existed) = s.delete_endpoint(&att).map_err(status)?;
+        Ok(Response::new(v1::ReleaseIpResponse { released: existed }))
+    }
+
+    async fn create_endpoint(
+        &self,
+        req: Request<v1::CreateEndpointRequest>,
+    ) -> Result<Response<v1::CreateEndpointResponse>, Status> {
+        let r = req.into_inner();
+        let att = attachment(r.attachment)?;
+        let mut s = self.lock()?;
+        let ep = s
+            .create_endpoint(CreateRequest {
+                attachment: att,
+                pod_namespace: r.pod_namespace,
+                pod_name: r.pod_name,
+                netns: r.netns,
+                host_ifname: r.host_ifname,
+                host_ifindex: r.host_ifindex,
+                ip: r.ip,
+                pod_mac: r.pod_mac,
+            })
+            .map_err(status)?;
+        tracing::info!(id = ep.id, pod = %format!("{}/{}", ep.pod_namespace, ep.pod_name), ip = %ep.ip, ifname = %ep.host_ifname, "endpoint created");
+        Ok(Response::new(v1::CreateEndpointResponse {
+            endpoint: Some(s.endpoint_proto(&ep)),
+        }))
+    }
+
+    async fn delete_endpoint(
+        &self,
+        req: Request<v1::DeleteEndpointRequest>,
+    ) -> Result<Response<v1::DeleteEndpointResponse>, Status> {
+        let att = attachment(req.into_inner().attachment)?;
+        let mut s = self.lock()?;
+        let (ep, existed) = s.delete_endpoint(&att).map_err(status)?;
+        if existed {
+            tracing::info!(container = %att.container_id, "endpoint deleted");
+        }
+        Ok(Response::new(v1::DeleteEndpointResponse {
+            existed,
+            host_ifname: ep.map(|e| e.host_ifname).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_endpoint(&self, req: Request<v1::GetEndpointRequest>) -> Result<Response<v1::Endpoint>, Status> {
+        let att = attachment(req.into_inner().attachment)?;
+        let s = self.lock()?;
+        let ep = s.registry.get(&att).ok_or_else(|| {
+            Status::not_found(format!(
+                "no endpoint for container {} interface {}",
+                att.container_id, att.ifname
+            ))
+        })?;
+        Ok(Response::new(s.endpoint_proto(ep)))
+    }
+
+    async fn list_endpoints(
+        &self,
+        _: Request<v1::ListEndpointsRequest>,
+    ) -> Result<Response<v1::ListEndpointsResponse>, Status> {
+        let s = self.lock()?;
+        Ok(Response::new(v1::ListEndpointsResponse {
+            endpoints: s.registry.iter().map(|e| s.endpoint_proto(e)).collect(),
+        }))
+    }
+
+    async fn garbage_collect(
+        &self,
+        req: Request<v1::GarbageCollectRequest>,
+    ) -> Result<Response<v1::GarbageCollectResponse>, Status> {
+        let valid: Vec<Attachment> = req
+            .into_inner()
+            .valid
+            .into_iter()
+            .map(|a| Attachment {
+                container_id: a.container_id,
+                ifname: a.ifname,
+            })
+            .collect();
+        let mut s = self.lock()?;
+        let gone = s.garbage_collect(&valid).map_err(status)?;
+        tracing::info!(released = gone.len(), "garbage collected");
+        Ok(Response::new(v1::GarbageCollectResponse {
+            released: gone
+                .iter()
+                .map(|(a, _)| v1::Attachment {
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                })
+                .collect(),
+            host_ifnames: gone.into_iter().filter_map(|(_, n)| n).collect(),
+        }))
+    }
+}

@@ -1,0 +1,67 @@
+//! sinew-agent: the Sinew node agent.
+use std::path::PathBuf;
+
+use clap::Parser;
+use sinew_agent::daemon::{self, AgentConfig};
+use sinew_agent::datapath::RoutingMode;
+
+#[derive(Parser)]
+#[command(
+    name = "sinew-agent",
+    version,
+    about = "Sinew node agent: BPF datapath, pod IPAM, endpoints, node routes"
+)]
+struct Args {
+    /// This node's name, as in its Node resource.
+    #[arg(long, env = "SINEW_NODE_NAME")]
+    node_name: String,
+    /// Directory of the local datastore (Kubernetes-shaped YAML).
+    #[arg(long, default_value = "/etc/sinew/datastore")]
+    datastore: PathBuf,
+    /// Unix socket of the agent API.
+    #[arg(long, default_value = sinew_proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where IPAM and endpoint state persist across restarts.
+    #[arg(long, default_value = "/var/lib/sinew")]
+    state_dir: PathBuf,
+    /// This node's bpffs directory; the ABI version is appended.
+    #[arg(long, default_value = "/sys/fs/bpf/sinew")]
+    bpf_root: PathBuf,
+    /// Cross-node routing: vxlan or native.
+    #[arg(long, default_value = "vxlan")]
+    routing: RoutingMode,
+    /// The node's interface to the other nodes.
+    #[arg(long, default_value = "eth0")]
+    uplink: String,
+    /// Masquerade pod traffic leaving the cluster to the node address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    masquerade: bool,
+    /// Source ports the masquerade may use (reserved from the node's own).
+    #[arg(long, default_value = "61000-65535", value_parser = daemon::parse_port_range)]
+    nat_ports: (u16, u16),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = AgentConfig {
+        node_name: a.node_name,
+        datastore: a.datastore,
+        socket: a.socket,
+        state_dir: a.state_dir,
+        bpf_root: a.bpf_root,
+        routing: a.routing,
+        uplink: a.uplink,
+        masquerade: a.masquerade,
+        nat_ports: a.nat_ports,
+    };
+    // The control plane is small; two workers keep it off the datapath's CPUs.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(daemon::run(cfg))
+}

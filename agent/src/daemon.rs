@@ -1,0 +1,251 @@
+//! Agent start-up and main loop: read the node's facts from the datastore,
+//! prepare the node (sysctls, tunnel device), load or re-adopt the
+//! datapath, restore endpoints, then serve the API and follow the datastore.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ipnet::IpNet;
+use sinew_model::{local::LocalDatastore, Datastore};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::AgentApi;
+use crate::datapath::{AttachMode, Datapath, DatapathConfig, RoutingMode};
+use crate::endpoints::Registry;
+use crate::ipam::Ipam;
+use crate::netutil;
+use crate::nodes::{LocalNode, Reconciler};
+use crate::state::NodeState;
+
+pub const VXLAN_DEV: &str = "sinew_vxlan";
+pub const VXLAN_PORT: u16 = 8472;
+const VXLAN_OVERHEAD: u32 = 50;
+
+/// Everything the agent is told at start; names are the CLI flags.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub datastore: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpf_root: PathBuf,
+    pub routing: RoutingMode,
+    pub uplink: String,
+    pub masquerade: bool,
+    pub nat_ports: (u16, u16),
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.node_name.is_empty() {
+            bail!("--node-name is empty: give this node's Kubernetes name");
+        }
+        let (lo, hi) = self.nat_ports;
+        if lo < 1024 || lo > hi {
+            bail!("--nat-ports {lo}-{hi}: need 1024 <= first <= last");
+        }
+        if !self.bpf_root.starts_with("/sys/fs/bpf") {
+            bail!(
+                "--bpf-root {}: must be under /sys/fs/bpf (a bpffs mount)",
+                self.bpf_root.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Waits until the datastore has this node with a pod CIDR and an address.
+async fn local_node(ds: &dyn Datastore, name: &str) -> anyhow::Result<(LocalNode, Arc<sinew_model::Snapshot>)> {
+    let mut rx = ds.subscribe();
+    let started = Instant::now();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        if let Some(n) = snap.nodes.get(name) {
+            let ip = match n.internal_ip {
+                IpAddr::V4(v) => v,
+                IpAddr::V6(_) => {
+                    bail!("node {name}: an IPv6 InternalIP needs the IPv6 datapath, which is not built yet")
+                }
+            };
+            let cidr = n.pod_cidrs.iter().find_map(|c| match c {
+                IpNet::V4(v) => Some(*v),
+                IpNet::V6(_) => None,
+            });
+            let Some(pod_cidr) = cidr else {
+                bail!("node {name} has no IPv4 pod CIDR; IPv6-only pods are not supported yet");
+            };
+            return Ok((
+                LocalNode {
+                    name: name.to_string(),
+                    ip,
+                    pod_cidr,
+                },
+                snap,
+            ));
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            tracing::warn!(node = name, datastore = %ds.describe(), "this node is not in the datastore yet; waiting");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is there, as pins need it.
+fn ensure_bpffs() -> anyhow::Result<()> {
+    use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
+    if statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mount bpffs at /sys/fs/bpf (the agent needs CAP_SYS_ADMIN, or mount it beforehand)")?;
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    ensure_bpffs()?;
+    let ds = LocalDatastore::start(&cfg.datastore, Duration::from_millis(200))?;
+    let (local, snapshot) = local_node(&ds, &cfg.node_name).await?;
+    tracing::info!(node = %local.name, ip = %local.ip, pod_cidr = %local.pod_cidr, "node facts");
+
+    if netutil::ipv4(&cfg.uplink).is_none() {
+        tracing::warn!(uplink = %cfg.uplink, "uplink has no IPv4 address");
+    }
+    let uplink_mtu = netutil::mtu(&cfg.uplink).with_context(|| format!("uplink {} (pass --uplink)", cfg.uplink))?;
+    for (k, v) in [
+        ("net.ipv4.ip_forward", "1".to_string()),
+        // Masquerade ports are ours: keep the node's own sockets off them.
+        (
+            "net.ipv4.ip_local_reserved_ports",
+            format!("{}-{}", cfg.nat_ports.0, cfg.nat_ports.1),
+        ),
+    ] {
+        netutil::sysctl(k, &v)?;
+    }
+    let (vxlan_ifindex, pod_mtu) = match cfg.routing {
+        RoutingMode::Vxlan => (
+            netutil::ensure_vxlan(VXLAN_DEV, VXLAN_PORT, uplink_mtu - VXLAN_OVERHEAD)?,
+            uplink_mtu - VXLAN_OVERHEAD,
+        ),
+        RoutingMode::Native => (0, uplink_mtu),
+    };
+    let attach_mode = AttachMode::detect();
+    let dp_cfg = DatapathConfig {
+        bpf_root: cfg.bpf_root.clone(),
+        node_ip: local.ip,
+        routing: cfg.routing,
+        vxlan_ifindex,
+        masquerade: cfg.masquerade,
+        nat_ports: cfg.nat_ports,
+        attach_mode,
+    };
+    let pin_dir = dp_cfg.pin_dir();
+    let mut datapath = Datapath::load(dp_cfg)?;
+    datapath.attach_uplink(&cfg.uplink)?;
+    if cfg.routing == RoutingMode::Vxlan {
+        datapath.attach_overlay(VXLAN_DEV)?;
+    }
+    let reused = datapath.maps_reused();
+    let (ipam, dropped) = Ipam::open(cfg.state_dir.join("ipam.json"), &[IpNet::V4(local.pod_cidr)])?;
+    for d in dropped {
+        tracing::warn!(container = %d.container_id, "allocation outside the node's pod CIDR dropped");
+    }
+    let registry = Registry::open(cfg.state_dir.join("endpoints.json"))?;
+    let features = crate::features::detect(attach_mode, cfg.routing == RoutingMode::Vxlan, cfg.masquerade);
+    let reconciler = Reconciler::new(cfg.routing, cfg.uplink.clone(), VXLAN_DEV.to_string(), local.clone());
+    let mut state = NodeState {
+        local,
+        ipam,
+        registry,
+        datapath,
+        reconciler,
+        features,
+        pod_mtu,
+        started: Instant::now(),
+        snapshot,
+        remote_nodes: 0,
+    };
+    let (kept, dropped) = state.restore()?;
+    state.resync()?;
+    tracing::info!(
+        maps_reused = reused,
+        endpoints_kept = kept,
+        endpoints_dropped = dropped,
+        mode = attach_mode.name(),
+        "datapath ready"
+    );
+
+    let state = Arc::new(Mutex::new(state));
+    tokio::spawn(follow_datastore(ds, state.clone()));
+    serve(&cfg, state, attach_mode, pin_dir).await
+}
+
+/// Applies every new snapshot; keeps the datastore alive for its lifetime.
+async fn follow_datastore(ds: LocalDatastore, state: Arc<Mutex<NodeState>>) {
+    let mut rx = ds.subscribe();
+    while rx.changed().await.is_ok() {
+        let snap = rx.borrow_and_update().clone();
+        let Ok(mut s) = state.lock() else { return };
+        s.snapshot = snap;
+        if let Err(e) = s.resync() {
+            tracing::error!(error = %e, "cannot apply the new cluster state; will retry on the next change");
+        }
+    }
+}
+
+async fn serve(
+    cfg: &AgentConfig,
+    state: Arc<Mutex<NodeState>>,
+    mode: AttachMode,
+    pin_dir: PathBuf,
+) -> anyhow::Result<()> {
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener =
+        tokio::net::UnixListener::bind(&cfg.socket).with_context(|| format!("bind {}", cfg.socket.display()))?;
+    let api = AgentApi {
+        state,
+        attach_mode: mode.name(),
+        routing: cfg.routing.name(),
+        bpf_pin_path: pin_dir.display().to_string(),
+    };
+    tracing::info!(socket = %cfg.socket.display(), "serving");
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        // Programs and maps stay: pods keep their network while we are away.
+        tracing::info!("stopping; the datapath stays attached");
+    };
+    tonic::transport::Server::builder()
+        .add_service(sinew_proto::AgentServer::new(api))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+/// Parses "61000-65535".
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    Ok((a, b))
+}

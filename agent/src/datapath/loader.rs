@@ -1,0 +1,339 @@
+//! Loading the three objects with the node's constants and shared, pinned
+//! maps, and the typed map operations the rest of the agent uses.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
+use sinew_abi::{config, maps, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, MetricsValue};
+
+use super::attach::{self, AttachMode, Hook};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot load the BPF object {object}: {source}; the kernel log or `dmesg` may say more, and the agent needs CAP_BPF and CAP_NET_ADMIN")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("cannot load program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cannot attach to {ifname} ({hook}): {source}")]
+    Attach {
+        ifname: String,
+        hook: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot pin {path}: {source}; is /sys/fs/bpf a bpffs mount?")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How pods on different nodes reach each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// VXLAN in external mode, the source identity in the VNI.
+    Vxlan,
+    /// The underlay routes pod CIDRs (node routes to each other's CIDRs).
+    Native,
+}
+
+impl RoutingMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoutingMode::Vxlan => "vxlan",
+            RoutingMode::Native => "native",
+        }
+    }
+}
+
+impl std::str::FromStr for RoutingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vxlan" => Ok(Self::Vxlan),
+            "native" => Ok(Self::Native),
+            other => Err(format!("unknown routing mode {other:?}: use vxlan or native")),
+        }
+    }
+}
+
+/// Node-wide, load-time settings.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Root of this node's pins, e.g. /sys/fs/bpf/sinew; the ABI version is
+    /// appended so that a new layout never reuses an old map.
+    pub bpf_root: PathBuf,
+    pub node_ip: Ipv4Addr,
+    pub routing: RoutingMode,
+    pub vxlan_ifindex: u32,
+    pub masquerade: bool,
+    pub nat_ports: (u16, u16),
+    pub attach_mode: AttachMode,
+}
+
+impl DatapathConfig {
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpf_root.join(format!("v{}", sinew_abi::ABI_VERSION))
+    }
+    pub fn map_dir(&self) -> PathBuf {
+        self.pin_dir().join("maps")
+    }
+    pub fn link_dir(&self) -> PathBuf {
+        self.pin_dir().join("links")
+    }
+}
+
+pub struct Datapath {
+    cfg: DatapathConfig,
+    lxc: Ebpf,
+    host: Ebpf,
+    overlay: Ebpf,
+    ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
+    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    metrics: PerCpuArray<MapData, MetricsValue>,
+    maps_reused: bool,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+impl Datapath {
+    /// Loads every program, creating or re-adopting the pinned maps.
+    pub fn load(cfg: DatapathConfig) -> Result<Self, DatapathError> {
+        let map_dir = cfg.map_dir();
+        for dir in [map_dir.clone(), cfg.link_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let maps_reused = map_dir.join(maps::IPCACHE).exists();
+        let node_ip = u32::from_ne_bytes(cfg.node_ip.octets());
+        let routing = match cfg.routing {
+            RoutingMode::Vxlan => sinew_abi::ROUTING_VXLAN,
+            RoutingMode::Native => sinew_abi::ROUTING_NATIVE,
+        };
+        let masq = u32::from(cfg.masquerade);
+        let (pmin, pmax) = (u32::from(cfg.nat_ports.0), u32::from(cfg.nat_ports.1));
+        let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
+            EbpfLoader::new()
+                .default_map_pin_directory(&map_dir)
+                .override_global(config::NODE_IP, &node_ip, true)
+                .override_global(config::ROUTING_MODE, &routing, true)
+                .override_global(config::VXLAN_IFINDEX, &cfg.vxlan_ifindex, true)
+                .override_global(config::ENABLE_MASQ, &masq, true)
+                .override_global(config::NAT_PORT_MIN, &pmin, true)
+                .override_global(config::NAT_PORT_MAX, &pmax, true)
+                .load(bytes)
+                .map_err(|source| DatapathError::Load {
+                    object,
+                    source: Box::new(source),
+                })
+        };
+        let mut lxc = load("bpf_lxc.o", sinew_abi::BPF_LXC)?;
+        let mut host = load("bpf_host.o", sinew_abi::BPF_HOST)?;
+        let mut overlay = load("bpf_overlay.o", sinew_abi::BPF_OVERLAY)?;
+        for (obj, names) in [
+            (&mut lxc, &["from_container", "to_container"][..]),
+            (&mut host, &["from_netdev", "to_netdev"][..]),
+            (&mut overlay, &["from_overlay", "to_overlay"][..]),
+        ] {
+            for &program in names {
+                let prog: &mut SchedClassifier = obj
+                    .program_mut(program)
+                    .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                    .and_then(|p| p.try_into())
+                    .map_err(|source| DatapathError::Program {
+                        program,
+                        source: Box::new(source),
+                    })?;
+                prog.load().map_err(|source| DatapathError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+            }
+        }
+        let take = |name: &'static str, obj: &mut Ebpf| {
+            obj.take_map(name).ok_or(DatapathError::Map {
+                map: name,
+                source: Box::new(aya::maps::MapError::InvalidName { name: name.to_string() }),
+            })
+        };
+        let ipcache = LpmTrie::try_from(take(maps::IPCACHE, &mut lxc)?).map_err(map_err(maps::IPCACHE))?;
+        let endpoints = BpfHashMap::try_from(take(maps::ENDPOINTS, &mut lxc)?).map_err(map_err(maps::ENDPOINTS))?;
+        let metrics = PerCpuArray::try_from(take(maps::METRICS, &mut lxc)?).map_err(map_err(maps::METRICS))?;
+        Ok(Self {
+            cfg,
+            lxc,
+            host,
+            overlay,
+            ipcache,
+            endpoints,
+            metrics,
+            maps_reused,
+        })
+    }
+
+    pub fn config(&self) -> &DatapathConfig {
+        &self.cfg
+    }
+
+    /// True when this agent found the maps of an earlier one and kept them.
+    pub fn maps_reused(&self) -> bool {
+        self.maps_reused
+    }
+
+    fn link_pin(&self, ifname: &str, hook: Hook) -> PathBuf {
+        self.cfg.link_dir().join(format!("{ifname}-{}", hook.name()))
+    }
+
+    fn attach(&mut self, object: Object, program: &'static str, ifname: &str, hook: Hook) -> Result<(), DatapathError> {
+        let pin = self.link_pin(ifname, hook);
+        let mode = self.cfg.attach_mode;
+        let obj = match object {
+            Object::Lxc => &mut self.lxc,
+            Object::Host => &mut self.host,
+            Object::Overlay => &mut self.overlay,
+        };
+        let prog: &mut SchedClassifier = obj
+            .program_mut(program)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+            .and_then(|p| p.try_into())
+            .map_err(|source| DatapathError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        attach::attach(prog, mode, ifname, hook, &pin)
+    }
+
+    /// Attaches the pod programs to a pod's host-side veth.
+    pub fn attach_endpoint(&mut self, host_ifname: &str) -> Result<(), DatapathError> {
+        self.attach(Object::Lxc, "from_container", host_ifname, Hook::Ingress)?;
+        self.attach(Object::Lxc, "to_container", host_ifname, Hook::Egress)
+    }
+
+    pub fn detach_endpoint(&mut self, host_ifname: &str) {
+        for hook in [Hook::Ingress, Hook::Egress] {
+            attach::detach_pinned(&self.link_pin(host_ifname, hook));
+        }
+    }
+
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach(Object::Host, "from_netdev", ifname, Hook::Ingress)?;
+        self.attach(Object::Host, "to_netdev", ifname, Hook::Egress)
+    }
+
+    pub fn attach_overlay(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach(Object::Overlay, "from_overlay", ifname, Hook::Ingress)?;
+        self.attach(Object::Overlay, "to_overlay", ifname, Hook::Egress)
+    }
+
+    pub fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(ifindex, info, 0)
+            .map_err(map_err(maps::ENDPOINTS))
+    }
+
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.endpoints.remove(&ifindex) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(maps::ENDPOINTS)(e)),
+        }
+    }
+
+    pub fn endpoint_ifindexes(&self) -> Vec<u32> {
+        self.endpoints.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn upsert_ipcache(&mut self, key: IpcacheKey, value: IpcacheValue) -> Result<(), DatapathError> {
+        self.ipcache
+            .insert(&LpmKey::new(key.prefixlen, key.data()), value, 0)
+            .map_err(map_err(maps::IPCACHE))
+    }
+
+    pub fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
+        match self.ipcache.remove(&LpmKey::new(key.prefixlen, key.data())) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(maps::IPCACHE)(e)),
+        }
+    }
+
+    /// Every ipcache entry, for reconciliation after a restart.
+    pub fn ipcache_entries(&self) -> Vec<(IpcacheKey, IpcacheValue)> {
+        self.ipcache
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (IpcacheKey::from_parts(k.prefix_len(), k.data()), v))
+            .collect()
+    }
+
+    /// Packets and bytes per metrics index, summed over CPUs.
+    pub fn metrics(&self) -> Vec<(u32, MetricsValue)> {
+        let mut out = Vec::new();
+        for idx in 0..sinew_abi::METRICS_MAX_ENTRIES {
+            if let Ok(per_cpu) = self.metrics.get(&idx, 0) {
+                let mut sum = MetricsValue::default();
+                for v in per_cpu.iter() {
+                    sum.packets += v.packets;
+                    sum.bytes += v.bytes;
+                }
+                if sum.packets > 0 {
+                    out.push((idx, sum));
+                }
+            }
+        }
+        out
+    }
+
+    /// The program fd of one program, for BPF_PROG_TEST_RUN in tests.
+    pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
+        [&self.lxc, &self.host, &self.overlay]
+            .into_iter()
+            .find_map(|o| o.program(name))
+            .and_then(|p| p.try_into().ok())
+    }
+
+    /// Removes every pin of this node (the agent's `--cleanup` and `lab down`).
+    pub fn remove_pins(bpf_root: &Path) -> std::io::Result<()> {
+        if bpf_root.exists() {
+            std::fs::remove_dir_all(bpf_root)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Object {
+    Lxc,
+    Host,
+    Overlay,
+}

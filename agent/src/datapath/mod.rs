@@ -1,0 +1,11 @@
+//! The node's BPF datapath: load the objects once, pin their maps under a
+//! versioned path, attach the same program instances to every pod veth,
+//! and write the maps. On restart the pinned maps are re-adopted and the
+//! pinned TCX links are atomically switched to the new programs, so traffic
+//! never stops.
+
+mod attach;
+mod loader;
+
+pub use attach::{AttachMode, Hook};
+pub use loader::{Datapath, DatapathConfig, DatapathError, RoutingMode};

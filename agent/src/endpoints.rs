@@ -1,0 +1,175 @@
+//! The endpoint registry: every pod interface this node serves, persisted
+//! (atomically) so that a restarted agent knows what to re-attach and what
+//! to clean up.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ipam::{write_atomic, Attachment};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot persist endpoints to {path}: {source}")]
+    Persist {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("endpoint state {path} is corrupt ({reason}); move it away and restart the agent, then restart this node's pods")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: u32,
+    pub attachment: Attachment,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub ip: Ipv4Addr,
+    pub pod_mac: [u8; 6],
+    pub host_mac: [u8; 6],
+    pub identity: u32,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct State {
+    next_id: u32,
+    endpoints: BTreeMap<String, Endpoint>,
+}
+
+pub struct Registry {
+    path: PathBuf,
+    state: State,
+}
+
+fn key(a: &Attachment) -> String {
+    format!("{}/{}", a.container_id, a.ifname)
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+impl Registry {
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, RegistryError> {
+        let path = path.into();
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| RegistryError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                next_id: 1,
+                ..Default::default()
+            },
+            Err(source) => return Err(RegistryError::Persist { path, source }),
+        };
+        Ok(Self { path, state })
+    }
+
+    fn persist(&self) -> Result<(), RegistryError> {
+        write_atomic(&self.path, &serde_json::to_vec_pretty(&self.state).expect("serializes")).map_err(|source| {
+            RegistryError::Persist {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+
+    pub fn next_id(&mut self) -> u32 {
+        let id = self.state.next_id.max(1);
+        self.state.next_id = id.wrapping_add(1).max(1);
+        id
+    }
+
+    pub fn insert(&mut self, ep: Endpoint) -> Result<(), RegistryError> {
+        self.state.endpoints.insert(key(&ep.attachment), ep);
+        self.persist()
+    }
+
+    pub fn remove(&mut self, att: &Attachment) -> Result<Option<Endpoint>, RegistryError> {
+        let ep = self.state.endpoints.remove(&key(att));
+        if ep.is_some() {
+            self.persist()?;
+        }
+        Ok(ep)
+    }
+
+    pub fn get(&self, att: &Attachment) -> Option<&Endpoint> {
+        self.state.endpoints.get(&key(att))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Endpoint> {
+        self.state.endpoints.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state.endpoints.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_bad_macs() {
+        let m = parse_mac("0a:1B:02:ff:00:09").unwrap();
+        assert_eq!(format_mac(&m), "0a:1b:02:ff:00:09");
+        for bad in ["", "0a:1b:02:ff:00", "0a:1b:02:ff:00:09:10", "zz:1b:02:ff:00:09"] {
+            assert!(parse_mac(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn endpoints_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("endpoints.json");
+        let att = Attachment {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        };
+        {
+            let mut r = Registry::open(&path).unwrap();
+            let id = r.next_id();
+            r.insert(Endpoint {
+                id,
+                attachment: att.clone(),
+                pod_namespace: "default".into(),
+                pod_name: "p".into(),
+                netns: "/run/netns/x".into(),
+                host_ifname: "lxc1".into(),
+                host_ifindex: 7,
+                ip: "10.0.0.2".parse().unwrap(),
+                pod_mac: [2, 0, 0, 0, 0, 1],
+                host_mac: [2, 0, 0, 0, 0, 2],
+                identity: 5,
+            })
+            .unwrap();
+        }
+        let mut r = Registry::open(&path).unwrap();
+        assert_eq!(r.get(&att).unwrap().host_ifindex, 7);
+        assert_eq!(r.next_id(), 2, "ids are not reused after restart");
+        assert!(r.remove(&att).unwrap().is_some());
+        assert!(r.remove(&att).unwrap().is_none());
+    }
+}

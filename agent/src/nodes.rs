@@ -1,0 +1,242 @@
+//! The cluster as this node's datapath sees it: from the desired state and
+//! the local endpoints, the complete ipcache and the routes to other nodes'
+//! pod CIDRs. [`desired`] is pure; [`Reconciler`] applies the difference,
+//! upserting before removing so that no entry is ever briefly missing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+use sinew_abi::{IpcacheKey, IpcacheValue};
+use sinew_model::{NodeInfo, Snapshot};
+
+use crate::datapath::{Datapath, DatapathError, RoutingMode};
+use crate::endpoints::Endpoint;
+use crate::netutil;
+
+/// The agent's own node.
+#[derive(Clone, Debug)]
+pub struct LocalNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+}
+
+/// A route this agent owns: destination CIDR and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeRoute {
+    pub dst: Ipv4Net,
+    pub via: Ipv4Addr,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Desired {
+    pub ipcache: BTreeMap<KeyOrd, IpcacheValue>,
+    pub routes: BTreeSet<NodeRoute>,
+    pub remote_nodes: usize,
+}
+
+/// IpcacheKey with an order, for diffing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyOrd {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl KeyOrd {
+    pub fn key(self) -> IpcacheKey {
+        IpcacheKey::v4(self.addr, self.prefix_len)
+    }
+    pub fn from_key(k: &IpcacheKey) -> Option<Self> {
+        (k.family == sinew_abi::FAMILY_V4).then(|| KeyOrd {
+            addr: Ipv4Addr::from(k.addr[0].to_ne_bytes()),
+            prefix_len: k.prefixlen.saturating_sub(32) as u8,
+        })
+    }
+}
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn v4_cidr(n: &NodeInfo) -> Option<Ipv4Net> {
+    n.pod_cidrs.iter().find_map(|c| match c {
+        IpNet::V4(v) => Some(*v),
+        IpNet::V6(_) => None,
+    })
+}
+
+/// The ipcache and routes this node must have.
+pub fn desired<'a>(
+    local: &LocalNode,
+    snapshot: &Snapshot,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> Desired {
+    let mut d = Desired::default();
+    d.ipcache.insert(
+        KeyOrd {
+            addr: local.ip,
+            prefix_len: 32,
+        },
+        IpcacheValue {
+            identity: sinew_abi::IDENTITY_HOST,
+            flags: sinew_abi::IPCACHE_F_NODE,
+            ..Default::default()
+        },
+    );
+    for node in snapshot.nodes.values() {
+        if node.name == local.name {
+            continue;
+        }
+        let (IpAddr::V4(ip), Some(cidr)) = (node.internal_ip, v4_cidr(node)) else {
+            continue;
+        };
+        d.remote_nodes += 1;
+        d.ipcache.insert(
+            KeyOrd {
+                addr: ip,
+                prefix_len: 32,
+            },
+            IpcacheValue {
+                identity: sinew_abi::IDENTITY_REMOTE_NODE,
+                tunnel_endpoint: be(ip),
+                ifindex: 0,
+                flags: sinew_abi::IPCACHE_F_NODE,
+            },
+        );
+        d.ipcache.insert(
+            KeyOrd {
+                addr: cidr.network(),
+                prefix_len: cidr.prefix_len(),
+            },
+            // Per-pod identities of remote pods arrive with the identity work;
+            // until then the CIDR says "a pod of that node".
+            IpcacheValue {
+                identity: sinew_abi::IDENTITY_UNKNOWN,
+                tunnel_endpoint: be(ip),
+                ifindex: 0,
+                flags: sinew_abi::IPCACHE_F_POD_CIDR,
+            },
+        );
+        d.routes.insert(NodeRoute { dst: cidr, via: ip });
+    }
+    for ep in endpoints {
+        d.ipcache.insert(
+            KeyOrd {
+                addr: ep.ip,
+                prefix_len: 32,
+            },
+            IpcacheValue {
+                identity: ep.identity,
+                tunnel_endpoint: 0,
+                ifindex: ep.host_ifindex,
+                flags: sinew_abi::IPCACHE_F_LOCAL_EP,
+            },
+        );
+    }
+    d
+}
+
+/// Applies [`Desired`] states one after another, remembering what it
+/// installed.
+pub struct Reconciler {
+    pub routing: RoutingMode,
+    pub uplink: String,
+    pub vxlan_dev: String,
+    pub local: LocalNode,
+    routes: BTreeSet<NodeRoute>,
+}
+
+impl Reconciler {
+    pub fn new(routing: RoutingMode, uplink: String, vxlan_dev: String, local: LocalNode) -> Self {
+        Self {
+            routing,
+            uplink,
+            vxlan_dev,
+            local,
+            routes: BTreeSet::new(),
+        }
+    }
+
+    pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), DatapathError> {
+        for (k, v) in &want.ipcache {
+            dp.upsert_ipcache(k.key(), *v)?;
+        }
+        for (k, _) in dp.ipcache_entries() {
+            if let Some(ko) = KeyOrd::from_key(&k) {
+                if !want.ipcache.contains_key(&ko) {
+                    dp.remove_ipcache(k)?;
+                }
+            }
+        }
+        for r in &want.routes {
+            let dst = r.dst.to_string();
+            let via = r.via.to_string();
+            let src = self.local.ip.to_string();
+            let res = match self.routing {
+                RoutingMode::Native => netutil::ip(&["route", "replace", &dst, "via", &via, "dev", &self.uplink]),
+                // The host's own traffic to remote pods enters the tunnel
+                // here; to_overlay picks the remote from the ipcache.
+                RoutingMode::Vxlan => netutil::ip(&["route", "replace", &dst, "dev", &self.vxlan_dev, "src", &src]),
+            };
+            if let Err(e) = res {
+                tracing::warn!(route = %dst, error = %e, "cannot install route to a remote pod CIDR");
+            }
+        }
+        for old in self.routes.difference(&want.routes) {
+            let _ = netutil::ip(&["route", "del", &old.dst.to_string()]);
+        }
+        self.routes = want.routes.clone();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        let yaml = |n: u8| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node{n}}}\nspec: {{podCIDR: 10.244.{n}.0/24}}\nstatus: {{addresses: [{{type: InternalIP, address: 172.30.0.{}}}]}}\n", 10 + n)
+        };
+        let docs: Vec<(String, String)> = (1..=3).map(|n| (format!("n{n}"), yaml(n))).collect();
+        Snapshot::from_documents(docs.iter().map(|(a, b)| (a.clone(), b.as_str())))
+    }
+
+    #[test]
+    fn remote_nodes_get_cidr_and_node_entries_and_routes_local_does_not() {
+        let local = LocalNode {
+            name: "node1".into(),
+            ip: "172.30.0.11".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        };
+        let d = desired(&local, &snap(), []);
+        assert_eq!(d.remote_nodes, 2);
+        assert_eq!(d.routes.len(), 2);
+        assert!(!d.routes.iter().any(|r| r.dst.to_string() == "10.244.1.0/24"));
+        let cidr = d.ipcache[&KeyOrd {
+            addr: "10.244.2.0".parse().unwrap(),
+            prefix_len: 24,
+        }];
+        assert_eq!(cidr.flags, sinew_abi::IPCACHE_F_POD_CIDR);
+        assert_eq!(cidr.tunnel_endpoint, be("172.30.0.12".parse().unwrap()));
+        let me = d.ipcache[&KeyOrd {
+            addr: local.ip,
+            prefix_len: 32,
+        }];
+        assert_eq!(me.identity, sinew_abi::IDENTITY_HOST);
+        assert_eq!(
+            KeyOrd::from_key(
+                &KeyOrd {
+                    addr: local.ip,
+                    prefix_len: 32
+                }
+                .key()
+            ),
+            Some(KeyOrd {
+                addr: local.ip,
+                prefix_len: 32
+            })
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The agent's node state and the operations on it that the gRPC API and
+//! the startup reconciliation share. Each operation leaves the datapath, the
+//! registry and IPAM consistent, or rolls back what it did.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use sinew_abi::EndpointInfo;
+
+use crate::datapath::{Datapath, DatapathError};
+use crate::endpoints::{format_mac, parse_mac, Endpoint, Registry, RegistryError};
+use crate::features::Feature;
+use crate::ipam::{Attachment, Ipam, IpamError};
+use crate::netutil;
+use crate::nodes::{self, LocalNode, Reconciler};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Net(#[from] netutil::NetError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct NodeState {
+    pub local: LocalNode,
+    pub ipam: Ipam,
+    pub registry: Registry,
+    pub datapath: Datapath,
+    pub reconciler: Reconciler,
+    pub features: Vec<Feature>,
+    pub pod_mtu: u32,
+    pub started: Instant,
+    pub snapshot: std::sync::Arc<sinew_model::Snapshot>,
+    pub remote_nodes: usize,
+}
+
+pub struct CreateRequest {
+    pub attachment: Attachment,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub ip: String,
+    pub pod_mac: String,
+}
+
+impl NodeState {
+    pub fn gateway(&self) -> Ipv4Addr {
+        match crate::ipam::gateway(&ipnet::IpNet::V4(self.local.pod_cidr)) {
+            IpAddr::V4(v) => v,
+            IpAddr::V6(_) => unreachable!("v4 CIDR has a v4 gateway"),
+        }
+    }
+
+    /// Recomputes and applies the ipcache and routes.
+    pub fn resync(&mut self) -> Result<(), StateError> {
+        let want = nodes::desired(&self.local, &self.snapshot, self.registry.iter());
+        self.remote_nodes = want.remote_nodes;
+        self.reconciler.apply(&mut self.datapath, &want)?;
+        Ok(())
+    }
+
+    pub fn create_endpoint(&mut self, req: CreateRequest) -> Result<Endpoint, StateError> {
+        let alloc = self.ipam.get(&req.attachment).ok_or_else(|| {
+            StateError::Invalid(format!(
+                "no address is allocated to container {} interface {}; call AllocateIp first",
+                req.attachment.container_id, req.attachment.ifname
+            ))
+        })?;
+        let ip: Ipv4Addr = req
+            .ip
+            .parse()
+            .map_err(|_| StateError::Invalid(format!("ip {:?} is not an IPv4 address", req.ip)))?;
+        if !alloc.ips.contains(&IpAddr::V4(ip)) {
+            return Err(StateError::Invalid(format!(
+                "ip {ip} is not the address allocated to this attachment ({:?})",
+                alloc.ips
+            )));
+        }
+        let pod_mac = parse_mac(&req.pod_mac)
+            .ok_or_else(|| StateError::Invalid(format!("pod_mac {:?} is not a MAC address", req.pod_mac)))?;
+        let ifindex = netutil::ifindex(&req.host_ifname)?;
+        if ifindex != req.host_ifindex {
+            return Err(StateError::Invalid(format!(
+                "{} has ifindex {ifindex}, not {}; the interface was recreated, retry the ADD",
+                req.host_ifname, req.host_ifindex
+            )));
+        }
+        let host_mac = netutil::mac(&req.host_ifname)?;
+        // Re-ADD of a known attachment: replace the old endpoint cleanly.
+        if let Some(old) = self.registry.get(&req.attachment).cloned() {
+            if old.host_ifindex != ifindex {
+                self.datapath.remove_endpoint(old.host_ifindex)?;
+            }
+        }
+        let ep = Endpoint {
+            id: self
+                .registry
+                .get(&req.attachment)
+                .map(|e| e.id)
+                .unwrap_or_else(|| self.registry.next_id()),
+            attachment: req.attachment,
+            pod_namespace: req.pod_namespace,
+            pod_name: req.pod_name,
+            netns: req.netns,
+            host_ifname: req.host_ifname,
+            host_ifindex: ifindex,
+            ip,
+            pod_mac,
+            host_mac,
+            identity: sinew_abi::IDENTITY_INIT,
+        };
+        if let Err(e) = self.publish(&ep) {
+            self.unpublish(&ep);
+            return Err(e);
+        }
+        self.registry.insert(ep.clone())?;
+        Ok(ep)
+    }
+
+    /// Endpoint map before ipcache: once others can route to it, its
+    /// delivery facts are in place.
+    fn publish(&mut self, ep: &Endpoint) -> Result<(), StateError> {
+        self.datapath.attach_endpoint(&ep.host_ifname)?;
+        self.datapath.upsert_endpoint(
+            ep.host_ifindex,
+            EndpointInfo {
+                ipv4: u32::from_ne_bytes(ep.ip.octets()),
+                identity: ep.identity,
+                id: ep.id,
+                flags: 0,
+                pod_mac: ep.pod_mac,
+                host_mac: ep.host_mac,
+                pad: 0,
+            },
+        )?;
+        self.datapath.upsert_ipcache(
+            sinew_abi::IpcacheKey::v4(ep.ip, 32),
+            sinew_abi::IpcacheValue {
+                identity: ep.identity,
+                tunnel_endpoint: 0,
+                ifindex: ep.host_ifindex,
+                flags: sinew_abi::IPCACHE_F_LOCAL_EP,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn unpublish(&mut self, ep: &Endpoint) {
+        let _ = self.datapath.remove_ipcache(sinew_abi::IpcacheKey::v4(ep.ip, 32));
+        let _ = self.datapath.remove_endpoint(ep.host_ifindex);
+        self.datapath.detach_endpoint(&ep.host_ifname);
+    }
+
+    /// Removes the endpoint and releases the address. Returns the endpoint
+    /// (if registered) and whether anything existed.
+    pub fn delete_endpoint(&mut self, att: &Attachment) -> Result<(Option<Endpoint>, bool), StateError> {
+        let ep = self.registry.get(att).cloned();
+        if let Some(ep) = &ep {
+            self.unpublish(ep);
+            self.registry.remove(att)?;
+        }
+        let released = self.ipam.release(att)?.is_some();
+        let existed = ep.is_some() || released;
+        Ok((ep, existed))
+    }
+
+    /// Releases every attachment not in `valid`, returning what went.
+    pub fn garbage_collect(&mut self, valid: &[Attachment]) -> Result<Vec<(Attachment, Option<String>)>, StateError> {
+        let keep: std::collections::BTreeSet<&Attachment> = valid.iter().collect();
+        let mut stale: Vec<Attachment> = self
+            .ipam
+            .allocations()
+            .map(|(a, _)| a.clone())
+            .filter(|a| !keep.contains(a))
+            .collect();
+        stale.extend(
+            self.registry
+                .iter()
+                .map(|e| e.attachment.clone())
+                .filter(|a| !keep.contains(a)),
+        );
+        stale.sort();
+        stale.dedup();
+        let mut out = Vec::new();
+        for att in stale {
+            let (ep, _) = self.delete_endpoint(&att)?;
+            out.push((att, ep.map(|e| e.host_ifname)));
+        }
+        Ok(out)
+    }
+
+    /// After a restart: re-attach and re-publish endpoints whose veth still
+    /// exists (atomically replacing the old programs), drop those whose pod
+    /// went away while the agent was down.
+    pub fn restore(&mut self) -> Result<(usize, usize), StateError> {
+        let eps: Vec<Endpoint> = self.registry.iter().cloned().collect();
+        let (mut kept, mut dropped) = (0, 0);
+        for ep in eps {
+            if netutil::ifindex(&ep.host_ifname).ok() == Some(ep.host_ifindex) {
+                if let Err(e) = self.publish(&ep) {
+                    tracing::warn!(endpoint = ep.id, error = %e, "cannot re-attach endpoint; removing it");
+                    self.delete_endpoint(&ep.attachment)?;
+                    dropped += 1;
+                } else {
+                    kept += 1;
+                }
+            } else {
+                tracing::info!(endpoint = ep.id, ifname = %ep.host_ifname, "pod interface gone while the agent was down; releasing");
+                self.delete_endpoint(&ep.attachment)?;
+                dropped += 1;
+            }
+        }
+        // Endpoint map rows no registered endpoint owns.
+        let known: std::collections::BTreeSet<u32> = self.registry.iter().map(|e| e.host_ifindex).collect();
+        for idx in self.datapath.endpoint_ifindexes() {
+            if !known.contains(&idx) {
+                self.datapath.remove_endpoint(idx)?;
+            }
+        }
+        Ok((kept, dropped))
+    }
+
+    pub fn endpoint_proto(&self, ep: &Endpoint) -> sinew_proto::v1::Endpoint {
+        sinew_proto::v1::Endpoint {
+            id: ep.id,
+            attachment: Some(sinew_proto::v1::Attachment {
+                container_id: ep.attachment.container_id.clone(),
+                ifname: ep.attachment.ifname.clone(),
+            }),
+            pod_namespace: ep.pod_namespace.clone(),
+            pod_name: ep.pod_name.clone(),
+            netns: ep.netns.clone(),
+            host_ifname: ep.host_ifname.clone(),
+            host_ifindex: ep.host_ifindex,
+            ip: ep.ip.to_string(),
+            pod_mac: format_mac(&ep.pod_mac),
+            host_mac: format_mac(&ep.host_mac),
+            identity: ep.identity,
+            state: if netutil::ifindex(&ep.host_ifname).ok() == Some(ep.host_ifindex) {
+                "ready"
+            } else {
+                "not-ready"
+            }
+            .into(),
+            node_name: self.local.name.clone(),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Uplink device programs (the node's interface to the underlay).
+ *
+ * from_netdev: TC ingress. Replies to masqueraded flows are translated back;
+ *              packets for a local pod (native routing) are delivered into
+ *              it directly; everything else goes up the stack.
+ * to_netdev:   TC egress. Pod traffic to addresses outside the cluster is
+ *              masqueraded to the node address.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/metrics.h"
+#include "lib/ipcache.h"
+#include "lib/local.h"
+#include "lib/nat.h"
+
+SEC("classifier")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct ipcache_value *dst;
+	struct nat_key key = {};
+	struct iphdr *ip;
+	__u32 daddr;
+	int ret = TC_ACT_OK;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		goto out;
+	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	if (!ip) {
+		ret = -DROP_INVALID_PACKET;
+		goto out;
+	}
+	daddr = ip->daddr;
+	if (CFG_ENABLE_MASQ && daddr == CFG_NODE_IP) {
+		/* Not every packet to the node is NATed: errors mean "not
+		 * ours". */
+		if (nat_key_from_packet(skb, ip, &key) < 0)
+			goto out;
+		ret = nat_rev_dnat(skb, &key, &daddr);
+		if (ret <= 0)
+			goto out;
+		ret = TC_ACT_OK;
+	}
+	dst = ipcache_lookup4(daddr);
+	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP))
+		ret = local_deliver(skb, dst->ifindex);
+out:
+	return finish(skb, ret, METRIC_DIR_INGRESS);
+}
+
+SEC("classifier")
+int to_netdev(struct __sk_buff *skb)
+{
+	struct ipcache_value *src;
+	struct nat_key key = {};
+	struct iphdr *ip;
+	int ret = TC_ACT_OK;
+
+	if (!CFG_ENABLE_MASQ || skb->protocol != bpf_htons(ETH_P_IP))
+		goto out;
+	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	if (!ip) {
+		ret = -DROP_INVALID_PACKET;
+		goto out;
+	}
+	src = ipcache_lookup4(ip->saddr);
+	if (!src || !(src->flags & IPCACHE_F_LOCAL_EP))
+		goto out;
+	if (ipcache_lookup4(ip->daddr))
+		goto out; /* inside the cluster: keep the pod address */
+	ret = nat_key_from_packet(skb, ip, &key);
+	if (ret < 0)
+		goto out;
+	ret = nat_snat(skb, &key);
+	if (ret == 0)
+		ret = TC_ACT_OK;
+out:
+	return finish(skb, ret, METRIC_DIR_EGRESS);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

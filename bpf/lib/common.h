@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Includes, node-wide load-time configuration and small packet helpers. */
+#ifndef SINEW_COMMON_H
+#define SINEW_COMMON_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/if_arp.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/icmp.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "../include/sinew_abi.h"
+#include "drop_reasons.h"
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+/*
+ * Node-wide settings: set once when the agent loads the object
+ * (EbpfLoader::override_global with must_exist). Never per pod.
+ */
+volatile const __u32 CFG_NODE_IP = 0; /* network order */
+volatile const __u32 CFG_ROUTING_MODE = ROUTING_NATIVE;
+volatile const __u32 CFG_VXLAN_IFINDEX = 0;
+volatile const __u32 CFG_ENABLE_MASQ = 1;
+volatile const __u32 CFG_NAT_PORT_MIN = 61000;
+volatile const __u32 CFG_NAT_PORT_MAX = 65535;
+
+/* Bounds-checked pointers into the linear packet data. */
+#define PKT_PTR(skb, off, type)                                                \
+	({                                                                     \
+		void *__d = (void *)(long)(skb)->data;                         \
+		void *__e = (void *)(long)(skb)->data_end;                     \
+		type *__p = __d + (off);                                       \
+		((void *)(__p + 1) > __e) ? (type *)0 : __p;                   \
+	})
+
+#define ETH_OFF 0
+#define IP_OFF	((int)sizeof(struct ethhdr))
+
+static __always_inline int ipv4_is_fragment(const struct iphdr *ip)
+{
+	return ip->frag_off & bpf_htons(0x3fff); /* MF or offset */
+}
+
+/* Rewrites both MACs of the frame at the start of skb. */
+static __always_inline int eth_rewrite(struct __sk_buff *skb, const __u8 *dst,
+				       const __u8 *src)
+{
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst,
+				ETH_ALEN, 0) < 0)
+		return -DROP_INVALID_PACKET;
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), src,
+				ETH_ALEN, 0) < 0)
+		return -DROP_INVALID_PACKET;
+	return 0;
+}
+
+/* Decrements the TTL as a router would; the caller drops on error. */
+static __always_inline int ipv4_dec_ttl(struct __sk_buff *skb)
+{
+	struct iphdr *ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	__u16 old, new;
+
+	if (!ip)
+		return -DROP_INVALID_PACKET;
+	if (ip->ttl <= 1)
+		return -DROP_TTL_EXCEEDED;
+	old = *(__u16 *)&ip->ttl;
+	ip->ttl--;
+	new = *(__u16 *)&ip->ttl;
+	if (bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check),
+				old, new, 2) < 0)
+		return -DROP_CSUM_FAILED;
+	return 0;
+}
+
+#endif

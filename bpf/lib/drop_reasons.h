@@ -1,0 +1,26 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every drop has one of these reasons. Mirrored by sinew_abi::DropReason;
+ * a test keeps the two lists equal. Functions return the negated code.
+ */
+#ifndef SINEW_DROP_REASONS_H
+#define SINEW_DROP_REASONS_H
+
+#define REASON_FORWARDED	0
+#define DROP_INVALID_PACKET	1
+#define DROP_UNSUPPORTED_L3	2
+#define DROP_UNKNOWN_ENDPOINT	3
+#define DROP_SPOOFED_SOURCE	4
+#define DROP_TTL_EXCEEDED	5
+#define DROP_REDIRECT_FAILED	6
+#define DROP_TUNNEL_KEY		7
+#define DROP_NAT_NO_PORT	8
+#define DROP_CSUM_FAILED	9
+#define DROP_ARP_INVALID	10
+#define DROP_UNSUPPORTED_L4	11
+#define DROP_NO_TUNNEL_ENDPOINT 12
+#define DROP_FRAGMENT		13
+#define DROP_IP_OPTIONS		14
+#define DROP_REASON_MAX		15
+
+#endif

@@ -1,0 +1,43 @@
+//! The Sinew datapath as the agent sees it: the compiled BPF objects
+//! (embedded at build time) and the Rust mirror of `bpf/include/sinew_abi.h`
+//! and `bpf/lib/drop_reasons.h`.
+//!
+//! Every struct here is `#[repr(C)]` with explicit padding and must match the
+//! C layout byte for byte; `tests/btf_layout.rs` checks each size and offset
+//! against the objects' BTF. This crate must never grow logic: it is the ABI.
+#![deny(unsafe_code)]
+
+mod drop_reason;
+mod types;
+
+pub use drop_reason::{Direction, DropReason};
+pub use types::*;
+
+/// Bumped with any change to a shared layout; part of the pin path, so a new
+/// agent never reuses an old map of another shape.
+pub const ABI_VERSION: u32 = 1;
+
+/// The compiled pod veth programs (`from_container`, `to_container`).
+pub const BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
+/// The compiled uplink programs (`from_netdev`, `to_netdev`).
+pub const BPF_HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+/// The compiled overlay programs (`from_overlay`, `to_overlay`).
+pub const BPF_OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
+
+/// Map names, as pinned under the agent's pin directory.
+pub mod maps {
+    pub const IPCACHE: &str = "sinew_ipcache";
+    pub const ENDPOINTS: &str = "sinew_endpoints";
+    pub const NAT: &str = "sinew_nat";
+    pub const METRICS: &str = "sinew_metrics";
+}
+
+/// Names of the load-time constants (`volatile const` in `lib/common.h`).
+pub mod config {
+    pub const NODE_IP: &str = "CFG_NODE_IP";
+    pub const ROUTING_MODE: &str = "CFG_ROUTING_MODE";
+    pub const VXLAN_IFINDEX: &str = "CFG_VXLAN_IFINDEX";
+    pub const ENABLE_MASQ: &str = "CFG_ENABLE_MASQ";
+    pub const NAT_PORT_MIN: &str = "CFG_NAT_PORT_MIN";
+    pub const NAT_PORT_MAX: &str = "CFG_NAT_PORT_MAX";
+}

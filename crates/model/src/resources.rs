@@ -1,0 +1,326 @@
+//! Parsing Kubernetes-shaped resources into the facts Sinew uses.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+pub enum ResourceError {
+    #[error("{file}: not valid YAML: {reason}")]
+    Yaml { file: String, reason: String },
+    #[error("{file}: document {index}: missing {field}")]
+    Missing {
+        file: String,
+        index: usize,
+        field: &'static str,
+    },
+    #[error("{file}: {kind} {name}: {field} = {value:?}: {reason}")]
+    Invalid {
+        file: String,
+        kind: &'static str,
+        name: String,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{file}: {kind} {name} is also defined in {other}")]
+    Duplicate {
+        file: String,
+        kind: &'static str,
+        name: String,
+        other: String,
+    },
+}
+
+/// A node as the datapath needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// One per family (dual-stack ready); IPv4 first when both exist.
+    pub pod_cidrs: Vec<IpNet>,
+    pub internal_ip: IpAddr,
+    pub source: String,
+}
+
+/// A pod as the agent needs it (labels for identities later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub node_name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub source: String,
+}
+
+/// Everything a datastore knows at one moment. Invalid resources are not in
+/// it; they are listed in `errors` so that status output can show them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub nodes: BTreeMap<String, NodeInfo>,
+    pub pods: BTreeMap<(String, String), PodInfo>,
+    pub errors: Vec<ResourceError>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from (source name, YAML text) pairs. Bad documents
+    /// are reported and skipped; good ones still count.
+    pub fn from_documents<'a>(docs: impl IntoIterator<Item = (String, &'a str)>) -> Self {
+        let mut snap = Snapshot::default();
+        for (source, text) in docs {
+            for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+                let value = match serde_yaml::Value::deserialize_any_doc(doc) {
+                    Ok(serde_yaml::Value::Null) => continue,
+                    Ok(v) => v,
+                    Err(e) => {
+                        snap.errors.push(ResourceError::Yaml {
+                            file: source.clone(),
+                            reason: e.to_string(),
+                        });
+                        break;
+                    }
+                };
+                if let Err(e) = snap.add(&source, index, value) {
+                    snap.errors.push(e);
+                }
+            }
+        }
+        snap
+    }
+
+    fn add(&mut self, source: &str, index: usize, value: serde_yaml::Value) -> Result<(), ResourceError> {
+        let missing = |field| ResourceError::Missing {
+            file: source.to_string(),
+            index,
+            field,
+        };
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| missing("kind"))?
+            .to_string();
+        let api = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| missing("apiVersion"))?
+            .to_string();
+        let yaml_err = |e: serde_yaml::Error| ResourceError::Yaml {
+            file: source.to_string(),
+            reason: format!("document {index}: {e}"),
+        };
+        match (api.as_str(), kind.as_str()) {
+            ("v1", "Node") => {
+                let node: Node = serde_yaml::from_value(value).map_err(yaml_err)?;
+                let info = node_info(source, &node)?;
+                if let Some(prev) = self.nodes.get(&info.name) {
+                    return Err(ResourceError::Duplicate {
+                        file: source.into(),
+                        kind: "Node",
+                        name: info.name,
+                        other: prev.source.clone(),
+                    });
+                }
+                self.nodes.insert(info.name.clone(), info);
+            }
+            ("v1", "Pod") => {
+                let pod: Pod = serde_yaml::from_value(value).map_err(yaml_err)?;
+                let info = pod_info(source, &pod)?;
+                let key = (info.namespace.clone(), info.name.clone());
+                if let Some(prev) = self.pods.get(&key) {
+                    return Err(ResourceError::Duplicate {
+                        file: source.into(),
+                        kind: "Pod",
+                        name: format!("{}/{}", key.0, key.1),
+                        other: prev.source.clone(),
+                    });
+                }
+                self.pods.insert(key, info);
+            }
+            // Kinds for later issues are accepted and ignored here, so that a
+            // datastore directory can hold a whole cluster's manifests.
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+trait DeserializeAnyDoc {
+    fn deserialize_any_doc(doc: serde_yaml::Deserializer<'_>) -> Result<serde_yaml::Value, serde_yaml::Error>;
+}
+
+impl DeserializeAnyDoc for serde_yaml::Value {
+    fn deserialize_any_doc(doc: serde_yaml::Deserializer<'_>) -> Result<serde_yaml::Value, serde_yaml::Error> {
+        serde::Deserialize::deserialize(doc)
+    }
+}
+
+fn node_info(source: &str, node: &Node) -> Result<NodeInfo, ResourceError> {
+    let name = node.metadata.name.clone().ok_or(ResourceError::Missing {
+        file: source.into(),
+        index: 0,
+        field: "metadata.name",
+    })?;
+    let invalid = |field: &'static str, value: &str, reason: &str| ResourceError::Invalid {
+        file: source.into(),
+        kind: "Node",
+        name: name.clone(),
+        field,
+        value: value.into(),
+        reason: reason.into(),
+    };
+    let spec = node.spec.clone().unwrap_or_default();
+    let mut raw: Vec<String> = spec.pod_cidrs.clone().unwrap_or_default();
+    if raw.is_empty() {
+        raw.extend(spec.pod_cidr.clone());
+    }
+    if raw.is_empty() {
+        return Err(invalid(
+            "spec.podCIDR",
+            "",
+            "a node needs a pod CIDR (the operator allocates one; in the local backend write it)",
+        ));
+    }
+    let mut pod_cidrs = Vec::new();
+    for c in &raw {
+        let net: IpNet = c
+            .parse()
+            .map_err(|_| invalid("spec.podCIDRs", c, "not a CIDR such as 10.244.1.0/24"))?;
+        if net.trunc() != net {
+            return Err(invalid(
+                "spec.podCIDRs",
+                c,
+                "host bits are set; use the network address",
+            ));
+        }
+        let host_bits = net.max_prefix_len() - net.prefix_len();
+        if host_bits < 2 {
+            return Err(invalid(
+                "spec.podCIDRs",
+                c,
+                "too small for pods: use /30 or larger (IPv4)",
+            ));
+        }
+        pod_cidrs.push(net);
+    }
+    pod_cidrs.sort_by_key(|n| matches!(n, IpNet::V6(_)));
+    let addrs = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.clone())
+        .unwrap_or_default();
+    let ip = addrs
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .ok_or_else(|| invalid("status.addresses", "", "no InternalIP address"))?;
+    let internal_ip: IpAddr = ip
+        .address
+        .parse()
+        .map_err(|_| invalid("status.addresses[InternalIP]", &ip.address, "not an IP address"))?;
+    Ok(NodeInfo {
+        name,
+        pod_cidrs,
+        internal_ip,
+        source: source.into(),
+    })
+}
+
+fn pod_info(source: &str, pod: &Pod) -> Result<PodInfo, ResourceError> {
+    let name = pod.metadata.name.clone().ok_or(ResourceError::Missing {
+        file: source.into(),
+        index: 0,
+        field: "metadata.name",
+    })?;
+    Ok(PodInfo {
+        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name,
+        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        source: source.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node1}
+spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, "fd00:10:244:1::/64"]}
+status:
+  addresses: [{type: InternalIP, address: 172.30.0.11}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: prod, labels: {app: web}}
+spec: {nodeName: node1, containers: []}
+"#;
+
+    #[test]
+    fn parses_nodes_and_pods_from_multi_document_yaml() {
+        let s = Snapshot::from_documents([("a.yaml".to_string(), NODE)]);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let n = &s.nodes["node1"];
+        assert_eq!(n.internal_ip.to_string(), "172.30.0.11");
+        assert_eq!(n.pod_cidrs[0].to_string(), "10.244.1.0/24");
+        assert_eq!(n.pod_cidrs[1].to_string(), "fd00:10:244:1::/64");
+        let p = &s.pods[&("prod".to_string(), "web".to_string())];
+        assert_eq!(p.labels["app"], "web");
+        assert_eq!(p.node_name.as_deref(), Some("node1"));
+    }
+
+    #[test]
+    fn bad_resources_are_reported_with_field_and_reason_and_others_kept() {
+        let bad = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node2}
+spec: {podCIDR: 10.244.2.7/24}
+status: {addresses: [{type: InternalIP, address: 172.30.0.12}]}
+"#;
+        let s = Snapshot::from_documents([("a.yaml".to_string(), NODE), ("b.yaml".to_string(), bad)]);
+        assert!(s.nodes.contains_key("node1"));
+        assert!(!s.nodes.contains_key("node2"));
+        assert_eq!(s.errors.len(), 1);
+        let msg = s.errors[0].to_string();
+        assert!(
+            msg.contains("b.yaml") && msg.contains("10.244.2.7/24") && msg.contains("host bits"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn duplicates_missing_kind_and_broken_yaml_are_errors() {
+        let s = Snapshot::from_documents([
+            ("a.yaml".to_string(), NODE),
+            ("c.yaml".to_string(), NODE),
+            ("d.yaml".to_string(), "metadata: {name: x}\n"),
+            ("e.yaml".to_string(), "kind: [unclosed\n"),
+        ]);
+        let msgs: Vec<String> = s.errors.iter().map(|e| e.to_string()).collect();
+        assert!(msgs.iter().any(|m| m.contains("also defined in a.yaml")), "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.contains("d.yaml") && m.contains("missing kind")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("e.yaml") && m.contains("not valid YAML")),
+            "{msgs:?}"
+        );
+        assert_eq!(s.nodes.len(), 1);
+    }
+
+    #[test]
+    fn node_without_pod_cidr_or_address_is_rejected() {
+        let t = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nstatus: {addresses: [{type: InternalIP, address: 1.2.3.4}]}\n";
+        let s = Snapshot::from_documents([("n.yaml".to_string(), t)]);
+        assert!(s.errors[0].to_string().contains("spec.podCIDR"));
+        let t = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.0.0/24}\n";
+        let s = Snapshot::from_documents([("n.yaml".to_string(), t)]);
+        assert!(s.errors[0].to_string().contains("InternalIP"));
+    }
+}

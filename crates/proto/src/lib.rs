@@ -1,0 +1,39 @@
+//! The gRPC contract of sinew-agent, generated from `proto/`, and the client
+//! and server plumbing for its unix socket. Nothing here knows about BPF or
+//! netlink: it must stay cheap to link into the CNI plugin.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("sinew.agent.v1");
+}
+
+pub use v1::agent_client::AgentClient;
+pub use v1::agent_server::{Agent, AgentServer};
+
+/// Where the agent listens when nothing else is configured.
+pub const DEFAULT_SOCKET: &str = "/run/sinew/agent.sock";
+
+/// Connects to the agent's unix socket. The URI is a placeholder that tonic
+/// requires; the connector ignores it.
+pub async fn connect(socket: &Path, timeout: Duration) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+    let socket: PathBuf = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(AgentClient::new(channel))
+}

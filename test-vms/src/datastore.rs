@@ -1,0 +1,144 @@
+//! Manifests for the agent's `local` datastore backend: one YAML file per
+//! Node and per Pod, in the shape the Kubernetes API would return them.
+//!
+//! Scalars are written as JSON strings, which are valid YAML, so names and
+//! labels never need YAML-specific escaping.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+
+/// Errors from writing or removing manifests.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    /// A file or directory operation failed.
+    #[error("cannot write datastore file {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn q(s: &str) -> String {
+    serde_json::to_string(s).expect("strings always serialise")
+}
+
+/// A Node manifest with its pod CIDR and underlay InternalIP.
+pub fn node_yaml(name: &str, pod_cidr: Ipv4Net, internal_ip: Ipv4Addr) -> String {
+    let cidr = q(&pod_cidr.to_string());
+    let ip = q(&internal_ip.to_string());
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDR: {cidr}\n  podCIDRs:\n    - {cidr}\nstatus:\n  addresses:\n    - type: InternalIP\n      address: {ip}\n",
+        name = q(name),
+    )
+}
+
+/// A Pod manifest scheduled on `node_name`.
+pub fn pod_yaml(namespace: &str, name: &str, node_name: &str, labels: &BTreeMap<String, String>) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n",
+        q(name),
+        q(namespace)
+    );
+    if labels.is_empty() {
+        s.push_str("  labels: {}\n");
+    } else {
+        s.push_str("  labels:\n");
+        for (k, v) in labels {
+            s.push_str(&format!("    {}: {}\n", q(k), q(v)));
+        }
+    }
+    s.push_str(&format!("spec:\n  nodeName: {}\n", q(node_name)));
+    s
+}
+
+/// `DIR/nodes/NAME.yaml`.
+pub fn node_path(datastore: &Path, name: &str) -> PathBuf {
+    datastore.join("nodes").join(format!("{name}.yaml"))
+}
+
+/// `DIR/pods/NAMESPACE-NAME.yaml`.
+pub fn pod_path(datastore: &Path, namespace: &str, name: &str) -> PathBuf {
+    datastore.join("pods").join(format!("{namespace}-{name}.yaml"))
+}
+
+/// Writes `contents` to `path` atomically: a watcher never sees half a file.
+/// The temporary file starts with a dot and does not end in `.yaml`, so
+/// watchers that filter on `*.yaml` ignore it.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<(), DatastoreError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DatastoreError::Io { path, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    std::fs::write(&tmp, contents).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+/// Removes a manifest; a missing file is not an error.
+pub fn remove(path: &Path) -> Result<(), DatastoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatastoreError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_manifest_has_cidr_and_internal_ip() {
+        let y = node_yaml("node2", "10.244.2.0/24".parse().unwrap(), Ipv4Addr::new(172, 30, 0, 12));
+        assert_eq!(
+            y,
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: \"node2\"\nspec:\n  podCIDR: \"10.244.2.0/24\"\n  podCIDRs:\n    - \"10.244.2.0/24\"\nstatus:\n  addresses:\n    - type: InternalIP\n      address: \"172.30.0.12\"\n"
+        );
+    }
+
+    #[test]
+    fn pod_manifest_quotes_labels() {
+        let labels = BTreeMap::from([
+            ("app".to_owned(), "pod1".to_owned()),
+            ("weird: key".to_owned(), "yes".to_owned()),
+        ]);
+        let y = pod_yaml("default", "node1-pod1", "node1", &labels);
+        assert!(y.contains("  namespace: \"default\"\n"));
+        assert!(y.contains("    \"app\": \"pod1\"\n"));
+        // "yes" must stay a string, not become a YAML 1.1 boolean.
+        assert!(y.contains("    \"weird: key\": \"yes\"\n"));
+        assert!(y.ends_with("spec:\n  nodeName: \"node1\"\n"));
+    }
+
+    #[test]
+    fn pod_manifest_without_labels_is_an_empty_map() {
+        let y = pod_yaml("default", "p", "node1", &BTreeMap::new());
+        assert!(y.contains("  labels: {}\n"));
+    }
+
+    #[test]
+    fn paths_follow_the_layout() {
+        let d = Path::new("/s/datastore");
+        assert_eq!(node_path(d, "node1"), Path::new("/s/datastore/nodes/node1.yaml"));
+        assert_eq!(
+            pod_path(d, "default", "node1-pod2"),
+            Path::new("/s/datastore/pods/default-node1-pod2.yaml")
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! The lab's lifecycle with stand-in agent and CNI plugin scripts, so that it
+//! runs with only root and iproute2: namespaces, state file, datastore, how
+//! the agent and plugin are invoked, and a `down` that leaves nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use common::{prefix, require_root};
+use sinew_testvms::cni::CniError;
+use sinew_testvms::lab::{default_state_dir, Binaries, Lab, LabError, LabSpec, Routing};
+use sinew_testvms::topology::Names;
+
+/// Stands in for sinew-agent: creates its socket path and pin dir, records
+/// its arguments, and waits for SIGTERM.
+const FAKE_AGENT: &str = r#"#!/bin/sh
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --socket) sock="$2"; shift ;;
+    --bpf-root) bpf="$2"; shift ;;
+    --node-name) node="$2"; shift ;;
+  esac
+  shift
+done
+mkdir -p "$(dirname "$sock")" "$bpf"
+touch "$sock"
+echo "agent for $node up"
+trap 'kill $child 2>/dev/null; exit 0' TERM
+sleep 300 &
+child=$!
+wait $child
+"#;
+
+/// Stands in for sinew-cni: logs its environment and stdin, answers ADD with
+/// a result (or a CNI error for the pod named bad-pod), DEL with nothing.
+const FAKE_CNI: &str = r#"#!/bin/sh
+log="$(dirname "$0")/cni.log"
+stdin="$(cat)"
+echo "cmd=$CNI_COMMAND id=$CNI_CONTAINERID netns=$CNI_NETNS ifname=$CNI_IFNAME path=$CNI_PATH args=$CNI_ARGS stdin=$stdin" >> "$log"
+case "$CNI_COMMAND" in
+  ADD)
+    case "$CNI_ARGS" in
+      *K8S_POD_NAME=bad-pod*) echo '{"cniVersion":"1.1.0","code":7,"msg":"no address for you","details":"pool empty"}'; exit 1 ;;
+    esac
+    [ -e "$CNI_NETNS" ] || { echo '{"cniVersion":"1.1.0","code":3,"msg":"no netns"}'; exit 1; }
+    echo '{"cniVersion":"1.1.0","interfaces":[{"name":"eth0"}],"ips":[{"address":"10.244.1.50/24","interface":0}]}' ;;
+  DEL) ;;
+  *) echo '{"cniVersion":"1.1.0","code":4,"msg":"unsupported"}'; exit 1 ;;
+esac
+"#;
+
+struct Fakes {
+    dir: PathBuf,
+    binaries: Binaries,
+}
+
+impl Fakes {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-bin", prefix(tag)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let binaries = Binaries {
+            agent: write("sinew-agent", FAKE_AGENT),
+            cni: write("sinew-cni", FAKE_CNI),
+            sinew: dir.join("sinew"),
+        };
+        Self { dir, binaries }
+    }
+
+    fn cni_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cni.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Fakes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Takes the lab down even when an assertion failed half-way.
+struct DownOnDrop(PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = Lab::down(&self.0);
+    }
+}
+
+fn same_netns(pid: u32, netns_path: &Path) -> bool {
+    let a = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
+    let b = std::fs::metadata(netns_path).unwrap();
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
+#[test]
+fn up_exec_and_down_with_stand_in_binaries() {
+    require_root();
+    let fakes = Fakes::new("life");
+    let spec = LabSpec {
+        name_prefix: prefix("life"),
+        nodes: 2,
+        pods_per_node: 1,
+        routing: Routing::Native,
+        state_dir: None,
+    };
+    let state_dir = default_state_dir(&spec.name_prefix);
+    let _down = DownOnDrop(state_dir.clone());
+    let mut lines = Vec::new();
+    let mut lab = Lab::up(&spec, &fakes.binaries, &mut |l: &str| lines.push(l.to_owned())).unwrap();
+    assert!(lines.contains(&"creating underlay".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"node1: starting agent".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"node2: pod 1/1 node2-pod1".to_owned()), "{lines:?}");
+
+    // A second `up` of the same lab is refused.
+    let err = Lab::up(&spec, &fakes.binaries, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, LabError::AlreadyUp(_)), "{err}");
+
+    // The state survives into another "process".
+    let loaded = Lab::load(&state_dir).unwrap();
+    assert_eq!(loaded.pods(), lab.pods());
+    assert_eq!(loaded.nodes(), lab.nodes());
+    let pod = loaded.pod("node1-pod1").unwrap();
+    assert_eq!(pod.ip.unwrap().to_string(), "10.244.1.50/24");
+    assert_eq!(pod.netns.name(), format!("{}-node1-pod1", spec.name_prefix));
+    assert_eq!(pod.labels["app"], "pod1");
+    assert_eq!(pod.labels["node"], "node1");
+
+    // Datastore manifests.
+    let ds = lab.datastore_dir();
+    let node2 = std::fs::read_to_string(ds.join("nodes/node2.yaml")).unwrap();
+    assert!(node2.contains("podCIDR: \"10.244.2.0/24\""), "{node2}");
+    assert!(node2.contains("address: \"172.30.0.12\""), "{node2}");
+    let pod_yaml = std::fs::read_to_string(ds.join("pods/default-node2-pod1.yaml")).unwrap();
+    assert!(pod_yaml.contains("nodeName: \"node2\""), "{pod_yaml}");
+
+    // The agent runs inside its node's namespace with the lab's flags.
+    let node1 = lab.node("node1").unwrap().clone();
+    let pid = node1.agent_pid.unwrap();
+    assert!(same_netns(pid, &node1.netns.path()));
+    let args = sinew_testvms::process::cmdline(pid).unwrap();
+    let socket = format!("/run/sinew/{}/node1/agent.sock", spec.name_prefix);
+    let bpf_root = format!("/sys/fs/bpf/sinew/{}-node1", spec.name_prefix);
+    for pair in [
+        ["--node-name", "node1"],
+        ["--socket", socket.as_str()],
+        ["--bpf-root", bpf_root.as_str()],
+        ["--routing", "native"],
+        ["--uplink", "eth0"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} not in {args:?}");
+    }
+    let log = std::fs::read_to_string(&node1.agent_log).unwrap();
+    assert!(log.contains("agent for node1 up"), "{log}");
+
+    // The plugin got what a runtime would send.
+    let cni_log = fakes.cni_log();
+    let add = cni_log.lines().find(|l| l.contains("K8S_POD_NAME=node1-pod1")).unwrap();
+    assert!(add.starts_with("cmd=ADD id="), "{add}");
+    assert!(add.contains(&format!("id={} ", pod.container_id)), "{add}");
+    assert_eq!(pod.container_id.len(), 64);
+    assert!(
+        add.contains(&format!("netns=/run/netns/{}-node1-pod1 ", spec.name_prefix)),
+        "{add}"
+    );
+    assert!(add.contains("ifname=eth0 "), "{add}");
+    assert!(add.contains(&format!("path={} ", fakes.dir.display())), "{add}");
+    assert!(
+        add.contains("args=IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=node1-pod1 "),
+        "{add}"
+    );
+    assert!(add.contains(&format!(r#""agentSocket":"{socket}""#)), "{add}");
+
+    // exec runs in the pod's namespace.
+    let out = lab.exec_output("node1-pod1", &["ip", "-o", "link", "show"]).unwrap();
+    let links = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    let out = lab
+        .node_exec_output("node2", &["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("172.30.0.12/24"));
+    assert!(lab.exec("node1-pod1", &["true"]).unwrap().success());
+    assert!(matches!(lab.exec("nope", &["true"]), Err(LabError::UnknownPod { .. })));
+
+    // A failing ADD surfaces the CNI code and message and leaves no trace.
+    let err = lab.add_pod("node1", "bad-pod", BTreeMap::new()).unwrap_err();
+    match &err {
+        LabError::Cni(CniError::Plugin(p)) => {
+            assert_eq!(p.code, 7);
+            assert_eq!(p.msg, "no address for you");
+            assert_eq!(p.details.as_deref(), Some("pool empty"));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(lab.pod("bad-pod").is_err());
+    assert!(!Names::new(&spec.name_prefix)
+        .unwrap()
+        .existing_netns()
+        .iter()
+        .any(|n| n.ends_with("bad-pod")));
+    assert!(!ds.join("pods/default-bad-pod.yaml").exists());
+
+    // add and delete one more pod.
+    let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+    let web = lab.add_pod("node2", "web", labels).unwrap().clone();
+    assert_eq!(web.netns.name(), format!("{}-node2-web", spec.name_prefix));
+    assert!(web.netns.exists());
+    lab.delete_pod("web").unwrap();
+    assert!(!web.netns.exists());
+    assert!(fakes.cni_log().contains(&format!("cmd=DEL id={}", web.container_id)));
+
+    // The raw call passes bad input through untouched.
+    let out = lab
+        .invoke_cni("node1", "BOGUS", "x", Path::new("/nope"), "eth0", "", "{}")
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"code\":4"));
+
+    // Restarting an agent.
+    assert!(lab.stop_agent("node1").unwrap());
+    assert!(!lab.agent_running("node1").unwrap());
+    assert!(!sinew_testvms::process::is_running(pid));
+    let new_pid = lab.start_agent("node1").unwrap();
+    assert_ne!(new_pid, pid);
+    assert!(lab.agent_running("node1").unwrap());
+
+    // Something left running in a pod must not keep the lab alive.
+    let mut server = lab_bg(&lab, "node2-pod1");
+
+    let summary = Lab::down(&state_dir).unwrap();
+    assert!(summary.is_clean(), "{summary:?}");
+    assert!(summary.removed.iter().any(|r| r.contains("CNI DEL")), "{summary:?}");
+    assert!(Names::new(&spec.name_prefix).unwrap().existing_netns().is_empty());
+    assert!(!state_dir.exists());
+    assert!(!Path::new(&format!("/run/sinew/{}", spec.name_prefix)).exists());
+    assert!(!Path::new(&bpf_root).exists());
+    assert!(!sinew_testvms::process::is_running(new_pid));
+    assert!(!sinew_testvms::process::is_running(server.id()));
+    // Already reaped by `down`; this only keeps the Child's contract.
+    let _ = server.wait();
+    // Idempotent.
+    let again = Lab::down(&state_dir).unwrap();
+    assert!(again.is_clean() && again.removed.is_empty(), "{again:?}");
+}
+
+/// Starts a long-running process inside a pod, detached from the test.
+fn lab_bg(lab: &Lab, pod: &str) -> std::process::Child {
+    let netns = lab.pod(pod).unwrap().netns.clone();
+    sinew_testvms::netns::command_in(&netns, "sleep")
+        .unwrap()
+        .arg("300")
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn down_after_a_failed_up_leaves_nothing() {
+    require_root();
+    let fakes = Fakes::new("fail");
+    let mut binaries = fakes.binaries.clone();
+    binaries.agent = PathBuf::from("/bin/false");
+    let spec = LabSpec {
+        name_prefix: prefix("fail"),
+        nodes: 2,
+        pods_per_node: 1,
+        routing: Routing::Vxlan,
+        state_dir: Some(std::env::temp_dir().join(format!("{}-state", prefix("fail")))),
+    };
+    let state_dir = spec.state_dir();
+    let _down = DownOnDrop(state_dir.clone());
+    let err = Lab::up(&spec, &binaries, &mut |_| {}).unwrap_err();
+    match &err {
+        LabError::AgentExited { node, log, .. } => {
+            assert_eq!(node, "node1");
+            assert!(log.starts_with(&state_dir), "{}", log.display());
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(err.to_string().contains("agent.log"), "{err}");
+    let names = Names::new(&spec.name_prefix).unwrap();
+    assert_eq!(names.existing_netns().len(), 4, "{:?}", names.existing_netns());
+
+    let summary = Lab::down(&state_dir).unwrap();
+    assert!(summary.is_clean(), "{summary:?}");
+    assert!(names.existing_netns().is_empty());
+    assert!(!state_dir.exists());
+    assert!(Lab::down(&state_dir).unwrap().is_clean());
+}
+
+#[test]
+fn underlay_only_lab_goes_down_cleanly() {
+    require_root();
+    let fakes = Fakes::new("ulo");
+    let spec = LabSpec {
+        name_prefix: prefix("ulo"),
+        nodes: 3,
+        pods_per_node: 0,
+        routing: Routing::Vxlan,
+        state_dir: None,
+    };
+    let state_dir = spec.state_dir();
+    let _down = DownOnDrop(state_dir.clone());
+    let lab = Lab::up_underlay_only(&spec, &fakes.binaries, &mut |_| {}).unwrap();
+    assert_eq!(lab.nodes().len(), 3);
+    assert!(lab.nodes().iter().all(|n| n.agent_pid.is_none()));
+    let names = Names::new(&spec.name_prefix).unwrap();
+    assert_eq!(names.existing_netns().len(), 5);
+    // The same prefix under another state dir is refused without side effects.
+    let other = LabSpec {
+        state_dir: Some(std::env::temp_dir().join(format!("{}-other", prefix("ulo")))),
+        ..spec.clone()
+    };
+    let err = Lab::up_underlay_only(&other, &fakes.binaries, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, LabError::PrefixInUse { .. }), "{err}");
+    assert!(!other.state_dir().exists());
+    assert_eq!(names.existing_netns().len(), 5);
+    // A namespace the state does not know about, as a crashed `up` might leave.
+    let stray = sinew_testvms::NetNs::create(format!("{}-node3-stray", spec.name_prefix)).unwrap();
+    let summary = Lab::down(&state_dir).unwrap();
+    assert!(summary.is_clean(), "{summary:?}");
+    assert!(!stray.exists());
+    assert!(names.existing_netns().is_empty());
+}
