@@ -1,4 +1,7 @@
 //! Parsing Kubernetes-shaped resources into the facts Sinew uses.
+// Errors are built at most once per manifest read, never on a hot path:
+// keeping them flat reads better than boxing.
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

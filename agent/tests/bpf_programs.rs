@@ -1,0 +1,688 @@
+//! Packet tests of the compiled datapath: each case builds a frame, runs the
+//! real program loaded by `Datapath::load` through BPF_PROG_TEST_RUN on a
+//! real interface of a private network namespace, and checks the verdict,
+//! the frame that comes out, and that exactly the right metrics counter
+//! moved. Needs root; without it (or without bpffs) every test fails.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use sinew_abi::{Direction, DropReason};
+use sinew_agent::datapath::RoutingMode;
+
+use support::node::{in_new_netns, Node, GATEWAY, NAT_PORTS, NODE_IP, OUTSIDE, PEER_NODE_IP, REMOTE_POD};
+use support::packet::{self, Ipv4Frame, View, ARP_REPLY, ARP_REQUEST, ETH_HLEN, L4, TCP_ACK, TCP_SYN};
+use support::testrun::{verdict_name, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+
+use Direction::{Egress, Ingress};
+use DropReason::*;
+
+/// Where the frame arrives.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    PodA,
+    PodB,
+    /// A veth with no endpoint entry.
+    Stray,
+    Uplink,
+    Vxlan,
+}
+
+/// Checks the output frame given the node and the input frame.
+type OutputCheck = dyn Fn(&Node, &[u8], View<'_>);
+
+/// What the frame must look like afterwards.
+enum Expect {
+    /// Byte for byte the input.
+    Unchanged,
+    /// Dropped: what is left of the frame does not matter.
+    Dropped,
+    /// A check of the output frame given the node and the input frame.
+    Check(Box<OutputCheck>),
+}
+
+struct Case {
+    what: &'static str,
+    program: &'static str,
+    on: On,
+    input: Vec<u8>,
+    verdict: u32,
+    counted: (DropReason, Direction),
+    expect: Expect,
+}
+
+fn check(f: impl Fn(&Node, &[u8], View<'_>) + 'static) -> Expect {
+    Expect::Check(Box::new(f))
+}
+
+fn ifindex_of(node: &Node, on: On) -> u32 {
+    match on {
+        On::PodA => node.a.ifindex,
+        On::PodB => node.b.ifindex,
+        On::Stray => node.stray_ifindex,
+        On::Uplink => node.uplink_ifindex,
+        On::Vxlan => node.vxlan_ifindex,
+    }
+}
+
+/// The IP header and everything after it are the same except TTL and the
+/// header checksum, which must still verify, and the TTL went down by one.
+fn forwarded_as_router(input: &[u8], out: View<'_>) {
+    let inp = View(input);
+    assert_eq!(out.0.len(), input.len(), "frame length changed");
+    assert_eq!(out.ttl(), inp.ttl() - 1, "TTL not decremented");
+    assert!(out.ip_checksum_ok(), "IP header checksum wrong after TTL decrement");
+    assert!(out.l4_checksum_ok(), "L4 checksum broken");
+    let strip = |f: &[u8]| {
+        let mut ip = f[ETH_HLEN..].to_vec();
+        ip[8] = 0; // TTL
+        ip[10..12].fill(0); // header checksum
+        ip
+    };
+    assert_eq!(strip(out.0), strip(input), "bytes other than TTL and checksum changed");
+}
+
+/// UDP over IPv4 may go without a checksum: zero means none.
+fn without_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = ETH_HLEN + packet::IPV4_HLEN + 6;
+    frame[at..at + 2].fill(0);
+    frame
+}
+
+fn cases(node: &Node) -> Vec<Case> {
+    let (a, b) = (node.a, node.b);
+    let a_to = |dst: Ipv4Addr| Ipv4Frame::tcp((a.ip, 40000), (dst, 80), TCP_SYN).macs(a.host_mac, a.mac);
+    let uplink_mac = [0x02, 0, 0, 0, 0xaa, 0x01];
+    let router_mac = [0x02, 0, 0, 0, 0xaa, 0x02];
+    let vxlan = node.routing == RoutingMode::Vxlan;
+
+    vec![
+        Case {
+            what: "ARP request from the pod for its gateway is answered in place",
+            program: "from_container",
+            on: On::PodA,
+            input: packet::arp(ARP_REQUEST, a.mac, a.ip, [0; 6], GATEWAY),
+            verdict: TC_ACT_REDIRECT,
+            counted: (Forwarded, Egress),
+            expect: check(move |_, input, out| {
+                assert_eq!(out.0.len(), input.len());
+                assert_eq!(out.ethertype(), packet::ETH_P_ARP);
+                assert_eq!(out.eth_dst(), a.mac, "eth dst");
+                assert_eq!(out.eth_src(), a.host_mac, "eth src");
+                assert_eq!(out.arp_op(), ARP_REPLY, "op");
+                assert_eq!(out.arp_sha(), a.host_mac, "sender MAC");
+                assert_eq!(out.arp_sip(), GATEWAY, "sender IP");
+                assert_eq!(out.arp_tha(), a.mac, "target MAC");
+                assert_eq!(out.arp_tip(), a.ip, "target IP");
+                assert_eq!(
+                    out.0[ETH_HLEN..ETH_HLEN + 6],
+                    input[ETH_HLEN..ETH_HLEN + 6],
+                    "hrd/pro/hln/pln"
+                );
+            }),
+        },
+        Case {
+            what: "ARP request for any other address is answered with the host MAC too",
+            program: "from_container",
+            on: On::PodB,
+            input: packet::arp(ARP_REQUEST, b.mac, b.ip, [0; 6], REMOTE_POD),
+            verdict: TC_ACT_REDIRECT,
+            counted: (Forwarded, Egress),
+            expect: check(move |_, _, out| {
+                assert_eq!(
+                    (out.arp_op(), out.arp_sha(), out.arp_sip()),
+                    (ARP_REPLY, b.host_mac, REMOTE_POD)
+                );
+                assert_eq!((out.arp_tha(), out.arp_tip(), out.eth_dst()), (b.mac, b.ip, b.mac));
+            }),
+        },
+        Case {
+            what: "gratuitous ARP for the pod's own address is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: packet::arp(ARP_REQUEST, a.mac, a.ip, [0; 6], a.ip),
+            verdict: TC_ACT_SHOT,
+            counted: (ArpInvalid, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "ARP probe (sender 0.0.0.0) for the pod's own address is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: packet::arp(ARP_REQUEST, a.mac, Ipv4Addr::UNSPECIFIED, [0; 6], a.ip),
+            verdict: TC_ACT_SHOT,
+            counted: (ArpInvalid, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "ARP reply from the pod (the node resolving it) goes up the stack unchanged",
+            program: "from_container",
+            on: On::PodA,
+            input: packet::arp(ARP_REPLY, a.mac, a.ip, a.host_mac, GATEWAY),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "ARP for a protocol other than IPv4 is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: {
+                let mut f = packet::arp(ARP_REQUEST, a.mac, a.ip, [0; 6], GATEWAY);
+                f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&packet::ETH_P_IPV6.to_be_bytes());
+                f
+            },
+            verdict: TC_ACT_SHOT,
+            counted: (ArpInvalid, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "TCP to another local pod is delivered into it, TTL decremented",
+            program: "from_container",
+            on: On::PodA,
+            input: a_to(b.ip).build(),
+            verdict: TC_ACT_REDIRECT,
+            counted: (Forwarded, Egress),
+            expect: check(move |_, input, out| {
+                assert_eq!(out.eth_dst(), b.mac, "eth dst must be the destination pod");
+                assert_eq!(out.eth_src(), b.host_mac, "eth src must be the destination's host veth");
+                assert_eq!((out.ip_src(), out.ip_dst()), (a.ip, b.ip));
+                forwarded_as_router(input, out);
+            }),
+        },
+        Case {
+            what: "UDP to another local pod is delivered into it",
+            program: "from_container",
+            on: On::PodB,
+            input: Ipv4Frame::udp((b.ip, 5353), (a.ip, 53)).macs(b.host_mac, b.mac).build(),
+            verdict: TC_ACT_REDIRECT,
+            counted: (Forwarded, Egress),
+            expect: check(move |_, input, out| {
+                assert_eq!((out.eth_dst(), out.eth_src()), (a.mac, a.host_mac));
+                forwarded_as_router(input, out);
+            }),
+        },
+        Case {
+            what: "TTL 1 to a local pod is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: a_to(b.ip).ttl(1).build(),
+            verdict: TC_ACT_SHOT,
+            counted: (TtlExceeded, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "a source address that is not the pod's is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: Ipv4Frame::tcp((Ipv4Addr::new(10, 244, 1, 99), 40000), (b.ip, 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build(),
+            verdict: TC_ACT_SHOT,
+            counted: (SpoofedSource, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "another local pod's address used as source is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: Ipv4Frame::tcp((b.ip, 40000), (OUTSIDE, 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build(),
+            verdict: TC_ACT_SHOT,
+            counted: (SpoofedSource, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "a frame on a veth with no endpoint is dropped",
+            program: "from_container",
+            on: On::Stray,
+            input: a_to(b.ip).build(),
+            verdict: TC_ACT_SHOT,
+            counted: (UnknownEndpoint, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "an IPv4 header with a length below 20 bytes is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: {
+                let mut f = a_to(b.ip).build();
+                f[ETH_HLEN] = 0x44; // version 4, IHL 4 words
+                f
+            },
+            verdict: TC_ACT_SHOT,
+            counted: (InvalidPacket, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "IPv6 is dropped",
+            program: "from_container",
+            on: On::PodA,
+            input: packet::ipv6_udp(a.host_mac, a.mac),
+            verdict: TC_ACT_SHOT,
+            counted: (UnsupportedL3, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "a destination outside the cluster goes to the stack unchanged",
+            program: "from_container",
+            on: On::PodA,
+            input: Ipv4Frame::tcp((a.ip, 40000), (OUTSIDE, 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "the node's own address goes to the stack unchanged",
+            program: "from_container",
+            on: On::PodA,
+            input: a_to(NODE_IP).build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        if vxlan {
+            Case {
+                what: "VXLAN: a remote pod CIDR is encapsulated and redirected to the VXLAN device",
+                program: "from_container",
+                on: On::PodA,
+                input: a_to(REMOTE_POD).build(),
+                verdict: TC_ACT_REDIRECT,
+                counted: (Forwarded, Egress),
+                // The tunnel header is metadata that the device adds later.
+                expect: Expect::Unchanged,
+            }
+        } else {
+            Case {
+                what: "native: a remote pod CIDR goes to the stack unchanged",
+                program: "from_container",
+                on: On::PodA,
+                input: a_to(REMOTE_POD).build(),
+                verdict: TC_ACT_OK,
+                counted: (Forwarded, Egress),
+                expect: Expect::Unchanged,
+            }
+        },
+        Case {
+            what: "to_container passes packets to a known endpoint",
+            program: "to_container",
+            on: On::PodA,
+            input: Ipv4Frame::tcp((NODE_IP, 10250), (a.ip, 8080), TCP_SYN)
+                .macs(a.mac, a.host_mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Ingress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "to_container drops on a veth with no endpoint",
+            program: "to_container",
+            on: On::Stray,
+            input: Ipv4Frame::tcp((NODE_IP, 10250), (a.ip, 8080), TCP_SYN).build(),
+            verdict: TC_ACT_SHOT,
+            counted: (UnknownEndpoint, Ingress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "from_netdev: a packet to the node IP with no NAT entry goes up unchanged",
+            program: "from_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::tcp((OUTSIDE, 80), (NODE_IP, 62000), TCP_SYN | TCP_ACK)
+                .macs(uplink_mac, router_mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Ingress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "from_netdev: a non-NAT protocol to the node IP goes up unchanged",
+            program: "from_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::new(OUTSIDE, NODE_IP, L4::Icmp { ty: 3, code: 3 })
+                .macs(uplink_mac, router_mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Ingress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "from_netdev: a packet routed to a local pod is delivered into it",
+            program: "from_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::tcp((REMOTE_POD, 40000), (b.ip, 80), TCP_SYN)
+                .macs(uplink_mac, router_mac)
+                .build(),
+            verdict: TC_ACT_REDIRECT,
+            counted: (Forwarded, Ingress),
+            expect: check(move |_, input, out| {
+                assert_eq!((out.eth_dst(), out.eth_src()), (b.mac, b.host_mac));
+                forwarded_as_router(input, out);
+            }),
+        },
+        Case {
+            what: "from_netdev: IPv6 goes up unchanged",
+            program: "from_netdev",
+            on: On::Uplink,
+            input: packet::ipv6_udp(uplink_mac, router_mac),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Ingress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "to_netdev: pod to a remote pod is not masqueraded",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::tcp((a.ip, 40000), (REMOTE_POD, 80), TCP_SYN)
+                .macs(router_mac, uplink_mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "to_netdev: pod to another node's address is not masqueraded",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::udp((a.ip, 40000), (PEER_NODE_IP, 8472))
+                .macs(router_mac, uplink_mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "to_netdev: the node's own traffic is not masqueraded",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::tcp((NODE_IP, 40000), (OUTSIDE, 80), TCP_SYN)
+                .macs(router_mac, uplink_mac)
+                .build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "to_netdev: UDP without a checksum is masqueraded and keeps no checksum",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: without_udp_checksum(
+                Ipv4Frame::udp((a.ip, 40001), (OUTSIDE, 53))
+                    .macs(router_mac, uplink_mac)
+                    .build(),
+            ),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: check(|_, _, out| {
+                assert_eq!(out.ip_src(), NODE_IP, "not masqueraded");
+                assert!(
+                    (NAT_PORTS.0..=NAT_PORTS.1).contains(&out.sport()),
+                    "NAT port {}",
+                    out.sport()
+                );
+                assert!(out.ip_checksum_ok(), "IP checksum wrong after SNAT");
+                assert_eq!(out.udp_checksum(), 0, "a zero UDP checksum must stay zero (\"none\")");
+            }),
+        },
+        Case {
+            what: "to_netdev: a pod's fragment to the outside cannot be translated",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::udp((a.ip, 40000), (OUTSIDE, 53))
+                .frag(0x2000)
+                .macs(router_mac, uplink_mac)
+                .build(),
+            verdict: TC_ACT_SHOT,
+            counted: (Fragment, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "to_netdev: a pod's packet with IP options to the outside is dropped",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::udp((a.ip, 40000), (OUTSIDE, 53))
+                .options(vec![1, 1, 1, 0]) // NOP NOP NOP EOL
+                .macs(router_mac, uplink_mac)
+                .build(),
+            verdict: TC_ACT_SHOT,
+            counted: (IpOptions, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "to_netdev: a pod's ICMP error to the outside cannot be translated",
+            program: "to_netdev",
+            on: On::Uplink,
+            input: Ipv4Frame::new(a.ip, OUTSIDE, L4::Icmp { ty: 3, code: 3 })
+                .macs(router_mac, uplink_mac)
+                .build(),
+            verdict: TC_ACT_SHOT,
+            counted: (UnsupportedL4, Egress),
+            expect: Expect::Dropped,
+        },
+        Case {
+            what: "from_overlay: a decapsulated packet for a local pod is delivered into it",
+            program: "from_overlay",
+            on: On::Vxlan,
+            input: Ipv4Frame::tcp((REMOTE_POD, 40000), (a.ip, 80), TCP_SYN).build(),
+            verdict: TC_ACT_REDIRECT,
+            counted: (Forwarded, Ingress),
+            expect: check(move |_, input, out| {
+                assert_eq!((out.eth_dst(), out.eth_src()), (a.mac, a.host_mac));
+                forwarded_as_router(input, out);
+            }),
+        },
+        Case {
+            what: "to_overlay: the node's packet to a remote pod gets a tunnel key",
+            program: "to_overlay",
+            on: On::Vxlan,
+            input: Ipv4Frame::tcp((NODE_IP, 40000), (REMOTE_POD, 80), TCP_SYN).build(),
+            verdict: TC_ACT_OK,
+            counted: (Forwarded, Egress),
+            expect: Expect::Unchanged,
+        },
+        Case {
+            what: "to_overlay: a destination with no tunnel endpoint is dropped",
+            program: "to_overlay",
+            on: On::Vxlan,
+            input: Ipv4Frame::tcp((NODE_IP, 40000), (OUTSIDE, 80), TCP_SYN).build(),
+            verdict: TC_ACT_SHOT,
+            counted: (NoTunnelEndpoint, Egress),
+            expect: Expect::Dropped,
+        },
+    ]
+}
+
+/// Runs one case; panics with the reason when it fails.
+fn run_case(node: &Node, case: &Case) {
+    let out = node.run(case.program, &case.input, ifindex_of(node, case.on), case.counted);
+    assert_eq!(
+        out.verdict,
+        case.verdict,
+        "verdict {} instead of {}",
+        verdict_name(out.verdict),
+        verdict_name(case.verdict)
+    );
+    match &case.expect {
+        Expect::Unchanged => assert!(out.frame == case.input, "frame was modified"),
+        Expect::Dropped => {}
+        Expect::Check(f) => f(node, &case.input, View(&out.frame)),
+    }
+}
+
+/// Runs every case of the table, reporting all failures at once.
+fn run_table(routing: RoutingMode) {
+    let name = format!("bpf-{}", routing.name());
+    let report = in_new_netns(&name, move || {
+        let node = Node::new(routing);
+        let mut failed = Vec::new();
+        let table = cases(&node);
+        for case in &table {
+            let result = catch_unwind(AssertUnwindSafe(|| run_case(&node, case)));
+            let status = if result.is_ok() { "ok  " } else { "FAIL" };
+            eprintln!("[{}] {status} {}", routing.name(), case.what);
+            if let Err(panic) = result {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failed.push(format!("{} ({}): {msg}", case.what, case.program));
+            }
+        }
+        (table.len(), failed)
+    });
+    let (total, failed) = report;
+    assert!(
+        failed.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn datapath_cases_vxlan_routing() {
+    run_table(RoutingMode::Vxlan);
+}
+
+#[test]
+fn datapath_cases_native_routing() {
+    run_table(RoutingMode::Native);
+}
+
+/// The pod side of one masqueraded flow.
+#[derive(Clone, Copy, Debug)]
+enum Proto {
+    Tcp,
+    Udp,
+    IcmpEcho,
+}
+
+const POD_PORT: u16 = 40000;
+const REMOTE_PORT: u16 = 80;
+
+/// A packet of the flow from the pod to OUTSIDE.
+fn outbound(proto: Proto, src: Ipv4Addr, sport: u16, flags: u8) -> Ipv4Frame {
+    let f = match proto {
+        Proto::Tcp => Ipv4Frame::tcp((src, sport), (OUTSIDE, REMOTE_PORT), flags),
+        Proto::Udp => Ipv4Frame::udp((src, sport), (OUTSIDE, REMOTE_PORT)),
+        Proto::IcmpEcho => Ipv4Frame::echo(src, OUTSIDE, false, sport),
+    };
+    f.macs([0x02, 0, 0, 0, 0xaa, 0x02], [0x02, 0, 0, 0, 0xaa, 0x01])
+}
+
+/// The remote's reply to `dst:dport`.
+fn inbound(proto: Proto, dst: Ipv4Addr, dport: u16) -> Ipv4Frame {
+    let f = match proto {
+        Proto::Tcp => Ipv4Frame::tcp((OUTSIDE, REMOTE_PORT), (dst, dport), TCP_SYN | TCP_ACK),
+        Proto::Udp => Ipv4Frame::udp((OUTSIDE, REMOTE_PORT), (dst, dport)),
+        Proto::IcmpEcho => Ipv4Frame::echo(OUTSIDE, dst, true, dport),
+    };
+    f.macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
+}
+
+/// Sends one outbound packet through to_netdev; returns the NAT port.
+fn masquerade(node: &Node, frame: &[u8]) -> u16 {
+    let out = node.run("to_netdev", frame, node.uplink_ifindex, (Forwarded, Egress));
+    assert_eq!(
+        out.verdict,
+        TC_ACT_OK,
+        "to_netdev verdict {}",
+        verdict_name(out.verdict)
+    );
+    let (inp, v) = (View(frame), View(&out.frame));
+    assert_eq!(v.0.len(), frame.len(), "frame length changed");
+    assert_eq!(v.ip_src(), NODE_IP, "source not masqueraded to the node IP");
+    assert_eq!(v.ip_dst(), inp.ip_dst(), "destination changed");
+    assert_eq!(v.ttl(), inp.ttl(), "to_netdev must not touch the TTL");
+    if v.protocol() == packet::IPPROTO_ICMP {
+        assert_eq!(v.icmp_type(), packet::ICMP_ECHO, "ICMP type changed");
+    }
+    let port = v.flow_sport();
+    assert!(
+        (NAT_PORTS.0..=NAT_PORTS.1).contains(&port),
+        "NAT port {port} outside {NAT_PORTS:?}"
+    );
+    if v.protocol() != packet::IPPROTO_ICMP {
+        assert_eq!(v.dport(), inp.dport(), "destination port changed");
+    }
+    assert!(v.ip_checksum_ok(), "IP checksum wrong after SNAT");
+    assert!(v.l4_checksum_ok(), "L4 checksum wrong after SNAT");
+    port
+}
+
+fn masquerade_round_trip(proto: Proto) {
+    let name = format!("bpf-masq-{proto:?}");
+    in_new_netns(&name, move || {
+        let node = Node::new(RoutingMode::Native);
+        let a = node.a;
+
+        let first = outbound(proto, a.ip, POD_PORT, TCP_SYN).build();
+        let port = masquerade(&node, &first);
+        let second = outbound(proto, a.ip, POD_PORT, TCP_ACK).build();
+        assert_eq!(
+            masquerade(&node, &second),
+            port,
+            "second packet of the flow got another port"
+        );
+
+        // Another pod using the same source port needs a different NAT port.
+        let other = outbound(proto, node.b.ip, POD_PORT, TCP_SYN).build();
+        let other_port = masquerade(&node, &other);
+        assert_ne!(other_port, port, "two flows share one NAT port");
+
+        let reply = inbound(proto, NODE_IP, port).build();
+        let out = node.run("from_netdev", &reply, node.uplink_ifindex, (Forwarded, Ingress));
+        assert_eq!(
+            out.verdict,
+            TC_ACT_REDIRECT,
+            "reply verdict {}",
+            verdict_name(out.verdict)
+        );
+        let v = View(&out.frame);
+        assert_eq!(v.ip_dst(), a.ip, "reply not translated back to the pod");
+        assert_eq!(v.ip_src(), OUTSIDE, "reply source changed");
+        assert_eq!(v.flow_dport(), POD_PORT, "reply port not translated back");
+        if v.protocol() == packet::IPPROTO_ICMP {
+            assert_eq!(v.icmp_type(), packet::ICMP_ECHO_REPLY, "ICMP type changed");
+        } else {
+            assert_eq!(v.sport(), REMOTE_PORT);
+        }
+        assert_eq!(
+            (v.eth_dst(), v.eth_src()),
+            (a.mac, a.host_mac),
+            "reply not addressed to the pod"
+        );
+        assert_eq!(v.ttl(), View(&reply).ttl() - 1, "TTL not decremented on local delivery");
+        assert!(v.ip_checksum_ok(), "IP checksum wrong after reverse NAT");
+        assert!(v.l4_checksum_ok(), "L4 checksum wrong after reverse NAT");
+
+        // A reply to a port no flow owns is the node's own business.
+        let unknown_port = (NAT_PORTS.0..=NAT_PORTS.1)
+            .find(|p| ![port, other_port].contains(p))
+            .expect("the NAT range has more than two ports");
+        let stray = inbound(proto, NODE_IP, unknown_port).build();
+        let out = node.run("from_netdev", &stray, node.uplink_ifindex, (Forwarded, Ingress));
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert!(out.frame == stray, "an unknown reply was modified");
+    });
+}
+
+#[test]
+fn masquerade_tcp_round_trip() {
+    masquerade_round_trip(Proto::Tcp);
+}
+
+#[test]
+fn masquerade_udp_round_trip() {
+    masquerade_round_trip(Proto::Udp);
+}
+
+#[test]
+fn masquerade_icmp_echo_round_trip() {
+    masquerade_round_trip(Proto::IcmpEcho);
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what building, testing and running Sinew needs on Debian 12.
+# Idempotent; skips apt when everything is already there.
+set -euo pipefail
+
+PACKAGES=(
+  clang llvm libbpf-dev linux-libc-dev gcc-multilib clang-format
+  protobuf-compiler pkg-config
+  iproute2 iperf3 ethtool tcpdump bpftool
+  containerd runc podman containernetworking-plugins busybox-static
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: run as root (sudo): Sinew loads BPF programs and creates network namespaces" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
+    [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+  done
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: no Rust toolchain (cargo) found; install Rust 1.88 or newer with rustup, then re-run" >&2
+  exit 1
+fi
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
+done
+
+# bpffs: pins live there; the agent mounts it too, but tests read it first.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  mount -t bpf bpf /sys/fs/bpf
+fi

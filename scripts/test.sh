@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command: installs what it needs, builds, checks formatting and
+# lints, then runs every test, privileged ones included (they need root and
+# fail rather than skip without it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "==> format"
+cargo fmt --all -- --check
+find bpf -name '*.[ch]' -print0 | xargs -0 clang-format --dry-run --Werror
+
+echo "==> build"
+cargo build --workspace --all-targets --locked
+
+echo "==> clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> tests"
+# Privileged tests build network namespaces and BPF pins; two at a time keeps
+# a 2-core machine responsive.
+cargo test --workspace --locked -- --test-threads=2
