@@ -196,6 +196,19 @@ impl Ipam {
         Ok(Some(a))
     }
 
+    /// Releases many attachments with one write of the state (GC).
+    pub fn release_many(&mut self, atts: &[Attachment]) -> Result<usize, IpamError> {
+        let before = self.state.allocations.len();
+        for a in atts {
+            self.state.allocations.remove(&key(a));
+        }
+        let released = before - self.state.allocations.len();
+        if released > 0 {
+            self.persist()?;
+        }
+        Ok(released)
+    }
+
     pub fn get(&self, att: &Attachment) -> Option<&Allocation> {
         self.state.allocations.get(&key(att)).map(|(_, a)| a)
     }

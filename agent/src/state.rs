@@ -192,9 +192,16 @@ impl NodeState {
         stale.dedup();
         let mut out = Vec::new();
         for att in stale {
-            let (ep, _) = self.delete_endpoint(&att)?;
+            let ep = self.registry.get(&att).cloned();
+            if let Some(ep) = &ep {
+                self.unpublish(ep);
+                self.registry.remove(&att)?;
+            }
             out.push((att, ep.map(|e| e.host_ifname)));
         }
+        // One write for the whole batch: a GC can release hundreds.
+        let atts: Vec<Attachment> = out.iter().map(|(a, _)| a.clone()).collect();
+        self.ipam.release_many(&atts)?;
         Ok(out)
     }
 
