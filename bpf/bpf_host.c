@@ -12,16 +12,17 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/ipcache.h"
+#include "lib/policy.h"
 #include "lib/local.h"
 #include "lib/nat.h"
 
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
-	struct ipcache_value *dst;
+	struct ipcache_value *dst, *src;
 	struct nat_key key = {};
 	struct iphdr *ip;
-	__u32 daddr;
+	__u32 daddr, saddr;
 	int ret = TC_ACT_OK;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -32,6 +33,7 @@ int from_netdev(struct __sk_buff *skb)
 		goto out;
 	}
 	daddr = ip->daddr;
+	saddr = ip->saddr;
 	if (CFG_ENABLE_MASQ && daddr == CFG_NODE_IP) {
 		/* Not every packet to the node is NATed: errors mean "not
 		 * ours". */
@@ -43,8 +45,12 @@ int from_netdev(struct __sk_buff *skb)
 		ret = TC_ACT_OK;
 	}
 	dst = ipcache_lookup4(daddr);
-	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP))
-		ret = local_deliver(skb, dst->ifindex);
+	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP)) {
+		/* Native routing: the sender is known by its address. */
+		src = ipcache_lookup4(saddr);
+		ret = local_deliver(skb, dst->ifindex,
+				    src ? src->identity : SINEW_IDENTITY_WORLD);
+	}
 out:
 	return finish(skb, ret, METRIC_DIR_INGRESS);
 }

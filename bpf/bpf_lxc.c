@@ -12,6 +12,7 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/ipcache.h"
+#include "lib/policy.h"
 #include "lib/local.h"
 #include "lib/encap.h"
 #include "lib/arp.h"
@@ -21,6 +22,7 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 {
 	struct iphdr *ip = PKT_PTR(skb, IP_OFF, struct iphdr);
 	struct ipcache_value *dst;
+	int ret;
 
 	if (!ip || ip->version != 4 || ip->ihl < 5)
 		return -DROP_INVALID_PACKET;
@@ -28,13 +30,17 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 		return -DROP_SPOOFED_SOURCE;
 
 	dst = ipcache_lookup4(ip->daddr);
+	ret = policy_enforce(skb, ep, POLICY_DIR_EGRESS,
+			     dst ? dst->identity : SINEW_IDENTITY_WORLD);
+	if (ret < 0)
+		return ret;
+	/* Outside the cluster: the stack routes it, the uplink masquerades. */
 	if (!dst)
-		return TC_ACT_OK; /* outside the cluster: the stack (and masq)
-				   */
+		return TC_ACT_OK;
 	if (dst->flags & IPCACHE_F_LOCAL_EP)
-		return local_deliver(skb, dst->ifindex);
+		return local_deliver(skb, dst->ifindex, ep->identity);
 	if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
-	    (dst->flags & IPCACHE_F_POD_CIDR))
+	    (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
 		return encap_vxlan(skb, dst->tunnel_endpoint, ep->identity);
 	/* Native routing, node addresses: routed by the node. */
 	return TC_ACT_OK;
@@ -70,10 +76,31 @@ SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
+	struct ipcache_value *src;
+	struct endpoint_info *ep;
+	struct iphdr *ip;
 	int ret = TC_ACT_OK;
 
-	if (!bpf_map_lookup_elem(&sinew_endpoints, &ifindex))
+	ep = bpf_map_lookup_elem(&sinew_endpoints, &ifindex);
+	if (!ep) {
 		ret = -DROP_UNKNOWN_ENDPOINT;
+		goto out;
+	}
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		goto out;
+	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	if (!ip) {
+		ret = -DROP_INVALID_PACKET;
+		goto out;
+	}
+	/* What the stack routes here: the node itself, or native-routed
+	 * traffic that was not delivered directly. */
+	src = ipcache_lookup4(ip->saddr);
+	ret = policy_enforce(skb, ep, POLICY_DIR_INGRESS,
+			     src ? src->identity : SINEW_IDENTITY_WORLD);
+	if (ret == 0)
+		ret = TC_ACT_OK;
+out:
 	return finish(skb, ret, METRIC_DIR_INGRESS);
 }
 

@@ -12,13 +12,15 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/ipcache.h"
+#include "lib/policy.h"
 #include "lib/local.h"
 
 SEC("classifier")
 int from_overlay(struct __sk_buff *skb)
 {
-	struct iphdr *ip;
+	struct bpf_tunnel_key key = {};
 	struct ipcache_value *dst;
+	struct iphdr *ip;
 	int ret = TC_ACT_OK;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -29,8 +31,14 @@ int from_overlay(struct __sk_buff *skb)
 		goto out;
 	}
 	dst = ipcache_lookup4(ip->daddr);
-	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP))
-		ret = local_deliver(skb, dst->ifindex);
+	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP)) {
+		/* The sender's identity travels in the VNI. */
+		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0) {
+			ret = -DROP_TUNNEL_KEY;
+			goto out;
+		}
+		ret = local_deliver(skb, dst->ifindex, key.tunnel_id);
+	}
 out:
 	return finish(skb, ret, METRIC_DIR_INGRESS);
 }

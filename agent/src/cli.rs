@@ -229,7 +229,13 @@ fn print_lab(lab: &Lab) {
         } else {
             "not reachable"
         };
-        println!("{:<8} {:<14} {:<16} {:<8} {agent}", n.name, n.address.to_string(), n.pod_cidr.to_string(), pods);
+        println!(
+            "{:<8} {:<14} {:<16} {:<8} {agent}",
+            n.name,
+            n.address.to_string(),
+            n.pod_cidr.to_string(),
+            pods
+        );
     }
     println!();
     println!("{:<16} {:<8} {:<18} NETNS", "POD", "NODE", "IP");

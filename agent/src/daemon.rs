@@ -148,6 +148,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         masquerade: cfg.masquerade,
         nat_ports: cfg.nat_ports,
         attach_mode,
+        ct_fail_open: false,
     };
     let pin_dir = dp_cfg.pin_dir();
     let mut datapath = Datapath::load(dp_cfg)?;

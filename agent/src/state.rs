@@ -139,7 +139,7 @@ impl NodeState {
                 flags: 0,
                 pod_mac: ep.pod_mac,
                 host_mac: ep.host_mac,
-                pad: 0,
+                policy_rev: 0,
             },
         )?;
         self.datapath.upsert_ipcache(

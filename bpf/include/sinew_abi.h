@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define SINEW_ABI_VERSION 1
+#define SINEW_ABI_VERSION 2
 
 /* Reserved identities. Pod identities start at SINEW_IDENTITY_MIN_CLUSTER. */
 #define SINEW_IDENTITY_UNKNOWN	   0
@@ -39,9 +39,10 @@ struct ipcache_key {
 	__u32 addr[4]; /* network order; IPv4 in addr[0] */
 };
 
-#define IPCACHE_F_LOCAL_EP (1U << 0) /* a pod on this node: ifindex is set */
-#define IPCACHE_F_NODE	   (1U << 1) /* a node's own address */
-#define IPCACHE_F_POD_CIDR (1U << 2) /* another node's pod CIDR */
+#define IPCACHE_F_LOCAL_EP  (1U << 0) /* a pod on this node: ifindex is set */
+#define IPCACHE_F_NODE	    (1U << 1) /* a node's own address */
+#define IPCACHE_F_POD_CIDR  (1U << 2) /* another node's pod CIDR */
+#define IPCACHE_F_REMOTE_EP (1U << 3) /* a pod on another node */
 
 struct ipcache_value {
 	__u32 identity;
@@ -49,6 +50,15 @@ struct ipcache_value {
 	__u32 ifindex;	       /* host-side veth of a local endpoint */
 	__u32 flags;
 };
+
+/* endpoint_info.flags */
+#define EP_F_INGRESS_ENFORCED                                                  \
+	(1U << 0)		       /* some policy selects it for ingress   \
+					*/
+#define EP_F_EGRESS_ENFORCED (1U << 1) /* ... for egress */
+#define EP_F_POLICY_NOT_READY                                                  \
+	(1U << 2) /* policy not installed: fail closed                         \
+		   */
 
 /* endpoints: hash, key = host-side veth ifindex (__u32). */
 struct endpoint_info {
@@ -58,7 +68,62 @@ struct endpoint_info {
 	__u32 flags;
 	__u8 pod_mac[6];
 	__u8 host_mac[6];
-	__u32 pad;
+	/* Bumped by the agent on every policy change of this endpoint; a
+	 * conntrack entry made under another revision is re-checked. */
+	__u32 policy_rev;
+};
+
+/*
+ * policy: LPM trie, one for all endpoints. ep_id, identity and direction
+ * are always matched exactly (prefix >= POLICY_PREFIX_EXACT); proto and
+ * dport (network order) may be wildcarded by a shorter prefix. Identity 0
+ * means any peer and is looked up separately; deny wins over allow.
+ */
+#define POLICY_DIR_INGRESS  0
+#define POLICY_DIR_EGRESS   1
+#define POLICY_ANY_IDENTITY 0
+#define POLICY_PREFIX_EXACT 72
+#define POLICY_PREFIX_PROTO 80
+#define POLICY_PREFIX_FULL  96
+#define POLICY_ACTION_ALLOW 1
+#define POLICY_ACTION_DENY  2
+
+struct policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;
+	__u32 identity;
+	__u8 direction;
+	__u8 proto;
+	__u16 dport; /* network order; ICMP: the type */
+};
+
+struct policy_value {
+	__u32 rule_id; /* the agent's rule index, for drop reasons and trace */
+	__u16 proxy_port; /* L7 redirect, 0 = none */
+	__u8 action;
+	__u8 pad;
+};
+
+/* conntrack: hash (not LRU: a full table is counted, never silent). */
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport; /* ICMP echo: identifier in sport (request) or dport */
+	__u16 dport;
+	__u8 proto;
+	__u8 direction; /* POLICY_DIR_* of the endpoint that tracks it */
+	__u16 pad;
+};
+
+#define CT_F_CLOSING (1U << 0) /* FIN or RST seen */
+
+struct ct_entry {
+	__u64 last_seen_ns;
+	__u32 ep_id;
+	__u32 policy_rev;
+	__u32 rule_id;
+	__u8 flags;
+	__u8 pad[3];
 };
 
 /* nat: LRU hash, both directions of every masqueraded flow. */

@@ -32,6 +32,9 @@ volatile const __u32 CFG_VXLAN_IFINDEX = 0;
 volatile const __u32 CFG_ENABLE_MASQ = 1;
 volatile const __u32 CFG_NAT_PORT_MIN = 61000;
 volatile const __u32 CFG_NAT_PORT_MAX = 65535;
+/* A full conntrack table: 0 drops new connections (fail closed), 1 lets
+ * them through untracked. Both count DROP_CT_FULL. */
+volatile const __u32 CFG_CT_FAIL_OPEN = 0;
 
 /* Bounds-checked pointers into the linear packet data. */
 #define PKT_PTR(skb, off, type)                                                \

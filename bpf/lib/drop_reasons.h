@@ -21,6 +21,10 @@
 #define DROP_NO_TUNNEL_ENDPOINT 12
 #define DROP_FRAGMENT		13
 #define DROP_IP_OPTIONS		14
-#define DROP_REASON_MAX		15
+#define DROP_POLICY		15 /* no rule allows it; the endpoint is isolated */
+#define DROP_POLICY_DENY	16 /* a deny rule matched */
+#define DROP_CT_FULL		17 /* conntrack table full (fail closed) */
+#define DROP_POLICY_NOT_READY	18 /* endpoint's policy not installed */
+#define DROP_REASON_MAX		19
 
 #endif

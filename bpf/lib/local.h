@@ -4,13 +4,16 @@
 #define SINEW_LOCAL_H
 
 #include "maps.h"
+#include "policy.h"
 
 /*
  * Rewrites the frame for the destination endpoint and hands it to the
  * pod-side veth with bpf_redirect_peer, skipping the host stack and the
- * host-side veth's backlog queue. Only valid from a TC ingress hook.
+ * host-side veth's backlog queue, after the destination's ingress policy.
+ * Only valid from a TC ingress hook.
  */
-static __always_inline int local_deliver(struct __sk_buff *skb, __u32 ifindex)
+static __always_inline int local_deliver(struct __sk_buff *skb, __u32 ifindex,
+					 __u32 src_identity)
 {
 	struct endpoint_info *ep;
 	int ret;
@@ -18,6 +21,10 @@ static __always_inline int local_deliver(struct __sk_buff *skb, __u32 ifindex)
 	ep = bpf_map_lookup_elem(&sinew_endpoints, &ifindex);
 	if (!ep)
 		return -DROP_UNKNOWN_ENDPOINT;
+	/* Ingress policy here: bpf_redirect_peer skips to_container. */
+	ret = policy_enforce(skb, ep, POLICY_DIR_INGRESS, src_identity);
+	if (ret < 0)
+		return ret;
 	ret = eth_rewrite(skb, ep->pod_mac, ep->host_mac);
 	if (ret < 0)
 		return ret;

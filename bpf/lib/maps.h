@@ -11,6 +11,8 @@
 #define IPCACHE_MAX_ENTRIES   65536
 #define ENDPOINTS_MAX_ENTRIES 4096
 #define NAT_MAX_ENTRIES	      65536
+#define POLICY_MAX_ENTRIES    65536
+#define CT_MAX_ENTRIES	      262144
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -44,5 +46,22 @@ struct {
 	__uint(max_entries, METRICS_MAX_ENTRIES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sinew_metrics SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(max_entries, POLICY_MAX_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(max_entries, CT_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_ct SEC(".maps");
 
 #endif

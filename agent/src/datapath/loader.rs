@@ -8,7 +8,10 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
-use sinew_abi::{config, maps, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, MetricsValue};
+use sinew_abi::{
+    config, maps, CtEntry, CtKey, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, MetricsValue, PolicyData,
+    PolicyKey, PolicyValue,
+};
 
 use super::attach::{self, AttachMode, Hook};
 
@@ -94,6 +97,8 @@ pub struct DatapathConfig {
     pub masquerade: bool,
     pub nat_ports: (u16, u16),
     pub attach_mode: AttachMode,
+    /// Let new connections through untracked when conntrack is full.
+    pub ct_fail_open: bool,
 }
 
 impl DatapathConfig {
@@ -116,6 +121,8 @@ pub struct Datapath {
     ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
     metrics: PerCpuArray<MapData, MetricsValue>,
+    policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+    ct: BpfHashMap<MapData, CtKey, CtEntry>,
     maps_reused: bool,
 }
 
@@ -144,6 +151,7 @@ impl Datapath {
         };
         let masq = u32::from(cfg.masquerade);
         let (pmin, pmax) = (u32::from(cfg.nat_ports.0), u32::from(cfg.nat_ports.1));
+        let ct_fail_open = u32::from(cfg.ct_fail_open);
         let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
             EbpfLoader::new()
                 .default_map_pin_directory(&map_dir)
@@ -153,6 +161,7 @@ impl Datapath {
                 .override_global(config::ENABLE_MASQ, &masq, true)
                 .override_global(config::NAT_PORT_MIN, &pmin, true)
                 .override_global(config::NAT_PORT_MAX, &pmax, true)
+                .override_global(config::CT_FAIL_OPEN, &ct_fail_open, true)
                 .load(bytes)
                 .map_err(|source| DatapathError::Load {
                     object,
@@ -191,6 +200,8 @@ impl Datapath {
         let ipcache = LpmTrie::try_from(take(maps::IPCACHE, &mut lxc)?).map_err(map_err(maps::IPCACHE))?;
         let endpoints = BpfHashMap::try_from(take(maps::ENDPOINTS, &mut lxc)?).map_err(map_err(maps::ENDPOINTS))?;
         let metrics = PerCpuArray::try_from(take(maps::METRICS, &mut lxc)?).map_err(map_err(maps::METRICS))?;
+        let policy = LpmTrie::try_from(take(maps::POLICY, &mut lxc)?).map_err(map_err(maps::POLICY))?;
+        let ct = BpfHashMap::try_from(take(maps::CT, &mut lxc)?).map_err(map_err(maps::CT))?;
         Ok(Self {
             cfg,
             lxc,
@@ -199,6 +210,8 @@ impl Datapath {
             ipcache,
             endpoints,
             metrics,
+            policy,
+            ct,
             maps_reused,
         })
     }
@@ -294,6 +307,40 @@ impl Datapath {
             .filter_map(Result::ok)
             .map(|(k, v)| (IpcacheKey::from_parts(k.prefix_len(), k.data()), v))
             .collect()
+    }
+
+    pub fn upsert_policy(&mut self, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
+        self.policy
+            .insert(&LpmKey::new(key.prefixlen, key.data()), value, 0)
+            .map_err(map_err(maps::POLICY))
+    }
+
+    pub fn remove_policy(&mut self, key: PolicyKey) -> Result<(), DatapathError> {
+        match self.policy.remove(&LpmKey::new(key.prefixlen, key.data())) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(maps::POLICY)(e)),
+        }
+    }
+
+    /// Every policy entry, for reconciliation after a restart.
+    pub fn policy_entries(&self) -> Vec<(PolicyKey, PolicyValue)> {
+        self.policy
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (PolicyKey::from_parts(k.prefix_len(), k.data()), v))
+            .collect()
+    }
+
+    pub fn ct_entries(&self) -> Vec<(CtKey, CtEntry)> {
+        self.ct.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn remove_ct(&mut self, key: &CtKey) {
+        let _ = self.ct.remove(key);
+    }
+
+    pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {
+        self.endpoints.get(&ifindex, 0).ok()
     }
 
     /// Packets and bytes per metrics index, summed over CPUs.

@@ -169,6 +169,7 @@ impl Node {
             masquerade: true,
             nat_ports: NAT_PORTS,
             attach_mode: AttachMode::detect(),
+            ct_fail_open: false,
         })
         .unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));
         let a = Pod {
@@ -206,7 +207,7 @@ impl Node {
                         flags: 0,
                         pod_mac: pod.mac,
                         host_mac: pod.host_mac,
-                        pad: 0,
+                        policy_rev: 0,
                     },
                 )
                 .expect("write endpoint");

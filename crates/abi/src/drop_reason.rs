@@ -21,11 +21,15 @@ pub enum DropReason {
     NoTunnelEndpoint = 12,
     Fragment = 13,
     IpOptions = 14,
+    Policy = 15,
+    PolicyDeny = 16,
+    CtFull = 17,
+    PolicyNotReady = 18,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 19] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -41,6 +45,10 @@ impl DropReason {
         Self::NoTunnelEndpoint,
         Self::Fragment,
         Self::IpOptions,
+        Self::Policy,
+        Self::PolicyDeny,
+        Self::CtFull,
+        Self::PolicyNotReady,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -69,6 +77,10 @@ impl DropReason {
             Self::NoTunnelEndpoint => "DROP_NO_TUNNEL_ENDPOINT",
             Self::Fragment => "DROP_FRAGMENT",
             Self::IpOptions => "DROP_IP_OPTIONS",
+            Self::Policy => "DROP_POLICY",
+            Self::PolicyDeny => "DROP_POLICY_DENY",
+            Self::CtFull => "DROP_CT_FULL",
+            Self::PolicyNotReady => "DROP_POLICY_NOT_READY",
         }
     }
 
@@ -90,6 +102,10 @@ impl DropReason {
             Self::NoTunnelEndpoint => "no tunnel endpoint for destination",
             Self::Fragment => "fragment cannot be translated",
             Self::IpOptions => "IP options not supported for NAT",
+            Self::Policy => "policy denied (no rule allows it)",
+            Self::PolicyDeny => "policy denied (deny rule)",
+            Self::CtFull => "conntrack table full",
+            Self::PolicyNotReady => "endpoint policy not installed (fail closed)",
         }
     }
 
@@ -111,6 +127,10 @@ impl DropReason {
             Self::NoTunnelEndpoint => "no_tunnel_endpoint",
             Self::Fragment => "fragment",
             Self::IpOptions => "ip_options",
+            Self::Policy => "policy_denied",
+            Self::PolicyDeny => "policy_deny_rule",
+            Self::CtFull => "ct_full",
+            Self::PolicyNotReady => "policy_not_ready",
         }
     }
 }

@@ -15,7 +15,7 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
 pub const BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
@@ -30,6 +30,8 @@ pub mod maps {
     pub const ENDPOINTS: &str = "sinew_endpoints";
     pub const NAT: &str = "sinew_nat";
     pub const METRICS: &str = "sinew_metrics";
+    pub const POLICY: &str = "sinew_policy";
+    pub const CT: &str = "sinew_ct";
 }
 
 /// Names of the load-time constants (`volatile const` in `lib/common.h`).
@@ -40,4 +42,5 @@ pub mod config {
     pub const ENABLE_MASQ: &str = "CFG_ENABLE_MASQ";
     pub const NAT_PORT_MIN: &str = "CFG_NAT_PORT_MIN";
     pub const NAT_PORT_MAX: &str = "CFG_NAT_PORT_MAX";
+    pub const CT_FAIL_OPEN: &str = "CFG_CT_FAIL_OPEN";
 }

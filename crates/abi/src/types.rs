@@ -16,6 +16,22 @@ pub const FAMILY_V6: u8 = 6;
 pub const IPCACHE_F_LOCAL_EP: u32 = 1 << 0;
 pub const IPCACHE_F_NODE: u32 = 1 << 1;
 pub const IPCACHE_F_POD_CIDR: u32 = 1 << 2;
+pub const IPCACHE_F_REMOTE_EP: u32 = 1 << 3;
+
+pub const EP_F_INGRESS_ENFORCED: u32 = 1 << 0;
+pub const EP_F_EGRESS_ENFORCED: u32 = 1 << 1;
+pub const EP_F_POLICY_NOT_READY: u32 = 1 << 2;
+
+pub const POLICY_DIR_INGRESS: u8 = 0;
+pub const POLICY_DIR_EGRESS: u8 = 1;
+pub const POLICY_ANY_IDENTITY: u32 = 0;
+pub const POLICY_PREFIX_EXACT: u32 = 72;
+pub const POLICY_PREFIX_PROTO: u32 = 80;
+pub const POLICY_PREFIX_FULL: u32 = 96;
+pub const POLICY_ACTION_ALLOW: u8 = 1;
+pub const POLICY_ACTION_DENY: u8 = 2;
+
+pub const CT_F_CLOSING: u8 = 1 << 0;
 
 pub const ROUTING_NATIVE: u32 = 0;
 pub const ROUTING_VXLAN: u32 = 1;
@@ -94,7 +110,87 @@ pub struct EndpointInfo {
     pub flags: u32,
     pub pod_mac: [u8; 6],
     pub host_mac: [u8; 6],
-    pub pad: u32,
+    /// Bumped on every policy change of the endpoint.
+    pub policy_rev: u32,
+}
+
+/// `struct policy_key` of `sinew_policy` (LPM), with its `prefixlen`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub ep_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    /// Network order; ICMP: the type.
+    pub dport: u16,
+}
+
+impl PolicyKey {
+    pub fn data(&self) -> PolicyData {
+        PolicyData {
+            ep_id: self.ep_id,
+            identity: self.identity,
+            direction: self.direction,
+            proto: self.proto,
+            dport: self.dport,
+        }
+    }
+
+    pub fn from_parts(prefixlen: u32, d: PolicyData) -> Self {
+        Self {
+            prefixlen,
+            ep_id: d.ep_id,
+            identity: d.identity,
+            direction: d.direction,
+            proto: d.proto,
+            dport: d.dport,
+        }
+    }
+}
+
+/// [`PolicyKey`] without `prefixlen`, for aya's LPM trie API.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyData {
+    pub ep_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule_id: u32,
+    pub proxy_port: u16,
+    pub action: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub last_seen_ns: u64,
+    pub ep_id: u32,
+    pub policy_rev: u32,
+    pub rule_id: u32,
+    pub flags: u8,
+    pub pad: [u8; 3],
 }
 
 #[repr(C)]
@@ -140,5 +236,10 @@ pod!(
     EndpointInfo,
     NatKey,
     NatValue,
-    MetricsValue
+    MetricsValue,
+    PolicyKey,
+    PolicyData,
+    PolicyValue,
+    CtKey,
+    CtEntry
 );

@@ -99,7 +99,21 @@ fn shared_structs_match_btf() {
             s,
             "endpoint_info",
             EndpointInfo,
-            [ipv4, identity, id, flags, pod_mac, host_mac, pad]
+            [ipv4, identity, id, flags, pod_mac, host_mac, policy_rev]
+        );
+        check!(
+            s,
+            "policy_key",
+            PolicyKey,
+            [prefixlen, ep_id, identity, direction, proto, dport]
+        );
+        check!(s, "policy_value", PolicyValue, [rule_id, proxy_port, action, pad]);
+        check!(s, "ct_key", CtKey, [saddr, daddr, sport, dport, proto, direction, pad]);
+        check!(
+            s,
+            "ct_entry",
+            CtEntry,
+            [last_seen_ns, ep_id, policy_rev, rule_id, flags, pad]
         );
         check!(s, "metrics_value", MetricsValue, [packets, bytes]);
     }

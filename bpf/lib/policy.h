@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Identity-based L3/L4 policy for one endpoint and direction: conntrack
+ * first, then two LPM lookups (the peer's identity, and "any peer"), deny
+ * winning. Costs the same whatever the number of rules.
+ */
+#ifndef SINEW_POLICY_H
+#define SINEW_POLICY_H
+
+#include "maps.h"
+#include "conntrack.h"
+
+static __always_inline int policy_lookup(__u32 ep_id, __u32 identity, __u8 dir,
+					 __u8 proto, __u16 dport,
+					 __u32 *rule_id)
+{
+	struct policy_value *by_id, *any;
+	struct policy_key k = {};
+
+	k.prefixlen = POLICY_PREFIX_FULL;
+	k.ep_id = ep_id;
+	k.identity = identity;
+	k.direction = dir;
+	k.proto = proto;
+	k.dport = dport;
+	by_id = bpf_map_lookup_elem(&sinew_policy, &k);
+	k.identity = POLICY_ANY_IDENTITY;
+	any = bpf_map_lookup_elem(&sinew_policy, &k);
+
+	if (by_id && by_id->action == POLICY_ACTION_DENY) {
+		*rule_id = by_id->rule_id;
+		return -DROP_POLICY_DENY;
+	}
+	if (any && any->action == POLICY_ACTION_DENY) {
+		*rule_id = any->rule_id;
+		return -DROP_POLICY_DENY;
+	}
+	if (by_id || any) {
+		*rule_id = by_id ? by_id->rule_id : any->rule_id;
+		return 0;
+	}
+	return -DROP_POLICY;
+}
+
+/*
+ * Decides whether a packet may enter (POLICY_DIR_INGRESS) or leave
+ * (POLICY_DIR_EGRESS) endpoint ep, whose peer has identity peer. Returns 0
+ * or a negative drop reason. Endpoints no policy selects are not tracked.
+ */
+static __always_inline int policy_enforce(struct __sk_buff *skb,
+					  const struct endpoint_info *ep,
+					  __u8 dir, __u32 peer)
+{
+	__u32 enforced = dir == POLICY_DIR_INGRESS ? EP_F_INGRESS_ENFORCED
+						   : EP_F_EGRESS_ENFORCED;
+	struct ct_key key = {}, rev = {};
+	struct ct_entry *e, entry = {};
+	struct iphdr *ip;
+	__u32 rule_id = 0;
+	__u8 tcp_flags;
+	__u64 now;
+	int ret;
+
+	if (ep->flags & EP_F_POLICY_NOT_READY)
+		return -DROP_POLICY_NOT_READY;
+	if (!(ep->flags & (EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED)))
+		return 0;
+	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	if (!ip)
+		return -DROP_INVALID_PACKET;
+	ret = ct_tuple4(skb, ip, &key, &tcp_flags);
+	if (ret < 0)
+		return ret;
+	key.direction = dir;
+	now = bpf_ktime_get_ns();
+
+	e = bpf_map_lookup_elem(&sinew_ct, &key);
+	if (e) {
+		if (e->policy_rev != ep->policy_rev && (ep->flags & enforced)) {
+			/* Policy changed since the connection began: it lives
+			 * on only if the new policy still allows it. */
+			ret = policy_lookup(ep->id, peer, dir, key.proto,
+					    ct_policy_port(&key, skb, ip),
+					    &rule_id);
+			if (ret < 0) {
+				bpf_map_delete_elem(&sinew_ct, &key);
+				return ret;
+			}
+			e->rule_id = rule_id;
+		}
+		e->policy_rev = ep->policy_rev;
+		ct_touch(e, tcp_flags, now);
+		return 0;
+	}
+	ct_reverse(&key, &rev);
+	e = bpf_map_lookup_elem(&sinew_ct, &rev);
+	if (e) {
+		ct_touch(e, tcp_flags, now);
+		return 0;
+	}
+
+	/* The node's own health checks and probes always reach its pods. */
+	if ((ep->flags & enforced) &&
+	    !(dir == POLICY_DIR_INGRESS && peer == SINEW_IDENTITY_HOST)) {
+		ret = policy_lookup(ep->id, peer, dir, key.proto,
+				    ct_policy_port(&key, skb, ip), &rule_id);
+		if (ret < 0)
+			return ret;
+	}
+	entry.last_seen_ns = now;
+	entry.ep_id = ep->id;
+	entry.policy_rev = ep->policy_rev;
+	entry.rule_id = rule_id;
+	if (tcp_flags & (0x01 | 0x04))
+		entry.flags = CT_F_CLOSING;
+	if (bpf_map_update_elem(&sinew_ct, &key, &entry, BPF_NOEXIST) < 0 &&
+	    !bpf_map_lookup_elem(&sinew_ct, &key)) {
+		if (!CFG_CT_FAIL_OPEN)
+			return -DROP_CT_FULL;
+		metrics_count(skb, DROP_CT_FULL,
+			      dir == POLICY_DIR_INGRESS ? METRIC_DIR_INGRESS
+							: METRIC_DIR_EGRESS);
+	}
+	return 0;
+}
+
+#endif
