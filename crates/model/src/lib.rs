@@ -9,10 +9,26 @@
 pub mod local;
 mod resources;
 
-pub use resources::{NodeInfo, PodInfo, ResourceError, Snapshot};
+pub use resources::{IdentityInfo, NodeInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError, Snapshot};
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::sync::watch;
+
+/// Errors of the writing side of a datastore.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("datastore write to {path} failed: {source}; check that the datastore directory is writable")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("identity space exhausted (last id {0}); delete unused identities")]
+    IdentitiesExhausted(u32),
+}
 
 /// A source of desired state. Implementations publish a complete, validated
 /// snapshot each time anything changes; consumers diff against what they
@@ -22,4 +38,21 @@ pub trait Datastore: Send + Sync {
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
     /// What the backend is, for status output ("local:/path", "kubernetes").
     fn describe(&self) -> String;
+    /// The cluster-wide identity of a label set, allocated if new. Safe
+    /// when several agents allocate at once.
+    fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError>;
+    /// Replaces everything `node` publishes about its endpoints.
+    fn publish_endpoints(&self, node: &str, endpoints: &[PublishedEndpoint]) -> Result<(), DatastoreError>;
+    /// Deletes identities outside `in_use` not allocated or reused within
+    /// `grace`; returns them.
+    fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError>;
+    /// Stores a validated policy document (create or replace).
+    fn apply_policy(&self, doc: &PolicyDoc) -> Result<(), DatastoreError>;
+    /// Deletes a policy; false when there was none.
+    fn delete_policy(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<bool, DatastoreError>;
 }
+
+/// The first identity number for pods; below are reserved ones.
+pub const FIRST_POD_IDENTITY: u32 = 256;
+/// Pod identities stay below this; node-local CIDR identities start here.
+pub const FIRST_LOCAL_IDENTITY: u32 = 0x0100_0000;

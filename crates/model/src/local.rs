@@ -5,13 +5,16 @@
 //! holds, and it also sees edits made through bind mounts where inotify
 //! would not.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::{Datastore, Snapshot};
+use crate::{
+    Datastore, DatastoreError, PolicyDoc, PublishedEndpoint, Snapshot, FIRST_LOCAL_IDENTITY, FIRST_POD_IDENTITY,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -108,6 +111,72 @@ impl LocalDatastore {
     }
 }
 
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DatastoreError + '_ {
+    move |source| DatastoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Replaces a file so that readers see the old or the new content.
+fn write_atomic(path: &Path, text: &str) -> Result<(), DatastoreError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn yaml_labels(labels: &BTreeMap<String, String>, indent: &str) -> String {
+    if labels.is_empty() {
+        return " {}\n".into();
+    }
+    let mut out = String::from("\n");
+    for (k, v) in labels {
+        // JSON strings are valid YAML scalars and quote everything safely.
+        out.push_str(&format!(
+            "{indent}{}: {}\n",
+            serde_json::Value::from(k.as_str()),
+            serde_json::Value::from(v.as_str())
+        ));
+    }
+    out
+}
+
+impl LocalDatastore {
+    fn identity_dir(&self) -> PathBuf {
+        self.dir.join("identities")
+    }
+
+    /// Holds the cluster-wide identity lock (an flock on a file in the
+    /// datastore) for the life of the guard: agents in other processes
+    /// allocating at the same moment wait for it.
+    fn identity_lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, DatastoreError> {
+        let path = self.dir.join(".identity.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| DatastoreError::Io {
+            path,
+            source: std::io::Error::from(e),
+        })
+    }
+
+    /// The identities on disk now (not the last snapshot: another agent may
+    /// have just written one).
+    fn read_identities(&self) -> BTreeMap<u32, (BTreeMap<String, String>, PathBuf)> {
+        let snap = read_dir_snapshot(&self.identity_dir(), 0).unwrap_or_default();
+        snap.identities
+            .into_values()
+            .map(|i| (i.id, (i.labels, PathBuf::from(i.source))))
+            .collect()
+    }
+}
+
 impl Datastore for LocalDatastore {
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.rx.clone()
@@ -115,6 +184,96 @@ impl Datastore for LocalDatastore {
     fn describe(&self) -> String {
         format!("local:{}", self.dir.display())
     }
+
+    fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError> {
+        let _lock = self.identity_lock()?;
+        let existing = self.read_identities();
+        if let Some((id, (_, path))) = existing.iter().find(|(_, (l, _))| l == labels) {
+            // Reuse refreshes the file's age so GC does not take it now.
+            let f = std::fs::File::options().append(true).open(path).map_err(io(path))?;
+            f.set_modified(SystemTime::now()).map_err(io(path))?;
+            return Ok(*id);
+        }
+        let id = existing
+            .keys()
+            .next_back()
+            .map_or(FIRST_POD_IDENTITY, |m| m + 1)
+            .max(FIRST_POD_IDENTITY);
+        if id >= FIRST_LOCAL_IDENTITY {
+            return Err(DatastoreError::IdentitiesExhausted(id - 1));
+        }
+        let text = format!(
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewIdentity\nmetadata:\n  name: \"{id}\"\nspec:\n  securityLabels:{}",
+            yaml_labels(labels, "    ")
+        );
+        write_atomic(&self.identity_dir().join(format!("{id}.yaml")), &text)?;
+        Ok(id)
+    }
+
+    fn publish_endpoints(&self, node: &str, endpoints: &[PublishedEndpoint]) -> Result<(), DatastoreError> {
+        let mut text = String::new();
+        for ep in endpoints {
+            let ports: BTreeMap<String, serde_json::Value> = ep
+                .named_ports
+                .iter()
+                .map(|(n, (p, port))| (n.clone(), serde_json::json!({"protocol": p, "port": port})))
+                .collect();
+            text.push_str(&format!(
+                "---\napiVersion: sinew.io/v1alpha1\nkind: SinewEndpoint\nmetadata:\n  name: {}\n  namespace: {}\nstatus:\n  node: {}\n  ipv4: {}\n  identity: {}\n  namedPorts: {}\n",
+                serde_json::Value::from(ep.name.as_str()),
+                serde_json::Value::from(ep.namespace.as_str()),
+                serde_json::Value::from(node),
+                ep.ipv4,
+                ep.identity,
+                serde_json::to_string(&ports).expect("json"),
+            ));
+        }
+        write_atomic(&self.dir.join("endpoints").join(format!("{node}.yaml")), &text)
+    }
+
+    fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError> {
+        let _lock = self.identity_lock()?;
+        let mut removed = Vec::new();
+        for (id, (_, path)) in self.read_identities() {
+            if in_use.contains(&id) {
+                continue;
+            }
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a >= grace) {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                removed.push(id);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn apply_policy(&self, doc: &PolicyDoc) -> Result<(), DatastoreError> {
+        write_atomic(
+            &policy_path(&self.dir, &doc.kind, doc.namespace.as_deref(), &doc.name),
+            &doc.yaml,
+        )
+    }
+
+    fn delete_policy(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<bool, DatastoreError> {
+        let path = policy_path(&self.dir, kind, namespace, name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+}
+
+/// Where `sinew policy apply` keeps a policy in the local backend.
+pub fn policy_path(dir: &Path, kind: &str, namespace: Option<&str>, name: &str) -> PathBuf {
+    dir.join("policies").join(format!(
+        "{}-{}-{name}.yaml",
+        kind.to_lowercase(),
+        namespace.unwrap_or("_cluster")
+    ))
 }
 
 #[cfg(test)]
@@ -156,5 +315,105 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("/nonexistent/sinew-ds") && e.to_string().contains("--datastore"));
+    }
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    fn labels(i: usize) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app".to_string(), format!("a{i}")),
+            ("sinew.io/namespace".to_string(), "default".to_string()),
+        ])
+    }
+
+    /// Two datastores on one directory stand for two agents: the flock makes
+    /// concurrent allocation of the same label sets give one id each.
+    #[test]
+    fn concurrent_allocation_by_two_agents_gives_one_id_per_label_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(LocalDatastore::start(dir.path(), Duration::from_millis(50)).unwrap());
+        let b = Arc::new(LocalDatastore::start(dir.path(), Duration::from_millis(50)).unwrap());
+        let results: Vec<Vec<(usize, u32)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|t| {
+                    let ds = if t % 2 == 0 { a.clone() } else { b.clone() };
+                    s.spawn(move || {
+                        (0..30)
+                            .map(|i| (i, ds.allocate_identity(&labels(i)).unwrap()))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut by_label: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
+        for (i, id) in results.into_iter().flatten() {
+            by_label.entry(i).or_default().insert(id);
+        }
+        assert!(by_label.values().all(|ids| ids.len() == 1), "{by_label:?}");
+        let ids: BTreeSet<u32> = by_label.values().flatten().copied().collect();
+        assert_eq!(ids.len(), 30, "distinct label sets get distinct ids");
+        assert!(ids.iter().all(|id| *id >= FIRST_POD_IDENTITY));
+        let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert_eq!(snap.identities.len(), 30);
+        assert_eq!(
+            snap.identities[&a.allocate_identity(&labels(3)).unwrap()].labels,
+            labels(3)
+        );
+    }
+
+    #[test]
+    fn gc_removes_only_unused_identities_past_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_millis(50)).unwrap();
+        let used = ds.allocate_identity(&labels(1)).unwrap();
+        let unused = ds.allocate_identity(&labels(2)).unwrap();
+        let in_use = BTreeSet::from([used]);
+        assert!(
+            ds.gc_identities(&in_use, Duration::from_secs(3600)).unwrap().is_empty(),
+            "grace protects new ones"
+        );
+        assert_eq!(ds.gc_identities(&in_use, Duration::ZERO).unwrap(), vec![unused]);
+        let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert_eq!(snap.identities.keys().copied().collect::<Vec<_>>(), vec![used]);
+        // A new label set never takes a live id.
+        assert!(ds.allocate_identity(&labels(3)).unwrap() > used);
+    }
+
+    #[test]
+    fn published_endpoints_and_policies_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_millis(50)).unwrap();
+        let ep = PublishedEndpoint {
+            namespace: "prod".into(),
+            name: "web-1".into(),
+            node: "node1".into(),
+            ipv4: "10.244.1.7".parse().unwrap(),
+            identity: 300,
+            named_ports: BTreeMap::from([("http".to_string(), ("TCP".to_string(), 8080))]),
+            source: String::new(),
+        };
+        ds.publish_endpoints("node1", std::slice::from_ref(&ep)).unwrap();
+        let doc = PolicyDoc {
+            kind: "NetworkPolicy".into(),
+            namespace: Some("prod".into()),
+            name: "deny".into(),
+            source: String::new(),
+            yaml: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec: {podSelector: {}}\n".into(),
+        };
+        ds.apply_policy(&doc).unwrap();
+        let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        let got = &snap.endpoints[0];
+        assert_eq!(
+            (got.ipv4, got.identity, &got.named_ports),
+            (ep.ipv4, 300, &ep.named_ports)
+        );
+        assert_eq!(snap.policies[0].name, "deny");
+        assert!(ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
+        assert!(!ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
     }
 }

@@ -47,14 +47,49 @@ pub struct NodeInfo {
     pub source: String,
 }
 
-/// A pod as the agent needs it (labels for identities later).
+/// A pod as the agent needs it: what its identity is made of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
     pub node_name: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub service_account: Option<String>,
+    /// Container ports by name, for NetworkPolicy named ports.
+    pub named_ports: BTreeMap<String, (String, u16)>,
     pub source: String,
+}
+
+/// A cluster-wide identity (`sinew.io/v1alpha1 SinewIdentity`, named by its
+/// number): a set of security-relevant labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityInfo {
+    pub id: u32,
+    pub labels: BTreeMap<String, String>,
+    pub source: String,
+}
+
+/// An endpoint as its node publishes it (`sinew.io/v1alpha1 SinewEndpoint`),
+/// so that every node's ipcache knows every pod's address and identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedEndpoint {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ipv4: std::net::Ipv4Addr,
+    pub identity: u32,
+    pub named_ports: BTreeMap<String, (String, u16)>,
+    pub source: String,
+}
+
+/// A policy document as written; the policy crate parses and validates it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyDoc {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub source: String,
+    pub yaml: String,
 }
 
 /// Everything a datastore knows at one moment. Invalid resources are not in
@@ -64,6 +99,11 @@ pub struct Snapshot {
     pub generation: u64,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub pods: BTreeMap<(String, String), PodInfo>,
+    /// Namespace name -> labels.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub endpoints: Vec<PublishedEndpoint>,
+    pub policies: Vec<PolicyDoc>,
     pub errors: Vec<ResourceError>,
 }
 
@@ -140,6 +180,78 @@ impl Snapshot {
                     });
                 }
                 self.pods.insert(key, info);
+            }
+            ("v1", "Namespace") => {
+                let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
+                let labels = labels_at(&value, &["metadata", "labels"]);
+                self.namespaces.insert(name, labels);
+            }
+            ("sinew.io/v1alpha1", "SinewIdentity") => {
+                let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
+                let id: u32 = name.parse().map_err(|_| ResourceError::Invalid {
+                    file: source.into(),
+                    kind: "SinewIdentity",
+                    name: name.clone(),
+                    field: "metadata.name",
+                    value: name.clone(),
+                    reason: "an identity is named by its number".into(),
+                })?;
+                let labels = labels_at(&value, &["spec", "securityLabels"]);
+                self.identities.insert(
+                    id,
+                    IdentityInfo {
+                        id,
+                        labels,
+                        source: source.into(),
+                    },
+                );
+            }
+            ("sinew.io/v1alpha1", "SinewEndpoint") => {
+                let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
+                let namespace = str_at(&value, &["metadata", "namespace"]).unwrap_or_else(|| "default".into());
+                let invalid = |field: &'static str, v: String, reason: &str| ResourceError::Invalid {
+                    file: source.into(),
+                    kind: "SinewEndpoint",
+                    name: name.clone(),
+                    field,
+                    value: v,
+                    reason: reason.into(),
+                };
+                let node = str_at(&value, &["status", "node"]).ok_or_else(|| missing("status.node"))?;
+                let ip = str_at(&value, &["status", "ipv4"]).unwrap_or_default();
+                let ipv4 = ip
+                    .parse()
+                    .map_err(|_| invalid("status.ipv4", ip.clone(), "not an IPv4 address"))?;
+                let identity = value
+                    .get("status")
+                    .and_then(|s| s.get("identity"))
+                    .and_then(|i| i.as_u64())
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(|| missing("status.identity"))?;
+                let named_ports = named_ports_at(&value, &["status", "namedPorts"]);
+                self.endpoints.push(PublishedEndpoint {
+                    namespace,
+                    name,
+                    node,
+                    ipv4,
+                    identity,
+                    named_ports,
+                    source: source.into(),
+                });
+            }
+            ("networking.k8s.io/v1", "NetworkPolicy")
+            | ("sinew.io/v1alpha1", "SinewNetworkPolicy")
+            | ("sinew.io/v1alpha1", "SinewClusterwideNetworkPolicy") => {
+                let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
+                let namespace = str_at(&value, &["metadata", "namespace"]);
+                let yaml = serde_yaml::to_string(&value).map_err(yaml_err)?;
+                self.policies.push(PolicyDoc {
+                    kind,
+                    namespace,
+                    name,
+                    source: source.into(),
+                    yaml,
+                });
             }
             // Kinds for later issues are accepted and ignored here, so that a
             // datastore directory can hold a whole cluster's manifests.
@@ -229,6 +341,49 @@ fn node_info(source: &str, node: &Node) -> Result<NodeInfo, ResourceError> {
     })
 }
 
+fn at<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a serde_yaml::Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+fn str_at(v: &serde_yaml::Value, path: &[&str]) -> Option<String> {
+    at(v, path).and_then(|s| s.as_str()).map(str::to_string)
+}
+
+fn labels_at(v: &serde_yaml::Value, path: &[&str]) -> BTreeMap<String, String> {
+    at(v, path)
+        .and_then(|m| m.as_mapping())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| {
+                    let v = match v {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        serde_yaml::Value::Number(n) => n.to_string(),
+                        serde_yaml::Value::Bool(b) => b.to_string(),
+                        _ => return None,
+                    };
+                    Some((k.as_str()?.to_string(), v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `{name: {protocol: TCP, port: 80}}` maps.
+fn named_ports_at(v: &serde_yaml::Value, path: &[&str]) -> BTreeMap<String, (String, u16)> {
+    at(v, path)
+        .and_then(|m| m.as_mapping())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| {
+                    let port = u16::try_from(v.get("port")?.as_u64()?).ok()?;
+                    let proto = v.get("protocol").and_then(|p| p.as_str()).unwrap_or("TCP").to_string();
+                    Some((k.as_str()?.to_string(), (proto, port)))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn pod_info(source: &str, pod: &Pod) -> Result<PodInfo, ResourceError> {
     let name = pod.metadata.name.clone().ok_or(ResourceError::Missing {
         file: source.into(),
@@ -240,6 +395,18 @@ fn pod_info(source: &str, pod: &Pod) -> Result<PodInfo, ResourceError> {
         name,
         node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
+        service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
+        named_ports: pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                let name = p.name.clone()?;
+                let port = u16::try_from(p.container_port).ok()?;
+                Some((name, (p.protocol.clone().unwrap_or_else(|| "TCP".into()), port)))
+            })
+            .collect(),
         source: source.into(),
     })
 }
