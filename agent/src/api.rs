@@ -11,6 +11,7 @@ use crate::state::{CreateRequest, NodeState, StateError};
 pub struct AgentApi {
     pub state: Arc<Mutex<NodeState>>,
     pub attach_mode: &'static str,
+    pub pod_attach_mode: &'static str,
     pub routing: &'static str,
     pub bpf_pin_path: String,
 }
@@ -58,6 +59,7 @@ impl sinew_proto::Agent for AgentApi {
             node_name: s.local.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             attach_mode: self.attach_mode.into(),
+            pod_attach_mode: self.pod_attach_mode.into(),
             routing_mode: self.routing.into(),
             pod_cidr: s.local.pod_cidr.to_string(),
             node_ip: s.local.ip.to_string(),
@@ -147,13 +149,15 @@ impl sinew_proto::Agent for AgentApi {
     ) -> Result<Response<v1::DeleteEndpointResponse>, Status> {
         let att = attachment(req.into_inner().attachment)?;
         let mut s = self.lock()?;
-        let (ep, existed) = s.delete_endpoint(&att).map_err(status)?;
+        let (ep, existed) = s.delete_endpoint_queued(&att).map_err(status)?;
         if existed {
             tracing::info!(container = %att.container_id, "endpoint deleted");
         }
+        let link_removal_queued = ep.is_some();
         Ok(Response::new(v1::DeleteEndpointResponse {
             existed,
             host_ifname: ep.map(|e| e.host_ifname).unwrap_or_default(),
+            link_removal_queued,
         }))
     }
 

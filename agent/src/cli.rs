@@ -254,7 +254,7 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
             .collect();
         let v = serde_json::json!({
             "healthy": s.healthy, "reason": s.reason, "node": s.node_name, "version": s.version,
-            "attachMode": s.attach_mode, "routingMode": s.routing_mode, "podCIDR": s.pod_cidr, "nodeIP": s.node_ip,
+            "attachMode": s.attach_mode, "podAttachMode": s.pod_attach_mode, "podAttachMode": s.pod_attach_mode, "routingMode": s.routing_mode, "podCIDR": s.pod_cidr, "nodeIP": s.node_ip,
             "endpoints": s.endpoints, "ipsAllocated": s.ips_allocated, "ipsCapacity": s.ips_capacity,
             "remoteNodes": s.remote_nodes, "bpfPinPath": s.bpf_pin_path, "uptimeSeconds": s.uptime_seconds,
             "mapsReused": s.maps_reused, "features": features,
@@ -278,9 +278,10 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
     println!("Endpoints:    {}", s.endpoints);
     println!("Remote nodes: {}", s.remote_nodes);
     println!(
-        "Datapath:     {} routing, {} attach, pins {}{}",
+        "Datapath:     {} routing, {} on devices, {} on pods, pins {}{}",
         s.routing_mode,
         s.attach_mode,
+        s.pod_attach_mode,
         s.bpf_pin_path,
         if s.maps_reused { " (re-adopted)" } else { "" }
     );

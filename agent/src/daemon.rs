@@ -36,6 +36,14 @@ pub struct AgentConfig {
     pub uplink: String,
     pub masquerade: bool,
     pub nat_ports: (u16, u16),
+    /// Uplink and VXLAN device. None: TCX where the kernel has it, clsact
+    /// otherwise.
+    pub attach_mode: Option<AttachMode>,
+    /// Pod veths. None: clsact. A TCX attach waits for an RCU grace period
+    /// per link (10-15 ms each measured here, two links per pod), which
+    /// would triple CNI ADD latency; cls_bpf attaches without waiting, runs
+    /// the same program, and is replaced in place on restart.
+    pub pod_attach_mode: Option<AttachMode>,
 }
 
 impl AgentConfig {
@@ -139,7 +147,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         RoutingMode::Native => (0, uplink_mtu),
     };
-    let attach_mode = AttachMode::detect();
+    let attach_mode = cfg.attach_mode.unwrap_or_else(AttachMode::detect);
+    let pod_attach_mode = cfg.pod_attach_mode.unwrap_or(AttachMode::Clsact);
     let dp_cfg = DatapathConfig {
         bpf_root: cfg.bpf_root.clone(),
         node_ip: local.ip,
@@ -148,6 +157,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         masquerade: cfg.masquerade,
         nat_ports: cfg.nat_ports,
         attach_mode,
+        pod_attach_mode,
         ct_fail_open: false,
     };
     let pin_dir = dp_cfg.pin_dir();
@@ -162,7 +172,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tracing::warn!(container = %d.container_id, "allocation outside the node's pod CIDR dropped");
     }
     let registry = Registry::open(cfg.state_dir.join("endpoints.json"))?;
-    let features = crate::features::detect(attach_mode, cfg.routing == RoutingMode::Vxlan, cfg.masquerade);
+    let features = crate::features::detect(
+        attach_mode,
+        pod_attach_mode,
+        cfg.routing == RoutingMode::Vxlan,
+        cfg.masquerade,
+    );
     let reconciler = Reconciler::new(cfg.routing, cfg.uplink.clone(), VXLAN_DEV.to_string(), local.clone());
     let mut state = NodeState {
         local,
@@ -188,7 +203,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let state = Arc::new(Mutex::new(state));
     tokio::spawn(follow_datastore(ds, state.clone()));
-    serve(&cfg, state, attach_mode, pin_dir).await
+    serve(&cfg, state, (attach_mode, pod_attach_mode), pin_dir).await
 }
 
 /// Applies every new snapshot; keeps the datastore alive for its lifetime.
@@ -207,7 +222,7 @@ async fn follow_datastore(ds: LocalDatastore, state: Arc<Mutex<NodeState>>) {
 async fn serve(
     cfg: &AgentConfig,
     state: Arc<Mutex<NodeState>>,
-    mode: AttachMode,
+    (mode, pod_mode): (AttachMode, AttachMode),
     pin_dir: PathBuf,
 ) -> anyhow::Result<()> {
     if let Some(dir) = cfg.socket.parent() {
@@ -219,6 +234,7 @@ async fn serve(
     let api = AgentApi {
         state,
         attach_mode: mode.name(),
+        pod_attach_mode: pod_mode.name(),
         routing: cfg.routing.name(),
         bpf_pin_path: pin_dir.display().to_string(),
     };

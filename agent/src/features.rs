@@ -21,7 +21,7 @@ fn at_least(major: u8, minor: u8) -> bool {
     aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(major, minor, 0))
 }
 
-pub fn detect(mode: AttachMode, vxlan: bool, masquerade: bool) -> Vec<Feature> {
+pub fn detect(mode: AttachMode, pod_mode: AttachMode, vxlan: bool, masquerade: bool) -> Vec<Feature> {
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     let bpffs =
         nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
@@ -35,14 +35,14 @@ pub fn detect(mode: AttachMode, vxlan: bool, masquerade: bool) -> Vec<Feature> {
         Feature {
             name: "tcx",
             available: at_least(6, 6),
-            used: mode == AttachMode::Tcx,
+            used: mode == AttachMode::Tcx || pod_mode == AttachMode::Tcx,
             detail: "bpf_mprog links on tc ingress/egress (6.6+)".into(),
         },
         Feature {
             name: "clsact",
             available: true,
-            used: mode == AttachMode::Clsact,
-            detail: "cls_bpf filters, the fallback before 6.6".into(),
+            used: mode == AttachMode::Clsact || pod_mode == AttachMode::Clsact,
+            detail: "cls_bpf filters: pod veths (attach waits for no RCU grace period), devices before 6.6".into(),
         },
         Feature {
             name: "bpf_redirect_peer",

@@ -13,4 +13,5 @@ pub mod features;
 pub mod ipam;
 pub mod netutil;
 pub mod nodes;
+pub mod policy;
 pub mod state;

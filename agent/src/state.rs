@@ -160,6 +160,42 @@ impl NodeState {
         self.datapath.detach_endpoint(&ep.host_ifname);
     }
 
+    /// Removes the endpoint from the maps now, and its veth and pinned links
+    /// in the background: both wait for RCU grace periods that a CNI DEL
+    /// need not wait for. The veth goes first, so the kernel drops the TCX
+    /// links with the device instead of one grace period per link. Only the
+    /// interface with the endpoint's ifindex is removed: a pod re-added in
+    /// the meantime has a new one.
+    fn unpublish_async(&mut self, ep: &Endpoint) {
+        let _ = self.datapath.remove_ipcache(sinew_abi::IpcacheKey::v4(ep.ip, 32));
+        let _ = self.datapath.remove_endpoint(ep.host_ifindex);
+        let pins = self.datapath.endpoint_link_pins(&ep.host_ifname);
+        let (name, ifindex) = (ep.host_ifname.clone(), ep.host_ifindex);
+        std::thread::spawn(move || {
+            if netutil::ifindex(&name).ok() == Some(ifindex) {
+                if let Err(e) = netutil::ip(&["link", "del", "dev", &name]) {
+                    tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
+                }
+            }
+            for p in pins {
+                crate::datapath::detach_pinned(&p);
+            }
+        });
+    }
+
+    /// DEL: like [`Self::delete_endpoint`], with the veth removed by the agent
+    /// in the background. Returns (endpoint, existed, removal queued).
+    pub fn delete_endpoint_queued(&mut self, att: &Attachment) -> Result<(Option<Endpoint>, bool), StateError> {
+        let ep = self.registry.get(att).cloned();
+        if let Some(ep) = &ep {
+            self.unpublish_async(ep);
+            self.registry.remove(att)?;
+        }
+        let released = self.ipam.release(att)?.is_some();
+        let existed = ep.is_some() || released;
+        Ok((ep, existed))
+    }
+
     /// Removes the endpoint and releases the address. Returns the endpoint
     /// (if registered) and whether anything existed.
     pub fn delete_endpoint(&mut self, att: &Attachment) -> Result<(Option<Endpoint>, bool), StateError> {

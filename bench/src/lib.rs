@@ -1,1 +1,20 @@
+//! Benchmarks of the Sinew datapath, each measured against a plain-kernel
+//! baseline built in the same run and measured alternately with it, so the
+//! ratio Sinew/baseline means something on a shared, noisy machine.
+//!
+//! [`rr`] is a TCP_RR/TCP_CRR client and server (netperf is not packaged
+//! for Debian), [`iperf`] drives iperf3, [`envs`] builds and tears down the
+//! networks being compared and [`scenarios`] runs the comparisons. This
+//! crate must never touch the root network namespace or leave anything
+//! behind: everything it creates carries a per-process prefix and sits
+//! behind a guard that removes it on drop, on error and on Ctrl-C.
 
+#![forbid(unsafe_code)]
+
+pub mod envs;
+pub mod idle;
+pub mod iperf;
+pub mod report;
+pub mod rr;
+pub mod scenarios;
+pub mod stats;

@@ -320,11 +320,15 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             attachment: Some(attachment(env)),
         })
         .await;
-    let known = match &reply {
-        Ok(r) => r.get_ref().host_ifname.clone(),
-        Err(_) => String::new(),
+    let (known, queued) = match &reply {
+        Ok(r) => (r.get_ref().host_ifname.clone(), r.get_ref().link_removal_queued),
+        Err(_) => (String::new(), false),
     };
-    delete_host_links(&[&host_ifname, &known])?;
+    if queued && known == host_ifname {
+        // The agent deletes it after detaching the datapath.
+    } else {
+        delete_host_links(&[&host_ifname, &known])?;
+    }
     match reply {
         Ok(_) => Ok(()),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(()),

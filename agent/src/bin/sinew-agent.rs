@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use sinew_agent::daemon::{self, AgentConfig};
-use sinew_agent::datapath::RoutingMode;
+use sinew_agent::datapath::{AttachMode, RoutingMode};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,23 @@ struct Args {
     /// Source ports the masquerade may use (reserved from the node's own).
     #[arg(long, default_value = "61000-65535", value_parser = daemon::parse_port_range)]
     nat_ports: (u16, u16),
+    /// How programs attach to the uplink and VXLAN device: auto (TCX on
+    /// 6.6+, else clsact), tcx or clsact.
+    #[arg(long, default_value = "auto")]
+    attach_mode: String,
+    /// How programs attach to pod veths: clsact (default: attaching costs no
+    /// RCU grace period, unlike TCX) or tcx.
+    #[arg(long, default_value = "clsact")]
+    pod_attach_mode: String,
+}
+
+fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
+    match v {
+        "auto" => Ok(None),
+        "tcx" => Ok(Some(AttachMode::Tcx)),
+        "clsact" => Ok(Some(AttachMode::Clsact)),
+        other => anyhow::bail!("{flag} {other:?}: use auto, tcx or clsact"),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +74,8 @@ fn main() -> anyhow::Result<()> {
         uplink: a.uplink,
         masquerade: a.masquerade,
         nat_ports: a.nat_ports,
+        attach_mode: parse_mode("--attach-mode", &a.attach_mode)?,
+        pod_attach_mode: parse_mode("--pod-attach-mode", &a.pod_attach_mode)?,
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()

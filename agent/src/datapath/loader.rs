@@ -96,7 +96,10 @@ pub struct DatapathConfig {
     pub vxlan_ifindex: u32,
     pub masquerade: bool,
     pub nat_ports: (u16, u16),
+    /// How programs attach to the uplink and the VXLAN device.
     pub attach_mode: AttachMode,
+    /// How programs attach to pod veths (see `AgentConfig::pod_attach_mode`).
+    pub pod_attach_mode: AttachMode,
     /// Let new connections through untracked when conntrack is full.
     pub ct_fail_open: bool,
 }
@@ -231,7 +234,10 @@ impl Datapath {
 
     fn attach(&mut self, object: Object, program: &'static str, ifname: &str, hook: Hook) -> Result<(), DatapathError> {
         let pin = self.link_pin(ifname, hook);
-        let mode = self.cfg.attach_mode;
+        let mode = match object {
+            Object::Lxc => self.cfg.pod_attach_mode,
+            Object::Host | Object::Overlay => self.cfg.attach_mode,
+        };
         let obj = match object {
             Object::Lxc => &mut self.lxc,
             Object::Host => &mut self.host,
@@ -255,9 +261,17 @@ impl Datapath {
     }
 
     pub fn detach_endpoint(&mut self, host_ifname: &str) {
-        for hook in [Hook::Ingress, Hook::Egress] {
-            attach::detach_pinned(&self.link_pin(host_ifname, hook));
+        for p in self.endpoint_link_pins(host_ifname) {
+            attach::detach_pinned(&p);
         }
+    }
+
+    /// Where an endpoint's links are pinned.
+    pub fn endpoint_link_pins(&self, host_ifname: &str) -> Vec<PathBuf> {
+        [Hook::Ingress, Hook::Egress]
+            .into_iter()
+            .map(|h| self.link_pin(host_ifname, h))
+            .collect()
     }
 
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {

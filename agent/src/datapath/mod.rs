@@ -7,5 +7,5 @@
 mod attach;
 mod loader;
 
-pub use attach::{AttachMode, Hook};
+pub use attach::{detach_pinned, AttachMode, Hook};
 pub use loader::{Datapath, DatapathConfig, DatapathError, RoutingMode};

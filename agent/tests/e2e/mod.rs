@@ -197,6 +197,19 @@ pub fn lxc_links(node: &NetNs) -> Vec<String> {
         .collect()
 }
 
+/// The agent removes a deleted pod's veth in the background (a veth
+/// deletion waits for an RCU grace period): give it a moment.
+pub fn wait_no_lxc_links(node: &NetNs) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let links = lxc_links(node);
+        if links.is_empty() || std::time::Instant::now() > deadline {
+            return links;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn agent_log_tail(lab: &Lab, node: &str) -> String {
     let log = std::fs::read_to_string(&lab.node(node).unwrap().agent_log).unwrap_or_default();
     log.lines()

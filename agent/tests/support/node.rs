@@ -169,6 +169,7 @@ impl Node {
             masquerade: true,
             nat_ports: NAT_PORTS,
             attach_mode: AttachMode::detect(),
+            pod_attach_mode: AttachMode::detect(),
             ct_fail_open: false,
         })
         .unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));

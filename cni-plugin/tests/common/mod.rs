@@ -282,6 +282,8 @@ impl Agent for Fake {
         Ok(Response::new(DeleteEndpointResponse {
             existed: ep.is_some(),
             host_ifname: ep.map(|e| e.host_ifname).unwrap_or_default(),
+            // This fake leaves the veth to the plugin, as an older agent would.
+            link_removal_queued: false,
         }))
     }
 

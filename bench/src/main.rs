@@ -1,0 +1,164 @@
+//! `sinew-bench`: runs the Sinew benchmarks and prints a comparison table.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sinew_bench::idle;
+use sinew_bench::report::Report;
+use sinew_bench::scenarios::{self, CniParts, Options};
+use sinew_testvms::lab::{Binaries, Routing};
+
+/// Benchmarks Sinew against plain-kernel baselines measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "sinew-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Repetitions of each comparison (baseline and Sinew alternate).
+    #[arg(long, global = true, default_value_t = 5)]
+    reps: u32,
+    /// Seconds per TCP_RR, TCP_CRR and iperf3 run.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    duration: f64,
+    /// Pods for the CNI and memory scenarios.
+    #[arg(long, global = true, default_value_t = 200)]
+    pods: u32,
+    /// Smoke test: 1 repetition, 1 s runs, 20 pods.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Longest wait in seconds for an idle machine before each scenario.
+    #[arg(long, global = true, default_value_t = 60)]
+    idle_wait: u64,
+    /// Directory of sinew-agent and sinew-cni; default: next to this program.
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    /// Print lab progress.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every scenario.
+    All,
+    /// Pod to pod on one node: Sinew vs routed pods vs one veth pair.
+    SameNode,
+    /// Pod to pod across two nodes: Sinew vs plain routing of the same kind.
+    CrossNode {
+        /// vxlan or native.
+        #[arg(long, default_value = "vxlan")]
+        routing: Routing,
+    },
+    /// CNI ADD and DEL latency over many pods on one node.
+    Cni,
+    /// The agent's resident memory with many endpoints.
+    Memory,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sinew-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    idle::install_interrupt_handler()?;
+    let binaries = match &cli.bin_dir {
+        Some(dir) => Binaries::in_dir(dir),
+        None => Binaries::from_current_exe()?,
+    };
+    binaries.check()?;
+    let (reps, duration, pods) = if cli.quick {
+        (1, 1.0, 20)
+    } else {
+        (cli.reps, cli.duration, cli.pods)
+    };
+    anyhow::ensure!(reps >= 1, "--reps must be at least 1");
+    anyhow::ensure!(
+        duration.is_finite() && duration > 0.0,
+        "--duration must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        (1..=200).contains(&pods),
+        "--pods must be 1..=200 (a node's pod CIDR is a /24)"
+    );
+    let opts = Options {
+        reps,
+        duration: Duration::from_secs_f64(duration),
+        pods,
+        idle_wait: Duration::from_secs(cli.idle_wait),
+        idle_wait_rep: Duration::from_secs(cli.idle_wait.min(10)),
+        verbose: cli.verbose,
+        binaries,
+        prefix: format!("bench-{}", std::process::id()),
+    };
+    let mut report = Report {
+        reps,
+        duration_secs: duration,
+        ..Report::default()
+    };
+    let result = run_command(&cli.command, &opts, &mut report);
+    if let Err(e) = &result {
+        report.notes.push(format!("stopped early: {e}"));
+    }
+    if !report.rows.is_empty() {
+        print!("{}", report.table());
+    }
+    if let Some(path) = &cli.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    result.map_err(Into::into)
+}
+
+fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result<(), scenarios::ScenarioError> {
+    match command {
+        Command::All => {
+            scenarios::same_node(opts, report)?;
+            scenarios::cross_node(Routing::Vxlan, opts, report)?;
+            scenarios::cross_node(Routing::Native, opts, report)?;
+            scenarios::cni_and_memory(
+                CniParts {
+                    latency: true,
+                    memory: true,
+                },
+                opts,
+                report,
+            )
+        }
+        Command::SameNode => scenarios::same_node(opts, report),
+        Command::CrossNode { routing } => scenarios::cross_node(*routing, opts, report),
+        Command::Cni => scenarios::cni_and_memory(
+            CniParts {
+                latency: true,
+                memory: false,
+            },
+            opts,
+            report,
+        ),
+        Command::Memory => scenarios::cni_and_memory(
+            CniParts {
+                latency: false,
+                memory: true,
+            },
+            opts,
+            report,
+        ),
+    }
+}
