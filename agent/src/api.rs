@@ -210,4 +210,56 @@ impl sinew_proto::Agent for AgentApi {
             host_ifnames: gone.into_iter().filter_map(|(_, n)| n).collect(),
         }))
     }
+
+    async fn apply_policy(
+        &self,
+        req: Request<v1::ApplyPolicyRequest>,
+    ) -> Result<Response<v1::ApplyPolicyResponse>, Status> {
+        let r = req.into_inner();
+        let mut s = self.lock()?;
+        let applied = s.apply_policy_yaml(&r.yaml, &r.source).map_err(|e| match e {
+            StateError::Invalid(m) => {
+                Status::invalid_argument(format!("policy rejected; the policies in force are unchanged:\n{m}"))
+            }
+            other => status(other),
+        })?;
+        tracing::info!(count = applied.len(), "policies applied");
+        Ok(Response::new(v1::ApplyPolicyResponse { applied }))
+    }
+
+    async fn list_policies(
+        &self,
+        _: Request<v1::ListPoliciesRequest>,
+    ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
+        Ok(Response::new(self.lock()?.list_policies()))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<v1::DeletePolicyRequest>,
+    ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
+        let r = req
+            .into_inner()
+            .r#ref
+            .ok_or_else(|| Status::invalid_argument("ref is required"))?;
+        let existed = self.lock()?.delete_policy(&r).map_err(status)?;
+        Ok(Response::new(v1::DeletePolicyResponse { existed }))
+    }
+
+    async fn trace_policy(
+        &self,
+        req: Request<v1::TracePolicyRequest>,
+    ) -> Result<Response<v1::TracePolicyResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.lock()?.trace(&r).map_err(status)?))
+    }
+
+    async fn list_identities(
+        &self,
+        _: Request<v1::ListIdentitiesRequest>,
+    ) -> Result<Response<v1::ListIdentitiesResponse>, Status> {
+        Ok(Response::new(v1::ListIdentitiesResponse {
+            identities: self.lock()?.list_identities(),
+        }))
+    }
 }

@@ -35,6 +35,53 @@ enum Command {
     /// A simulated multi-node cluster on this machine.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Network policies: apply, get, delete, trace.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Security identities.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate and apply policies from a YAML file (several documents allowed).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// The policies in force and the endpoints of this node they select.
+    Get(OutputArg),
+    /// Delete a policy.
+    Delete {
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// NetworkPolicy, SinewNetworkPolicy or SinewClusterwideNetworkPolicy
+        /// (default: whichever kind has this name).
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Explain the verdict for a flow: which policy and rule decide.
+    Trace {
+        /// A pod ([namespace/]name), an identity number, or an IP/CIDR.
+        #[arg(long)]
+        from: String,
+        /// A pod ([namespace/]name).
+        #[arg(long)]
+        to: String,
+        /// PORT/PROTO, e.g. 80/tcp, 53/udp, 8/icmp.
+        #[arg(long, default_value = "80/tcp")]
+        port: String,
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCmd {
+    /// Every identity: reserved, pods (by labels), CIDRs.
+    List(OutputArg),
 }
 
 #[derive(Subcommand)]
@@ -136,6 +183,184 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             print_endpoints(&eps, o.output);
         }
         Command::Lab(cmd) => lab(&cli, cmd)?,
+        Command::Policy(cmd) => policy(&cli, cmd)?,
+        Command::Identity(IdentityCmd::List(o)) => {
+            let socket = cli.socket()?;
+            let ids = runtime()?
+                .block_on(async {
+                    anyhow::Ok(
+                        client(&socket)
+                            .await?
+                            .list_identities(v1::ListIdentitiesRequest {})
+                            .await?
+                            .into_inner(),
+                    )
+                })?
+                .identities;
+            if o.output == Format::Json {
+                let v: Vec<_> = ids
+                    .iter()
+                    .map(|i| serde_json::json!({"id": i.id, "kind": i.kind, "labels": i.labels, "endpoints": i.endpoints}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<10} {:<9} {:<9} LABELS", "ID", "KIND", "ENDPOINTS");
+                for i in ids {
+                    let mut labels: Vec<String> = i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort();
+                    println!("{:<10} {:<9} {:<9} {}", i.id, i.kind, i.endpoints, labels.join(","));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rpc_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
+    let socket = cli.socket()?;
+    let rt = runtime()?;
+    match cmd {
+        PolicyCmd::Apply { file } => {
+            let yaml = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+            let r = rt.block_on(async {
+                let mut c = client(&socket).await?;
+                c.apply_policy(v1::ApplyPolicyRequest {
+                    yaml,
+                    source: file.display().to_string(),
+                })
+                .await
+                .map_err(rpc_error)
+            })?;
+            for p in r.into_inner().applied {
+                let ns = if p.namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/", p.namespace)
+                };
+                println!("{} {ns}{} applied", p.kind, p.name);
+            }
+        }
+        PolicyCmd::Get(o) => {
+            let r = rt.block_on(async {
+                anyhow::Ok(
+                    client(&socket)
+                        .await?
+                        .list_policies(v1::ListPoliciesRequest {})
+                        .await?
+                        .into_inner(),
+                )
+            })?;
+            if o.output == Format::Json {
+                let v: Vec<_> = r
+                    .policies
+                    .iter()
+                    .map(|p| {
+                        let rf = p.r#ref.clone().unwrap_or_default();
+                        serde_json::json!({"kind": rf.kind, "namespace": rf.namespace, "name": rf.name, "selects": p.selects, "yaml": p.yaml})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"policies": v, "errors": r.errors, "mapEntries": r.map_entries, "mapOverflows": r.map_overflows})
+                    )?
+                );
+                return Ok(());
+            }
+            println!("{:<32} {:<12} {:<24} SELECTS (this node)", "KIND", "NAMESPACE", "NAME");
+            for p in &r.policies {
+                let rf = p.r#ref.clone().unwrap_or_default();
+                println!(
+                    "{:<32} {:<12} {:<24} {}",
+                    rf.kind,
+                    if rf.namespace.is_empty() { "-" } else { &rf.namespace },
+                    rf.name,
+                    p.selects.join(",")
+                );
+            }
+            println!(
+                "\npolicy map: {} entries, {} refused writes (map full)",
+                r.map_entries, r.map_overflows
+            );
+            for e in &r.errors {
+                println!("invalid (not applied): {e}");
+            }
+        }
+        PolicyCmd::Delete { name, namespace, kind } => {
+            let r = rt.block_on(async {
+                let mut c = client(&socket).await?;
+                let list = c.list_policies(v1::ListPoliciesRequest {}).await?.into_inner();
+                let matches: Vec<v1::PolicyRef> = list
+                    .policies
+                    .into_iter()
+                    .filter_map(|p| p.r#ref)
+                    .filter(|r| r.name == *name && (r.namespace == *namespace || r.namespace.is_empty()))
+                    .filter(|r| kind.as_ref().is_none_or(|k| r.kind.eq_ignore_ascii_case(k)))
+                    .collect();
+                match matches.as_slice() {
+                    [] => anyhow::bail!("no policy {namespace}/{name}; see `sinew policy get`"),
+                    [one] => {
+                        c.delete_policy(v1::DeletePolicyRequest {
+                            r#ref: Some(one.clone()),
+                        })
+                        .await
+                        .map_err(rpc_error)?;
+                        Ok(one.clone())
+                    }
+                    many => anyhow::bail!(
+                        "{} policies are named {name}: pass --kind ({})",
+                        many.len(),
+                        many.iter().map(|r| r.kind.clone()).collect::<Vec<_>>().join(", ")
+                    ),
+                }
+            })?;
+            println!("{} {} deleted", r.kind, r.name);
+        }
+        PolicyCmd::Trace { from, to, port, output } => {
+            let r = rt.block_on(async {
+                let mut c = client(&socket).await?;
+                c.trace_policy(v1::TracePolicyRequest {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port: port.clone(),
+                })
+                .await
+                .map_err(rpc_error)
+            })?;
+            let r = r.into_inner();
+            if *output == Format::Json {
+                let steps: Vec<_> = r
+                    .steps
+                    .iter()
+                    .map(|s| serde_json::json!({"endpoint": s.endpoint, "direction": s.direction, "allowed": s.allowed, "explanation": s.explanation}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"allowed": r.allowed, "fromIdentity": r.from_identity, "toIdentity": r.to_identity, "steps": steps})
+                    )?
+                );
+                return Ok(());
+            }
+            println!(
+                "{from} (identity {}) -> {to} (identity {}) {port}",
+                r.from_identity, r.to_identity
+            );
+            for s in &r.steps {
+                println!(
+                    "  {:<8} {:<24} {:<8} {}",
+                    s.direction,
+                    s.endpoint,
+                    if s.allowed { "allowed" } else { "DENIED" },
+                    s.explanation
+                );
+            }
+            println!("verdict: {}", if r.allowed { "ALLOWED" } else { "DENIED" });
+        }
     }
     Ok(())
 }

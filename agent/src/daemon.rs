@@ -122,8 +122,8 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     ensure_bpffs()?;
-    let ds = LocalDatastore::start(&cfg.datastore, Duration::from_millis(200))?;
-    let (local, snapshot) = local_node(&ds, &cfg.node_name).await?;
+    let ds: Arc<dyn Datastore> = Arc::new(LocalDatastore::start(&cfg.datastore, Duration::from_millis(50))?);
+    let (local, snapshot) = local_node(ds.as_ref(), &cfg.node_name).await?;
     tracing::info!(node = %local.name, ip = %local.ip, pod_cidr = %local.pod_cidr, "node facts");
 
     if netutil::ipv4(&cfg.uplink).is_none() {
@@ -190,7 +190,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         started: Instant::now(),
         snapshot,
         remote_nodes: 0,
+        ds: ds.clone(),
+        policy: Default::default(),
     };
+    let adopted: Vec<(u32, u32, u32)> = state
+        .registry
+        .iter()
+        .filter_map(|e| {
+            state
+                .datapath
+                .endpoint(e.host_ifindex)
+                .map(|i| (e.id, i.flags, i.policy_rev))
+        })
+        .collect();
+    let entries = state.datapath.policy_entries();
+    state.policy.adopt(entries, adopted);
     let (kept, dropped) = state.restore()?;
     state.resync()?;
     tracing::info!(
@@ -203,11 +217,42 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let state = Arc::new(Mutex::new(state));
     tokio::spawn(follow_datastore(ds, state.clone()));
+    tokio::spawn(housekeeping(state.clone()));
     serve(&cfg, state, (attach_mode, pod_attach_mode), pin_dir).await
 }
 
+/// Periodic work: idle conntrack entries, unused identities.
+async fn housekeeping(state: Arc<Mutex<NodeState>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let Ok(mut s) = state.lock() else { return };
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        let expired: Vec<sinew_abi::CtKey> = s
+            .datapath
+            .ct_entries()
+            .into_iter()
+            .filter(|(k, e)| crate::policy::ct_expired(k, e, now))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &expired {
+            s.datapath.remove_ct(k);
+        }
+        if n.is_multiple_of(3) {
+            let gone = s.gc_identities();
+            if !gone.is_empty() {
+                tracing::info!(?gone, "unused identities removed");
+            }
+        }
+    }
+}
+
 /// Applies every new snapshot; keeps the datastore alive for its lifetime.
-async fn follow_datastore(ds: LocalDatastore, state: Arc<Mutex<NodeState>>) {
+async fn follow_datastore(ds: Arc<dyn Datastore>, state: Arc<Mutex<NodeState>>) {
     let mut rx = ds.subscribe();
     while rx.changed().await.is_ok() {
         let snap = rx.borrow_and_update().clone();

@@ -35,6 +35,10 @@ pub struct Endpoint {
     pub pod_mac: [u8; 6],
     pub host_mac: [u8; 6],
     pub identity: u32,
+    /// The security labels `identity` was allocated for; a change of the
+    /// pod's labels or namespace moves the endpoint to another identity.
+    #[serde(default)]
+    pub identity_labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -163,6 +167,7 @@ mod tests {
                 pod_mac: [2, 0, 0, 0, 0, 1],
                 host_mac: [2, 0, 0, 0, 0, 2],
                 identity: 5,
+                identity_labels: Default::default(),
             })
             .unwrap();
         }

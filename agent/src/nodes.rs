@@ -66,11 +66,15 @@ fn v4_cidr(n: &NodeInfo) -> Option<Ipv4Net> {
     })
 }
 
-/// The ipcache and routes this node must have.
+/// The ipcache and routes this node must have: its own address, every
+/// other node's address and pod CIDR, every pod published by another node
+/// (with its identity and tunnel endpoint), the CIDR identities policies
+/// need, and the local endpoints.
 pub fn desired<'a>(
     local: &LocalNode,
     snapshot: &Snapshot,
     endpoints: impl IntoIterator<Item = &'a Endpoint>,
+    cidr_identities: &BTreeMap<Ipv4Net, u32>,
 ) -> Desired {
     let mut d = Desired::default();
     d.ipcache.insert(
@@ -119,6 +123,46 @@ pub fn desired<'a>(
             },
         );
         d.routes.insert(NodeRoute { dst: cidr, via: ip });
+    }
+    for (prefix, id) in cidr_identities {
+        d.ipcache.insert(
+            KeyOrd {
+                addr: prefix.network(),
+                prefix_len: prefix.prefix_len(),
+            },
+            IpcacheValue {
+                identity: *id,
+                ..Default::default()
+            },
+        );
+    }
+    let node_ips: BTreeMap<&str, Ipv4Addr> = snapshot
+        .nodes
+        .values()
+        .filter_map(|n| match n.internal_ip {
+            IpAddr::V4(ip) => Some((n.name.as_str(), ip)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    for ep in &snapshot.endpoints {
+        if ep.node == local.name {
+            continue;
+        }
+        let Some(node_ip) = node_ips.get(ep.node.as_str()) else {
+            continue;
+        };
+        d.ipcache.insert(
+            KeyOrd {
+                addr: ep.ipv4,
+                prefix_len: 32,
+            },
+            IpcacheValue {
+                identity: ep.identity,
+                tunnel_endpoint: be(*node_ip),
+                ifindex: 0,
+                flags: sinew_abi::IPCACHE_F_REMOTE_EP,
+            },
+        );
     }
     for ep in endpoints {
         d.ipcache.insert(
@@ -210,7 +254,7 @@ mod tests {
             ip: "172.30.0.11".parse().unwrap(),
             pod_cidr: "10.244.1.0/24".parse().unwrap(),
         };
-        let d = desired(&local, &snap(), []);
+        let d = desired(&local, &snap(), [], &BTreeMap::new());
         assert_eq!(d.remote_nodes, 2);
         assert_eq!(d.routes.len(), 2);
         assert!(!d.routes.iter().any(|r| r.dst.to_string() == "10.244.1.0/24"));

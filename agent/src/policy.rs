@@ -188,6 +188,274 @@ pub fn diff(current: &BTreeMap<PolicyKey, PolicyValue>, want: &BTreeMap<PolicyKe
     d
 }
 
+/// The agent's policy state: parsed policies, CIDR identities, what the
+/// policy map holds, and each endpoint's enforcement flags and revision.
+pub struct PolicyState {
+    generation: u64,
+    pub resources: Vec<sinew_policy::PolicyResource>,
+    /// Invalid policy documents in the datastore (they do not apply).
+    pub errors: Vec<String>,
+    pub cidr_ids: BTreeMap<ipnet::Ipv4Net, u32>,
+    next_cidr_id: u32,
+    pub rules: RuleTable,
+    pub resolved: BTreeMap<u32, Resolved>,
+    entries: BTreeMap<PolicyKey, PolicyValue>,
+    ep_state: BTreeMap<u32, (u32, u32)>,
+    /// Endpoints failing closed because their entries do not fit.
+    pub failed: BTreeSet<u32>,
+    /// Map writes refused (table full), ever.
+    pub overflows: u64,
+}
+
+impl Default for PolicyState {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            resources: Vec::new(),
+            errors: Vec::new(),
+            cidr_ids: BTreeMap::new(),
+            next_cidr_id: sinew_policy::identity::MIN_CIDR_IDENTITY,
+            rules: RuleTable::default(),
+            resolved: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            ep_state: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            overflows: 0,
+        }
+    }
+}
+
+impl PolicyState {
+    /// Adopts what an earlier agent left in the map, so the first apply
+    /// only writes differences.
+    pub fn adopt(
+        &mut self,
+        entries: Vec<(PolicyKey, PolicyValue)>,
+        endpoints: impl IntoIterator<Item = (u32, u32, u32)>,
+    ) {
+        self.entries = entries.into_iter().collect();
+        for (id, flags, rev) in endpoints {
+            self.ep_state.insert(id, (flags, rev));
+        }
+    }
+}
+
+impl crate::state::NodeState {
+    /// Re-parses policy documents when the snapshot changed. Invalid ones
+    /// are reported and skipped; the rest apply.
+    fn refresh_policies(&mut self) {
+        if self.policy.generation == self.snapshot.generation && self.snapshot.generation != 0 {
+            return;
+        }
+        self.policy.generation = self.snapshot.generation;
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        for doc in &self.snapshot.policies {
+            let (ok, bad) = sinew_policy::parse_all(&doc.source, &doc.yaml);
+            resources.extend(ok);
+            errors.extend(bad.into_iter().map(|e| e.to_string()));
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "ignoring invalid policy");
+        }
+        self.policy.resources = resources;
+        self.policy.errors = errors;
+        // CIDR identities: node-local numbers for the prefixes policies
+        // name, outside the cluster's pod CIDRs (pods have their own).
+        let pod_cidrs: Vec<ipnet::IpNet> = self.snapshot.nodes.values().flat_map(|n| n.pod_cidrs.clone()).collect();
+        let wanted: BTreeSet<ipnet::Ipv4Net> = sinew_policy::cidr_prefixes(&self.policy.resources)
+            .into_iter()
+            .filter_map(|p| match p {
+                ipnet::IpNet::V4(v) => Some(v),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .filter(|p| p.prefix_len() > 0 && !pod_cidrs.iter().any(|c| c.contains(&ipnet::IpNet::V4(*p))))
+            .collect();
+        self.policy.cidr_ids.retain(|p, _| wanted.contains(p));
+        for p in wanted {
+            if !self.policy.cidr_ids.contains_key(&p) {
+                self.policy.cidr_ids.insert(p, self.policy.next_cidr_id);
+                self.policy.next_cidr_id += 1;
+            }
+        }
+    }
+
+    /// Every identity a peer can have, for resolution.
+    pub fn policy_identities(&self) -> Vec<sinew_policy::Identity> {
+        use sinew_policy::{Identity, IdentityKind, Reserved};
+        let mut out: Vec<Identity> = Reserved::ALL.iter().map(|r| Identity::reserved(*r)).collect();
+        let mut ports: BTreeMap<u32, BTreeSet<PortVariant>> = BTreeMap::new();
+        for ep in &self.snapshot.endpoints {
+            ports
+                .entry(ep.identity)
+                .or_default()
+                .insert(named_ports(&ep.named_ports).into_iter().collect());
+        }
+        for ep in self.registry.iter() {
+            let np = named_ports(&self.named_ports(&ep.pod_namespace, &ep.pod_name));
+            ports.entry(ep.identity).or_default().insert(np.into_iter().collect());
+        }
+        let mut labels: BTreeMap<u32, BTreeMap<String, String>> = self
+            .snapshot
+            .identities
+            .values()
+            .map(|i| (i.id, i.labels.clone()))
+            .collect();
+        for ep in self.registry.iter() {
+            labels.entry(ep.identity).or_insert_with(|| ep.identity_labels.clone());
+        }
+        for (id, l) in labels {
+            let variants = ports.remove(&id).unwrap_or_default();
+            if variants.is_empty() {
+                out.push(Identity {
+                    id,
+                    kind: IdentityKind::Pod {
+                        labels: l.clone(),
+                        named_ports: Default::default(),
+                    },
+                });
+            }
+            for v in variants {
+                out.push(Identity {
+                    id,
+                    kind: IdentityKind::Pod {
+                        labels: l.clone(),
+                        named_ports: v.into_iter().collect(),
+                    },
+                });
+            }
+        }
+        for (p, id) in &self.policy.cidr_ids {
+            out.push(Identity {
+                id: *id,
+                kind: IdentityKind::Cidr(ipnet::IpNet::V4(*p)),
+            });
+        }
+        out
+    }
+
+    /// Resolves one local endpoint's policy from the current state.
+    pub fn resolve_endpoint(&self, ep: &crate::endpoints::Endpoint, identities: &[sinew_policy::Identity]) -> Resolved {
+        let e = sinew_policy::Endpoint {
+            namespace: ep.pod_namespace.clone(),
+            pod_labels: self.pod_labels(&ep.pod_namespace, &ep.pod_name),
+            identity: ep.identity,
+            named_ports: named_ports(&self.named_ports(&ep.pod_namespace, &ep.pod_name)),
+        };
+        sinew_policy::resolve(&e, &self.policy.resources, identities, &self.all_namespace_labels())
+    }
+
+    /// Computes every local endpoint's policy and brings the map and the
+    /// endpoints' flags to it: new and changed entries, then flags and
+    /// revisions, then removals. An endpoint whose entries do not fit
+    /// fails closed (EP_F_POLICY_NOT_READY) instead of running with part
+    /// of its policy.
+    pub fn apply_policy(&mut self) -> Result<(), crate::state::StateError> {
+        self.refresh_policies();
+        let identities = self.policy_identities();
+        let eps: Vec<crate::endpoints::Endpoint> = self.registry.iter().cloned().collect();
+        let mut want = BTreeMap::new();
+        let mut enforced = BTreeMap::new();
+        let mut resolved = BTreeMap::new();
+        for ep in &eps {
+            let r = self.resolve_endpoint(ep, &identities);
+            want.extend(compile(ep.id, &r, &mut self.policy.rules));
+            let mut flags = 0;
+            if r.ingress_enforced {
+                flags |= sinew_abi::EP_F_INGRESS_ENFORCED;
+            }
+            if r.egress_enforced {
+                flags |= sinew_abi::EP_F_EGRESS_ENFORCED;
+            }
+            enforced.insert(ep.id, flags);
+            resolved.insert(ep.id, r);
+        }
+        self.policy.resolved = resolved;
+        let d = diff(&self.policy.entries, &want);
+        let mut failed = BTreeSet::new();
+        for (k, v) in &d.upsert {
+            match self.datapath.upsert_policy(*k, *v) {
+                Ok(()) => {
+                    self.policy.entries.insert(*k, *v);
+                }
+                Err(e) => {
+                    if failed.insert(k.ep_id) {
+                        tracing::error!(endpoint = k.ep_id, error = %e, "policy map full: the endpoint fails closed until entries fit");
+                    }
+                    self.policy.overflows += 1;
+                }
+            }
+        }
+        for ep in &eps {
+            let mut flags = enforced.get(&ep.id).copied().unwrap_or(0);
+            if failed.contains(&ep.id) {
+                flags |= sinew_abi::EP_F_POLICY_NOT_READY;
+            }
+            let (old_flags, old_rev) = self.policy.ep_state.get(&ep.id).copied().unwrap_or((0, 0));
+            let rev = if d.changed.contains(&ep.id) || old_flags != flags {
+                old_rev.wrapping_add(1)
+            } else {
+                old_rev
+            };
+            if (old_flags, old_rev) != (flags, rev) {
+                let mut info = crate::state::endpoint_info(ep);
+                info.flags = flags;
+                info.policy_rev = rev;
+                self.datapath.upsert_endpoint(ep.host_ifindex, info)?;
+                self.policy.ep_state.insert(ep.id, (flags, rev));
+            }
+        }
+        for k in &d.remove {
+            self.datapath.remove_policy(*k)?;
+            self.policy.entries.remove(k);
+        }
+        let live: BTreeSet<u32> = eps.iter().map(|e| e.id).collect();
+        self.policy.ep_state.retain(|id, _| live.contains(id));
+        self.policy.failed = failed;
+        Ok(())
+    }
+
+    /// Flags and revision to write with an endpoint's map row.
+    pub fn endpoint_policy_state(&self, ep_id: u32) -> (u32, u32) {
+        self.policy.ep_state.get(&ep_id).copied().unwrap_or((0, 0))
+    }
+
+    pub fn policy_entry_count(&self) -> usize {
+        self.policy.entries.len()
+    }
+}
+
+/// One way the pods of an identity name their ports.
+type PortVariant = Vec<(String, (Proto, u16))>;
+
+fn named_ports(p: &BTreeMap<String, (String, u16)>) -> sinew_policy::NamedPorts {
+    p.iter()
+        .filter_map(|(n, (proto, port))| {
+            let proto = match proto.to_ascii_uppercase().as_str() {
+                "TCP" => Proto::Tcp,
+                "UDP" => Proto::Udp,
+                "SCTP" => Proto::Sctp,
+                _ => return None,
+            };
+            Some((n.clone(), (proto, *port)))
+        })
+        .collect()
+}
+
+/// Idle conntrack entries to remove: closing TCP after 10 s, other TCP after
+/// 6 h, everything else after 60 s.
+pub fn ct_expired(key: &sinew_abi::CtKey, e: &sinew_abi::CtEntry, now_ns: u64) -> bool {
+    let idle = now_ns.saturating_sub(e.last_seen_ns);
+    let limit = if e.flags & sinew_abi::CT_F_CLOSING != 0 {
+        10
+    } else if key.proto == 6 {
+        6 * 3600
+    } else {
+        60
+    };
+    idle > limit * 1_000_000_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,21 @@ pub struct NodeState {
     pub started: Instant,
     pub snapshot: std::sync::Arc<sinew_model::Snapshot>,
     pub remote_nodes: usize,
+    pub ds: std::sync::Arc<dyn sinew_model::Datastore>,
+    pub policy: crate::policy::PolicyState,
+}
+
+/// The endpoint-map row of an endpoint, without policy flags.
+pub fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
+    EndpointInfo {
+        ipv4: u32::from_ne_bytes(ep.ip.octets()),
+        identity: ep.identity,
+        id: ep.id,
+        flags: 0,
+        pod_mac: ep.pod_mac,
+        host_mac: ep.host_mac,
+        policy_rev: 0,
+    }
 }
 
 pub struct CreateRequest {
@@ -61,8 +76,12 @@ impl NodeState {
     }
 
     /// Recomputes and applies the ipcache and routes.
+    /// Brings identities, the ipcache, routes and policy to the current
+    /// snapshot and endpoints.
     pub fn resync(&mut self) -> Result<(), StateError> {
-        let want = nodes::desired(&self.local, &self.snapshot, self.registry.iter());
+        self.refresh_identities()?;
+        self.apply_policy()?;
+        let want = nodes::desired(&self.local, &self.snapshot, self.registry.iter(), &self.policy.cidr_ids);
         self.remote_nodes = want.remote_nodes;
         self.reconciler.apply(&mut self.datapath, &want)?;
         Ok(())
@@ -101,7 +120,7 @@ impl NodeState {
                 self.datapath.remove_endpoint(old.host_ifindex)?;
             }
         }
-        let ep = Endpoint {
+        let mut ep = Endpoint {
             id: self
                 .registry
                 .get(&req.attachment)
@@ -117,31 +136,33 @@ impl NodeState {
             pod_mac,
             host_mac,
             identity: sinew_abi::IDENTITY_INIT,
+            identity_labels: Default::default(),
         };
-        if let Err(e) = self.publish(&ep) {
-            self.unpublish(&ep);
-            return Err(e);
+        // The pod's manifest may have been written just before the ADD.
+        self.ds.refresh();
+        self.snapshot = self.ds.subscribe().borrow().clone();
+        if let Err(e) = self.assign_identity(&mut ep) {
+            tracing::warn!(error = %e, "cannot allocate an identity; the endpoint keeps the init identity");
         }
         self.registry.insert(ep.clone())?;
+        // Policy before the endpoint becomes reachable: its first packet
+        // already meets the right flags.
+        if let Err(e) = self.apply_policy().and_then(|_| self.publish(&ep)) {
+            self.unpublish(&ep);
+            self.registry.remove(&ep.attachment)?;
+            return Err(e);
+        }
+        self.publish_endpoints();
         Ok(ep)
     }
 
     /// Endpoint map before ipcache: once others can route to it, its
-    /// delivery facts are in place.
-    fn publish(&mut self, ep: &Endpoint) -> Result<(), StateError> {
+    /// delivery facts and policy flags are in place.
+    pub(crate) fn publish(&mut self, ep: &Endpoint) -> Result<(), StateError> {
+        let mut info = endpoint_info(ep);
+        (info.flags, info.policy_rev) = self.endpoint_policy_state(ep.id);
+        self.datapath.upsert_endpoint(ep.host_ifindex, info)?;
         self.datapath.attach_endpoint(&ep.host_ifname)?;
-        self.datapath.upsert_endpoint(
-            ep.host_ifindex,
-            EndpointInfo {
-                ipv4: u32::from_ne_bytes(ep.ip.octets()),
-                identity: ep.identity,
-                id: ep.id,
-                flags: 0,
-                pod_mac: ep.pod_mac,
-                host_mac: ep.host_mac,
-                policy_rev: 0,
-            },
-        )?;
         self.datapath.upsert_ipcache(
             sinew_abi::IpcacheKey::v4(ep.ip, 32),
             sinew_abi::IpcacheValue {

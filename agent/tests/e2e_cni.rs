@@ -80,11 +80,8 @@ fn bad_input_is_refused_with_the_spec_codes_and_leaves_nothing() {
     let netns = pod.path().display().to_string();
     let good = config(&g.lab, "node1");
     let clean = |lab: &Lab| {
-        assert!(
-            lxc_links(&node_ns).is_empty(),
-            "no veth left: {:?}",
-            lxc_links(&node_ns)
-        );
+        let left = wait_no_lxc_links(&node_ns);
+        assert!(left.is_empty(), "no veth left: {left:?}");
         assert_eq!(allocated(lab, "node1"), 0, "no address held");
     };
 
@@ -269,11 +266,8 @@ fn ipam_has_no_leaks_or_duplicates_through_kills_and_restarts() {
     assert!(killed > 100, "the test killed plugins mid-ADD ({killed})");
     assert_eq!(allocated(&g.lab, "node1"), 0, "no address leaked");
     assert!(endpoints(&sock).is_empty(), "no endpoint leaked");
-    assert!(
-        lxc_links(&node_ns).is_empty(),
-        "no veth leaked: {:?}",
-        lxc_links(&node_ns)
-    );
+    let left = wait_no_lxc_links(&node_ns);
+    assert!(left.is_empty(), "no veth leaked: {left:?}");
 
     // No duplicates across a restart.
     let mut seen = BTreeSet::new();

@@ -335,6 +335,42 @@ impl Agent for Fake {
         }
         Ok(Response::new(reply))
     }
+
+    // The CNI plugin never calls the policy API; the fake refuses it.
+    async fn apply_policy(
+        &self,
+        _: Request<sinew_proto::v1::ApplyPolicyRequest>,
+    ) -> Result<Response<sinew_proto::v1::ApplyPolicyResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn list_policies(
+        &self,
+        _: Request<sinew_proto::v1::ListPoliciesRequest>,
+    ) -> Result<Response<sinew_proto::v1::ListPoliciesResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn delete_policy(
+        &self,
+        _: Request<sinew_proto::v1::DeletePolicyRequest>,
+    ) -> Result<Response<sinew_proto::v1::DeletePolicyResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn trace_policy(
+        &self,
+        _: Request<sinew_proto::v1::TracePolicyRequest>,
+    ) -> Result<Response<sinew_proto::v1::TracePolicyResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn list_identities(
+        &self,
+        _: Request<sinew_proto::v1::ListIdentitiesRequest>,
+    ) -> Result<Response<sinew_proto::v1::ListIdentitiesResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
 }
 
 /// A fake sinew-agent serving on a unix socket in a temp dir until dropped.

@@ -38,6 +38,9 @@ pub trait Datastore: Send + Sync {
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
     /// What the backend is, for status output ("local:/path", "kubernetes").
     fn describe(&self) -> String;
+    /// Makes the latest snapshot reflect the store now (the local backend
+    /// otherwise sees changes on its next poll).
+    fn refresh(&self);
     /// The cluster-wide identity of a label set, allocated if new. Safe
     /// when several agents allocate at once.
     fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError>;

@@ -29,6 +29,36 @@ pub enum LocalError {
 pub struct LocalDatastore {
     dir: PathBuf,
     rx: watch::Receiver<Arc<Snapshot>>,
+    inner: Arc<Watcher>,
+}
+
+/// What the polling thread and [`Datastore::refresh`] share.
+struct Watcher {
+    dir: PathBuf,
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// Last fingerprint and generation published.
+    last: std::sync::Mutex<(Option<Fingerprint>, u64)>,
+}
+
+impl Watcher {
+    /// Publishes a new snapshot if the tree changed since the last one.
+    fn poll(&self) {
+        let Ok(mut last) = self.last.lock() else { return };
+        let now = fingerprint(&self.dir).ok();
+        if now == last.0 {
+            return;
+        }
+        match read_dir_snapshot(&self.dir, last.1 + 1) {
+            Ok(s) => {
+                for e in &s.errors {
+                    tracing::warn!(error = %e, "ignoring invalid resource");
+                }
+                *last = (now, last.1 + 1);
+                let _ = self.tx.send(Arc::new(s));
+            }
+            Err(e) => tracing::warn!(error = %e, "datastore unreadable; keeping the last state"),
+        }
+    }
 }
 
 type Fingerprint = Vec<(PathBuf, u64, SystemTime)>;
@@ -79,35 +109,25 @@ impl LocalDatastore {
         let mut last = fingerprint(&dir).ok();
         let first = read_dir_snapshot(&dir, 1)?;
         let (tx, rx) = watch::channel(Arc::new(first));
-        let watch_dir = dir.clone();
+        let inner = Arc::new(Watcher {
+            dir: dir.clone(),
+            tx,
+            last: std::sync::Mutex::new((last.take(), 1)),
+        });
+        let watcher = inner.clone();
         std::thread::Builder::new()
             .name("datastore-local".into())
             .spawn(move || {
-                let mut generation = 1;
-                while !tx.is_closed() {
+                while !watcher.tx.is_closed() {
                     std::thread::sleep(interval);
-                    let now = fingerprint(&watch_dir).ok();
-                    if now == last {
-                        continue;
-                    }
-                    last = now;
-                    generation += 1;
-                    match read_dir_snapshot(&watch_dir, generation) {
-                        Ok(s) => {
-                            for e in &s.errors {
-                                tracing::warn!(error = %e, "ignoring invalid resource");
-                            }
-                            let _ = tx.send(Arc::new(s));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "datastore unreadable; keeping the last state"),
-                    }
+                    watcher.poll();
                 }
             })
             .map_err(|source| LocalError::Dir {
                 path: dir.clone(),
                 source,
             })?;
-        Ok(Self { dir, rx })
+        Ok(Self { dir, rx, inner })
     }
 }
 
@@ -183,6 +203,10 @@ impl Datastore for LocalDatastore {
     }
     fn describe(&self) -> String {
         format!("local:{}", self.dir.display())
+    }
+
+    fn refresh(&self) {
+        self.inner.poll();
     }
 
     fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError> {

@@ -1,0 +1,363 @@
+//! The policy side of the agent API: apply, list, delete, trace, and the
+//! identity list. Trace runs on the same resolved state the datapath's
+//! entries are compiled from, plus the datapath's own fixed rule (the node
+//! always reaches its pods).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+use sinew_model::PolicyDoc;
+use sinew_policy::{Direction, Proto, Resolved};
+use sinew_proto::v1;
+
+use crate::state::{NodeState, StateError};
+
+/// Splits YAML into documents, each re-serialised on its own.
+fn documents(yaml: &str) -> Result<Vec<serde_yaml::Value>, String> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).map_err(|e| format!("not valid YAML: {e}"))?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+fn proto_ref(kind: &str, ns: Option<&str>, name: &str) -> v1::PolicyRef {
+    v1::PolicyRef {
+        kind: kind.into(),
+        namespace: ns.unwrap_or_default().into(),
+        name: name.into(),
+    }
+}
+
+/// Parses "80/tcp", "53/udp", "8/icmp", "80".
+pub fn parse_port(s: &str) -> Result<(Proto, u16), String> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        "sctp" => Proto::Sctp,
+        "icmp" => Proto::Icmp,
+        other => return Err(format!("protocol {other:?}: use tcp, udp, sctp or icmp")),
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} is not a number (e.g. 80/tcp)"))?;
+    if proto == Proto::Icmp && port > 255 {
+        return Err(format!("ICMP type {port} is out of range 0-255"));
+    }
+    Ok((proto, port))
+}
+
+fn split_pod(s: &str) -> (String, String) {
+    match s.split_once('/') {
+        Some((ns, n)) => (ns.into(), n.into()),
+        None => ("default".into(), s.into()),
+    }
+}
+
+impl NodeState {
+    /// Validates every document, stores them all (or none), and applies
+    /// them on this node before returning.
+    pub fn apply_policy_yaml(&mut self, yaml: &str, source: &str) -> Result<Vec<v1::PolicyRef>, StateError> {
+        let source = if source.is_empty() { "<stdin>" } else { source };
+        let resources = sinew_policy::parse(source, yaml)
+            .map_err(|errs| StateError::Invalid(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
+        if resources.is_empty() {
+            return Err(StateError::Invalid(format!(
+                "{source}: no NetworkPolicy, SinewNetworkPolicy or SinewClusterwideNetworkPolicy in it"
+            )));
+        }
+        let docs = documents(yaml).map_err(StateError::Invalid)?;
+        let mut applied = Vec::new();
+        let mut stored = Vec::new();
+        for r in &resources {
+            let kind = r.kind().as_str().to_string();
+            let doc = docs
+                .iter()
+                .find(|d| {
+                    d.get("kind").and_then(|k| k.as_str()) == Some(kind.as_str())
+                        && d.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()) == Some(r.name())
+                })
+                .ok_or_else(|| StateError::Invalid(format!("{source}: cannot find {kind} {} again", r.name())))?;
+            let yaml = serde_yaml::to_string(doc).map_err(|e| StateError::Invalid(e.to_string()))?;
+            stored.push(PolicyDoc {
+                kind: kind.clone(),
+                namespace: r.namespace().map(str::to_string),
+                name: r.name().into(),
+                source: source.into(),
+                yaml,
+            });
+            applied.push(proto_ref(&kind, r.namespace(), r.name()));
+        }
+        for d in &stored {
+            self.ds
+                .apply_policy(d)
+                .map_err(|e| StateError::Invalid(e.to_string()))?;
+        }
+        self.ds.refresh();
+        self.snapshot = self.ds.subscribe().borrow().clone();
+        self.resync()?;
+        Ok(applied)
+    }
+
+    pub fn delete_policy(&mut self, r: &v1::PolicyRef) -> Result<bool, StateError> {
+        let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+        let existed = self
+            .ds
+            .delete_policy(&r.kind, ns, &r.name)
+            .map_err(|e| StateError::Invalid(e.to_string()))?;
+        self.ds.refresh();
+        self.snapshot = self.ds.subscribe().borrow().clone();
+        self.resync()?;
+        Ok(existed)
+    }
+
+    pub fn list_policies(&self) -> v1::ListPoliciesResponse {
+        let selects = |kind: &str, ns: Option<&str>, name: &str| -> Vec<String> {
+            self.registry
+                .iter()
+                .filter(|ep| {
+                    self.policy.resolved.get(&ep.id).is_some_and(|r| {
+                        r.entries
+                            .iter()
+                            .flat_map(|e| e.rules.iter())
+                            .any(|rr| rr.kind.as_str() == kind && rr.namespace.as_deref() == ns && rr.name == name)
+                            || (r.ingress_enforced || r.egress_enforced) && self.policy_selects(kind, ns, name, ep)
+                    })
+                })
+                .map(|ep| format!("{}/{}", ep.pod_namespace, ep.pod_name))
+                .collect()
+        };
+        v1::ListPoliciesResponse {
+            policies: self
+                .snapshot
+                .policies
+                .iter()
+                .map(|d| v1::PolicyInfo {
+                    r#ref: Some(proto_ref(&d.kind, d.namespace.as_deref(), &d.name)),
+                    yaml: d.yaml.clone(),
+                    selects: selects(&d.kind, d.namespace.as_deref(), &d.name),
+                })
+                .collect(),
+            errors: self.policy.errors.clone(),
+            map_entries: self.policy_entry_count() as u64,
+            map_overflows: self.policy.overflows,
+        }
+    }
+
+    /// Whether the policy alone (without others) selects the endpoint.
+    fn policy_selects(&self, kind: &str, ns: Option<&str>, name: &str, ep: &crate::endpoints::Endpoint) -> bool {
+        let Some(res) = self
+            .policy
+            .resources
+            .iter()
+            .find(|r| r.kind().as_str() == kind && r.namespace() == ns && r.name() == name)
+        else {
+            return false;
+        };
+        let e = sinew_policy::Endpoint {
+            namespace: ep.pod_namespace.clone(),
+            pod_labels: self.pod_labels(&ep.pod_namespace, &ep.pod_name),
+            identity: ep.identity,
+            named_ports: Default::default(),
+        };
+        let r = sinew_policy::resolve(&e, std::slice::from_ref(res), &[], &self.all_namespace_labels());
+        r.ingress_enforced || r.egress_enforced
+    }
+
+    /// The identity of an address as this node's ipcache would say.
+    fn identity_of_ip(&self, ip: Ipv4Addr) -> u32 {
+        if let Some(ep) = self.registry.iter().find(|e| e.ip == ip) {
+            return ep.identity;
+        }
+        if let Some(ep) = self.snapshot.endpoints.iter().find(|e| e.ipv4 == ip) {
+            return ep.identity;
+        }
+        if ip == self.local.ip {
+            return sinew_abi::IDENTITY_HOST;
+        }
+        if self.snapshot.nodes.values().any(|n| n.internal_ip == IpAddr::V4(ip)) {
+            return sinew_abi::IDENTITY_REMOTE_NODE;
+        }
+        self.policy
+            .cidr_ids
+            .iter()
+            .filter(|(p, _)| p.contains(&ip))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map(|(_, id)| *id)
+            .unwrap_or(sinew_abi::IDENTITY_WORLD)
+    }
+
+    /// A pod's endpoint facts (local or published by another node) and its
+    /// resolved policy.
+    fn pod_policy(&self, ns: &str, name: &str) -> Option<(u32, Resolved)> {
+        if let Some(ep) = self
+            .registry
+            .iter()
+            .find(|e| e.pod_namespace == ns && e.pod_name == name)
+        {
+            let r = self.policy.resolved.get(&ep.id).cloned()?;
+            return Some((ep.identity, r));
+        }
+        let pub_ep = self
+            .snapshot
+            .endpoints
+            .iter()
+            .find(|e| e.namespace == ns && e.name == name)?;
+        let e = sinew_policy::Endpoint {
+            namespace: ns.into(),
+            pod_labels: self.pod_labels(ns, name),
+            identity: pub_ep.identity,
+            named_ports: self
+                .named_ports(ns, name)
+                .into_iter()
+                .filter_map(|(n, (p, port))| {
+                    let p = match p.as_str() {
+                        "TCP" => Proto::Tcp,
+                        "UDP" => Proto::Udp,
+                        "SCTP" => Proto::Sctp,
+                        _ => return None,
+                    };
+                    Some((n, (p, port)))
+                })
+                .collect(),
+        };
+        let r = sinew_policy::resolve(
+            &e,
+            &self.policy.resources,
+            &self.policy_identities(),
+            &self.all_namespace_labels(),
+        );
+        Some((pub_ep.identity, r))
+    }
+
+    fn pod_ip(&self, ns: &str, name: &str) -> Option<Ipv4Addr> {
+        self.registry
+            .iter()
+            .find(|e| e.pod_namespace == ns && e.pod_name == name)
+            .map(|e| e.ip)
+            .or_else(|| {
+                self.snapshot
+                    .endpoints
+                    .iter()
+                    .find(|e| e.namespace == ns && e.name == name)
+                    .map(|e| e.ipv4)
+            })
+    }
+
+    pub fn trace(&self, req: &v1::TracePolicyRequest) -> Result<v1::TracePolicyResponse, StateError> {
+        let (proto, port) =
+            parse_port(if req.port.is_empty() { "80/tcp" } else { &req.port }).map_err(StateError::Invalid)?;
+        let (to_ns, to_name) = split_pod(&req.to);
+        let (to_id, to_resolved) = self.pod_policy(&to_ns, &to_name).ok_or_else(|| {
+            StateError::Invalid(format!(
+                "--to {}: no such pod endpoint in the cluster (see `sinew endpoint list`)",
+                req.to
+            ))
+        })?;
+        let to_ip = self.pod_ip(&to_ns, &to_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let mut steps = Vec::new();
+        let from_id = if let Ok(id) = req.from.parse::<u32>() {
+            id
+        } else if let Ok(net) = req.from.parse::<Ipv4Net>() {
+            self.identity_of_ip(net.network())
+        } else if let Ok(ip) = req.from.parse::<Ipv4Addr>() {
+            self.identity_of_ip(ip)
+        } else if let Ok(IpNet::V6(_)) = req.from.parse::<IpNet>() {
+            return Err(StateError::Invalid("IPv6 peers are not supported yet".into()));
+        } else {
+            let (ns, name) = split_pod(&req.from);
+            let (id, resolved) = self.pod_policy(&ns, &name).ok_or_else(|| {
+                StateError::Invalid(format!("--from {}: not a pod, identity number or address", req.from))
+            })?;
+            // The source pod's egress, towards the destination's identity as
+            // the source node's ipcache knows it.
+            let dst_id = self.identity_of_ip(to_ip);
+            let t = sinew_policy::trace(&resolved, Direction::Egress, dst_id, proto, port);
+            steps.push(v1::TraceStep {
+                endpoint: format!("{ns}/{name}"),
+                direction: "egress".into(),
+                allowed: t.verdict == sinew_policy::Verdict::Allowed,
+                explanation: t.explanation,
+            });
+            id
+        };
+        let ingress = if from_id == sinew_abi::IDENTITY_HOST {
+            v1::TraceStep {
+                endpoint: format!("{to_ns}/{to_name}"),
+                direction: "ingress".into(),
+                allowed: true,
+                explanation:
+                    "ingress from the node itself (identity 1, host) is always allowed: health checks and probes".into(),
+            }
+        } else {
+            let t = sinew_policy::trace(&to_resolved, Direction::Ingress, from_id, proto, port);
+            v1::TraceStep {
+                endpoint: format!("{to_ns}/{to_name}"),
+                direction: "ingress".into(),
+                allowed: t.verdict == sinew_policy::Verdict::Allowed,
+                explanation: t.explanation,
+            }
+        };
+        steps.push(ingress);
+        Ok(v1::TracePolicyResponse {
+            allowed: steps.iter().all(|s| s.allowed),
+            steps,
+            from_identity: from_id,
+            to_identity: to_id,
+        })
+    }
+
+    pub fn list_identities(&self) -> Vec<v1::IdentityEntry> {
+        let mut count: BTreeMap<u32, u32> = BTreeMap::new();
+        for e in &self.snapshot.endpoints {
+            *count.entry(e.identity).or_default() += 1;
+        }
+        let mut out: Vec<v1::IdentityEntry> = sinew_policy::Reserved::ALL
+            .iter()
+            .map(|r| v1::IdentityEntry {
+                id: r.id(),
+                labels: [("reserved".to_string(), r.name().to_string())].into(),
+                kind: "reserved".into(),
+                endpoints: 0,
+            })
+            .collect();
+        for i in self.snapshot.identities.values() {
+            out.push(v1::IdentityEntry {
+                id: i.id,
+                labels: i.labels.clone().into_iter().collect(),
+                kind: "pod".into(),
+                endpoints: count.get(&i.id).copied().unwrap_or(0),
+            });
+        }
+        for (p, id) in &self.policy.cidr_ids {
+            out.push(v1::IdentityEntry {
+                id: *id,
+                labels: [("cidr".to_string(), p.to_string())].into(),
+                kind: "cidr".into(),
+                endpoints: 0,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse_with_protocols_and_bad_ones_explain() {
+        assert_eq!(parse_port("80/tcp").unwrap(), (Proto::Tcp, 80));
+        assert_eq!(parse_port("53/UDP").unwrap(), (Proto::Udp, 53));
+        assert_eq!(parse_port("8/icmp").unwrap(), (Proto::Icmp, 8));
+        assert_eq!(parse_port("443").unwrap(), (Proto::Tcp, 443));
+        assert!(parse_port("x/tcp").unwrap_err().contains("not a number"));
+        assert!(parse_port("80/gre").unwrap_err().contains("protocol"));
+        assert!(parse_port("300/icmp").unwrap_err().contains("ICMP"));
+    }
+}
