@@ -393,6 +393,7 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
                 pods_per_node: *pods_per_node,
                 routing,
                 state_dir: None,
+                agent_args: Vec::new(),
             };
             spec.validate()?;
             let bins = Binaries::from_current_exe()?;

@@ -44,6 +44,10 @@ pub struct AgentConfig {
     /// would triple CNI ADD latency; cls_bpf attaches without waiting, runs
     /// the same program, and is replaced in place on restart.
     pub pod_attach_mode: Option<AttachMode>,
+    pub policy_map_size: u32,
+    pub ct_map_size: u32,
+    /// New connections pass untracked when conntrack is full (default: drop).
+    pub ct_fail_open: bool,
 }
 
 impl AgentConfig {
@@ -54,6 +58,13 @@ impl AgentConfig {
         let (lo, hi) = self.nat_ports;
         if lo < 1024 || lo > hi {
             bail!("--nat-ports {lo}-{hi}: need 1024 <= first <= last");
+        }
+        if self.policy_map_size < 16 || self.ct_map_size < 16 {
+            bail!(
+                "--policy-map-size {} / --ct-map-size {}: use at least 16",
+                self.policy_map_size,
+                self.ct_map_size
+            );
         }
         if !self.bpf_root.starts_with("/sys/fs/bpf") {
             bail!(
@@ -158,7 +169,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         nat_ports: cfg.nat_ports,
         attach_mode,
         pod_attach_mode,
-        ct_fail_open: false,
+        ct_fail_open: cfg.ct_fail_open,
+        policy_map_size: cfg.policy_map_size,
+        ct_map_size: cfg.ct_map_size,
     };
     let pin_dir = dp_cfg.pin_dir();
     let mut datapath = Datapath::load(dp_cfg)?;

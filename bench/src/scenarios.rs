@@ -374,6 +374,7 @@ fn lab_spec(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> L
         pods_per_node,
         routing,
         state_dir: None,
+        agent_args: Vec::new(),
     }
 }
 

@@ -246,6 +246,9 @@ pub struct LabSpec {
     /// State directory; default `/run/sinew-lab/PREFIX`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// Extra `sinew-agent` flags for every node (e.g. `--policy-map-size`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_args: Vec<String>,
 }
 
 impl Default for LabSpec {
@@ -256,6 +259,7 @@ impl Default for LabSpec {
             pods_per_node: 2,
             routing: Routing::default(),
             state_dir: None,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -926,6 +930,9 @@ impl Lab {
             "--uplink".into(),
             UPLINK.into(),
         ]
+        .into_iter()
+        .chain(self.state.spec.agent_args.iter().cloned())
+        .collect()
     }
 
     fn is_our_agent(&self, rec: &NodeRecord, pid: u32) -> bool {

@@ -110,6 +110,7 @@ fn up_exec_and_down_with_stand_in_binaries() {
         pods_per_node: 1,
         routing: Routing::Native,
         state_dir: None,
+        agent_args: Vec::new(),
     };
     let state_dir = default_state_dir(&spec.name_prefix);
     let _down = DownOnDrop(state_dir.clone());
@@ -272,6 +273,7 @@ fn down_after_a_failed_up_leaves_nothing() {
         pods_per_node: 1,
         routing: Routing::Vxlan,
         state_dir: Some(std::env::temp_dir().join(format!("{}-state", prefix("fail")))),
+        agent_args: Vec::new(),
     };
     let state_dir = spec.state_dir();
     let _down = DownOnDrop(state_dir.clone());
@@ -304,6 +306,7 @@ fn underlay_only_lab_goes_down_cleanly() {
         pods_per_node: 0,
         routing: Routing::Vxlan,
         state_dir: None,
+        agent_args: Vec::new(),
     };
     let state_dir = spec.state_dir();
     let _down = DownOnDrop(state_dir.clone());

@@ -47,6 +47,17 @@ struct Args {
     /// RCU grace period, unlike TCX) or tcx.
     #[arg(long, default_value = "clsact")]
     pod_attach_mode: String,
+    /// Entries of the policy map, for all endpoints together. When full,
+    /// the endpoints whose entries do not fit drop everything (fail closed).
+    #[arg(long, default_value_t = 65536)]
+    policy_map_size: u32,
+    /// Entries of the conntrack table (two per connection under policy).
+    #[arg(long, default_value_t = 262144)]
+    ct_map_size: u32,
+    /// When conntrack is full, let new connections through untracked
+    /// instead of dropping them (both are counted).
+    #[arg(long)]
+    ct_fail_open: bool,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -76,6 +87,9 @@ fn main() -> anyhow::Result<()> {
         nat_ports: a.nat_ports,
         attach_mode: parse_mode("--attach-mode", &a.attach_mode)?,
         pod_attach_mode: parse_mode("--pod-attach-mode", &a.pod_attach_mode)?,
+        policy_map_size: a.policy_map_size,
+        ct_map_size: a.ct_map_size,
+        ct_fail_open: a.ct_fail_open,
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()

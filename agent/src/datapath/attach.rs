@@ -6,8 +6,8 @@ use std::io;
 use std::path::Path;
 
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 
 use super::DatapathError;
@@ -108,12 +108,7 @@ pub fn attach(
         AttachMode::Clsact => {
             if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
                 // EEXIST: the qdisc is there from an earlier attach.
-                let exists = match &e {
-                    aya::programs::tc::TcError::AlreadyAttached => true,
-                    aya::programs::tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),
-                    _ => false,
-                };
-                if !exists {
+                if !matches!(e, TcError::AlreadyAttached) && tc_errno(&e) != Some(libc::EEXIST) {
                     return Err(err(e.into()));
                 }
             }
@@ -126,17 +121,41 @@ pub fn attach(
             };
             let id = match prog.attach_with_options(ifname, hook.tc(), opts()) {
                 Ok(id) => id,
-                Err(_) => {
+                // An earlier agent's filter holds our priority and handle:
+                // change it in place (cls_bpf swaps the program atomically,
+                // and no second filter is created). Any other failure is
+                // reported as it is, not masked by a replace that would then
+                // fail for a different reason.
+                Err(e) if program_errno(&e) == Some(libc::EEXIST) => {
                     let link = SchedClassifierLink::attached(ifname, hook.tc(), CLSACT_PRIORITY, CLSACT_HANDLE, None)
                         .map_err(|e| err(e.into()))?;
                     prog.attach_to_link(link).map_err(|e| err(e.into()))?
                 }
+                Err(e) => return Err(err(e.into())),
             };
             // Forget the link: dropping it must not remove the filter.
             let link = prog.take_link(id).map_err(|e| err(e.into()))?;
             std::mem::forget(link);
             Ok(())
         }
+    }
+}
+
+/// The errno of a failed tc netlink request, if the kernel sent one.
+fn tc_errno(e: &TcError) -> Option<i32> {
+    match e {
+        TcError::NetlinkError(n) => n.raw_os_error(),
+        TcError::IoError(io) => io.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// [`tc_errno`] for an error from attaching a program.
+fn program_errno(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::TcError(t) => tc_errno(t),
+        ProgramError::NetlinkError(n) => n.raw_os_error(),
+        _ => None,
     }
 }
 

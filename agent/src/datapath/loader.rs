@@ -102,6 +102,10 @@ pub struct DatapathConfig {
     pub pod_attach_mode: AttachMode,
     /// Let new connections through untracked when conntrack is full.
     pub ct_fail_open: bool,
+    /// Capacity of the policy map (all endpoints together) and of the
+    /// conntrack table. A pinned map keeps the size it was created with.
+    pub policy_map_size: u32,
+    pub ct_map_size: u32,
 }
 
 impl DatapathConfig {
@@ -158,6 +162,8 @@ impl Datapath {
         let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
             EbpfLoader::new()
                 .default_map_pin_directory(&map_dir)
+                .map_max_entries(maps::POLICY, cfg.policy_map_size)
+                .map_max_entries(maps::CT, cfg.ct_map_size)
                 .override_global(config::NODE_IP, &node_ip, true)
                 .override_global(config::ROUTING_MODE, &routing, true)
                 .override_global(config::VXLAN_IFINDEX, &cfg.vxlan_ifindex, true)

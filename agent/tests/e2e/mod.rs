@@ -72,6 +72,7 @@ pub fn lab(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> La
         pods_per_node,
         routing,
         state_dir: None,
+        agent_args: Vec::new(),
     };
     let bins = Binaries::from_current_exe().expect("binaries next to the test: run `cargo build --workspace` first");
     let opts = UpOptions {

@@ -171,6 +171,8 @@ impl Node {
             attach_mode: AttachMode::detect(),
             pod_attach_mode: AttachMode::detect(),
             ct_fail_open: false,
+            policy_map_size: 1024,
+            ct_map_size: 1024,
         })
         .unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));
         let a = Pod {
