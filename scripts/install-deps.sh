@@ -8,6 +8,9 @@ PACKAGES=(
   protobuf-compiler pkg-config
   iproute2 iperf3 ethtool tcpdump bpftool
   containerd runc podman containernetworking-plugins busybox-static
+  # The 6.1 VM tier (test-vms/vm/run-in-vm.sh): qemu and Debian 12's own
+  # kernel, installed beside the running one without changing it.
+  qemu-system-x86 linux-image-amd64
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -38,6 +41,18 @@ fi
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
 done
+
+# virtme-ng boots the 6.1 kernel with this machine's userspace.
+if ! command -v vng >/dev/null 2>&1 \
+  && ! [ -x "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)/vng" ]; then
+  echo "==> installing virtme-ng (pip)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  python3 -m pip install -q virtme-ng >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages virtme-ng >/dev/null
+fi
 
 # bpffs: pins live there; the agent mounts it too, but tests read it first.
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then

@@ -48,6 +48,10 @@ pub struct AgentConfig {
     pub ct_map_size: u32,
     /// New connections pass untracked when conntrack is full (default: drop).
     pub ct_fail_open: bool,
+    /// How often idle conntrack entries and unused identities are removed,
+    /// and how long an unused identity lives first.
+    pub housekeeping_interval: Duration,
+    pub identity_gc_grace: Duration,
 }
 
 impl AgentConfig {
@@ -230,17 +234,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let state = Arc::new(Mutex::new(state));
     tokio::spawn(follow_datastore(ds, state.clone()));
-    tokio::spawn(housekeeping(state.clone()));
+    tokio::spawn(housekeeping(
+        state.clone(),
+        cfg.housekeeping_interval,
+        cfg.identity_gc_grace,
+    ));
     serve(&cfg, state, (attach_mode, pod_attach_mode), pin_dir).await
 }
 
 /// Periodic work: idle conntrack entries, unused identities.
-async fn housekeeping(state: Arc<Mutex<NodeState>>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    let mut n: u64 = 0;
+async fn housekeeping(state: Arc<Mutex<NodeState>>, every: Duration, grace: Duration) {
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        n += 1;
         let Ok(mut s) = state.lock() else { return };
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
@@ -255,11 +261,9 @@ async fn housekeeping(state: Arc<Mutex<NodeState>>) {
         for k in &expired {
             s.datapath.remove_ct(k);
         }
-        if n.is_multiple_of(3) {
-            let gone = s.gc_identities();
-            if !gone.is_empty() {
-                tracing::info!(?gone, "unused identities removed");
-            }
+        let gone = s.gc_identities(grace);
+        if !gone.is_empty() {
+            tracing::info!(?gone, "unused identities removed");
         }
     }
 }

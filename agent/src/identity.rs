@@ -15,10 +15,6 @@ use crate::state::{NodeState, StateError};
 /// Kubernetes adds this label to every namespace; selectors rely on it.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// How long an unused identity lives before GC (covers a node that has
-/// allocated but not yet published).
-pub const IDENTITY_GC_GRACE: Duration = Duration::from_secs(60);
-
 impl NodeState {
     /// Namespace labels as the datastore has them, plus the name label
     /// Kubernetes always sets.
@@ -124,10 +120,11 @@ impl NodeState {
     }
 
     /// Removes identities no endpoint in the cluster has used for a while.
-    pub fn gc_identities(&self) -> Vec<u32> {
+    /// `grace` covers a node that has allocated but not yet published.
+    pub fn gc_identities(&self, grace: Duration) -> Vec<u32> {
         let mut in_use: BTreeSet<u32> = self.snapshot.endpoints.iter().map(|e| e.identity).collect();
         in_use.extend(self.registry.iter().map(|e| e.identity));
-        match self.ds.gc_identities(&in_use, IDENTITY_GC_GRACE) {
+        match self.ds.gc_identities(&in_use, grace) {
             Ok(gone) => gone,
             Err(e) => {
                 tracing::warn!(error = %e, "identity GC failed");

@@ -58,6 +58,12 @@ struct Args {
     /// instead of dropping them (both are counted).
     #[arg(long)]
     ct_fail_open: bool,
+    /// Seconds between removals of idle conntrack entries and unused identities.
+    #[arg(long, default_value_t = 10)]
+    housekeeping_interval: u64,
+    /// Seconds an identity no endpoint uses survives before removal.
+    #[arg(long, default_value_t = 60)]
+    identity_gc_grace: u64,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -90,6 +96,8 @@ fn main() -> anyhow::Result<()> {
         policy_map_size: a.policy_map_size,
         ct_map_size: a.ct_map_size,
         ct_fail_open: a.ct_fail_open,
+        housekeeping_interval: std::time::Duration::from_secs(a.housekeeping_interval.max(1)),
+        identity_gc_grace: std::time::Duration::from_secs(a.identity_gc_grace),
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()
