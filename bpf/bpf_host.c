@@ -19,6 +19,7 @@
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
+	events_begin();
 	struct ipcache_value *dst, *src;
 	struct nat_key key = {};
 	struct iphdr *ip;
@@ -52,12 +53,13 @@ int from_netdev(struct __sk_buff *skb)
 				    src ? src->identity : SINEW_IDENTITY_WORLD);
 	}
 out:
-	return finish(skb, ret, METRIC_DIR_INGRESS);
+	return finish(skb, ret, METRIC_DIR_INGRESS, HOOK_FROM_NETDEV);
 }
 
 SEC("classifier")
 int to_netdev(struct __sk_buff *skb)
 {
+	events_begin();
 	struct ipcache_value *src;
 	struct nat_key key = {};
 	struct iphdr *ip;
@@ -82,7 +84,7 @@ int to_netdev(struct __sk_buff *skb)
 	if (ret == 0)
 		ret = TC_ACT_OK;
 out:
-	return finish(skb, ret, METRIC_DIR_EGRESS);
+	return finish(skb, ret, METRIC_DIR_EGRESS, HOOK_TO_NETDEV);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

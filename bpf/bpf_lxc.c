@@ -49,6 +49,7 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
 {
+	events_begin();
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep;
 	int ret;
@@ -69,12 +70,13 @@ int from_container(struct __sk_buff *skb)
 		ret = -DROP_UNSUPPORTED_L3;
 	}
 out:
-	return finish(skb, ret, METRIC_DIR_EGRESS);
+	return finish(skb, ret, METRIC_DIR_EGRESS, HOOK_FROM_CONTAINER);
 }
 
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
+	events_begin();
 	__u32 ifindex = skb->ifindex;
 	struct ipcache_value *src;
 	struct endpoint_info *ep;
@@ -101,7 +103,7 @@ int to_container(struct __sk_buff *skb)
 	if (ret == 0)
 		ret = TC_ACT_OK;
 out:
-	return finish(skb, ret, METRIC_DIR_INGRESS);
+	return finish(skb, ret, METRIC_DIR_INGRESS, HOOK_TO_CONTAINER);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

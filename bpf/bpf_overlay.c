@@ -18,6 +18,7 @@
 SEC("classifier")
 int from_overlay(struct __sk_buff *skb)
 {
+	events_begin();
 	struct bpf_tunnel_key key = {};
 	struct ipcache_value *dst;
 	struct iphdr *ip;
@@ -40,12 +41,13 @@ int from_overlay(struct __sk_buff *skb)
 		ret = local_deliver(skb, dst->ifindex, key.tunnel_id);
 	}
 out:
-	return finish(skb, ret, METRIC_DIR_INGRESS);
+	return finish(skb, ret, METRIC_DIR_INGRESS, HOOK_FROM_OVERLAY);
 }
 
 SEC("classifier")
 int to_overlay(struct __sk_buff *skb)
 {
+	events_begin();
 	struct bpf_tunnel_key key = {};
 	struct ipcache_value *dst;
 	struct iphdr *ip;
@@ -80,7 +82,7 @@ int to_overlay(struct __sk_buff *skb)
 	    0)
 		ret = -DROP_TUNNEL_KEY;
 out:
-	return finish(skb, ret, METRIC_DIR_EGRESS);
+	return finish(skb, ret, METRIC_DIR_EGRESS, HOOK_TO_OVERLAY);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -52,6 +52,10 @@ pub struct AgentConfig {
     /// and how long an unused identity lives first.
     pub housekeeping_interval: Duration,
     pub identity_gc_grace: Duration,
+    /// Flow events: on/off, ring size in bytes, report interval.
+    pub events: bool,
+    pub event_ring_bytes: u32,
+    pub event_report_interval: Duration,
 }
 
 impl AgentConfig {
@@ -62,6 +66,12 @@ impl AgentConfig {
         let (lo, hi) = self.nat_ports;
         if lo < 1024 || lo > hi {
             bail!("--nat-ports {lo}-{hi}: need 1024 <= first <= last");
+        }
+        if !self.event_ring_bytes.is_power_of_two() || self.event_ring_bytes < 4096 {
+            bail!(
+                "--event-ring-size {}: use a power of two of at least 4096 bytes",
+                self.event_ring_bytes
+            );
         }
         if self.policy_map_size < 16 || self.ct_map_size < 16 {
             bail!(
@@ -176,6 +186,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ct_fail_open: cfg.ct_fail_open,
         policy_map_size: cfg.policy_map_size,
         ct_map_size: cfg.ct_map_size,
+        events: cfg.events,
+        event_ring_bytes: cfg.event_ring_bytes,
+        event_report_interval_ns: cfg.event_report_interval.as_nanos() as u64,
     };
     let pin_dir = dp_cfg.pin_dir();
     let mut datapath = Datapath::load(dp_cfg)?;

@@ -92,19 +92,15 @@ pub fn compile(ep_id: u32, resolved: &Resolved, rules: &mut RuleTable) -> BTreeM
                 Action::Deny => POLICY_ACTION_DENY,
             };
             let rule_id = e.rules.first().map(|r| rules.id(r)).unwrap_or(0);
-            let v = out.entry(key).or_insert(PolicyValue {
+            let value = PolicyValue {
                 rule_id,
                 proxy_port: 0,
                 action,
-                pad: 0,
-            });
+                r#match: match_kind(&key),
+            };
+            let v = out.entry(key).or_insert(value);
             if action == POLICY_ACTION_DENY && v.action != POLICY_ACTION_DENY {
-                *v = PolicyValue {
-                    rule_id,
-                    proxy_port: 0,
-                    action,
-                    pad: 0,
-                };
+                *v = value;
             }
         }
     }
@@ -118,14 +114,24 @@ pub fn compile(ep_id: u32, resolved: &Resolved, rules: &mut RuleTable) -> BTreeM
             if let Some((_, rule)) = denies.iter().find(|(d, _)| covers(d, k)) {
                 *v = PolicyValue {
                     rule_id: *rule,
-                    proxy_port: 0,
                     action: POLICY_ACTION_DENY,
-                    pad: 0,
+                    ..*v
                 };
             }
         }
     }
     out
+}
+
+/// What kind of entry a key is, for policy verdict events.
+fn match_kind(k: &PolicyKey) -> u8 {
+    let any_port = k.prefixlen <= POLICY_PREFIX_EXACT;
+    match (k.identity == POLICY_ANY_IDENTITY, any_port) {
+        (false, true) => sinew_abi::MATCH_L3_ONLY,
+        (false, false) => sinew_abi::MATCH_L3_L4,
+        (true, false) => sinew_abi::MATCH_L4_ONLY,
+        (true, true) => sinew_abi::MATCH_ALL,
+    }
 }
 
 fn keys(ep_id: u32, e: &Entry) -> Vec<PolicyKey> {

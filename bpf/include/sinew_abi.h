@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define SINEW_ABI_VERSION 2
+#define SINEW_ABI_VERSION 3
 
 /* Reserved identities. Pod identities start at SINEW_IDENTITY_MIN_CLUSTER. */
 #define SINEW_IDENTITY_UNKNOWN	   0
@@ -101,7 +101,7 @@ struct policy_value {
 	__u32 rule_id; /* the agent's rule index, for drop reasons and trace */
 	__u16 proxy_port; /* L7 redirect, 0 = none */
 	__u8 action;
-	__u8 pad;
+	__u8 match; /* MATCH_*: what kind of entry this is, for events */
 };
 
 /* conntrack: hash (not LRU: a full table is counted, never silent). */
@@ -150,6 +150,85 @@ struct nat_value {
 #define METRICS_MAX_ENTRIES 512
 
 struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/*
+ * Flow events, on one ring buffer (sinew_events). Drops always produce an
+ * event; forwarded packets only at flow boundaries (a new flow, a TCP SYN,
+ * FIN or RST, and every EVENT_REPORT_INTERVAL for flows without TCP
+ * state); policy verdicts once per new connection. An event that does not
+ * fit in the ring is counted in sinew_events_lost[type].
+ */
+#define EVENT_TRACE    1 /* forwarded */
+#define EVENT_DROP     2 /* dropped, with a reason */
+#define EVENT_POLICY   3 /* a policy decision on a new connection */
+#define EVENT_TYPE_MAX 4
+
+/* Where a traced packet went (flow_event.obs for EVENT_TRACE). */
+#define TRACE_TO_STACK	  1
+#define TRACE_TO_ENDPOINT 2
+#define TRACE_TO_TUNNEL	  3
+#define TRACE_TO_PROXY	  4 /* reserved for the L7 proxy */
+#define TRACE_TO_NETWORK  5
+
+/* Which program saw it (flow_event.hook). */
+#define HOOK_FROM_CONTAINER 1
+#define HOOK_TO_CONTAINER   2
+#define HOOK_FROM_NETDEV    3
+#define HOOK_TO_NETDEV	    4
+#define HOOK_FROM_OVERLAY   5
+#define HOOK_TO_OVERLAY	    6
+
+/* flow_event.match for EVENT_POLICY: what kind of entry decided. */
+#define MATCH_NONE    0 /* no entry: isolated, default deny */
+#define MATCH_L3_ONLY 1 /* this identity, any port */
+#define MATCH_L3_L4   2 /* this identity and port/protocol */
+#define MATCH_L4_ONLY 3 /* any identity, this port/protocol */
+#define MATCH_ALL     4 /* any identity, any port */
+
+#define VERDICT_FORWARDED 1
+#define VERDICT_DROPPED	  2
+
+struct flow_event {
+	__u64 ts_ns; /* bpf_ktime_get_ns */
+	__u32 saddr; /* network order */
+	__u32 daddr;
+	__u16 sport; /* network order */
+	__u16 dport;
+	__u8 proto;
+	__u8 type;   /* EVENT_* */
+	__u8 reason; /* drop reason (EVENT_DROP, EVENT_POLICY denied) */
+	__u8 dir;    /* METRIC_DIR_* */
+	__u32 ifindex;
+	__u32 ep_id;	     /* the local endpoint involved, 0 if none */
+	__u32 peer_identity; /* policy: the remote identity */
+	__u32 rule_id;	     /* policy: the deciding rule, 0 if none */
+	__u32 len;	     /* packet length */
+	__u8 hook;	     /* HOOK_* */
+	__u8 obs;	     /* TRACE_TO_* */
+	__u8 tcp_flags;
+	__u8 verdict; /* VERDICT_* */
+	__u8 match;   /* MATCH_* (EVENT_POLICY) */
+	__u8 pad[7];
+	__u64 packets; /* aggregated since the last event of this flow */
+	__u64 bytes;
+};
+
+/* Per-flow aggregation state (LRU: losing it costs only an extra event). */
+struct flow_agg_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 hook;
+	__u16 pad;
+};
+
+struct flow_agg {
+	__u64 last_report_ns;
 	__u64 packets;
 	__u64 bytes;
 };

@@ -35,6 +35,10 @@ volatile const __u32 CFG_NAT_PORT_MAX = 65535;
 /* A full conntrack table: 0 drops new connections (fail closed), 1 lets
  * them through untracked. Both count DROP_CT_FULL. */
 volatile const __u32 CFG_CT_FAIL_OPEN = 0;
+/* Flow events on (1) or off (0), and how often a flow without TCP state
+ * reports its counters. */
+volatile const __u32 CFG_EVENTS_ENABLED = 1;
+volatile const __u64 CFG_EVENT_REPORT_INTERVAL_NS = 5000000000ULL;
 
 /* Bounds-checked pointers into the linear packet data. */
 #define PKT_PTR(skb, off, type)                                                \

@@ -4,6 +4,7 @@
 #define SINEW_ENCAP_H
 
 #include "common.h"
+#include "events.h"
 
 static __always_inline int encap_vxlan(struct __sk_buff *skb,
 				       __u32 tunnel_endpoint, __u32 identity)
@@ -19,6 +20,7 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) <
 	    0)
 		return -DROP_TUNNEL_KEY;
+	note_obs(TRACE_TO_TUNNEL);
 	ret = bpf_redirect(CFG_VXLAN_IFINDEX, 0);
 	if (ret != TC_ACT_REDIRECT)
 		return -DROP_REDIRECT_FAILED;

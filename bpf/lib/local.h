@@ -31,6 +31,7 @@ static __always_inline int local_deliver(struct __sk_buff *skb, __u32 ifindex,
 	ret = ipv4_dec_ttl(skb);
 	if (ret < 0)
 		return ret;
+	note_obs(TRACE_TO_ENDPOINT);
 	ret = bpf_redirect_peer(ifindex, 0);
 	if (ret != TC_ACT_REDIRECT)
 		return -DROP_REDIRECT_FAILED;

@@ -64,4 +64,57 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sinew_ct SEC(".maps");
 
+#define FLOW_AGG_MAX_ENTRIES 65536
+#define EVENTS_RING_SIZE     (1 << 22) /* overridden by the agent */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RING_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, EVENT_TYPE_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_events_lost SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow_agg_key);
+	__type(value, struct flow_agg);
+	__uint(max_entries, FLOW_AGG_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_flow_agg SEC(".maps");
+
+/* Never read or written: it carries struct flow_event (the ring buffer's
+ * record, which a ring buffer map cannot name) into BTF, where the layout
+ * test compares it with the Rust mirror. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flow_event);
+	__uint(max_entries, 1);
+} sinew_event_layout SEC(".maps");
+
+/* What a program learned on the way, for the event its exit emits: one
+ * slot per CPU, reset at each program's entry (a TC program runs to its
+ * end on one CPU). Not pinned: per program run only. */
+struct event_scratch {
+	__u32 ep_id;
+	__u32 peer_identity;
+	__u32 rule_id;
+	__u8 obs;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct event_scratch);
+	__uint(max_entries, 1);
+} sinew_scratch SEC(".maps");
+
 #endif

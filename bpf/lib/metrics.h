@@ -4,6 +4,7 @@
 #define SINEW_METRICS_H
 
 #include "maps.h"
+#include "events.h"
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u32 reason,
 					  __u32 dir)
@@ -22,8 +23,10 @@ static __always_inline void metrics_count(struct __sk_buff *skb, __u32 reason,
  * Maps a program's internal result to a TC verdict: a negative value is a
  * drop reason, counted here; anything else is already a verdict.
  */
-static __always_inline int finish(struct __sk_buff *skb, int ret, __u32 dir)
+static __always_inline int finish(struct __sk_buff *skb, int ret, __u32 dir,
+				  __u8 hook)
 {
+	event_verdict(skb, ret, dir, hook);
 	if (ret < 0) {
 		__u32 reason = -ret;
 

@@ -9,10 +9,11 @@
 
 #include "maps.h"
 #include "conntrack.h"
+#include "events.h"
 
 static __always_inline int policy_lookup(__u32 ep_id, __u32 identity, __u8 dir,
 					 __u8 proto, __u16 dport,
-					 __u32 *rule_id)
+					 __u32 *rule_id, __u8 *match)
 {
 	struct policy_value *by_id, *any;
 	struct policy_key k = {};
@@ -29,16 +30,25 @@ static __always_inline int policy_lookup(__u32 ep_id, __u32 identity, __u8 dir,
 
 	if (by_id && by_id->action == POLICY_ACTION_DENY) {
 		*rule_id = by_id->rule_id;
+		*match = by_id->match;
 		return -DROP_POLICY_DENY;
 	}
 	if (any && any->action == POLICY_ACTION_DENY) {
 		*rule_id = any->rule_id;
+		*match = any->match;
 		return -DROP_POLICY_DENY;
 	}
-	if (by_id || any) {
-		*rule_id = by_id ? by_id->rule_id : any->rule_id;
+	if (by_id) {
+		*rule_id = by_id->rule_id;
+		*match = by_id->match;
 		return 0;
 	}
+	if (any) {
+		*rule_id = any->rule_id;
+		*match = any->match;
+		return 0;
+	}
+	*match = MATCH_NONE;
 	return -DROP_POLICY;
 }
 
@@ -57,12 +67,15 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	struct ct_entry *e, entry = {};
 	struct iphdr *ip;
 	__u32 rule_id = 0;
+	__u8 match = MATCH_NONE;
 	__u8 tcp_flags;
 	__u64 now;
 	int ret;
 
-	if (ep->flags & EP_F_POLICY_NOT_READY)
+	if (ep->flags & EP_F_POLICY_NOT_READY) {
+		note_policy(ep->id, peer, 0);
 		return -DROP_POLICY_NOT_READY;
+	}
 	if (!(ep->flags & (EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED)))
 		return 0;
 	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
@@ -81,8 +94,11 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 			 * on only if the new policy still allows it. */
 			ret = policy_lookup(ep->id, peer, dir, key.proto,
 					    ct_policy_port(&key, skb, ip),
-					    &rule_id);
+					    &rule_id, &match);
 			if (ret < 0) {
+				note_policy(ep->id, peer, rule_id);
+				event_policy(skb, ep->id, dir, peer, ret,
+					     rule_id, match);
 				bpf_map_delete_elem(&sinew_ct, &key);
 				return ret;
 			}
@@ -103,7 +119,10 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	if ((ep->flags & enforced) &&
 	    !(dir == POLICY_DIR_INGRESS && peer == SINEW_IDENTITY_HOST)) {
 		ret = policy_lookup(ep->id, peer, dir, key.proto,
-				    ct_policy_port(&key, skb, ip), &rule_id);
+				    ct_policy_port(&key, skb, ip), &rule_id,
+				    &match);
+		note_policy(ep->id, peer, rule_id);
+		event_policy(skb, ep->id, dir, peer, ret, rule_id, match);
 		if (ret < 0)
 			return ret;
 	}

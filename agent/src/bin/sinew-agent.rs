@@ -64,6 +64,15 @@ struct Args {
     /// Seconds an identity no endpoint uses survives before removal.
     #[arg(long, default_value_t = 60)]
     identity_gc_grace: u64,
+    /// Flow events from the datapath (`sinew observe`, flow metrics).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    events: bool,
+    /// Size of the flow event ring buffer in bytes (power of two).
+    #[arg(long, default_value_t = 4 << 20)]
+    event_ring_size: u32,
+    /// Milliseconds between counter reports of flows without TCP state.
+    #[arg(long, default_value_t = 5000)]
+    event_report_interval_ms: u64,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -98,6 +107,9 @@ fn main() -> anyhow::Result<()> {
         ct_fail_open: a.ct_fail_open,
         housekeeping_interval: std::time::Duration::from_secs(a.housekeeping_interval.max(1)),
         identity_gc_grace: std::time::Duration::from_secs(a.identity_gc_grace),
+        events: a.events,
+        event_ring_bytes: a.event_ring_size,
+        event_report_interval: std::time::Duration::from_millis(a.event_report_interval_ms),
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -106,6 +106,11 @@ pub struct DatapathConfig {
     /// conntrack table. A pinned map keeps the size it was created with.
     pub policy_map_size: u32,
     pub ct_map_size: u32,
+    /// Flow events on or off, their ring size in bytes (a power of two,
+    /// at least a page), and how often flows without TCP state report.
+    pub events: bool,
+    pub event_ring_bytes: u32,
+    pub event_report_interval_ns: u64,
 }
 
 impl DatapathConfig {
@@ -130,6 +135,8 @@ pub struct Datapath {
     metrics: PerCpuArray<MapData, MetricsValue>,
     policy: LpmTrie<MapData, PolicyData, PolicyValue>,
     ct: BpfHashMap<MapData, CtKey, CtEntry>,
+    events: Option<aya::maps::RingBuf<MapData>>,
+    events_lost: PerCpuArray<MapData, u64>,
     maps_reused: bool,
 }
 
@@ -159,11 +166,13 @@ impl Datapath {
         let masq = u32::from(cfg.masquerade);
         let (pmin, pmax) = (u32::from(cfg.nat_ports.0), u32::from(cfg.nat_ports.1));
         let ct_fail_open = u32::from(cfg.ct_fail_open);
+        let events = u32::from(cfg.events);
         let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
             EbpfLoader::new()
                 .default_map_pin_directory(&map_dir)
                 .map_max_entries(maps::POLICY, cfg.policy_map_size)
                 .map_max_entries(maps::CT, cfg.ct_map_size)
+                .map_max_entries(maps::EVENTS, cfg.event_ring_bytes)
                 .override_global(config::NODE_IP, &node_ip, true)
                 .override_global(config::ROUTING_MODE, &routing, true)
                 .override_global(config::VXLAN_IFINDEX, &cfg.vxlan_ifindex, true)
@@ -171,6 +180,8 @@ impl Datapath {
                 .override_global(config::NAT_PORT_MIN, &pmin, true)
                 .override_global(config::NAT_PORT_MAX, &pmax, true)
                 .override_global(config::CT_FAIL_OPEN, &ct_fail_open, true)
+                .override_global(config::EVENTS_ENABLED, &events, true)
+                .override_global(config::EVENT_REPORT_INTERVAL_NS, &cfg.event_report_interval_ns, true)
                 .load(bytes)
                 .map_err(|source| DatapathError::Load {
                     object,
@@ -211,6 +222,9 @@ impl Datapath {
         let metrics = PerCpuArray::try_from(take(maps::METRICS, &mut lxc)?).map_err(map_err(maps::METRICS))?;
         let policy = LpmTrie::try_from(take(maps::POLICY, &mut lxc)?).map_err(map_err(maps::POLICY))?;
         let ct = BpfHashMap::try_from(take(maps::CT, &mut lxc)?).map_err(map_err(maps::CT))?;
+        let events = Some(aya::maps::RingBuf::try_from(take(maps::EVENTS, &mut lxc)?).map_err(map_err(maps::EVENTS))?);
+        let events_lost =
+            PerCpuArray::try_from(take(maps::EVENTS_LOST, &mut lxc)?).map_err(map_err(maps::EVENTS_LOST))?;
         Ok(Self {
             cfg,
             lxc,
@@ -221,6 +235,8 @@ impl Datapath {
             metrics,
             policy,
             ct,
+            events,
+            events_lost,
             maps_reused,
         })
     }
@@ -357,6 +373,24 @@ impl Datapath {
 
     pub fn remove_ct(&mut self, key: &CtKey) {
         let _ = self.ct.remove(key);
+    }
+
+    /// The flow event ring, once: the observer owns it.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Events the datapath could not write, per type (index EVENT_*),
+    /// summed over CPUs.
+    pub fn events_lost(&self) -> Vec<u64> {
+        (0..sinew_abi::EVENT_TYPE_MAX)
+            .map(|t| self.events_lost.get(&t, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect()
+    }
+
+    /// Entries in the conntrack table now.
+    pub fn ct_len(&self) -> usize {
+        self.ct.keys().count()
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {

@@ -173,6 +173,9 @@ impl Node {
             ct_fail_open: false,
             policy_map_size: 1024,
             ct_map_size: 1024,
+            events: true,
+            event_ring_bytes: 1 << 16,
+            event_report_interval_ns: 5_000_000_000,
         })
         .unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));
         let a = Pod {

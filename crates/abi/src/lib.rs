@@ -15,7 +15,7 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
 pub const BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
@@ -32,6 +32,9 @@ pub mod maps {
     pub const METRICS: &str = "sinew_metrics";
     pub const POLICY: &str = "sinew_policy";
     pub const CT: &str = "sinew_ct";
+    pub const EVENTS: &str = "sinew_events";
+    pub const EVENTS_LOST: &str = "sinew_events_lost";
+    pub const FLOW_AGG: &str = "sinew_flow_agg";
 }
 
 /// Names of the load-time constants (`volatile const` in `lib/common.h`).
@@ -43,4 +46,6 @@ pub mod config {
     pub const NAT_PORT_MIN: &str = "CFG_NAT_PORT_MIN";
     pub const NAT_PORT_MAX: &str = "CFG_NAT_PORT_MAX";
     pub const CT_FAIL_OPEN: &str = "CFG_CT_FAIL_OPEN";
+    pub const EVENTS_ENABLED: &str = "CFG_EVENTS_ENABLED";
+    pub const EVENT_REPORT_INTERVAL_NS: &str = "CFG_EVENT_REPORT_INTERVAL_NS";
 }

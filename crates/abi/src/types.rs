@@ -167,7 +167,8 @@ pub struct PolicyValue {
     pub rule_id: u32,
     pub proxy_port: u16,
     pub action: u8,
-    pub pad: u8,
+    /// `MATCH_*`: what kind of entry this is, reported by policy events.
+    pub r#match: u8,
 }
 
 #[repr(C)]
@@ -220,6 +221,120 @@ pub struct MetricsValue {
     pub bytes: u64,
 }
 
+pub const EVENT_TRACE: u8 = 1;
+pub const EVENT_DROP: u8 = 2;
+pub const EVENT_POLICY: u8 = 3;
+pub const EVENT_TYPE_MAX: u32 = 4;
+
+pub const TRACE_TO_STACK: u8 = 1;
+pub const TRACE_TO_ENDPOINT: u8 = 2;
+pub const TRACE_TO_TUNNEL: u8 = 3;
+pub const TRACE_TO_PROXY: u8 = 4;
+pub const TRACE_TO_NETWORK: u8 = 5;
+
+pub const HOOK_FROM_CONTAINER: u8 = 1;
+pub const HOOK_TO_CONTAINER: u8 = 2;
+pub const HOOK_FROM_NETDEV: u8 = 3;
+pub const HOOK_TO_NETDEV: u8 = 4;
+pub const HOOK_FROM_OVERLAY: u8 = 5;
+pub const HOOK_TO_OVERLAY: u8 = 6;
+
+pub const MATCH_NONE: u8 = 0;
+pub const MATCH_L3_ONLY: u8 = 1;
+pub const MATCH_L3_L4: u8 = 2;
+pub const MATCH_L4_ONLY: u8 = 3;
+pub const MATCH_ALL: u8 = 4;
+
+pub const VERDICT_FORWARDED: u8 = 1;
+pub const VERDICT_DROPPED: u8 = 2;
+
+/// One record of the `sinew_events` ring buffer (see `sinew_abi.h`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    /// Network order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Network order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub r#type: u8,
+    pub reason: u8,
+    pub dir: u8,
+    pub ifindex: u32,
+    pub ep_id: u32,
+    pub peer_identity: u32,
+    pub rule_id: u32,
+    pub len: u32,
+    pub hook: u8,
+    pub obs: u8,
+    pub tcp_flags: u8,
+    pub verdict: u8,
+    pub r#match: u8,
+    pub pad: [u8; 7],
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl FlowEvent {
+    /// Decodes a ring buffer record; `None` when it is too short (a newer
+    /// or broken producer).
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < std::mem::size_of::<Self>() {
+            return None;
+        }
+        let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        Some(Self {
+            ts_ns: u64_at(0),
+            saddr: u32_at(8),
+            daddr: u32_at(12),
+            sport: u16_at(16),
+            dport: u16_at(18),
+            proto: b[20],
+            r#type: b[21],
+            reason: b[22],
+            dir: b[23],
+            ifindex: u32_at(24),
+            ep_id: u32_at(28),
+            peer_identity: u32_at(32),
+            rule_id: u32_at(36),
+            len: u32_at(40),
+            hook: b[44],
+            obs: b[45],
+            tcp_flags: b[46],
+            verdict: b[47],
+            r#match: b[48],
+            pad: [b[49], b[50], b[51], b[52], b[53], b[54], b[55]],
+            packets: u64_at(56),
+            bytes: u64_at(64),
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowAggKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub hook: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowAgg {
+    pub last_report_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 macro_rules! pod {
     ($($t:ty),*) => { $(
         // SAFETY: repr(C), only integers and arrays of integers, explicit pad
@@ -241,5 +356,8 @@ pod!(
     PolicyData,
     PolicyValue,
     CtKey,
-    CtEntry
+    CtEntry,
+    FlowEvent,
+    FlowAggKey,
+    FlowAgg
 );

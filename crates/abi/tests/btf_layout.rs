@@ -75,7 +75,7 @@ macro_rules! check {
         assert_eq!(s.size as usize, size_of::<$t>(), "size of {}", $c);
         $(
             assert_eq!(
-                s.members.get(stringify!($f)).copied(),
+                s.members.get(stringify!($f).trim_start_matches("r#")).copied(),
                 Some(offset_of!($t, $f) as u32),
                 "offset of {}.{}", $c, stringify!($f)
             );
@@ -107,7 +107,7 @@ fn shared_structs_match_btf() {
             PolicyKey,
             [prefixlen, ep_id, identity, direction, proto, dport]
         );
-        check!(s, "policy_value", PolicyValue, [rule_id, proxy_port, action, pad]);
+        check!(s, "policy_value", PolicyValue, [rule_id, proxy_port, action, r#match]);
         check!(s, "ct_key", CtKey, [saddr, daddr, sport, dport, proto, direction, pad]);
         check!(
             s,
@@ -116,6 +116,42 @@ fn shared_structs_match_btf() {
             [last_seen_ns, ep_id, policy_rev, rule_id, flags, pad]
         );
         check!(s, "metrics_value", MetricsValue, [packets, bytes]);
+        check!(
+            s,
+            "flow_event",
+            FlowEvent,
+            [
+                ts_ns,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto,
+                r#type,
+                reason,
+                dir,
+                ifindex,
+                ep_id,
+                peer_identity,
+                rule_id,
+                len,
+                hook,
+                obs,
+                tcp_flags,
+                verdict,
+                r#match,
+                pad,
+                packets,
+                bytes
+            ]
+        );
+        check!(
+            s,
+            "flow_agg_key",
+            FlowAggKey,
+            [saddr, daddr, sport, dport, proto, hook, pad]
+        );
+        check!(s, "flow_agg", FlowAgg, [last_report_ns, packets, bytes]);
     }
     let host = btf_structs(BPF_HOST);
     check!(host, "nat_key", NatKey, [saddr, daddr, sport, dport, proto, pad]);
