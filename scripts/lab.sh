@@ -38,9 +38,30 @@ echo
 echo
 "$SINEW" --node node1 endpoint list
 echo
+status=$("$SINEW" lab status)
+if grep -q '^node2-pod1 ' <<< "$status"; then
+  echo "==> policy: examples/lab-policy.yaml (node2-pod1 takes TCP 8080 from node1 pods, never from pod2s)"
+  "$SINEW" --node node2 policy apply -f examples/lab-policy.yaml
+  "$SINEW" --node node2 policy get
+  echo
+  "$SINEW" --node node2 policy trace --from node1-pod1 --to node2-pod1 --port 8080/tcp || true
+  echo
+  "$SINEW" --node node2 policy trace --from node1-pod2 --to node2-pod1 --port 8080/tcp || true
+  echo
+  "$SINEW" --node node2 policy trace --from 198.18.0.1 --to node2-pod1 --port 8080/tcp || true
+  echo
+  target=$(awk '$1 == "node2-pod1" {print $3}' <<< "$status")
+  for src in node1-pod1 node1-pod2; do
+    if "$SINEW" lab exec "$src" -- busybox ping -c 1 -W 1 "$target" >/dev/null 2>&1; then r=allowed; else r=dropped; fi
+    echo "  ping $src -> node2-pod1: $r (ICMP is not in the policy: dropped)"
+  done
+  echo
+fi
 echo "The lab stays up. Explore it with:"
 echo "  $SINEW lab status"
 echo "  $SINEW lab exec $first -- ip route"
 echo "  $SINEW --node node2 endpoint list -o json"
+echo "  $SINEW --node node2 policy trace --from node1-pod1 --to node2-pod1 --port 8080/tcp"
+echo "  $SINEW --node node2 identity list"
 echo "Remove it with:"
 echo "  $SINEW lab down"

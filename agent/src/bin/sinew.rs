@@ -2,6 +2,13 @@
 use clap::Parser;
 
 fn main() {
+    // Like other command-line tools, end quietly when the reader of our
+    // output goes away (`sinew ... | head`) instead of panicking on EPIPE.
+    // SAFETY: called first thing, before any thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = sinew_agent::cli::Cli::parse();
     if let Err(e) = sinew_agent::cli::main(cli) {
         eprintln!("error: {e:#}");
