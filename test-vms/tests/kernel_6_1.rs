@@ -1,0 +1,434 @@
+//! The privileged tests on Linux 6.1 (Debian 12's kernel), in a qemu VM
+//! started by `test-vms/vm/run-in-vm.sh`. 6.1 has no TCX, so this is where
+//! the agent's clsact attach path runs: the BPF packet tests, the e2e
+//! connectivity matrix, and a lab whose agent restarts and must replace its
+//! cls_bpf filters in place rather than stack a second copy.
+//!
+//! The same test binary runs twice: on the host it snapshots the already
+//! built binaries and boots the VM; inside the VM (`SINEW_K61_GUEST` set) it
+//! runs the tests against that snapshot. It fails, never skips, when qemu or
+//! the kernel cannot be had.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Set (to the snapshot directory) in the guest's environment.
+const GUEST_ENV: &str = "SINEW_K61_GUEST";
+const TEST_NAME: &str = "privileged_tests_pass_on_linux_6_1_with_clsact";
+/// Test binaries the guest runs, by cargo target name.
+const SUITES: [&str; 2] = ["bpf_programs", "e2e_connectivity"];
+const LAB: &str = "vmtest";
+
+#[test]
+fn privileged_tests_pass_on_linux_6_1_with_clsact() {
+    match std::env::var_os(GUEST_ENV) {
+        Some(snapshot) => guest::run(Path::new(&snapshot)),
+        None => host::run(),
+    }
+}
+
+/// Marker the guest prints after each step; the host checks them all, so a
+/// guest that stops early cannot pass.
+fn step_done(step: &str) -> String {
+    format!("kernel-6.1 step ok: {step}")
+}
+
+/// Prints a step marker on a line of its own (libtest may have left a
+/// "test NAME ... " without a newline).
+fn report_step(step: &str) {
+    println!("\n{}", step_done(step));
+}
+
+const STEPS: [&str; 5] = [
+    "kernel",
+    "bpf_programs",
+    "e2e_connectivity",
+    "clsact lab",
+    "clsact restart",
+];
+
+mod host {
+    use super::*;
+
+    pub fn run() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "the 6.1 VM tier needs root (it installs qemu and the kernel when missing): run the tests as root"
+        );
+        let exe = std::env::current_exe().expect("cannot find the running test executable");
+        let deps = exe.parent().expect("test executable has a parent directory");
+        let debug = deps.parent().expect("deps has a parent directory");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/run-in-vm.sh");
+
+        // Others rebuild target/ while the VM runs; the guest reads binaries
+        // over 9p and an executable replaced under it crashes. A private
+        // copy keeps the run consistent.
+        let snap = Snapshot::new();
+        for bin in ["sinew", "sinew-agent", "sinew-cni"] {
+            let src = debug.join(bin);
+            assert!(
+                src.is_file(),
+                "{} is missing: run `cargo build --workspace` first",
+                src.display()
+            );
+            snap.copy(&src, Path::new(bin));
+        }
+        let mut suite_args = Vec::new();
+        for suite in SUITES {
+            let src = newest_test_binary(deps, suite).unwrap_or_else(|| {
+                panic!(
+                    "no {suite}-* test executable in {}: run `cargo test --workspace --no-run` first",
+                    deps.display()
+                )
+            });
+            let name = src.file_name().unwrap();
+            snap.copy(&src, &Path::new("deps").join(name));
+            suite_args.push(format!(
+                "SINEW_K61_{}={}",
+                suite.to_uppercase(),
+                snap.0.join("deps").join(name).display()
+            ));
+        }
+        let me = Path::new("deps").join(exe.file_name().unwrap());
+        snap.copy(&exe, &me);
+
+        let started = Instant::now();
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .arg("env")
+            .arg(format!("{GUEST_ENV}={}", snap.0.display()))
+            .args(&suite_args)
+            .arg(snap.0.join(&me))
+            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+            .current_dir(&root)
+            // TCG runs this in about 4 minutes; a hung guest ends at 10.
+            .env(
+                "SINEW_VM_TIMEOUT",
+                std::env::var("SINEW_VM_TIMEOUT").unwrap_or_else(|_| "600".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        let stderr = child.stderr.take().unwrap();
+        let err_reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                lines.push(line);
+            }
+            lines
+        });
+        let mut log = Vec::new();
+        for line in BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+        {
+            println!("{line}");
+            log.push(line);
+        }
+        let status = child.wait().expect("wait for run-in-vm.sh");
+        log.extend(err_reader.join().unwrap());
+        let elapsed = started.elapsed();
+        println!("kernel-6.1 VM tier took {:.0} s", elapsed.as_secs_f64());
+
+        let tail = log[log.len().saturating_sub(60)..].join("\n");
+        assert!(
+            status.success(),
+            "the 6.1 VM run failed ({status}); exit 125 means the VM could not be had (qemu, kernel, virtme-ng). Last lines:\n{tail}"
+        );
+        assert!(
+            log.iter().any(|l| l.contains("guest kernel 6.1.")),
+            "the VM did not report a 6.1 guest kernel:\n{tail}"
+        );
+        for step in STEPS {
+            assert!(
+                log.iter().any(|l| l.trim_end() == step_done(step)),
+                "step {step:?} did not report success in the VM:\n{tail}"
+            );
+        }
+    }
+
+    /// The newest `NAME-<hash>` executable in `deps`.
+    fn newest_test_binary(deps: &Path, name: &str) -> Option<PathBuf> {
+        let prefix = format!("{name}-");
+        std::fs::read_dir(deps)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.strip_prefix(&prefix)
+                    .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                let runnable = m.is_file() && m.permissions().mode() & 0o111 != 0;
+                runnable.then_some((m.modified().ok()?, e.path()))
+            })
+            .max()
+            .map(|(_, p)| p)
+    }
+
+    /// A private copy of the binaries, laid out like `target/debug` so the
+    /// test binaries find the agent next to them; removed on drop.
+    struct Snapshot(PathBuf);
+
+    impl Snapshot {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("sinew-k61-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("deps")).expect("create the binary snapshot directory");
+            Self(dir)
+        }
+
+        fn copy(&self, src: &Path, rel: &Path) {
+            std::fs::copy(src, self.0.join(rel))
+                .unwrap_or_else(|e| panic!("cannot copy {} into the VM snapshot: {e}", src.display()));
+        }
+    }
+
+    impl Drop for Snapshot {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+mod guest {
+    use super::*;
+
+    use sinew_testvms::lab::{Lab, UpOptions};
+
+    pub fn run(snapshot: &Path) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert!(release.starts_with("6.1."), "the VM runs {release}, not a 6.1 kernel");
+        report_step("kernel");
+
+        for suite in SUITES {
+            let var = format!("SINEW_K61_{}", suite.to_uppercase());
+            let bin = std::env::var(&var).unwrap_or_else(|_| panic!("{var} is not set by the host side"));
+            let t = Instant::now();
+            let status = Command::new(&bin)
+                .arg("--test-threads=1")
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+            assert!(status.success(), "{suite} failed on 6.1 ({status})");
+            println!("{suite} took {:.0} s", t.elapsed().as_secs_f64());
+            report_step(suite);
+        }
+
+        let t = Instant::now();
+        clsact_lab(snapshot);
+        println!("clsact lab took {:.0} s", t.elapsed().as_secs_f64());
+    }
+
+    /// Takes the lab down however the checks end.
+    struct LabDown<'a>(&'a Path);
+
+    impl Drop for LabDown<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0).args(["--lab", LAB, "lab", "down"]).status();
+        }
+    }
+
+    fn sinew(bin: &Path, args: &[&str]) -> String {
+        let out = Command::new(bin)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run sinew {args:?}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "sinew {args:?} failed ({}):\n{stdout}",
+            out.status
+        );
+        stdout
+    }
+
+    fn json(bin: &Path, args: &[&str]) -> serde_json::Value {
+        let out = sinew(bin, args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("sinew {args:?} printed no JSON ({e}):\n{out}"))
+    }
+
+    fn ping(bin: &Path, from: &str, to: &str) {
+        let status = Command::new(bin)
+            .args([
+                "--lab", LAB, "lab", "exec", from, "--", "busybox", "ping", "-c1", "-W2", to,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{from} cannot ping {to} ({status})");
+    }
+
+    /// Where the agent attaches on node1 and what must be there.
+    fn expected(lxc: &str) -> Vec<(String, &'static str, &'static str)> {
+        vec![
+            (lxc.to_string(), "ingress", "from_container"),
+            (lxc.to_string(), "egress", "to_container"),
+            ("eth0".to_string(), "ingress", "from_netdev"),
+            ("eth0".to_string(), "egress", "to_netdev"),
+            ("sinew_vxlan".to_string(), "ingress", "from_overlay"),
+            ("sinew_vxlan".to_string(), "egress", "to_overlay"),
+        ]
+    }
+
+    /// One cls_bpf filter as `tc filter show` prints it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Filter {
+        prog: String,
+        id: u32,
+        pref: u32,
+        handle: String,
+    }
+
+    fn node_out(lab: &Lab, argv: &[&str]) -> String {
+        let out = lab.node_exec_output("node1", argv).unwrap();
+        assert!(
+            out.status.success(),
+            "{argv:?} in node1 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn filters(lab: &Lab, dev: &str, hook: &str) -> Vec<Filter> {
+        let out = node_out(lab, &["tc", "filter", "show", "dev", dev, hook]);
+        // Each filter prints a header line and a line with its handle.
+        out.lines()
+            .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let after = |k: &str| {
+                    w.iter()
+                        .position(|x| *x == k)
+                        .and_then(|i| w.get(i + 1))
+                        .unwrap_or_else(|| panic!("no {k} in tc output line {l:?}"))
+                        .to_string()
+                };
+                Filter {
+                    prog: after("name"),
+                    id: after("id").parse().unwrap(),
+                    pref: after("pref").parse().unwrap(),
+                    handle: after("handle"),
+                }
+            })
+            .collect()
+    }
+
+    /// Checks that each hook has exactly our one filter and that no other
+    /// device in node1 has any; returns the program ids.
+    fn check_filters(lab: &Lab, lxc: &str, when: &str) -> Vec<u32> {
+        let want = expected(lxc);
+        let mut ids = Vec::new();
+        for (dev, hook, prog) in &want {
+            let f = filters(lab, dev, hook);
+            assert_eq!(
+                f.len(),
+                1,
+                "{when}: {dev} {hook} must have exactly one filter, has {f:?}"
+            );
+            assert_eq!(&f[0].prog, prog, "{when}: wrong program on {dev} {hook}");
+            assert_eq!((f[0].pref, f[0].handle.as_str()), (1, "0x1"), "{when}: {dev} {hook}");
+            ids.push(f[0].id);
+        }
+        let links = node_out(lab, &["ip", "-o", "link", "show"]);
+        for dev in links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap())
+        {
+            if want.iter().any(|(d, _, _)| d == dev) {
+                continue;
+            }
+            for hook in ["ingress", "egress"] {
+                let f = filters(lab, dev, hook);
+                assert!(f.is_empty(), "{when}: unexpected filters on {dev} {hook}: {f:?}");
+            }
+        }
+        ids
+    }
+
+    fn clsact_lab(snapshot: &Path) {
+        let bin = snapshot.join("sinew");
+        let _ = Command::new(&bin).args(["--lab", LAB, "lab", "down"]).output();
+        sinew(
+            &bin,
+            &[
+                "lab",
+                "up",
+                "--nodes",
+                "2",
+                "--pods-per-node",
+                "1",
+                "--lab",
+                LAB,
+                "--routing",
+                "vxlan",
+            ],
+        );
+        let _down = LabDown(&bin);
+        for node in ["node1", "node2"] {
+            let s = json(&bin, &["--lab", LAB, "--node", node, "status", "-o", "json"]);
+            assert_eq!(s["attachMode"], "clsact", "{node} status: {s}");
+            assert_eq!(s["healthy"], true, "{node} status: {s}");
+        }
+        let eps = json(
+            &bin,
+            &["--lab", LAB, "--node", "node1", "endpoint", "list", "-o", "json"],
+        );
+        let lxc = eps[0]["interface"].as_str().expect("node1 has an endpoint").to_string();
+        let eps2 = json(
+            &bin,
+            &["--lab", LAB, "--node", "node2", "endpoint", "list", "-o", "json"],
+        );
+        let remote = eps2[0]["ip"].as_str().expect("node2 has an endpoint").to_string();
+
+        let mut lab = Lab::load(&sinew_testvms::lab::default_state_dir(LAB)).unwrap();
+        let before = check_filters(&lab, &lxc, "after lab up");
+        ping(&bin, "node1-pod1", &remote);
+        report_step("clsact lab");
+
+        // A restarted agent loads new program instances and must put them
+        // in place of the old filters.
+        assert!(lab.stop_agent("node1").unwrap(), "node1's agent was not running");
+        let ready = |_: &Path| {
+            Command::new(&bin)
+                .args(["--lab", LAB, "--node", "node1", "status", "-o", "json"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        lab.start_agent_with(
+            "node1",
+            &UpOptions {
+                ready: Some(&ready),
+                agent_timeout: Duration::from_secs(120),
+            },
+        )
+        .unwrap_or_else(|e| panic!("node1's agent did not come back: {e}"));
+        let s = json(&bin, &["--lab", LAB, "--node", "node1", "status", "-o", "json"]);
+        assert_eq!(s["attachMode"], "clsact", "restarted node1 status: {s}");
+        assert_eq!(s["healthy"], true, "restarted node1 status: {s}");
+        let after = check_filters(&lab, &lxc, "after agent restart");
+        for (a, b) in before.iter().zip(&after) {
+            assert_ne!(
+                a, b,
+                "a filter still runs the old agent's program (ids {before:?} -> {after:?})"
+            );
+        }
+        ping(&bin, "node1-pod1", &remote);
+        let down = sinew(&bin, &["--lab", LAB, "lab", "down"]);
+        assert!(
+            down.contains("nothing left behind"),
+            "lab down left things behind:\n{down}"
+        );
+        report_step("clsact restart");
+    }
+}
