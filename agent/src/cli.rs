@@ -41,6 +41,84 @@ enum Command {
     /// Security identities.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// Flows the datapath saw: forwarded, dropped (with the reason),
+    /// policy verdicts. `sinew observe status` shows the observer's counters.
+    Observe(Box<ObserveArgs>),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ObserveArgs {
+    #[command(subcommand)]
+    cmd: Option<ObserveCmd>,
+    /// Keep running and print new flows as they come (Ctrl-C stops).
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// The newest N matching flows (default: 20; with --follow or --since,
+    /// none or all of them).
+    #[arg(long)]
+    last: Option<u64>,
+    /// Flows since a duration ago (30s, 5m, 1h) or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Flows until an RFC 3339 time or a duration ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// A pod on either side ([namespace/]name).
+    #[arg(long)]
+    pod: Option<String>,
+    /// A namespace on either side.
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// The source pod ([namespace/]name).
+    #[arg(long)]
+    from_pod: Option<String>,
+    /// The destination pod ([namespace/]name).
+    #[arg(long)]
+    to_pod: Option<String>,
+    /// FORWARDED or DROPPED.
+    #[arg(long, value_parser = ["FORWARDED", "DROPPED", "forwarded", "dropped"])]
+    verdict: Option<String>,
+    /// drop, trace or policy-verdict.
+    #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict"])]
+    event_type: Option<String>,
+    /// A drop reason: its name (policy_denied) or code.
+    #[arg(long)]
+    drop_reason: Option<String>,
+    /// A port on either side.
+    #[arg(long)]
+    port: Option<u16>,
+    /// tcp, udp, icmp, sctp or a protocol number.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// A security identity on either side.
+    #[arg(long)]
+    identity: Option<u32>,
+    /// ingress or egress.
+    #[arg(long, value_parser = ["ingress", "egress"])]
+    direction: Option<String>,
+    /// key=value labels one side must carry (repeatable).
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// Show the observer's counters instead of flows.
+    #[arg(long)]
+    status: bool,
+    /// table, json (one object per line) or compact (one line per flow).
+    #[arg(short = 'o', long = "output", default_value = "table")]
+    output: FlowFormat,
+}
+
+#[derive(Subcommand)]
+enum ObserveCmd {
+    /// Flows seen, buffer size, events lost per type.
+    Status(OutputArg),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FlowFormat {
+    Table,
+    Json,
+    Compact,
 }
 
 #[derive(Subcommand)]
@@ -150,12 +228,22 @@ impl Cli {
 }
 
 async fn client(socket: &Path) -> anyhow::Result<sinew_proto::AgentClient<tonic::transport::Channel>> {
-    sinew_proto::connect(socket, Duration::from_secs(5)).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach sinew-agent at {} ({e}); is it running? check `systemctl status sinew-agent` or its log, or pass --socket / --node",
-            socket.display()
-        )
-    })
+    sinew_proto::connect(socket, Duration::from_secs(5))
+        .await
+        .map_err(|e| unreachable_agent(socket, e))
+}
+
+fn unreachable_agent(socket: &Path, e: tonic::transport::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot reach sinew-agent at {} ({e}); is it running? check `systemctl status sinew-agent` or its log, or pass --socket / --node",
+        socket.display()
+    )
+}
+
+async fn observer_client(socket: &Path) -> anyhow::Result<sinew_proto::ObserverClient<tonic::transport::Channel>> {
+    sinew_proto::connect_observer(socket, Duration::from_secs(5))
+        .await
+        .map_err(|e| unreachable_agent(socket, e))
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
@@ -184,6 +272,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Lab(cmd) => lab(&cli, cmd)?,
         Command::Policy(cmd) => policy(&cli, cmd)?,
+        Command::Observe(args) => observe(&cli, args)?,
         Command::Identity(IdentityCmd::List(o)) => {
             let socket = cli.socket()?;
             let ids = runtime()?
@@ -549,5 +638,223 @@ fn print_endpoints(eps: &[v1::Endpoint], f: Format) {
             "{:<5} {:<28} {:<15} {:<9} {:<15} {:<10}",
             e.id, pod, e.ip, e.identity, e.host_ifname, e.state
         );
+    }
+}
+
+// ------------------------------------------------------------------ observe
+
+fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::GetFlowsRequest> {
+    use sinew_proto::observer_v1 as pb;
+    let now = crate::observer::now_unix_nanos();
+    let since = a
+        .since
+        .as_deref()
+        .map(|s| crate::observer::render::parse_since(s, now))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--since {e}"))?;
+    let until = a
+        .until
+        .as_deref()
+        .map(|s| crate::observer::render::parse_since(s, now))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--until {e}"))?;
+    for l in &a.labels {
+        if !l.contains('=') || l.starts_with('=') {
+            bail!("--label {l:?}: use key=value");
+        }
+    }
+    let drop_reason = match a.drop_reason.as_deref() {
+        None => None,
+        Some(r) => Some(match r.parse::<u8>() {
+            Ok(code) => u32::from(code),
+            Err(_) => sinew_abi::DropReason::ALL
+                .iter()
+                .find(|d| d.label() == r || d.c_name().eq_ignore_ascii_case(r))
+                .map(|d| u32::from(d.code()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--drop-reason {r:?}: use a code or one of {}",
+                        sinew_abi::DropReason::ALL[1..]
+                            .iter()
+                            .map(|d| d.label())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?,
+        }),
+    };
+    let protocol = a
+        .protocol
+        .as_deref()
+        .map(|p| {
+            crate::observer::parse_protocol(p)
+                .map(u32::from)
+                .ok_or_else(|| anyhow::anyhow!("--protocol {p:?}: use tcp, udp, icmp, sctp or a number"))
+        })
+        .transpose()?;
+    let filter = pb::FlowFilter {
+        pod: a.pod.clone().unwrap_or_default(),
+        namespace: a.namespace.clone().unwrap_or_default(),
+        from_pod: a.from_pod.clone().unwrap_or_default(),
+        to_pod: a.to_pod.clone().unwrap_or_default(),
+        labels: a.labels.clone(),
+        identity: a.identity,
+        verdict: match a.verdict.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            Some("FORWARDED") => pb::Verdict::Forwarded as i32,
+            Some("DROPPED") => pb::Verdict::Dropped as i32,
+            _ => 0,
+        },
+        drop_reason,
+        protocol,
+        port: a.port.map(u32::from),
+        direction: match a.direction.as_deref() {
+            Some("ingress") => pb::TrafficDirection::Ingress as i32,
+            Some("egress") => pb::TrafficDirection::Egress as i32,
+            _ => 0,
+        },
+        event_type: match a.event_type.as_deref() {
+            Some("drop") => pb::EventType::Drop as i32,
+            Some("trace") => pb::EventType::Trace as i32,
+            Some("policy-verdict") => pb::EventType::PolicyVerdict as i32,
+            _ => 0,
+        },
+    };
+    let number = match (a.last, a.follow || a.since.is_some()) {
+        (Some(n), _) => n,
+        (None, true) => 0,
+        (None, false) => 20,
+    };
+    // Following without --last or --since starts from now.
+    let since = match since {
+        None if a.follow && a.last.is_none() => Some(now),
+        s => s,
+    };
+    Ok(pb::GetFlowsRequest {
+        number,
+        follow: a.follow,
+        since_unix_nanos: since.unwrap_or(0),
+        until_unix_nanos: until.unwrap_or(0),
+        filters: if filter == pb::FlowFilter::default() {
+            Vec::new()
+        } else {
+            vec![filter]
+        },
+    })
+}
+
+/// Writes one line; false when stdout is gone (`| head`), which ends the
+/// command quietly.
+fn emit(out: &mut impl std::io::Write, line: &str) -> bool {
+    writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+}
+
+fn observe(cli: &Cli, a: &ObserveArgs) -> anyhow::Result<()> {
+    use crate::observer::render;
+    use sinew_proto::observer_v1 as pb;
+    let socket = cli.socket()?;
+    if a.status || matches!(a.cmd, Some(ObserveCmd::Status(_))) {
+        let json = matches!(&a.cmd, Some(ObserveCmd::Status(o)) if o.output == Format::Json)
+            || (a.status && a.output == FlowFormat::Json);
+        let st = runtime()?.block_on(async {
+            let mut c = observer_client(&socket).await?;
+            c.server_status(pb::ServerStatusRequest {}).await.map_err(rpc_error)
+        })?;
+        print_observer_status(&st.into_inner(), json);
+        return Ok(());
+    }
+    let req = observe_request(a)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = observer_client(&socket).await?;
+        let mut stream = c.get_flows(req).await.map_err(rpc_error)?.into_inner();
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        if a.output == FlowFormat::Table && !emit(&mut out, render::TABLE_HEADER) {
+            return Ok(());
+        }
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m.map_err(rpc_error)?,
+                _ = &mut ctrl_c => return Ok(()),
+            };
+            let Some(msg) = msg else { return Ok(()) };
+            let line = match msg.response {
+                Some(pb::get_flows_response::Response::Flow(f)) => match a.output {
+                    FlowFormat::Table => render::table_row(&f),
+                    FlowFormat::Compact => render::compact(&f),
+                    FlowFormat::Json => render::json(&f).to_string(),
+                },
+                Some(pb::get_flows_response::Response::LostEvents(l)) => {
+                    eprintln!(
+                        "warning: {} flows were not shown: this terminal read too slowly (narrow the filters)",
+                        l.count
+                    );
+                    continue;
+                }
+                None => continue,
+            };
+            if !emit(&mut out, &line) {
+                return Ok(());
+            }
+        }
+    })
+}
+
+fn print_observer_status(s: &sinew_proto::observer_v1::ServerStatusResponse, json: bool) {
+    let counts = |v: &[sinew_proto::observer_v1::EventCount]| -> serde_json::Value {
+        v.iter()
+            .map(|c| (c.r#type.clone(), serde_json::Value::from(c.count)))
+            .collect()
+    };
+    if json {
+        let v = serde_json::json!({
+            "node": s.node_name, "enabled": s.enabled, "numFlows": s.num_flows,
+            "currentFlows": s.current_flows, "maxFlows": s.max_flows,
+            "flowsByType": counts(&s.flows_by_type), "flowsByDropReason": s.flows_by_drop_reason,
+            "eventsLost": counts(&s.events_lost), "eventsLostTotal": s.events_lost_total,
+            "followerDropped": s.follower_dropped, "followers": s.followers,
+            "eventRingBytes": s.event_ring_bytes, "uptimeSeconds": s.uptime_nanos / 1_000_000_000,
+            "observerStart": crate::observer::render::rfc3339(s.observer_start_unix_nanos),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return;
+    }
+    let list = |v: &[sinew_proto::observer_v1::EventCount]| {
+        v.iter()
+            .map(|c| format!("{} {}", c.r#type, c.count))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("Node:            {}", s.node_name);
+    if !s.enabled {
+        println!("Flow events:     off (the agent runs with --events=false)");
+    }
+    println!("Flows seen:      {} ({})", s.num_flows, list(&s.flows_by_type));
+    println!("Flow buffer:     {}/{}", s.current_flows, s.max_flows);
+    println!(
+        "Events lost:     {} ({}){}",
+        s.events_lost_total,
+        list(&s.events_lost),
+        if s.events_lost_total > 0 {
+            "; the datapath ring was full: raise --event-ring-size"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "Followers:       {} now, {} flows dropped for slow ones",
+        s.followers, s.follower_dropped
+    );
+    println!("Event ring:      {} bytes", s.event_ring_bytes);
+    println!("Uptime:          {}s", s.uptime_nanos / 1_000_000_000);
+    if !s.flows_by_drop_reason.is_empty() {
+        let mut r: Vec<_> = s.flows_by_drop_reason.iter().collect();
+        r.sort();
+        println!("Drops by reason:");
+        for (k, v) in r {
+            println!("  {k:<24} {v}");
+        }
     }
 }

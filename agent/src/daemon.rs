@@ -18,6 +18,7 @@ use crate::endpoints::Registry;
 use crate::ipam::Ipam;
 use crate::netutil;
 use crate::nodes::{LocalNode, Reconciler};
+use crate::observer::{Observer, ObserverApi, ObserverConfig};
 use crate::state::NodeState;
 
 pub const VXLAN_DEV: &str = "sinew_vxlan";
@@ -56,6 +57,12 @@ pub struct AgentConfig {
     pub events: bool,
     pub event_ring_bytes: u32,
     pub event_report_interval: Duration,
+    /// Flows the observer keeps for `sinew observe` (`--flow-buffer-size`).
+    pub flow_buffer_size: usize,
+    /// The Prometheus endpoint (None: off), and whether to turn on the
+    /// kernel's BPF run-time statistics for it.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub bpf_stats: bool,
 }
 
 impl AgentConfig {
@@ -245,14 +252,46 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "datapath ready"
     );
 
+    let ring = state.datapath.take_events();
     let state = Arc::new(Mutex::new(state));
+    let observer = start_observer(&cfg, ring, &state)?;
+    if cfg.bpf_stats {
+        crate::metrics::enable_bpf_stats();
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = crate::metrics::bind(addr).await?;
+        let source = crate::metrics::Source {
+            state: state.clone(),
+            flows: Some(crate::metrics::observer_flows(observer.stats())),
+        };
+        tokio::spawn(crate::metrics::serve(listener, source));
+    }
     tokio::spawn(follow_datastore(ds, state.clone()));
     tokio::spawn(housekeeping(
         state.clone(),
         cfg.housekeeping_interval,
         cfg.identity_gc_grace,
     ));
-    serve(&cfg, state, (attach_mode, pod_attach_mode), pin_dir).await
+    serve(&cfg, state, observer, (attach_mode, pod_attach_mode), pin_dir).await
+}
+
+/// The flow observer on its own thread, or a disabled one that still
+/// answers the API when events are off.
+fn start_observer(
+    cfg: &AgentConfig,
+    ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    state: &Arc<Mutex<NodeState>>,
+) -> anyhow::Result<Observer> {
+    let ocfg = ObserverConfig {
+        node_name: cfg.node_name.clone(),
+        buffer_size: cfg.flow_buffer_size,
+        event_ring_bytes: u64::from(cfg.event_ring_bytes),
+        tick: Duration::from_millis(250),
+    };
+    match ring {
+        Some(ring) if cfg.events => Ok(Observer::start(ring, state.clone(), ocfg)?),
+        _ => Ok(Observer::disabled(ocfg)),
+    }
 }
 
 /// Periodic work: idle conntrack entries, unused identities.
@@ -297,6 +336,7 @@ async fn follow_datastore(ds: Arc<dyn Datastore>, state: Arc<Mutex<NodeState>>) 
 async fn serve(
     cfg: &AgentConfig,
     state: Arc<Mutex<NodeState>>,
+    observer: Observer,
     (mode, pod_mode): (AttachMode, AttachMode),
     pin_dir: PathBuf,
 ) -> anyhow::Result<()> {
@@ -326,6 +366,7 @@ async fn serve(
     };
     tonic::transport::Server::builder()
         .add_service(sinew_proto::AgentServer::new(api))
+        .add_service(sinew_proto::ObserverServer::new(ObserverApi { observer }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     let _ = std::fs::remove_file(&cfg.socket);

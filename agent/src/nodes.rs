@@ -189,6 +189,12 @@ pub struct Reconciler {
     pub vxlan_dev: String,
     pub local: LocalNode,
     routes: BTreeSet<NodeRoute>,
+    /// What the ipcache holds, as last applied; `None` until read from
+    /// the map once (after a restart it holds an earlier agent's entries).
+    ipcache: Option<BTreeMap<KeyOrd, IpcacheValue>>,
+    /// Routes are written once each, then only when they change; a failed
+    /// write is retried on the next apply.
+    routes_failed: bool,
 }
 
 impl Reconciler {
@@ -199,20 +205,45 @@ impl Reconciler {
             vxlan_dev,
             local,
             routes: BTreeSet::new(),
+            ipcache: None,
+            routes_failed: true,
         }
     }
 
+    /// Writes only the differences: a resync with thousands of entries
+    /// (CIDR identities, pods of a large cluster) costs nothing when little
+    /// changed.
     pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), DatapathError> {
-        for (k, v) in &want.ipcache {
-            dp.upsert_ipcache(k.key(), *v)?;
-        }
-        for (k, _) in dp.ipcache_entries() {
-            if let Some(ko) = KeyOrd::from_key(&k) {
-                if !want.ipcache.contains_key(&ko) {
-                    dp.remove_ipcache(k)?;
+        let current = match self.ipcache.take() {
+            Some(c) => c,
+            None => dp
+                .ipcache_entries()
+                .iter()
+                .filter_map(|(k, v)| KeyOrd::from_key(k).map(|ko| (ko, *v)))
+                .collect(),
+        };
+        let mut now = current.clone();
+        let result = (|| {
+            for (k, v) in &want.ipcache {
+                if current.get(k) != Some(v) {
+                    dp.upsert_ipcache(k.key(), *v)?;
+                    now.insert(*k, *v);
                 }
             }
+            for k in current.keys() {
+                if !want.ipcache.contains_key(k) {
+                    dp.remove_ipcache(k.key())?;
+                    now.remove(k);
+                }
+            }
+            Ok(())
+        })();
+        self.ipcache = Some(now);
+        result?;
+        if want.routes == self.routes && !self.routes_failed {
+            return Ok(());
         }
+        self.routes_failed = false;
         for r in &want.routes {
             let dst = r.dst.to_string();
             let via = r.via.to_string();
@@ -225,6 +256,7 @@ impl Reconciler {
             };
             if let Err(e) = res {
                 tracing::warn!(route = %dst, error = %e, "cannot install route to a remote pod CIDR");
+                self.routes_failed = true;
             }
         }
         for old in self.routes.difference(&want.routes) {

@@ -340,15 +340,14 @@ impl crate::state::NodeState {
         out
     }
 
-    /// Resolves one local endpoint's policy from the current state.
-    pub fn resolve_endpoint(&self, ep: &crate::endpoints::Endpoint, identities: &[sinew_policy::Identity]) -> Resolved {
-        let e = sinew_policy::Endpoint {
+    /// The policy crate's view of a local endpoint.
+    pub fn policy_endpoint(&self, ep: &crate::endpoints::Endpoint) -> sinew_policy::Endpoint {
+        sinew_policy::Endpoint {
             namespace: ep.pod_namespace.clone(),
             pod_labels: self.pod_labels(&ep.pod_namespace, &ep.pod_name),
             identity: ep.identity,
             named_ports: named_ports(&self.named_ports(&ep.pod_namespace, &ep.pod_name)),
-        };
-        sinew_policy::resolve(&e, &self.policy.resources, identities, &self.all_namespace_labels())
+        }
     }
 
     /// Computes every local endpoint's policy and brings the map and the
@@ -359,12 +358,15 @@ impl crate::state::NodeState {
     pub fn apply_policy(&mut self) -> Result<(), crate::state::StateError> {
         self.refresh_policies();
         let identities = self.policy_identities();
+        let namespaces = self.all_namespace_labels();
         let eps: Vec<crate::endpoints::Endpoint> = self.registry.iter().cloned().collect();
         let mut want = BTreeMap::new();
         let mut enforced = BTreeMap::new();
         let mut resolved = BTreeMap::new();
+        // One resolver for all endpoints: each rule's peers are expanded once.
+        let resolver = sinew_policy::Resolver::new(&self.policy.resources, &identities, &namespaces);
         for ep in &eps {
-            let r = self.resolve_endpoint(ep, &identities);
+            let r = resolver.resolve(&self.policy_endpoint(ep));
             want.extend(compile(ep.id, &r, &mut self.policy.rules));
             let mut flags = 0;
             if r.ingress_enforced {

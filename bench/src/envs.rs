@@ -100,6 +100,11 @@ impl LabGuard {
         self.lab.as_ref().expect("set by up")
     }
 
+    /// The lab, for adding and deleting pods.
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        self.lab.as_mut().expect("set by up")
+    }
+
     /// Pod `i` (creation order) as a namespace and IPv4 address.
     pub fn pod(&self, i: usize) -> Result<(NetNs, IpAddr), EnvError> {
         let p = &self.lab().pods()[i];

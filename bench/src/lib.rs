@@ -14,6 +14,8 @@
 pub mod envs;
 pub mod idle;
 pub mod iperf;
+pub mod observe;
+pub mod policy;
 pub mod report;
 pub mod rr;
 pub mod scenarios;

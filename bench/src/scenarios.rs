@@ -71,6 +71,9 @@ pub enum ScenarioError {
         /// What went wrong.
         reason: String,
     },
+    /// A policy benchmark step failed.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyBenchError),
     /// The agent's memory could not be read.
     #[error("cannot read VmRSS of the agent (pid {pid}): {reason}")]
     Rss {
@@ -103,7 +106,7 @@ pub struct Options {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Metric {
+pub(crate) enum Metric {
     RrRate,
     RrP50,
     RrP99,
@@ -115,7 +118,7 @@ enum Metric {
 }
 
 impl Metric {
-    const ALL: [Metric; 8] = [
+    pub(crate) const ALL: [Metric; 8] = [
         Metric::RrRate,
         Metric::RrP50,
         Metric::RrP99,
@@ -157,23 +160,23 @@ impl Metric {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Test {
+pub(crate) enum Test {
     Rr,
     Crr,
     Iperf(u32),
 }
 
-type Measured = BTreeMap<Metric, Samples>;
+pub(crate) type Measured = BTreeMap<Metric, Samples>;
 
 /// The servers of one side, kept for the whole scenario.
-struct Side {
-    ep: Endpoints,
+pub(crate) struct Side {
+    pub(crate) ep: Endpoints,
     rr: rr::Server,
     iperf: IperfServer,
 }
 
 impl Side {
-    fn start(ep: Endpoints) -> Result<Self, ScenarioError> {
+    pub(crate) fn start(ep: Endpoints) -> Result<Self, ScenarioError> {
         for ns in [&ep.client, &ep.server] {
             envs::tune_for_crr(ns)?;
         }
@@ -251,6 +254,23 @@ fn run_sides(
     opts: &Options,
     report: &mut Report,
 ) -> Result<Vec<Measured>, ScenarioError> {
+    run_tests(
+        scenario,
+        sides,
+        &[Test::Rr, Test::Crr, Test::Iperf(1), Test::Iperf(4)],
+        opts,
+        report,
+    )
+}
+
+/// [`run_sides`] with a chosen list of tests.
+pub(crate) fn run_tests(
+    scenario: &str,
+    sides: &[Side],
+    tests: &[Test],
+    opts: &Options,
+    report: &mut Report,
+) -> Result<Vec<Measured>, ScenarioError> {
     let mut out = vec![Measured::new(); sides.len()];
     for rep in 1..=opts.reps {
         let w = idle::wait_for_idle(opts.idle_wait_rep)?;
@@ -258,7 +278,7 @@ fn run_sides(
             eprintln!("  {n}");
             report.notes.push(n);
         }
-        for test in [Test::Rr, Test::Crr, Test::Iperf(1), Test::Iperf(4)] {
+        for &test in tests {
             for (i, side) in sides.iter().enumerate() {
                 idle::check_interrupted()?;
                 eprintln!("  {scenario}: rep {rep}/{}: {test:?} on {}", opts.reps, side.ep.label);
@@ -270,7 +290,18 @@ fn run_sides(
 }
 
 fn rows(scenario: &str, baseline: &str, base: &Measured, sinew: &Measured) -> Vec<Row> {
-    Metric::ALL
+    metric_rows(&Metric::ALL, scenario, baseline, base, sinew)
+}
+
+/// One row per metric in `metrics`.
+pub(crate) fn metric_rows(
+    metrics: &[Metric],
+    scenario: &str,
+    baseline: &str,
+    base: &Measured,
+    sinew: &Measured,
+) -> Vec<Row> {
+    metrics
         .iter()
         .map(|&m| Row {
             scenario: scenario.to_owned(),
@@ -284,7 +315,7 @@ fn rows(scenario: &str, baseline: &str, base: &Measured, sinew: &Measured) -> Ve
         .collect()
 }
 
-fn scenario_start(name: &str, opts: &Options, report: &mut Report) -> Result<(), ScenarioError> {
+pub(crate) fn scenario_start(name: &str, opts: &Options, report: &mut Report) -> Result<(), ScenarioError> {
     eprintln!(
         "== {name}: waiting for an idle machine (up to {} s)",
         opts.idle_wait.as_secs()
@@ -367,7 +398,7 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
     Ok(())
 }
 
-fn lab_spec(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> LabSpec {
+pub(crate) fn lab_spec(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> LabSpec {
     LabSpec {
         name_prefix: format!("{prefix}-s"),
         nodes,

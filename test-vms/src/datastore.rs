@@ -38,13 +38,45 @@ pub fn node_yaml(name: &str, pod_cidr: Ipv4Net, internal_ip: Ipv4Addr) -> String
     )
 }
 
-/// A Pod manifest scheduled on `node_name`.
-pub fn pod_yaml(namespace: &str, name: &str, node_name: &str, labels: &BTreeMap<String, String>) -> String {
-    let mut s = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n",
-        q(name),
-        q(namespace)
-    );
+/// A named container port, as NetworkPolicy named ports refer to it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerPort {
+    /// The port's name (`http`).
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// The port number.
+    pub port: u16,
+}
+
+impl ContainerPort {
+    /// A named TCP port.
+    pub fn tcp(name: &str, port: u16) -> Self {
+        Self {
+            name: name.to_owned(),
+            protocol: "TCP".to_owned(),
+            port,
+        }
+    }
+
+    /// A named UDP port.
+    pub fn udp(name: &str, port: u16) -> Self {
+        Self {
+            name: name.to_owned(),
+            protocol: "UDP".to_owned(),
+            port,
+        }
+    }
+}
+
+/// A Namespace manifest with labels.
+pub fn namespace_yaml(name: &str, labels: &BTreeMap<String, String>) -> String {
+    let mut s = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", q(name));
+    push_labels(&mut s, labels);
+    s
+}
+
+fn push_labels(s: &mut String, labels: &BTreeMap<String, String>) {
     if labels.is_empty() {
         s.push_str("  labels: {}\n");
     } else {
@@ -53,6 +85,40 @@ pub fn pod_yaml(namespace: &str, name: &str, node_name: &str, labels: &BTreeMap<
             s.push_str(&format!("    {}: {}\n", q(k), q(v)));
         }
     }
+}
+
+/// A Pod manifest scheduled on `node_name`, with one container that
+/// declares `ports` (none: no container is written).
+pub fn pod_yaml_with_ports(
+    namespace: &str,
+    name: &str,
+    node_name: &str,
+    labels: &BTreeMap<String, String>,
+    ports: &[ContainerPort],
+) -> String {
+    let mut s = pod_yaml(namespace, name, node_name, labels);
+    if !ports.is_empty() {
+        s.push_str("  containers:\n    - name: \"main\"\n      ports:\n");
+        for p in ports {
+            s.push_str(&format!(
+                "        - name: {}\n          containerPort: {}\n          protocol: {}\n",
+                q(&p.name),
+                p.port,
+                q(&p.protocol)
+            ));
+        }
+    }
+    s
+}
+
+/// A Pod manifest scheduled on `node_name`.
+pub fn pod_yaml(namespace: &str, name: &str, node_name: &str, labels: &BTreeMap<String, String>) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n",
+        q(name),
+        q(namespace)
+    );
+    push_labels(&mut s, labels);
     s.push_str(&format!("spec:\n  nodeName: {}\n", q(node_name)));
     s
 }
@@ -60,6 +126,11 @@ pub fn pod_yaml(namespace: &str, name: &str, node_name: &str, labels: &BTreeMap<
 /// `DIR/nodes/NAME.yaml`.
 pub fn node_path(datastore: &Path, name: &str) -> PathBuf {
     datastore.join("nodes").join(format!("{name}.yaml"))
+}
+
+/// `DIR/namespaces/NAME.yaml`.
+pub fn namespace_path(datastore: &Path, name: &str) -> PathBuf {
+    datastore.join("namespaces").join(format!("{name}.yaml"))
 }
 
 /// `DIR/pods/NAMESPACE-NAME.yaml`.
@@ -130,6 +201,31 @@ mod tests {
     fn pod_manifest_without_labels_is_an_empty_map() {
         let y = pod_yaml("default", "p", "node1", &BTreeMap::new());
         assert!(y.contains("  labels: {}\n"));
+    }
+
+    #[test]
+    fn namespace_and_ports_parse_as_kubernetes_objects() {
+        let labels = BTreeMap::from([("team".to_owned(), "a".to_owned())]);
+        let ns = namespace_yaml("a", &labels);
+        assert!(ns.starts_with("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"a\"\n"));
+        assert!(ns.ends_with("  labels:\n    \"team\": \"a\"\n"));
+        let pod = pod_yaml_with_ports(
+            "a",
+            "web",
+            "node1",
+            &labels,
+            &[ContainerPort::tcp("http", 8080), ContainerPort::udp("stats", 5353)],
+        );
+        assert!(pod.ends_with(
+            "spec:\n  nodeName: \"node1\"\n  containers:\n    - name: \"main\"\n      ports:\n\
+             \x20       - name: \"http\"\n          containerPort: 8080\n          protocol: \"TCP\"\n\
+             \x20       - name: \"stats\"\n          containerPort: 5353\n          protocol: \"UDP\"\n"
+        ));
+        // Without ports the manifest is the plain one.
+        assert_eq!(
+            pod_yaml_with_ports("a", "web", "node1", &labels, &[]),
+            pod_yaml("a", "web", "node1", &labels)
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bpffs::{self, BpffsError};
 use crate::cni::{self, CniError, CniRequest};
-use crate::datastore::{self, DatastoreError};
+use crate::datastore::{self, ContainerPort, DatastoreError};
 use crate::netns::{command_in, detach, NetNs, NetnsError};
 use crate::process;
 use crate::topology::{self, Names, Topology, TopologyError, UPLINK};
@@ -400,6 +400,9 @@ pub struct PodRecord {
     pub container_id: String,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
+    /// Named container ports written into the Pod manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -740,7 +743,47 @@ impl Lab {
         name: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<&PodRecord, LabError> {
+        self.add_pod_full(node, POD_NAMESPACE, name, labels, Vec::new())
+    }
+
+    /// Writes a Namespace manifest with `labels` (again: replaces them).
+    /// Pods in a namespace without one still work; they only lack its labels.
+    pub fn add_namespace(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<(), LabError> {
         validate_pod_name(name)?;
+        datastore::write_atomic(
+            &datastore::namespace_path(&self.datastore_dir(), name),
+            &datastore::namespace_yaml(name, labels),
+        )?;
+        Ok(())
+    }
+
+    /// Rewrites a pod's manifest with new labels, as a `kubectl label`
+    /// would; the agents pick it up from the datastore.
+    pub fn relabel_pod(&mut self, name: &str, labels: BTreeMap<String, String>) -> Result<(), LabError> {
+        let idx = self.pod_index(name)?;
+        let pod = &mut self.state.pods[idx];
+        pod.labels = labels;
+        let pod = pod.clone();
+        datastore::write_atomic(
+            &datastore::pod_path(&self.datastore_dir(), &pod.namespace, &pod.name),
+            &datastore::pod_yaml_with_ports(&pod.namespace, &pod.name, &pod.node, &pod.labels, &pod.ports),
+        )?;
+        self.save()
+    }
+
+    /// [`Lab::add_pod`] in any Kubernetes namespace, with named container
+    /// ports in its manifest. Pod names are unique across namespaces in a
+    /// lab (they name the pod's network namespace).
+    pub fn add_pod_full(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        ports: Vec<ContainerPort>,
+    ) -> Result<&PodRecord, LabError> {
+        validate_pod_name(name)?;
+        validate_pod_name(namespace)?;
         if self.state.pods.iter().any(|p| p.name == name) {
             return Err(LabError::InvalidPodName {
                 name: name.to_owned(),
@@ -759,18 +802,19 @@ impl Lab {
         let netns = NetNs::create(netns.name())?;
         let pod = PodRecord {
             name: name.to_owned(),
-            namespace: POD_NAMESPACE.to_owned(),
+            namespace: namespace.to_owned(),
             node: rec.name.clone(),
             netns,
             ip: None,
             container_id: cni::container_id(&self.state.spec.name_prefix, name),
             labels,
+            ports,
         };
         let manifest = datastore::pod_path(&self.datastore_dir(), &pod.namespace, name);
         let setup = (|| -> Result<IpNet, LabError> {
             datastore::write_atomic(
                 &manifest,
-                &datastore::pod_yaml(&pod.namespace, name, &rec.name, &pod.labels),
+                &datastore::pod_yaml_with_ports(&pod.namespace, name, &rec.name, &pod.labels, &pod.ports),
             )?;
             self.state.pods.push(pod.clone());
             self.save()?;

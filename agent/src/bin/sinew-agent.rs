@@ -73,6 +73,17 @@ struct Args {
     /// Milliseconds between counter reports of flows without TCP state.
     #[arg(long, default_value_t = 5000)]
     event_report_interval_ms: u64,
+    /// Recent flows the agent keeps for `sinew observe` (0: none, only
+    /// followers see flows).
+    #[arg(long, default_value_t = 8192)]
+    flow_buffer_size: usize,
+    /// Prometheus endpoint (GET /metrics), HOST:PORT or `off`.
+    #[arg(long, default_value = sinew_agent::metrics::DEFAULT_ADDR)]
+    metrics_addr: String,
+    /// Turn on the kernel's BPF program run statistics
+    /// (kernel.bpf_stats_enabled) for sinew_bpf_program_* metrics.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    bpf_stats: bool,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -110,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         events: a.events,
         event_ring_bytes: a.event_ring_size,
         event_report_interval: std::time::Duration::from_millis(a.event_report_interval_ms),
+        flow_buffer_size: a.flow_buffer_size,
+        metrics_addr: sinew_agent::metrics::parse_addr(&a.metrics_addr)?,
+        bpf_stats: a.bpf_stats,
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()

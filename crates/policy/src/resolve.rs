@@ -125,97 +125,180 @@ pub fn resolve(
     identities: &[Identity],
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> Resolved {
-    let own_labels = identities
-        .iter()
-        .find_map(|i| match &i.kind {
-            IdentityKind::Pod { labels, .. } if i.id == endpoint.identity => Some(labels.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| {
-            identity_labels(
-                &endpoint.namespace,
-                &endpoint.pod_labels,
-                namespaces.get(&endpoint.namespace).unwrap_or(&BTreeMap::new()),
-                None,
-                &IgnoreRules::default(),
-            )
-        });
-    let selected: Vec<&PolicyResource> = policies
-        .iter()
-        .filter(|p| {
-            let in_namespace = p.namespace.as_ref().is_none_or(|ns| *ns == endpoint.namespace);
-            in_namespace
-                && match &p.subject {
-                    Subject::PodLabels(s) => s.matches(&endpoint.pod_labels),
-                    Subject::IdentityLabels(s) => s.matches(&own_labels),
-                }
-        })
-        .collect();
+    Resolver::new(policies, identities, namespaces).resolve(endpoint)
+}
 
-    let mut map: BTreeMap<Key, BTreeSet<RuleRef>> = BTreeMap::new();
-    for policy in &selected {
-        for (section, rules) in &policy.sections {
-            let direction = section.direction();
-            let action = if section.is_deny() { Action::Deny } else { Action::Allow };
-            for (index, rule) in rules.iter().enumerate() {
-                let rule_ref = RuleRef {
-                    kind: policy.kind,
-                    namespace: policy.namespace.clone(),
-                    name: policy.name.clone(),
-                    section: *section,
-                    index,
+/// Resolution of many endpoints against one set of policies and
+/// identities: each rule's peers are expanded once and shared by every
+/// endpoint it applies to, and CIDR peers are found through a prefix index
+/// instead of a scan of every identity. [`resolve`] is the one-endpoint
+/// form; the results are identical.
+pub struct Resolver<'a> {
+    policies: &'a [PolicyResource],
+    identities: &'a [Identity],
+    namespaces: &'a BTreeMap<String, BTreeMap<String, String>>,
+    /// CIDR identities by (family, first address, prefix length).
+    cidr_index: BTreeMap<(bool, u128, u8), u32>,
+    peers: std::cell::RefCell<std::collections::HashMap<(usize, usize, usize), std::rc::Rc<PeerSet>>>,
+}
+
+fn net_key(net: &IpNet) -> (bool, u128, u8) {
+    match net {
+        IpNet::V4(n) => (false, u128::from(u32::from(n.network())), n.prefix_len()),
+        IpNet::V6(n) => (true, u128::from(n.network()), n.prefix_len()),
+    }
+}
+
+fn net_last(net: &IpNet) -> u128 {
+    match net {
+        IpNet::V4(n) => u128::from(u32::from(n.broadcast())),
+        IpNet::V6(n) => u128::from(n.broadcast()),
+    }
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(
+        policies: &'a [PolicyResource],
+        identities: &'a [Identity],
+        namespaces: &'a BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Self {
+        let cidr_index = identities
+            .iter()
+            .filter_map(|i| match &i.kind {
+                IdentityKind::Cidr(net) => Some((net_key(net), i.id)),
+                _ => None,
+            })
+            .collect();
+        Resolver {
+            policies,
+            identities,
+            namespaces,
+            cidr_index,
+            peers: Default::default(),
+        }
+    }
+
+    /// CIDR identities whose prefix lies inside `net`.
+    fn cidrs_within(&self, net: &IpNet) -> impl Iterator<Item = (IpNet, u32)> + '_ {
+        let (v6, first, len) = net_key(net);
+        let last = net_last(net);
+        self.cidr_index
+            .range((v6, first, 0)..=(v6, last, u8::MAX))
+            .filter(move |((_, _, l), _)| *l >= len)
+            .filter_map(|((v6, addr, l), id)| {
+                let net = if *v6 {
+                    IpNet::new(std::net::IpAddr::V6((*addr).into()), *l).ok()?
+                } else {
+                    IpNet::new(std::net::IpAddr::V4((*addr as u32).into()), *l).ok()?
                 };
-                let peers = expand_peers(rule.peers.as_deref(), identities);
-                let mut add = |peer: Peer, proto: Option<Proto>, ports: Option<(u16, u16)>| {
-                    map.entry((direction, peer, proto, ports, action))
-                        .or_default()
-                        .insert(rule_ref.clone());
-                };
-                let any_port = rule.port_rules.is_empty() || rule.port_rules.iter().any(|pr| pr.ports.is_empty());
-                if any_port {
-                    peers.for_each(|peer| add(peer, None, None));
-                    continue;
-                }
-                for sel in rule.port_rules.iter().flat_map(|pr| &pr.ports) {
-                    match sel {
-                        PortSel::Range { proto, range } => {
-                            for (proto, range) in expand_proto(*proto, *range) {
-                                peers.for_each(|peer| add(peer, proto, range));
+                Some((net, *id))
+            })
+    }
+
+    fn rule_peers(&self, key: (usize, usize, usize), rule: &crate::model::Rule) -> std::rc::Rc<PeerSet> {
+        if let Some(p) = self.peers.borrow().get(&key) {
+            return p.clone();
+        }
+        let p = std::rc::Rc::new(expand_peers(self, rule.peers.as_deref()));
+        self.peers.borrow_mut().insert(key, p.clone());
+        p
+    }
+
+    pub fn resolve(&self, endpoint: &Endpoint) -> Resolved {
+        let (policies, identities, namespaces) = (self.policies, self.identities, self.namespaces);
+        let own_labels = identities
+            .iter()
+            .find_map(|i| match &i.kind {
+                IdentityKind::Pod { labels, .. } if i.id == endpoint.identity => Some(labels.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| {
+                identity_labels(
+                    &endpoint.namespace,
+                    &endpoint.pod_labels,
+                    namespaces.get(&endpoint.namespace).unwrap_or(&BTreeMap::new()),
+                    None,
+                    &IgnoreRules::default(),
+                )
+            });
+        let selected: Vec<(usize, &PolicyResource)> = policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                let in_namespace = p.namespace.as_ref().is_none_or(|ns| *ns == endpoint.namespace);
+                in_namespace
+                    && match &p.subject {
+                        Subject::PodLabels(s) => s.matches(&endpoint.pod_labels),
+                        Subject::IdentityLabels(s) => s.matches(&own_labels),
+                    }
+            })
+            .collect();
+
+        let mut map: BTreeMap<Key, BTreeSet<RuleRef>> = BTreeMap::new();
+        for (pi, policy) in &selected {
+            for (si, (section, rules)) in policy.sections.iter().enumerate() {
+                let direction = section.direction();
+                let action = if section.is_deny() { Action::Deny } else { Action::Allow };
+                for (index, rule) in rules.iter().enumerate() {
+                    let rule_ref = RuleRef {
+                        kind: policy.kind,
+                        namespace: policy.namespace.clone(),
+                        name: policy.name.clone(),
+                        section: *section,
+                        index,
+                    };
+                    let peers = self.rule_peers((*pi, si, index), rule);
+                    let mut add = |peer: Peer, proto: Option<Proto>, ports: Option<(u16, u16)>| {
+                        map.entry((direction, peer, proto, ports, action))
+                            .or_default()
+                            .insert(rule_ref.clone());
+                    };
+                    let any_port = rule.port_rules.is_empty() || rule.port_rules.iter().any(|pr| pr.ports.is_empty());
+                    if any_port {
+                        peers.for_each(|peer| add(peer, None, None));
+                        continue;
+                    }
+                    for sel in rule.port_rules.iter().flat_map(|pr| &pr.ports) {
+                        match sel {
+                            PortSel::Range { proto, range } => {
+                                for (proto, range) in expand_proto(*proto, *range) {
+                                    peers.for_each(|peer| add(peer, proto, range));
+                                }
                             }
+                            PortSel::Named { proto, name } => match direction {
+                                // Ingress: the name is the selected pod's port.
+                                Direction::Ingress => {
+                                    if let Some((p, port)) = named(&endpoint.named_ports, *proto, name) {
+                                        peers.for_each(|peer| add(peer, Some(p), Some((port, port))));
+                                    }
+                                }
+                                // Egress: each destination's own port of that
+                                // name, so the entries are per identity.
+                                Direction::Egress => {
+                                    for ident in identities {
+                                        let IdentityKind::Pod { named_ports, .. } = &ident.kind else {
+                                            continue;
+                                        };
+                                        if !peers.contains(ident.id) {
+                                            continue;
+                                        }
+                                        if let Some((p, port)) = named(named_ports, *proto, name) {
+                                            add(Peer::Identity(ident.id), Some(p), Some((port, port)));
+                                        }
+                                    }
+                                }
+                            },
                         }
-                        PortSel::Named { proto, name } => match direction {
-                            // Ingress: the name is the selected pod's port.
-                            Direction::Ingress => {
-                                if let Some((p, port)) = named(&endpoint.named_ports, *proto, name) {
-                                    peers.for_each(|peer| add(peer, Some(p), Some((port, port))));
-                                }
-                            }
-                            // Egress: each destination's own port of that
-                            // name, so the entries are per identity.
-                            Direction::Egress => {
-                                for ident in identities {
-                                    let IdentityKind::Pod { named_ports, .. } = &ident.kind else {
-                                        continue;
-                                    };
-                                    if !peers.contains(ident.id) {
-                                        continue;
-                                    }
-                                    if let Some((p, port)) = named(named_ports, *proto, name) {
-                                        add(Peer::Identity(ident.id), Some(p), Some((port, port)));
-                                    }
-                                }
-                            }
-                        },
                     }
                 }
             }
         }
-    }
 
-    Resolved {
-        ingress_enforced: selected.iter().any(|p| p.isolates_ingress),
-        egress_enforced: selected.iter().any(|p| p.isolates_egress),
-        entries: drop_covered(map),
+        Resolved {
+            ingress_enforced: selected.iter().any(|(_, p)| p.isolates_ingress),
+            egress_enforced: selected.iter().any(|(_, p)| p.isolates_egress),
+            entries: drop_covered(map),
+        }
     }
 }
 
@@ -264,7 +347,8 @@ impl PeerSet {
     }
 }
 
-fn expand_peers(peers: Option<&[PeerSel]>, identities: &[Identity]) -> PeerSet {
+fn expand_peers(resolver: &Resolver<'_>, peers: Option<&[PeerSel]>) -> PeerSet {
+    let identities = resolver.identities;
     let Some(peers) = peers else { return PeerSet::Any };
     let mut ids = BTreeSet::new();
     let pods = || {
@@ -312,8 +396,8 @@ fn expand_peers(peers: Option<&[PeerSel]>, identities: &[Identity]) -> PeerSet {
                 if cidr.prefix_len() == 0 {
                     ids.insert(Reserved::World.id());
                 }
-                for (id, net) in cidrs() {
-                    if cidr.contains(&net) && !except.iter().any(|e| e.contains(&net)) {
+                for (net, id) in resolver.cidrs_within(cidr) {
+                    if !except.iter().any(|e| e.contains(&net)) {
                         ids.insert(id);
                     }
                 }
@@ -323,46 +407,90 @@ fn expand_peers(peers: Option<&[PeerSel]>, identities: &[Identity]) -> PeerSet {
     PeerSet::Some(ids)
 }
 
-/// Whether an entry for (proto, ports) also covers (proto2, ports2).
-fn covers(proto: Option<Proto>, ports: Option<(u16, u16)>, proto2: Option<Proto>, ports2: Option<(u16, u16)>) -> bool {
-    match (proto, proto2) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(a), Some(b)) if a != b => false,
-        _ => match (ports, ports2) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some((lo, hi)), Some((lo2, hi2))) => lo <= lo2 && hi2 <= hi,
-        },
-    }
-}
-
 /// Drops entries that a broader entry with the same direction and action
 /// covers: same or any peer, same or any protocol, a containing port range.
 /// The verdict never changes, since deny wins whatever is left of allows.
+/// A port range, whether it stands for "every port", and whether it is the
+/// peer's own entry (else the Any peer's).
+type Span = ((u16, u16), bool, bool);
+
 fn drop_covered(map: BTreeMap<Key, BTreeSet<RuleRef>>) -> Vec<Entry> {
-    let mut by_peer: BTreeMap<(Direction, Action, Peer), Vec<L4>> = BTreeMap::new();
+    // Per (direction, action): the entries of each peer, and whether a
+    // key is covered by another entry of its own peer or of the Any peer.
+    // Sorting each protocol's ranges by (start, end descending) and
+    // sweeping the largest end seen so far finds every contained range in
+    // O(n log n); a rule list of thousands of ports stays cheap.
+    let mut covered: BTreeSet<Key> = BTreeSet::new();
+    let mut groups: BTreeMap<(Direction, Action), BTreeMap<Peer, Vec<L4>>> = BTreeMap::new();
     for (dir, peer, proto, ports, action) in map.keys() {
-        by_peer
-            .entry((*dir, *action, *peer))
+        groups
+            .entry((*dir, *action))
+            .or_default()
+            .entry(*peer)
             .or_default()
             .push((*proto, *ports));
     }
-    map.into_iter()
-        .filter(|((dir, peer, proto, ports, action), _)| {
-            let mut candidates = Vec::from([Peer::Any]);
+    for ((dir, action), peers) in &groups {
+        let any = peers.get(&Peer::Any).cloned().unwrap_or_default();
+        for (peer, own) in peers {
+            // (l4, is_own): entries of the Any peer cover this peer's too.
+            let mut all: Vec<(L4, bool)> = own.iter().map(|l| (*l, true)).collect();
             if *peer != Peer::Any {
-                candidates.push(*peer);
+                all.extend(any.iter().map(|l| (*l, false)));
             }
-            !candidates.iter().any(|cand| {
-                by_peer.get(&(*dir, *action, *cand)).is_some_and(|list| {
-                    list.iter().any(|(p2, r2)| {
-                        let same = *cand == *peer && p2 == proto && r2 == ports;
-                        !same && covers(*p2, *r2, *proto, *ports)
-                    })
-                })
-            })
-        })
+            let any_proto_other = all.iter().any(|((p, _), own)| p.is_none() && !*own);
+            let any_proto_own = all.iter().filter(|((p, _), own)| p.is_none() && *own).count();
+            let mut by_proto: BTreeMap<Proto, Vec<Span>> = BTreeMap::new();
+            for ((proto, ports), is_own) in &all {
+                let Some(proto) = proto else { continue };
+                let (range, whole) = match ports {
+                    None => ((0, u16::MAX), true),
+                    Some(r) => (*r, false),
+                };
+                by_proto.entry(*proto).or_default().push((range, whole, *is_own));
+            }
+            for ((proto, ports), is_own) in &all {
+                if !*is_own {
+                    continue;
+                }
+                let key = (*dir, *peer, *proto, *ports, *action);
+                match proto {
+                    // An any-protocol entry is covered only by another
+                    // any-protocol entry of the Any peer.
+                    None => {
+                        if any_proto_other {
+                            covered.insert(key);
+                        }
+                    }
+                    Some(_) if any_proto_other || any_proto_own > 0 => {
+                        covered.insert(key);
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (proto, mut ranges) in by_proto {
+                // Start ascending, end descending; for equal ranges the Any
+                // peer's first (it covers ours), a whole-protocol entry first.
+                ranges.sort_by(|a, b| {
+                    a.0 .0
+                        .cmp(&b.0 .0)
+                        .then(b.0 .1.cmp(&a.0 .1))
+                        .then(b.1.cmp(&a.1))
+                        .then(a.2.cmp(&b.2))
+                });
+                let mut max_end: Option<u16> = None;
+                for ((lo, hi), whole, is_own) in ranges {
+                    if is_own && max_end.is_some_and(|m| m >= hi) {
+                        let ports = if whole { None } else { Some((lo, hi)) };
+                        covered.insert((*dir, *peer, Some(proto), ports, *action));
+                    }
+                    max_end = Some(max_end.map_or(hi, |m| m.max(hi)));
+                }
+            }
+        }
+    }
+    map.into_iter()
+        .filter(|(k, _)| !covered.contains(k))
         .map(|((direction, peer, proto, ports, action), rules)| Entry {
             direction,
             peer,
@@ -372,4 +500,105 @@ fn drop_covered(map: BTreeMap<Key, BTreeSet<RuleRef>>) -> Vec<Entry> {
             rules: rules.into_iter().collect(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::*;
+
+    /// Whether an entry for (proto, ports) also covers (proto2, ports2).
+    fn covers(
+        proto: Option<Proto>,
+        ports: Option<(u16, u16)>,
+        proto2: Option<Proto>,
+        ports2: Option<(u16, u16)>,
+    ) -> bool {
+        match (proto, proto2) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(a), Some(b)) if a != b => false,
+            _ => match (ports, ports2) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some((lo, hi)), Some((lo2, hi2))) => lo <= lo2 && hi2 <= hi,
+            },
+        }
+    }
+
+    /// The quadratic definition the fast pass must agree with.
+    fn drop_covered_reference(map: &BTreeMap<Key, BTreeSet<RuleRef>>) -> BTreeSet<Key> {
+        map.keys()
+            .filter(|(dir, peer, proto, ports, action)| {
+                let mut cands = vec![Peer::Any];
+                if *peer != Peer::Any {
+                    cands.push(*peer);
+                }
+                !cands.iter().any(|cand| {
+                    map.keys().any(|(d2, p2, pr2, po2, a2)| {
+                        d2 == dir
+                            && a2 == action
+                            && p2 == cand
+                            && !(*cand == *peer && pr2 == proto && po2 == ports)
+                            && covers(*pr2, *po2, *proto, *ports)
+                    })
+                })
+            })
+            .copied()
+            .collect()
+    }
+
+    #[test]
+    fn fast_coverage_matches_the_quadratic_definition() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let rule = RuleRef {
+            kind: crate::model::PolicyKind::SinewNetworkPolicy,
+            namespace: None,
+            name: "r".into(),
+            section: Section::Ingress,
+            index: 0,
+        };
+        for _ in 0..300 {
+            let mut map: BTreeMap<Key, BTreeSet<RuleRef>> = BTreeMap::new();
+            for _ in 0..rnd(40) {
+                let peer = if rnd(3) == 0 {
+                    Peer::Any
+                } else {
+                    Peer::Identity(rnd(3) as u32)
+                };
+                let proto = match rnd(4) {
+                    0 => None,
+                    1 => Some(Proto::Tcp),
+                    2 => Some(Proto::Udp),
+                    _ => Some(Proto::Tcp),
+                };
+                let ports = match (proto, rnd(3)) {
+                    (None, _) | (_, 0) => None,
+                    _ => {
+                        let lo = rnd(20) as u16;
+                        Some((lo, lo + rnd(8) as u16))
+                    }
+                };
+                let dir = if rnd(2) == 0 {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                };
+                let action = if rnd(3) == 0 { Action::Deny } else { Action::Allow };
+                map.entry((dir, peer, proto, ports, action))
+                    .or_default()
+                    .insert(rule.clone());
+            }
+            let kept: BTreeSet<Key> = drop_covered(map.clone())
+                .into_iter()
+                .map(|e| (e.direction, e.peer, e.proto, e.ports, e.action))
+                .collect();
+            assert_eq!(kept, drop_covered_reference(&map), "{map:?}");
+        }
+    }
 }

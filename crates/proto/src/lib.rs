@@ -14,6 +14,14 @@ pub mod v1 {
     tonic::include_proto!("sinew.agent.v1");
 }
 
+/// The flow observer (`sinew observe`), served on the same socket.
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod observer_v1 {
+    tonic::include_proto!("sinew.observer.v1");
+}
+
+pub use observer_v1::observer_client::ObserverClient;
+pub use observer_v1::observer_server::{Observer, ObserverServer};
 pub use v1::agent_client::AgentClient;
 pub use v1::agent_server::{Agent, AgentServer};
 
@@ -23,10 +31,25 @@ pub const DEFAULT_SOCKET: &str = "/run/sinew/agent.sock";
 /// Connects to the agent's unix socket. The URI is a placeholder that tonic
 /// requires; the connector ignores it.
 pub async fn connect(socket: &Path, timeout: Duration) -> Result<AgentClient<Channel>, tonic::transport::Error> {
-    let socket: PathBuf = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]:50051")?
+    let endpoint = Endpoint::try_from("http://[::]:50051")?
         .connect_timeout(timeout)
-        .timeout(timeout)
+        .timeout(timeout);
+    Ok(AgentClient::new(channel(endpoint, socket).await?))
+}
+
+/// Connects the observer client. Only connecting is bounded by `timeout`:
+/// a followed flow stream lasts as long as the caller wants.
+pub async fn connect_observer(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<ObserverClient<Channel>, tonic::transport::Error> {
+    let endpoint = Endpoint::try_from("http://[::]:50051")?.connect_timeout(timeout);
+    Ok(ObserverClient::new(channel(endpoint, socket).await?))
+}
+
+async fn channel(endpoint: Endpoint, socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let socket: PathBuf = socket.to_path_buf();
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
@@ -34,6 +57,5 @@ pub async fn connect(socket: &Path, timeout: Duration) -> Result<AgentClient<Cha
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         }))
-        .await?;
-    Ok(AgentClient::new(channel))
+        .await
 }

@@ -1,0 +1,704 @@
+//! The Prometheus endpoint: `GET /metrics` on `--metrics-addr`, in the
+//! OpenMetrics text format, every name prefixed `sinew_`.
+//!
+//! Nothing is polled. Each scrape takes one [`Sample`] (the datapath's
+//! per-CPU counters, table sizes, BPF program statistics, the observer's
+//! flow counts, the agent's own memory) and renders it; counters are the
+//! kernel's and the observer's own totals, so a scrape never resets or
+//! loses anything. Collecting is a few dozen map syscalls plus one walk of
+//! the conntrack table, under the node state's lock, on a blocking thread.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use sinew_abi::{DropReason, MetricsValue};
+
+use crate::state::NodeState;
+
+/// The default port (the one Cilium's agent does not use, so both can run
+/// while migrating).
+pub const DEFAULT_ADDR: &str = "0.0.0.0:9962";
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const BPF_STATS_SYSCTL: &str = "kernel.bpf_stats_enabled";
+/// Every program the agent loads; the statistics are per loaded instance.
+const PROGRAMS: [&str; 6] = [
+    "from_container",
+    "to_container",
+    "from_netdev",
+    "to_netdev",
+    "from_overlay",
+    "to_overlay",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: {source}; pass --metrics-addr with a free address, or `off`")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--metrics-addr {value:?}: expected HOST:PORT (e.g. 0.0.0.0:9962) or `off`")]
+    Addr { value: String },
+}
+
+/// Parses `--metrics-addr`: `off` disables the endpoint.
+pub fn parse_addr(s: &str) -> Result<Option<SocketAddr>, MetricsError> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| MetricsError::Addr { value: s.to_string() })
+}
+
+/// Turns on the kernel's per-program run count and run time accounting.
+/// It costs two clock reads per program run, on every program of the
+/// node, so `--bpf-stats false` leaves the sysctl alone.
+pub fn enable_bpf_stats() {
+    if let Err(e) = crate::netutil::sysctl(BPF_STATS_SYSCTL, "1") {
+        tracing::warn!(error = %e, "cannot enable BPF program statistics; sinew_bpf_program_* stay at 0");
+    }
+}
+
+/// Flow counts as the observer reports them, in the shape this module
+/// renders; the daemon adapts the observer's snapshot to it. Each list is
+/// (label value, flows read since the observer started).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlowCounts {
+    pub by_verdict: Vec<(String, u64)>,
+    pub by_protocol: Vec<(String, u64)>,
+    pub by_type: Vec<(String, u64)>,
+    pub by_drop_reason: Vec<(String, u64)>,
+    /// Flows a slow follower (`sinew observe -f`) missed.
+    pub follower_dropped: u64,
+    /// Ring records too short to decode.
+    pub decode_errors: u64,
+    /// Flows held for GetFlows now, and how many fit.
+    pub buffered: u64,
+    pub capacity: u64,
+}
+
+/// Where flow counts come from: the observer, when the agent has one.
+pub type FlowSource = Arc<dyn Fn() -> FlowCounts + Send + Sync>;
+
+/// Flow counts from the observer's counters, read at each scrape.
+pub fn observer_flows(stats: Arc<crate::observer::ObserverStats>) -> FlowSource {
+    Arc::new(move || {
+        let snap = stats.snapshot();
+        let owned = |v: Vec<(&'static str, u64)>| v.into_iter().map(|(l, n)| (l.to_string(), n)).collect();
+        FlowCounts {
+            by_verdict: owned(snap.flows_by_verdict),
+            by_protocol: owned(snap.flows_by_protocol),
+            by_type: owned(snap.flows_by_type),
+            by_drop_reason: owned(snap.flows_by_drop_reason),
+            follower_dropped: snap.follower_dropped,
+            decode_errors: snap.decode_errors,
+            buffered: snap.buffered,
+            capacity: snap.capacity,
+        }
+    })
+}
+
+/// One BPF program's kernel statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgramStat {
+    pub name: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// Everything one scrape reports.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    /// (metrics map index = reason * 2 + direction, summed counters).
+    pub datapath: Vec<(u32, MetricsValue)>,
+    /// Ring buffer records the datapath could not write, per event type.
+    pub events_lost: Vec<u64>,
+    pub policy_entries: u64,
+    pub policy_capacity: u64,
+    pub policy_refused: u64,
+    pub policy_failed_endpoints: u64,
+    pub ct_entries: u64,
+    pub ct_capacity: u64,
+    pub endpoints: u64,
+    pub identities_cluster: u64,
+    pub identities_local: u64,
+    pub programs: Vec<ProgramStat>,
+    pub bpf_stats_enabled: bool,
+    pub rss_bytes: Option<u64>,
+    pub uptime_seconds: f64,
+    pub flows: Option<FlowCounts>,
+}
+
+/// The label of an event type index of `sinew_events_lost`.
+fn event_type_label(t: usize) -> &'static str {
+    match u8::try_from(t).unwrap_or(0) {
+        sinew_abi::EVENT_TRACE => "trace",
+        sinew_abi::EVENT_DROP => "drop",
+        sinew_abi::EVENT_POLICY => "policy",
+        _ => "unknown",
+    }
+}
+
+fn direction_label(index: u32) -> &'static str {
+    if index % 2 == sinew_abi::Direction::Ingress as u32 {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+/// The agent's resident set size, from /proc/self/status.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut it = line.split_whitespace().skip(1);
+    let kb: u64 = it.next()?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
+impl Sample {
+    /// Reads the datapath and the agent state; the caller holds the lock.
+    pub fn collect(s: &NodeState) -> Sample {
+        let dp = &s.datapath;
+        let cfg = dp.config();
+        let programs = PROGRAMS
+            .iter()
+            .filter_map(|&name| {
+                let info = dp.program(name)?.info().ok()?;
+                Some(ProgramStat {
+                    name,
+                    run_count: info.run_count(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect();
+        let local: std::collections::BTreeSet<u32> = s.registry.iter().map(|e| e.identity).collect();
+        Sample {
+            datapath: dp.metrics(),
+            events_lost: dp.events_lost(),
+            policy_entries: s.policy_entry_count() as u64,
+            policy_capacity: u64::from(cfg.policy_map_size),
+            policy_refused: s.policy.overflows,
+            policy_failed_endpoints: s.policy.failed.len() as u64,
+            ct_entries: dp.ct_len() as u64,
+            ct_capacity: u64::from(cfg.ct_map_size),
+            endpoints: s.registry.iter().count() as u64,
+            identities_cluster: s.snapshot.identities.len() as u64,
+            identities_local: local.len() as u64,
+            programs,
+            bpf_stats_enabled: bpf_stats_enabled(),
+            rss_bytes: rss_bytes(),
+            uptime_seconds: s.started.elapsed().as_secs_f64(),
+            flows: None,
+        }
+    }
+
+    /// The OpenMetrics text of this sample.
+    pub fn render(self) -> String {
+        let mut registry = Registry::with_prefix("sinew");
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Writes one metric family: `labels` pairs each label set with a value.
+fn family<L, V>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    rows: impl IntoIterator<Item = (L, V)>,
+) -> Result<(), std::fmt::Error>
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    V: Copy + prometheus_client::encoding::EncodeCounterValue + prometheus_client::encoding::EncodeGaugeValue,
+{
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, v) in rows {
+        let fam = m.encode_family(&labels)?;
+        match ty {
+            MetricType::Counter => ConstCounter::new(v).encode(fam)?,
+            _ => ConstGauge::new(v).encode(fam)?,
+        }
+    }
+    Ok(())
+}
+
+fn gauge<V>(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: V) -> Result<(), std::fmt::Error>
+where
+    V: prometheus_client::encoding::EncodeGaugeValue,
+{
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter<V>(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: V) -> Result<(), std::fmt::Error>
+where
+    V: prometheus_client::encoding::EncodeCounterValue,
+{
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+impl Collector for Sample {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        // Drops: every reason and direction, zeros included, so a rate()
+        // over a reason that has never happened is 0 and not absent.
+        let by_index: std::collections::BTreeMap<u32, MetricsValue> = self.datapath.iter().copied().collect();
+        let drop_rows = |bytes: bool| -> Vec<(Labels, u64)> {
+            let mut rows = Vec::new();
+            for r in DropReason::ALL.into_iter().filter(|r| *r != DropReason::Forwarded) {
+                for d in [sinew_abi::Direction::Ingress, sinew_abi::Direction::Egress] {
+                    let idx = d.metrics_index(r);
+                    let v = by_index.get(&idx).copied().unwrap_or_default();
+                    rows.push((
+                        vec![
+                            ("reason", r.label().to_string()),
+                            ("direction", direction_label(idx).to_string()),
+                        ],
+                        if bytes { v.bytes } else { v.packets },
+                    ));
+                }
+            }
+            rows
+        };
+        family(
+            &mut enc,
+            "drop_packets",
+            "Packets the datapath dropped, by reason and direction",
+            MetricType::Counter,
+            drop_rows(false),
+        )?;
+        family(
+            &mut enc,
+            "drop_bytes",
+            "Bytes of the packets the datapath dropped, by reason and direction",
+            MetricType::Counter,
+            drop_rows(true),
+        )?;
+        let fwd = |bytes: bool| -> Vec<(Labels, u64)> {
+            [sinew_abi::Direction::Ingress, sinew_abi::Direction::Egress]
+                .into_iter()
+                .map(|d| {
+                    let idx = d.metrics_index(DropReason::Forwarded);
+                    let v = by_index.get(&idx).copied().unwrap_or_default();
+                    (
+                        vec![("direction", direction_label(idx).to_string())],
+                        if bytes { v.bytes } else { v.packets },
+                    )
+                })
+                .collect()
+        };
+        family(
+            &mut enc,
+            "forward_packets",
+            "Packets the datapath programs passed on, by direction",
+            MetricType::Counter,
+            fwd(false),
+        )?;
+        family(
+            &mut enc,
+            "forward_bytes",
+            "Bytes of the packets the datapath programs passed on, by direction",
+            MetricType::Counter,
+            fwd(true),
+        )?;
+        family(
+            &mut enc,
+            "events_lost",
+            "Flow events the datapath could not write because the ring buffer was full, by event type",
+            MetricType::Counter,
+            self.events_lost
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(t, n)| (vec![("type", event_type_label(t).to_string())], *n)),
+        )?;
+        if let Some(f) = &self.flows {
+            let rows = |key: &'static str, v: &[(String, u64)]| -> Vec<(Labels, u64)> {
+                v.iter().map(|(l, n)| (vec![(key, l.clone())], *n)).collect()
+            };
+            family(
+                &mut enc,
+                "flows_by_verdict",
+                "Flow events the observer read, by verdict",
+                MetricType::Counter,
+                rows("verdict", &f.by_verdict),
+            )?;
+            family(
+                &mut enc,
+                "flows_by_protocol",
+                "Flow events the observer read, by IP protocol",
+                MetricType::Counter,
+                rows("protocol", &f.by_protocol),
+            )?;
+            family(
+                &mut enc,
+                "flows_by_type",
+                "Flow events the observer read, by event type",
+                MetricType::Counter,
+                rows("type", &f.by_type),
+            )?;
+            family(
+                &mut enc,
+                "flows_by_drop_reason",
+                "Drop flow events the observer read, by drop reason (reasons seen at least once)",
+                MetricType::Counter,
+                rows("reason", &f.by_drop_reason),
+            )?;
+            counter(
+                &mut enc,
+                "observer_follower_dropped",
+                "Flows that followers of GetFlows missed because they read too slowly",
+                f.follower_dropped,
+            )?;
+            counter(
+                &mut enc,
+                "observer_decode_errors",
+                "Ring buffer records the observer could not decode",
+                f.decode_errors,
+            )?;
+            gauge(
+                &mut enc,
+                "observer_buffered_flows",
+                "Flows held for GetFlows",
+                f.buffered,
+            )?;
+            gauge(
+                &mut enc,
+                "observer_buffer_capacity",
+                "Flows the observer buffer holds at most",
+                f.capacity,
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "policy_map_entries",
+            "Entries in the policy map",
+            self.policy_entries,
+        )?;
+        gauge(
+            &mut enc,
+            "policy_map_capacity",
+            "Capacity of the policy map (--policy-map-size)",
+            self.policy_capacity,
+        )?;
+        counter(
+            &mut enc,
+            "policy_map_refused_writes",
+            "Policy map writes refused because the map was full",
+            self.policy_refused,
+        )?;
+        gauge(
+            &mut enc,
+            "policy_endpoints_not_ready",
+            "Local endpoints failing closed because their policy does not fit in the map",
+            self.policy_failed_endpoints,
+        )?;
+        gauge(
+            &mut enc,
+            "conntrack_entries",
+            "Entries in the conntrack table",
+            self.ct_entries,
+        )?;
+        gauge(
+            &mut enc,
+            "conntrack_capacity",
+            "Capacity of the conntrack table (--ct-map-size)",
+            self.ct_capacity,
+        )?;
+        gauge(
+            &mut enc,
+            "endpoints",
+            "Endpoints (pod interfaces) on this node",
+            self.endpoints,
+        )?;
+        family(
+            &mut enc,
+            "identities",
+            "Security identities: allocated cluster-wide, and used by this node's endpoints",
+            MetricType::Gauge,
+            [
+                (vec![("scope", "cluster".to_string())], self.identities_cluster),
+                (vec![("scope", "local".to_string())], self.identities_local),
+            ],
+        )?;
+        gauge(
+            &mut enc,
+            "bpf_stats_enabled",
+            "1 when the kernel counts BPF program runs (kernel.bpf_stats_enabled)",
+            u64::from(self.bpf_stats_enabled),
+        )?;
+        family(
+            &mut enc,
+            "bpf_program_runs",
+            "Runs of each datapath program (0 unless bpf_stats_enabled)",
+            MetricType::Counter,
+            self.programs
+                .iter()
+                .map(|p| (vec![("program", p.name.to_string())], p.run_count)),
+        )?;
+        family(
+            &mut enc,
+            "bpf_program_run_time_ns",
+            "Nanoseconds spent in each datapath program (0 unless bpf_stats_enabled)",
+            MetricType::Counter,
+            self.programs
+                .iter()
+                .map(|p| (vec![("program", p.name.to_string())], p.run_time_ns)),
+        )?;
+        if let Some(rss) = self.rss_bytes {
+            gauge(
+                &mut enc,
+                "agent_resident_memory_bytes",
+                "Resident memory of the agent process (VmRSS)",
+                rss,
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "agent_uptime_seconds",
+            "Seconds since the agent started",
+            self.uptime_seconds,
+        )?;
+        Ok(())
+    }
+}
+
+/// What the HTTP handler needs.
+#[derive(Clone)]
+pub struct Source {
+    pub state: Arc<Mutex<NodeState>>,
+    pub flows: Option<FlowSource>,
+}
+
+impl Source {
+    /// One scrape, on a blocking thread (the state lock and map syscalls).
+    async fn scrape(&self) -> Option<String> {
+        let src = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sample = {
+                let s = src.state.lock().ok()?;
+                Sample::collect(&s)
+            };
+            sample.flows = src.flows.as_ref().map(|f| f());
+            Some(sample.render())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn handle(src: Source, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.uri().path() != "/metrics" {
+        return Ok(respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: metrics are at /metrics\n".into(),
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET /metrics\n".into(),
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return Ok(r);
+    }
+    Ok(match src.scrape().await {
+        Some(body) => respond(StatusCode::OK, CONTENT_TYPE, body),
+        None => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "the agent state is unavailable (a thread panicked); see the agent log\n".into(),
+        ),
+    })
+}
+
+/// Binds the endpoint now, so that a taken port fails the agent's start.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` until the runtime stops.
+pub async fn serve(listener: tokio::net::TcpListener, src: Source) {
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!(addr = %a, "serving metrics");
+    }
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin.
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let src = src.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(src.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Sample {
+        let ing = sinew_abi::Direction::Ingress;
+        let eg = sinew_abi::Direction::Egress;
+        Sample {
+            datapath: vec![
+                (
+                    eg.metrics_index(DropReason::SpoofedSource),
+                    MetricsValue { packets: 3, bytes: 300 },
+                ),
+                (
+                    ing.metrics_index(DropReason::Forwarded),
+                    MetricsValue {
+                        packets: 10,
+                        bytes: 1000,
+                    },
+                ),
+            ],
+            events_lost: vec![0, 1, 2, 3],
+            policy_entries: 5,
+            policy_capacity: 16,
+            endpoints: 2,
+            identities_cluster: 4,
+            identities_local: 2,
+            programs: vec![ProgramStat {
+                name: "from_container",
+                run_count: 7,
+                run_time_ns: 700,
+            }],
+            rss_bytes: Some(4096),
+            uptime_seconds: 1.5,
+            flows: Some(FlowCounts {
+                by_verdict: vec![("dropped".into(), 9)],
+                by_protocol: vec![("udp".into(), 9)],
+                by_type: vec![("drop".into(), 9)],
+                by_drop_reason: vec![("spoofed_source".into(), 9)],
+                follower_dropped: 1,
+                buffered: 9,
+                capacity: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn renders_every_family_with_labels_and_values() {
+        let text = sample().render();
+        for line in [
+            "sinew_drop_packets_total{reason=\"spoofed_source\",direction=\"egress\"} 3",
+            "sinew_drop_bytes_total{reason=\"spoofed_source\",direction=\"egress\"} 300",
+            "sinew_drop_packets_total{reason=\"ct_full\",direction=\"ingress\"} 0",
+            "sinew_forward_packets_total{direction=\"ingress\"} 10",
+            "sinew_forward_bytes_total{direction=\"egress\"} 0",
+            "sinew_events_lost_total{type=\"trace\"} 1",
+            "sinew_events_lost_total{type=\"policy\"} 3",
+            "sinew_flows_by_verdict_total{verdict=\"dropped\"} 9",
+            "sinew_flows_by_protocol_total{protocol=\"udp\"} 9",
+            "sinew_flows_by_type_total{type=\"drop\"} 9",
+            "sinew_flows_by_drop_reason_total{reason=\"spoofed_source\"} 9",
+            "sinew_observer_follower_dropped_total 1",
+            "sinew_observer_buffer_capacity 100",
+            "sinew_policy_map_entries 5",
+            "sinew_policy_map_capacity 16",
+            "sinew_endpoints 2",
+            "sinew_identities{scope=\"cluster\"} 4",
+            "sinew_identities{scope=\"local\"} 2",
+            "sinew_bpf_program_runs_total{program=\"from_container\"} 7",
+            "sinew_bpf_program_run_time_ns_total{program=\"from_container\"} 700",
+            "sinew_agent_resident_memory_bytes 4096",
+            "sinew_agent_uptime_seconds 1.5",
+            "# TYPE sinew_drop_packets counter",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // Every reason but "forwarded" appears in both directions.
+        let drops = text
+            .lines()
+            .filter(|l| l.starts_with("sinew_drop_packets_total{"))
+            .count();
+        assert_eq!(drops, (DropReason::ALL.len() - 1) * 2);
+        assert!(!text.contains("reason=\"forwarded\""));
+    }
+
+    #[test]
+    fn without_an_observer_no_flow_families() {
+        let mut s = sample();
+        s.flows = None;
+        let text = s.render();
+        assert!(!text.contains("sinew_flows"), "{text}");
+    }
+
+    #[test]
+    fn addr_parses_off_and_rejects_garbage() {
+        assert_eq!(parse_addr("off").unwrap(), None);
+        assert_eq!(
+            parse_addr("127.0.0.1:9962").unwrap(),
+            Some("127.0.0.1:9962".parse().unwrap())
+        );
+        assert!(parse_addr("9962").unwrap_err().to_string().contains("HOST:PORT"));
+    }
+
+    #[test]
+    fn vm_rss_is_read_in_bytes() {
+        let status = "Name:\tsinew-agent\nVmPeak:\t  9000 kB\nVmRSS:\t  1234 kB\n";
+        assert_eq!(parse_vm_rss(status), Some(1234 * 1024));
+        assert_eq!(parse_vm_rss("Name: x\n"), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! From a raw datapath record to the API's `Flow`: pure, so that every
+//! field's meaning is unit-tested without a kernel.
+
+use std::net::Ipv4Addr;
+
+use sinew_abi::{DropReason, FlowEvent};
+use sinew_proto::observer_v1 as pb;
+
+use super::index::{ObserverIndex, Peer};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `flow_event.dir` (METRIC_DIR_* in the ABI header).
+const DIR_INGRESS: u8 = sinew_abi::Direction::Ingress as u8;
+const DIR_EGRESS: u8 = sinew_abi::Direction::Egress as u8;
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        PROTO_ICMP => "ICMP".into(),
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        PROTO_SCTP => "SCTP".into(),
+        other => format!("IP({other})"),
+    }
+}
+
+/// Parses "tcp", "UDP", "icmp", "sctp" or a number.
+pub fn parse_protocol(s: &str) -> Option<u8> {
+    match s.to_ascii_lowercase().as_str() {
+        "icmp" => Some(PROTO_ICMP),
+        "tcp" => Some(PROTO_TCP),
+        "udp" => Some(PROTO_UDP),
+        "sctp" => Some(PROTO_SCTP),
+        n => n.parse().ok(),
+    }
+}
+
+pub fn tcp_flags(f: u8) -> pb::TcpFlags {
+    pb::TcpFlags {
+        fin: f & 0x01 != 0,
+        syn: f & 0x02 != 0,
+        rst: f & 0x04 != 0,
+        psh: f & 0x08 != 0,
+        ack: f & 0x10 != 0,
+        urg: f & 0x20 != 0,
+        ece: f & 0x40 != 0,
+        cwr: f & 0x80 != 0,
+    }
+}
+
+pub fn event_type(t: u8) -> pb::EventType {
+    match t {
+        sinew_abi::EVENT_TRACE => pb::EventType::Trace,
+        sinew_abi::EVENT_DROP => pb::EventType::Drop,
+        sinew_abi::EVENT_POLICY => pb::EventType::PolicyVerdict,
+        _ => pb::EventType::Unknown,
+    }
+}
+
+/// The name `sinew observe --type` and ServerStatus use.
+pub fn event_type_name(t: pb::EventType) -> &'static str {
+    match t {
+        pb::EventType::Trace => "trace",
+        pb::EventType::Drop => "drop",
+        pb::EventType::PolicyVerdict => "policy-verdict",
+        pb::EventType::Unknown => "unknown",
+    }
+}
+
+fn reserved_name(identity: u32) -> &'static str {
+    match identity {
+        sinew_abi::IDENTITY_HOST => "host",
+        sinew_abi::IDENTITY_WORLD => "world",
+        sinew_abi::IDENTITY_REMOTE_NODE => "remote-node",
+        _ => "",
+    }
+}
+
+fn endpoint(ip: Ipv4Addr, port: u16, peer: Option<&Peer>, fallback_identity: u32) -> pb::Endpoint {
+    let mut e = pb::Endpoint {
+        ip: ip.to_string(),
+        port: u32::from(port),
+        ..Default::default()
+    };
+    match peer {
+        Some(p) => {
+            e.namespace = p.namespace.clone();
+            e.pod_name = p.pod.clone();
+            e.labels = p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            e.identity = p.identity;
+            e.node_name = p.node.clone();
+            e.endpoint_id = p.endpoint_id;
+            e.reserved = p.reserved.into();
+        }
+        None => {
+            e.identity = fallback_identity;
+            e.reserved = reserved_name(fallback_identity).into();
+        }
+    }
+    e
+}
+
+/// Builds the enriched flow. `time_unix_nanos` is the event's time already
+/// converted to the wall clock; `interface` its device's name if known.
+pub fn enrich(ev: &FlowEvent, idx: &ObserverIndex, time_unix_nanos: u64, sequence: u64, interface: &str) -> pb::Flow {
+    let saddr = Ipv4Addr::from(u32::from_be(ev.saddr));
+    let daddr = Ipv4Addr::from(u32::from_be(ev.daddr));
+    let (mut sport, mut dport) = (u16::from_be(ev.sport), u16::from_be(ev.dport));
+    let (mut icmp_type, mut icmp_code) = (0, 0);
+    if ev.proto == PROTO_ICMP {
+        // The datapath puts ICMP type and code in the port fields, as
+        // single bytes that were never byte-swapped.
+        (icmp_type, icmp_code) = (u32::from(ev.sport as u8), u32::from(ev.dport as u8));
+        (sport, dport) = (0, 0);
+    }
+    let ty = event_type(ev.r#type);
+    let direction = match ev.dir {
+        DIR_INGRESS => pb::TrafficDirection::Ingress,
+        DIR_EGRESS => pb::TrafficDirection::Egress,
+        _ => pb::TrafficDirection::Unknown,
+    };
+    // The peer identity the datapath used names whichever side is not the
+    // local endpoint: the source on ingress, the destination on egress.
+    let local_ip = idx.by_endpoint.get(&ev.ep_id).copied();
+    let peer_is_source = match local_ip {
+        Some(ip) => ip != saddr,
+        None => direction == pb::TrafficDirection::Ingress,
+    };
+    let (src_fallback, dst_fallback) = if peer_is_source {
+        (ev.peer_identity, 0)
+    } else {
+        (0, ev.peer_identity)
+    };
+    let verdict = match ev.verdict {
+        sinew_abi::VERDICT_FORWARDED => pb::Verdict::Forwarded,
+        sinew_abi::VERDICT_DROPPED => pb::Verdict::Dropped,
+        _ => pb::Verdict::Unknown,
+    };
+    let drop_reason = (verdict == pb::Verdict::Dropped).then(|| match DropReason::from_code(ev.reason) {
+        Some(r) => pb::DropReason {
+            code: u32::from(ev.reason),
+            name: r.label().into(),
+            description: r.description().into(),
+        },
+        None => pb::DropReason {
+            code: u32::from(ev.reason),
+            name: format!("unknown_{}", ev.reason),
+            description: format!("unknown drop reason {} (a newer datapath?)", ev.reason),
+        },
+    });
+    let trace_observation_point = if ty == pb::EventType::Trace {
+        match ev.obs {
+            sinew_abi::TRACE_TO_STACK => pb::TraceObservationPoint::TraceToStack,
+            sinew_abi::TRACE_TO_ENDPOINT => pb::TraceObservationPoint::TraceToEndpoint,
+            sinew_abi::TRACE_TO_TUNNEL => pb::TraceObservationPoint::TraceToTunnel,
+            sinew_abi::TRACE_TO_PROXY => pb::TraceObservationPoint::TraceToProxy,
+            sinew_abi::TRACE_TO_NETWORK => pb::TraceObservationPoint::TraceToNetwork,
+            _ => pb::TraceObservationPoint::Unknown,
+        }
+    } else {
+        pb::TraceObservationPoint::Unknown
+    };
+    let hook = match ev.hook {
+        sinew_abi::HOOK_FROM_CONTAINER => pb::Hook::FromContainer,
+        sinew_abi::HOOK_TO_CONTAINER => pb::Hook::ToContainer,
+        sinew_abi::HOOK_FROM_NETDEV => pb::Hook::FromNetdev,
+        sinew_abi::HOOK_TO_NETDEV => pb::Hook::ToNetdev,
+        sinew_abi::HOOK_FROM_OVERLAY => pb::Hook::FromOverlay,
+        sinew_abi::HOOK_TO_OVERLAY => pb::Hook::ToOverlay,
+        _ => pb::Hook::Unknown,
+    };
+    let policy_match = if ty == pb::EventType::PolicyVerdict {
+        match ev.r#match {
+            sinew_abi::MATCH_L3_ONLY => pb::PolicyMatch::L3Only,
+            sinew_abi::MATCH_L3_L4 => pb::PolicyMatch::L3L4,
+            sinew_abi::MATCH_L4_ONLY => pb::PolicyMatch::L4Only,
+            sinew_abi::MATCH_ALL => pb::PolicyMatch::All,
+            _ => pb::PolicyMatch::None,
+        }
+    } else {
+        pb::PolicyMatch::None
+    };
+    let policy_rule = idx.rule(ev.rule_id).map(|r| pb::PolicyRule {
+        kind: r.kind.as_str().into(),
+        namespace: r.namespace.clone().unwrap_or_default(),
+        name: r.name.clone(),
+        section: r.section.as_str().into(),
+        index: r.index as u32,
+    });
+    pb::Flow {
+        time_unix_nanos,
+        node_name: idx.node_name.clone(),
+        sequence,
+        verdict: verdict as i32,
+        drop_reason,
+        r#type: ty as i32,
+        trace_observation_point: trace_observation_point as i32,
+        hook: hook as i32,
+        source: Some(endpoint(saddr, sport, idx.peer(saddr), src_fallback)),
+        destination: Some(endpoint(daddr, dport, idx.peer(daddr), dst_fallback)),
+        protocol: u32::from(ev.proto),
+        protocol_name: protocol_name(ev.proto),
+        tcp_flags: (ev.proto == PROTO_TCP).then(|| tcp_flags(ev.tcp_flags)),
+        icmp_type,
+        icmp_code,
+        direction: direction as i32,
+        interface: interface.to_string(),
+        ifindex: ev.ifindex,
+        policy_match: policy_match as i32,
+        policy_rule,
+        packets: ev.packets,
+        bytes: ev.bytes,
+        length: ev.len,
+        is_reply: pb::IsReply::Unknown as i32,
+        local_endpoint_id: ev.ep_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use sinew_policy::{PolicyKind, RuleRef, Section};
+
+    use super::*;
+
+    fn index() -> ObserverIndex {
+        let mut idx = ObserverIndex {
+            node_name: "node1".into(),
+            ..Default::default()
+        };
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        idx.by_ip.insert(
+            Ipv4Addr::new(10, 0, 1, 5),
+            Peer {
+                namespace: "a".into(),
+                pod: "web".into(),
+                labels: Arc::new(labels),
+                identity: 300,
+                node: "node1".into(),
+                endpoint_id: 7,
+                reserved: "",
+            },
+        );
+        idx.by_endpoint.insert(7, Ipv4Addr::new(10, 0, 1, 5));
+        idx.rules.push(RuleRef {
+            kind: PolicyKind::SinewNetworkPolicy,
+            namespace: Some("a".into()),
+            name: "deny-db".into(),
+            section: Section::IngressDeny,
+            index: 2,
+        });
+        idx
+    }
+
+    fn ip(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn policy_drop_names_pod_rule_and_reason() {
+        let ev = FlowEvent {
+            saddr: ip([10, 0, 2, 9]),
+            daddr: ip([10, 0, 1, 5]),
+            sport: 40000u16.to_be(),
+            dport: 9090u16.to_be(),
+            proto: PROTO_TCP,
+            r#type: sinew_abi::EVENT_DROP,
+            reason: DropReason::PolicyDeny.code(),
+            dir: DIR_INGRESS,
+            ep_id: 7,
+            peer_identity: 400,
+            rule_id: 1,
+            tcp_flags: 0x02,
+            verdict: sinew_abi::VERDICT_DROPPED,
+            packets: 1,
+            bytes: 60,
+            ..Default::default()
+        };
+        let f = enrich(&ev, &index(), 5, 9, "lxc1");
+        assert_eq!(f.verdict(), pb::Verdict::Dropped);
+        assert_eq!(f.r#type(), pb::EventType::Drop);
+        let r = f.drop_reason.as_ref().unwrap();
+        assert_eq!(r.description, "policy denied (deny rule)");
+        assert_eq!(r.name, "policy_deny_rule");
+        let src = f.source.as_ref().unwrap();
+        assert_eq!((src.ip.as_str(), src.port, src.identity), ("10.0.2.9", 40000, 400));
+        assert!(src.pod_name.is_empty());
+        let dst = f.destination.as_ref().unwrap();
+        assert_eq!(
+            (dst.namespace.as_str(), dst.pod_name.as_str(), dst.port),
+            ("a", "web", 9090)
+        );
+        assert_eq!(dst.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!((dst.identity, dst.endpoint_id), (300, 7));
+        let rule = f.policy_rule.as_ref().unwrap();
+        assert_eq!(
+            (
+                rule.kind.as_str(),
+                rule.name.as_str(),
+                rule.section.as_str(),
+                rule.index
+            ),
+            ("SinewNetworkPolicy", "deny-db", "ingressDeny", 2)
+        );
+        assert!(f.tcp_flags.as_ref().unwrap().syn);
+        assert!(!f.tcp_flags.as_ref().unwrap().ack);
+        assert_eq!((f.sequence, f.time_unix_nanos, f.interface.as_str()), (9, 5, "lxc1"));
+    }
+
+    #[test]
+    fn egress_peer_identity_goes_to_the_destination_and_world_is_named() {
+        let ev = FlowEvent {
+            saddr: ip([10, 0, 1, 5]),
+            daddr: ip([198, 18, 0, 1]),
+            proto: PROTO_ICMP,
+            sport: 8,
+            dport: 0,
+            r#type: sinew_abi::EVENT_POLICY,
+            dir: DIR_EGRESS,
+            ep_id: 7,
+            peer_identity: sinew_abi::IDENTITY_WORLD,
+            verdict: sinew_abi::VERDICT_FORWARDED,
+            r#match: sinew_abi::MATCH_L3_ONLY,
+            ..Default::default()
+        };
+        let f = enrich(&ev, &index(), 0, 1, "");
+        assert_eq!(f.destination.as_ref().unwrap().reserved, "world");
+        assert_eq!(f.source.as_ref().unwrap().identity, 300);
+        assert_eq!((f.icmp_type, f.icmp_code), (8, 0));
+        assert_eq!(f.source.as_ref().unwrap().port, 0);
+        assert_eq!(f.policy_match(), pb::PolicyMatch::L3Only);
+        assert!(f.drop_reason.is_none() && f.tcp_flags.is_none() && f.policy_rule.is_none());
+    }
+
+    #[test]
+    fn unknown_codes_do_not_panic() {
+        let ev = FlowEvent {
+            r#type: 99,
+            verdict: sinew_abi::VERDICT_DROPPED,
+            reason: 250,
+            rule_id: 77,
+            ..Default::default()
+        };
+        let f = enrich(&ev, &index(), 0, 1, "");
+        assert_eq!(f.r#type(), pb::EventType::Unknown);
+        assert_eq!(f.drop_reason.unwrap().name, "unknown_250");
+        assert!(f.policy_rule.is_none());
+    }
+}
