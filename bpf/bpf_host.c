@@ -60,7 +60,7 @@ SEC("classifier")
 int to_netdev(struct __sk_buff *skb)
 {
 	events_begin();
-	struct ipcache_value *src;
+	struct ipcache_value *src, *dst;
 	struct nat_key key = {};
 	struct iphdr *ip;
 	int ret = TC_ACT_OK;
@@ -75,8 +75,13 @@ int to_netdev(struct __sk_buff *skb)
 	src = ipcache_lookup4(ip->saddr);
 	if (!src || !(src->flags & IPCACHE_F_LOCAL_EP))
 		goto out;
-	if (ipcache_lookup4(ip->daddr))
-		goto out; /* inside the cluster: keep the pod address */
+	/* Inside the cluster: keep the pod address. CIDR identities that
+	 * policies name are in the ipcache too, with no flags: still outside.
+	 */
+	dst = ipcache_lookup4(ip->daddr);
+	if (dst && (dst->flags & (IPCACHE_F_LOCAL_EP | IPCACHE_F_NODE |
+				  IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
+		goto out;
 	ret = nat_key_from_packet(skb, ip, &key);
 	if (ret < 0)
 		goto out;

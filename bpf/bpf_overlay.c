@@ -76,7 +76,9 @@ int to_overlay(struct __sk_buff *skb)
 		goto out;
 	}
 	key.remote_ipv4 = bpf_ntohl(dst->tunnel_endpoint);
-	key.tunnel_id = SINEW_IDENTITY_HOST;
+	/* The receiving node sees this node as a remote node, never as
+	 * itself (host is always let in). */
+	key.tunnel_id = SINEW_IDENTITY_REMOTE_NODE;
 	key.tunnel_ttl = 64;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) <
 	    0)

@@ -235,6 +235,38 @@ impl NodeState {
         Some((pub_ep.identity, r))
     }
 
+    /// The node a pod runs on: this one, or the one that published it.
+    fn pod_node(&self, ns: &str, name: &str) -> Option<String> {
+        if self
+            .registry
+            .iter()
+            .any(|e| e.pod_namespace == ns && e.pod_name == name)
+        {
+            return Some(self.local.name.clone());
+        }
+        self.snapshot
+            .endpoints
+            .iter()
+            .find(|e| e.namespace == ns && e.name == name)
+            .map(|e| e.node.clone())
+    }
+
+    /// The identity of an address as the ipcache of node `on` says: a
+    /// node's own address is `host` there and `remote-node` elsewhere.
+    fn identity_of_ip_on(&self, ip: Ipv4Addr, on: Option<&str>) -> u32 {
+        if let (Some(on), Some(n)) = (
+            on,
+            self.snapshot.nodes.values().find(|n| n.internal_ip == IpAddr::V4(ip)),
+        ) {
+            return if n.name == on {
+                sinew_abi::IDENTITY_HOST
+            } else {
+                sinew_abi::IDENTITY_REMOTE_NODE
+            };
+        }
+        self.identity_of_ip(ip)
+    }
+
     fn pod_ip(&self, ns: &str, name: &str) -> Option<Ipv4Addr> {
         self.registry
             .iter()
@@ -260,13 +292,16 @@ impl NodeState {
             ))
         })?;
         let to_ip = self.pod_ip(&to_ns, &to_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // The destination's node decides ingress: resolve the source as its
+        // ipcache does, whichever node answers the trace.
+        let to_node = self.pod_node(&to_ns, &to_name);
         let mut steps = Vec::new();
         let from_id = if let Ok(id) = req.from.parse::<u32>() {
             id
         } else if let Ok(net) = req.from.parse::<Ipv4Net>() {
-            self.identity_of_ip(net.network())
+            self.identity_of_ip_on(net.network(), to_node.as_deref())
         } else if let Ok(ip) = req.from.parse::<Ipv4Addr>() {
-            self.identity_of_ip(ip)
+            self.identity_of_ip_on(ip, to_node.as_deref())
         } else if let Ok(IpNet::V6(_)) = req.from.parse::<IpNet>() {
             return Err(StateError::Invalid("IPv6 peers are not supported yet".into()));
         } else {

@@ -211,6 +211,8 @@ impl NodeState {
         if let Some(ep) = &ep {
             self.unpublish_async(ep);
             self.registry.remove(att)?;
+            // Other nodes and identity GC go by the published list.
+            self.publish_endpoints();
         }
         let released = self.ipam.release(att)?.is_some();
         let existed = ep.is_some() || released;
@@ -224,6 +226,7 @@ impl NodeState {
         if let Some(ep) = &ep {
             self.unpublish(ep);
             self.registry.remove(att)?;
+            self.publish_endpoints();
         }
         let released = self.ipam.release(att)?.is_some();
         let existed = ep.is_some() || released;
@@ -257,6 +260,9 @@ impl NodeState {
             out.push((att, ep.map(|e| e.host_ifname)));
         }
         // One write for the whole batch: a GC can release hundreds.
+        if out.iter().any(|(_, ifname)| ifname.is_some()) {
+            self.publish_endpoints();
+        }
         let atts: Vec<Attachment> = out.iter().map(|(a, _)| a.clone()).collect();
         self.ipam.release_many(&atts)?;
         Ok(out)
