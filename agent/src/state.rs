@@ -138,9 +138,13 @@ impl NodeState {
             identity: sinew_abi::IDENTITY_INIT,
             identity_labels: Default::default(),
         };
-        // The pod's manifest may have been written just before the ADD.
-        self.ds.refresh();
-        self.snapshot = self.ds.subscribe().borrow().clone();
+        // The pod's manifest may have been written just before the ADD:
+        // rescan the datastore only if this pod is not in the snapshot yet.
+        let key = (ep.pod_namespace.clone(), ep.pod_name.clone());
+        if !self.snapshot.pods.contains_key(&key) {
+            self.ds.refresh();
+            self.snapshot = self.ds.subscribe().borrow().clone();
+        }
         if let Err(e) = self.assign_identity(&mut ep) {
             tracing::warn!(error = %e, "cannot allocate an identity; the endpoint keeps the init identity");
         }

@@ -378,6 +378,8 @@ const MIN_REFRESH_GAP: Duration = Duration::from_millis(50);
 /// Records decoded per publish: bounds the time the buffer lock is held.
 const BATCH: usize = 512;
 
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
 impl Consumer {
     fn run(mut self, mut ring: RingBuf<MapData>) {
         let obs = Observer {
@@ -386,7 +388,12 @@ impl Consumer {
         let tick = self.shared.cfg.tick;
         let mut next_refresh = Instant::now() + tick;
         loop {
-            let wait = next_refresh.saturating_duration_since(Instant::now()).min(tick);
+            // The datapath wakes us only when a quarter of the ring waits
+            // (no wakeup per record): poll at least every 20 ms.
+            let wait = next_refresh
+                .saturating_duration_since(Instant::now())
+                .min(tick)
+                .min(POLL_EVERY);
             {
                 let mut fds = [nix::poll::PollFd::new(ring.as_fd(), nix::poll::PollFlags::POLLIN)];
                 let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
