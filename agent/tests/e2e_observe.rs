@@ -189,6 +189,13 @@ fn flows_are_named_explained_and_filtered() {
     wait_flows(&s1, &all(None), "client -> b/other UDP", |f| {
         is_pod(ep(f, true), "b", "other") && f.protocol == 17
     });
+    // Traffic without the client, so that every filter has flows to leave
+    // out: the node itself to the server (traced where it is delivered).
+    let node1 = node_ns(lab, "node1");
+    tcp_echo(&node1, server, 8080, Duration::from_secs(3)).expect("node1 -> server:8080");
+    wait_flows(&s1, &all(None), "node1 -> server:8080", |f| {
+        is_pod(ep(f, true), "a", "server") && !is_pod(ep(f, false), "a", "client") && ep(f, true).port == 8080
+    });
     let everything = get_flows(&s1, all(None)).unwrap();
     let max_seq = everything.iter().map(|f| f.sequence).max().unwrap();
     let min_seq = everything.iter().map(|f| f.sequence).min().unwrap();

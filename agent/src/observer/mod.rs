@@ -434,7 +434,7 @@ impl Consumer {
                 // now (rate-limited, never waiting for the lock) rather
                 // than name it by address forever in the buffer.
                 if self.last_refresh.elapsed() >= MIN_REFRESH_GAP {
-                    self.refresh();
+                    self.refresh_with(true);
                 }
             }
             let ifname = self.ifname(ev.ifindex);
@@ -485,11 +485,26 @@ impl Consumer {
     /// Reads the lost counters and, if the state changed, rebuilds the
     /// index. False when the state was busy (retry soon).
     fn refresh(&mut self) -> bool {
+        self.refresh_with(false)
+    }
+
+    /// Rebuilds the index if the node state moved. The periodic refresh
+    /// never waits for the state lock; a refresh for an event that names
+    /// something unknown does (rate-limited), or the flow would keep an
+    /// address instead of a name forever.
+    fn refresh_with(&mut self, wait: bool) -> bool {
         self.last_refresh = Instant::now();
-        let s = match self.state.try_lock() {
-            Ok(s) => s,
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-            Err(std::sync::TryLockError::Poisoned(_)) => return true,
+        let s = if wait {
+            match self.state.lock() {
+                Ok(s) => s,
+                Err(_) => return true,
+            }
+        } else {
+            match self.state.try_lock() {
+                Ok(s) => s,
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+                Err(std::sync::TryLockError::Poisoned(_)) => return true,
+            }
         };
         let lost = s.datapath.events_lost();
         let fp = s.observer_fingerprint();
