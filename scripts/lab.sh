@@ -56,6 +56,10 @@ if grep -q '^node2-pod1 ' <<< "$status"; then
     echo "  ping $src -> node2-pod1: $r (ICMP is not in the policy: dropped)"
   done
   echo
+  echo "==> flows seen by node2's agent (sinew observe), drops with their reason and rule"
+  sleep 0.2
+  "$SINEW" --node node2 observe --last 12 || true
+  echo
 fi
 echo "The lab stays up. Explore it with:"
 echo "  $SINEW lab status"
@@ -63,5 +67,7 @@ echo "  $SINEW lab exec $first -- ip route"
 echo "  $SINEW --node node2 endpoint list -o json"
 echo "  $SINEW --node node2 policy trace --from node1-pod1 --to node2-pod1 --port 8080/tcp"
 echo "  $SINEW --node node2 identity list"
+echo "  $SINEW --node node2 observe -f            # live flows (Ctrl-C to stop)"
+echo "  $SINEW --node node2 observe --verdict DROPPED -o json"
 echo "Remove it with:"
 echo "  $SINEW lab down"
