@@ -271,6 +271,7 @@ fn ipam_has_no_leaks_or_duplicates_through_kills_and_restarts() {
 
     // No duplicates across a restart.
     let mut seen = BTreeSet::new();
+    let mut dups: Vec<NetNs> = Vec::new();
     for i in 0..20 {
         if i == 10 {
             g.lab.stop_agent("node1").unwrap();
@@ -278,6 +279,7 @@ fn ipam_has_no_leaks_or_duplicates_through_kills_and_restarts() {
             wait_ready(&sock);
         }
         let ns = NetNs::create(format!("{prefix}-dup{i}")).unwrap();
+        dups.push(ns.clone());
         let out = cni(
             &g.lab,
             "node1",
@@ -290,7 +292,7 @@ fn ipam_has_no_leaks_or_duplicates_through_kills_and_restarts() {
         assert!(seen.insert(ip.clone()), "{ip} handed out twice");
     }
     assert_eq!(allocated(&g.lab, "node1"), 20);
-    for p in pods {
+    for p in pods.into_iter().chain(dups) {
         p.delete().unwrap();
     }
 }
