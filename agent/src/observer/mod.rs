@@ -493,7 +493,6 @@ impl Consumer {
     /// something unknown does (rate-limited), or the flow would keep an
     /// address instead of a name forever.
     fn refresh_with(&mut self, wait: bool) -> bool {
-        self.last_refresh = Instant::now();
         let s = if wait {
             match self.state.lock() {
                 Ok(s) => s,
@@ -506,6 +505,9 @@ impl Consumer {
                 Err(std::sync::TryLockError::Poisoned(_)) => return true,
             }
         };
+        // Only a refresh that got the lock counts for the rate limit: a
+        // missed periodic one must not delay the one an unknown name needs.
+        self.last_refresh = Instant::now();
         let lost = s.datapath.events_lost();
         let fp = s.observer_fingerprint();
         // The index is a function of what the fingerprint covers: rebuild
