@@ -111,7 +111,23 @@ fn flows_are_named_explained_and_filtered() {
     let (client, server, other) = (pod_ns(lab, "client"), pod_ip(lab, "server"), pod_ip(lab, "other"));
 
     // (a) Pod to pod: trace events of the TCP handshake, both pods named.
-    tcp_echo(&client, server, 8080, Duration::from_secs(3)).expect("client -> server:8080 before any policy");
+    // Events are named as they arrive; right after pods are created the
+    // observer's index may not know them yet (it refreshes within ~50 ms),
+    // so the first handshakes may carry addresses only: retry until named.
+    for attempt in 0..10 {
+        tcp_echo(&client, server, 8080, Duration::from_secs(3)).expect("client -> server:8080 before any policy");
+        std::thread::sleep(Duration::from_millis(300));
+        let named = get_flows(&s1, all(None)).unwrap().iter().any(|f| {
+            f.r#type() == pb::EventType::Trace
+                && is_pod(ep(f, false), "a", "client")
+                && is_pod(ep(f, true), "a", "server")
+                && f.tcp_flags.as_ref().is_some_and(|t| t.syn && !t.ack)
+        });
+        if named {
+            break;
+        }
+        assert!(attempt < 9, "no named SYN after 10 handshakes");
+    }
     let syn = wait_flows(&s1, &all(None), "client -> server:8080 SYN", |f| {
         f.r#type() == pb::EventType::Trace
             && is_pod(ep(f, false), "a", "client")
