@@ -8,8 +8,10 @@
 
 pub mod local;
 mod resources;
+pub mod services;
 
 pub use resources::{IdentityInfo, NodeInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError, Snapshot};
+pub use services::{EndpointSliceInfo, LbAlgorithm, Protocol, ServiceInfo, ServiceType, SliceEndpoint};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -48,7 +48,8 @@ impl Watcher {
         if now == last.0 {
             return;
         }
-        match read_dir_snapshot(&self.dir, last.1 + 1) {
+        let previous = self.tx.borrow().clone();
+        match read_dir_snapshot_after(&self.dir, last.1 + 1, Some(&previous)) {
             Ok(s) => {
                 for e in &s.errors {
                     tracing::warn!(error = %e, "ignoring invalid resource");
@@ -87,6 +88,16 @@ fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
 /// Reads the whole tree into a snapshot. A file that vanishes between the
 /// scan and the read is simply absent.
 pub fn read_dir_snapshot(dir: &Path, generation: u64) -> Result<Snapshot, LocalError> {
+    read_dir_snapshot_after(dir, generation, None)
+}
+
+/// [`read_dir_snapshot`] after `previous` was published: see
+/// [`Snapshot::from_documents_after`].
+pub fn read_dir_snapshot_after(
+    dir: &Path,
+    generation: u64,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, LocalError> {
     let fp = fingerprint(dir).map_err(|source| LocalError::Dir {
         path: dir.to_path_buf(),
         source,
@@ -95,7 +106,7 @@ pub fn read_dir_snapshot(dir: &Path, generation: u64) -> Result<Snapshot, LocalE
         .iter()
         .filter_map(|(p, _, _)| std::fs::read_to_string(p).ok().map(|t| (p.display().to_string(), t)))
         .collect();
-    let mut snap = Snapshot::from_documents(texts.iter().map(|(s, t)| (s.clone(), t.as_str())));
+    let mut snap = Snapshot::from_documents_after(texts.iter().map(|(s, t)| (s.clone(), t.as_str())), previous);
     snap.generation = generation;
     Ok(snap)
 }

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::services::{self, EndpointSliceInfo, ServiceInfo};
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum ResourceError {
@@ -35,6 +38,18 @@ pub enum ResourceError {
         name: String,
         other: String,
     },
+}
+
+impl ResourceError {
+    /// The file the error is about.
+    pub fn file(&self) -> &str {
+        match self {
+            ResourceError::Yaml { file, .. }
+            | ResourceError::Missing { file, .. }
+            | ResourceError::Invalid { file, .. }
+            | ResourceError::Duplicate { file, .. } => file,
+        }
+    }
 }
 
 /// A node as the datapath needs it.
@@ -104,6 +119,9 @@ pub struct Snapshot {
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub endpoints: Vec<PublishedEndpoint>,
     pub policies: Vec<PolicyDoc>,
+    /// Services and EndpointSlices by (namespace, name).
+    pub services: BTreeMap<(String, String), ServiceInfo>,
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
     pub errors: Vec<ResourceError>,
 }
 
@@ -111,6 +129,17 @@ impl Snapshot {
     /// Builds a snapshot from (source name, YAML text) pairs. Bad documents
     /// are reported and skipped; good ones still count.
     pub fn from_documents<'a>(docs: impl IntoIterator<Item = (String, &'a str)>) -> Self {
+        Self::from_documents_after(docs, None)
+    }
+
+    /// [`Snapshot::from_documents`] for a store that already published
+    /// `previous`: like the API server refusing an update, a Service or
+    /// EndpointSlice whose file is now invalid keeps its version in force,
+    /// and a NodePort stays with the service that had it.
+    pub fn from_documents_after<'a>(
+        docs: impl IntoIterator<Item = (String, &'a str)>,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let mut snap = Snapshot::default();
         for (source, text) in docs {
             for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -130,7 +159,42 @@ impl Snapshot {
                 }
             }
         }
+        snap.finish_services(previous);
         snap
+    }
+
+    /// Cross-object checks of services, and keeping the versions in force
+    /// of those whose documents became invalid.
+    fn finish_services(&mut self, previous: Option<&Snapshot>) {
+        let empty = Snapshot::default();
+        let prev = previous.unwrap_or(&empty);
+        let bad_files: std::collections::BTreeSet<&str> = self.errors.iter().map(|e| e.file()).collect();
+        let mut kept = Vec::new();
+        for (key, svc) in &prev.services {
+            if !self.services.contains_key(key) && bad_files.contains(svc.source.as_str()) {
+                kept.push((key.clone(), svc.clone()));
+            }
+        }
+        let mut kept_slices = Vec::new();
+        for (key, slice) in &prev.endpoint_slices {
+            if !self.endpoint_slices.contains_key(key) && bad_files.contains(slice.source.as_str()) {
+                kept_slices.push((key.clone(), slice.clone()));
+            }
+        }
+        for (key, svc) in kept {
+            tracing::warn!(service = %format!("{}/{}", key.0, key.1), file = %svc.source, "invalid update; keeping the service in force");
+            self.services.insert(key, svc);
+        }
+        self.endpoint_slices.extend(kept_slices);
+        for (key, e) in services::node_port_conflicts(&self.services, &prev.services) {
+            // A rejected update of a service in force keeps the old version
+            // (whose NodePorts were unique when it was accepted).
+            match prev.services.get(&key) {
+                Some(old) => self.services.insert(key, old.clone()),
+                None => self.services.remove(&key),
+            };
+            self.errors.push(e);
+        }
     }
 
     fn add(&mut self, source: &str, index: usize, value: serde_yaml::Value) -> Result<(), ResourceError> {
@@ -252,6 +316,34 @@ impl Snapshot {
                     source: source.into(),
                     yaml,
                 });
+            }
+            ("v1", "Service") => {
+                let svc: Service = serde_yaml::from_value(value).map_err(yaml_err)?;
+                let info = services::service_info(source, &svc)?;
+                let key = (info.namespace.clone(), info.name.clone());
+                if let Some(prev) = self.services.get(&key) {
+                    return Err(ResourceError::Duplicate {
+                        file: source.into(),
+                        kind: "Service",
+                        name: format!("{}/{}", key.0, key.1),
+                        other: prev.source.clone(),
+                    });
+                }
+                self.services.insert(key, info);
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                let slice: EndpointSlice = serde_yaml::from_value(value).map_err(yaml_err)?;
+                let info = services::endpoint_slice_info(source, &slice)?;
+                let key = (info.namespace.clone(), info.name.clone());
+                if let Some(prev) = self.endpoint_slices.get(&key) {
+                    return Err(ResourceError::Duplicate {
+                        file: source.into(),
+                        kind: "EndpointSlice",
+                        name: format!("{}/{}", key.0, key.1),
+                        other: prev.source.clone(),
+                    });
+                }
+                self.endpoint_slices.insert(key, info);
             }
             // Kinds for later issues are accepted and ignored here, so that a
             // datastore directory can hold a whole cluster's manifests.
@@ -492,5 +584,62 @@ status: {addresses: [{type: InternalIP, address: 172.30.0.12}]}
         let t = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.0.0/24}\n";
         let s = Snapshot::from_documents([("n.yaml".to_string(), t)]);
         assert!(s.errors[0].to_string().contains("InternalIP"));
+    }
+
+    const SVC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: prod}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.1.5], nodeName: node1}]
+"#;
+
+    #[test]
+    fn an_invalid_update_keeps_the_service_in_force_and_others_apply() {
+        let first = Snapshot::from_documents([("s.yaml".to_string(), SVC)]);
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        let key = ("prod".to_string(), "web".to_string());
+        assert_eq!(first.services[&key].ports[0].node_port, Some(30080));
+        assert_eq!(first.endpoint_slices.len(), 1);
+
+        let broken = SVC.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.999");
+        let other = "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: prod}\nspec: {clusterIP: 10.96.0.53, ports: [{port: 53, protocol: UDP}]}\n";
+        let taker = "apiVersion: v1\nkind: Service\nmetadata: {name: aaa, namespace: prod}\nspec: {type: NodePort, clusterIP: 10.96.0.11, ports: [{port: 80, nodePort: 30080}]}\n";
+        let next = Snapshot::from_documents_after(
+            [
+                ("s.yaml".to_string(), broken.as_str()),
+                ("o.yaml".to_string(), other),
+                ("t.yaml".to_string(), taker),
+            ],
+            Some(&first),
+        );
+        assert_eq!(next.services[&key], first.services[&key], "kept as it was");
+        assert!(next.services.contains_key(&("prod".to_string(), "dns".to_string())));
+        assert!(
+            !next.services.contains_key(&("prod".to_string(), "aaa".to_string())),
+            "the NodePort stays with the service in force"
+        );
+        let msgs: Vec<String> = next.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            msgs.iter().any(|m| m.contains("s.yaml") && m.contains("10.96.0.999")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("t.yaml") && m.contains("already used by service prod/web")),
+            "{msgs:?}"
+        );
+        // Without a previous state the bad service is simply absent.
+        let fresh = Snapshot::from_documents([("s.yaml".to_string(), broken.as_str())]);
+        assert!(fresh.services.is_empty() && fresh.endpoint_slices.len() == 1);
     }
 }
