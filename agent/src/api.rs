@@ -262,4 +262,11 @@ impl sinew_proto::Agent for AgentApi {
             identities: self.lock()?.list_identities(),
         }))
     }
+
+    async fn list_services(
+        &self,
+        _: Request<v1::ListServicesRequest>,
+    ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        Ok(Response::new(self.lock()?.list_services()))
+    }
 }

@@ -41,6 +41,9 @@ enum Command {
     /// Security identities.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// Services this node load-balances.
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Flows the datapath saw: forwarded, dropped (with the reason),
     /// policy verdicts. `sinew observe status` shows the observer's counters.
     Observe(Box<ObserveArgs>),
@@ -163,6 +166,13 @@ enum IdentityCmd {
 }
 
 #[derive(Subcommand)]
+enum ServiceCmd {
+    /// Every frontend (address:port/protocol, type) with its backends and
+    /// their state, and the services that were not applied.
+    List(OutputArg),
+}
+
+#[derive(Subcommand)]
 enum EndpointCmd {
     /// List endpoints.
     List(OutputArg),
@@ -273,6 +283,20 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(cmd) => lab(&cli, cmd)?,
         Command::Policy(cmd) => policy(&cli, cmd)?,
         Command::Observe(args) => observe(&cli, args)?,
+        Command::Service(ServiceCmd::List(o)) => {
+            let socket = cli.socket()?;
+            let r = runtime()?.block_on(async {
+                anyhow::Ok(
+                    client(&socket)
+                        .await?
+                        .list_services(v1::ListServicesRequest {})
+                        .await
+                        .map_err(rpc_error)?
+                        .into_inner(),
+                )
+            })?;
+            print_services(&r, o.output)?;
+        }
         Command::Identity(IdentityCmd::List(o)) => {
             let socket = cli.socket()?;
             let ids = runtime()?
@@ -301,6 +325,85 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Result<()> {
+    if output == Format::Json {
+        let v: Vec<_> = r
+            .frontends
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "namespace": f.namespace, "name": f.name, "portName": f.port_name,
+                    "type": f.r#type, "addressKind": f.address_kind,
+                    "frontend": format!("{}:{}/{}", f.address, f.port, f.protocol),
+                    "id": f.id, "algorithm": f.algorithm, "affinityTimeout": f.affinity_timeout,
+                    "localOnly": f.local_only,
+                    "backends": f.backends.iter().map(|b| serde_json::json!({
+                        "address": format!("{}:{}", b.address, b.port), "state": b.state,
+                        "node": b.node, "active": b.active, "id": b.id,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"frontends": v, "errors": r.errors}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<28} {:<24} {:<13} {:<8} BACKENDS",
+        "ID", "SERVICE", "FRONTEND", "TYPE", "LB"
+    );
+    for f in &r.frontends {
+        let svc = if f.port_name.is_empty() {
+            format!("{}/{}", f.namespace, f.name)
+        } else {
+            format!("{}/{}:{}", f.namespace, f.name, f.port_name)
+        };
+        let mut lb = f.algorithm.clone();
+        if f.affinity_timeout > 0 {
+            lb.push_str(&format!(",affinity={}s", f.affinity_timeout));
+        }
+        if f.local_only {
+            lb.push_str(",local");
+        }
+        let kind = if f.address_kind == "ClusterIP" {
+            f.r#type.clone()
+        } else {
+            format!("{}({})", f.r#type, f.address_kind)
+        };
+        let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol);
+        let backends: Vec<String> = f
+            .backends
+            .iter()
+            .map(|b| {
+                let node = if b.node.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", b.node)
+                };
+                let mark = if b.active { "" } else { " (unused)" };
+                format!("{}:{} {}{node}{mark}", b.address, b.port, b.state)
+            })
+            .collect();
+        let first = backends
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "(none: connections refused)".into());
+        println!(
+            "{:<5} {:<28} {:<24} {:<13} {:<8} {first}",
+            f.id, svc, frontend, kind, lb
+        );
+        for b in backends.iter().skip(1) {
+            println!("{:<5} {:<28} {:<24} {:<13} {:<8} {b}", "", "", "", "", "");
+        }
+    }
+    for e in &r.errors {
+        println!("not applied: {e}");
     }
     Ok(())
 }

@@ -22,6 +22,9 @@ use crate::observer::{Observer, ObserverApi, ObserverConfig};
 use crate::state::NodeState;
 
 pub const VXLAN_DEV: &str = "sinew_vxlan";
+/// Where socket load balancing attaches by default: the cgroup v2 root of
+/// a hybrid hierarchy, i.e. the whole node.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 pub const VXLAN_PORT: u16 = 8472;
 const VXLAN_OVERHEAD: u32 = 50;
 
@@ -63,6 +66,13 @@ pub struct AgentConfig {
     /// kernel's BPF run-time statistics for it.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub bpf_stats: bool,
+    /// The cgroup v2 directory the socket programs attach to.
+    pub cgroup_root: PathBuf,
+    /// Services: default backend selection, Maglev table size (prime) and
+    /// how many Maglev services fit.
+    pub lb_algorithm: sinew_model::LbAlgorithm,
+    pub maglev_table_size: u32,
+    pub maglev_services: u32,
 }
 
 impl AgentConfig {
@@ -85,6 +95,20 @@ impl AgentConfig {
                 "--policy-map-size {} / --ct-map-size {}: use at least 16",
                 self.policy_map_size,
                 self.ct_map_size
+            );
+        }
+        if !crate::services::maglev::valid_table_size(self.maglev_table_size) || self.maglev_table_size > 1 << 20 {
+            bail!(
+                "--maglev-table-size {}: use a prime between 7 and 1048576, e.g. 16381 or 65521",
+                self.maglev_table_size
+            );
+        }
+        if self.maglev_services == 0 || u64::from(self.maglev_services) * u64::from(self.maglev_table_size) > 1 << 26 {
+            bail!(
+                "--maglev-services {}: use 1 or more, and at most {} with --maglev-table-size {}",
+                self.maglev_services,
+                (1u64 << 26) / u64::from(self.maglev_table_size),
+                self.maglev_table_size
             );
         }
         if !self.bpf_root.starts_with("/sys/fs/bpf") {
@@ -130,6 +154,22 @@ async fn local_node(ds: &dyn Datastore, name: &str) -> anyhow::Result<(LocalNode
             tracing::warn!(node = name, datastore = %ds.describe(), "this node is not in the datastore yet; waiting");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+    }
+}
+
+/// Fails unless `dir` is a cgroup v2 directory, saying what to do.
+fn check_cgroup2(dir: &std::path::Path) -> anyhow::Result<()> {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    match statfs(dir) {
+        Ok(s) if s.filesystem_type() == CGROUP2_SUPER_MAGIC => Ok(()),
+        Ok(_) => bail!(
+            "--cgroup-root {}: not a cgroup v2 directory; pass the cgroup2 mount (often /sys/fs/cgroup or /sys/fs/cgroup/unified, see `mount -t cgroup2`) or a directory in it",
+            dir.display()
+        ),
+        Err(e) => bail!(
+            "--cgroup-root {}: {e}; pass an existing cgroup v2 directory (see `mount -t cgroup2`)",
+            dir.display()
+        ),
     }
 }
 
@@ -196,6 +236,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         events: cfg.events,
         event_ring_bytes: cfg.event_ring_bytes,
         event_report_interval_ns: cfg.event_report_interval.as_nanos() as u64,
+        maglev_table_size: cfg.maglev_table_size,
+        maglev_services: cfg.maglev_services,
     };
     let pin_dir = dp_cfg.pin_dir();
     let mut datapath = Datapath::load(dp_cfg)?;
@@ -203,6 +245,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.routing == RoutingMode::Vxlan {
         datapath.attach_overlay(VXLAN_DEV)?;
     }
+    check_cgroup2(&cfg.cgroup_root)?;
+    let services = crate::services::ServiceState::adopt(datapath.lb_entries());
+    datapath.attach_cgroup(&cfg.cgroup_root)?;
     let reused = datapath.maps_reused();
     let (ipam, dropped) = Ipam::open(cfg.state_dir.join("ipam.json"), &[IpNet::V4(local.pod_cidr)])?;
     for d in dropped {
@@ -229,6 +274,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         remote_nodes: 0,
         ds: ds.clone(),
         policy: Default::default(),
+        services,
+        service_settings: crate::services::Settings {
+            local_node: cfg.node_name.clone(),
+            default_algorithm: cfg.lb_algorithm,
+            maglev_table_size: cfg.maglev_table_size,
+        },
     };
     let adopted: Vec<(u32, u32, u32)> = state
         .registry

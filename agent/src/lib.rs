@@ -18,4 +18,5 @@ pub mod nodes;
 pub mod observer;
 pub mod policy;
 pub mod policy_api;
+pub mod services;
 pub mod state;

@@ -41,6 +41,8 @@ pub struct NodeState {
     pub remote_nodes: usize,
     pub ds: std::sync::Arc<dyn sinew_model::Datastore>,
     pub policy: crate::policy::PolicyState,
+    pub services: crate::services::ServiceState,
+    pub service_settings: crate::services::Settings,
 }
 
 /// The endpoint-map row of an endpoint, without policy flags.
@@ -84,6 +86,18 @@ impl NodeState {
         let want = nodes::desired(&self.local, &self.snapshot, self.registry.iter(), &self.policy.cidr_ids);
         self.remote_nodes = want.remote_nodes;
         self.reconciler.apply(&mut self.datapath, &want)?;
+        self.apply_services()?;
+        Ok(())
+    }
+
+    /// Brings the service maps to the snapshot's Services and EndpointSlices.
+    pub fn apply_services(&mut self) -> Result<(), StateError> {
+        let (want, errors) = crate::services::desired(&self.snapshot, &self.service_settings);
+        for e in &errors {
+            tracing::warn!(error = %e, "service frontend not applied");
+        }
+        let size = self.service_settings.maglev_table_size;
+        self.services.apply(&mut self.datapath, want, errors, size)?;
         Ok(())
     }
 

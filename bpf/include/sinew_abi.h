@@ -233,6 +233,88 @@ struct flow_agg {
 	__u64 bytes;
 };
 
+/*
+ * Services. A frontend {vip, port, proto, scope} names a service; its
+ * backends that take new connections sit in slots 1..count (random
+ * selection) and in a Maglev table of CFG_MAGLEV_TABLE_SIZE entries
+ * (consistent hashing). Backend ids belong to one frontend, so a
+ * backend's flags say whether that service may still pick it. The socket
+ * hooks (bpf_sock.c) translate at connect/sendmsg time and remember the
+ * service address per socket cookie for recvmsg/getpeername.
+ */
+#define LB_SCOPE_INTERNAL 0 /* sockets inside the cluster (bpf_sock.c) */
+#define LB_SCOPE_EXTERNAL 1 /* packets from outside (NodePort; not built) */
+
+#define LB_F_AFFINITY	(1U << 0) /* sessionAffinity ClientIP */
+#define LB_F_MAGLEV	(1U << 1) /* Maglev instead of random */
+#define LB_F_LOCAL_ONLY (1U << 2) /* traffic policy Local */
+
+struct lb_svc_key {
+	__u32 vip;  /* network order */
+	__u16 port; /* network order */
+	__u8 proto;
+	__u8 scope; /* LB_SCOPE_* */
+};
+
+struct lb_svc_value {
+	__u32 svc_id;		/* also the reverse-NAT id */
+	__u16 count;		/* backends in slots 1..count; 0 refuses */
+	__u16 flags;		/* LB_F_* */
+	__u32 affinity_timeout; /* seconds */
+	__u32 pad;
+};
+
+struct lb_slot_key {
+	__u32 svc_id;
+	__u32 slot; /* 1..count */
+};
+
+#define LB_BE_F_ACTIVE	    (1U << 0) /* its service may pick it */
+#define LB_BE_F_TERMINATING (1U << 1) /* for display; drained by the agent */
+
+struct lb_backend {
+	__u32 addr; /* network order */
+	__u16 port; /* network order */
+	__u8 proto;
+	__u8 flags; /* LB_BE_F_* */
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct lb_maglev_key {
+	__u32 svc_id;
+	__u32 index; /* 0..CFG_MAGLEV_TABLE_SIZE-1 */
+};
+
+/* sessionAffinity: the client is its network namespace (a pod, or the
+ * node's own processes). */
+struct lb_affinity_key {
+	__u64 netns_cookie;
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct lb_affinity_value {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* What a socket connected or sent to: keyed by its cookie and the backend
+ * it really talks to, so replies and getpeername show the service. */
+struct lb_revnat_key {
+	__u64 cookie;
+	__u32 addr; /* backend, network order */
+	__u16 port; /* network order */
+	__u16 pad;
+};
+
+struct lb_revnat_value {
+	__u32 vip;  /* network order */
+	__u16 port; /* network order */
+	__u16 pad;
+};
+
 /* Routing modes, load-time constant CFG_ROUTING_MODE. */
 #define ROUTING_NATIVE 0
 #define ROUTING_VXLAN  1

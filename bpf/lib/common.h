@@ -39,6 +39,8 @@ volatile const __u32 CFG_CT_FAIL_OPEN = 0;
  * reports its counters. */
 volatile const __u32 CFG_EVENTS_ENABLED = 1;
 volatile const __u64 CFG_EVENT_REPORT_INTERVAL_NS = 5000000000ULL;
+/* Entries of each service's Maglev table (a prime). */
+volatile const __u32 CFG_MAGLEV_TABLE_SIZE = 16381;
 
 /* Bounds-checked pointers into the linear packet data. */
 #define PKT_PTR(skb, off, type)                                                \

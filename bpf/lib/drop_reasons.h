@@ -25,6 +25,7 @@
 #define DROP_POLICY_DENY	16 /* a deny rule matched */
 #define DROP_CT_FULL		17 /* conntrack table full (fail closed) */
 #define DROP_POLICY_NOT_READY	18 /* endpoint's policy not installed */
-#define DROP_REASON_MAX		19
+#define DROP_NO_SERVICE_BACKEND 19 /* a service without usable backends */
+#define DROP_REASON_MAX		20
 
 #endif

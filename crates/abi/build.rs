@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["bpf_lxc", "bpf_host", "bpf_overlay"];
+const PROGRAMS: &[&str] = &["bpf_lxc", "bpf_host", "bpf_overlay", "bpf_sock"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -84,6 +84,20 @@ struct Args {
     /// (kernel.bpf_stats_enabled) for sinew_bpf_program_* metrics.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     bpf_stats: bool,
+    /// The cgroup v2 directory whose processes get socket-level service
+    /// load balancing (the whole node by default).
+    #[arg(long, default_value = daemon::DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// Backend selection for services without the
+    /// service.sinew.io/lb-algorithm annotation: random or maglev.
+    #[arg(long, default_value = "random")]
+    lb_algorithm: sinew_model::LbAlgorithm,
+    /// Entries of each Maglev table (a prime; ~M/N per backend).
+    #[arg(long, default_value_t = 16381)]
+    maglev_table_size: u32,
+    /// Maglev services the node can hold (sizes the shared table map).
+    #[arg(long, default_value_t = 64)]
+    maglev_services: u32,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -124,6 +138,10 @@ fn main() -> anyhow::Result<()> {
         flow_buffer_size: a.flow_buffer_size,
         metrics_addr: sinew_agent::metrics::parse_addr(&a.metrics_addr)?,
         bpf_stats: a.bpf_stats,
+        cgroup_root: a.cgroup_root,
+        lb_algorithm: a.lb_algorithm,
+        maglev_table_size: a.maglev_table_size,
+        maglev_services: a.maglev_services,
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::SchedClassifier;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use sinew_abi::{
-    config, maps, CtEntry, CtKey, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, MetricsValue, PolicyData,
-    PolicyKey, PolicyValue,
+    config, maps, CtEntry, CtKey, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, LbBackend, LbMaglevKey,
+    LbSlotKey, LbSvcKey, LbSvcValue, MetricsValue, PolicyData, PolicyKey, PolicyValue,
 };
 
-use super::attach::{self, AttachMode, Hook};
+use super::attach::{self, detach_pinned, AttachMode, Hook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -111,6 +111,10 @@ pub struct DatapathConfig {
     pub events: bool,
     pub event_ring_bytes: u32,
     pub event_report_interval_ns: u64,
+    /// Entries of each Maglev table (a prime), and how many Maglev
+    /// services the shared table map holds.
+    pub maglev_table_size: u32,
+    pub maglev_services: u32,
 }
 
 impl DatapathConfig {
@@ -130,6 +134,8 @@ pub struct Datapath {
     lxc: Ebpf,
     host: Ebpf,
     overlay: Ebpf,
+    sock: Ebpf,
+    lb: LbMaps,
     ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
     metrics: PerCpuArray<MapData, MetricsValue>,
@@ -167,12 +173,14 @@ impl Datapath {
         let (pmin, pmax) = (u32::from(cfg.nat_ports.0), u32::from(cfg.nat_ports.1));
         let ct_fail_open = u32::from(cfg.ct_fail_open);
         let events = u32::from(cfg.events);
+        let maglev_entries = cfg.maglev_table_size.saturating_mul(cfg.maglev_services.max(1));
         let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
             EbpfLoader::new()
                 .default_map_pin_directory(&map_dir)
                 .map_max_entries(maps::POLICY, cfg.policy_map_size)
                 .map_max_entries(maps::CT, cfg.ct_map_size)
                 .map_max_entries(maps::EVENTS, cfg.event_ring_bytes)
+                .map_max_entries(maps::LB_MAGLEV, maglev_entries)
                 .override_global(config::NODE_IP, &node_ip, true)
                 .override_global(config::ROUTING_MODE, &routing, true)
                 .override_global(config::VXLAN_IFINDEX, &cfg.vxlan_ifindex, true)
@@ -182,6 +190,7 @@ impl Datapath {
                 .override_global(config::CT_FAIL_OPEN, &ct_fail_open, true)
                 .override_global(config::EVENTS_ENABLED, &events, true)
                 .override_global(config::EVENT_REPORT_INTERVAL_NS, &cfg.event_report_interval_ns, true)
+                .override_global(config::MAGLEV_TABLE_SIZE, &cfg.maglev_table_size, true)
                 .load(bytes)
                 .map_err(|source| DatapathError::Load {
                     object,
@@ -191,6 +200,21 @@ impl Datapath {
         let mut lxc = load("bpf_lxc.o", sinew_abi::BPF_LXC)?;
         let mut host = load("bpf_host.o", sinew_abi::BPF_HOST)?;
         let mut overlay = load("bpf_overlay.o", sinew_abi::BPF_OVERLAY)?;
+        let mut sock = load("bpf_sock.o", sinew_abi::BPF_SOCK)?;
+        for &program in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = sock
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                .and_then(|p| p.try_into())
+                .map_err(|source| DatapathError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        }
         for (obj, names) in [
             (&mut lxc, &["from_container", "to_container"][..]),
             (&mut host, &["from_netdev", "to_netdev"][..]),
@@ -225,11 +249,19 @@ impl Datapath {
         let events = Some(aya::maps::RingBuf::try_from(take(maps::EVENTS, &mut lxc)?).map_err(map_err(maps::EVENTS))?);
         let events_lost =
             PerCpuArray::try_from(take(maps::EVENTS_LOST, &mut lxc)?).map_err(map_err(maps::EVENTS_LOST))?;
+        let lb = LbMaps {
+            services: BpfHashMap::try_from(take(maps::LB_SERVICES, &mut sock)?).map_err(map_err(maps::LB_SERVICES))?,
+            slots: BpfHashMap::try_from(take(maps::LB_SLOTS, &mut sock)?).map_err(map_err(maps::LB_SLOTS))?,
+            backends: BpfHashMap::try_from(take(maps::LB_BACKENDS, &mut sock)?).map_err(map_err(maps::LB_BACKENDS))?,
+            maglev: BpfHashMap::try_from(take(maps::LB_MAGLEV, &mut sock)?).map_err(map_err(maps::LB_MAGLEV))?,
+        };
         Ok(Self {
             cfg,
             lxc,
             host,
             overlay,
+            sock,
+            lb,
             ipcache,
             endpoints,
             metrics,
@@ -423,12 +455,127 @@ impl Datapath {
             .and_then(|p| p.try_into().ok())
     }
 
+    /// Attaches the socket programs to the cgroup at `cgroup` (every
+    /// process below it gets service translation). Links are pinned; a
+    /// restarted agent attaches its new programs first and then detaches
+    /// the earlier agent's, so no connect goes untranslated in between
+    /// (while both run, the second sees a backend address and passes).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for &program in SOCK_PROGRAMS {
+            let pin = self.cfg.link_dir().join(format!("cgroup-{program}"));
+            let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+                ifname: cgroup.display().to_string(),
+                hook: program,
+                source,
+            };
+            let prog: &mut CgroupSockAddr = self
+                .sock
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                .and_then(|p| p.try_into())
+                .map_err(|source| DatapathError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .map_err(|e| err(e.into()))?;
+            let link: aya::programs::links::FdLink = prog
+                .take_link(id)
+                .map_err(|e| err(e.into()))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| err(e.into()))?;
+            detach_pinned(&pin);
+            link.pin(&pin).map_err(|source| DatapathError::Pin {
+                path: pin.clone(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn upsert_lb_backend(&mut self, id: u32, be: LbBackend) -> Result<(), DatapathError> {
+        self.lb.backends.insert(id, be, 0).map_err(map_err(maps::LB_BACKENDS))
+    }
+
+    pub fn remove_lb_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        ignore_missing(self.lb.backends.remove(&id), maps::LB_BACKENDS)
+    }
+
+    pub fn upsert_lb_slot(&mut self, key: LbSlotKey, backend: u32) -> Result<(), DatapathError> {
+        self.lb.slots.insert(key, backend, 0).map_err(map_err(maps::LB_SLOTS))
+    }
+
+    pub fn remove_lb_slot(&mut self, key: LbSlotKey) -> Result<(), DatapathError> {
+        ignore_missing(self.lb.slots.remove(&key), maps::LB_SLOTS)
+    }
+
+    pub fn upsert_lb_maglev(&mut self, key: LbMaglevKey, backend: u32) -> Result<(), DatapathError> {
+        self.lb.maglev.insert(key, backend, 0).map_err(map_err(maps::LB_MAGLEV))
+    }
+
+    pub fn remove_lb_maglev(&mut self, key: LbMaglevKey) -> Result<(), DatapathError> {
+        ignore_missing(self.lb.maglev.remove(&key), maps::LB_MAGLEV)
+    }
+
+    pub fn upsert_lb_service(&mut self, key: LbSvcKey, value: LbSvcValue) -> Result<(), DatapathError> {
+        self.lb
+            .services
+            .insert(key, value, 0)
+            .map_err(map_err(maps::LB_SERVICES))
+    }
+
+    pub fn remove_lb_service(&mut self, key: LbSvcKey) -> Result<(), DatapathError> {
+        ignore_missing(self.lb.services.remove(&key), maps::LB_SERVICES)
+    }
+
+    /// Everything in the service maps, for adopting an earlier agent's
+    /// state after a restart.
+    pub fn lb_entries(&self) -> LbEntries {
+        LbEntries {
+            services: self.lb.services.iter().filter_map(Result::ok).collect(),
+            slots: self.lb.slots.iter().filter_map(Result::ok).collect(),
+            backends: self.lb.backends.iter().filter_map(Result::ok).collect(),
+            maglev: self.lb.maglev.iter().filter_map(Result::ok).collect(),
+        }
+    }
+
     /// Removes every pin of this node (the agent's `--cleanup` and `lab down`).
     pub fn remove_pins(bpf_root: &Path) -> std::io::Result<()> {
         if bpf_root.exists() {
             std::fs::remove_dir_all(bpf_root)?;
         }
         Ok(())
+    }
+}
+
+/// The socket programs, as named in bpf_sock.c.
+const SOCK_PROGRAMS: &[&str] = &["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
+
+struct LbMaps {
+    services: BpfHashMap<MapData, LbSvcKey, LbSvcValue>,
+    slots: BpfHashMap<MapData, LbSlotKey, u32>,
+    backends: BpfHashMap<MapData, u32, LbBackend>,
+    maglev: BpfHashMap<MapData, LbMaglevKey, u32>,
+}
+
+/// The service maps' contents.
+#[derive(Debug, Default)]
+pub struct LbEntries {
+    pub services: Vec<(LbSvcKey, LbSvcValue)>,
+    pub slots: Vec<(LbSlotKey, u32)>,
+    pub backends: Vec<(u32, LbBackend)>,
+    pub maglev: Vec<(LbMaglevKey, u32)>,
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), DatapathError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(e) => Err(map_err(map)(e)),
     }
 }
 

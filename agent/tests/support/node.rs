@@ -176,6 +176,8 @@ impl Node {
             events: true,
             event_ring_bytes: 1 << 16,
             event_report_interval_ns: 5_000_000_000,
+            maglev_table_size: 251,
+            maglev_services: 4,
         })
         .unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));
         let a = Pod {

@@ -25,11 +25,12 @@ pub enum DropReason {
     PolicyDeny = 16,
     CtFull = 17,
     PolicyNotReady = 18,
+    NoServiceBackend = 19,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -49,6 +50,7 @@ impl DropReason {
         Self::PolicyDeny,
         Self::CtFull,
         Self::PolicyNotReady,
+        Self::NoServiceBackend,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -81,6 +83,7 @@ impl DropReason {
             Self::PolicyDeny => "DROP_POLICY_DENY",
             Self::CtFull => "DROP_CT_FULL",
             Self::PolicyNotReady => "DROP_POLICY_NOT_READY",
+            Self::NoServiceBackend => "DROP_NO_SERVICE_BACKEND",
         }
     }
 
@@ -106,6 +109,7 @@ impl DropReason {
             Self::PolicyDeny => "policy denied (deny rule)",
             Self::CtFull => "conntrack table full",
             Self::PolicyNotReady => "endpoint policy not installed (fail closed)",
+            Self::NoServiceBackend => "service has no usable backend (connection refused)",
         }
     }
 
@@ -131,6 +135,7 @@ impl DropReason {
             Self::PolicyDeny => "policy_deny_rule",
             Self::CtFull => "ct_full",
             Self::PolicyNotReady => "policy_not_ready",
+            Self::NoServiceBackend => "no_service_backend",
         }
     }
 }

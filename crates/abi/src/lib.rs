@@ -24,6 +24,10 @@ pub const BPF_HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// The compiled overlay programs (`from_overlay`, `to_overlay`).
 pub const BPF_OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
 
+/// The compiled cgroup socket programs (`sock_connect4`, `sock_sendmsg4`,
+/// `sock_recvmsg4`, `sock_getpeername4`).
+pub const BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
+
 /// Map names, as pinned under the agent's pin directory.
 pub mod maps {
     pub const IPCACHE: &str = "sinew_ipcache";
@@ -35,6 +39,12 @@ pub mod maps {
     pub const EVENTS: &str = "sinew_events";
     pub const EVENTS_LOST: &str = "sinew_events_lost";
     pub const FLOW_AGG: &str = "sinew_flow_agg";
+    pub const LB_SERVICES: &str = "sinew_lb_services";
+    pub const LB_SLOTS: &str = "sinew_lb_slots";
+    pub const LB_BACKENDS: &str = "sinew_lb_backends";
+    pub const LB_MAGLEV: &str = "sinew_lb_maglev";
+    pub const LB_AFFINITY: &str = "sinew_lb_affinity";
+    pub const LB_REVNAT: &str = "sinew_lb_revnat";
 }
 
 /// Names of the load-time constants (`volatile const` in `lib/common.h`).
@@ -48,4 +58,5 @@ pub mod config {
     pub const CT_FAIL_OPEN: &str = "CFG_CT_FAIL_OPEN";
     pub const EVENTS_ENABLED: &str = "CFG_EVENTS_ENABLED";
     pub const EVENT_REPORT_INTERVAL_NS: &str = "CFG_EVENT_REPORT_INTERVAL_NS";
+    pub const MAGLEV_TABLE_SIZE: &str = "CFG_MAGLEV_TABLE_SIZE";
 }

@@ -335,6 +335,93 @@ pub struct FlowAgg {
     pub bytes: u64,
 }
 
+pub const LB_SCOPE_INTERNAL: u8 = 0;
+pub const LB_SCOPE_EXTERNAL: u8 = 1;
+pub const LB_F_AFFINITY: u16 = 1 << 0;
+pub const LB_F_MAGLEV: u16 = 1 << 1;
+pub const LB_F_LOCAL_ONLY: u16 = 1 << 2;
+pub const LB_BE_F_ACTIVE: u8 = 1 << 0;
+pub const LB_BE_F_TERMINATING: u8 = 1 << 1;
+
+/// A service frontend: address, port (both network order), protocol, scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbSvcKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbSvcValue {
+    pub svc_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub affinity_timeout: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbSlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbBackend {
+    /// Network order, as `port`.
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+    pub svc_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbMaglevKey {
+    pub svc_id: u32,
+    pub index: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbAffinityKey {
+    pub netns_cookie: u64,
+    pub svc_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbRevnatKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbRevnatValue {
+    pub vip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
 macro_rules! pod {
     ($($t:ty),*) => { $(
         // SAFETY: repr(C), only integers and arrays of integers, explicit pad
@@ -359,5 +446,14 @@ pod!(
     CtEntry,
     FlowEvent,
     FlowAggKey,
-    FlowAgg
+    FlowAgg,
+    LbSvcKey,
+    LbSvcValue,
+    LbSlotKey,
+    LbBackend,
+    LbMaglevKey,
+    LbAffinityKey,
+    LbAffinityValue,
+    LbRevnatKey,
+    LbRevnatValue
 );

@@ -153,6 +153,26 @@ fn shared_structs_match_btf() {
         );
         check!(s, "flow_agg", FlowAgg, [last_report_ns, packets, bytes]);
     }
+    let sock = btf_structs(BPF_SOCK);
+    check!(sock, "lb_svc_key", LbSvcKey, [vip, port, proto, scope]);
+    check!(
+        sock,
+        "lb_svc_value",
+        LbSvcValue,
+        [svc_id, count, flags, affinity_timeout, pad]
+    );
+    check!(sock, "lb_slot_key", LbSlotKey, [svc_id, slot]);
+    check!(sock, "lb_backend", LbBackend, [addr, port, proto, flags, svc_id, pad]);
+    check!(sock, "lb_maglev_key", LbMaglevKey, [svc_id, index]);
+    check!(sock, "lb_affinity_key", LbAffinityKey, [netns_cookie, svc_id, pad]);
+    check!(
+        sock,
+        "lb_affinity_value",
+        LbAffinityValue,
+        [last_used_ns, backend_id, pad]
+    );
+    check!(sock, "lb_revnat_key", LbRevnatKey, [cookie, addr, port, pad]);
+    check!(sock, "lb_revnat_value", LbRevnatValue, [vip, port, pad]);
     let host = btf_structs(BPF_HOST);
     check!(host, "nat_key", NatKey, [saddr, daddr, sport, dport, proto, pad]);
     check!(host, "nat_value", NatValue, [addr, port, pad, created_ns]);
