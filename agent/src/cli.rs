@@ -355,7 +355,7 @@ fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Resul
         return Ok(());
     }
     println!(
-        "{:<5} {:<28} {:<24} {:<13} {:<8} BACKENDS",
+        "{:<5} {:<28} {:<24} {:<13} {:<20} BACKENDS",
         "ID", "SERVICE", "FRONTEND", "TYPE", "LB"
     );
     for f in &r.frontends {
@@ -395,11 +395,11 @@ fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Resul
             .cloned()
             .unwrap_or_else(|| "(none: connections refused)".into());
         println!(
-            "{:<5} {:<28} {:<24} {:<13} {:<8} {first}",
+            "{:<5} {:<28} {:<24} {:<13} {:<20} {first}",
             f.id, svc, frontend, kind, lb
         );
         for b in backends.iter().skip(1) {
-            println!("{:<5} {:<28} {:<24} {:<13} {:<8} {b}", "", "", "", "", "");
+            println!("{:<5} {:<28} {:<24} {:<13} {:<20} {b}", "", "", "", "", "");
         }
     }
     for e in &r.errors {

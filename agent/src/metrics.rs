@@ -138,6 +138,11 @@ pub struct Sample {
     pub rss_bytes: Option<u64>,
     pub uptime_seconds: f64,
     pub flows: Option<FlowCounts>,
+    /// Service frontends in force, their backends taking new connections,
+    /// and service map writes since start.
+    pub service_frontends: u64,
+    pub service_backends: u64,
+    pub service_map_writes: u64,
 }
 
 /// The label of an event type index of `sinew_events_lost`.
@@ -209,6 +214,9 @@ impl Sample {
             rss_bytes: rss_bytes(),
             uptime_seconds: s.started.elapsed().as_secs_f64(),
             flows: None,
+            service_frontends: s.services.in_force.len() as u64,
+            service_backends: s.services.in_force.values().map(|f| f.usable().count() as u64).sum(),
+            service_map_writes: s.services.map_writes,
         }
     }
 
@@ -436,6 +444,24 @@ impl Collector for Sample {
             "endpoints",
             "Endpoints (pod interfaces) on this node",
             self.endpoints,
+        )?;
+        gauge(
+            &mut enc,
+            "service_frontends",
+            "Service frontends (address, port, protocol) this node load-balances",
+            self.service_frontends,
+        )?;
+        gauge(
+            &mut enc,
+            "service_backends",
+            "Backends taking new connections, summed over frontends",
+            self.service_backends,
+        )?;
+        counter(
+            &mut enc,
+            "service_map_writes",
+            "Service map entries written or deleted since the agent started",
+            self.service_map_writes,
         )?;
         family(
             &mut enc,

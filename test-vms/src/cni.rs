@@ -157,7 +157,19 @@ pub fn invoke(
     request: &CniRequest,
     timeout: Option<Duration>,
 ) -> Result<Output, CniError> {
+    invoke_in(node_netns, None, plugin, request, timeout)
+}
+
+/// [`invoke`] with the plugin started in the node's cgroup, if it has one.
+pub fn invoke_in(
+    node_netns: &NetNs,
+    node_cgroup: Option<&Path>,
+    plugin: &Path,
+    request: &CniRequest,
+    timeout: Option<Duration>,
+) -> Result<Output, CniError> {
     let mut cmd = command_in(node_netns, plugin)?;
+    crate::cgroup::enter_on_exec(&mut cmd, node_cgroup);
     let cni_path = plugin.parent().unwrap_or(Path::new("/"));
     // A clean environment, as a runtime would give it: stray CNI_* variables
     // from the caller must not leak into the request.

@@ -97,6 +97,9 @@ pub enum LabError {
         /// What went wrong.
         reason: String,
     },
+    /// A node's cgroup could not be made.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// A file operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -381,6 +384,11 @@ pub struct NodeRecord {
     pub agent_log: PathBuf,
     /// The running agent's pid, if started.
     pub agent_pid: Option<u32>,
+    /// The node's cgroup (`CGROUP2/sinew-lab/PREFIX-NODE`): its agent
+    /// attaches socket load balancing there, and every process the lab
+    /// runs in the node or its pods starts in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// One pod as recorded in the state file.
@@ -519,6 +527,7 @@ impl Lab {
             });
         }
         create_dir(&dir)?;
+        let cgroup_root = crate::cgroup::root()?;
         let nodes = (1..=spec.nodes)
             .map(|index| {
                 let name = topology::node_name(index);
@@ -535,6 +544,7 @@ impl Lab {
                     state_dir,
                     bpf_root: bpffs::pin_dir(&spec.name_prefix, &name),
                     agent_pid: None,
+                    cgroup: Some(crate::cgroup::node_cgroup(&cgroup_root, &spec.name_prefix, &name)),
                     index,
                     name,
                 })
@@ -558,6 +568,9 @@ impl Lab {
         progress("writing datastore");
         for node in &lab.state.nodes {
             create_dir(&node.state_dir)?;
+            if let Some(cg) = &node.cgroup {
+                crate::cgroup::create(cg)?;
+            }
             datastore::write_atomic(
                 &datastore::node_path(&lab.datastore_dir(), &node.name),
                 &datastore::node_yaml(&node.name, node.pod_cidr, node.address),
@@ -681,6 +694,7 @@ impl Lab {
         })?;
         let args = self.agent_args(&rec);
         let mut cmd = command_in(&rec.netns, &self.state.binaries.agent)?;
+        crate::cgroup::enter_on_exec(&mut cmd, rec.cgroup.as_deref());
         cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log_err);
         detach(&mut cmd);
         let child = cmd.spawn().map_err(|source| LabError::Exec {
@@ -887,24 +901,38 @@ impl Lab {
 
     /// Runs `argv` in the pod's namespace with inherited stdio.
     pub fn exec<S: AsRef<OsStr>>(&self, pod: &str, argv: &[S]) -> Result<ExitStatus, LabError> {
-        let netns = self.pod(pod)?.netns.clone();
-        let mut cmd = build(&netns, pod, argv)?;
+        let mut cmd = self.command(pod, argv)?;
         cmd.status().map_err(|source| exec_err(pod, argv, source))
     }
 
     /// Runs `argv` in the pod's namespace and captures its output.
     pub fn exec_output<S: AsRef<OsStr>>(&self, pod: &str, argv: &[S]) -> Result<Output, LabError> {
-        let netns = self.pod(pod)?.netns.clone();
-        let mut cmd = build(&netns, pod, argv)?;
+        let mut cmd = self.command(pod, argv)?;
         cmd.stdin(Stdio::null())
             .output()
             .map_err(|source| exec_err(pod, argv, source))
     }
 
+    /// A command that runs `argv` in the pod's (or, given a node name, the
+    /// node's) network namespace and cgroup, for callers that spawn it
+    /// themselves (long-running clients with pipes).
+    pub fn command<S: AsRef<OsStr>>(&self, target: &str, argv: &[S]) -> Result<std::process::Command, LabError> {
+        let (netns, node) = match self.pod(target) {
+            Ok(p) => (p.netns.clone(), p.node.clone()),
+            Err(e) => match self.node(target) {
+                Ok(n) => (n.netns.clone(), n.name.clone()),
+                Err(_) => return Err(e),
+            },
+        };
+        let mut cmd = build(&netns, target, argv)?;
+        crate::cgroup::enter_on_exec(&mut cmd, self.node(&node)?.cgroup.as_deref());
+        Ok(cmd)
+    }
+
     /// Runs `argv` in the node's namespace and captures its output.
     pub fn node_exec_output<S: AsRef<OsStr>>(&self, node: &str, argv: &[S]) -> Result<Output, LabError> {
-        let netns = self.node(node)?.netns.clone();
-        let mut cmd = build(&netns, node, argv)?;
+        self.node(node)?;
+        let mut cmd = self.command(node, argv)?;
         cmd.stdin(Stdio::null())
             .output()
             .map_err(|source| exec_err(node, argv, source))
@@ -975,6 +1003,11 @@ impl Lab {
             UPLINK.into(),
         ]
         .into_iter()
+        .chain(
+            rec.cgroup
+                .iter()
+                .flat_map(|c| ["--cgroup-root".to_string(), c.display().to_string()]),
+        )
         .chain(self.state.spec.agent_args.iter().cloned())
         .collect()
     }
@@ -1032,7 +1065,13 @@ fn cni_request(
         args: cni::k8s_args(&pod.namespace, &pod.name),
         config: cni::network_config(&node.socket),
     };
-    Ok(cni::invoke(&node.netns, plugin, &req, timeout)?)
+    Ok(cni::invoke_in(
+        &node.netns,
+        node.cgroup.as_deref(),
+        plugin,
+        &req,
+        timeout,
+    )?)
 }
 
 fn wait_for_agent(rec: &NodeRecord, mut child: Child, options: &UpOptions<'_>) -> Result<(), LabError> {
@@ -1191,11 +1230,30 @@ fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str) -> DownSu
         }
     }
 
-    // 6. Sockets and state.
+    // 6. Node cgroups, recorded or found by name.
+    let mut cgroups: Vec<PathBuf> = state
+        .iter()
+        .flat_map(|st| st.nodes.iter().filter_map(|n| n.cgroup.clone()))
+        .collect();
+    for c in crate::cgroup::existing(prefix) {
+        if !cgroups.contains(&c) {
+            cgroups.push(c);
+        }
+    }
+    for c in &cgroups {
+        match crate::cgroup::remove(c) {
+            Ok(true) => s.removed.push(format!("cgroup {}", c.display())),
+            Ok(false) => {}
+            Err(e) => s.warnings.push(e),
+        }
+    }
+    crate::cgroup::remove_parent_if_empty();
+
+    // 7. Sockets and state.
     remove_dir(&socket_root, &mut s);
     remove_dir(state_dir, &mut s);
 
-    // 7. Check.
+    // 8. Check.
     s.left_behind
         .extend(names.existing_netns().into_iter().map(|n| format!("netns {n}")));
     s.left_behind.extend(
@@ -1209,6 +1267,12 @@ fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str) -> DownSu
             s.left_behind.push(p.display().to_string());
         }
     }
+    s.left_behind.extend(
+        cgroups
+            .iter()
+            .filter(|c| c.exists())
+            .map(|c| format!("cgroup {}", c.display())),
+    );
     s.left_behind.extend(
         process::find_by_arg(&needle)
             .into_iter()

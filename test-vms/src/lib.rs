@@ -15,6 +15,7 @@
 
 pub mod baseline;
 pub mod bpffs;
+pub mod cgroup;
 pub mod cni;
 pub mod datastore;
 pub mod lab;

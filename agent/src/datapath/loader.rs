@@ -481,9 +481,10 @@ impl Datapath {
                     program,
                     source: Box::new(source),
                 })?;
-            let id = prog
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
-                .map_err(|e| err(e.into()))?;
+            // A cgroup bpf_link always attaches as one of many programs
+            // (the kernel requires flags 0 and implies BPF_F_ALLOW_MULTI),
+            // so it never displaces another program on this cgroup.
+            let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| err(e.into()))?;
             let link: aya::programs::links::FdLink = prog
                 .take_link(id)
                 .map_err(|e| err(e.into()))?

@@ -1,0 +1,192 @@
+//! sinew-probe: a small client for lab tests, run inside a pod or node
+//! (and so inside its cgroup, where socket load balancing applies). It
+//! prints what an application sees: the peer address from getpeername (TCP)
+//! or the source address from recvfrom (UDP), and the server's first line.
+//!
+//! ```text
+//! sinew-probe tcp ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T]
+//! sinew-probe udp ADDR:PORT [--count N] [--timeout-ms T]
+//! sinew-probe tcp-hold ADDR:PORT [--timeout-ms T]   # then echoes stdin lines
+//! ```
+//!
+//! One line per connection or datagram: `ok peer=A:P local=A:P reply=TEXT`
+//! or `err errno=N msg=TEXT`. With `--bind-port P` connection i binds source
+//! port P+i first and closes with a reset (no TIME_WAIT), so the same ports
+//! can be used again.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+
+struct Opts {
+    addr: SocketAddrV4,
+    count: u32,
+    bind_port: Option<u16>,
+    timeout: Duration,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let addr = args
+        .first()
+        .ok_or("missing ADDR:PORT")?
+        .parse()
+        .map_err(|e| format!("ADDR:PORT: {e}"))?;
+    let mut o = Opts {
+        addr,
+        count: 1,
+        bind_port: None,
+        timeout: Duration::from_secs(3),
+    };
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--count" => o.count = v.parse().map_err(|_| "--count: a number")?,
+            "--bind-port" => o.bind_port = Some(v.parse().map_err(|_| "--bind-port: a port")?),
+            "--timeout-ms" => o.timeout = Duration::from_millis(v.parse().map_err(|_| "--timeout-ms: a number")?),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(o)
+}
+
+fn err_line(e: &std::io::Error) -> String {
+    format!("err errno={} msg={e}", e.raw_os_error().unwrap_or(0))
+}
+
+fn connect(o: &Opts, i: u32) -> std::io::Result<TcpStream> {
+    let Some(base) = o.bind_port else {
+        return TcpStream::connect_timeout(&SocketAddr::V4(o.addr), o.timeout);
+    };
+    let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let port = base
+        .checked_add(u16::try_from(i).unwrap_or(u16::MAX))
+        .ok_or_else(|| std::io::Error::other("bind port out of range"))?;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(SocketAddrV4::new([0, 0, 0, 0].into(), port)),
+    )?;
+    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(o.addr))?;
+    let s = TcpStream::from(fd);
+    // Close with a reset: no TIME_WAIT, so a later run can reuse the port.
+    socket::setsockopt(
+        &s,
+        sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
+    Ok(s)
+}
+
+fn tcp(o: &Opts) -> bool {
+    let mut all_ok = true;
+    for i in 0..o.count {
+        let line = (|| -> std::io::Result<String> {
+            let s = connect(o, i)?;
+            s.set_read_timeout(Some(o.timeout))?;
+            let peer = s.peer_addr()?;
+            let local = s.local_addr()?;
+            let mut reply = String::new();
+            BufReader::new(&s).read_line(&mut reply)?;
+            Ok(format!("ok peer={peer} local={local} reply={}", reply.trim()))
+        })()
+        .unwrap_or_else(|e| {
+            all_ok = false;
+            err_line(&e)
+        });
+        println!("{line}");
+    }
+    all_ok
+}
+
+fn udp(o: &Opts) -> bool {
+    let mut all_ok = true;
+    for i in 0..o.count {
+        let line = (|| -> std::io::Result<String> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(o.timeout))?;
+            s.send_to(format!("ping{i}").as_bytes(), o.addr)?;
+            let mut buf = [0u8; 512];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(format!(
+                "ok peer={from} local={} reply={}",
+                s.local_addr()?,
+                String::from_utf8_lossy(&buf[..n]).trim()
+            ))
+        })()
+        .unwrap_or_else(|e| {
+            all_ok = false;
+            err_line(&e)
+        });
+        println!("{line}");
+    }
+    all_ok
+}
+
+/// One connection kept open: prints the first line, then sends each stdin
+/// line and prints the echo, until stdin closes.
+fn tcp_hold(o: &Opts) -> bool {
+    let run = || -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(o.addr), o.timeout)?;
+        s.set_read_timeout(Some(o.timeout))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut first = String::new();
+        r.read_line(&mut first)?;
+        println!(
+            "ok peer={} local={} reply={}",
+            s.peer_addr()?,
+            s.local_addr()?,
+            first.trim()
+        );
+        std::io::stdout().flush()?;
+        for line in std::io::stdin().lock().lines() {
+            let line = line?;
+            s.write_all(format!("{line}\n").as_bytes())?;
+            let mut echo = String::new();
+            r.read_line(&mut echo)?;
+            println!("echo {}", echo.trim());
+            std::io::stdout().flush()?;
+        }
+        let mut rest = Vec::new();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = s.read_to_end(&mut rest);
+        Ok(())
+    };
+    match run() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("{}", err_line(&e));
+            false
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((mode, rest)) = args.split_first() else {
+        eprintln!("usage: sinew-probe tcp|udp|tcp-hold ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T]");
+        std::process::exit(2);
+    };
+    let o = match parse(rest) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("sinew-probe: {e}");
+            std::process::exit(2);
+        }
+    };
+    let ok = match mode.as_str() {
+        "tcp" => tcp(&o),
+        "udp" => udp(&o),
+        "tcp-hold" => tcp_hold(&o),
+        other => {
+            eprintln!("sinew-probe: unknown mode {other}: use tcp, udp or tcp-hold");
+            std::process::exit(2);
+        }
+    };
+    std::process::exit(if ok { 0 } else { 1 });
+}
