@@ -3,8 +3,10 @@
  * Uplink device programs (the node's interface to the underlay).
  *
  * from_netdev: TC ingress. Replies to masqueraded flows are translated back;
- *              packets for a local pod (native routing) are delivered into
- *              it directly; everything else goes up the stack.
+ *              node ports of externalTrafficPolicy Local services go to a
+ *              backend on this node; packets for a local pod (native
+ *              routing) are delivered into it directly; everything else
+ *              goes up the stack.
  * to_netdev:   TC egress. Pod traffic to addresses outside the cluster is
  *              masqueraded to the node address.
  */
@@ -15,6 +17,7 @@
 #include "lib/policy.h"
 #include "lib/local.h"
 #include "lib/nat.h"
+#include "lib/nodeport.h"
 
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
@@ -35,12 +38,16 @@ int from_netdev(struct __sk_buff *skb)
 	}
 	daddr = ip->daddr;
 	saddr = ip->saddr;
-	if (CFG_ENABLE_MASQ && daddr == CFG_NODE_IP) {
+	if (daddr == CFG_NODE_IP) {
 		/* Not every packet to the node is NATed: errors mean "not
 		 * ours". */
 		if (nat_key_from_packet(skb, ip, &key) < 0)
 			goto out;
+		/* A masqueraded flow's reply, or a node port flow's next
+		 * packet; else maybe a node port flow's first one. */
 		ret = nat_rev_dnat(skb, &key, &daddr);
+		if (ret == 0)
+			ret = nodeport_dnat(skb, &key, &daddr);
 		if (ret <= 0)
 			goto out;
 		ret = TC_ACT_OK;
@@ -65,7 +72,7 @@ int to_netdev(struct __sk_buff *skb)
 	struct iphdr *ip;
 	int ret = TC_ACT_OK;
 
-	if (!CFG_ENABLE_MASQ || skb->protocol != bpf_htons(ETH_P_IP))
+	if (skb->protocol != bpf_htons(ETH_P_IP))
 		goto out;
 	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
 	if (!ip) {
@@ -83,8 +90,17 @@ int to_netdev(struct __sk_buff *skb)
 				  IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
 		goto out;
 	ret = nat_key_from_packet(skb, ip, &key);
-	if (ret < 0)
+	if (ret < 0) {
+		/* Without masquerade nothing here needs translating. */
+		if (!CFG_ENABLE_MASQ)
+			ret = TC_ACT_OK;
 		goto out;
+	}
+	/* Without masquerade only node port replies are translated. */
+	if (!CFG_ENABLE_MASQ && !bpf_map_lookup_elem(&sinew_nat, &key)) {
+		ret = TC_ACT_OK;
+		goto out;
+	}
 	ret = nat_snat(skb, &key);
 	if (ret == 0)
 		ret = TC_ACT_OK;

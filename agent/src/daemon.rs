@@ -261,6 +261,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.masquerade,
     );
     let reconciler = Reconciler::new(cfg.routing, cfg.uplink.clone(), VXLAN_DEV.to_string(), local.clone());
+    let node_ip = local.ip;
     let mut state = NodeState {
         local,
         ipam,
@@ -277,6 +278,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         services,
         service_settings: crate::services::Settings {
             local_node: cfg.node_name.clone(),
+            node_ip,
             default_algorithm: cfg.lb_algorithm,
             maglev_table_size: cfg.maglev_table_size,
         },

@@ -687,3 +687,135 @@ fn masquerade_udp_round_trip() {
 fn masquerade_icmp_echo_round_trip() {
     masquerade_round_trip(Proto::IcmpEcho);
 }
+
+/// A node port of an externalTrafficPolicy Local service on this node,
+/// with pod A as its one backend (port 8080); `count` 0 means none.
+fn nodeport_service(node: &mut Node, proto: u8, count: u16) {
+    use sinew_abi::{LbBackend, LbSlotKey, LbSvcKey, LbSvcValue};
+    let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    node.dp
+        .upsert_lb_backend(
+            7,
+            LbBackend {
+                addr: be(node.a.ip),
+                port: 8080u16.to_be(),
+                proto,
+                flags: sinew_abi::LB_BE_F_ACTIVE,
+                svc_id: 3,
+                pad: 0,
+            },
+        )
+        .unwrap();
+    node.dp.upsert_lb_slot(LbSlotKey { svc_id: 3, slot: 1 }, 7).unwrap();
+    node.dp
+        .upsert_lb_service(
+            LbSvcKey {
+                vip: be(NODE_IP),
+                port: NODE_PORT.to_be(),
+                proto,
+                scope: sinew_abi::LB_SCOPE_EXTERNAL,
+            },
+            LbSvcValue {
+                svc_id: 3,
+                count,
+                flags: sinew_abi::LB_F_LOCAL_ONLY,
+                affinity_timeout: 0,
+                pad: 0,
+            },
+        )
+        .unwrap();
+}
+
+const NODE_PORT: u16 = 30080;
+
+/// NodePort (externalTrafficPolicy Local): the first packet from outside
+/// to NODE_IP:30080 is sent to the local backend with the client address
+/// kept, the next one takes the same translation, the backend's reply
+/// leaves as NODE_IP:30080, and a node port without backends drops with
+/// its reason.
+fn nodeport_round_trip(proto: Proto) {
+    let name = format!("bpf-nodeport-{proto:?}");
+    in_new_netns(&name, move || {
+        let mut node = Node::new(RoutingMode::Native);
+        let number = if matches!(proto, Proto::Tcp) { 6 } else { 17 };
+        nodeport_service(&mut node, number, 1);
+        let a = node.a;
+        for (i, flags) in [TCP_SYN, TCP_ACK].into_iter().enumerate() {
+            let first = match proto {
+                Proto::Tcp => Ipv4Frame::tcp((OUTSIDE, REMOTE_PORT), (NODE_IP, NODE_PORT), flags),
+                _ => Ipv4Frame::udp((OUTSIDE, REMOTE_PORT), (NODE_IP, NODE_PORT)),
+            }
+            .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
+            .build();
+            let out = node.run("from_netdev", &first, node.uplink_ifindex, (Forwarded, Ingress));
+            assert_eq!(
+                out.verdict,
+                TC_ACT_REDIRECT,
+                "packet {i}: {}",
+                verdict_name(out.verdict)
+            );
+            let v = View(&out.frame);
+            assert_eq!(v.ip_dst(), a.ip, "packet {i}: not sent to the backend");
+            assert_eq!(v.dport(), 8080, "packet {i}: not sent to the backend port");
+            assert_eq!(v.ip_src(), OUTSIDE, "packet {i}: Local keeps the client address");
+            assert_eq!(v.sport(), REMOTE_PORT);
+            assert_eq!(
+                (v.eth_dst(), v.eth_src()),
+                (a.mac, a.host_mac),
+                "delivered into the pod"
+            );
+            assert!(
+                v.ip_checksum_ok() && v.l4_checksum_ok(),
+                "packet {i}: checksums after DNAT"
+            );
+        }
+        // The backend answers; the reply leaves as the node port.
+        let reply = match proto {
+            Proto::Tcp => Ipv4Frame::tcp((a.ip, 8080), (OUTSIDE, REMOTE_PORT), TCP_SYN | TCP_ACK),
+            _ => Ipv4Frame::udp((a.ip, 8080), (OUTSIDE, REMOTE_PORT)),
+        }
+        .macs([0x02, 0, 0, 0, 0xaa, 0x02], [0x02, 0, 0, 0, 0xaa, 0x01])
+        .build();
+        let out = node.run("to_netdev", &reply, node.uplink_ifindex, (Forwarded, Egress));
+        assert_eq!(out.verdict, TC_ACT_OK, "{}", verdict_name(out.verdict));
+        let v = View(&out.frame);
+        assert_eq!(
+            (v.ip_src(), v.sport()),
+            (NODE_IP, NODE_PORT),
+            "reply not reverse-translated"
+        );
+        assert_eq!((v.ip_dst(), v.dport()), (OUTSIDE, REMOTE_PORT));
+        assert!(v.ip_checksum_ok() && v.l4_checksum_ok(), "checksums after reverse NAT");
+
+        // Another client, no backend left: dropped with its reason.
+        nodeport_service(&mut node, number, 0);
+        let other = match proto {
+            Proto::Tcp => Ipv4Frame::tcp((OUTSIDE, REMOTE_PORT + 1), (NODE_IP, NODE_PORT), TCP_SYN),
+            _ => Ipv4Frame::udp((OUTSIDE, REMOTE_PORT + 1), (NODE_IP, NODE_PORT)),
+        }
+        .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
+        .build();
+        let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoServiceBackend, Ingress));
+        assert_eq!(out.verdict, TC_ACT_SHOT);
+        // A port no service has is the node's own business.
+        let plain = match proto {
+            Proto::Tcp => Ipv4Frame::tcp((OUTSIDE, REMOTE_PORT), (NODE_IP, 22), TCP_SYN),
+            _ => Ipv4Frame::udp((OUTSIDE, REMOTE_PORT), (NODE_IP, 22)),
+        }
+        .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
+        .build();
+        let out = node.run("from_netdev", &plain, node.uplink_ifindex, (Forwarded, Ingress));
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert!(out.frame == plain, "a packet to another port was modified");
+    });
+}
+
+#[test]
+fn nodeport_local_tcp_dnat_and_reverse() {
+    nodeport_round_trip(Proto::Tcp);
+}
+
+#[test]
+fn nodeport_local_udp_dnat_and_reverse() {
+    nodeport_round_trip(Proto::Udp);
+}

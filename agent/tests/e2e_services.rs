@@ -47,7 +47,7 @@ impl NamedServers {
         let (stop, name) = (self.stop.clone(), name.to_string());
         self.threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = l.accept() else {
+                let Ok((mut s, peer)) = l.accept() else {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 };
@@ -55,7 +55,7 @@ impl NamedServers {
                 std::thread::spawn(move || {
                     s.set_nonblocking(false).ok();
                     s.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                    if s.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    if s.write_all(format!("{name} from={peer}\n").as_bytes()).is_err() {
                         return;
                     }
                     let mut buf = [0u8; 1024];
@@ -92,7 +92,7 @@ impl NamedServers {
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(name.as_bytes(), peer);
+                    let _ = s.send_to(format!("{name} from={peer}").as_bytes(), peer);
                 }
             }
         }));
@@ -215,21 +215,41 @@ fn slice_yaml(service: &str, eps: &[Ep<'_>]) -> String {
     y
 }
 
-fn list_services(socket: &Path) -> v1::ListServicesResponse {
+fn try_list_services(socket: &Path) -> Result<v1::ListServicesResponse, String> {
     rt().block_on(async {
-        let mut c = sinew_proto::connect(socket, Duration::from_secs(2)).await.unwrap();
-        c.list_services(v1::ListServicesRequest {}).await.unwrap().into_inner()
+        let mut c = sinew_proto::connect(socket, Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        c.list_services(v1::ListServicesRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| e.to_string())
     })
 }
+
+fn list_services(socket: &Path) -> v1::ListServicesResponse {
+    try_list_services(socket).unwrap_or_else(|e| panic!("ListServices on {}: {e}", socket.display()))
+}
+
+/// How long a change may take to reach an agent (generous: the 6.1 tier
+/// runs these tests in an emulated VM).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waits until every node's agent serves `frontend` ("10.96.0.10:80/TCP")
 /// with exactly these active backends (addresses).
 fn wait_frontend(lab: &Lab, frontend: &str, active: &[Ipv4Addr]) {
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    wait_frontend_on(lab, &nodes, frontend, active);
+}
+
+/// [`wait_frontend`] on some nodes.
+fn wait_frontend_on(lab: &Lab, nodes: &[String], frontend: &str, active: &[Ipv4Addr]) {
     let want: BTreeSet<String> = active.iter().map(|a| a.to_string()).collect();
-    for node in lab.nodes() {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    for node in lab.nodes().iter().filter(|n| nodes.contains(&n.name)) {
+        let deadline = Instant::now() + APPLY_TIMEOUT;
         loop {
-            let r = list_services(&node.socket);
+            // A busy agent may miss one call; the deadline decides.
+            let r = try_list_services(&node.socket).unwrap_or_default();
             let got: Option<BTreeSet<String>> = r
                 .frontends
                 .iter()
@@ -353,7 +373,7 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
     let dup = "apiVersion: v1\nkind: Service\nmetadata: {name: dup, namespace: default}\nspec:\n  clusterIP: 10.96.0.14\n  ports: [{name: a, port: 80}, {name: b, port: 80}]\n";
     write_manifest(l, "dup.yaml", dup);
     write_manifest(l, "web.yaml", &service_yaml("web", "10.96.0.999", "", ""));
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + APPLY_TIMEOUT;
     let errors = loop {
         let r = list_services(&l.node("node1").unwrap().socket);
         if r.errors.len() >= 2 {
@@ -396,7 +416,7 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
     // The valid web comes back (a restarted agent has no earlier state to
     // keep a rejected update from; see ARCHITECTURE.md).
     write_manifest(l, "web.yaml", &service_yaml("web", "10.96.0.10", "", ""));
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + APPLY_TIMEOUT;
     while list_services(&l.node("node1").unwrap().socket).errors.len() != 1 {
         assert!(Instant::now() < deadline, "web.yaml error did not clear");
         std::thread::sleep(Duration::from_millis(50));
@@ -415,7 +435,7 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
     assert_all_ok("while the agent is down", &down, "10.96.0.10:80");
     g.lab.start_agent("node1").unwrap();
     let l = &g.lab;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + APPLY_TIMEOUT;
     while status(&l.node("node1").unwrap().socket).is_err() {
         assert!(Instant::now() < deadline, "agent did not come back");
         std::thread::sleep(Duration::from_millis(50));
@@ -582,5 +602,85 @@ fn maglev_removal_moves_only_that_backends_flows_and_terminating_backends_drain(
     assert_all_ok("all terminating", &fallback, "10.96.0.21:80");
     drop(stdin);
     let _ = child.wait();
+    drop(servers);
+}
+
+/// NodePort with externalTrafficPolicy Local from the external host: the
+/// node with a backend answers from it and the backend sees the client's
+/// own address; the node without one drops with its reason.
+#[test]
+fn node_port_local_from_outside_keeps_the_client_address() {
+    use std::net::TcpStream;
+    let g = lab("e2e-np", 2, 1, Routing::Vxlan);
+    let l = &g.lab;
+    let backend = "node1-pod1";
+    let mut servers = NamedServers::new();
+    let (ns, ip) = (pod_ns(l, backend), pod_ip(l, backend));
+    servers.tcp(&ns, ip, 8080, backend);
+    servers.udp(&ns, ip, 5353, backend);
+    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n";
+    let svc = service_yaml("np", "10.96.0.30", spec, "")
+        .replace("targetPort: 8080,", "targetPort: 8080, nodePort: 30080,")
+        .replace("targetPort: 5353,", "targetPort: 5353, nodePort: 30053,");
+    write_manifest(l, "np.yaml", &svc);
+    write_manifest(l, "np-slice.yaml", &slice_yaml("np", &[ready(l, backend)]));
+    let (n1, n2) = (l.node("node1").unwrap().address, l.node("node2").unwrap().address);
+    wait_frontend_on(l, &["node1".into()], &format!("{n1}:30080/TCP"), &[ip]);
+    wait_frontend_on(l, &["node2".into()], &format!("{n2}:30080/TCP"), &[]);
+    wait_frontend(l, "10.96.0.30:80/TCP", &[ip]);
+
+    let ext = l.topology().unwrap().external().clone();
+    let ext_ip = sinew_testvms::topology::EXTERNAL_UNDERLAY_ADDR;
+    for round in 0..3 {
+        let (peer, line) = ext
+            .run(move || -> std::io::Result<(SocketAddr, String)> {
+                let s = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(n1), 30080), Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line)?;
+                Ok((s.peer_addr()?, line))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("tcp {n1}:30080 from outside, round {round}: {e}"));
+        assert_eq!(peer, SocketAddr::new(IpAddr::V4(n1), 30080));
+        let p = parse_probe(&format!("ok reply={}", line.trim()));
+        assert_eq!(p.reply, backend, "{line}");
+        assert!(
+            line.contains(&format!("from={ext_ip}:")),
+            "Local keeps the client address: {line}"
+        );
+    }
+    let (from, reply) = ext
+        .run(move || -> std::io::Result<(SocketAddr, String)> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(b"hi", SocketAddr::new(IpAddr::V4(n1), 30053))?;
+            let mut buf = [0u8; 256];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("udp {n1}:30053 from outside: {e}"));
+    assert_eq!(
+        from,
+        SocketAddr::new(IpAddr::V4(n1), 30053),
+        "the reply comes from the node port"
+    );
+    assert!(
+        reply.starts_with(backend) && reply.contains(&format!("from={ext_ip}:")),
+        "{reply}"
+    );
+
+    // node2 has no local backend: dropped there, with the reason.
+    let before = drop_count(l, "node2", "no_service_backend", "ingress");
+    let r = ext
+        .run(move || TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(n2), 30080), Duration::from_millis(500)))
+        .unwrap();
+    assert!(r.is_err(), "node2 has no backend for a Local node port");
+    assert!(drop_count(l, "node2", "no_service_backend", "ingress") > before);
+
+    // The service's ClusterIP still reaches the backend from node2's pod.
+    let c = probe(l, "node2-pod1", &["tcp", "10.96.0.30:80"]);
+    assert_all_ok("cluster IP of a NodePort service", &c, "10.96.0.30:80");
     drop(servers);
 }

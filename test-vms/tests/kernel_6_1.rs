@@ -1,8 +1,9 @@
 //! The privileged tests on Linux 6.1 (Debian 12's kernel), in a qemu VM
 //! started by `test-vms/vm/run-in-vm.sh`. 6.1 has no TCX, so this is where
 //! the agent's clsact attach path runs: the BPF packet tests, the e2e
-//! connectivity matrix, and a lab whose agent restarts and must replace its
-//! cls_bpf filters in place rather than stack a second copy.
+//! connectivity matrix, the service tests (cgroup socket hooks and
+//! bpf_set_retval on 6.1), and a lab whose agent restarts and must replace
+//! its cls_bpf filters in place rather than stack a second copy.
 //!
 //! The same test binary runs twice: on the host it snapshots the already
 //! built binaries and boots the VM; inside the VM (`SINEW_K61_GUEST` set) it
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 const GUEST_ENV: &str = "SINEW_K61_GUEST";
 const TEST_NAME: &str = "privileged_tests_pass_on_linux_6_1_with_clsact";
 /// Test binaries the guest runs, by cargo target name.
-const SUITES: [&str; 2] = ["bpf_programs", "e2e_connectivity"];
+const SUITES: [&str; 3] = ["bpf_programs", "e2e_connectivity", "e2e_services"];
 const LAB: &str = "vmtest";
 
 #[test]
@@ -42,10 +43,11 @@ fn report_step(step: &str) {
     println!("\n{}", step_done(step));
 }
 
-const STEPS: [&str; 5] = [
+const STEPS: [&str; 6] = [
     "kernel",
     "bpf_programs",
     "e2e_connectivity",
+    "e2e_services",
     "clsact lab",
     "clsact restart",
 ];
@@ -68,7 +70,7 @@ mod host {
         // over 9p and an executable replaced under it crashes. A private
         // copy keeps the run consistent.
         let snap = Snapshot::new();
-        for bin in ["sinew", "sinew-agent", "sinew-cni"] {
+        for bin in ["sinew", "sinew-agent", "sinew-cni", "sinew-probe"] {
             let src = debug.join(bin);
             assert!(
                 src.is_file(),
@@ -105,10 +107,10 @@ mod host {
             .arg(snap.0.join(&me))
             .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
             .current_dir(&root)
-            // TCG runs this in about 4 minutes; a hung guest ends at 10.
+            // TCG runs this in about 8 minutes; a hung guest ends at 15.
             .env(
                 "SINEW_VM_TIMEOUT",
-                std::env::var("SINEW_VM_TIMEOUT").unwrap_or_else(|_| "600".into()),
+                std::env::var("SINEW_VM_TIMEOUT").unwrap_or_else(|_| "900".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -19,17 +19,22 @@ use crate::datapath::{Datapath, DatapathError, LbEntries};
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub local_node: String,
+    /// This node's address: the address of its node ports.
+    pub node_ip: Ipv4Addr,
     /// For services without the `service.sinew.io/lb-algorithm` annotation.
     pub default_algorithm: LbAlgorithm,
     pub maglev_table_size: u32,
 }
 
-/// An address, port and protocol that connections are made to.
+/// An address, port and protocol that connections are made to, and
+/// whether the sockets of this node (internal) or packets arriving from
+/// outside (external: node ports, at the uplink) are load-balanced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: Protocol,
+    pub external: bool,
 }
 
 impl Frontend {
@@ -38,7 +43,11 @@ impl Frontend {
             vip: u32::from_ne_bytes(self.addr.octets()),
             port: self.port.to_be(),
             proto: self.proto.number(),
-            scope: sinew_abi::LB_SCOPE_INTERNAL,
+            scope: if self.external {
+                sinew_abi::LB_SCOPE_EXTERNAL
+            } else {
+                sinew_abi::LB_SCOPE_INTERNAL
+            },
         }
     }
 
@@ -48,10 +57,16 @@ impl Frontend {
             17 => Protocol::Udp,
             _ => return None,
         };
-        (k.scope == sinew_abi::LB_SCOPE_INTERNAL).then(|| Frontend {
+        let external = match k.scope {
+            sinew_abi::LB_SCOPE_INTERNAL => false,
+            sinew_abi::LB_SCOPE_EXTERNAL => true,
+            _ => return None,
+        };
+        Some(Frontend {
             addr: Ipv4Addr::from(k.vip.to_ne_bytes()),
             port: u16::from_be(k.port),
             proto,
+            external,
         })
     }
 }
@@ -182,12 +197,33 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                 .map(|a| (*a, "ClusterIP"))
                 .chain(svc.external_ips.iter().map(|a| (*a, "ExternalIP")))
                 .chain(svc.load_balancer_ips.iter().map(|a| (*a, "LoadBalancer")));
-            for (addr, kind) in addrs {
+            let node_port = port
+                .node_port
+                .filter(|_| svc.external_traffic_local)
+                .map(|np| (settings.node_ip, "NodePort", np, true));
+            let addrs = addrs.map(|(a, k)| (a, k, port.port, false)).chain(node_port);
+            for (addr, kind, fport, external) in addrs {
                 let frontend = Frontend {
                     addr,
-                    port: port.port,
+                    port: fport,
                     proto: port.protocol,
+                    external,
                 };
+                // Node ports keep the client address and use only this
+                // node's backends (externalTrafficPolicy Local).
+                let mut backends = backends.clone();
+                if external {
+                    let here = |b: &Backend| b.node.as_deref() == Some(settings.local_node.as_str());
+                    let ready_here = backends.iter().any(|b| here(b) && b.state == BackendState::Ready);
+                    for b in &mut backends {
+                        b.usable = here(b)
+                            && if ready_here {
+                                b.state == BackendState::Ready
+                            } else {
+                                b.state == BackendState::ServingTerminating
+                            };
+                    }
+                }
                 if let Some(other) = out.get(&frontend) {
                     errors.push(format!(
                         "{}: service {ns}/{name} ({}) and {}/{} both claim {frontend}; {}/{} keeps it — give the service another address or port",
@@ -206,8 +242,8 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                         frontend,
                         algorithm: svc.lb_algorithm.unwrap_or(settings.default_algorithm),
                         affinity_timeout: svc.affinity_timeout,
-                        local_only,
-                        backends: backends.clone(),
+                        local_only: local_only || external,
+                        backends,
                     },
                 );
             }
@@ -540,6 +576,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             local_node: "node1".into(),
+            node_ip: Ipv4Addr::new(172, 30, 0, 11),
             default_algorithm: LbAlgorithm::Random,
             maglev_table_size: 251,
         }
@@ -571,7 +608,37 @@ endpoints:
             addr: a.parse().unwrap(),
             port,
             proto,
+            external: false,
         }
+    }
+
+    #[test]
+    fn node_ports_of_local_policy_services_use_this_nodes_backends() {
+        let y = WEB
+            .replace(
+                "  clusterIP: 10.96.0.10\n",
+                "  clusterIP: 10.96.0.10\n  type: NodePort\n  externalTrafficPolicy: Local\n",
+            )
+            .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
+        let (d, _) = desired(&snap(&y), &settings());
+        let np = Frontend {
+            addr: Ipv4Addr::new(172, 30, 0, 11),
+            port: 30080,
+            proto: Protocol::Tcp,
+            external: true,
+        };
+        let s = &d[&np];
+        assert_eq!(s.address_kind, "NodePort");
+        let usable: Vec<Ipv4Addr> = s.usable().map(|b| b.addr).collect();
+        assert_eq!(usable, [Ipv4Addr::new(10, 244, 1, 5)], "only node1's backend");
+        assert_eq!(np.key().scope, sinew_abi::LB_SCOPE_EXTERNAL);
+        assert_eq!(Frontend::from_key(&np.key()), Some(np));
+        // The ClusterIP still balances over every node.
+        assert_eq!(d[&fe("10.96.0.10", 80, Protocol::Tcp)].usable().count(), 2);
+        // Cluster policy node ports are not load-balanced per packet yet.
+        let cluster = y.replace("  externalTrafficPolicy: Local\n", "");
+        let (d, _) = desired(&snap(&cluster), &settings());
+        assert!(!d.contains_key(&np));
     }
 
     #[test]
