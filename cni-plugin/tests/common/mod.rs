@@ -371,6 +371,12 @@ impl Agent for Fake {
     ) -> Result<Response<sinew_proto::v1::ListIdentitiesResponse>, Status> {
         Err(Status::unimplemented("fake agent"))
     }
+    async fn list_services(
+        &self,
+        _: Request<sinew_proto::v1::ListServicesRequest>,
+    ) -> Result<Response<sinew_proto::v1::ListServicesResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
 }
 
 /// A fake sinew-agent serving on a unix socket in a temp dir until dropped.
