@@ -47,8 +47,10 @@ int from_netdev(struct __sk_buff *skb)
 		 * packet; else maybe a node port flow's first one. */
 		ret = nat_rev_dnat(skb, &key, &daddr);
 		if (ret == 0)
+			ret = lb_nat_known(skb, &key);
+		if (ret == 0)
 			ret = nodeport_dnat(skb, &key, &daddr);
-		if (ret <= 0)
+		if (ret <= 0 || ret == TC_ACT_REDIRECT)
 			goto out;
 		ret = TC_ACT_OK;
 	}

@@ -371,7 +371,7 @@ fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Resul
         if f.local_only {
             lb.push_str(",local");
         }
-        let kind = if f.address_kind == "ClusterIP" {
+        let kind = if f.address_kind == "ClusterIP" || f.address_kind == f.r#type {
             f.r#type.clone()
         } else {
             format!("{}({})", f.r#type, f.address_kind)

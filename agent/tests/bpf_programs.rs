@@ -691,13 +691,19 @@ fn masquerade_icmp_echo_round_trip() {
 /// A node port of an externalTrafficPolicy Local service on this node,
 /// with pod A as its one backend (port 8080); `count` 0 means none.
 fn nodeport_service(node: &mut Node, proto: u8, count: u16) {
+    let a = node.a.ip;
+    nodeport_service_to(node, proto, count, a, sinew_abi::LB_F_LOCAL_ONLY);
+}
+
+/// A node port whose one backend is `backend`:8080, with service `flags`.
+fn nodeport_service_to(node: &mut Node, proto: u8, count: u16, backend: Ipv4Addr, flags: u16) {
     use sinew_abi::{LbBackend, LbSlotKey, LbSvcKey, LbSvcValue};
     let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
     node.dp
         .upsert_lb_backend(
             7,
             LbBackend {
-                addr: be(node.a.ip),
+                addr: be(backend),
                 port: 8080u16.to_be(),
                 proto,
                 flags: sinew_abi::LB_BE_F_ACTIVE,
@@ -718,7 +724,7 @@ fn nodeport_service(node: &mut Node, proto: u8, count: u16) {
             LbSvcValue {
                 svc_id: 3,
                 count,
-                flags: sinew_abi::LB_F_LOCAL_ONLY,
+                flags,
                 affinity_timeout: 0,
                 pad: 0,
             },
@@ -818,4 +824,78 @@ fn nodeport_local_tcp_dnat_and_reverse() {
 #[test]
 fn nodeport_local_udp_dnat_and_reverse() {
     nodeport_round_trip(Proto::Udp);
+}
+
+/// NodePort (externalTrafficPolicy Cluster) with the backend on another
+/// node: the first packet is sent on from the node's address and a
+/// masquerade-range port (so the reply comes back), the next one takes the
+/// same translation, and the backend's reply goes back out to the client
+/// as NODE_IP:30080. Both routing modes.
+fn nodeport_remote_round_trip(routing: RoutingMode) {
+    let name = format!("bpf-np-remote-{routing:?}");
+    in_new_netns(&name, move || {
+        let mut node = Node::new(routing);
+        nodeport_service_to(&mut node, 6, 1, REMOTE_POD, 0);
+        let mut nat_port = None;
+        for (i, flags) in [TCP_SYN, TCP_ACK].into_iter().enumerate() {
+            let first = Ipv4Frame::tcp((OUTSIDE, REMOTE_PORT), (NODE_IP, NODE_PORT), flags)
+                .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
+                .build();
+            let out = node.run("from_netdev", &first, node.uplink_ifindex, (Forwarded, Ingress));
+            assert_eq!(
+                out.verdict,
+                TC_ACT_REDIRECT,
+                "packet {i}: {}",
+                verdict_name(out.verdict)
+            );
+            let v = View(&out.frame);
+            assert_eq!(
+                (v.ip_dst(), v.dport()),
+                (REMOTE_POD, 8080),
+                "packet {i}: not sent to the backend"
+            );
+            assert_eq!(v.ip_src(), NODE_IP, "packet {i}: Cluster sends from the node address");
+            assert!(
+                (NAT_PORTS.0..=NAT_PORTS.1).contains(&v.sport()),
+                "packet {i}: port {}",
+                v.sport()
+            );
+            assert_eq!(
+                *nat_port.get_or_insert(v.sport()),
+                v.sport(),
+                "packet {i}: another port"
+            );
+            assert!(
+                v.ip_checksum_ok() && v.l4_checksum_ok(),
+                "packet {i}: checksums after DNAT+SNAT"
+            );
+        }
+        let reply = Ipv4Frame::tcp((REMOTE_POD, 8080), (NODE_IP, nat_port.unwrap()), TCP_SYN | TCP_ACK)
+            .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
+            .build();
+        let out = node.run("from_netdev", &reply, node.uplink_ifindex, (Forwarded, Ingress));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "reply: {}", verdict_name(out.verdict));
+        let v = View(&out.frame);
+        assert_eq!(
+            (v.ip_src(), v.sport()),
+            (NODE_IP, NODE_PORT),
+            "reply not from the node port"
+        );
+        assert_eq!(
+            (v.ip_dst(), v.dport()),
+            (OUTSIDE, REMOTE_PORT),
+            "reply not to the client"
+        );
+        assert!(v.ip_checksum_ok() && v.l4_checksum_ok(), "reply checksums");
+    });
+}
+
+#[test]
+fn nodeport_cluster_remote_backend_native() {
+    nodeport_remote_round_trip(RoutingMode::Native);
+}
+
+#[test]
+fn nodeport_cluster_remote_backend_vxlan() {
+    nodeport_remote_round_trip(RoutingMode::Vxlan);
 }

@@ -605,11 +605,12 @@ fn maglev_removal_moves_only_that_backends_flows_and_terminating_backends_drain(
     drop(servers);
 }
 
-/// NodePort with externalTrafficPolicy Local from the external host: the
-/// node with a backend answers from it and the backend sees the client's
-/// own address; the node without one drops with its reason.
+/// NodePort from the external host. externalTrafficPolicy Local: the node
+/// with a backend answers from it and the backend sees the client's own
+/// address; the node without one drops with its reason. Cluster: the node
+/// without a backend forwards to the other node's, from its own address.
 #[test]
-fn node_port_local_from_outside_keeps_the_client_address() {
+fn node_port_from_outside_local_and_cluster() {
     use std::net::TcpStream;
     let g = lab("e2e-np", 2, 1, Routing::Vxlan);
     let l = &g.lab;
@@ -678,6 +679,45 @@ fn node_port_local_from_outside_keeps_the_client_address() {
         .unwrap();
     assert!(r.is_err(), "node2 has no backend for a Local node port");
     assert!(drop_count(l, "node2", "no_service_backend", "ingress") > before);
+
+    // The same service with externalTrafficPolicy Cluster: node2 sends the
+    // flow to node1's backend from its own address, and the reply comes
+    // back from node2's node port.
+    write_manifest(l, "np.yaml", &svc.replace("  externalTrafficPolicy: Local\n", ""));
+    wait_frontend_on(l, &["node2".into()], &format!("{n2}:30080/TCP"), &[ip]);
+    for round in 0..3 {
+        let (peer, line) = ext
+            .run(move || -> std::io::Result<(SocketAddr, String)> {
+                let s = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(n2), 30080), Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line)?;
+                Ok((s.peer_addr()?, line))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("tcp {n2}:30080 (Cluster) from outside, round {round}: {e}"));
+        assert_eq!(peer, SocketAddr::new(IpAddr::V4(n2), 30080));
+        assert!(
+            line.starts_with(backend) && line.contains(&format!("from={n2}:")),
+            "Cluster: the backend sees node2's address: {line}"
+        );
+    }
+    let (from, reply) = ext
+        .run(move || -> std::io::Result<(SocketAddr, String)> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(b"hi", SocketAddr::new(IpAddr::V4(n2), 30053))?;
+            let mut buf = [0u8; 256];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("udp {n2}:30053 (Cluster) from outside: {e}"));
+    assert_eq!(from, SocketAddr::new(IpAddr::V4(n2), 30053));
+    assert!(
+        reply.starts_with(backend) && reply.contains(&format!("from={n2}:")),
+        "{reply}"
+    );
 
     // The service's ClusterIP still reaches the backend from node2's pod.
     let c = probe(l, "node2-pod1", &["tcp", "10.96.0.30:80"]);

@@ -315,6 +315,25 @@ struct lb_revnat_value {
 	__u16 pad;
 };
 
+/*
+ * lb_nat (LRU, key struct nat_key as the packet arrives): node port flows
+ * whose backend is on another node (externalTrafficPolicy Cluster). Both
+ * directions; each rewrites destination and source, then goes to the
+ * backend (forward) or back out to the client (reply).
+ */
+#define LB_NAT_TO_BACKEND 1
+#define LB_NAT_TO_CLIENT  2
+
+struct lb_nat_entry {
+	__u32 daddr; /* new destination, network order */
+	__u32 saddr; /* new source */
+	__u16 dport; /* network order */
+	__u16 sport;
+	__u8 dir; /* LB_NAT_TO_* */
+	__u8 pad[3];
+	__u64 created_ns;
+};
+
 /* Routing modes, load-time constant CFG_ROUTING_MODE. */
 #define ROUTING_NATIVE 0
 #define ROUTING_VXLAN  1

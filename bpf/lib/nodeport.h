@@ -1,22 +1,128 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * NodePort at the uplink, per packet, for services with
- * externalTrafficPolicy Local: the first packet of a flow to the node's
- * address and a node port picks a backend on this node and is sent to it
- * with the client's address kept; both directions of the translation go
- * into sinew_nat, so later packets are translated by nat_rev_dnat (in
- * from_netdev) and replies by nat_snat's existing-flow path (in to_netdev),
- * as masqueraded flows are. Node ports (30000-32767) and masquerade ports
- * never overlap, so the two share the table.
+ * NodePort at the uplink, per packet. The first packet of a flow to the
+ * node's address and a node port picks a backend.
+ *
+ * A backend on this node (always the case for externalTrafficPolicy
+ * Local) gets the packet with the client's address kept; both directions
+ * of the translation go into sinew_nat, so later packets are translated by
+ * nat_rev_dnat (in from_netdev) and replies by nat_snat's existing-flow
+ * path (in to_netdev), as masqueraded flows are. Node ports (30000-32767)
+ * and masquerade ports never overlap, so the two share the table.
+ *
+ * A backend on another node (Cluster) gets it from the node's address and
+ * a port of the masquerade range, so that its reply comes back here: both
+ * directions go into sinew_lb_nat, and each packet is sent on at once (to
+ * the backend through the tunnel or the underlay, the reply back out of
+ * the uplink): the stack would drop a packet whose source is its own.
  */
 #ifndef SINEW_NODEPORT_H
 #define SINEW_NODEPORT_H
 
 #include "lb.h"
 #include "nat.h"
+#include "ipcache.h"
+#include "encap.h"
 
-/* Returns 1 when the packet was sent to a backend (*daddr is its address),
- * 0 when it is not for a node port, or a negative drop reason. */
+#define LB_NAT_MAX_ENTRIES 65536
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct nat_key);
+	__type(value, struct lb_nat_entry);
+	__uint(max_entries, LB_NAT_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_lb_nat SEC(".maps");
+
+/* Rewrites destination and source as the entry says and sends the packet
+ * on. */
+static __always_inline int lb_nat_forward(struct __sk_buff *skb,
+					  const struct nat_key *key,
+					  const struct lb_nat_entry *e)
+{
+	struct ipcache_value *dst;
+	int ret;
+
+	ret = nat_rewrite(skb, key->proto, 0, key->daddr, e->daddr, key->dport,
+			  e->dport);
+	if (ret < 0)
+		return ret;
+	ret = nat_rewrite(skb, key->proto, 1, key->saddr, e->saddr, key->sport,
+			  e->sport);
+	if (ret < 0)
+		return ret;
+	if (e->dir == LB_NAT_TO_BACKEND && CFG_ROUTING_MODE == ROUTING_VXLAN) {
+		dst = ipcache_lookup4(e->daddr);
+		return encap_vxlan(skb, dst ? dst->tunnel_endpoint : 0,
+				   SINEW_IDENTITY_HOST);
+	}
+	/* The underlay: the backend's node, or the client. */
+	ret = bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
+	if (ret != TC_ACT_REDIRECT)
+		return -DROP_REDIRECT_FAILED;
+	return ret;
+}
+
+/* A packet of a node port flow with a remote backend, either direction:
+ * the verdict, or 0 when it is not one. */
+static __always_inline int lb_nat_known(struct __sk_buff *skb,
+					const struct nat_key *key)
+{
+	struct lb_nat_entry *e = bpf_map_lookup_elem(&sinew_lb_nat, key);
+	struct lb_nat_entry copy;
+
+	if (!e)
+		return 0;
+	copy = *e;
+	return lb_nat_forward(skb, key, &copy);
+}
+
+/* Sets up a node port flow to a backend on another node. */
+static __always_inline int nodeport_snat(struct __sk_buff *skb,
+					 const struct nat_key *key,
+					 const struct lb_backend *be)
+{
+	struct lb_nat_entry fwd = {}, rev = {};
+	struct nat_key rk = {};
+	__u32 range = CFG_NAT_PORT_MAX - CFG_NAT_PORT_MIN + 1;
+	__u32 start = bpf_get_prandom_u32();
+	__u64 now = bpf_ktime_get_ns();
+	int i;
+
+	rev.daddr = key->saddr;
+	rev.dport = key->sport;
+	rev.saddr = key->daddr;
+	rev.sport = key->dport;
+	rev.dir = LB_NAT_TO_CLIENT;
+	rev.created_ns = now;
+	rk.saddr = be->addr;
+	rk.daddr = key->daddr;
+	rk.sport = be->port;
+	rk.proto = key->proto;
+	for (i = 0; i < NAT_PORT_TRIES; i++) {
+		rk.dport = bpf_htons(CFG_NAT_PORT_MIN + (start + i) % range);
+		if (bpf_map_update_elem(&sinew_lb_nat, &rk, &rev,
+					BPF_NOEXIST) == 0)
+			break;
+	}
+	if (i == NAT_PORT_TRIES)
+		return -DROP_NAT_NO_PORT;
+	fwd.daddr = be->addr;
+	fwd.dport = be->port;
+	fwd.saddr = key->daddr;
+	fwd.sport = rk.dport;
+	fwd.dir = LB_NAT_TO_BACKEND;
+	fwd.created_ns = now;
+	if (bpf_map_update_elem(&sinew_lb_nat, key, &fwd, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&sinew_lb_nat, &rk);
+		return -DROP_NAT_NO_PORT;
+	}
+	return lb_nat_forward(skb, key, &fwd);
+}
+
+/* Returns 1 when the packet was translated for a local backend (*daddr is
+ * its address), TC_ACT_REDIRECT when it was sent to a remote one, 0 when
+ * it is not for a node port, or a negative drop reason. */
 static __always_inline int
 nodeport_dnat(struct __sk_buff *skb, const struct nat_key *key, __u32 *daddr)
 {
@@ -45,6 +151,12 @@ nodeport_dnat(struct __sk_buff *skb, const struct nat_key *key, __u32 *daddr)
 	}
 	if (!be)
 		return -DROP_NO_SERVICE_BACKEND;
+	if (!(svc->flags & LB_F_LOCAL_ONLY)) {
+		struct ipcache_value *where = ipcache_lookup4(be->addr);
+
+		if (!where || !(where->flags & IPCACHE_F_LOCAL_EP))
+			return nodeport_snat(skb, key, be);
+	}
 	in.addr = be->addr;
 	in.port = be->port;
 	in.created_ns = bpf_ktime_get_ns();

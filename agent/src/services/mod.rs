@@ -197,10 +197,7 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                 .map(|a| (*a, "ClusterIP"))
                 .chain(svc.external_ips.iter().map(|a| (*a, "ExternalIP")))
                 .chain(svc.load_balancer_ips.iter().map(|a| (*a, "LoadBalancer")));
-            let node_port = port
-                .node_port
-                .filter(|_| svc.external_traffic_local)
-                .map(|np| (settings.node_ip, "NodePort", np, true));
+            let node_port = port.node_port.map(|np| (settings.node_ip, "NodePort", np, true));
             let addrs = addrs.map(|(a, k)| (a, k, port.port, false)).chain(node_port);
             for (addr, kind, fport, external) in addrs {
                 let frontend = Frontend {
@@ -209,15 +206,18 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                     proto: port.protocol,
                     external,
                 };
-                // Node ports keep the client address and use only this
-                // node's backends (externalTrafficPolicy Local).
+                // Node ports follow externalTrafficPolicy, not the
+                // internal one: Local keeps the client address and uses
+                // only this node's backends, Cluster uses every node's.
                 let mut backends = backends.clone();
                 if external {
-                    let here = |b: &Backend| b.node.as_deref() == Some(settings.local_node.as_str());
-                    let ready_here = backends.iter().any(|b| here(b) && b.state == BackendState::Ready);
+                    let eligible = |b: &Backend| {
+                        !svc.external_traffic_local || b.node.as_deref() == Some(settings.local_node.as_str())
+                    };
+                    let any_ready = backends.iter().any(|b| eligible(b) && b.state == BackendState::Ready);
                     for b in &mut backends {
-                        b.usable = here(b)
-                            && if ready_here {
+                        b.usable = eligible(b)
+                            && if any_ready {
                                 b.state == BackendState::Ready
                             } else {
                                 b.state == BackendState::ServingTerminating
@@ -242,7 +242,11 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                         frontend,
                         algorithm: svc.lb_algorithm.unwrap_or(settings.default_algorithm),
                         affinity_timeout: svc.affinity_timeout,
-                        local_only: local_only || external,
+                        local_only: if external {
+                            svc.external_traffic_local
+                        } else {
+                            local_only
+                        },
                         backends,
                     },
                 );
@@ -613,7 +617,7 @@ endpoints:
     }
 
     #[test]
-    fn node_ports_of_local_policy_services_use_this_nodes_backends() {
+    fn node_ports_follow_the_external_traffic_policy() {
         let y = WEB
             .replace(
                 "  clusterIP: 10.96.0.10\n",
@@ -635,10 +639,11 @@ endpoints:
         assert_eq!(Frontend::from_key(&np.key()), Some(np));
         // The ClusterIP still balances over every node.
         assert_eq!(d[&fe("10.96.0.10", 80, Protocol::Tcp)].usable().count(), 2);
-        // Cluster policy node ports are not load-balanced per packet yet.
+        // Cluster policy node ports use every node's backends.
         let cluster = y.replace("  externalTrafficPolicy: Local\n", "");
         let (d, _) = desired(&snap(&cluster), &settings());
-        assert!(!d.contains_key(&np));
+        assert_eq!(d[&np].usable().count(), 2);
+        assert!(!d[&np].local_only);
     }
 
     #[test]

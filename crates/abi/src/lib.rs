@@ -45,6 +45,7 @@ pub mod maps {
     pub const LB_MAGLEV: &str = "sinew_lb_maglev";
     pub const LB_AFFINITY: &str = "sinew_lb_affinity";
     pub const LB_REVNAT: &str = "sinew_lb_revnat";
+    pub const LB_NAT: &str = "sinew_lb_nat";
 }
 
 /// Names of the load-time constants (`volatile const` in `lib/common.h`).

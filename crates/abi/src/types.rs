@@ -422,6 +422,22 @@ pub struct LbRevnatValue {
     pub pad: u16,
 }
 
+pub const LB_NAT_TO_BACKEND: u8 = 1;
+pub const LB_NAT_TO_CLIENT: u8 = 2;
+
+/// A node port flow to a remote backend, one direction (`sinew_lb_nat`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbNatEntry {
+    pub daddr: u32,
+    pub saddr: u32,
+    pub dport: u16,
+    pub sport: u16,
+    pub dir: u8,
+    pub pad: [u8; 3],
+    pub created_ns: u64,
+}
+
 macro_rules! pod {
     ($($t:ty),*) => { $(
         // SAFETY: repr(C), only integers and arrays of integers, explicit pad
@@ -455,5 +471,6 @@ pod!(
     LbAffinityKey,
     LbAffinityValue,
     LbRevnatKey,
-    LbRevnatValue
+    LbRevnatValue,
+    LbNatEntry
 );

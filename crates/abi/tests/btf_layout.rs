@@ -176,4 +176,10 @@ fn shared_structs_match_btf() {
     let host = btf_structs(BPF_HOST);
     check!(host, "nat_key", NatKey, [saddr, daddr, sport, dport, proto, pad]);
     check!(host, "nat_value", NatValue, [addr, port, pad, created_ns]);
+    check!(
+        host,
+        "lb_nat_entry",
+        LbNatEntry,
+        [daddr, saddr, dport, sport, dir, pad, created_ns]
+    );
 }
