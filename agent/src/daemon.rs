@@ -49,6 +49,9 @@ pub struct AgentConfig {
     pub ct_map_size: u32,
     /// New connections pass untracked when conntrack is full (default: drop).
     pub ct_fail_open: bool,
+    /// An endpoint whose policy does not fit the policy map runs without
+    /// policy (default: it drops everything).
+    pub policy_fail_open: bool,
     /// How often idle conntrack entries and unused identities are removed,
     /// and how long an unused identity lives first.
     pub housekeeping_interval: Duration,
@@ -230,6 +233,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ds: ds.clone(),
         policy: Default::default(),
     };
+    state.policy.fail_open = cfg.policy_fail_open;
     let adopted: Vec<(u32, u32, u32)> = state
         .registry
         .iter()

@@ -978,8 +978,10 @@ fn identities_are_shared_follow_labels_and_are_collected_native() {
 /// With a 16-entry policy map, an endpoint whose policy needs more fails
 /// closed (even what its policy allows is dropped) and says so in
 /// ListPolicies; other endpoints keep their policy; deleting the policy
-/// makes the endpoint work again.
-fn overflow(prefix: &str, routing: Routing) {
+/// makes the endpoint work again. With `--policy-fail-open` the
+/// overflowing endpoint runs without policy instead (what its policy
+/// denies passes), still counted.
+fn overflow(prefix: &str, routing: Routing, fail_open: bool) {
     let pods = vec![
         PodSpec {
             ns: "a",
@@ -1003,7 +1005,12 @@ fn overflow(prefix: &str, routing: Routing) {
             ports: vec![],
         },
     ];
-    let w = World::new(prefix, routing, &["--policy-map-size", "16"], pods);
+    let args: &[&str] = if fail_open {
+        &["--policy-map-size", "16", "--policy-fail-open"]
+    } else {
+        &["--policy-map-size", "16"]
+    };
+    let w = World::new(prefix, routing, args, pods);
     let lab = w.lab();
     let client = pod_ns(lab, "client");
     let (big, small) = (pod_ip(lab, "big"), pod_ip(lab, "small"));
@@ -1044,10 +1051,21 @@ spec:
         "more entries than the map holds: {}",
         l.map_entries
     );
-    assert!(
-        tcp_echo(&client, big, 8080, DENIED_AFTER).is_err(),
-        "[{routing:?}] the overflowing endpoint must fail closed, even for 8080 its policy allows"
-    );
+    if fail_open {
+        for port in [8080, 9090] {
+            tcp_echo(&client, big, port, Duration::from_secs(3)).unwrap_or_else(|e| {
+                panic!(
+                    "[{routing:?}] with --policy-fail-open the overflowing endpoint runs without policy (port {port}): {e}\n{}",
+                    w.logs()
+                )
+            });
+        }
+    } else {
+        assert!(
+            tcp_echo(&client, big, 8080, DENIED_AFTER).is_err(),
+            "[{routing:?}] the overflowing endpoint must fail closed, even for 8080 its policy allows"
+        );
+    }
     assert!(
         tcp_echo(&client, small, 8080, Duration::from_secs(3)).is_ok(),
         "[{routing:?}] another endpoint keeps its allow\n{}",
@@ -1073,12 +1091,17 @@ spec:
 
 #[test]
 fn policy_map_overflow_fails_closed_for_that_endpoint_only_vxlan() {
-    overflow("pol-of-vx", Routing::Vxlan);
+    overflow("pol-of-vx", Routing::Vxlan, false);
 }
 
 #[test]
 fn policy_map_overflow_fails_closed_for_that_endpoint_only_native() {
-    overflow("pol-of-nat", Routing::Native);
+    overflow("pol-of-nat", Routing::Native, false);
+}
+
+#[test]
+fn policy_map_overflow_fails_open_when_configured() {
+    overflow("pol-of-open", Routing::Vxlan, true);
 }
 
 // ------------------------------------------------------------ bad policies
