@@ -57,11 +57,7 @@ fn rulesets_for_three_services_parse_and_load() {
     assert_eq!(chains, services::iptables_chain_count(&s), "{listed}");
     assert_eq!(chains, 2 + 2 * 4);
     // The measured service's request/response port is the last lookup.
-    let last = listed
-        .lines()
-        .filter(|l| l.starts_with("-A BENCH-SERVICES"))
-        .last()
-        .unwrap();
+    let last = listed.lines().rfind(|l| l.starts_with("-A BENCH-SERVICES")).unwrap();
     assert!(
         last.contains("-d 10.96.0.10/32") && last.contains("--dport 80 "),
         "{last}"
