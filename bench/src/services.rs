@@ -614,7 +614,9 @@ impl Arm<'_> {
     }
 
     fn crr(&self, exe: &str, duration: Duration, into: &mut Measured) -> Result<(), ScenarioError> {
-        let out = self.client(exe, self.rr, "crr", duration.as_secs_f64(), CONNECT_TIMEOUT)?;
+        let out = self
+            .client(exe, self.rr, "crr", duration.as_secs_f64(), CONNECT_TIMEOUT)
+            .map_err(or_interrupted)?;
         let c = out.crr.ok_or_else(|| ServicesBenchError::Client {
             arm: self.label.clone(),
             argv: "svc-client --mode crr".into(),
@@ -649,14 +651,16 @@ impl Arm<'_> {
             argv: argv.join(" "),
             reason,
         };
-        let out = self.runner.output(&argv).map_err(&err)?;
-        let bps = iperf::parse_bits_per_second(&String::from_utf8_lossy(&out.stdout)).map_err(|reason| {
-            err(format!(
-                "{reason}; exit {}; stderr: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        })?;
+        let out = self.runner.output(&argv).map_err(&err).map_err(or_interrupted)?;
+        let bps = iperf::parse_bits_per_second(&String::from_utf8_lossy(&out.stdout))
+            .map_err(|reason| {
+                err(format!(
+                    "{reason}; exit {}; stderr: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            })
+            .map_err(or_interrupted)?;
         into.entry(Metric::Tput1).or_default().push(bps / 1e9);
         Ok(())
     }
@@ -671,6 +675,15 @@ impl Arm<'_> {
     ) -> Result<ClientOutput, ServicesBenchError> {
         let mode = if answer { "wait-answer" } else { "wait-silent" };
         self.client(exe, addr, mode, max.as_secs_f64(), PROBE_TIMEOUT)
+    }
+}
+
+/// A client killed by Ctrl-C (it shares the terminal's process group) is
+/// reported as the interruption, not as a failed measurement.
+fn or_interrupted(e: ServicesBenchError) -> ScenarioError {
+    match idle::check_interrupted() {
+        Err(i) => i.into(),
+        Ok(()) => e.into(),
     }
 }
 
@@ -1030,6 +1043,10 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
     }
 
     let get = |x: &Measured, metric: Metric| x.get(&metric).cloned().unwrap_or_default();
+    // Rows with Sinew through the ClusterIP against each arm of the same
+    // block (without Sinew they still show every arm's median), then Sinew
+    // without NAT against plain routing, so that the pod-IP baseline can be
+    // placed; kube-proxy's arms against direct go into notes.
     for (k, &n) in sizes.iter().enumerate() {
         let [d, sd, it, nf, sv] = &m[k];
         let sc = format!("{NAME} {n}");
@@ -1039,31 +1056,36 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
                     .rows
                     .push(row(sc.clone(), metric, label, get(b, metric), get(sv, metric)));
             }
-            report
-                .rows
-                .push(row(sc.clone(), metric, "direct", get(d, metric), get(sd, metric)));
         }
-        let ratio = |x: &Measured, metric: Metric| {
-            let (a, b) = (get(x, metric).median(), get(d, metric).median());
-            match (a, b) {
+        for metric in Metric::CRR {
+            report.rows.push(row(
+                format!("{sc} pod IP"),
+                metric,
+                "direct (routed)",
+                get(d, metric),
+                get(sd, metric),
+            ));
+        }
+        let ratio =
+            |x: &Measured, y: &Measured, metric: Metric| match (get(x, metric).median(), get(y, metric).median()) {
                 (Some(a), Some(b)) if b != 0.0 => format!("{:.3}", a / b),
                 _ => "-".into(),
-            }
-        };
+            };
         report.notes.push(format!(
-            "{sc}: vs direct (no NAT, same block): TCP_CRR rate iptables {} nftables {} sinew {}; first byte p50 iptables {} nftables {} sinew {}",
-            ratio(it, Metric::CrrRate),
-            ratio(nf, Metric::CrrRate),
-            ratio(sv, Metric::CrrRate),
-            ratio(it, Metric::FirstP50),
-            ratio(nf, Metric::FirstP50),
-            ratio(sv, Metric::FirstP50),
+            "{sc}: vs direct (no NAT, same block): TCP_CRR rate iptables {} nftables {}, first byte p50 iptables {} nftables {}; \
+             sinew vs its pod IP: rate {}, first byte p50 {}",
+            ratio(it, d, Metric::CrrRate),
+            ratio(nf, d, Metric::CrrRate),
+            ratio(it, d, Metric::FirstP50),
+            ratio(nf, d, Metric::FirstP50),
+            ratio(sv, sd, Metric::CrrRate),
+            ratio(sv, sd, Metric::FirstP50),
         ));
     }
     if let Some(k0) = sizes.iter().position(|&n| n == 0) {
-        let [_, _, _, _, s0] = &m[k0];
-        if let Some((kmax, &nmax)) = sizes.iter().enumerate().filter(|(_, &n)| n > 0).max_by_key(|(_, &n)| n) {
-            let [_, _, _, _, smax] = &m[kmax];
+        let largest = sizes.iter().enumerate().filter(|(_, &n)| n > 0).max_by_key(|(_, &n)| n);
+        if let (true, Some((kmax, &nmax))) = (sinew_ok, largest) {
+            let (s0, smax) = (&m[k0][4], &m[kmax][4]);
             for metric in Metric::CRR {
                 report.rows.push(row(
                     format!("{NAME} 0->{nmax}"),
@@ -1076,22 +1098,13 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
         }
         let [d, sd, it, nf, sv] = &iperf_m;
         let sc = format!("{NAME} 0");
+        let t = Metric::Tput1;
         for (label, b) in [("sinew pod IP", sd), ("iptables", it), ("nftables", nf)] {
-            report.rows.push(row(
-                sc.clone(),
-                Metric::Tput1,
-                label,
-                get(b, Metric::Tput1),
-                get(sv, Metric::Tput1),
-            ));
+            report.rows.push(row(sc.clone(), t, label, get(b, t), get(sv, t)));
         }
-        report.rows.push(row(
-            sc,
-            Metric::Tput1,
-            "direct",
-            get(d, Metric::Tput1),
-            get(sd, Metric::Tput1),
-        ));
+        report
+            .rows
+            .push(row(format!("{sc} pod IP"), t, "direct (routed)", get(d, t), get(sd, t)));
     }
     drop(sinew);
     drop(guard);
