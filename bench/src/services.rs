@@ -1215,6 +1215,36 @@ mod tests {
     }
 
     #[test]
+    fn client_waits_for_an_answer_and_for_silence() {
+        let server = rr::Server::bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let run = |addr, mode| {
+            let args = ClientArgs {
+                addr,
+                mode,
+                timeout_ms: 200,
+            };
+            let json = client_main(&args, Duration::from_millis(300)).unwrap();
+            serde_json::from_str::<ClientOutput>(&json).unwrap()
+        };
+        let up = run(server.addr(), ClientMode::WaitAnswer);
+        assert!(up.reached && up.last_error.is_none(), "{up:?}");
+        assert!(!run(server.addr(), ClientMode::WaitSilent).reached);
+        let crr = run(server.addr(), ClientMode::Crr).crr.unwrap();
+        assert!(
+            crr.crr.transactions > 0 && crr.first_byte_p50_us <= crr.crr.p50_us,
+            "{crr:?}"
+        );
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let down = run(closed, ClientMode::WaitSilent);
+        assert!(down.reached && down.last_error.is_some(), "{down:?}");
+        let never = run(closed, ClientMode::WaitAnswer);
+        assert!(!never.reached && never.waited_ms >= 300.0, "{never:?}");
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_sizes("0,1000,10000").unwrap(), vec![0, 1000, 10000]);
         assert_eq!(parse_sizes(" 0, 1_000 ").unwrap(), vec![0, 1000]);
