@@ -889,42 +889,34 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
     let direct_iperf = SocketAddr::new(b_ip, IPERF_PORT);
     let vip_rr = SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, RR_SERVICE_PORT));
     let vip_iperf = SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, IPERF_PORT));
-    let client_arm = |label: String, i: usize, rr, iperf| -> Result<Arm<'static>, ScenarioError> {
+    let client_arm = |label: String, i: usize, rr, iperf| -> Result<(NetNs, Arm<'static>), ScenarioError> {
         let (ns, _) = base.pod(i);
         envs::tune_for_crr(&ns)?;
-        Ok(Arm {
+        let arm = Arm {
             label,
-            runner: Runner::Netns(ns),
+            runner: Runner::Netns(ns.clone()),
             rr,
             iperf,
-        })
+        };
+        Ok((ns, arm))
     };
-    let direct = client_arm("direct".into(), 1, direct_rr, direct_iperf)?;
+    let mut loaded = |tool: &str, n: usize, took: Duration| {
+        let line = format!("{NAME}: {tool} of {} services took {:.2} s", n + 1, took.as_secs_f64());
+        eprintln!("  {line}");
+        report.notes.push(line);
+    };
+    let (_, direct) = client_arm("direct".into(), 1, direct_rr, direct_iperf)?;
     let mut ipt = Vec::new();
     let mut nft = Vec::new();
     for (k, &n) in sizes.iter().enumerate() {
         idle::check_interrupted()?;
         let services = bench_services(n, b_ip4, false);
-        let a = client_arm(format!("iptables {n}"), 2 + k, vip_rr, vip_iperf)?;
-        let Runner::Netns(ns) = &a.runner else { unreachable!() };
-        let took = load_iptables(ns, &services)?;
-        eprintln!("  iptables-restore of {} services: {:.2} s", n + 1, took.as_secs_f64());
-        report.notes.push(format!(
-            "{NAME}: iptables-restore of {} services took {:.2} s",
-            n + 1,
-            took.as_secs_f64()
-        ));
-        ipt.push(a);
-        let a = client_arm(format!("nftables {n}"), 2 + sizes.len() + k, vip_rr, vip_iperf)?;
-        let Runner::Netns(ns) = &a.runner else { unreachable!() };
-        let took = load_nft(ns, &services)?;
-        eprintln!("  nft -f of {} services: {:.2} s", n + 1, took.as_secs_f64());
-        report.notes.push(format!(
-            "{NAME}: nft -f of {} services took {:.2} s",
-            n + 1,
-            took.as_secs_f64()
-        ));
-        nft.push(a);
+        let (ns, arm) = client_arm(format!("iptables {n}"), 2 + k, vip_rr, vip_iperf)?;
+        loaded("iptables-restore", n, load_iptables(&ns, &services)?);
+        ipt.push(arm);
+        let (ns, arm) = client_arm(format!("nftables {n}"), 2 + sizes.len() + k, vip_rr, vip_iperf)?;
+        loaded("nft -f", n, load_nft(&ns, &services)?);
+        nft.push(arm);
     }
 
     // Sinew: one node, pod 0 the backend, pod 1 the client.
@@ -1000,13 +992,18 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
     // Per size: [direct, sinew pod IP, iptables N, nftables N, sinew N].
     let mut m: Vec<[Measured; 5]> = vec![Default::default(); sizes.len()];
     let mut iperf_m: [Measured; 5] = Default::default();
+    // Seconds from rewriting the datastore to the agent answering with the
+    // new set of services, per size switched to.
+    let mut switched: BTreeMap<usize, Samples> = BTreeMap::new();
     for rep in 1..=opts.reps {
         for (k, &n) in sizes.iter().enumerate() {
             idle::check_interrupted()?;
             if sinew_ok {
+                let from = sinew.current;
                 let took = sinew.set_size(n)?;
-                if took > Duration::ZERO {
+                if from != n {
                     eprintln!("  sinew took in {n} other services in {:.2} s", took.as_secs_f64());
+                    switched.entry(n).or_default().push(took.as_secs_f64());
                 }
             }
             let w = idle::wait_for_idle(opts.idle_wait_rep)?;
@@ -1021,15 +1018,18 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
                 Some(&nft[k]),
                 sinew_ok.then_some(&sinew.vip),
             ];
-            for (i, a) in arms.iter().enumerate() {
-                let Some(a) = a else { continue };
+            // Each repetition starts with the next arm, so that no arm is
+            // always the one measured right after a switch or an idle wait.
+            let order: Vec<usize> = (0..arms.len()).map(|j| (j + rep as usize - 1) % arms.len()).collect();
+            for &i in &order {
+                let Some(a) = arms[i] else { continue };
                 idle::check_interrupted()?;
                 eprintln!("  {NAME} {n}: rep {rep}/{}: TCP_CRR on {}", opts.reps, a.label);
                 a.crr(&exe, opts.duration, &mut m[k][i])?;
             }
             if n == 0 {
-                for (i, a) in arms.iter().enumerate() {
-                    let Some(a) = a else { continue };
+                for &i in &order {
+                    let Some(a) = arms[i] else { continue };
                     idle::check_interrupted()?;
                     eprintln!("  {NAME} {n}: rep {rep}/{}: iperf3 -P1 on {}", opts.reps, a.label);
                     a.iperf(opts.duration, &mut iperf_m[i])?;
@@ -1105,6 +1105,17 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
         report
             .rows
             .push(row(format!("{sc} pod IP"), t, "direct (routed)", get(d, t), get(sd, t)));
+    }
+    for (n, took) in switched {
+        report.rows.push(Row {
+            scenario: format!("{NAME} {n}"),
+            metric: "datastore write -> in force".into(),
+            unit: "s",
+            better: Better::Lower,
+            baseline: String::new(),
+            baseline_samples: Samples::default(),
+            sinew_samples: took,
+        });
     }
     drop(sinew);
     drop(guard);
