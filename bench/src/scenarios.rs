@@ -74,6 +74,9 @@ pub enum ScenarioError {
     /// A policy benchmark step failed.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyBenchError),
+    /// A services benchmark step failed (boxed: it is large).
+    #[error(transparent)]
+    Services(Box<crate::services::ServicesBenchError>),
     /// The agent's memory could not be read.
     #[error("cannot read VmRSS of the agent (pid {pid}): {reason}")]
     Rss {
