@@ -126,18 +126,20 @@ static __always_inline void event_submit(const struct flow_event *e)
 }
 
 /*
- * Whether a forwarded packet is a flow boundary worth an event; fills the
- * aggregated counters. TCP: SYN, FIN, RST. Others: the first packet of a
- * flow at this hook, then one report per interval with the counts since.
+ * Whether a forwarded packet is worth an event; keeps the per-flow counters
+ * (one entry per direction and hook). Every flow reports its first packet
+ * (TCP: SYN), then one report per interval with the counts since the last
+ * one. TCP also reports every SYN, FIN and RST, carrying the counts since
+ * the last report; FIN and RST end the entry.
  */
 static __always_inline int trace_due(struct flow_event *e, __u32 len)
 {
 	struct flow_agg_key k = {};
 	struct flow_agg *a, fresh = {};
 	__u64 now = e->ts_ns;
+	int tcp = e->proto == IPPROTO_TCP;
+	__u8 boundary = tcp ? e->tcp_flags & TCP_FLAGS_BOUNDARY : 0;
 
-	if (e->proto == IPPROTO_TCP)
-		return (e->tcp_flags & TCP_FLAGS_BOUNDARY) != 0;
 	k.saddr = e->saddr;
 	k.daddr = e->daddr;
 	k.sport = e->sport;
@@ -146,8 +148,25 @@ static __always_inline int trace_due(struct flow_event *e, __u32 len)
 	k.hook = e->hook;
 	a = bpf_map_lookup_elem(&sinew_flow_agg, &k);
 	if (!a) {
-		fresh.last_report_ns = now;
-		bpf_map_update_elem(&sinew_flow_agg, &k, &fresh, BPF_ANY);
+		/* A TCP flow seen first mid-way (the agent started late, the
+		 * entry was evicted) is counted from here without an event. */
+		if (!boundary || (boundary & 0x02)) {
+			fresh.last_report_ns = now;
+			bpf_map_update_elem(&sinew_flow_agg, &k, &fresh,
+					    BPF_ANY);
+		}
+		return !tcp || boundary;
+	}
+	if (boundary) {
+		e->packets = a->packets + 1;
+		e->bytes = a->bytes + len;
+		if (boundary & (0x01 | 0x04)) {
+			bpf_map_delete_elem(&sinew_flow_agg, &k);
+		} else {
+			a->last_report_ns = now;
+			a->packets = 0;
+			a->bytes = 0;
+		}
 		return 1;
 	}
 	__sync_fetch_and_add(&a->packets, 1);
