@@ -39,6 +39,10 @@ struct Cli {
     /// Directory of sinew-agent and sinew-cni; default: next to this program.
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
+    /// An extra sinew-agent argument for every lab (repeat for more), e.g.
+    /// `--agent-arg=--events --agent-arg=false` to see what a feature costs.
+    #[arg(long = "agent-arg", global = true, allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Print lab progress.
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -145,6 +149,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         verbose: cli.verbose,
         binaries,
         prefix: format!("bench-{}", std::process::id()),
+        agent_args: cli.agent_args.clone(),
     };
     let mut report = Report {
         reps,

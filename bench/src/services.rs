@@ -921,11 +921,7 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
 
     // Sinew: one node, pod 0 the backend, pod 1 the client.
     eprintln!("  bringing up a sinew lab");
-    let guard = LabGuard::up(
-        &lab_spec(&opts.prefix, 1, 2, Routing::Native),
-        &opts.binaries,
-        opts.verbose,
-    )?;
+    let guard = LabGuard::up(&lab_spec(opts, 1, 2, Routing::Native), &opts.binaries, opts.verbose)?;
     let lab = guard.lab();
     let (s_ns, s_ip) = guard.pod(0)?;
     let (c_ns, _) = guard.pod(1)?;
