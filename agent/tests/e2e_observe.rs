@@ -686,7 +686,7 @@ fn long_tcp_connections_report_periodic_counters() {
         .into_iter()
         .filter(|f| ours(f))
         .collect();
-    let flags = |f: &pb::Flow| f.tcp_flags.clone().unwrap_or_default();
+    let flags = |f: &pb::Flow| f.tcp_flags.unwrap_or_default();
     let syn: Vec<_> = flows.iter().filter(|f| flags(f).syn).collect();
     let periodic: Vec<_> = flows
         .iter()
