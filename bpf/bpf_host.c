@@ -3,10 +3,12 @@
  * Uplink device programs (the node's interface to the underlay).
  *
  * from_netdev: TC ingress. Replies to masqueraded flows are translated back;
- *              node ports of externalTrafficPolicy Local services go to a
- *              backend on this node; packets for a local pod (native
- *              routing) are delivered into it directly; everything else
- *              goes up the stack.
+ *              node ports go to a backend (on this node with the
+ *              client's address kept, or on another node from this node's
+ *              address); packets for a local pod (native routing) are
+ *              delivered into it directly, and a connection opened from
+ *              outside the cluster is remembered so its replies are not
+ *              masqueraded; everything else goes up the stack.
  * to_netdev:   TC egress. Pod traffic to addresses outside the cluster is
  *              masqueraded to the node address.
  */
@@ -28,6 +30,7 @@ int from_netdev(struct __sk_buff *skb)
 	struct iphdr *ip;
 	__u32 daddr, saddr;
 	int ret = TC_ACT_OK;
+	int translated = 0;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		goto out;
@@ -52,6 +55,7 @@ int from_netdev(struct __sk_buff *skb)
 			ret = nodeport_dnat(skb, &key, &daddr);
 		if (ret <= 0 || ret == TC_ACT_REDIRECT)
 			goto out;
+		translated = 1;
 		ret = TC_ACT_OK;
 	}
 	dst = ipcache_lookup4(daddr);
@@ -60,6 +64,9 @@ int from_netdev(struct __sk_buff *skb)
 		src = ipcache_lookup4(saddr);
 		ret = local_deliver(skb, dst->ifindex,
 				    src ? src->identity : SINEW_IDENTITY_WORLD);
+		if (CFG_ENABLE_MASQ && ret >= 0 && !translated &&
+		    !(src && (src->flags & IPCACHE_F_IN_CLUSTER)))
+			nat_note_inbound(skb);
 	}
 out:
 	return finish(skb, ret, METRIC_DIR_INGRESS, HOOK_FROM_NETDEV);
@@ -84,12 +91,9 @@ int to_netdev(struct __sk_buff *skb)
 	src = ipcache_lookup4(ip->saddr);
 	if (!src || !(src->flags & IPCACHE_F_LOCAL_EP))
 		goto out;
-	/* Inside the cluster: keep the pod address. CIDR identities that
-	 * policies name are in the ipcache too, with no flags: still outside.
-	 */
+	/* Inside the cluster: keep the pod address. */
 	dst = ipcache_lookup4(ip->daddr);
-	if (dst && (dst->flags & (IPCACHE_F_LOCAL_EP | IPCACHE_F_NODE |
-				  IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
+	if (dst && (dst->flags & IPCACHE_F_IN_CLUSTER))
 		goto out;
 	ret = nat_key_from_packet(skb, ip, &key);
 	if (ret < 0) {

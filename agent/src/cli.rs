@@ -202,6 +202,10 @@ enum LabCmd {
         /// Cross-node routing: vxlan or native.
         #[arg(long, default_value = "vxlan")]
         routing: String,
+        /// An extra sinew-agent argument for every node (repeat for more),
+        /// e.g. `--agent-arg=--policy-fail-open`.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Remove everything the lab made.
     Down,
@@ -577,6 +581,7 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
             nodes,
             pods_per_node,
             routing,
+            agent_args,
         } => {
             let routing: Routing = routing.parse().map_err(|e| anyhow::anyhow!("--routing: {e}"))?;
             let spec = LabSpec {
@@ -585,7 +590,7 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
                 pods_per_node: *pods_per_node,
                 routing,
                 state_dir: None,
-                agent_args: Vec::new(),
+                agent_args: agent_args.clone(),
             };
             spec.validate()?;
             let bins = Binaries::from_current_exe()?;

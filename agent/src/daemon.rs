@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub ct_map_size: u32,
     /// New connections pass untracked when conntrack is full (default: drop).
     pub ct_fail_open: bool,
+    /// An endpoint whose policy does not fit the policy map runs without
+    /// policy (default: it drops everything).
+    pub policy_fail_open: bool,
     /// How often idle conntrack entries and unused identities are removed,
     /// and how long an unused identity lives first.
     pub housekeeping_interval: Duration,
@@ -283,6 +286,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             maglev_table_size: cfg.maglev_table_size,
         },
     };
+    state.policy.fail_open = cfg.policy_fail_open;
     let adopted: Vec<(u32, u32, u32)> = state
         .registry
         .iter()

@@ -424,7 +424,7 @@ impl Collector for Sample {
         gauge(
             &mut enc,
             "policy_endpoints_not_ready",
-            "Local endpoints failing closed because their policy does not fit in the map",
+            "Local endpoints whose policy does not fit in the map: failing closed, or unenforced with --policy-fail-open",
             self.policy_failed_endpoints,
         )?;
         gauge(

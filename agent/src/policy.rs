@@ -207,8 +207,12 @@ pub struct PolicyState {
     pub resolved: BTreeMap<u32, Resolved>,
     entries: BTreeMap<PolicyKey, PolicyValue>,
     ep_state: BTreeMap<u32, (u32, u32)>,
-    /// Endpoints failing closed because their entries do not fit.
+    /// Endpoints whose entries do not fit: they fail closed, or run
+    /// without policy with `fail_open`.
     pub failed: BTreeSet<u32>,
+    /// `--policy-fail-open`: an endpoint whose entries do not fit runs
+    /// unenforced instead of dropping everything.
+    pub fail_open: bool,
     /// Map writes refused (table full), ever.
     pub overflows: u64,
 }
@@ -226,6 +230,7 @@ impl Default for PolicyState {
             entries: BTreeMap::new(),
             ep_state: BTreeMap::new(),
             failed: BTreeSet::new(),
+            fail_open: false,
             overflows: 0,
         }
     }
@@ -354,7 +359,8 @@ impl crate::state::NodeState {
     /// endpoints' flags to it: new and changed entries, then flags and
     /// revisions, then removals. An endpoint whose entries do not fit
     /// fails closed (EP_F_POLICY_NOT_READY) instead of running with part
-    /// of its policy.
+    /// of its policy; with `fail_open` it runs unenforced instead. Either
+    /// way the overflow is counted and logged.
     pub fn apply_policy(&mut self) -> Result<(), crate::state::StateError> {
         self.refresh_policies();
         let identities = self.policy_identities();
@@ -388,7 +394,11 @@ impl crate::state::NodeState {
                 }
                 Err(e) => {
                     if failed.insert(k.ep_id) {
-                        tracing::error!(endpoint = k.ep_id, error = %e, "policy map full: the endpoint fails closed until entries fit");
+                        if self.policy.fail_open {
+                            tracing::error!(endpoint = k.ep_id, error = %e, "policy map full: the endpoint runs WITHOUT policy (--policy-fail-open) until its entries fit; raise --policy-map-size");
+                        } else {
+                            tracing::error!(endpoint = k.ep_id, error = %e, "policy map full: the endpoint fails closed until its entries fit; raise --policy-map-size");
+                        }
                     }
                     self.policy.overflows += 1;
                 }
@@ -397,7 +407,11 @@ impl crate::state::NodeState {
         for ep in &eps {
             let mut flags = enforced.get(&ep.id).copied().unwrap_or(0);
             if failed.contains(&ep.id) {
-                flags |= sinew_abi::EP_F_POLICY_NOT_READY;
+                flags = if self.policy.fail_open {
+                    0
+                } else {
+                    flags | sinew_abi::EP_F_POLICY_NOT_READY
+                };
             }
             let (old_flags, old_rev) = self.policy.ep_state.get(&ep.id).copied().unwrap_or((0, 0));
             let rev = if d.changed.contains(&ep.id) || old_flags != flags {

@@ -110,24 +110,10 @@ fn flows_are_named_explained_and_filtered() {
     let s1 = w.socket("node1");
     let (client, server, other) = (pod_ns(lab, "client"), pod_ip(lab, "server"), pod_ip(lab, "other"));
 
-    // (a) Pod to pod: trace events of the TCP handshake, both pods named.
-    // Events are named as they arrive; right after pods are created the
-    // observer's index may not know them yet (it refreshes within ~50 ms),
-    // so the first handshakes may carry addresses only: retry until named.
-    for attempt in 0..10 {
-        tcp_echo(&client, server, 8080, Duration::from_secs(3)).expect("client -> server:8080 before any policy");
-        std::thread::sleep(Duration::from_millis(300));
-        let named = get_flows(&s1, all(None)).unwrap().iter().any(|f| {
-            f.r#type() == pb::EventType::Trace
-                && is_pod(ep(f, false), "a", "client")
-                && is_pod(ep(f, true), "a", "server")
-                && f.tcp_flags.as_ref().is_some_and(|t| t.syn && !t.ack)
-        });
-        if named {
-            break;
-        }
-        assert!(attempt < 9, "no named SYN after 10 handshakes");
-    }
+    // (a) Pod to pod: trace events of the TCP handshake, both pods named,
+    // also for the very first connection right after the pods started
+    // (flows are named when read, not when the event arrives).
+    tcp_echo(&client, server, 8080, Duration::from_secs(3)).expect("client -> server:8080 before any policy");
     let syn = wait_flows(&s1, &all(None), "client -> server:8080 SYN", |f| {
         f.r#type() == pb::EventType::Trace
             && is_pod(ep(f, false), "a", "client")
@@ -654,4 +640,81 @@ fn ring_overflow_is_counted_exactly() {
     wait_flows(&s1, &all(None), "a trace after the burst", |f| {
         f.r#type() == pb::EventType::Trace && ep(f, true).port == 8080 && f.sequence > st.num_flows
     });
+}
+
+/// A long TCP connection reports its SYN, then one trace per report
+/// interval with the packets and bytes since the last one (no flags), and
+/// its FIN with the rest: the counts of one direction add up to what was
+/// sent, and the connection does not emit an event per packet.
+#[test]
+fn long_tcp_connections_report_periodic_counters() {
+    use std::io::{Read, Write};
+    let w = World::new("obs-tcp", &["--event-report-interval-ms", "200"]);
+    let lab = &w.g.lab;
+    let s1 = w.socket("node1");
+    let (client, server) = (pod_ns(lab, "client"), pod_ip(lab, "server"));
+    const MESSAGES: usize = 40;
+    let port = client
+        .run(move || {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&SocketAddr::new(server.into(), 8080), Duration::from_secs(3))
+                    .expect("connect client -> server:8080");
+            s.set_nodelay(true).unwrap();
+            let port = s.local_addr().unwrap().port();
+            let mut b = [0u8; 100];
+            for _ in 0..MESSAGES {
+                s.write_all(&[7u8; 100]).unwrap();
+                s.read_exact(&mut b).unwrap();
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            port
+        })
+        .unwrap();
+    // The connection is closed (FIN) when the stream drops inside run().
+    let ours = |f: &pb::Flow| {
+        f.r#type() == pb::EventType::Trace
+            && f.hook() == pb::Hook::FromContainer
+            && ep(f, false).port == u32::from(port)
+            && ep(f, true).port == 8080
+    };
+    let fin = wait_flows(&s1, &all(None), "the client's FIN", |f| {
+        ours(f) && f.tcp_flags.as_ref().is_some_and(|t| t.fin)
+    });
+    assert_eq!(fin.len(), 1, "one FIN event: {fin:?}");
+    let flows: Vec<pb::Flow> = get_flows(&s1, all(None))
+        .unwrap()
+        .into_iter()
+        .filter(|f| ours(f))
+        .collect();
+    let flags = |f: &pb::Flow| f.tcp_flags.unwrap_or_default();
+    let syn: Vec<_> = flows.iter().filter(|f| flags(f).syn).collect();
+    let periodic: Vec<_> = flows
+        .iter()
+        .filter(|f| {
+            let t = flags(f);
+            !t.syn && !t.fin && !t.rst
+        })
+        .collect();
+    assert_eq!(syn.len(), 1, "one SYN event: {flows:#?}");
+    assert_eq!(syn[0].packets, 1);
+    // ~1 s of traffic with a 200 ms interval: a few reports, not one per
+    // packet (the client sent 40 messages plus ACKs).
+    assert!(
+        (2..=10).contains(&periodic.len()),
+        "expected a report per interval, got {}: {flows:#?}",
+        periodic.len()
+    );
+    assert!(
+        periodic.iter().all(|f| f.packets > 1),
+        "reports aggregate packets: {periodic:#?}"
+    );
+    let packets: u64 = flows.iter().map(|f| f.packets).sum();
+    let bytes: u64 = flows.iter().map(|f| f.bytes).sum();
+    // Each message is one packet of 100 bytes of payload (TCP_NODELAY,
+    // request/response in lockstep); ACKs and the handshake come on top.
+    assert!(
+        packets >= MESSAGES as u64 + 2,
+        "the reports account for every message: {packets} packets"
+    );
+    assert!(bytes >= (MESSAGES * 100) as u64, "and its bytes: {bytes}");
 }

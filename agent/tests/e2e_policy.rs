@@ -87,6 +87,15 @@ impl World {
         }
         let ext = g.lab.topology().unwrap().external().clone();
         listen_all(&mut servers, &ext, OUTSIDE);
+        // The external host reaches pods directly (as a router that knows
+        // the pod CIDRs would), from its "internet" address.
+        for n in g.lab.nodes() {
+            sinew_testvms::netns::sh(
+                &ext,
+                &format!("ip route replace {} via {} src {OUTSIDE}", n.pod_cidr, n.address),
+            )
+            .unwrap();
+        }
         World {
             _servers: servers,
             g,
@@ -170,6 +179,8 @@ enum Src {
     Pod(&'static str),
     /// A node's own stack (its underlay address).
     Node(&'static str),
+    /// The external host, from [`OUTSIDE`]: world, or a CIDR identity.
+    External,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +231,7 @@ impl Flow {
         let s = match self.src {
             Src::Pod(p) => format!("{}/{p}", self.src_ns.unwrap_or("?")),
             Src::Node(n) => n.to_string(),
+            Src::External => OUTSIDE.to_string(),
         };
         let d = match self.dst {
             Dst::Pod(p) => format!("{}/{p}", self.dst_ns.unwrap_or("?")),
@@ -230,7 +242,8 @@ impl Flow {
 }
 
 /// Every flow: pod to every other pod and to the external host on every
-/// port, and each node to every pod on 8080/TCP.
+/// port, the external host to every pod on every port, and each node to
+/// every pod on 8080/TCP.
 fn matrix(w: &World) -> Vec<Flow> {
     let mut out = Vec::new();
     for s in &w.pods {
@@ -252,6 +265,19 @@ fn matrix(w: &World) -> Vec<Flow> {
                     dst_node,
                 });
             }
+        }
+    }
+    for d in &w.pods {
+        for (port, proto) in PORTS {
+            out.push(Flow {
+                src: Src::External,
+                dst: Dst::Pod(d.name),
+                port,
+                proto,
+                src_ns: None,
+                dst_ns: Some(d.ns),
+                dst_node: Some(d.node),
+            });
         }
     }
     for node in ["node1", "node2"] {
@@ -276,6 +302,7 @@ fn probe(w: &World, f: &Flow, timeout: Duration) -> Result<(), String> {
     let ns = match f.src {
         Src::Pod(p) => pod_ns(lab, p),
         Src::Node(n) => node_ns(lab, n),
+        Src::External => lab.topology().unwrap().external().clone(),
     };
     let ip = match f.dst {
         Dst::Pod(p) => pod_ip(lab, p),
@@ -312,6 +339,7 @@ fn trace_from(w: &World, f: &Flow) -> String {
     match f.src {
         Src::Pod(p) => format!("{}/{p}", w.pod(p).ns),
         Src::Node(n) => w.lab().node(n).unwrap().address.to_string(),
+        Src::External => OUTSIDE.to_string(),
     }
 }
 
@@ -487,6 +515,56 @@ spec:
             expect: |f| !f.src_is("client"),
         },
         Scenario {
+            name: "ingress from an ipBlock outside the cluster, except not covering the client",
+            yaml: r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-outside, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 198.18.0.0/24, except: [198.18.0.2/32]}
+    ports:
+    - {protocol: TCP, port: 8080}
+"#,
+            expect: |f| !f.dst_is("web") || f.src_is_local_host() || (f.src == Src::External && f.tcp(8080)),
+        },
+        Scenario {
+            name: "ingress from an ipBlock whose except covers the client",
+            yaml: r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-outside, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 198.18.0.0/16, except: [198.18.0.0/24]}
+"#,
+            expect: |f| !f.dst_is("web") || f.src_is_local_host(),
+        },
+        Scenario {
+            name: "fromCIDR deny wins over fromEntities world",
+            yaml: r#"
+apiVersion: sinew.io/v1alpha1
+kind: SinewNetworkPolicy
+metadata: {name: db-world-but-not-one, namespace: a}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEntities: [world]
+  ingressDeny:
+  - fromCIDR: [198.18.0.1/32]
+    toPorts:
+    - ports:
+      - {port: "9090", protocol: TCP}
+"#,
+            // The rest of the cluster is not world: only its own node and
+            // the outside (except on 9090) may reach db.
+            expect: |f| !f.dst_is("db") || f.src_is_local_host() || (f.src == Src::External && !f.tcp(9090)),
+        },
+        Scenario {
             name: "port range with endPort",
             yaml: r#"
 apiVersion: networking.k8s.io/v1
@@ -593,8 +671,14 @@ spec:
   - toEntities: [world]
 "#,
             // Pods are not "world"; everything in the cluster, the remote
-            // node included, is "cluster".
-            expect: |f| !f.src_is("client") || f.dst == Dst::External,
+            // node included, is "cluster"; the external host is not.
+            expect: |f| {
+                if f.src == Src::External {
+                    !f.dst_is("client")
+                } else {
+                    !f.src_is("client") || f.dst == Dst::External
+                }
+            },
         },
         Scenario {
             name: "clusterwide policy on namespace labels: only nodes may enter",
@@ -978,8 +1062,10 @@ fn identities_are_shared_follow_labels_and_are_collected_native() {
 /// With a 16-entry policy map, an endpoint whose policy needs more fails
 /// closed (even what its policy allows is dropped) and says so in
 /// ListPolicies; other endpoints keep their policy; deleting the policy
-/// makes the endpoint work again.
-fn overflow(prefix: &str, routing: Routing) {
+/// makes the endpoint work again. With `--policy-fail-open` the
+/// overflowing endpoint runs without policy instead (what its policy
+/// denies passes), still counted.
+fn overflow(prefix: &str, routing: Routing, fail_open: bool) {
     let pods = vec![
         PodSpec {
             ns: "a",
@@ -1003,7 +1089,12 @@ fn overflow(prefix: &str, routing: Routing) {
             ports: vec![],
         },
     ];
-    let w = World::new(prefix, routing, &["--policy-map-size", "16"], pods);
+    let args: &[&str] = if fail_open {
+        &["--policy-map-size", "16", "--policy-fail-open"]
+    } else {
+        &["--policy-map-size", "16"]
+    };
+    let w = World::new(prefix, routing, args, pods);
     let lab = w.lab();
     let client = pod_ns(lab, "client");
     let (big, small) = (pod_ip(lab, "big"), pod_ip(lab, "small"));
@@ -1044,10 +1135,21 @@ spec:
         "more entries than the map holds: {}",
         l.map_entries
     );
-    assert!(
-        tcp_echo(&client, big, 8080, DENIED_AFTER).is_err(),
-        "[{routing:?}] the overflowing endpoint must fail closed, even for 8080 its policy allows"
-    );
+    if fail_open {
+        for port in [8080, 9090] {
+            tcp_echo(&client, big, port, Duration::from_secs(3)).unwrap_or_else(|e| {
+                panic!(
+                    "[{routing:?}] with --policy-fail-open the overflowing endpoint runs without policy (port {port}): {e}\n{}",
+                    w.logs()
+                )
+            });
+        }
+    } else {
+        assert!(
+            tcp_echo(&client, big, 8080, DENIED_AFTER).is_err(),
+            "[{routing:?}] the overflowing endpoint must fail closed, even for 8080 its policy allows"
+        );
+    }
     assert!(
         tcp_echo(&client, small, 8080, Duration::from_secs(3)).is_ok(),
         "[{routing:?}] another endpoint keeps its allow\n{}",
@@ -1073,12 +1175,17 @@ spec:
 
 #[test]
 fn policy_map_overflow_fails_closed_for_that_endpoint_only_vxlan() {
-    overflow("pol-of-vx", Routing::Vxlan);
+    overflow("pol-of-vx", Routing::Vxlan, false);
 }
 
 #[test]
 fn policy_map_overflow_fails_closed_for_that_endpoint_only_native() {
-    overflow("pol-of-nat", Routing::Native);
+    overflow("pol-of-nat", Routing::Native, false);
+}
+
+#[test]
+fn policy_map_overflow_fails_open_when_configured() {
+    overflow("pol-of-open", Routing::Vxlan, true);
 }
 
 // ------------------------------------------------------------ bad policies

@@ -19,4 +19,5 @@ pub mod policy;
 pub mod report;
 pub mod rr;
 pub mod scenarios;
+pub mod services;
 pub mod stats;

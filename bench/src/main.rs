@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use sinew_bench::report::Report;
 use sinew_bench::scenarios::{self, CniParts, Options};
-use sinew_bench::{idle, observe, policy};
+use sinew_bench::{idle, observe, policy, services};
 use sinew_testvms::lab::{Binaries, Routing};
 
 /// Benchmarks Sinew against plain-kernel baselines measured in the same run.
@@ -39,6 +39,10 @@ struct Cli {
     /// Directory of sinew-agent and sinew-cni; default: next to this program.
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
+    /// An extra sinew-agent argument for every lab (repeat for more), e.g.
+    /// `--agent-arg=--events --agent-arg=false` to see what a feature costs.
+    #[arg(long = "agent-arg", global = true, allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Print lab progress.
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -66,6 +70,18 @@ enum Command {
     /// Flow observability: events per second the agent reads without loss
     /// (CPU, memory), and TCP_RR/CRR/iperf3 with events on vs off.
     Observe,
+    /// ClusterIP services (issue 5): new connections per second and
+    /// first-byte latency with N other services, Sinew vs kube-proxy's
+    /// iptables and nftables shapes vs the pod address; iperf3 at 0.
+    Services {
+        /// Numbers of other services, comma-separated [default:
+        /// 0,1000,10000; with --quick 0,100].
+        #[arg(long = "services")]
+        sizes: Option<String>,
+    },
+    /// The client process of `services` (runs inside a pod; not for users).
+    #[command(hide = true)]
+    SvcClient(services::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,10 +90,30 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::SvcClient(args) = &cli.command {
+        return svc_client(args, cli.duration);
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sinew-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn svc_client(args: &services::ClientArgs, duration: f64) -> ExitCode {
+    if !(duration.is_finite() && duration > 0.0) {
+        eprintln!("svc-client: --duration must be a positive number of seconds");
+        return ExitCode::FAILURE;
+    }
+    match services::client_main(args, Duration::from_secs_f64(duration)) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("svc-client: {e}");
             ExitCode::FAILURE
         }
     }
@@ -113,6 +149,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         verbose: cli.verbose,
         binaries,
         prefix: format!("bench-{}", std::process::id()),
+        agent_args: cli.agent_args.clone(),
     };
     let mut report = Report {
         reps,
@@ -121,6 +158,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     let result: anyhow::Result<()> = match &cli.command {
         Command::Observe => observe::all(&opts, &mut report).map_err(Into::into),
+        Command::Services { sizes } => {
+            let default = if cli.quick { "0,100" } else { "0,1000,10000" };
+            services::parse_sizes(sizes.as_deref().unwrap_or(default))
+                .map_err(scenarios::ScenarioError::from)
+                .and_then(|sizes| services::run(&sizes, &opts, &mut report))
+                .map_err(Into::into)
+        }
         c => run_command(c, &opts, &mut report).map_err(Into::into),
     };
     if let Err(e) = &result {
@@ -171,6 +215,7 @@ fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result
             report,
         ),
         Command::Policy => policy::all(opts, report),
-        Command::Observe => unreachable!("handled in run"),
+        Command::Observe | Command::Services { .. } => unreachable!("handled in run"),
+        Command::SvcClient(_) => unreachable!("handled in main"),
     }
 }

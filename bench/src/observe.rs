@@ -274,9 +274,9 @@ fn row(
 pub fn event_rate(opts: &Options, report: &mut Report) -> Result<(), ObserveBenchError> {
     const NAME: &str = "observe events";
     scenario_start(NAME, opts, report)?;
-    let mut spec = lab_spec(&opts.prefix, 1, 2, Routing::Vxlan);
+    let mut spec = lab_spec(opts, 1, 2, Routing::Vxlan);
     spec.name_prefix = format!("{}-oe", opts.prefix);
-    spec.agent_args = vec!["--events".into(), "true".into()];
+    spec.agent_args.extend(["--events".into(), "true".into()]);
     let guard = LabGuard::up(&spec, &opts.binaries, opts.verbose).map_err(ScenarioError::from)?;
     let node = &guard.lab().nodes()[0];
     let pid = node.agent_pid.ok_or(ObserveBenchError::NoPid)?;
@@ -394,9 +394,9 @@ pub fn overhead(opts: &Options, report: &mut Report) -> Result<(), ObserveBenchE
     let mut sides = Vec::new();
     let mut guards = Vec::new();
     for (suffix, events) in [("of", "false"), ("on", "true")] {
-        let mut spec = lab_spec(&opts.prefix, 1, 2, Routing::Vxlan);
+        let mut spec = lab_spec(opts, 1, 2, Routing::Vxlan);
         spec.name_prefix = format!("{}-{suffix}", opts.prefix);
-        spec.agent_args = vec!["--events".into(), events.into()];
+        spec.agent_args.extend(["--events".into(), events.into()]);
         let guard = LabGuard::up(&spec, &opts.binaries, opts.verbose).map_err(ScenarioError::from)?;
         let (client, _) = guard.pod(0).map_err(ScenarioError::from)?;
         let (server, server_ip): (NetNs, IpAddr) = guard.pod(1).map_err(ScenarioError::from)?;

@@ -298,8 +298,9 @@ pub fn all(opts: &Options, report: &mut Report) -> Result<(), ScenarioError> {
 pub fn datapath(opts: &Options, report: &mut Report) -> Result<(), ScenarioError> {
     const NAME: &str = "policy vxlan";
     scenario_start(&format!("{NAME} ({RULE_COUNTS:?} rules)"), opts, report)?;
-    let mut spec = lab_spec(&opts.prefix, 2, 0, Routing::Vxlan);
-    spec.agent_args = vec!["--policy-map-size".into(), POLICY_MAP_SIZE.into()];
+    let mut spec = lab_spec(opts, 2, 0, Routing::Vxlan);
+    spec.agent_args
+        .extend(["--policy-map-size".into(), POLICY_MAP_SIZE.into()]);
     let mut guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
     let (n1, n2, socket1) = {
         let nodes = guard.lab().nodes();
@@ -551,7 +552,7 @@ pub fn enforcement(opts: &Options, report: &mut Report) -> Result<(), ScenarioEr
     let name = format!("policy enforce ({} endpoints)", per_node * 2);
     scenario_start(&name, opts, report)?;
     eprintln!("  building a 2-node lab with {per_node} pods per node");
-    let spec: LabSpec = lab_spec(&opts.prefix, 2, per_node, Routing::Vxlan);
+    let spec: LabSpec = lab_spec(opts, 2, per_node, Routing::Vxlan);
     let guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
     let lab = guard.lab();
     let (server, server_ip) = guard.pod(0)?;
@@ -729,7 +730,7 @@ pub fn memory(opts: &Options, report: &mut Report) -> Result<(), ScenarioError> 
     let n = opts.pods as usize;
     let name = format!("policy memory ({n} pods)");
     scenario_start(&name, opts, report)?;
-    let spec = lab_spec(&opts.prefix, 1, 0, Routing::Vxlan);
+    let spec = lab_spec(opts, 1, 0, Routing::Vxlan);
     let mut guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
     let node = guard.lab().nodes()[0].clone();
     let pid = node.agent_pid.ok_or_else(|| ScenarioError::Rss {

@@ -98,7 +98,7 @@ impl Default for RrConfig {
 }
 
 /// The outcome of one client run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct RrResult {
     /// Completed transactions (TCP_RR) or connections (TCP_CRR).
     pub transactions: u64,
@@ -291,6 +291,47 @@ pub fn tcp_rr(server: SocketAddr, cfg: RrConfig) -> Result<RrResult, RrError> {
 /// a thread in the client's namespace; with thousands of connections per
 /// second that namespace needs `net.ipv4.tcp_tw_reuse = 1`.
 pub fn tcp_crr(server: SocketAddr, cfg: RrConfig) -> Result<RrResult, RrError> {
+    crr_loop(server, cfg, CLIENT_IO_TIMEOUT, None)
+}
+
+/// [`tcp_crr`] that also reports, per connection, the time from just
+/// before `connect()` to the first byte of the response: what a new
+/// connection to a service costs before any data flows (the handshake plus
+/// whatever the path does to a connection's first packet, such as NAT).
+/// `connect_timeout` bounds each connect.
+pub fn tcp_crr_first_byte(
+    server: SocketAddr,
+    cfg: RrConfig,
+    connect_timeout: Duration,
+) -> Result<CrrFirstByte, RrError> {
+    let mut first = Vec::with_capacity(1 << 18);
+    let crr = crr_loop(server, cfg, connect_timeout, Some(&mut first))?;
+    first.sort_unstable();
+    let us = |q| percentile(&first, q).map_or(f64::NAN, |ns| ns as f64 / 1000.0);
+    Ok(CrrFirstByte {
+        crr,
+        first_byte_p50_us: us(0.50),
+        first_byte_p99_us: us(0.99),
+    })
+}
+
+/// What [`tcp_crr_first_byte`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct CrrFirstByte {
+    /// The TCP_CRR result (latencies are connect-to-close).
+    pub crr: RrResult,
+    /// Median time from connect() to the first response byte, in µs.
+    pub first_byte_p50_us: f64,
+    /// 99th percentile of the same, in µs.
+    pub first_byte_p99_us: f64,
+}
+
+fn crr_loop(
+    server: SocketAddr,
+    cfg: RrConfig,
+    connect_timeout: Duration,
+    mut first_byte: Option<&mut Vec<u64>>,
+) -> Result<RrResult, RrError> {
     const TEST: &str = "TCP_CRR";
     let size = cfg.message_size.max(1);
     let req = vec![0xa5_u8; size];
@@ -308,7 +349,7 @@ pub fn tcp_crr(server: SocketAddr, cfg: RrConfig) -> Result<RrResult, RrError> {
             done,
             source,
         };
-        let mut stream = TcpStream::connect_timeout(&server, CLIENT_IO_TIMEOUT).map_err(err)?;
+        let mut stream = TcpStream::connect_timeout(&server, connect_timeout).map_err(err)?;
         stream.set_nodelay(true).map_err(err)?;
         stream.set_read_timeout(Some(CLIENT_IO_TIMEOUT)).map_err(err)?;
         stream.write_all(&req).map_err(err)?;
@@ -319,6 +360,9 @@ pub fn tcp_crr(server: SocketAddr, cfg: RrConfig) -> Result<RrResult, RrError> {
             },
             ReplyError::Io(e) => err(e),
         })?;
+        if let Some(v) = first_byte.as_deref_mut() {
+            v.push((Instant::now() - t0).as_nanos() as u64);
+        }
         drop(stream);
         now = Instant::now();
         lat.push((now - t0).as_nanos() as u64);

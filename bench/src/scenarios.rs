@@ -74,6 +74,9 @@ pub enum ScenarioError {
     /// A policy benchmark step failed.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyBenchError),
+    /// A services benchmark step failed (boxed: it is large).
+    #[error(transparent)]
+    Services(Box<crate::services::ServicesBenchError>),
     /// The agent's memory could not be read.
     #[error("cannot read VmRSS of the agent (pid {pid}): {reason}")]
     Rss {
@@ -103,6 +106,9 @@ pub struct Options {
     pub binaries: Binaries,
     /// Prefix of every name this run creates, unique per process.
     pub prefix: String,
+    /// Extra arguments for every agent (`--agent-arg`), before the
+    /// scenario's own.
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -336,11 +342,7 @@ pub fn same_node(opts: &Options, report: &mut Report) -> Result<(), ScenarioErro
     eprintln!("  building the veth pair, the routed baseline and a sinew lab");
     let veth = VethPair::create(&format!("{}-veth", opts.prefix))?;
     let base = BaselineEnv::create(&format!("{}-b", opts.prefix), 1, &[1, 1], Routing::Native)?;
-    let lab = LabGuard::up(
-        &lab_spec(&opts.prefix, 1, 2, Routing::Native),
-        &opts.binaries,
-        opts.verbose,
-    )?;
+    let lab = LabGuard::up(&lab_spec(opts, 1, 2, Routing::Native), &opts.binaries, opts.verbose)?;
     let (bs, bs_ip) = base.pod(0);
     let (bc, _) = base.pod(1);
     let (ss, ss_ip) = lab.pod(0)?;
@@ -373,7 +375,7 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
     scenario_start(&name, opts, report)?;
     eprintln!("  building the routed baseline and a sinew lab ({routing})");
     let base = BaselineEnv::create(&format!("{}-b", opts.prefix), 2, &[1, 2], routing)?;
-    let lab = LabGuard::up(&lab_spec(&opts.prefix, 2, 1, routing), &opts.binaries, opts.verbose)?;
+    let lab = LabGuard::up(&lab_spec(opts, 2, 1, routing), &opts.binaries, opts.verbose)?;
     let (bs, bs_ip) = base.pod(0);
     let (bc, _) = base.pod(1);
     let (ss, ss_ip) = lab.pod(0)?;
@@ -398,14 +400,15 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
     Ok(())
 }
 
-pub(crate) fn lab_spec(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> LabSpec {
+/// A lab for the Sinew side, its agents started with `--agent-arg`s.
+pub(crate) fn lab_spec(opts: &Options, nodes: u32, pods_per_node: u32, routing: Routing) -> LabSpec {
     LabSpec {
-        name_prefix: format!("{prefix}-s"),
+        name_prefix: format!("{}-s", opts.prefix),
         nodes,
         pods_per_node,
         routing,
         state_dir: None,
-        agent_args: Vec::new(),
+        agent_args: opts.agent_args.clone(),
     }
 }
 
@@ -427,7 +430,7 @@ pub struct CniParts {
 pub fn cni_and_memory(parts: CniParts, opts: &Options, report: &mut Report) -> Result<(), ScenarioError> {
     const NAME: &str = "cni";
     scenario_start(&format!("cni/memory ({} pods)", opts.pods), opts, report)?;
-    let spec = lab_spec(&opts.prefix, 1, 0, Routing::Native);
+    let spec = lab_spec(opts, 1, 0, Routing::Native);
     let lab_guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
     let lab = lab_guard.lab();
     let node = lab.nodes()[0].clone();

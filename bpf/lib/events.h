@@ -126,18 +126,22 @@ static __always_inline void event_submit(const struct flow_event *e)
 }
 
 /*
- * Whether a forwarded packet is a flow boundary worth an event; fills the
- * aggregated counters. TCP: SYN, FIN, RST. Others: the first packet of a
- * flow at this hook, then one report per interval with the counts since.
+ * Whether a forwarded packet is worth an event; keeps the per-flow counters
+ * (one entry per direction and hook). Every flow reports its first packet
+ * (TCP: SYN), then one report per interval with the counts since the last
+ * one. TCP also reports every SYN, FIN and RST, carrying the counts since
+ * the last report; FIN and RST end the entry.
  */
 static __always_inline int trace_due(struct flow_event *e, __u32 len)
 {
 	struct flow_agg_key k = {};
 	struct flow_agg *a, fresh = {};
-	__u64 now = e->ts_ns;
+	/* A jiffy is precise enough for report intervals, and cheaper to
+	 * read per packet than the clock each event carries. */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int tcp = e->proto == IPPROTO_TCP;
+	__u8 boundary = tcp ? e->tcp_flags & TCP_FLAGS_BOUNDARY : 0;
 
-	if (e->proto == IPPROTO_TCP)
-		return (e->tcp_flags & TCP_FLAGS_BOUNDARY) != 0;
 	k.saddr = e->saddr;
 	k.daddr = e->daddr;
 	k.sport = e->sport;
@@ -146,8 +150,26 @@ static __always_inline int trace_due(struct flow_event *e, __u32 len)
 	k.hook = e->hook;
 	a = bpf_map_lookup_elem(&sinew_flow_agg, &k);
 	if (!a) {
-		fresh.last_report_ns = now;
-		bpf_map_update_elem(&sinew_flow_agg, &k, &fresh, BPF_ANY);
+		/* TCP is counted from its SYN: an entry for every packet
+		 * after a FIN (the last ACK) would only crowd the table. A
+		 * connection older than its entry reports its FIN or RST. */
+		if (!tcp || (boundary & 0x02)) {
+			fresh.last_report_ns = now;
+			bpf_map_update_elem(&sinew_flow_agg, &k, &fresh,
+					    BPF_ANY);
+		}
+		return !tcp || boundary;
+	}
+	if (boundary) {
+		e->packets = a->packets + 1;
+		e->bytes = a->bytes + len;
+		if (boundary & (0x01 | 0x04)) {
+			bpf_map_delete_elem(&sinew_flow_agg, &k);
+		} else {
+			a->last_report_ns = now;
+			a->packets = 0;
+			a->bytes = 0;
+		}
 		return 1;
 	}
 	__sync_fetch_and_add(&a->packets, 1);
@@ -171,7 +193,23 @@ static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
 
 	if (!CFG_EVENTS_ENABLED)
 		return;
-	e.ts_ns = bpf_ktime_get_ns();
+	/*
+	 * Forwarded packets are traced at the pod's edges only: where a pod
+	 * sends (from_container), where a packet is delivered to one
+	 * (to_container, from_overlay, from_netdev into a pod). The uplink
+	 * and tunnel egress would report the same packet again, and the
+	 * node's own traffic is not a pod's flow. Decided first: it is most
+	 * packets at those hooks, and they should cost nothing more.
+	 */
+	if (ret >= 0) {
+		if (hook == HOOK_TO_NETDEV || hook == HOOK_TO_OVERLAY)
+			return;
+		if (hook == HOOK_FROM_NETDEV) {
+			s = scratch();
+			if (!s || s->obs != TRACE_TO_ENDPOINT)
+				return;
+		}
+	}
 	e.hook = hook;
 	e.dir = dir;
 	e.ifindex = skb->ifindex;
@@ -191,32 +229,22 @@ static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
 		e.reason = -ret;
 		e.packets = 1;
 		e.bytes = skb->len;
+		e.ts_ns = bpf_ktime_get_ns();
 		event_submit(&e);
 		return;
 	}
-	/*
-	 * Forwarded packets are traced at the pod's edges only: where a pod
-	 * sends (from_container), where a packet is delivered to one
-	 * (to_container, from_overlay, from_netdev into a pod). The uplink
-	 * and tunnel egress would report the same packet again, and the
-	 * node's own traffic is not a pod's flow.
-	 */
-	if (hook == HOOK_TO_NETDEV || hook == HOOK_TO_OVERLAY ||
-	    (hook == HOOK_FROM_NETDEV && e.obs != TRACE_TO_ENDPOINT))
-		return;
 	if (!trace_due(&e, skb->len))
 		return;
 	e.type = EVENT_TRACE;
 	e.verdict = VERDICT_FORWARDED;
 	if (!e.obs)
-		e.obs = (hook == HOOK_TO_NETDEV || hook == HOOK_TO_OVERLAY)
-			    ? TRACE_TO_NETWORK
-			: hook == HOOK_TO_CONTAINER ? TRACE_TO_ENDPOINT
-						    : TRACE_TO_STACK;
+		e.obs = hook == HOOK_TO_CONTAINER ? TRACE_TO_ENDPOINT
+						  : TRACE_TO_STACK;
 	if (!e.packets) {
 		e.packets = 1;
 		e.bytes = skb->len;
 	}
+	e.ts_ns = bpf_ktime_get_ns();
 	event_submit(&e);
 }
 

@@ -5,6 +5,12 @@
 
 #include "maps.h"
 
+/* Addresses inside the cluster (pods and nodes). CIDR identities that
+ * policies name are in the ipcache too, with no flags: outside. */
+#define IPCACHE_F_IN_CLUSTER                                                   \
+	(IPCACHE_F_LOCAL_EP | IPCACHE_F_NODE | IPCACHE_F_POD_CIDR |            \
+	 IPCACHE_F_REMOTE_EP)
+
 static __always_inline struct ipcache_value *ipcache_lookup4(__u32 addr)
 {
 	struct ipcache_key key = {};

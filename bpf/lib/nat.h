@@ -140,6 +140,9 @@ static __always_inline int nat_snat(struct __sk_buff *skb,
 
 	in.addr = key->saddr;
 	in.port = key->sport;
+	/* A reply of a connection opened from outside: leave it alone. */
+	if (fwd && fwd->addr == key->saddr && fwd->port == key->sport)
+		return 0;
 	if (fwd) {
 		out = *fwd;
 		/* The LRU may have evicted the reply direction alone. */
@@ -173,6 +176,33 @@ static __always_inline int nat_snat(struct __sk_buff *skb,
 rewrite:
 	return nat_rewrite(skb, key->proto, 1, key->saddr, out.addr, key->sport,
 			   out.port);
+}
+
+/*
+ * A host outside the cluster opened a connection to a local pod (native
+ * routing, or a router that knows the pod CIDRs). Its replies must leave
+ * with the pod's address: an identity entry for the reply direction tells
+ * nat_snat to leave them alone. Called after the packet was accepted.
+ */
+static __always_inline void nat_note_inbound(struct __sk_buff *skb)
+{
+	struct iphdr *ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	struct nat_key in = {}, out = {};
+	struct nat_value v = {};
+
+	if (!ip || nat_key_from_packet(skb, ip, &in) < 0)
+		return;
+	out.saddr = in.daddr;
+	out.daddr = in.saddr;
+	out.sport = in.dport;
+	out.dport = in.sport;
+	out.proto = in.proto;
+	if (bpf_map_lookup_elem(&sinew_nat, &out))
+		return;
+	v.addr = out.saddr;
+	v.port = out.sport;
+	v.created_ns = bpf_ktime_get_ns();
+	bpf_map_update_elem(&sinew_nat, &out, &v, BPF_ANY);
 }
 
 /* Reverse NAT of a reply arriving at the node address. Returns 1 when the

@@ -58,6 +58,11 @@ struct Args {
     /// instead of dropping them (both are counted).
     #[arg(long)]
     ct_fail_open: bool,
+    /// When an endpoint's policy does not fit the policy map, run it
+    /// without policy instead of dropping all its traffic (both are
+    /// counted and logged).
+    #[arg(long)]
+    policy_fail_open: bool,
     /// Seconds between removals of idle conntrack entries and unused identities.
     #[arg(long, default_value_t = 10)]
     housekeeping_interval: u64,
@@ -130,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         policy_map_size: a.policy_map_size,
         ct_map_size: a.ct_map_size,
         ct_fail_open: a.ct_fail_open,
+        policy_fail_open: a.policy_fail_open,
         housekeeping_interval: std::time::Duration::from_secs(a.housekeeping_interval.max(1)),
         identity_gc_grace: std::time::Duration::from_secs(a.identity_gc_grace),
         events: a.events,

@@ -1,10 +1,9 @@
 //! The Observer gRPC service (sinew.observer.v1.Observer).
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use sinew_proto::observer_v1 as pb;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -16,61 +15,75 @@ pub struct ObserverApi {
 
 type FlowStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GetFlowsResponse, Status>> + Send>>;
 
-fn flow_response(node: &str, f: &pb::Flow) -> pb::GetFlowsResponse {
+fn flow_response(node: &str, f: pb::Flow) -> pb::GetFlowsResponse {
     pb::GetFlowsResponse {
-        response: Some(pb::get_flows_response::Response::Flow(f.clone())),
+        response: Some(pb::get_flows_response::Response::Flow(f)),
         node_name: node.to_string(),
         time_unix_nanos: now_unix_nanos(),
     }
 }
 
-/// Sends the history, then (following) new flows until the client goes
-/// away or `until` passes.
+/// Records a follower names per read of the buffer.
+const FOLLOW_BATCH: usize = 256;
+
+/// Sends the history, then (following) new flows from sequence `next` on
+/// until the client goes away or `until` passes. A follower that falls
+/// more than the buffer behind is told how many flows it missed.
 async fn stream_flows(
     observer: Observer,
     req: pb::GetFlowsRequest,
-    history: Vec<Arc<pb::Flow>>,
-    rx: Option<broadcast::Receiver<Arc<pb::Flow>>>,
+    history: Vec<pb::Flow>,
+    mut next: u64,
     tx: mpsc::Sender<Result<pb::GetFlowsResponse, Status>>,
 ) {
     let node = observer.node_name().to_string();
-    for f in &history {
+    for f in history {
         if tx.send(Ok(flow_response(&node, f))).await.is_err() {
             return;
         }
     }
-    let Some(mut rx) = rx else { return };
+    if !req.follow {
+        return;
+    }
     observer.follower_started();
     let deadline = (req.until_unix_nanos != 0).then(|| {
         let left = req.until_unix_nanos.saturating_sub(now_unix_nanos());
         tokio::time::Instant::now() + std::time::Duration::from_nanos(left)
     });
-    loop {
-        let next = tokio::select! {
-            r = rx.recv() => r,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-            _ = tx.closed() => break,
-        };
-        let msg = match next {
-            Ok(f) => {
-                if !filter::selects(&req, &f) {
-                    continue;
-                }
-                flow_response(&node, &f)
+    'follow: loop {
+        let batch = observer.read_from(next, FOLLOW_BATCH);
+        next = batch.next;
+        if batch.missed > 0 {
+            observer.stats().follower_lagged(batch.missed);
+            let lost = pb::GetFlowsResponse {
+                response: Some(pb::get_flows_response::Response::LostEvents(pb::LostEvents {
+                    count: batch.missed,
+                })),
+                node_name: node.clone(),
+                time_unix_nanos: now_unix_nanos(),
+            };
+            if tx.send(Ok(lost)).await.is_err() {
+                break;
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                observer.stats().follower_lagged(n);
-                pb::GetFlowsResponse {
-                    response: Some(pb::get_flows_response::Response::LostEvents(pb::LostEvents {
-                        count: n,
-                    })),
-                    node_name: node.clone(),
-                    time_unix_nanos: now_unix_nanos(),
-                }
+        }
+        if batch.records.is_empty() {
+            tokio::select! {
+                _ = observer.wait_for(next) => continue,
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+                _ = tx.closed() => break,
             }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        if tx.send(Ok(msg)).await.is_err() {
+        }
+        let now = observer.current_index();
+        for r in &batch.records {
+            let f = observer.flow(r, &now);
+            if !filter::selects(&req, &f) {
+                continue;
+            }
+            if tx.send(Ok(flow_response(&node, f))).await.is_err() {
+                break 'follow;
+            }
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             break;
         }
     }
@@ -84,9 +97,9 @@ impl sinew_proto::Observer for ObserverApi {
     async fn get_flows(&self, req: Request<pb::GetFlowsRequest>) -> Result<Response<FlowStream>, Status> {
         let req = req.into_inner();
         filter::validate(&req).map_err(Status::invalid_argument)?;
-        let (history, rx) = self.observer.history(&req);
+        let (history, next) = self.observer.history(&req);
         let (tx, out) = mpsc::channel(256);
-        tokio::spawn(stream_flows(self.observer.clone(), req, history, rx, tx));
+        tokio::spawn(stream_flows(self.observer.clone(), req, history, next, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 

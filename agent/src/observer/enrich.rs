@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use sinew_abi::{DropReason, FlowEvent};
 use sinew_proto::observer_v1 as pb;
 
-use super::index::{ObserverIndex, Peer};
+use super::index::{Names, Peer};
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -105,7 +105,7 @@ fn endpoint(ip: Ipv4Addr, port: u16, peer: Option<&Peer>, fallback_identity: u32
 
 /// Builds the enriched flow. `time_unix_nanos` is the event's time already
 /// converted to the wall clock; `interface` its device's name if known.
-pub fn enrich(ev: &FlowEvent, idx: &ObserverIndex, time_unix_nanos: u64, sequence: u64, interface: &str) -> pb::Flow {
+pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u64, interface: &str) -> pb::Flow {
     let saddr = Ipv4Addr::from(u32::from_be(ev.saddr));
     let daddr = Ipv4Addr::from(u32::from_be(ev.daddr));
     let (mut sport, mut dport) = (u16::from_be(ev.sport), u16::from_be(ev.dport));
@@ -124,7 +124,7 @@ pub fn enrich(ev: &FlowEvent, idx: &ObserverIndex, time_unix_nanos: u64, sequenc
     };
     // The peer identity the datapath used names whichever side is not the
     // local endpoint: the source on ingress, the destination on egress.
-    let local_ip = idx.by_endpoint.get(&ev.ep_id).copied();
+    let local_ip = idx.endpoint_ip(ev.ep_id);
     let peer_is_source = match local_ip {
         Some(ip) => ip != saddr,
         None => direction == pb::TrafficDirection::Ingress,
@@ -192,7 +192,7 @@ pub fn enrich(ev: &FlowEvent, idx: &ObserverIndex, time_unix_nanos: u64, sequenc
     });
     pb::Flow {
         time_unix_nanos,
-        node_name: idx.node_name.clone(),
+        node_name: idx.node_name().to_string(),
         sequence,
         verdict: verdict as i32,
         drop_reason,
@@ -227,6 +227,7 @@ mod tests {
     use sinew_policy::{PolicyKind, RuleRef, Section};
 
     use super::*;
+    use crate::observer::index::ObserverIndex;
 
     fn index() -> ObserverIndex {
         let mut idx = ObserverIndex {
@@ -281,7 +282,7 @@ mod tests {
             bytes: 60,
             ..Default::default()
         };
-        let f = enrich(&ev, &index(), 5, 9, "lxc1");
+        let f = enrich(&ev, Names::one(&index()), 5, 9, "lxc1");
         assert_eq!(f.verdict(), pb::Verdict::Dropped);
         assert_eq!(f.r#type(), pb::EventType::Drop);
         let r = f.drop_reason.as_ref().unwrap();
@@ -328,7 +329,7 @@ mod tests {
             r#match: sinew_abi::MATCH_L3_ONLY,
             ..Default::default()
         };
-        let f = enrich(&ev, &index(), 0, 1, "");
+        let f = enrich(&ev, Names::one(&index()), 0, 1, "");
         assert_eq!(f.destination.as_ref().unwrap().reserved, "world");
         assert_eq!(f.source.as_ref().unwrap().identity, 300);
         assert_eq!((f.icmp_type, f.icmp_code), (8, 0));
@@ -346,7 +347,7 @@ mod tests {
             rule_id: 77,
             ..Default::default()
         };
-        let f = enrich(&ev, &index(), 0, 1, "");
+        let f = enrich(&ev, Names::one(&index()), 0, 1, "");
         assert_eq!(f.r#type(), pb::EventType::Unknown);
         assert_eq!(f.drop_reason.unwrap().name, "unknown_250");
         assert!(f.policy_rule.is_none());

@@ -57,6 +57,53 @@ impl ObserverIndex {
     }
 }
 
+/// What names a stored flow when it is read: the index that was current
+/// when the event was read from the ring (`then`), and the newest one
+/// (`now`). `then` wins, so a pod deleted since keeps its name; `now`
+/// fills what `then` lacked, so a pod whose first packet beat the agent's
+/// bookkeeping is still named.
+#[derive(Clone, Copy, Debug)]
+pub struct Names<'a> {
+    pub then: &'a ObserverIndex,
+    pub now: &'a ObserverIndex,
+}
+
+impl<'a> Names<'a> {
+    /// Both indexes the same.
+    pub fn one(idx: &'a ObserverIndex) -> Self {
+        Names { then: idx, now: idx }
+    }
+
+    pub fn node_name(&self) -> &'a str {
+        &self.then.node_name
+    }
+
+    pub fn peer(&self, ip: Ipv4Addr) -> Option<&'a Peer> {
+        self.then.peer(ip).or_else(|| self.now.peer(ip))
+    }
+
+    /// The address of a local endpoint.
+    pub fn endpoint_ip(&self, id: u32) -> Option<Ipv4Addr> {
+        self.then
+            .by_endpoint
+            .get(&id)
+            .or_else(|| self.now.by_endpoint.get(&id))
+            .copied()
+    }
+
+    pub fn rule(&self, id: u32) -> Option<&'a RuleRef> {
+        self.then.rule(id).or_else(|| self.now.rule(id))
+    }
+
+    pub fn interface(&self, ifindex: u32) -> Option<&'a str> {
+        self.then
+            .interfaces
+            .get(&ifindex)
+            .or_else(|| self.now.interfaces.get(&ifindex))
+            .map(String::as_str)
+    }
+}
+
 impl NodeState {
     /// A cheap summary of everything [`Self::observer_index`] reads: when it
     /// is unchanged the index is still right. The snapshot is replaced, never

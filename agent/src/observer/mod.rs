@@ -20,20 +20,20 @@ pub mod render;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
 use sinew_abi::{DropReason, FlowEvent};
 use sinew_proto::observer_v1 as pb;
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 
 use crate::state::NodeState;
 
 pub use api::ObserverApi;
 pub use enrich::{enrich, event_type_name, parse_protocol, protocol_name};
 pub use filter::{matches, selects};
-pub use index::{ObserverIndex, Peer};
+pub use index::{Names, ObserverIndex, Peer};
 
 /// Event types, indexed like the datapath's lost counters (EVENT_*).
 pub const EVENT_TYPES: [(u8, &str); 3] = [
@@ -193,14 +193,40 @@ impl ObserverStats {
     }
 }
 
-struct Buffer {
-    flows: VecDeque<Arc<pb::Flow>>,
-    tx: broadcast::Sender<Arc<pb::Flow>>,
+/// One flow as read from the ring, stored raw: naming it costs nothing
+/// until somebody reads it (`sinew observe`), so a busy node pays for the
+/// copy and the counters, not for strings and label maps per packet.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub ev: FlowEvent,
+    pub time_unix_nanos: u64,
+    pub sequence: u64,
+    /// The index current when the event was read (see [`Names`]).
+    pub index: Arc<ObserverIndex>,
 }
+
+/// The recent records, oldest first. Followers read it by sequence number,
+/// so the newest `max(buffer_size, FOLLOW_WINDOW)` records are kept even
+/// when history is smaller.
+struct Buffer {
+    records: VecDeque<Record>,
+    /// The sequence number the next record will have (records are
+    /// numbered from 1 without gaps).
+    next_sequence: u64,
+}
+
+/// Records a follower may fall behind before it misses some.
+const FOLLOW_WINDOW: usize = 4096;
 
 struct Shared {
     cfg: ObserverConfig,
     buffer: Mutex<Buffer>,
+    /// The newest index, for names a record's own index lacks.
+    current: RwLock<Arc<ObserverIndex>>,
+    /// The sequence of the newest record: followers wait on it.
+    newest: watch::Sender<u64>,
+    /// Interface names that no index knows (uplink, tunnel device).
+    ifnames: Mutex<HashMap<u32, String>>,
     stats: Arc<ObserverStats>,
     started: Instant,
     started_unix_nanos: u64,
@@ -224,18 +250,30 @@ pub fn now_unix_nanos() -> u64 {
     clock_ns(nix::time::ClockId::CLOCK_REALTIME)
 }
 
+/// What a follower gets from [`Observer::read_from`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// Records that left the buffer before the follower read them.
+    pub missed: u64,
+    /// The sequence to ask for next.
+    pub next: u64,
+}
+
 impl Observer {
-    fn new(cfg: ObserverConfig, enabled: bool) -> Observer {
+    fn new(cfg: ObserverConfig, enabled: bool, index: ObserverIndex) -> Observer {
         let stats = Arc::new(ObserverStats::default());
         stats.capacity.store(cfg.buffer_size as u64, Ordering::Relaxed);
-        // Followers may fall this far behind before they miss flows.
-        let (tx, _) = broadcast::channel(cfg.buffer_size.clamp(1024, 65536));
+        let keep = cfg.buffer_size.max(FOLLOW_WINDOW);
         Observer {
             shared: Arc::new(Shared {
                 buffer: Mutex::new(Buffer {
-                    flows: VecDeque::with_capacity(cfg.buffer_size.min(65536)),
-                    tx,
+                    records: VecDeque::with_capacity(keep.min(65536)),
+                    next_sequence: 1,
                 }),
+                current: RwLock::new(Arc::new(index)),
+                newest: watch::channel(0).0,
+                ifnames: Mutex::new(HashMap::new()),
                 cfg,
                 stats,
                 started: Instant::now(),
@@ -248,7 +286,7 @@ impl Observer {
     /// An observer that never sees a flow (the agent runs with
     /// `--events=false`): the API still answers, with zero counts.
     pub fn disabled(cfg: ObserverConfig) -> Observer {
-        Self::new(cfg, false)
+        Self::new(cfg, false, ObserverIndex::default())
     }
 
     /// Starts the consumer thread on `ring`. The datapath's lost counters
@@ -259,18 +297,17 @@ impl Observer {
         state: Arc<Mutex<NodeState>>,
         cfg: ObserverConfig,
     ) -> Result<Observer, ObserverError> {
-        let obs = Self::new(cfg, true);
         let (index, fingerprint, lost) = {
             let s = state.lock().map_err(|_| ObserverError::Poisoned)?;
             (s.observer_index(), s.observer_fingerprint(), s.datapath.events_lost())
         };
+        let obs = Self::new(cfg, true, index);
         let consumer = Consumer {
+            index: obs.current_index(),
             shared: obs.shared.clone(),
             state,
-            index,
             fingerprint,
             lost,
-            ifnames: HashMap::new(),
             sequence: 0,
             last_refresh: Instant::now(),
         };
@@ -305,28 +342,100 @@ impl Observer {
         self.shared.cfg.event_ring_bytes
     }
 
+    pub(crate) fn current_index(&self) -> Arc<ObserverIndex> {
+        self.shared.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_current_index(&self, idx: Arc<ObserverIndex>) {
+        *self.shared.current.write().unwrap_or_else(|e| e.into_inner()) = idx;
+    }
+
+    /// The API's view of a stored record, named with its own index and,
+    /// for what that lacks, the newest one.
+    pub fn flow(&self, r: &Record, now: &ObserverIndex) -> pb::Flow {
+        let names = Names { then: &r.index, now };
+        let ifname = match names.interface(r.ev.ifindex) {
+            Some(n) => n.to_string(),
+            None => self.interface_name(r.ev.ifindex),
+        };
+        enrich::enrich(&r.ev, names, r.time_unix_nanos, r.sequence, &ifname)
+    }
+
+    fn interface_name(&self, ifindex: u32) -> String {
+        if ifindex == 0 {
+            return String::new();
+        }
+        let mut names = self.shared.ifnames.lock().unwrap_or_else(|e| e.into_inner());
+        if names.len() > 4096 {
+            // Devices come and go; the cache only saves a syscall.
+            names.clear();
+        }
+        names
+            .entry(ifindex)
+            .or_insert_with(|| {
+                nix::net::if_::if_indextoname(ifindex)
+                    .ok()
+                    .and_then(|c| c.into_string().ok())
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
     /// The buffered flows the request selects (oldest first, at most
-    /// `number` of the newest when set) and, when following, a receiver of
-    /// new flows taken under the same lock, so that no flow is missed or
-    /// sent twice between the two.
-    pub fn history(
-        &self,
-        req: &pb::GetFlowsRequest,
-    ) -> (Vec<Arc<pb::Flow>>, Option<broadcast::Receiver<Arc<pb::Flow>>>) {
-        let b = self.shared.buffer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<Arc<pb::Flow>> = Vec::new();
+    /// `number` of the newest when set), and the sequence a follower
+    /// continues from, so that no flow is missed or sent twice between
+    /// history and follow. Records are copied under the lock and named
+    /// after it.
+    pub fn history(&self, req: &pb::GetFlowsRequest) -> (Vec<pb::Flow>, u64) {
+        let (records, next) = {
+            let b = self.shared.buffer.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = self.shared.cfg.buffer_size.min(b.records.len());
+            let skip = b.records.len() - keep;
+            (
+                b.records.iter().skip(skip).cloned().collect::<Vec<_>>(),
+                b.next_sequence,
+            )
+        };
+        let now = self.current_index();
         let limit = usize::try_from(req.number).unwrap_or(usize::MAX);
-        for f in b.flows.iter().rev() {
+        let mut out = Vec::new();
+        for r in records.iter().rev() {
             if limit != 0 && out.len() >= limit {
                 break;
             }
-            if filter::selects(req, f) {
-                out.push(f.clone());
+            // The time range is known before naming.
+            if req.since_unix_nanos != 0 && r.time_unix_nanos < req.since_unix_nanos {
+                continue;
+            }
+            let f = self.flow(r, &now);
+            if filter::selects(req, &f) {
+                out.push(f);
             }
         }
         out.reverse();
-        let rx = req.follow.then(|| b.tx.subscribe());
-        (out, rx)
+        (out, next)
+    }
+
+    /// Up to `max` records from sequence `from` on; `missed` counts the
+    /// ones that already left the buffer.
+    pub fn read_from(&self, from: u64, max: usize) -> Batch {
+        let b = self.shared.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let first = b.next_sequence - b.records.len() as u64;
+        let start = from.max(first);
+        let skip = usize::try_from(start - first).unwrap_or(usize::MAX);
+        let records: Vec<Record> = b.records.iter().skip(skip).take(max).cloned().collect();
+        Batch {
+            missed: start - from.min(start),
+            next: start + records.len() as u64,
+            records,
+        }
+    }
+
+    /// Waits until a record with sequence `seq` or later exists.
+    pub async fn wait_for(&self, seq: u64) {
+        let mut rx = self.shared.newest.subscribe();
+        // An error means the observer is gone: nothing will come.
+        let _ = rx.wait_for(|newest| *newest >= seq).await;
     }
 
     pub(crate) fn follower_started(&self) {
@@ -337,25 +446,29 @@ impl Observer {
         self.shared.stats.followers.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Adds flows to the buffer and sends them to followers.
-    fn publish(&self, flows: Vec<pb::Flow>) {
-        let mut b = self.shared.buffer.lock().unwrap_or_else(|e| e.into_inner());
-        let cap = self.shared.cfg.buffer_size;
-        for f in flows {
-            let f = Arc::new(f);
-            if cap > 0 {
-                if b.flows.len() >= cap {
-                    b.flows.pop_front();
+    /// Appends records (their sequence numbers already assigned in order)
+    /// and wakes followers.
+    fn publish(&self, records: Vec<Record>) {
+        let Some(last) = records.last().map(|r| r.sequence) else {
+            return;
+        };
+        let keep = self.shared.cfg.buffer_size.max(FOLLOW_WINDOW);
+        {
+            let mut b = self.shared.buffer.lock().unwrap_or_else(|e| e.into_inner());
+            for r in records {
+                debug_assert_eq!(r.sequence, b.next_sequence);
+                if b.records.len() >= keep {
+                    b.records.pop_front();
                 }
-                b.flows.push_back(f.clone());
+                b.records.push_back(r);
+                b.next_sequence += 1;
             }
-            // An error only means nobody follows.
-            let _ = b.tx.send(f);
+            self.shared.stats.buffered.store(
+                b.records.len().min(self.shared.cfg.buffer_size) as u64,
+                Ordering::Relaxed,
+            );
         }
-        self.shared
-            .stats
-            .buffered
-            .store(b.flows.len() as u64, Ordering::Relaxed);
+        self.shared.newest.send_replace(last);
     }
 }
 
@@ -363,11 +476,10 @@ impl Observer {
 struct Consumer {
     shared: Arc<Shared>,
     state: Arc<Mutex<NodeState>>,
-    index: ObserverIndex,
+    index: Arc<ObserverIndex>,
     fingerprint: u64,
     /// The datapath's lost counters at the last read.
     lost: Vec<u64>,
-    ifnames: HashMap<u32, String>,
     sequence: u64,
     last_refresh: Instant,
 }
@@ -375,7 +487,7 @@ struct Consumer {
 /// The least time between two refreshes caused by unknown addresses.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(50);
 
-/// Records decoded per publish: bounds the time the buffer lock is held.
+/// Records read per publish: bounds the time the buffer lock is held.
 const BATCH: usize = 512;
 
 const POLL_EVERY: Duration = Duration::from_millis(20);
@@ -407,11 +519,12 @@ impl Consumer {
             }
             self.drain(&mut ring, &obs);
             if Instant::now() >= next_refresh {
-                next_refresh = Instant::now() + if self.refresh() { tick } else { tick / 5 };
+                next_refresh = Instant::now() + if self.refresh(&obs) { tick } else { tick / 5 };
             }
         }
     }
 
+    /// Reads every waiting record: counts it and stores it raw.
     fn drain(&mut self, ring: &mut RingBuf<MapData>, obs: &Observer) {
         // Monotonic (bpf_ktime_get_ns) to wall clock, once per drain: the
         // offset only moves when the wall clock is stepped.
@@ -428,30 +541,24 @@ impl Consumer {
                 continue;
             };
             self.shared.stats.count(&ev);
-            self.sequence += 1;
-            if self.stale(&ev) {
+            if self.stale(&ev) && self.last_refresh.elapsed() >= MIN_REFRESH_GAP {
                 // A pod that started a moment ago sends at once: refresh
-                // now (rate-limited, never waiting for the lock) rather
-                // than name it by address forever in the buffer.
-                if self.last_refresh.elapsed() >= MIN_REFRESH_GAP {
-                    self.refresh_with(true);
-                }
+                // now (rate-limited) so that the record carries its name
+                // even if the pod is gone by the time somebody reads it.
+                self.refresh_with(obs, true);
             }
-            let ifname = self.ifname(ev.ifindex);
-            batch.push(enrich::enrich(
-                &ev,
-                &self.index,
-                ev.ts_ns.wrapping_add(offset),
-                self.sequence,
-                &ifname,
-            ));
+            self.sequence += 1;
+            batch.push(Record {
+                ev,
+                time_unix_nanos: ev.ts_ns.wrapping_add(offset),
+                sequence: self.sequence,
+                index: self.index.clone(),
+            });
             if batch.len() >= BATCH {
                 obs.publish(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
             }
         }
-        if !batch.is_empty() {
-            obs.publish(batch);
-        }
+        obs.publish(batch);
     }
 
     /// Whether the event names something the index does not know yet: an
@@ -467,32 +574,17 @@ impl Consumer {
             || unknown_pod(ev.daddr)
     }
 
-    fn ifname(&mut self, ifindex: u32) -> String {
-        if let Some(n) = self.index.interfaces.get(&ifindex) {
-            return n.clone();
-        }
-        self.ifnames
-            .entry(ifindex)
-            .or_insert_with(|| {
-                nix::net::if_::if_indextoname(ifindex)
-                    .ok()
-                    .and_then(|c| c.into_string().ok())
-                    .unwrap_or_default()
-            })
-            .clone()
-    }
-
     /// Reads the lost counters and, if the state changed, rebuilds the
     /// index. False when the state was busy (retry soon).
-    fn refresh(&mut self) -> bool {
-        self.refresh_with(false)
+    fn refresh(&mut self, obs: &Observer) -> bool {
+        self.refresh_with(obs, false)
     }
 
     /// Rebuilds the index if the node state moved. The periodic refresh
     /// never waits for the state lock; a refresh for an event that names
     /// something unknown does (rate-limited), or the flow would keep an
     /// address instead of a name forever.
-    fn refresh_with(&mut self, wait: bool) -> bool {
+    fn refresh_with(&mut self, obs: &Observer, wait: bool) -> bool {
         let s = if wait {
             match self.state.lock() {
                 Ok(s) => s,
@@ -512,16 +604,13 @@ impl Consumer {
         let fp = s.observer_fingerprint();
         // The index is a function of what the fingerprint covers: rebuild
         // only when it moved.
-        let rebuilt = if fp != self.fingerprint {
-            self.index = s.observer_index();
+        if fp != self.fingerprint {
+            self.index = Arc::new(s.observer_index());
             self.fingerprint = fp;
-            true
+            drop(s);
+            obs.set_current_index(self.index.clone());
         } else {
-            false
-        };
-        drop(s);
-        if rebuilt {
-            self.ifnames.clear();
+            drop(s);
         }
         for (t, (now, before)) in lost.iter().zip(self.lost.iter()).enumerate() {
             let delta = now.saturating_sub(*before);
@@ -552,25 +641,33 @@ mod tests {
         })
     }
 
-    fn flow(sequence: u64, port: u32) -> pb::Flow {
-        pb::Flow {
-            sequence,
-            source: Some(pb::Endpoint {
-                port,
+    fn record(sequence: u64, dport: u16, index: &Arc<ObserverIndex>) -> Record {
+        Record {
+            ev: FlowEvent {
+                daddr: u32::from_ne_bytes([10, 0, 1, 5]),
+                dport: dport.to_be(),
+                proto: enrich::PROTO_TCP,
                 ..Default::default()
-            }),
-            ..Default::default()
+            },
+            time_unix_nanos: sequence,
+            sequence,
+            index: index.clone(),
         }
+    }
+
+    fn sequences(flows: &[pb::Flow]) -> Vec<u64> {
+        flows.iter().map(|f| f.sequence).collect()
     }
 
     #[test]
     fn buffer_keeps_the_newest_and_history_then_follow_has_no_gap() {
         let obs = observer(3);
-        obs.publish((1..=5).map(|s| flow(s, 80)).collect());
+        let idx = Arc::new(ObserverIndex::default());
+        obs.publish((1..=5).map(|s| record(s, 80, &idx)).collect());
         let all = pb::GetFlowsRequest::default();
-        let (h, rx) = obs.history(&all);
-        assert_eq!(h.iter().map(|f| f.sequence).collect::<Vec<_>>(), [3, 4, 5]);
-        assert!(rx.is_none());
+        let (h, next) = obs.history(&all);
+        assert_eq!(sequences(&h), [3, 4, 5]);
+        assert_eq!(next, 6);
         assert_eq!(obs.stats().snapshot().buffered, 3);
         let last = pb::GetFlowsRequest {
             number: 2,
@@ -581,15 +678,67 @@ mod tests {
             }],
             ..Default::default()
         };
-        let (h, rx) = obs.history(&last);
-        assert_eq!(h.iter().map(|f| f.sequence).collect::<Vec<_>>(), [4, 5]);
-        let mut rx = rx.expect("following subscribes");
-        obs.publish(vec![flow(6, 443)]);
+        let (h, next) = obs.history(&last);
+        assert_eq!(sequences(&h), [4, 5]);
+        obs.publish(vec![record(6, 443, &idx)]);
+        let b = obs.read_from(next, 10);
+        assert_eq!(b.records.iter().map(|r| r.sequence).collect::<Vec<_>>(), [6]);
+        assert_eq!((b.missed, b.next), (0, 7));
+        let b = obs.read_from(b.next, 10);
+        assert!(b.records.is_empty() && b.missed == 0 && b.next == 7, "{b:?}");
+        let since = pb::GetFlowsRequest {
+            since_unix_nanos: 5,
+            ..Default::default()
+        };
+        assert_eq!(sequences(&obs.history(&since).0), [5, 6]);
+    }
+
+    #[test]
+    fn a_follower_that_falls_behind_is_told_how_many_it_missed() {
+        let obs = observer(3);
+        let idx = Arc::new(ObserverIndex::default());
+        let n = FOLLOW_WINDOW as u64 + 10;
+        obs.publish((1..=n).map(|s| record(s, 80, &idx)).collect());
+        let b = obs.read_from(1, 5);
+        assert_eq!(b.missed, 10);
         assert_eq!(
-            rx.try_recv().unwrap().sequence,
-            6,
-            "followers get every new flow; the server filters"
+            b.records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            [11, 12, 13, 14, 15]
         );
+        assert_eq!(b.next, 16);
+        assert_eq!(
+            obs.history(&pb::GetFlowsRequest::default()).0.len(),
+            3,
+            "history stays at its size"
+        );
+    }
+
+    #[test]
+    fn a_record_is_named_by_its_own_index_then_by_the_newest() {
+        let obs = observer(8);
+        let peer = |pod: &str| Peer {
+            namespace: "a".into(),
+            pod: pod.into(),
+            identity: 300,
+            ..Default::default()
+        };
+        let ip = std::net::Ipv4Addr::new(10, 0, 1, 5);
+        let empty = Arc::new(ObserverIndex::default());
+        let mut old = ObserverIndex::default();
+        old.by_ip.insert(ip, peer("web-old"));
+        let old = Arc::new(old);
+        obs.publish(vec![record(1, 80, &empty), record(2, 80, &old)]);
+        // The pod was unknown when flow 1 was read, and has been replaced
+        // by the time anyone reads flow 2.
+        let mut now = ObserverIndex::default();
+        now.by_ip.insert(ip, peer("web-new"));
+        obs.set_current_index(Arc::new(now));
+        let (h, _) = obs.history(&pb::GetFlowsRequest::default());
+        let names: Vec<&str> = h
+            .iter()
+            .map(|f| f.destination.as_ref().unwrap().pod_name.as_str())
+            .collect();
+        assert_eq!(names, ["web-new", "web-old"]);
     }
 
     #[test]
