@@ -250,9 +250,12 @@ fn wait_frontend_on(lab: &Lab, nodes: &[String], frontend: &str, active: &[Ipv4A
         loop {
             // A busy agent may miss one call; the deadline decides.
             let r = try_list_services(&node.socket).unwrap_or_default();
+            // A node port is listed twice: for packets from outside
+            // (NodePort) and for sockets inside (NodeIP); wait for the first.
             let got: Option<BTreeSet<String>> = r
                 .frontends
                 .iter()
+                .filter(|f| f.address_kind != "NodeIP")
                 .find(|f| format!("{}:{}/{}", f.address, f.port, f.protocol) == frontend)
                 .map(|f| {
                     f.backends
@@ -718,6 +721,15 @@ fn node_port_from_outside_local_and_cluster() {
         reply.starts_with(backend) && reply.contains(&format!("from={n2}:")),
         "{reply}"
     );
+
+    // Inside the cluster a node port is served at the socket: a pod and a
+    // node reach it on either node's address and see that address.
+    for (client, node_ip) in [("node2-pod1", n1), ("node2-pod1", n2), ("node1", n2)] {
+        let frontend = format!("{node_ip}:30080");
+        let r = probe(l, client, &["tcp", &frontend]);
+        assert_all_ok(&format!("node port {frontend} from {client}"), &r, &frontend);
+        assert_eq!(r[0].reply, backend);
+    }
 
     // The service's ClusterIP still reaches the backend from node2's pod.
     let c = probe(l, "node2-pod1", &["tcp", "10.96.0.30:80"]);

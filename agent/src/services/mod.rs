@@ -115,7 +115,9 @@ pub struct Service {
     pub name: String,
     pub port_name: Option<String>,
     pub service_type: ServiceType,
-    /// Which address of the service: ClusterIP, ExternalIP, LoadBalancer.
+    /// Which address of the service: ClusterIP, ExternalIP, LoadBalancer,
+    /// NodePort (this node's, for packets from outside) or NodeIP (any
+    /// node's address and a node port, for sockets inside the cluster).
     pub address_kind: &'static str,
     pub frontend: Frontend,
     pub algorithm: LbAlgorithm,
@@ -204,8 +206,28 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                 .map(|a| (*a, "ClusterIP"))
                 .chain(svc.external_ips.iter().map(|a| (*a, "ExternalIP")))
                 .chain(svc.load_balancer_ips.iter().map(|a| (*a, "LoadBalancer")));
+            // Node ports: per packet for what arrives from outside at this
+            // node; at the socket, like a ClusterIP, for clients inside the
+            // cluster connecting to any node's address.
             let node_port = port.node_port.map(|np| (settings.node_ip, "NodePort", np, true));
-            let addrs = addrs.map(|(a, k)| (a, k, port.port, false)).chain(node_port);
+            let node_ips: Vec<Ipv4Addr> = match port.node_port {
+                Some(_) => snapshot
+                    .nodes
+                    .values()
+                    .filter_map(|n| match n.internal_ip {
+                        std::net::IpAddr::V4(v) => Some(v),
+                        std::net::IpAddr::V6(_) => None,
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let in_cluster_node_ports = node_ips
+                .into_iter()
+                .filter_map(|ip| port.node_port.map(|np| (ip, "NodeIP", np, false)));
+            let addrs = addrs
+                .map(|(a, k)| (a, k, port.port, false))
+                .chain(node_port)
+                .chain(in_cluster_node_ports);
             for (addr, kind, fport, external) in addrs {
                 let frontend = Frontend {
                     addr,
@@ -652,12 +674,14 @@ endpoints:
 
     #[test]
     fn node_ports_follow_the_external_traffic_policy() {
-        let y = WEB
-            .replace(
-                "  clusterIP: 10.96.0.10\n",
-                "  clusterIP: 10.96.0.10\n  type: NodePort\n  externalTrafficPolicy: Local\n",
-            )
-            .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.0.11}]}\n---\n";
+        let y = node.to_string()
+            + &WEB
+                .replace(
+                    "  clusterIP: 10.96.0.10\n",
+                    "  clusterIP: 10.96.0.10\n  type: NodePort\n  externalTrafficPolicy: Local\n",
+                )
+                .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
         let (d, _) = desired(&snap(&y), &settings());
         let np = Frontend {
             addr: Ipv4Addr::new(172, 30, 0, 11),
@@ -670,6 +694,11 @@ endpoints:
         let usable: Vec<Ipv4Addr> = s.usable().map(|b| b.addr).collect();
         assert_eq!(usable, [Ipv4Addr::new(10, 244, 1, 5)], "only node1's backend");
         assert_eq!(np.key().scope, sinew_abi::LB_SCOPE_EXTERNAL);
+        // Inside the cluster the node port is served at the socket, with
+        // every backend (internalTrafficPolicy Cluster here).
+        let inside = Frontend { external: false, ..np };
+        assert_eq!(d[&inside].usable().count(), 2);
+        assert_eq!(d[&inside].address_kind, "NodeIP");
         assert_eq!(Frontend::from_key(&np.key()), Some(np));
         // The ClusterIP still balances over every node.
         assert_eq!(d[&fe("10.96.0.10", 80, Protocol::Tcp)].usable().count(), 2);
