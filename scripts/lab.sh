@@ -61,6 +61,44 @@ if grep -q '^node2-pod1 ' <<< "$status"; then
   "$SINEW" --node node2 observe --last 12 || true
   echo
 fi
+if grep -q '^node2-pod1 ' <<< "$status"; then
+  echo "==> services: a ClusterIP (10.96.0.10:80) with a backend on each node, served by busybox httpd"
+  ds=/run/sinew-lab/sinew-lab/datastore
+  demo=/run/sinew-lab/sinew-lab/demo
+  eps=""
+  for pod in node1-pod1 node2-pod1; do
+    ip=$(awk -v p="$pod" '$1 == p {print $3}' <<< "$status"); ip=${ip%/*}
+    mkdir -p "$demo/$pod"
+    echo "hello from $pod" > "$demo/$pod/index.html"
+    "$SINEW" lab exec "$pod" -- busybox httpd -p 8080 -h "$demo/$pod"
+    eps="$eps- {addresses: [$ip], nodeName: ${pod%%-*}}"$'\n'
+  done
+  mkdir -p "$ds/services"
+  cat > "$ds/services/demo.yaml" <<EOF2
+apiVersion: v1
+kind: Service
+metadata: {name: demo, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: demo-1, namespace: default, labels: {kubernetes.io/service-name: demo}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+$eps
+EOF2
+  sleep 0.5
+  "$SINEW" --node node1 service list
+  # Each connect is sent to a backend by the socket hook; the reply names it.
+  for i in 1 2 3 4; do
+    r=$(printf 'GET / HTTP/1.0\r\n\r\n' | "$SINEW" lab exec "$first" -- busybox nc -w 2 10.96.0.10 80 2>&1 | tail -1 || true)
+    echo "  $first -> 10.96.0.10:80: ${r:-FAILED}"
+  done
+  echo
+fi
 echo "The lab stays up. Explore it with:"
 echo "  $SINEW lab status"
 echo "  $SINEW lab exec $first -- ip route"
@@ -69,5 +107,6 @@ echo "  $SINEW --node node2 policy trace --from node1-pod1 --to node2-pod1 --por
 echo "  $SINEW --node node2 identity list"
 echo "  $SINEW --node node2 observe -f            # live flows (Ctrl-C to stop)"
 echo "  $SINEW --node node2 observe --verdict DROPPED -o json"
+echo "  $SINEW --node node1 service list         # services (datastore: /run/sinew-lab/sinew-lab/datastore/services)"
 echo "Remove it with:"
 echo "  $SINEW lab down"
