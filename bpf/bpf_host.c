@@ -46,6 +46,11 @@ int from_netdev(struct __sk_buff *skb)
 		 * ours". */
 		if (nat_key_from_packet(skb, ip, &key) < 0)
 			goto out;
+		/* Tunnel packets are the overlay device's: no lookups. */
+		if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
+		    key.proto == IPPROTO_UDP &&
+		    key.dport == bpf_htons(SINEW_VXLAN_PORT))
+			goto out;
 		/* A masqueraded flow's reply, or a node port flow's next
 		 * packet; else maybe a node port flow's first one. */
 		ret = nat_rev_dnat(skb, &key, &daddr);
@@ -97,6 +102,9 @@ int to_netdev(struct __sk_buff *skb)
 		ret = -DROP_INVALID_PACKET;
 		goto out;
 	}
+	/* The node's own packets (tunnel packets too) are never translated. */
+	if (ip->saddr == CFG_NODE_IP)
+		goto out;
 	src = ipcache_lookup4(ip->saddr);
 	if (!src || !(src->flags & IPCACHE_F_LOCAL_EP))
 		goto out;

@@ -25,7 +25,7 @@ pub const VXLAN_DEV: &str = "sinew_vxlan";
 /// Where socket load balancing attaches by default: the cgroup v2 root of
 /// a hybrid hierarchy, i.e. the whole node.
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
-pub const VXLAN_PORT: u16 = 8472;
+pub const VXLAN_PORT: u16 = sinew_abi::VXLAN_PORT;
 const VXLAN_OVERHEAD: u32 = 50;
 
 /// Everything the agent is told at start; names are the CLI flags.

@@ -338,4 +338,7 @@ struct lb_nat_entry {
 #define ROUTING_NATIVE 0
 #define ROUTING_VXLAN  1
 
+/* The UDP port of the agent's VXLAN device. */
+#define SINEW_VXLAN_PORT 8472
+
 #endif

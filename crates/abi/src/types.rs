@@ -10,6 +10,9 @@ pub const IDENTITY_INIT: u32 = 5;
 pub const IDENTITY_REMOTE_NODE: u32 = 6;
 pub const IDENTITY_MIN_CLUSTER: u32 = 256;
 
+/// The UDP port of the agent's VXLAN device (SINEW_VXLAN_PORT).
+pub const VXLAN_PORT: u16 = 8472;
+
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
