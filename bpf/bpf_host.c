@@ -53,6 +53,15 @@ int from_netdev(struct __sk_buff *skb)
 			ret = lb_nat_known(skb, &key);
 		if (ret == 0)
 			ret = nodeport_dnat(skb, &key, &daddr);
+		if (ret == NODEPORT_REFUSE) {
+			/* The stack answers; seen and counted as the drop
+			 * of a service without backends. */
+			event_verdict(skb, -DROP_NO_SERVICE_BACKEND,
+				      METRIC_DIR_INGRESS, HOOK_FROM_NETDEV);
+			metrics_count(skb, DROP_NO_SERVICE_BACKEND,
+				      METRIC_DIR_INGRESS);
+			return TC_ACT_OK;
+		}
 		if (ret <= 0 || ret == TC_ACT_REDIRECT)
 			goto out;
 		translated = 1;

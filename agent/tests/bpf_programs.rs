@@ -802,7 +802,15 @@ fn nodeport_round_trip(proto: Proto) {
         .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
         .build();
         let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoServiceBackend, Ingress));
-        assert_eq!(out.verdict, TC_ACT_SHOT);
+        assert_eq!(out.verdict, TC_ACT_SHOT, "Local without a local backend drops");
+        // externalTrafficPolicy Cluster and no backend anywhere: the node's
+        // stack gets the packet unchanged, to refuse it (reset / ICMP port
+        // unreachable), and it is counted with the same reason.
+        let a = node.a.ip;
+        nodeport_service_to(&mut node, number, 0, a, 0);
+        let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoServiceBackend, Ingress));
+        assert_eq!(out.verdict, TC_ACT_OK, "{}", verdict_name(out.verdict));
+        assert!(out.frame == other, "a refused packet goes to the stack unchanged");
         // A port no service has is the node's own business.
         let plain = match proto {
             Proto::Tcp => Ipv4Frame::tcp((OUTSIDE, REMOTE_PORT), (NODE_IP, 22), TCP_SYN),

@@ -745,5 +745,43 @@ fn node_port_from_outside_local_and_cluster() {
     // The service's ClusterIP still reaches the backend from node2's pod.
     let c = probe(l, "node2-pod1", &["tcp", "10.96.0.30:80"]);
     assert_all_ok("cluster IP of a NodePort service", &c, "10.96.0.30:80");
+
+    // No backend left anywhere (Cluster): the node refuses at once, TCP
+    // with a reset and UDP with ICMP port unreachable, and counts it.
+    write_manifest(
+        l,
+        "np-slice.yaml",
+        &slice_yaml("np", &[]).replace("endpoints:\n", "endpoints: []\n"),
+    );
+    wait_frontend_on(l, &["node2".into()], &format!("{n2}:30080/TCP"), &[]);
+    let before = drop_count(l, "node2", "no_service_backend", "ingress");
+    let started = std::time::Instant::now();
+    let r = ext
+        .run(move || TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(n2), 30080), Duration::from_secs(3)))
+        .unwrap();
+    let elapsed = started.elapsed();
+    match r {
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "refused, not timed out: {e} after {elapsed:?}"
+        ),
+        Ok(_) => panic!("a node port without backends accepted a connection"),
+    }
+    let u = ext
+        .run(move || -> std::io::Result<usize> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(SocketAddr::new(IpAddr::V4(n2), 30053))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send(b"hi")?;
+            s.recv(&mut [0u8; 64])
+        })
+        .unwrap();
+    assert_eq!(
+        u.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "UDP: ICMP port unreachable reaches the client"
+    );
+    assert!(drop_count(l, "node2", "no_service_backend", "ingress") >= before + 2);
     drop(servers);
 }

@@ -120,9 +120,12 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb,
 	return lb_nat_forward(skb, key, &fwd);
 }
 
+/* nodeport_dnat: a node port whose service has no backend anywhere. */
+#define NODEPORT_REFUSE 100
+
 /* Returns 1 when the packet was translated for a local backend (*daddr is
  * its address), TC_ACT_REDIRECT when it was sent to a remote one, 0 when
- * it is not for a node port, or a negative drop reason. */
+ * it is not for a node port, NODEPORT_REFUSE, or a negative drop reason. */
 static __always_inline int
 nodeport_dnat(struct __sk_buff *skb, const struct nat_key *key, __u32 *daddr)
 {
@@ -149,8 +152,19 @@ nodeport_dnat(struct __sk_buff *skb, const struct nat_key *key, __u32 *daddr)
 		if (id)
 			be = lb_backend_usable(id, svc->svc_id);
 	}
-	if (!be)
+	if (!be) {
+		/*
+		 * No backend anywhere: the node refuses, as kube-proxy's REJECT
+		 * does (its stack answers a SYN with a reset and a datagram
+		 * with ICMP port unreachable, nothing being bound to a node
+		 * port), so the client fails at once. externalTrafficPolicy
+		 * Local without a local backend drops instead, as kube-proxy
+		 * does, so that a load balancer's health check moves away.
+		 */
+		if (!svc->count && !(svc->flags & LB_F_LOCAL_ONLY))
+			return NODEPORT_REFUSE;
 		return -DROP_NO_SERVICE_BACKEND;
+	}
 	if (!(svc->flags & LB_F_LOCAL_ONLY)) {
 		struct ipcache_value *where = ipcache_lookup4(be->addr);
 
