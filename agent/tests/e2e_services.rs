@@ -323,6 +323,17 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
         assert_eq!(replies(&udp), want, "udp from {client}");
     }
 
+    // IPv6 sockets reach the service on its IPv4-mapped address, as
+    // dual-stack runtimes (Java) connect, and see that address as peer.
+    for client in ["node1-pod2", "node2"] {
+        let tcp = probe(l, client, &["tcp", "10.96.0.10:80", "--count", "20", "--v6"]);
+        assert_all_ok(&format!("tcp/v6 from {client}"), &tcp, "[::ffff:10.96.0.10]:80");
+        assert_eq!(replies(&tcp), want, "tcp/v6 from {client}");
+        let udp = probe(l, client, &["udp", "10.96.0.10:53", "--count", "20", "--v6"]);
+        assert_all_ok(&format!("udp/v6 from {client}"), &udp, "[::ffff:10.96.0.10]:53");
+        assert_eq!(replies(&udp), want, "udp/v6 from {client}");
+    }
+
     // Hairpin: a pod reaches itself through its service.
     write_manifest(l, "self.yaml", &service_yaml("self", "10.96.0.11", "", ""));
     write_manifest(l, "self-slice.yaml", &slice_yaml("self", &[ready(l, "node1-pod1")]));

@@ -555,7 +555,16 @@ impl Datapath {
 }
 
 /// The socket programs, as named in bpf_sock.c.
-const SOCK_PROGRAMS: &[&str] = &["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
+const SOCK_PROGRAMS: &[&str] = &[
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_getpeername6",
+];
 
 struct LbMaps {
     services: BpfHashMap<MapData, LbSvcKey, LbSvcValue>,

@@ -25,7 +25,8 @@ pub const BPF_HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const BPF_OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
 
 /// The compiled cgroup socket programs (`sock_connect4`, `sock_sendmsg4`,
-/// `sock_recvmsg4`, `sock_getpeername4`).
+/// `sock_recvmsg4`, `sock_getpeername4` and their IPv6 twins for
+/// IPv4-mapped addresses).
 pub const BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
 
 /// Map names, as pinned under the agent's pin directory.

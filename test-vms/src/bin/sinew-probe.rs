@@ -4,15 +4,16 @@
 //! or the source address from recvfrom (UDP), and the server's first line.
 //!
 //! ```text
-//! sinew-probe tcp ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T]
-//! sinew-probe udp ADDR:PORT [--count N] [--timeout-ms T]
+//! sinew-probe tcp ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T] [--v6]
+//! sinew-probe udp ADDR:PORT [--count N] [--timeout-ms T] [--v6]
 //! sinew-probe tcp-hold ADDR:PORT [--timeout-ms T]   # then echoes stdin lines
 //! ```
 //!
 //! One line per connection or datagram: `ok peer=A:P local=A:P reply=TEXT`
 //! or `err errno=N msg=TEXT`. With `--bind-port P` connection i binds source
 //! port P+i first and closes with a reset (no TIME_WAIT), so the same ports
-//! can be used again.
+//! can be used again. `--v6` uses an IPv6 socket and the IPv4-mapped
+//! address (::ffff:ADDR), as dual-stack runtimes do.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -25,6 +26,23 @@ struct Opts {
     count: u32,
     bind_port: Option<u16>,
     timeout: Duration,
+    v6: bool,
+}
+
+impl Opts {
+    /// Where to connect or send: the address, or its IPv4-mapped form.
+    fn target(&self) -> SocketAddr {
+        if self.v6 {
+            SocketAddr::V6(std::net::SocketAddrV6::new(
+                self.addr.ip().to_ipv6_mapped(),
+                self.addr.port(),
+                0,
+                0,
+            ))
+        } else {
+            SocketAddr::V4(self.addr)
+        }
+    }
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -38,9 +56,14 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         count: 1,
         bind_port: None,
         timeout: Duration::from_secs(3),
+        v6: false,
     };
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
+        if flag == "--v6" {
+            o.v6 = true;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--count" => o.count = v.parse().map_err(|_| "--count: a number")?,
@@ -58,7 +81,7 @@ fn err_line(e: &std::io::Error) -> String {
 
 fn connect(o: &Opts, i: u32) -> std::io::Result<TcpStream> {
     let Some(base) = o.bind_port else {
-        return TcpStream::connect_timeout(&SocketAddr::V4(o.addr), o.timeout);
+        return TcpStream::connect_timeout(&o.target(), o.timeout);
     };
     let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
@@ -108,9 +131,9 @@ fn udp(o: &Opts) -> bool {
     let mut all_ok = true;
     for i in 0..o.count {
         let line = (|| -> std::io::Result<String> {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(if o.v6 { "[::]:0" } else { "0.0.0.0:0" })?;
             s.set_read_timeout(Some(o.timeout))?;
-            s.send_to(format!("ping{i}").as_bytes(), o.addr)?;
+            s.send_to(format!("ping{i}").as_bytes(), o.target())?;
             let mut buf = [0u8; 512];
             let (n, from) = s.recv_from(&mut buf)?;
             Ok(format!(
@@ -132,7 +155,7 @@ fn udp(o: &Opts) -> bool {
 /// line and prints the echo, until stdin closes.
 fn tcp_hold(o: &Opts) -> bool {
     let run = || -> std::io::Result<()> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(o.addr), o.timeout)?;
+        let mut s = TcpStream::connect_timeout(&o.target(), o.timeout)?;
         s.set_read_timeout(Some(o.timeout))?;
         let mut r = BufReader::new(s.try_clone()?);
         let mut first = String::new();
