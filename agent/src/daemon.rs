@@ -24,7 +24,6 @@ use crate::state::NodeState;
 pub const VXLAN_DEV: &str = "sinew_vxlan";
 /// Where socket load balancing attaches by default: the cgroup v2 root of
 /// a hybrid hierarchy, i.e. the whole node.
-pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 pub const VXLAN_PORT: u16 = sinew_abi::VXLAN_PORT;
 const VXLAN_OVERHEAD: u32 = 50;
 
@@ -70,7 +69,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub bpf_stats: bool,
     /// The cgroup v2 directory the socket programs attach to.
-    pub cgroup_root: PathBuf,
+    /// None: the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
     /// Services: default backend selection, Maglev table size (prime) and
     /// how many Maglev services fit.
     pub lb_algorithm: sinew_model::LbAlgorithm,
@@ -158,6 +158,23 @@ async fn local_node(ds: &dyn Datastore, name: &str) -> anyhow::Result<(LocalNode
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
     }
+}
+
+/// Where cgroup v2 is mounted (the first cgroup2 line of /proc/self/mounts).
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    cgroup2_in_mounts(&mounts).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no cgroup v2 mount found (socket-level service load balancing needs one): mount it (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup-root"
+        )
+    })
+}
+
+fn cgroup2_in_mounts(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    })
 }
 
 /// Fails unless `dir` is a cgroup v2 directory, saying what to do.
@@ -248,9 +265,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.routing == RoutingMode::Vxlan {
         datapath.attach_overlay(VXLAN_DEV)?;
     }
-    check_cgroup2(&cfg.cgroup_root)?;
+    let cgroup_root = match &cfg.cgroup_root {
+        Some(dir) => dir.clone(),
+        None => cgroup2_mount()?,
+    };
+    check_cgroup2(&cgroup_root)?;
     let services = crate::services::ServiceState::adopt(datapath.lb_entries());
-    datapath.attach_cgroup(&cfg.cgroup_root)?;
+    datapath.attach_cgroup(&cgroup_root)?;
     let reused = datapath.maps_reused();
     let (ipam, dropped) = Ipam::open(cfg.state_dir.join("ipam.json"), &[IpNet::V4(local.pod_cidr)])?;
     for d in dropped {
@@ -438,4 +459,18 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
     let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
     Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {
+        let unified = "sysfs /sys sysfs rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
+        assert_eq!(cgroup2_in_mounts(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_in_mounts(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(cgroup2_in_mounts("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+    }
 }

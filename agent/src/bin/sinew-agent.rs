@@ -90,9 +90,11 @@ struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     bpf_stats: bool,
     /// The cgroup v2 directory whose processes get socket-level service
-    /// load balancing (the whole node by default).
-    #[arg(long, default_value = daemon::DEFAULT_CGROUP_ROOT)]
-    cgroup_root: PathBuf,
+    /// load balancing. Default: the whole node, i.e. the cgroup2 mount
+    /// (/sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a
+    /// hybrid one), found in /proc/self/mounts.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
     /// Backend selection for services without the
     /// service.sinew.io/lb-algorithm annotation: random or maglev.
     #[arg(long, default_value = "random")]
