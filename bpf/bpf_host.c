@@ -41,8 +41,18 @@ int from_netdev(struct __sk_buff *skb)
 	}
 	daddr = ip->daddr;
 	saddr = ip->saddr;
-	if (daddr == CFG_NODE_IP) {
-		/* Not every packet to the node is NATed: errors mean "not
+	dst = 0;
+	if (daddr != CFG_NODE_IP) {
+		dst = ipcache_lookup4(daddr);
+		/* A pod here (native routing) or something else in the
+		 * cluster: no service address. */
+		if (dst && (dst->flags & IPCACHE_F_IN_CLUSTER))
+			goto deliver;
+	}
+	{
+		/* To the node, or to an address outside the cluster that the
+		 * network routes here: a service's ExternalIP or LoadBalancer
+		 * IP. Not every such packet is NATed: errors mean "not
 		 * ours". */
 		if (nat_key_from_packet(skb, ip, &key) < 0)
 			goto out;
@@ -71,8 +81,9 @@ int from_netdev(struct __sk_buff *skb)
 			goto out;
 		translated = 1;
 		ret = TC_ACT_OK;
+		dst = ipcache_lookup4(daddr);
 	}
-	dst = ipcache_lookup4(daddr);
+deliver:
 	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP)) {
 		/* Native routing: the sender is known by its address. */
 		src = ipcache_lookup4(saddr);

@@ -633,7 +633,7 @@ fn node_port_from_outside_local_and_cluster() {
     let (ns, ip) = (pod_ns(l, backend), pod_ip(l, backend));
     servers.tcp(&ns, ip, 8080, backend);
     servers.udp(&ns, ip, 5353, backend);
-    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n";
+    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  externalIPs: [198.51.100.7]\n";
     let svc = service_yaml("np", "10.96.0.30", spec, "")
         .replace("targetPort: 8080,", "targetPort: 8080, nodePort: 30080,")
         .replace("targetPort: 5353,", "targetPort: 5353, nodePort: 30053,");
@@ -686,6 +686,29 @@ fn node_port_from_outside_local_and_cluster() {
         "{reply}"
     );
 
+    // The ExternalIP from outside, routed by the network to node1: served
+    // per packet at node1's uplink like the node port (Local: the backend
+    // sees the client), the reply from the ExternalIP.
+    let external_ip = Ipv4Addr::new(198, 51, 100, 7);
+    let tcp_to_external_ip = |ext: &sinew_testvms::NetNs| {
+        ext.run(move || -> std::io::Result<(SocketAddr, String)> {
+            let s = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(external_ip), 80), Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            Ok((s.peer_addr()?, line))
+        })
+        .unwrap()
+    };
+    sinew_testvms::netns::sh(&ext, &format!("ip route replace {external_ip}/32 via {n1}")).unwrap();
+    let (peer, line) =
+        tcp_to_external_ip(&ext).unwrap_or_else(|e| panic!("tcp {external_ip}:80 from outside via node1: {e}"));
+    assert_eq!(peer, SocketAddr::new(IpAddr::V4(external_ip), 80));
+    assert!(
+        line.starts_with(backend) && line.contains(&format!("from={ext_ip}:")),
+        "ExternalIP, Local: {line}"
+    );
+
     // node2 has no local backend: dropped there, with the reason.
     let before = drop_count(l, "node2", "no_service_backend", "ingress");
     let r = ext
@@ -716,6 +739,16 @@ fn node_port_from_outside_local_and_cluster() {
             "Cluster: the backend sees node2's address: {line}"
         );
     }
+    // The ExternalIP routed to node2 instead: sent on to node1's backend
+    // from node2's address, the reply from the ExternalIP.
+    sinew_testvms::netns::sh(&ext, &format!("ip route replace {external_ip}/32 via {n2}")).unwrap();
+    let (peer, line) =
+        tcp_to_external_ip(&ext).unwrap_or_else(|e| panic!("tcp {external_ip}:80 from outside via node2: {e}"));
+    assert_eq!(peer, SocketAddr::new(IpAddr::V4(external_ip), 80));
+    assert!(
+        line.starts_with(backend) && line.contains(&format!("from={n2}:")),
+        "ExternalIP, Cluster, via node2: {line}"
+    );
     let (from, reply) = ext
         .run(move || -> std::io::Result<(SocketAddr, String)> {
             let s = UdpSocket::bind("0.0.0.0:0")?;

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * NodePort at the uplink, per packet. The first packet of a flow to the
- * node's address and a node port picks a backend.
+ * NodePort, ExternalIPs and LoadBalancer IPs at the uplink, per packet.
+ * The first packet of a flow to the node's address and a node port, or to
+ * an external service address and port that the network routes to this
+ * node, picks a backend.
  *
  * A backend on this node (always the case for externalTrafficPolicy
  * Local) gets the packet with the client's address kept; both directions
@@ -95,8 +97,10 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb,
 	rev.sport = key->dport;
 	rev.dir = LB_NAT_TO_CLIENT;
 	rev.created_ns = now;
+	/* The backend answers the node (the frontend may be an ExternalIP
+	 * that its node does not own). */
 	rk.saddr = be->addr;
-	rk.daddr = key->daddr;
+	rk.daddr = CFG_NODE_IP;
 	rk.sport = be->port;
 	rk.proto = key->proto;
 	for (i = 0; i < NAT_PORT_TRIES; i++) {
@@ -109,7 +113,7 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb,
 		return -DROP_NAT_NO_PORT;
 	fwd.daddr = be->addr;
 	fwd.dport = be->port;
-	fwd.saddr = key->daddr;
+	fwd.saddr = CFG_NODE_IP;
 	fwd.sport = rk.dport;
 	fwd.dir = LB_NAT_TO_BACKEND;
 	fwd.created_ns = now;

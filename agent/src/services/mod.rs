@@ -224,10 +224,24 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
             let in_cluster_node_ports = node_ips
                 .into_iter()
                 .filter_map(|ip| port.node_port.map(|np| (ip, "NodeIP", np, false)));
+            // ExternalIPs and LoadBalancer IPs are also served per packet
+            // to what arrives from outside on the uplink (the network
+            // routes them to nodes), like node ports.
+            let from_outside: Vec<(Ipv4Addr, &str, u16, bool)> = svc
+                .external_ips
+                .iter()
+                .map(|a| (*a, "ExternalIP", port.port, true))
+                .chain(
+                    svc.load_balancer_ips
+                        .iter()
+                        .map(|a| (*a, "LoadBalancer", port.port, true)),
+                )
+                .collect();
             let addrs = addrs
                 .map(|(a, k)| (a, k, port.port, false))
                 .chain(node_port)
-                .chain(in_cluster_node_ports);
+                .chain(in_cluster_node_ports)
+                .chain(from_outside);
             for (addr, kind, fport, external) in addrs {
                 let frontend = Frontend {
                     addr,
@@ -710,10 +724,31 @@ endpoints:
     }
 
     #[test]
+    fn external_ips_are_served_at_the_socket_and_from_outside() {
+        let (d, errors) = desired(&snap(WEB), &settings());
+        assert!(errors.is_empty(), "{errors:?}");
+        let inside = fe("172.30.0.100", 80, Protocol::Tcp);
+        let outside = Frontend {
+            external: true,
+            ..inside
+        };
+        for f in [inside, outside] {
+            assert_eq!(d[&f].address_kind, "ExternalIP", "{f}");
+            assert_eq!(d[&f].usable().count(), 2, "{f}: both ready backends");
+        }
+        assert_eq!(outside.key().scope, sinew_abi::LB_SCOPE_EXTERNAL);
+        assert_eq!(inside.key().scope, sinew_abi::LB_SCOPE_INTERNAL);
+    }
+
+    #[test]
     fn frontends_per_address_and_port_with_ready_backends_only() {
         let (d, errors) = desired(&snap(WEB), &settings());
         assert!(errors.is_empty());
-        assert_eq!(d.len(), 4, "cluster IP and external IP, TCP and UDP");
+        assert_eq!(
+            d.len(),
+            6,
+            "cluster IP and external IP (at the socket and from outside), TCP and UDP"
+        );
         let http = &d[&fe("10.96.0.10", 80, Protocol::Tcp)];
         let usable: Vec<String> = http.usable().map(|b| format!("{}:{}", b.addr, b.port)).collect();
         assert_eq!(usable, ["10.244.1.5:8080", "10.244.2.5:8080"]);
@@ -771,7 +806,7 @@ endpoints:
         let (d, _) = desired(&snap(&y), &settings());
         let mut ids = Ids::default();
         let c = compile(&d, &mut ids, 251);
-        assert_eq!(c.services.len(), 4);
+        assert_eq!(c.services.len(), 6);
         let key = fe("10.96.0.10", 80, Protocol::Tcp).key();
         let v = c.services[&key];
         assert_eq!(v.count, 2);
