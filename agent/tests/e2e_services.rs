@@ -9,104 +9,15 @@
 mod e2e;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::*;
 use sinew_proto::v1;
 use sinew_testvms::lab::{Lab, Routing};
-use sinew_testvms::NetNs;
-
-/// TCP servers that send their name on accept and then echo lines; UDP
-/// servers that answer each datagram with their name.
-struct NamedServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl NamedServers {
-    fn new() -> Self {
-        NamedServers {
-            stop: Default::default(),
-            threads: Vec::new(),
-        }
-    }
-
-    fn tcp(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16, name: &str) {
-        let addr = SocketAddr::new(IpAddr::V4(ip), port);
-        let l = ns
-            .run(move || TcpListener::bind(addr))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        l.set_nonblocking(true).unwrap();
-        let (stop, name) = (self.stop.clone(), name.to_string());
-        self.threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok((mut s, peer)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                };
-                let (stop, name) = (stop.clone(), name.clone());
-                std::thread::spawn(move || {
-                    s.set_nonblocking(false).ok();
-                    s.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                    if s.write_all(format!("{name} from={peer}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                    let mut buf = [0u8; 1024];
-                    while !stop.load(Ordering::Relaxed) {
-                        match s.read(&mut buf) {
-                            Ok(0) => return,
-                            Ok(n) => {
-                                if s.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => return,
-                        }
-                    }
-                });
-            }
-        }));
-    }
-
-    fn udp(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16, name: &str) {
-        let addr = SocketAddr::new(IpAddr::V4(ip), port);
-        let s = ns
-            .run(move || UdpSocket::bind(addr))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let (stop, name) = (self.stop.clone(), name.to_string());
-        self.threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(format!("{name} from={peer}").as_bytes(), peer);
-                }
-            }
-        }));
-    }
-}
-
-impl Drop for NamedServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
 
 fn probe_bin(lab: &Lab) -> PathBuf {
     let p = lab
@@ -294,11 +205,11 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
     let mut g = lab("e2e-svc", 2, 2, Routing::Vxlan);
     let l = &g.lab;
     let backends = ["node1-pod1", "node2-pod1"];
-    let mut servers = NamedServers::new();
+    let mut servers = EchoServers::new();
     for b in backends {
         let (ns, ip) = (pod_ns(l, b), pod_ip(l, b));
-        servers.tcp(&ns, ip, 8080, b);
-        servers.udp(&ns, ip, 5353, b);
+        servers.tcp_named(&ns, ip, 8080, b);
+        servers.udp_named(&ns, ip, 5353, b);
     }
     write_manifest(l, "web.yaml", &service_yaml("web", "10.96.0.10", "", ""));
     write_manifest(
@@ -476,9 +387,9 @@ fn maglev_removal_moves_only_that_backends_flows_and_terminating_backends_drain(
     let g = lab("e2e-mag", 2, 3, Routing::Native);
     let l = &g.lab;
     let backends = ["node1-pod1", "node1-pod2", "node2-pod1", "node2-pod2"];
-    let mut servers = NamedServers::new();
+    let mut servers = EchoServers::new();
     for b in backends {
-        servers.tcp(&pod_ns(l, b), pod_ip(l, b), 8080, b);
+        servers.tcp_named(&pod_ns(l, b), pod_ip(l, b), 8080, b);
     }
     let all: Vec<Ep<'_>> = backends.iter().map(|b| ready(l, b)).collect();
     write_manifest(
@@ -629,10 +540,10 @@ fn node_port_from_outside_local_and_cluster() {
     let g = lab("e2e-np", 2, 1, Routing::Vxlan);
     let l = &g.lab;
     let backend = "node1-pod1";
-    let mut servers = NamedServers::new();
+    let mut servers = EchoServers::new();
     let (ns, ip) = (pod_ns(l, backend), pod_ip(l, backend));
-    servers.tcp(&ns, ip, 8080, backend);
-    servers.udp(&ns, ip, 5353, backend);
+    servers.tcp_named(&ns, ip, 8080, backend);
+    servers.udp_named(&ns, ip, 5353, backend);
     let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  externalIPs: [198.51.100.7]\n";
     let svc = service_yaml("np", "10.96.0.30", spec, "")
         .replace("targetPort: 8080,", "targetPort: 8080, nodePort: 30080,")

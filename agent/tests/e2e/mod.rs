@@ -357,7 +357,10 @@ pub fn wait_policies_everywhere(lab: &Lab, want: &[v1::PolicyRef]) {
 
 /// Echo servers that keep running in pods (and the external host) for a
 /// whole test: TCP echoes everything per connection until EOF, UDP echoes
-/// each datagram. Stopped and joined on drop.
+/// each datagram. A named server (`tcp_named`, `udp_named`) first sends
+/// "NAME from=PEER\n" on a TCP connection, and answers a datagram with
+/// "NAME from=PEER", so a test sees which backend answered and what client
+/// address it saw. Stopped and joined on drop.
 pub struct EchoServers {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -379,6 +382,15 @@ impl EchoServers {
 
     /// Listens on `ip:port` over TCP inside `ns`.
     pub fn tcp(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16) {
+        self.tcp_with(ns, ip, port, None);
+    }
+
+    /// A TCP echo server that greets with its name and the client address.
+    pub fn tcp_named(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16, name: &str) {
+        self.tcp_with(ns, ip, port, Some(name.to_string()));
+    }
+
+    fn tcp_with(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16, name: Option<String>) {
         use std::sync::atomic::Ordering;
         let addr = SocketAddr::new(IpAddr::V4(ip), port);
         let l = ns
@@ -389,39 +401,53 @@ impl EchoServers {
         let stop = self.stop.clone();
         self.threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, _)) => {
-                        let stop = stop.clone();
-                        std::thread::spawn(move || {
-                            s.set_nonblocking(false).ok();
-                            s.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                            let mut buf = [0u8; 4096];
-                            while !stop.load(Ordering::Relaxed) {
-                                match s.read(&mut buf) {
-                                    Ok(0) => return,
-                                    Ok(n) => {
-                                        if s.write_all(&buf[..n]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e)
-                                        if matches!(
-                                            e.kind(),
-                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                        ) => {}
-                                    Err(_) => return,
+                let Ok((mut s, peer)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let (stop, name) = (stop.clone(), name.clone());
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).ok();
+                    s.set_read_timeout(Some(Duration::from_millis(200))).ok();
+                    if let Some(name) = name {
+                        if s.write_all(format!("{name} from={peer}\n").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    let mut buf = [0u8; 4096];
+                    while !stop.load(Ordering::Relaxed) {
+                        match s.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).is_err() {
+                                    return;
                                 }
                             }
-                        });
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
+                });
             }
         }));
     }
 
     /// Listens on `ip:port` over UDP inside `ns`.
     pub fn udp(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16) {
+        self.udp_with(ns, ip, port, None);
+    }
+
+    /// A UDP server that answers each datagram with its name and the
+    /// client address.
+    pub fn udp_named(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16, name: &str) {
+        self.udp_with(ns, ip, port, Some(name.to_string()));
+    }
+
+    fn udp_with(&mut self, ns: &NetNs, ip: Ipv4Addr, port: u16, name: Option<String>) {
         use std::sync::atomic::Ordering;
         let addr = SocketAddr::new(IpAddr::V4(ip), port);
         let s = ns
@@ -434,7 +460,10 @@ impl EchoServers {
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], peer);
+                    let _ = match &name {
+                        Some(name) => s.send_to(format!("{name} from={peer}").as_bytes(), peer),
+                        None => s.send_to(&buf[..n], peer),
+                    };
                 }
             }
         }));
