@@ -300,7 +300,7 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
 }
 
 /// What the service maps must hold.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Compiled {
     pub services: BTreeMap<LbSvcKey, LbSvcValue>,
     pub slots: BTreeMap<LbSlotKey, u32>,
@@ -500,62 +500,31 @@ impl ServiceState {
     ) -> Result<(), DatapathError> {
         let c = compile(&want, &mut self.ids, maglev_table_size);
         let old = std::mem::take(&mut self.applied);
-        let mut now = Compiled {
-            services: old.services.clone(),
-            slots: old.slots.clone(),
-            backends: old.backends.clone(),
-            maglev: old.maglev.clone(),
-        };
+        let mut now = old.clone();
+        let writes = &mut self.map_writes;
         let result = (|| {
-            for (id, be) in &c.backends {
-                if old.backends.get(id) != Some(be) {
-                    dp.upsert_lb_backend(*id, *be)?;
-                    now.backends.insert(*id, *be);
-                    self.map_writes += 1;
-                }
-            }
-            for (k, id) in &c.maglev {
-                if old.maglev.get(k) != Some(id) {
-                    dp.upsert_lb_maglev(*k, *id)?;
-                    now.maglev.insert(*k, *id);
-                    self.map_writes += 1;
-                }
-            }
-            for (k, id) in &c.slots {
-                if old.slots.get(k) != Some(id) {
-                    dp.upsert_lb_slot(*k, *id)?;
-                    now.slots.insert(*k, *id);
-                    self.map_writes += 1;
-                }
-            }
-            for (k, v) in &c.services {
-                if old.services.get(k) != Some(v) {
-                    dp.upsert_lb_service(*k, *v)?;
-                    now.services.insert(*k, *v);
-                    self.map_writes += 1;
-                }
-            }
-            for k in old.services.keys().filter(|k| !c.services.contains_key(k)) {
-                dp.remove_lb_service(*k)?;
-                now.services.remove(k);
-                self.map_writes += 1;
-            }
-            for k in old.slots.keys().filter(|k| !c.slots.contains_key(k)) {
-                dp.remove_lb_slot(*k)?;
-                now.slots.remove(k);
-                self.map_writes += 1;
-            }
-            for k in old.maglev.keys().filter(|k| !c.maglev.contains_key(k)) {
-                dp.remove_lb_maglev(*k)?;
-                now.maglev.remove(k);
-                self.map_writes += 1;
-            }
-            for id in old.backends.keys().filter(|id| !c.backends.contains_key(id)) {
-                dp.remove_lb_backend(*id)?;
-                now.backends.remove(id);
-                self.map_writes += 1;
-            }
-            Ok(())
+            upsert_changed(&c.backends, &old.backends, &mut now.backends, writes, |k, v| {
+                dp.upsert_lb_backend(k, v)
+            })?;
+            upsert_changed(&c.maglev, &old.maglev, &mut now.maglev, writes, |k, v| {
+                dp.upsert_lb_maglev(k, v)
+            })?;
+            upsert_changed(&c.slots, &old.slots, &mut now.slots, writes, |k, v| {
+                dp.upsert_lb_slot(k, v)
+            })?;
+            upsert_changed(&c.services, &old.services, &mut now.services, writes, |k, v| {
+                dp.upsert_lb_service(k, v)
+            })?;
+            remove_gone(&c.services, &old.services, &mut now.services, writes, |k| {
+                dp.remove_lb_service(k)
+            })?;
+            remove_gone(&c.slots, &old.slots, &mut now.slots, writes, |k| dp.remove_lb_slot(k))?;
+            remove_gone(&c.maglev, &old.maglev, &mut now.maglev, writes, |k| {
+                dp.remove_lb_maglev(k)
+            })?;
+            remove_gone(&c.backends, &old.backends, &mut now.backends, writes, |k| {
+                dp.remove_lb_backend(k)
+            })
         })();
         self.applied = now;
         result?;
@@ -564,6 +533,42 @@ impl ServiceState {
         self.errors = errors;
         Ok(())
     }
+}
+
+/// Writes each entry of `want` that `old` lacks or holds otherwise, and
+/// records it in `now` (what the map holds) once written.
+fn upsert_changed<K: Ord + Copy, V: PartialEq + Copy>(
+    want: &BTreeMap<K, V>,
+    old: &BTreeMap<K, V>,
+    now: &mut BTreeMap<K, V>,
+    writes: &mut u64,
+    mut put: impl FnMut(K, V) -> Result<(), DatapathError>,
+) -> Result<(), DatapathError> {
+    for (k, v) in want {
+        if old.get(k) != Some(v) {
+            put(*k, *v)?;
+            now.insert(*k, *v);
+            *writes += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Removes each entry of `old` that `want` no longer has, and from `now`
+/// once removed.
+fn remove_gone<K: Ord + Copy, V>(
+    want: &BTreeMap<K, V>,
+    old: &BTreeMap<K, V>,
+    now: &mut BTreeMap<K, V>,
+    writes: &mut u64,
+    mut del: impl FnMut(K) -> Result<(), DatapathError>,
+) -> Result<(), DatapathError> {
+    for k in old.keys().filter(|k| !want.contains_key(k)) {
+        del(*k)?;
+        now.remove(k);
+        *writes += 1;
+    }
+    Ok(())
 }
 
 impl crate::state::NodeState {
