@@ -419,7 +419,7 @@ pub fn overhead(opts: &Options, report: &mut Report) -> Result<(), ObserveBenchE
         &m[1],
     ));
     report.notes.push(format!(
-        "{NAME}: pods on one node, no policy; events on means a trace event per TCP SYN/FIN/RST and per UDP flow report; goal: cost at most 3%"
+        "{NAME}: pods on one node, no policy; events on means a trace event per TCP SYN/FIN/RST and one counter report per flow and interval; goal: cost at most 3%"
     ));
     drop(sides);
     drop(guards);

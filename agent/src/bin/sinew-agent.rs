@@ -75,7 +75,8 @@ struct Args {
     /// Size of the flow event ring buffer in bytes (power of two).
     #[arg(long, default_value_t = 4 << 20)]
     event_ring_size: u32,
-    /// Milliseconds between counter reports of flows without TCP state.
+    /// Milliseconds between counter reports of a flow that lasts (TCP and
+    /// others alike; TCP also reports SYN, FIN and RST).
     #[arg(long, default_value_t = 5000)]
     event_report_interval_ms: u64,
     /// Recent flows the agent keeps for `sinew observe` (0: none, only

@@ -107,7 +107,7 @@ pub struct DatapathConfig {
     pub policy_map_size: u32,
     pub ct_map_size: u32,
     /// Flow events on or off, their ring size in bytes (a power of two,
-    /// at least a page), and how often flows without TCP state report.
+    /// at least a page), and how often a flow reports its counters.
     pub events: bool,
     pub event_ring_bytes: u32,
     pub event_report_interval_ns: u64,
