@@ -42,7 +42,11 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 	if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
 	    (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
 		return encap_vxlan(skb, dst->tunnel_endpoint, ep->identity);
-	/* Native routing, node addresses: routed by the node. */
+	if (CFG_ROUTING_MODE == ROUTING_NATIVE && CFG_UPLINK_IFINDEX &&
+	    dst->tunnel_endpoint &&
+	    (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
+		return route_native(skb, dst->tunnel_endpoint);
+	/* Node addresses: routed by the node. */
 	return TC_ACT_OK;
 }
 

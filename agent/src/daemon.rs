@@ -246,6 +246,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node_ip: local.ip,
         routing: cfg.routing,
         vxlan_ifindex,
+        uplink_ifindex: netutil::ifindex(&cfg.uplink)
+            .with_context(|| format!("uplink {} (pass --uplink)", cfg.uplink))?,
         masquerade: cfg.masquerade,
         nat_ports: cfg.nat_ports,
         attach_mode,

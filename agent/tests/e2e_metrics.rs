@@ -57,7 +57,8 @@ fn wait_for(lab: &sinew_testvms::lab::Lab, node: &str, name: &str, labels: &[(&s
 
 #[test]
 fn metrics_report_the_node_and_count_traffic_and_drops() {
-    let g = lab("met", 2, 2, Routing::Vxlan);
+    // Program statistics are opt-in (they cost every program run).
+    let g = lab_with_args("met", 2, 2, Routing::Vxlan, &["--bpf-stats", "true"]);
     let lab = &g.lab;
     let m = scrape(lab, "node1").unwrap();
     for (family, ty) in FAMILIES {
@@ -103,10 +104,7 @@ fn metrics_report_the_node_and_count_traffic_and_drops() {
         );
     }
     let stats_on = one(&m, "sinew_bpf_stats_enabled", &[]) == 1.0;
-    assert!(
-        stats_on,
-        "the agent turns on kernel.bpf_stats_enabled by default (--bpf-stats)"
-    );
+    assert!(stats_on, "--bpf-stats true turns on kernel.bpf_stats_enabled");
 
     // Traffic: a local and a cross-node echo.
     let fwd_before = one(&m, "sinew_forward_packets_total", &[("direction", "egress")]);

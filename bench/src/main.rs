@@ -156,6 +156,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         duration_secs: duration,
         ..Report::default()
     };
+    // The kernel default, which a node agent only changes with --bpf-stats.
+    let _stats = BpfStatsOff::new(&mut report);
     let result: anyhow::Result<()> = match &cli.command {
         Command::Observe => observe::all(&opts, &mut report).map_err(Into::into),
         Command::Services { sizes } => {
@@ -178,6 +180,42 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         std::fs::write(path, json + "\n").map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     result
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns the kernel's BPF run-time statistics off for the run (an agent
+/// started with `--bpf-stats true`, or a profiler, may have left them on:
+/// then every program run pays two clock reads that no baseline pays) and
+/// back on afterwards.
+struct BpfStatsOff {
+    restore: bool,
+}
+
+impl BpfStatsOff {
+    fn new(report: &mut Report) -> Self {
+        let on = std::fs::read_to_string(BPF_STATS).is_ok_and(|s| s.trim() == "1");
+        let restore = on && std::fs::write(BPF_STATS, "0").is_ok();
+        if restore {
+            report.notes.push(
+                "kernel.bpf_stats_enabled was 1: set to 0 for the run (the kernel default), restored after".into(),
+            );
+        } else if on {
+            report.notes.push(
+                "kernel.bpf_stats_enabled is 1 and could not be turned off: every BPF program run pays two clock reads"
+                    .into(),
+            );
+        }
+        Self { restore }
+    }
+}
+
+impl Drop for BpfStatsOff {
+    fn drop(&mut self) {
+        if self.restore {
+            let _ = std::fs::write(BPF_STATS, "1");
+        }
+    }
 }
 
 fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result<(), scenarios::ScenarioError> {

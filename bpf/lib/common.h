@@ -29,6 +29,9 @@
 volatile const __u32 CFG_NODE_IP = 0; /* network order */
 volatile const __u32 CFG_ROUTING_MODE = ROUTING_NATIVE;
 volatile const __u32 CFG_VXLAN_IFINDEX = 0;
+/* The uplink: native routing sends pod traffic for other nodes straight
+ * to it. 0 leaves that traffic to the stack. */
+volatile const __u32 CFG_UPLINK_IFINDEX = 0;
 volatile const __u32 CFG_ENABLE_MASQ = 1;
 volatile const __u32 CFG_NAT_PORT_MIN = 61000;
 volatile const __u32 CFG_NAT_PORT_MAX = 65535;

@@ -94,6 +94,9 @@ pub struct DatapathConfig {
     pub node_ip: Ipv4Addr,
     pub routing: RoutingMode,
     pub vxlan_ifindex: u32,
+    /// The uplink's ifindex: native routing redirects pod traffic for
+    /// other nodes to it (0: the stack routes it).
+    pub uplink_ifindex: u32,
     pub masquerade: bool,
     pub nat_ports: (u16, u16),
     /// How programs attach to the uplink and the VXLAN device.
@@ -184,6 +187,7 @@ impl Datapath {
                 .override_global(config::NODE_IP, &node_ip, true)
                 .override_global(config::ROUTING_MODE, &routing, true)
                 .override_global(config::VXLAN_IFINDEX, &cfg.vxlan_ifindex, true)
+                .override_global(config::UPLINK_IFINDEX, &cfg.uplink_ifindex, true)
                 .override_global(config::ENABLE_MASQ, &masq, true)
                 .override_global(config::NAT_PORT_MIN, &pmin, true)
                 .override_global(config::NAT_PORT_MAX, &pmax, true)

@@ -166,6 +166,7 @@ impl Node {
             node_ip: NODE_IP,
             routing,
             vxlan_ifindex,
+            uplink_ifindex: ifindex("uplink0"),
             masquerade: true,
             nat_ports: NAT_PORTS,
             attach_mode: AttachMode::detect(),

@@ -101,6 +101,12 @@ pub struct Outcome {
 
 /// Runs a TC program once on `frame`, as received on `ifindex`.
 pub fn run_tc(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> io::Result<Outcome> {
+    run_tc_repeat(prog, frame, ifindex, 1).map(|(out, _)| out)
+}
+
+/// Runs a TC program `repeat` times on the same skb; also returns the
+/// kernel's mean run time in ns.
+pub fn run_tc_repeat(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<(Outcome, u32)> {
     let ctx_in = SkBuff {
         ifindex,
         ..SkBuff::default()
@@ -115,7 +121,7 @@ pub fn run_tc(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> io::Result<Ou
         data_size_out: data_out.len() as u32,
         data_in: frame.as_ptr() as u64,
         data_out: data_out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         ctx_size_in: size_of::<SkBuff>() as u32,
         ctx_size_out: size_of::<SkBuff>() as u32,
         ctx_in: &ctx_in as *const SkBuff as u64,
@@ -139,11 +145,14 @@ pub fn run_tc(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> io::Result<Ou
         return Err(io::Error::last_os_error());
     }
     data_out.truncate(attr.data_size_out as usize);
-    Ok(Outcome {
-        verdict: attr.retval,
-        frame: data_out,
-        ctx: ctx_out,
-    })
+    Ok((
+        Outcome {
+            verdict: attr.retval,
+            frame: data_out,
+            ctx: ctx_out,
+        },
+        attr.duration,
+    ))
 }
 
 /// A readable name for a verdict in assertion messages.

@@ -54,6 +54,7 @@ pub mod config {
     pub const NODE_IP: &str = "CFG_NODE_IP";
     pub const ROUTING_MODE: &str = "CFG_ROUTING_MODE";
     pub const VXLAN_IFINDEX: &str = "CFG_VXLAN_IFINDEX";
+    pub const UPLINK_IFINDEX: &str = "CFG_UPLINK_IFINDEX";
     pub const ENABLE_MASQ: &str = "CFG_ENABLE_MASQ";
     pub const NAT_PORT_MIN: &str = "CFG_NAT_PORT_MIN";
     pub const NAT_PORT_MAX: &str = "CFG_NAT_PORT_MAX";
