@@ -72,12 +72,13 @@ int from_netdev(struct __sk_buff *skb)
 			/* The stack answers; seen and counted as the drop
 			 * of a service without backends. */
 			event_verdict(skb, -DROP_NO_SERVICE_BACKEND,
-				      METRIC_DIR_INGRESS, HOOK_FROM_NETDEV);
+				      METRIC_DIR_INGRESS, HOOK_FROM_NETDEV, 0);
 			metrics_count(skb, DROP_NO_SERVICE_BACKEND,
 				      METRIC_DIR_INGRESS);
 			return TC_ACT_OK;
 		}
-		if (ret <= 0 || ret == TC_ACT_REDIRECT)
+		if (ret <= 0 || ret == TC_ACT_REDIRECT ||
+		    ret == RET_ENCAPSULATED)
 			goto out;
 		translated = 1;
 		ret = TC_ACT_OK;

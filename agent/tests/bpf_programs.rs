@@ -84,6 +84,23 @@ fn forwarded_as_router(input: &[u8], out: View<'_>) {
     assert_eq!(strip(out.0), strip(input), "bytes other than TTL and checksum changed");
 }
 
+/// `out` is `inner` in a VXLAN packet from this node to `remote`, as the
+/// kernel's VXLAN device would have sent it, with VNI `vni`.
+fn vxlan_encapsulated(inner: &[u8], out: View<'_>, remote: Ipv4Addr, vni: u32) {
+    assert_eq!(out.ethertype(), 0x0800, "outer frame is not IPv4");
+    assert_eq!((out.ip_src(), out.ip_dst()), (NODE_IP, remote), "outer addresses");
+    assert_eq!((out.protocol(), out.ttl()), (17, 64), "outer protocol and TTL");
+    assert_eq!(out.frag_off(), 0x4000, "outer DF, no fragment");
+    assert_eq!(out.ip_len(), out.0.len() - ETH_HLEN, "outer total length");
+    assert!(out.ip_checksum_ok(), "outer IP header checksum");
+    assert_eq!(out.dport(), 8472, "VXLAN port");
+    assert!((32768..61000).contains(&out.sport()), "source port {}", out.sport());
+    assert_eq!(usize::from(out.udp_len()), out.ip_len() - 20, "UDP length");
+    assert_eq!(out.udp_checksum(), 0, "outer UDP checksum is left out");
+    assert_eq!(out.vxlan(), (0x0800_0000, vni), "VXLAN flags and VNI");
+    assert_eq!(out.vxlan_inner().0, inner, "inner frame changed");
+}
+
 /// UDP over IPv4 may go without a checksum: zero means none.
 fn without_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     let at = ETH_HLEN + packet::IPV4_HLEN + 6;
@@ -288,14 +305,13 @@ fn cases(node: &Node) -> Vec<Case> {
         },
         if vxlan {
             Case {
-                what: "VXLAN: a remote pod CIDR is encapsulated and redirected to the VXLAN device",
+                what: "VXLAN: a remote pod CIDR is encapsulated (VNI = source identity) and redirected to the uplink",
                 program: "from_container",
                 on: On::PodA,
                 input: a_to(REMOTE_POD).build(),
                 verdict: TC_ACT_REDIRECT,
                 counted: (Forwarded, Egress),
-                // The tunnel header is metadata that the device adds later.
-                expect: Expect::Unchanged,
+                expect: check(move |_, input, out| vxlan_encapsulated(input, out, PEER_NODE_IP, a.identity)),
             }
         } else {
             Case {
@@ -857,7 +873,18 @@ fn nodeport_remote_round_trip(routing: RoutingMode) {
                 "packet {i}: {}",
                 verdict_name(out.verdict)
             );
-            let v = View(&out.frame);
+            let outer = View(&out.frame);
+            // VXLAN: to the backend's node, from the node itself (host).
+            let v = if routing == RoutingMode::Vxlan {
+                assert_eq!(
+                    (outer.ip_dst(), outer.dport(), outer.vxlan().1),
+                    (PEER_NODE_IP, 8472, sinew_abi::IDENTITY_HOST),
+                    "packet {i}: not in a tunnel to the backend's node"
+                );
+                outer.vxlan_inner()
+            } else {
+                outer
+            };
             assert_eq!(
                 (v.ip_dst(), v.dport()),
                 (REMOTE_POD, 8080),

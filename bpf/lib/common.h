@@ -45,6 +45,14 @@ volatile const __u64 CFG_EVENT_REPORT_INTERVAL_NS = 5000000000ULL;
 /* Entries of each service's Maglev table (a prime). */
 volatile const __u32 CFG_MAGLEV_TABLE_SIZE = 16381;
 
+/*
+ * A program's result for a packet it encapsulated in VXLAN and redirected:
+ * TC_ACT_REDIRECT to the kernel, but the events and metrics of finish()
+ * describe the inner packet, VXLAN_ENCAP_LEN bytes further in.
+ */
+#define RET_ENCAPSULATED 0x100
+#define VXLAN_ENCAP_LEN	 50 /* outer IPv4 + UDP + VXLAN + inner Ethernet */
+
 /* Bounds-checked pointers into the linear packet data. */
 #define PKT_PTR(skb, off, type)                                                \
 	({                                                                     \

@@ -9,25 +9,118 @@
 #include "common.h"
 #include "events.h"
 
-static __always_inline int encap_vxlan(struct __sk_buff *skb,
-				       __u32 tunnel_endpoint, __u32 identity)
+/* The kernel's VXLAN device adds the headers: the tunnel key is metadata. */
+static __always_inline int
+encap_vxlan_dev(struct __sk_buff *skb, __u32 tunnel_endpoint, __u32 identity)
 {
 	struct bpf_tunnel_key key = {};
 	int ret;
 
-	if (!tunnel_endpoint)
-		return -DROP_NO_TUNNEL_ENDPOINT;
 	key.remote_ipv4 = bpf_ntohl(tunnel_endpoint);
 	key.tunnel_id = identity;
 	key.tunnel_ttl = 64;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) <
 	    0)
 		return -DROP_TUNNEL_KEY;
-	note_obs(TRACE_TO_TUNNEL);
 	ret = bpf_redirect(CFG_VXLAN_IFINDEX, 0);
 	if (ret != TC_ACT_REDIRECT)
 		return -DROP_REDIRECT_FAILED;
 	return ret;
+}
+
+/* What goes between the outer and the inner Ethernet header, and the inner
+ * one: the first VXLAN_ENCAP_LEN bytes (the rest is the struct's tail
+ * padding). */
+struct vxlan_encap {
+	struct iphdr ip;
+	struct udphdr udp;
+	__be32 vx_flags;
+	__be32 vx_vni;
+	struct ethhdr inner;
+};
+
+_Static_assert(__builtin_offsetof(struct vxlan_encap, inner) +
+		       sizeof(struct ethhdr) ==
+		   VXLAN_ENCAP_LEN,
+	       "VXLAN headers are 50 bytes");
+#define VXLAN_FLAG_VNI	  0x08000000 /* "I": the VNI is valid */
+#define VXLAN_SPORT_MIN	  32768	     /* the kernel's default ephemeral */
+#define VXLAN_SPORT_RANGE 28232	     /* ports, like its VXLAN devices */
+#define IP_DF		  0x4000
+#define ADJ_ROOM_VXLAN_ENCAP                                                   \
+	(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |          \
+	 BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN))
+
+static __always_inline __u16 ipv4_header_csum(const struct iphdr *ip)
+{
+	const __u16 *w = (const __u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)sizeof(*ip) / 2; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum;
+}
+
+/*
+ * VXLAN to another node, the VNI carrying the source identity. The headers
+ * are written here and the packet goes straight to the uplink, routed to
+ * the tunnel endpoint by the kernel's FIB and neighbour tables: no pass
+ * through the VXLAN device, its route lookup and the node's output path.
+ * The frame is what the VXLAN device would have sent (outer UDP checksum
+ * 0, DF, source port from the inner flow's hash, marked as a UDP tunnel so
+ * GSO segments it). The device stays for receiving and for the node's own
+ * packets; without an uplink, or for a frame too big to describe in one
+ * outer header, it sends this one too. Returns RET_ENCAPSULATED,
+ * TC_ACT_REDIRECT (the device) or a negative drop reason.
+ */
+static __always_inline int encap_vxlan(struct __sk_buff *skb,
+				       __u32 tunnel_endpoint, __u32 identity)
+{
+	struct vxlan_encap h = {};
+	struct ethhdr *eth;
+	__u32 inner_len = skb->len - ETH_HLEN + VXLAN_ENCAP_LEN;
+	__u32 hash;
+	int ret;
+
+	if (!tunnel_endpoint)
+		return -DROP_NO_TUNNEL_ENDPOINT;
+	note_obs(TRACE_TO_TUNNEL);
+	if (!CFG_UPLINK_IFINDEX || inner_len > 0xffff)
+		return encap_vxlan_dev(skb, tunnel_endpoint, identity);
+	eth = PKT_PTR(skb, ETH_OFF, struct ethhdr);
+	if (!eth)
+		return -DROP_INVALID_PACKET;
+	__builtin_memcpy(&h.inner, eth, sizeof(h.inner));
+	hash = bpf_get_hash_recalc(skb);
+
+	h.ip.version = 4;
+	h.ip.ihl = 5;
+	h.ip.tot_len = bpf_htons(inner_len);
+	h.ip.frag_off = bpf_htons(IP_DF);
+	h.ip.ttl = 64;
+	h.ip.protocol = IPPROTO_UDP;
+	h.ip.saddr = CFG_NODE_IP;
+	h.ip.daddr = tunnel_endpoint;
+	h.ip.check = ipv4_header_csum(&h.ip);
+	h.udp.source = bpf_htons(
+	    VXLAN_SPORT_MIN + (__u16)(((__u64)hash * VXLAN_SPORT_RANGE) >> 32));
+	h.udp.dest = bpf_htons(SINEW_VXLAN_PORT);
+	h.udp.len = bpf_htons(inner_len - sizeof(struct iphdr));
+	h.vx_flags = bpf_htonl(VXLAN_FLAG_VNI);
+	h.vx_vni = bpf_htonl(identity << 8);
+
+	if (bpf_skb_adjust_room(skb, VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				ADJ_ROOM_VXLAN_ENCAP) < 0)
+		return -DROP_ENCAP_FAILED;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, VXLAN_ENCAP_LEN, 0) < 0)
+		return -DROP_ENCAP_FAILED;
+	ret = bpf_redirect_neigh(CFG_UPLINK_IFINDEX, 0, 0, 0);
+	if (ret != TC_ACT_REDIRECT)
+		return -DROP_REDIRECT_FAILED;
+	return RET_ENCAPSULATED;
 }
 
 /*

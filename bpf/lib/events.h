@@ -63,16 +63,19 @@ static __always_inline void events_lost(__u32 type)
 		*n += 1;
 }
 
-/* Fills the tuple from an IPv4 packet; 0 when it is not one. */
+/* Fills the tuple from an IPv4 packet whose IP header is outer bytes after
+ * the usual place (in a tunnel); 0 when it is not one. */
 static __always_inline int event_tuple(struct __sk_buff *skb,
-				       struct flow_event *e)
+				       struct flow_event *e, __u32 outer)
 {
 	struct iphdr *ip;
 	__u32 l4;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return 0;
-	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	if (outer != 0 && outer != VXLAN_ENCAP_LEN)
+		return 0;
+	ip = PKT_PTR(skb, IP_OFF + outer, struct iphdr);
 	if (!ip)
 		return 0;
 	e->saddr = ip->saddr;
@@ -80,8 +83,8 @@ static __always_inline int event_tuple(struct __sk_buff *skb,
 	e->proto = ip->protocol;
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 1;
-	l4 = IP_OFF + ip->ihl * 4;
-	if (l4 > IP_OFF + 60)
+	l4 = IP_OFF + outer + ip->ihl * 4;
+	if (l4 > IP_OFF + VXLAN_ENCAP_LEN + 60)
 		return 1;
 	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
 	    ip->protocol == IPPROTO_SCTP) {
@@ -184,9 +187,10 @@ static __always_inline int trace_due(struct flow_event *e, __u32 len)
 	return 1;
 }
 
-/* The event for a program's verdict: ret < 0 is a drop reason. */
+/* The event for a program's verdict: ret < 0 is a drop reason; the packet
+ * is outer bytes of tunnel headers into the frame. */
 static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
-					  __u32 dir, __u8 hook)
+					  __u32 dir, __u8 hook, __u32 outer)
 {
 	struct event_scratch *s;
 	struct flow_event e = {};
@@ -213,8 +217,8 @@ static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
 	e.hook = hook;
 	e.dir = dir;
 	e.ifindex = skb->ifindex;
-	e.len = skb->len;
-	if (!event_tuple(skb, &e))
+	e.len = skb->len - outer;
+	if (!event_tuple(skb, &e, outer))
 		return; /* not IPv4: counted in metrics only */
 	s = scratch();
 	if (s) {
@@ -228,12 +232,12 @@ static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
 		e.verdict = VERDICT_DROPPED;
 		e.reason = -ret;
 		e.packets = 1;
-		e.bytes = skb->len;
+		e.bytes = e.len;
 		e.ts_ns = bpf_ktime_get_ns();
 		event_submit(&e);
 		return;
 	}
-	if (!trace_due(&e, skb->len))
+	if (!trace_due(&e, e.len))
 		return;
 	e.type = EVENT_TRACE;
 	e.verdict = VERDICT_FORWARDED;
@@ -242,7 +246,7 @@ static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
 						  : TRACE_TO_STACK;
 	if (!e.packets) {
 		e.packets = 1;
-		e.bytes = skb->len;
+		e.bytes = e.len;
 	}
 	e.ts_ns = bpf_ktime_get_ns();
 	event_submit(&e);
@@ -271,7 +275,7 @@ static __always_inline void event_policy(struct __sk_buff *skb, __u32 ep_id,
 	e.reason = ret < 0 ? -ret : 0;
 	e.packets = 1;
 	e.bytes = skb->len;
-	if (!event_tuple(skb, &e))
+	if (!event_tuple(skb, &e, 0))
 		return;
 	event_submit(&e);
 }

@@ -6,8 +6,7 @@
 #include "maps.h"
 #include "events.h"
 
-static __always_inline void metrics_count(struct __sk_buff *skb, __u32 reason,
-					  __u32 dir)
+static __always_inline void metrics_add(__u32 reason, __u32 dir, __u32 len)
 {
 	__u32 idx = reason * 2 + dir;
 	struct metrics_value *m;
@@ -15,8 +14,14 @@ static __always_inline void metrics_count(struct __sk_buff *skb, __u32 reason,
 	m = bpf_map_lookup_elem(&sinew_metrics, &idx);
 	if (m) {
 		m->packets++;
-		m->bytes += skb->len;
+		m->bytes += len;
 	}
+}
+
+static __always_inline void metrics_count(struct __sk_buff *skb, __u32 reason,
+					  __u32 dir)
+{
+	metrics_add(reason, dir, skb->len);
 }
 
 /*
@@ -26,7 +31,14 @@ static __always_inline void metrics_count(struct __sk_buff *skb, __u32 reason,
 static __always_inline int finish(struct __sk_buff *skb, int ret, __u32 dir,
 				  __u8 hook)
 {
-	event_verdict(skb, ret, dir, hook);
+	/* An encapsulated packet is counted as the packet it carries. */
+	__u32 outer = 0;
+
+	if (ret == RET_ENCAPSULATED) {
+		outer = VXLAN_ENCAP_LEN;
+		ret = TC_ACT_REDIRECT;
+	}
+	event_verdict(skb, ret, dir, hook, outer);
 	if (ret < 0) {
 		__u32 reason = -ret;
 
@@ -35,7 +47,7 @@ static __always_inline int finish(struct __sk_buff *skb, int ret, __u32 dir,
 		metrics_count(skb, reason, dir);
 		return TC_ACT_SHOT;
 	}
-	metrics_count(skb, REASON_FORWARDED, dir);
+	metrics_add(REASON_FORWARDED, dir, skb->len - outer);
 	return ret;
 }
 

@@ -365,6 +365,31 @@ impl View<'_> {
         }
     }
 
+    /// The IP total length field.
+    pub fn ip_len(&self) -> usize {
+        self.ip_total_len()
+    }
+    /// IP flags and fragment offset.
+    pub fn frag_off(&self) -> u16 {
+        self.u16_at(ETH_HLEN + 6)
+    }
+    /// UDP length field.
+    pub fn udp_len(&self) -> u16 {
+        self.u16_at(self.l4_off() + 4)
+    }
+    /// The VXLAN header after UDP: (flags word, VNI).
+    pub fn vxlan(&self) -> (u32, u32) {
+        let at = self.l4_off() + 8;
+        (
+            u32::from_be_bytes(self.bytes(at)),
+            u32::from_be_bytes(self.bytes::<4>(at + 4)) >> 8,
+        )
+    }
+    /// The frame inside a VXLAN packet (from its Ethernet header on).
+    pub fn vxlan_inner(&self) -> View<'_> {
+        View(&self.0[self.l4_off() + 16..])
+    }
+
     /// The IPv4 header checksum verifies (sums to zero).
     pub fn ip_checksum_ok(&self) -> bool {
         let hdr = &self.0[ETH_HLEN..ETH_HLEN + self.ip_hlen()];

@@ -26,11 +26,12 @@ pub enum DropReason {
     CtFull = 17,
     PolicyNotReady = 18,
     NoServiceBackend = 19,
+    EncapFailed = 20,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -51,6 +52,7 @@ impl DropReason {
         Self::CtFull,
         Self::PolicyNotReady,
         Self::NoServiceBackend,
+        Self::EncapFailed,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -84,6 +86,7 @@ impl DropReason {
             Self::CtFull => "DROP_CT_FULL",
             Self::PolicyNotReady => "DROP_POLICY_NOT_READY",
             Self::NoServiceBackend => "DROP_NO_SERVICE_BACKEND",
+            Self::EncapFailed => "DROP_ENCAP_FAILED",
         }
     }
 
@@ -110,6 +113,7 @@ impl DropReason {
             Self::CtFull => "conntrack table full",
             Self::PolicyNotReady => "endpoint policy not installed (fail closed)",
             Self::NoServiceBackend => "service has no usable backend (connection refused)",
+            Self::EncapFailed => "cannot add the tunnel header",
         }
     }
 
@@ -136,6 +140,7 @@ impl DropReason {
             Self::CtFull => "ct_full",
             Self::PolicyNotReady => "policy_not_ready",
             Self::NoServiceBackend => "no_service_backend",
+            Self::EncapFailed => "encap_failed",
         }
     }
 }
