@@ -20,6 +20,7 @@
 #include "lib/local.h"
 #include "lib/nat.h"
 #include "lib/nodeport.h"
+#include "lib/encap.h"
 
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
@@ -56,11 +57,16 @@ int from_netdev(struct __sk_buff *skb)
 		 * ours". */
 		if (nat_key_from_packet(skb, ip, &key) < 0)
 			goto out;
-		/* Tunnel packets are the overlay device's: no lookups. */
+		/* Tunnel packets: for a pod here, unwrapped and delivered;
+		 * else the overlay device's. No NAT or service lookups. */
 		if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
 		    key.proto == IPPROTO_UDP &&
-		    key.dport == bpf_htons(SINEW_VXLAN_PORT))
+		    key.dport == bpf_htons(SINEW_VXLAN_PORT)) {
+			ret = decap_vxlan_deliver(skb);
+			if (ret == 0)
+				ret = TC_ACT_OK;
 			goto out;
+		}
 		/* A masqueraded flow's reply, or a node port flow's next
 		 * packet; else maybe a node port flow's first one. */
 		ret = nat_rev_dnat(skb, &key, &daddr);

@@ -935,3 +935,46 @@ fn nodeport_cluster_remote_backend_native() {
 fn nodeport_cluster_remote_backend_vxlan() {
     nodeport_remote_round_trip(RoutingMode::Vxlan);
 }
+
+/// VXLAN mode: a tunnel packet for a pod here is unwrapped at the uplink and
+/// delivered into the pod (MACs, TTL as a router), under the pod's ingress
+/// policy for the VNI's identity, and counted as the packet inside; one
+/// for an address that is not a local pod is left to the VXLAN device.
+#[test]
+fn vxlan_packet_for_a_local_pod_is_unwrapped_at_the_uplink() {
+    in_new_netns("bpf-decap", || {
+        let node = Node::new(RoutingMode::Vxlan);
+        let b = node.b;
+        let (uplink_mac, router_mac) = ([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02]);
+        let inner = Ipv4Frame::tcp((REMOTE_POD, 40000), (b.ip, 80), TCP_SYN)
+            .macs([0x02, 0x5e, 0, 0, 2, 7], [0x0a, 0x58, 10, 244, 2, 7])
+            .build();
+        let outer = packet::vxlan(PEER_NODE_IP, NODE_IP, 4242, &inner)
+            .macs(uplink_mac, router_mac)
+            .build();
+        let out = node.run_counting(
+            "from_netdev",
+            &outer,
+            node.uplink_ifindex,
+            (Forwarded, Ingress),
+            inner.len(),
+        );
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{}", verdict_name(out.verdict));
+        let v = View(&out.frame);
+        assert_eq!(
+            (v.eth_dst(), v.eth_src()),
+            (b.mac, b.host_mac),
+            "MACs of the pod's veth"
+        );
+        forwarded_as_router(&inner, v);
+
+        // Not a pod here (a remote pod): the device's.
+        let elsewhere = Ipv4Frame::tcp((REMOTE_POD, 40000), (Ipv4Addr::new(10, 244, 1, 99), 80), TCP_SYN).build();
+        let outer = packet::vxlan(PEER_NODE_IP, NODE_IP, 4242, &elsewhere)
+            .macs(uplink_mac, router_mac)
+            .build();
+        let out = node.run("from_netdev", &outer, node.uplink_ifindex, (Forwarded, Ingress));
+        assert_eq!(out.verdict, TC_ACT_OK, "{}", verdict_name(out.verdict));
+        assert!(out.frame == outer, "left to the device unchanged");
+    });
+}

@@ -43,6 +43,15 @@ struct Cli {
     /// `--agent-arg=--events --agent-arg=false` to see what a feature costs.
     #[arg(long = "agent-arg", global = true, allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Only these tests in the pod-to-pod scenarios (comma-separated:
+    /// rr, crr, iperf); default: all.
+    #[arg(long, global = true, value_delimiter = ',')]
+    only: Vec<sinew_bench::scenarios::TestKind>,
+    /// Cross-node: also measure a second Sinew lab whose agents get this
+    /// extra argument (repeat for more), in the same run, e.g.
+    /// `--versus-agent-arg=--events --versus-agent-arg=false`.
+    #[arg(long = "versus-agent-arg", global = true, allow_hyphen_values = true)]
+    versus_agent_args: Vec<String>,
     /// Print lab progress.
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -150,6 +159,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         binaries,
         prefix: format!("bench-{}", std::process::id()),
         agent_args: cli.agent_args.clone(),
+        only: cli.only.clone(),
+        versus_agent_args: cli.versus_agent_args.clone(),
     };
     let mut report = Report {
         reps,

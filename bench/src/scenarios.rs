@@ -109,6 +109,31 @@ pub struct Options {
     /// Extra arguments for every agent (`--agent-arg`), before the
     /// scenario's own.
     pub agent_args: Vec<String>,
+    /// Which of TCP_RR, TCP_CRR and iperf3 the pod-to-pod scenarios run
+    /// (`--only`); all when empty.
+    pub only: Vec<TestKind>,
+    /// Cross-node: also a second Sinew lab whose agents get these
+    /// arguments too (`--versus-agent-arg`), measured in the same run.
+    pub versus_agent_args: Vec<String>,
+}
+
+/// A family of tests, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TestKind {
+    Rr,
+    Crr,
+    Iperf,
+}
+
+impl Options {
+    fn runs(&self, test: Test) -> bool {
+        let kind = match test {
+            Test::Rr => TestKind::Rr,
+            Test::Crr => TestKind::Crr,
+            Test::Iperf(_) => TestKind::Iperf,
+        };
+        self.only.is_empty() || self.only.contains(&kind)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -277,6 +302,7 @@ pub(crate) fn run_tests(
     opts: &Options,
     report: &mut Report,
 ) -> Result<Vec<Measured>, ScenarioError> {
+    let tests: Vec<Test> = tests.iter().copied().filter(|&t| opts.runs(t)).collect();
     let mut out = vec![Measured::new(); sides.len()];
     for rep in 1..=opts.reps {
         let w = idle::wait_for_idle(opts.idle_wait_rep)?;
@@ -284,7 +310,7 @@ pub(crate) fn run_tests(
             eprintln!("  {n}");
             report.notes.push(n);
         }
-        for &test in tests {
+        for &test in &tests {
             for (i, side) in sides.iter().enumerate() {
                 idle::check_interrupted()?;
                 eprintln!("  {scenario}: rep {rep}/{}: {test:?} on {}", opts.reps, side.ep.label);
@@ -309,6 +335,7 @@ pub(crate) fn metric_rows(
 ) -> Vec<Row> {
     metrics
         .iter()
+        .filter(|m| base.contains_key(m) || sinew.contains_key(m))
         .map(|&m| Row {
             scenario: scenario.to_owned(),
             metric: m.name().to_owned(),
@@ -381,7 +408,7 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
     let (ss, ss_ip) = lab.pod(0)?;
     let (sc, _) = lab.pod(1)?;
     let label = format!("routed {routing}");
-    let sides = [
+    let mut sides = vec![
         Side::start(Endpoints {
             label: label.clone(),
             server: bs,
@@ -395,8 +422,31 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
             client: sc,
         })?,
     ];
+    // The same scenario with other agent arguments, to see what a
+    // feature costs in one run.
+    let versus_label = format!("sinew {}", opts.versus_agent_args.join(" "));
+    let _versus = if opts.versus_agent_args.is_empty() {
+        None
+    } else {
+        let mut spec = lab_spec(opts, 2, 1, routing);
+        spec.name_prefix = format!("{}-v", opts.prefix);
+        spec.agent_args.extend(opts.versus_agent_args.iter().cloned());
+        let lab = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
+        let (vs, vs_ip) = lab.pod(0)?;
+        let (vc, _) = lab.pod(1)?;
+        sides.push(Side::start(Endpoints {
+            label: versus_label.clone(),
+            server: vs,
+            server_ip: vs_ip,
+            client: vc,
+        })?);
+        Some(lab)
+    };
     let m = run_sides(&name, &sides, opts, report)?;
     report.rows.extend(rows(&name, &label, &m[0], &m[1]));
+    if let Some(v) = m.get(2) {
+        report.rows.extend(rows(&name, &versus_label, v, &m[1]));
+    }
     Ok(())
 }
 

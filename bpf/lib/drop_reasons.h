@@ -26,7 +26,7 @@
 #define DROP_CT_FULL		17 /* conntrack table full (fail closed) */
 #define DROP_POLICY_NOT_READY	18 /* endpoint's policy not installed */
 #define DROP_NO_SERVICE_BACKEND 19 /* a service without usable backends */
-#define DROP_ENCAP_FAILED	20 /* the tunnel header could not be added */
+#define DROP_ENCAP_FAILED	20 /* a tunnel header not added or removed */
 #define DROP_REASON_MAX		21
 
 #endif

@@ -8,6 +8,8 @@
 
 #include "common.h"
 #include "events.h"
+#include "ipcache.h"
+#include "local.h"
 
 /* The kernel's VXLAN device adds the headers: the tunnel key is metadata. */
 static __always_inline int
@@ -31,11 +33,15 @@ encap_vxlan_dev(struct __sk_buff *skb, __u32 tunnel_endpoint, __u32 identity)
 /* What goes between the outer and the inner Ethernet header, and the inner
  * one: the first VXLAN_ENCAP_LEN bytes (the rest is the struct's tail
  * padding). */
+struct vxlan_hdr {
+	__be32 flags;
+	__be32 vni; /* VNI << 8 */
+};
+
 struct vxlan_encap {
 	struct iphdr ip;
 	struct udphdr udp;
-	__be32 vx_flags;
-	__be32 vx_vni;
+	struct vxlan_hdr vx;
 	struct ethhdr inner;
 };
 
@@ -109,8 +115,8 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
 	    VXLAN_SPORT_MIN + (__u16)(((__u64)hash * VXLAN_SPORT_RANGE) >> 32));
 	h.udp.dest = bpf_htons(SINEW_VXLAN_PORT);
 	h.udp.len = bpf_htons(inner_len - sizeof(struct iphdr));
-	h.vx_flags = bpf_htonl(VXLAN_FLAG_VNI);
-	h.vx_vni = bpf_htonl(identity << 8);
+	h.vx.flags = bpf_htonl(VXLAN_FLAG_VNI);
+	h.vx.vni = bpf_htonl(identity << 8);
 
 	if (bpf_skb_adjust_room(skb, VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
 				ADJ_ROOM_VXLAN_ENCAP) < 0)
@@ -121,6 +127,47 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
 	if (ret != TC_ACT_REDIRECT)
 		return -DROP_REDIRECT_FAILED;
 	return RET_ENCAPSULATED;
+}
+
+/*
+ * A VXLAN packet from another node for a pod here: the tunnel headers are
+ * removed here and the packet is delivered into the pod at once, instead of
+ * the UDP socket, the VXLAN device and a second pass through the receive
+ * path. The VNI is the sender's identity. GSO packets keep their segment
+ * size (the inner one). Returns 0 when the VXLAN device should have the
+ * packet (not for a local pod, headers not in the linear data, IP options
+ * on the outer header), else the verdict of the delivery.
+ */
+static __always_inline int decap_vxlan_deliver(struct __sk_buff *skb)
+{
+	struct iphdr *outer = PKT_PTR(skb, IP_OFF, struct iphdr);
+	const __u32 vx_off =
+	    IP_OFF + sizeof(struct iphdr) + sizeof(struct udphdr);
+	struct ipcache_value *dst;
+	struct ethhdr *ieth;
+	struct iphdr *inner;
+	struct vxlan_hdr *vx;
+	__u32 identity, ifindex;
+
+	if (!outer || outer->ihl != 5 || ipv4_is_fragment(outer))
+		return 0;
+	vx = PKT_PTR(skb, vx_off, struct vxlan_hdr);
+	ieth = PKT_PTR(skb, vx_off + 8, struct ethhdr);
+	inner = PKT_PTR(skb, IP_OFF + VXLAN_ENCAP_LEN, struct iphdr);
+	if (!vx || !ieth || !inner)
+		return 0;
+	if (!(vx->flags & bpf_htonl(VXLAN_FLAG_VNI)) ||
+	    ieth->h_proto != bpf_htons(ETH_P_IP) || inner->version != 4)
+		return 0;
+	identity = bpf_ntohl(vx->vni) >> 8;
+	dst = ipcache_lookup4(inner->daddr);
+	if (!dst || !(dst->flags & IPCACHE_F_LOCAL_EP))
+		return 0;
+	ifindex = dst->ifindex;
+	if (bpf_skb_adjust_room(skb, -VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO) < 0)
+		return -DROP_ENCAP_FAILED;
+	return local_deliver(skb, ifindex, identity);
 }
 
 /*

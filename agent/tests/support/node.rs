@@ -282,6 +282,19 @@ impl Node {
     /// exactly one metrics counter moved: `counted`'s, by one packet of the
     /// frame's length.
     pub fn run(&self, program: &str, frame: &[u8], ifindex: u32, counted: (DropReason, Direction)) -> Outcome {
+        self.run_counting(program, frame, ifindex, counted, frame.len())
+    }
+
+    /// [`Self::run`] for a program that counts another length than the
+    /// frame's (a tunnel packet is counted as the packet inside).
+    pub fn run_counting(
+        &self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+        counted: (DropReason, Direction),
+        bytes: usize,
+    ) -> Outcome {
         let prog = self
             .dp
             .program(program)
@@ -305,13 +318,12 @@ impl Node {
             }
         }
         let (reason, dir) = counted;
-        let want = BTreeMap::from([(dir.metrics_index(reason), (1, frame.len() as u64))]);
+        let want = BTreeMap::from([(dir.metrics_index(reason), (1, bytes as u64))]);
         assert_eq!(
             moved,
             want,
-            "{program}: metrics moved {}, expected one packet of {} bytes at {reason:?}/{dir:?}",
+            "{program}: metrics moved {}, expected one packet of {bytes} bytes at {reason:?}/{dir:?}",
             describe(&moved),
-            frame.len()
         );
         out
     }

@@ -231,6 +231,16 @@ impl Ipv4Frame {
     }
 }
 
+/// `inner` (a whole frame) in a VXLAN packet from `src` to `dst` with `vni`.
+pub fn vxlan(src: Ipv4Addr, dst: Ipv4Addr, vni: u32, inner: &[u8]) -> Ipv4Frame {
+    let mut f = Ipv4Frame::udp((src, 50000), (dst, 8472));
+    let mut payload = vec![0x08, 0, 0, 0];
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    f.payload = payload;
+    f
+}
+
 pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(ETH_HLEN + payload.len());
     f.extend_from_slice(&dst);

@@ -113,7 +113,7 @@ impl DropReason {
             Self::CtFull => "conntrack table full",
             Self::PolicyNotReady => "endpoint policy not installed (fail closed)",
             Self::NoServiceBackend => "service has no usable backend (connection refused)",
-            Self::EncapFailed => "cannot add the tunnel header",
+            Self::EncapFailed => "cannot add or remove the tunnel header",
         }
     }
 
