@@ -53,11 +53,26 @@ volatile const __u32 CFG_MAGLEV_TABLE_SIZE = 16381;
 #define RET_ENCAPSULATED 0x100
 #define VXLAN_ENCAP_LEN	 50 /* outer IPv4 + UDP + VXLAN + inner Ethernet */
 
+/*
+ * A 32-bit field of the context, loaded from the context pointer itself:
+ * clang may otherwise keep &skb->data as a derived pointer across calls,
+ * which the verifier refuses ("dereference of modified ctx ptr").
+ */
+#define SKB_LOAD32(skb, field)                                                 \
+	({                                                                     \
+		__u64 __v; /* the load zero-extends: no shifts */              \
+		asm volatile("%0 = *(u32 *)(%1 + %2)"                          \
+			     : "=r"(__v)                                       \
+			     : "r"(skb), "i"(__builtin_offsetof(               \
+					     struct __sk_buff, field)));       \
+		__v;                                                           \
+	})
+
 /* Bounds-checked pointers into the linear packet data. */
 #define PKT_PTR(skb, off, type)                                                \
 	({                                                                     \
-		void *__d = (void *)(long)(skb)->data;                         \
-		void *__e = (void *)(long)(skb)->data_end;                     \
+		void *__d = (void *)(long)SKB_LOAD32(skb, data);               \
+		void *__e = (void *)(long)SKB_LOAD32(skb, data_end);           \
 		type *__p = __d + (off);                                       \
 		((void *)(__p + 1) > __e) ? (type *)0 : __p;                   \
 	})
@@ -70,35 +85,37 @@ static __always_inline int ipv4_is_fragment(const struct iphdr *ip)
 	return ip->frag_off & bpf_htons(0x3fff); /* MF or offset */
 }
 
-/* Rewrites both MACs of the frame at the start of skb. */
+/* Rewrites both MACs of the frame at the start of skb (in place: no helper
+ * call; dst and src must not point into the packet). */
 static __always_inline int eth_rewrite(struct __sk_buff *skb, const __u8 *dst,
 				       const __u8 *src)
 {
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst,
-				ETH_ALEN, 0) < 0)
+	struct ethhdr *eth = PKT_PTR(skb, ETH_OFF, struct ethhdr);
+
+	if (!eth)
 		return -DROP_INVALID_PACKET;
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), src,
-				ETH_ALEN, 0) < 0)
-		return -DROP_INVALID_PACKET;
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
 	return 0;
 }
 
-/* Decrements the TTL as a router would; the caller drops on error. */
+/*
+ * Decrements the TTL as a router would; the caller drops on error. The
+ * header checksum is updated in place: the TTL is the high byte of its
+ * 16-bit word, so the one's complement sum gains 0x0100 (RFC 1624).
+ */
 static __always_inline int ipv4_dec_ttl(struct __sk_buff *skb)
 {
 	struct iphdr *ip = PKT_PTR(skb, IP_OFF, struct iphdr);
-	__u16 old, new;
+	__u32 sum;
 
 	if (!ip)
 		return -DROP_INVALID_PACKET;
 	if (ip->ttl <= 1)
 		return -DROP_TTL_EXCEEDED;
-	old = *(__u16 *)&ip->ttl;
 	ip->ttl--;
-	new = *(__u16 *)&ip->ttl;
-	if (bpf_l3_csum_replace(skb, IP_OFF + offsetof(struct iphdr, check),
-				old, new, 2) < 0)
-		return -DROP_CSUM_FAILED;
+	sum = (__u32)ip->check + bpf_htons(0x0100);
+	ip->check = (__u16)(sum + (sum >> 16));
 	return 0;
 }
 

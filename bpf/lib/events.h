@@ -94,7 +94,8 @@ static __always_inline int event_tuple(struct __sk_buff *skb,
 		if (!ports)
 			return 1;
 		e->sport = ports[0];
-		if ((void *)(ports + 2) > (void *)(long)skb->data_end)
+		if ((void *)(ports + 2) >
+		    (void *)(long)SKB_LOAD32(skb, data_end))
 			return 1;
 		e->dport = ports[1];
 		if (ip->protocol == IPPROTO_TCP) {
