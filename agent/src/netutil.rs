@@ -26,20 +26,42 @@ pub fn ifindex(name: &str) -> Result<u32, NetError> {
     nix::net::if_::if_nametoindex(name).map_err(|_| NetError::NoSuchInterface(name.to_string()))
 }
 
-/// The MAC address of an interface, through getifaddrs (netlink, netns-correct).
+/// The MAC address of an interface (SIOCGIFHWADDR on a socket of the calling
+/// thread's network namespace). One lookup by name: getifaddrs would dump
+/// every interface and address of the node, which grows with the pods.
 pub fn mac(name: &str) -> Result<[u8; 6], NetError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|_| NetError::NoSuchInterface(name.to_string()))?;
-    for a in addrs {
-        if a.interface_name != name {
-            continue;
-        }
-        if let Some(link) = a.address.as_ref().and_then(|s| s.as_link_addr()) {
-            if let Some(m) = link.addr() {
-                return Ok(m);
-            }
-        }
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let missing = || NetError::NoSuchInterface(name.to_string());
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        return Err(missing());
     }
-    Err(NetError::NoSuchInterface(name.to_string()))
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(missing());
+    }
+    // SAFETY: raw is a descriptor we just opened and own alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name (NUL-terminated: the name is
+    // shorter than IFNAMSIZ and the rest is zero) and writes ifr_hwaddr
+    // inside req, which lives for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    if rc < 0 {
+        return Err(missing());
+    }
+    // SAFETY: a successful SIOCGIFHWADDR filled the hwaddr member.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(mac)
 }
 
 /// The first IPv4 address of an interface.
@@ -100,4 +122,31 @@ pub fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> Result<u32, NetError> {
     // No ARP: BPF sets both MACs of every frame it delivers from the tunnel.
     ip(&["link", "set", name, "mtu", &mtu.to_string(), "arp", "off", "up"])?;
     ifindex(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ioctl agrees with the kernel's link dump for every interface
+    /// of this namespace that has a hardware address.
+    #[test]
+    fn mac_matches_the_link_dump() {
+        let mut seen = 0;
+        for a in nix::ifaddrs::getifaddrs().expect("getifaddrs") {
+            let Some(want) = a.address.as_ref().and_then(|s| s.as_link_addr()).and_then(|l| l.addr()) else {
+                continue;
+            };
+            assert_eq!(mac(&a.interface_name).unwrap(), want, "{}", a.interface_name);
+            seen += 1;
+        }
+        assert!(seen > 0, "no interface with a link address (not even lo)");
+    }
+
+    #[test]
+    fn mac_of_a_missing_interface_is_an_error() {
+        for name in ["sinew-no-such0", "", "a-name-longer-than-ifnamsiz"] {
+            assert!(matches!(mac(name), Err(NetError::NoSuchInterface(_))), "{name:?}");
+        }
+    }
 }
