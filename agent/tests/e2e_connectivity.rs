@@ -1,5 +1,6 @@
 //! Real traffic between pods of a simulated cluster: real veths, namespaces,
-//! agents and BPF programs. Same node, across nodes in both routing modes,
+//! agents and BPF programs. Same node, across nodes in both routing modes
+//! (small exchanges and a bulk transfer each way, every byte checked),
 //! node to pod, and pods reaching an address outside the cluster through
 //! masquerade.
 
@@ -34,6 +35,11 @@ fn matrix(prefix: &str, routing: Routing) {
     assert_eq!(peer.ip(), ip_b);
     ping(lab, a, ip_c).unwrap();
     ping(lab, c, ip_b).unwrap();
+    // Bulk, both ways: offload-sized packets through the tunnel headers
+    // the programs add and remove (VXLAN) or the redirects (native).
+    const BULK: u64 = 24 << 20;
+    tcp_bulk(&ns_c, ip_c, 8090, &ns_a, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk cross node", e)));
+    tcp_bulk(&ns_a, ip_a, 8091, &ns_c, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk cross node reverse", e)));
 
     // Node to pod and pod to node, local and remote.
     let n1 = node_ns(lab, "node1");

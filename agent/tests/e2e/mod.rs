@@ -142,6 +142,71 @@ pub fn tcp_roundtrip(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs) ->
     srv.join().map_err(|_| "server panicked".to_string())?
 }
 
+/// A byte of a reproducible pattern that no shifted or repeated block of
+/// the stream matches by accident.
+fn bulk_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+}
+
+/// TCP bulk transfer: `client` sends `bytes` of a pattern in 1 MiB writes
+/// (so the stack builds segmentation-offload packets of many segments) and
+/// the server checks every byte and answers with the count it received.
+pub fn tcp_bulk(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs, bytes: u64) -> Result<(), String> {
+    let addr = SocketAddr::new(IpAddr::V4(ip), port);
+    let listener = server
+        .run(move || TcpListener::bind(addr))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let srv = std::thread::spawn(move || -> Result<u64, String> {
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut at = 0u64;
+        loop {
+            let n = s.read(&mut buf).map_err(|e| format!("read at byte {at}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            if let Some(k) = (0..n).find(|&k| buf[k] != bulk_byte(at + k as u64)) {
+                return Err(format!("byte {} differs", at + k as u64));
+            }
+            at += n as u64;
+        }
+        s.write_all(&at.to_be_bytes()).map_err(|e| e.to_string())?;
+        Ok(at)
+    });
+    let sent = client
+        .run(move || -> Result<u64, String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            s.set_write_timeout(Some(Duration::from_secs(20))).ok();
+            s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < bytes {
+                let n = chunk.len().min((bytes - at) as usize);
+                for (k, b) in chunk[..n].iter_mut().enumerate() {
+                    *b = bulk_byte(at + k as u64);
+                }
+                s.write_all(&chunk[..n])
+                    .map_err(|e| format!("write at byte {at}: {e}"))?;
+                at += n as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+            let mut count = [0u8; 8];
+            s.read_exact(&mut count)
+                .map_err(|e| format!("reading the count: {e}"))?;
+            Ok(u64::from_be_bytes(count))
+        })
+        .map_err(|e| e.to_string())?;
+    let received = srv.join().map_err(|_| "server panicked".to_string())??;
+    match sent {
+        Ok(n) if n == bytes && received == bytes => Ok(()),
+        Ok(n) => Err(format!("sent {bytes}, server counted {received}, client was told {n}")),
+        Err(e) => Err(e),
+    }
+}
+
 /// UDP: one datagram each way between two namespaces.
 pub fn udp_roundtrip(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs) -> Result<SocketAddr, String> {
     let addr = SocketAddr::new(IpAddr::V4(ip), port);
