@@ -63,10 +63,23 @@ pub fn detect(mode: AttachMode, pod_mode: AttachMode, vxlan: bool, masquerade: b
             detail: "/sys/fs/bpf, pinned maps and links".into(),
         },
         Feature {
+            name: "bpf_redirect_neigh",
+            available: at_least(5, 10),
+            used: true,
+            detail: "pod traffic to other nodes handed to the uplink, skipping the host stack (BPF host routing)"
+                .into(),
+        },
+        Feature {
+            name: "bpf-vxlan",
+            available: at_least(5, 15),
+            used: vxlan,
+            detail: "VXLAN headers added and removed by the programs (identity in the VNI); GSO kept".into(),
+        },
+        Feature {
             name: "vxlan-collect-md",
             available: true,
             used: vxlan,
-            detail: "one external-mode VXLAN device, identity in the VNI".into(),
+            detail: "one external-mode VXLAN device: the node's own packets, and what the programs leave to it".into(),
         },
         Feature {
             name: "bpf-masquerade",
