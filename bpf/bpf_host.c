@@ -113,6 +113,11 @@ int to_netdev(struct __sk_buff *skb)
 	struct iphdr *ip;
 	int ret = TC_ACT_OK;
 
+	/* A pod's packet that from_container routed to another node. */
+	if (skb->mark == SINEW_MARK_ROUTED) {
+		skb->mark = 0;
+		goto out;
+	}
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		goto out;
 	ip = PKT_PTR(skb, IP_OFF, struct iphdr);

@@ -978,3 +978,36 @@ fn vxlan_packet_for_a_local_pod_is_unwrapped_at_the_uplink() {
         assert!(out.frame == outer, "left to the device unchanged");
     });
 }
+
+/// Native routing: a pod packet that from_container routes to another node
+/// itself carries Sinew's mark, and to_netdev lets such a packet through
+/// untouched without looking at it (and clears the mark); the same packet
+/// without the mark still gets to_netdev's checks.
+#[test]
+fn native_routed_packets_are_marked_and_skip_the_uplink_checks() {
+    in_new_netns("bpf-mark", || {
+        let node = Node::new(RoutingMode::Native);
+        let a = node.a;
+        let frame = Ipv4Frame::tcp((a.ip, 40000), (REMOTE_POD, 80), TCP_SYN)
+            .macs(a.host_mac, a.mac)
+            .build();
+        let out = node.run("from_container", &frame, a.ifindex, (Forwarded, Egress));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{}", verdict_name(out.verdict));
+        assert_eq!(out.ctx.mark, 0x5e3e_0001, "routed packets carry the mark");
+
+        // A source the uplink would masquerade: only the mark spares it.
+        let to_outside = Ipv4Frame::tcp((a.ip, 40001), (OUTSIDE, 80), TCP_SYN).build();
+        let out = node.run_marked(
+            "to_netdev",
+            &to_outside,
+            node.uplink_ifindex,
+            0x5e3e_0001,
+            (Forwarded, Egress),
+        );
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert!(out.frame == to_outside, "a marked packet is left alone");
+        assert_eq!(out.ctx.mark, 0, "and its mark cleared");
+        let out = node.run("to_netdev", &to_outside, node.uplink_ifindex, (Forwarded, Egress));
+        assert_ne!(View(&out.frame).ip_src(), a.ip, "without the mark it is masqueraded");
+    });
+}

@@ -51,7 +51,15 @@ volatile const __u32 CFG_MAGLEV_TABLE_SIZE = 16381;
  * describe the inner packet, VXLAN_ENCAP_LEN bytes further in.
  */
 #define RET_ENCAPSULATED 0x100
-#define VXLAN_ENCAP_LEN	 50 /* outer IPv4 + UDP + VXLAN + inner Ethernet */
+
+/*
+ * skb->mark of a pod packet that from_container routed to another node
+ * itself (native routing): to_netdev lets it go without lookups and clears
+ * the mark. A pod cannot forge it: crossing from the pod's namespace
+ * clears every mark.
+ */
+#define SINEW_MARK_ROUTED 0x5e3e0001
+#define VXLAN_ENCAP_LEN	  50 /* outer IPv4 + UDP + VXLAN + inner Ethernet */
 
 /*
  * A 32-bit field of the context, loaded from the context pointer itself:

@@ -188,6 +188,7 @@ static __always_inline int route_native(struct __sk_buff *skb, __u32 next_hop)
 	nh.nh_family = 2; /* AF_INET */
 	nh.ipv4_nh = next_hop;
 	note_obs(TRACE_TO_NETWORK);
+	skb->mark = SINEW_MARK_ROUTED;
 	ret = bpf_redirect_neigh(CFG_UPLINK_IFINDEX, &nh, sizeof(nh), 0);
 	if (ret != TC_ACT_REDIRECT)
 		return -DROP_REDIRECT_FAILED;

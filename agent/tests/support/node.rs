@@ -295,6 +295,30 @@ impl Node {
         counted: (DropReason, Direction),
         bytes: usize,
     ) -> Outcome {
+        self.run_full(program, frame, ifindex, 0, counted, bytes)
+    }
+
+    /// [`Self::run`] with `mark` set on the skb.
+    pub fn run_marked(
+        &self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+        mark: u32,
+        counted: (DropReason, Direction),
+    ) -> Outcome {
+        self.run_full(program, frame, ifindex, mark, counted, frame.len())
+    }
+
+    fn run_full(
+        &self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+        mark: u32,
+        counted: (DropReason, Direction),
+        bytes: usize,
+    ) -> Outcome {
         let prog = self
             .dp
             .program(program)
@@ -303,7 +327,12 @@ impl Node {
             .fd()
             .unwrap_or_else(|e| panic!("program {program} is not loaded: {e}"));
         let before = self.metrics();
-        let out = testrun::run_tc(fd.as_fd(), frame, ifindex)
+        let ctx = testrun::SkBuff {
+            ifindex,
+            mark,
+            ..Default::default()
+        };
+        let (out, _) = testrun::run_tc_ctx(fd.as_fd(), frame, ctx, 1)
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {program} failed: {e}"));
         let after = self.metrics();
         assert_eq!(

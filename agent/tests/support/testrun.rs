@@ -101,16 +101,17 @@ pub struct Outcome {
 
 /// Runs a TC program once on `frame`, as received on `ifindex`.
 pub fn run_tc(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> io::Result<Outcome> {
-    run_tc_repeat(prog, frame, ifindex, 1).map(|(out, _)| out)
-}
-
-/// Runs a TC program `repeat` times on the same skb; also returns the
-/// kernel's mean run time in ns.
-pub fn run_tc_repeat(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<(Outcome, u32)> {
-    let ctx_in = SkBuff {
+    let ctx = SkBuff {
         ifindex,
         ..SkBuff::default()
     };
+    run_tc_ctx(prog, frame, ctx, 1).map(|(out, _)| out)
+}
+
+/// Runs a TC program `repeat` times on the same skb made from `frame` and
+/// the context fields the kernel accepts (`ctx_in`); also returns the
+/// kernel's mean run time in ns.
+pub fn run_tc_ctx(prog: BorrowedFd<'_>, frame: &[u8], ctx_in: SkBuff, repeat: u32) -> io::Result<(Outcome, u32)> {
     let mut ctx_out = SkBuff::default();
     // Programs here never grow a frame by more than a tunnel header; a
     // page is the kernel's own limit for test-run skbs.
