@@ -99,15 +99,6 @@ pub struct Outcome {
     pub ctx: SkBuff,
 }
 
-/// Runs a TC program once on `frame`, as received on `ifindex`.
-pub fn run_tc(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> io::Result<Outcome> {
-    let ctx = SkBuff {
-        ifindex,
-        ..SkBuff::default()
-    };
-    run_tc_ctx(prog, frame, ctx, 1).map(|(out, _)| out)
-}
-
 /// Runs a TC program `repeat` times on the same skb made from `frame` and
 /// the context fields the kernel accepts (`ctx_in`); also returns the
 /// kernel's mean run time in ns.
