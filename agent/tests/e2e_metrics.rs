@@ -55,8 +55,23 @@ fn wait_for(lab: &sinew_testvms::lab::Lab, node: &str, name: &str, labels: &[(&s
     }
 }
 
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Puts kernel.bpf_stats_enabled back as it was when dropped: the agent
+/// turns it on for the whole machine and never off.
+struct RestoreBpfStats(Option<String>);
+
+impl Drop for RestoreBpfStats {
+    fn drop(&mut self) {
+        if let Some(v) = &self.0 {
+            let _ = std::fs::write(BPF_STATS, v);
+        }
+    }
+}
+
 #[test]
 fn metrics_report_the_node_and_count_traffic_and_drops() {
+    let _restore = RestoreBpfStats(std::fs::read_to_string(BPF_STATS).ok());
     // Program statistics are opt-in (they cost every program run).
     let g = lab_with_args("met", 2, 2, Routing::Vxlan, &["--bpf-stats", "true"]);
     let lab = &g.lab;
