@@ -14,7 +14,7 @@ use sinew_agent::datapath::RoutingMode;
 
 use support::node::{in_new_netns, Node, GATEWAY, NAT_PORTS, NODE_IP, OUTSIDE, PEER_NODE_IP, REMOTE_POD};
 use support::packet::{self, Ipv4Frame, View, ARP_REPLY, ARP_REQUEST, ETH_HLEN, L4, TCP_ACK, TCP_SYN};
-use support::testrun::{verdict_name, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use support::testrun::{verdict_name, SkBuff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 use Direction::{Egress, Ingress};
 use DropReason::*;
@@ -952,13 +952,11 @@ fn vxlan_packet_for_a_local_pod_is_unwrapped_at_the_uplink() {
         let outer = packet::vxlan(PEER_NODE_IP, NODE_IP, 4242, &inner)
             .macs(uplink_mac, router_mac)
             .build();
-        let out = node.run_counting(
-            "from_netdev",
-            &outer,
-            node.uplink_ifindex,
-            (Forwarded, Ingress),
-            inner.len(),
-        );
+        let on_uplink = SkBuff {
+            ifindex: node.uplink_ifindex,
+            ..Default::default()
+        };
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Forwarded, Ingress), inner.len());
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "{}", verdict_name(out.verdict));
         let v = View(&out.frame);
         assert_eq!(
@@ -997,13 +995,12 @@ fn native_routed_packets_are_marked_and_skip_the_uplink_checks() {
 
         // A source the uplink would masquerade: only the mark spares it.
         let to_outside = Ipv4Frame::tcp((a.ip, 40001), (OUTSIDE, 80), TCP_SYN).build();
-        let out = node.run_marked(
-            "to_netdev",
-            &to_outside,
-            node.uplink_ifindex,
-            0x5e3e_0001,
-            (Forwarded, Egress),
-        );
+        let marked = SkBuff {
+            ifindex: node.uplink_ifindex,
+            mark: 0x5e3e_0001,
+            ..Default::default()
+        };
+        let out = node.run_with("to_netdev", &to_outside, marked, (Forwarded, Egress), to_outside.len());
         assert_eq!(out.verdict, TC_ACT_OK);
         assert!(out.frame == to_outside, "a marked packet is left alone");
         assert_eq!(out.ctx.mark, 0, "and its mark cleared");

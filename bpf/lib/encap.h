@@ -30,14 +30,14 @@ encap_vxlan_dev(struct __sk_buff *skb, __u32 tunnel_endpoint, __u32 identity)
 	return ret;
 }
 
-/* What goes between the outer and the inner Ethernet header, and the inner
- * one: the first VXLAN_ENCAP_LEN bytes (the rest is the struct's tail
- * padding). */
 struct vxlan_hdr {
 	__be32 flags;
 	__be32 vni; /* VNI << 8 */
 };
 
+/* What goes between the outer and the inner Ethernet header, and the inner
+ * one: the first VXLAN_ENCAP_LEN bytes (the rest is the struct's tail
+ * padding). */
 struct vxlan_encap {
 	struct iphdr ip;
 	struct udphdr udp;
@@ -140,26 +140,19 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
  */
 static __always_inline int decap_vxlan_deliver(struct __sk_buff *skb)
 {
-	struct iphdr *outer = PKT_PTR(skb, IP_OFF, struct iphdr);
-	const __u32 vx_off =
-	    IP_OFF + sizeof(struct iphdr) + sizeof(struct udphdr);
+	struct vxlan_encap *h = PKT_PTR(skb, IP_OFF, struct vxlan_encap);
+	struct iphdr *inner =
+	    PKT_PTR(skb, IP_OFF + VXLAN_ENCAP_LEN, struct iphdr);
 	struct ipcache_value *dst;
-	struct ethhdr *ieth;
-	struct iphdr *inner;
-	struct vxlan_hdr *vx;
 	__u32 identity, ifindex;
 
-	if (!outer || outer->ihl != 5 || ipv4_is_fragment(outer))
+	if (!h || !inner)
 		return 0;
-	vx = PKT_PTR(skb, vx_off, struct vxlan_hdr);
-	ieth = PKT_PTR(skb, vx_off + 8, struct ethhdr);
-	inner = PKT_PTR(skb, IP_OFF + VXLAN_ENCAP_LEN, struct iphdr);
-	if (!vx || !ieth || !inner)
+	if (h->ip.ihl != 5 || ipv4_is_fragment(&h->ip) ||
+	    !(h->vx.flags & bpf_htonl(VXLAN_FLAG_VNI)) ||
+	    h->inner.h_proto != bpf_htons(ETH_P_IP) || inner->version != 4)
 		return 0;
-	if (!(vx->flags & bpf_htonl(VXLAN_FLAG_VNI)) ||
-	    ieth->h_proto != bpf_htons(ETH_P_IP) || inner->version != 4)
-		return 0;
-	identity = bpf_ntohl(vx->vni) >> 8;
+	identity = bpf_ntohl(h->vx.vni) >> 8;
 	dst = ipcache_lookup4(inner->daddr);
 	if (!dst || !(dst->flags & IPCACHE_F_LOCAL_EP))
 		return 0;

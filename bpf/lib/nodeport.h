@@ -129,8 +129,8 @@ static __always_inline int nodeport_snat(struct __sk_buff *skb,
 
 /* Returns 1 when the packet was translated for a local backend (*daddr is
  * its address), TC_ACT_REDIRECT or RET_ENCAPSULATED when it was sent to a
- * remote one, 0 when
- * it is not for a node port, NODEPORT_REFUSE, or a negative drop reason. */
+ * remote one, 0 when it is not for a node port, NODEPORT_REFUSE, or a
+ * negative drop reason. */
 static __always_inline int
 nodeport_dnat(struct __sk_buff *skb, const struct nat_key *key, __u32 *daddr)
 {

@@ -104,14 +104,19 @@ pub fn node_ns(lab: &Lab, node: &str) -> NetNs {
     lab.node(node).unwrap().netns.clone()
 }
 
+/// A TCP listener on `addr` in `server`'s namespace.
+fn tcp_listen(server: &NetNs, addr: SocketAddr) -> Result<TcpListener, String> {
+    server
+        .run(move || TcpListener::bind(addr))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bind {addr}: {e}"))
+}
+
 /// TCP: connect from `client` to a listener in `server`; returns the peer
 /// address the server saw.
 pub fn tcp_roundtrip(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs) -> Result<SocketAddr, String> {
     let addr = SocketAddr::new(IpAddr::V4(ip), port);
-    let listener = server
-        .run(move || TcpListener::bind(addr))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = tcp_listen(server, addr)?;
     let srv = std::thread::spawn(move || -> Result<SocketAddr, String> {
         listener.set_nonblocking(false).ok();
         let (mut s, peer) = listener.accept().map_err(|e| e.to_string())?;
@@ -153,10 +158,7 @@ fn bulk_byte(i: u64) -> u8 {
 /// the server checks every byte and answers with the count it received.
 pub fn tcp_bulk(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs, bytes: u64) -> Result<(), String> {
     let addr = SocketAddr::new(IpAddr::V4(ip), port);
-    let listener = server
-        .run(move || TcpListener::bind(addr))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = tcp_listen(server, addr)?;
     let srv = std::thread::spawn(move || -> Result<u64, String> {
         let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(20))).ok();

@@ -282,43 +282,25 @@ impl Node {
     /// exactly one metrics counter moved: `counted`'s, by one packet of the
     /// frame's length.
     pub fn run(&self, program: &str, frame: &[u8], ifindex: u32, counted: (DropReason, Direction)) -> Outcome {
-        self.run_counting(program, frame, ifindex, counted, frame.len())
+        let ctx = testrun::SkBuff {
+            ifindex,
+            ..Default::default()
+        };
+        self.run_with(program, frame, ctx, counted, frame.len())
     }
 
-    /// [`Self::run`] for a program that counts another length than the
-    /// frame's (a tunnel packet is counted as the packet inside).
-    pub fn run_counting(
+    /// [`Self::run`] with more of the skb's context set (`ctx`: ifindex,
+    /// mark, ...), for a program that counts `bytes` (a tunnel packet is
+    /// counted as the packet inside).
+    pub fn run_with(
         &self,
         program: &str,
         frame: &[u8],
-        ifindex: u32,
+        ctx: testrun::SkBuff,
         counted: (DropReason, Direction),
         bytes: usize,
     ) -> Outcome {
-        self.run_full(program, frame, ifindex, 0, counted, bytes)
-    }
-
-    /// [`Self::run`] with `mark` set on the skb.
-    pub fn run_marked(
-        &self,
-        program: &str,
-        frame: &[u8],
-        ifindex: u32,
-        mark: u32,
-        counted: (DropReason, Direction),
-    ) -> Outcome {
-        self.run_full(program, frame, ifindex, mark, counted, frame.len())
-    }
-
-    fn run_full(
-        &self,
-        program: &str,
-        frame: &[u8],
-        ifindex: u32,
-        mark: u32,
-        counted: (DropReason, Direction),
-        bytes: usize,
-    ) -> Outcome {
+        let ifindex = ctx.ifindex;
         let prog = self
             .dp
             .program(program)
@@ -327,11 +309,6 @@ impl Node {
             .fd()
             .unwrap_or_else(|e| panic!("program {program} is not loaded: {e}"));
         let before = self.metrics();
-        let ctx = testrun::SkBuff {
-            ifindex,
-            mark,
-            ..Default::default()
-        };
         let (out, _) = testrun::run_tc_ctx(fd.as_fd(), frame, ctx, 1)
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {program} failed: {e}"));
         let after = self.metrics();

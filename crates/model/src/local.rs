@@ -218,8 +218,10 @@ impl LocalDatastore {
         cache.retain(|path, _| files.binary_search_by(|(p, _, _)| p.cmp(path)).is_ok());
         let mut out = BTreeMap::new();
         for (path, len, mtime) in files {
-            let fresh = cache.get(&path).is_some_and(|(l, m, _)| *l == len && *m == mtime);
-            if !fresh {
+            let entry = cache
+                .entry(path.clone())
+                .or_insert_with(|| (0, SystemTime::UNIX_EPOCH, Vec::new()));
+            if (entry.0, entry.1) != (len, mtime) {
                 // A file that vanished since the scan holds nothing.
                 let ids = std::fs::read_to_string(&path)
                     .map(|text| {
@@ -230,9 +232,9 @@ impl LocalDatastore {
                             .collect()
                     })
                     .unwrap_or_default();
-                cache.insert(path.clone(), (len, mtime, ids));
+                *entry = (len, mtime, ids);
             }
-            for (id, labels) in cache.get(&path).map(|e| e.2.as_slice()).unwrap_or_default() {
+            for (id, labels) in &entry.2 {
                 out.entry(*id).or_insert_with(|| (labels.clone(), path.clone()));
             }
         }
