@@ -96,7 +96,22 @@ pub fn pod_yaml_with_ports(
     labels: &BTreeMap<String, String>,
     ports: &[ContainerPort],
 ) -> String {
+    pod_yaml_full(namespace, name, node_name, labels, ports, None)
+}
+
+/// [`pod_yaml_with_ports`] with a `spec.serviceAccountName`.
+pub fn pod_yaml_full(
+    namespace: &str,
+    name: &str,
+    node_name: &str,
+    labels: &BTreeMap<String, String>,
+    ports: &[ContainerPort],
+    service_account: Option<&str>,
+) -> String {
     let mut s = pod_yaml(namespace, name, node_name, labels);
+    if let Some(sa) = service_account {
+        s.push_str(&format!("  serviceAccountName: {}\n", q(sa)));
+    }
     if !ports.is_empty() {
         s.push_str("  containers:\n    - name: \"main\"\n      ports:\n");
         for p in ports {

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod datastore;
 pub mod lab;
+pub mod manifest;
 pub mod netns;
 pub mod probe;
 pub mod process;
