@@ -163,16 +163,17 @@ pub enum LabError {
         reason: String,
     },
     /// A document of an apply or delete file is invalid; nothing was done.
+    /// (Not a `#[source]`: the message already holds it, and the CLI
+    /// prints sources after it.)
     #[error("{0}\nnothing was changed")]
-    Manifest(#[from] ManifestError),
+    Manifest(ManifestError),
     /// Applying a document failed; what this apply had made was undone.
-    #[error("{document}: {source}\n{}", rollback_summary(undone, undo_failed))]
+    #[error("{document}: {cause}\n{}", rollback_summary(undone, undo_failed))]
     ApplyFailed {
         /// `FILE: document N (Pod x/a)`.
         document: String,
-        /// What went wrong.
-        #[source]
-        source: Box<LabError>,
+        /// What went wrong (in the message, so not a `#[source]`).
+        cause: Box<LabError>,
         /// What was undone, one item each.
         undone: Vec<String>,
         /// Undo steps that failed.
@@ -430,6 +431,12 @@ pub struct NodeRecord {
     /// runs in the node or its pods starts in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+}
+
+impl From<ManifestError> for LabError {
+    fn from(e: ManifestError) -> Self {
+        LabError::Manifest(e)
+    }
 }
 
 fn rollback_summary(undone: &[String], failed: &[String]) -> String {
@@ -1163,7 +1170,7 @@ impl Lab {
                     let (undone, undo_failed) = self.roll_back(undo);
                     return Err(LabError::ApplyFailed {
                         document: format!("{}: document {} ({})", doc.source_name, doc.index, doc.object),
-                        source: Box::new(e),
+                        cause: Box::new(e),
                         undone,
                         undo_failed,
                     });
@@ -1772,7 +1779,7 @@ fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str) -> DownSu
                 // No agent to tell; the namespaces go below anyway.
                 s.warnings.push(format!(
                     "pod {}: CNI DEL skipped, {} is gone",
-                    pod.name,
+                    pod.display_name(),
                     node.socket.display()
                 ));
                 continue;
@@ -1780,8 +1787,8 @@ fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str) -> DownSu
             match cni_request(&state.binaries.cni, node, pod, "DEL", Some(DOWN_CNI_TIMEOUT))
                 .and_then(|out| Ok(cni::check("DEL", &pod.name, &out)?))
             {
-                Ok(()) => s.removed.push(format!("pod {} (CNI DEL)", pod.name)),
-                Err(e) => s.warnings.push(format!("pod {}: {e}", pod.name)),
+                Ok(()) => s.removed.push(format!("pod {} (CNI DEL)", pod.display_name())),
+                Err(e) => s.warnings.push(format!("pod {}: {e}", pod.display_name())),
             }
         }
     }
