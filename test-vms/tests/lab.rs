@@ -593,7 +593,10 @@ spec: {nodeName: node2, containers: [{name: c}]}
     // delete -f: every object must exist, or nothing goes; a namespace
     // takes its pods with it.
     let err = lab.delete_objects(&docs(&with_failure)).unwrap_err().to_string();
-    assert!(err.contains("document 6 (Namespace q): metadata.name: no namespace"), "{err}");
+    assert!(
+        err.contains("document 6 (Namespace q): metadata.name: no namespace"),
+        "{err}"
+    );
     assert!(lab.pod("x/a").is_ok());
     let gone = lab
         .delete_objects(&docs("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"))
