@@ -1108,3 +1108,18 @@ fn print_observer_status(s: &sinew_proto::observer_v1::ServerStatusResponse, jso
         }
     }
 }
+
+#[cfg(test)]
+mod lab_tests {
+    use super::*;
+
+    #[test]
+    fn suggested_commands_name_a_lab_only_when_it_is_not_the_default() {
+        let default = try_commands(DEFAULT_LAB, Some("node1-pod1"));
+        assert_eq!(default[0], "sinew lab exec node1-pod1 -- ip addr");
+        assert!(default.iter().all(|c| !c.contains("--lab")), "{default:?}");
+        let named = try_commands("mine", None);
+        assert_eq!(named[0], "sinew --lab mine lab exec POD -- ip addr");
+        assert!(named.iter().all(|c| c.starts_with("sinew --lab mine ")), "{named:?}");
+    }
+}
