@@ -244,6 +244,26 @@ mod tests {
     }
 
     #[test]
+    fn pod_manifests_read_back_as_the_pod_they_describe() {
+        let labels = BTreeMap::from([("pod".to_owned(), "a".to_owned())]);
+        let ports = [ContainerPort::tcp("serve-80-tcp", 80)];
+        let y = pod_yaml_full("x", "a", "node2", &labels, &ports, Some("reader"));
+        assert!(
+            y.contains("spec:\n  nodeName: \"node2\"\n  serviceAccountName: \"reader\"\n"),
+            "{y}"
+        );
+        let docs = crate::manifest::parse("pod.yaml", &y).unwrap();
+        let crate::manifest::LabObject::Pod(p) = &docs[0].object else {
+            panic!("{docs:?}")
+        };
+        assert_eq!(
+            (p.key().as_str(), p.node.as_deref(), p.service_account.as_deref()),
+            ("x/a", Some("node2"), Some("reader"))
+        );
+        assert_eq!((&p.labels, &p.ports[..]), (&labels, &ports[..]));
+    }
+
+    #[test]
     fn paths_follow_the_layout() {
         let d = Path::new("/s/datastore");
         assert_eq!(node_path(d, "node1"), Path::new("/s/datastore/nodes/node1.yaml"));

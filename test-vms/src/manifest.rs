@@ -562,6 +562,17 @@ spec:
     }
 
     #[test]
+    fn every_truncation_of_a_file_is_parsed_or_refused_without_panicking() {
+        // A file cut anywhere (a half-written editor save) is either a
+        // shorter valid file or an error naming a document.
+        for end in (0..=GOOD.len()).filter(|&i| GOOD.is_char_boundary(i)) {
+            if let Err(e) = parse("f.yaml", &GOOD[..end]) {
+                assert!(e.index >= 1 && !e.field.is_empty(), "{e:?}");
+            }
+        }
+    }
+
+    #[test]
     fn label_keys_and_values_follow_kubernetes() {
         for k in ["app", "example.com/app", "a.b_c-d", "A1"] {
             assert!(check_label_key(k).is_ok(), "{k}");
