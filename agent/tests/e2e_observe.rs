@@ -885,3 +885,76 @@ fn observe_output_says_what_happened_once_and_where() {
         failed.join("\n")
     );
 }
+
+/// A pod the runtime gave no Kubernetes names (podman, cnitool: no
+/// K8S_POD_* in CNI_ARGS) is named by its container id in `endpoint list`
+/// and in `observe`, never as "/".
+#[test]
+fn pods_without_kubernetes_names_show_their_container() {
+    use std::process::Stdio;
+    let g = lab("obs-anon", 1, 0, Routing::Vxlan);
+    let lab = &g.lab;
+    let s1 = lab.node("node1").unwrap().socket.clone();
+    /// Deletes the pod's namespace however the test ends.
+    struct Pod(sinew_testvms::NetNs);
+    impl Drop for Pod {
+        fn drop(&mut self) {
+            let _ = self.0.delete();
+        }
+    }
+    let pod = Pod(sinew_testvms::NetNs::create(format!("{}-anon", lab.spec().name_prefix)).unwrap());
+    let id = sinew_testvms::cni::container_id(&lab.spec().name_prefix, "anon");
+    let cni = |command: &str| {
+        let mut cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &id)
+            .env("CNI_NETNS", pod.0.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", "IgnoreUnknown=1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lab.cni_config("node1").unwrap().as_bytes());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI {command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    cni("ADD");
+    let short = &id[..12];
+    let (ok, table, err) = sinew(&s1, &[], &["endpoint", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains(&format!(" container {short} ")) && !table.contains(" / "),
+        "{table}"
+    );
+    // A datagram out of the pod: traced where it leaves, named by its
+    // container.
+    pod.0
+        .run(|| {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.send_to(b"hello", (Ipv4Addr::new(198, 18, 0, 1), 9)).unwrap();
+        })
+        .unwrap();
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = sinew(&s1, &[], &["observe", "-o", "compact", "--last", "50"]).1;
+        if text.contains(&format!("(container {short}):")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(text.contains(&format!("(container {short}):")), "{text}");
+    cni("DEL");
+}
