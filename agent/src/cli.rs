@@ -61,7 +61,8 @@ struct ObserveArgs {
     /// none or all of them).
     #[arg(long)]
     last: Option<u64>,
-    /// Flows since a duration ago (30s, 5m, 1h) or an RFC 3339 time.
+    /// Flows since a duration ago (30s, 5m, 1h) or an RFC 3339 time (a
+    /// TIME of the table, quoted, is one).
     #[arg(long)]
     since: Option<String>,
     /// Flows until an RFC 3339 time or a duration ago.
