@@ -665,7 +665,7 @@ mod tests {
     /// whatever parses must still satisfy the validated invariants.
     #[test]
     fn mutated_input_never_panics() {
-        let seed = br#"{"cniVersion":"1.1.0","name":"sinew","type":"sinew-cni","mtu":1450,"agentSocket":"/run/s.sock","logFile":"/l","dns":{"nameservers":["1.1.1.1"]},"cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
+        let seed = br#"{"cniVersion":"1.1.0","cniVersions":["1.0.0","1.1.0"],"name":"sinew","type":"sinew-cni","mtu":1450,"agentSocket":"/run/s.sock","logFile":"/l","dns":{"nameservers":["1.1.1.1"]},"prevResult":{"ips":[{"address":"10.0.0.2/32","gateway":"10.0.0.1"}]},"cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}],"cni.dev/attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             state ^= state << 13;
