@@ -1,8 +1,9 @@
 //! Flow observability with real agents, real BPF and real traffic: flows
 //! name both pods, policy drops and verdicts name the reason and the rule,
 //! every GetFlows filter selects exactly the flows it should, `sinew
-//! observe -o json` prints one object per line, and a full datapath ring
-//! is counted exactly (flows seen + events lost = drops the datapath made).
+//! observe -o json` prints one object per line, a full datapath ring is
+//! counted exactly (flows seen + events lost = drops the datapath made),
+//! and forwarded-flow reports sum to exactly the packets sent.
 
 mod e2e;
 
@@ -788,8 +789,9 @@ fn udp_bursts(client: &NetNs, ip: Ipv4Addr, port: u16, bursts: usize, per_burst:
         .unwrap()
 }
 
-/// ICMP echoes with identifier `id` from `client` to `ip` through a raw
-/// socket, each answered before the next; returns how many.
+/// ICMP echoes from `client` to `ip` through a raw socket, `count` with
+/// each identifier (two pings, interleaved), each answered before the
+/// next; returns how many.
 fn icmp_echoes(client: &NetNs, ip: Ipv4Addr, ids: [u16; 2], count: u16) -> u64 {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     client
@@ -965,6 +967,30 @@ fn forwarded_flow_counters_add_up_exactly() {
             })
             .collect()
     };
+    // The two pings are two flows: each direction of each identifier sums
+    // to its own 30 echoes.
+    for id in [0x5101u32, 0x5102] {
+        for (src, dst) in [(c, o), (o, c)] {
+            let n: u64 = flows
+                .iter()
+                .filter(|f| {
+                    f.protocol == icmp_p
+                        && f.hook() == pb::Hook::FromContainer
+                        && ep(f, false).ip == src.to_string()
+                        && ep(f, true).ip == dst.to_string()
+                })
+                .map(|f| {
+                    assert!(f.icmp_id == 0x5101 || f.icmp_id == 0x5102, "{f:?}");
+                    if f.icmp_id == id {
+                        f.packets
+                    } else {
+                        0
+                    }
+                })
+                .sum();
+            assert_eq!(n, icmp / 2, "ping {id:#x} {src} -> {dst}");
+        }
+    }
     std::thread::sleep(interval * 4);
     let (later, _) = trace_sums(&w);
     assert_eq!(ours(later), ours(sums), "no report after the counts added up");
