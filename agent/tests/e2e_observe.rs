@@ -742,10 +742,11 @@ fn tcp_connections(client: &NetNs, ip: Ipv4Addr, port: u16, n: usize) -> (u64, u
                 s.read_exact(&mut b).unwrap();
                 s.shutdown(std::net::Shutdown::Write).unwrap();
                 assert_eq!(s.read(&mut b).unwrap(), 0, "the server closes after our FIN");
-                // SAFETY: tcp_info is plain data; getsockopt writes at most
-                // `len` bytes into it and the fd is the live stream's.
+                // SAFETY: tcp_info is plain data, valid when zeroed.
                 let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
                 let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+                // SAFETY: getsockopt writes at most `len` bytes into info,
+                // which outlives the call; the fd is the live stream's.
                 let rc = unsafe {
                     libc::getsockopt(
                         s.as_raw_fd(),
