@@ -2,8 +2,8 @@
 /*
  * Flow events: drops always, forwarded packets counted per flow and
  * reported so that each packet is in exactly one report (trace_due),
- * policy verdicts on new connections. A record that does not fit in the ring is
- * counted per type; nothing is lost without a count.
+ * policy verdicts on new connections. A record that does not fit in the
+ * ring is counted per type; nothing is lost without a count.
  */
 #ifndef SINEW_EVENTS_H
 #define SINEW_EVENTS_H
