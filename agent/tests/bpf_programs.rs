@@ -818,7 +818,8 @@ fn nodeport_round_trip(proto: Proto) {
         }
         .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
         .build();
-        let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoServiceBackend, Ingress));
+        // Its own reason: the client is not refused, it times out.
+        let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoLocalBackend, Ingress));
         assert_eq!(out.verdict, TC_ACT_SHOT, "Local without a local backend drops");
         // externalTrafficPolicy Cluster and no backend anywhere: the node's
         // stack gets the packet unchanged, to refuse it (reset / ICMP port

@@ -996,3 +996,243 @@ fn forwarded_flow_counters_add_up_exactly() {
     let (later, _) = trace_sums(&w);
     assert_eq!(ours(later), ours(sums), "no report after the counts added up");
 }
+
+/// Runs `sinew` against a node's socket with extra environment; returns
+/// (success, stdout, stderr).
+fn sinew(socket: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a user reads, end to end: policy verdicts carry the program that
+/// decided, a default-deny drop names the policy that isolates the pod and
+/// says each thing once, the table's time has a date and a zone from `TZ`,
+/// bad filter arguments fail with a way out, and `endpoint list -o json`
+/// has what a runtime's GC list needs. Every failed check is listed before
+/// the test fails, so one run shows them all.
+#[test]
+fn observe_output_says_what_happened_once_and_where() {
+    let w = World::new("obs-ux", &[]);
+    let lab = &w.g.lab;
+    let s1 = w.socket("node1");
+    let applied = apply_policy(&s1, POLICY).expect("apply policy");
+    wait_policies_everywhere(lab, &applied);
+    let (client, server) = (pod_ns(lab, "client"), pod_ip(lab, "server"));
+    let other = pod_ns(lab, "other");
+    tcp_echo(&client, server, 8080, Duration::from_secs(3)).expect("client -> server:8080 is allowed");
+    // b/other is not a client: the server is isolated for ingress and no
+    // rule allows it (default deny), decided where node1 decapsulates.
+    assert!(tcp_echo(&other, server, 8080, Duration::from_secs(1)).is_err());
+    let mut failed: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            failed.push(what);
+        }
+    };
+
+    // Policy verdicts name the program that decided: the client's veth
+    // (local delivery runs the server's ingress policy there), and the
+    // uplink for the pod on node2 (from_netdev decapsulates VXLAN itself
+    // and delivers).
+    let allowed = wait_flows(&s1, &all(None), "verdict client -> server:8080", |f| {
+        f.r#type() == pb::EventType::PolicyVerdict && is_pod(ep(f, false), "a", "client") && ep(f, true).port == 8080
+    });
+    check(
+        allowed.iter().all(|f| f.hook() == pb::Hook::FromContainer),
+        format!(
+            "verdict client -> server has hook {:?}, want FromContainer",
+            allowed.iter().map(|f| f.hook()).collect::<Vec<_>>()
+        ),
+    );
+    let denied = wait_flows(&s1, &all(None), "verdict b/other -> server:8080", |f| {
+        f.r#type() == pb::EventType::PolicyVerdict && is_pod(ep(f, false), "b", "other") && ep(f, true).port == 8080
+    });
+    check(
+        denied.iter().all(|f| f.hook() == pb::Hook::FromNetdev),
+        format!(
+            "verdict b/other -> server has hook {:?}, want FromNetdev",
+            denied.iter().map(|f| f.hook()).collect::<Vec<_>>()
+        ),
+    );
+
+    // The table: one verdict row and one drop row per denied packet, each
+    // saying what it is, each saying it once, naming the isolating policy;
+    // time with date and the zone of TZ (a POSIX TZ: no zoneinfo needed).
+    let (ok, table, err) = sinew(
+        &s1,
+        &[("TZ", "SNW-5:30")],
+        &[
+            "observe",
+            "--from-pod",
+            "b/other",
+            "--to-pod",
+            "a/server",
+            "--last",
+            "100",
+        ],
+    );
+    check(ok, format!("observe --from-pod b/other failed: {err}"));
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    let isolated = "default deny: a/server isolated for ingress by SinewNetworkPolicy a/server-policy";
+    let verdict_rows: Vec<&&str> = rows.iter().filter(|r| r.contains("policy-verdict")).collect();
+    let drop_rows: Vec<&&str> = rows.iter().filter(|r| !r.contains("policy-verdict")).collect();
+    check(
+        !verdict_rows.is_empty() && verdict_rows.len() == drop_rows.len(),
+        format!("one verdict row per drop row:\n{table}"),
+    );
+    for r in &verdict_rows {
+        check(
+            r.contains("policy-verdict:none INGRESS DENIED") && r.contains(isolated),
+            format!("verdict row says what decided and who isolates: {r}"),
+        );
+    }
+    for r in &drop_rows {
+        check(
+            r.contains("DROPPED") && r.contains("policy denied") && r.contains(isolated),
+            format!("drop row says why and who isolates: {r}"),
+        );
+    }
+    for r in &rows {
+        check(
+            r.matches("no rule allows it").count() <= 1 && r.matches("policy").count() <= 4,
+            format!("row repeats itself: {r}"),
+        );
+        let date = r.get(..10).unwrap_or("");
+        check(
+            date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-' && r.contains("+05:30 "),
+            format!("row time has a date and the TZ offset +05:30: {r}"),
+        );
+    }
+    // The drop rows alone: one row per dropped packet.
+    let (_, drops, _) = sinew(
+        &s1,
+        &[],
+        &["observe", "--type", "drop", "--from-pod", "b/other", "--last", "100"],
+    );
+    check(
+        drops.lines().skip(1).count() == drop_rows.len(),
+        format!("--type drop lists each dropped packet once:\n{drops}"),
+    );
+
+    // Filter arguments that cannot name anything fail, saying what to use.
+    for args in [
+        &["observe", "--pod", "a/b/c"][..],
+        &["observe", "--from-pod", "/server"],
+        &["observe", "--to-pod", "A_B"],
+        &["observe", "--namespace", "a/b"],
+        &["observe", "--label", "app=a=b"],
+    ] {
+        let (ok, out, err) = sinew(&s1, &[], args);
+        check(
+            !ok && err.contains(args[1]) && out.is_empty(),
+            format!("{args:?} is refused with the flag named: ok={ok} out={out:?} err={err:?}"),
+        );
+    }
+    let (_, _, err) = sinew(&s1, &[], &["observe", "--pod", "a/b/c"]);
+    check(
+        err.contains("NAMESPACE/NAME"),
+        format!("--pod a/b/c says the form: {err}"),
+    );
+
+    // endpoint list -o json: the pod-side interface, for a GC list.
+    let (ok, json, err) = sinew(&s1, &[], &["endpoint", "list", "-o", "json"]);
+    check(ok, format!("endpoint list -o json: {err}"));
+    let eps: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    check(
+        eps.as_array().is_some_and(|a| {
+            !a.is_empty()
+                && a.iter()
+                    .all(|e| e["podInterface"] == "eth0" && e["containerID"].is_string())
+        }),
+        format!("every endpoint has podInterface eth0 and its containerID: {json}"),
+    );
+    assert!(
+        failed.is_empty(),
+        "{} checks failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+/// A pod the runtime gave no Kubernetes names (podman, cnitool: no
+/// K8S_POD_* in CNI_ARGS) is named by its container id in `endpoint list`
+/// and in `observe`, never as "/".
+#[test]
+fn pods_without_kubernetes_names_show_their_container() {
+    use std::process::Stdio;
+    let g = lab("obs-anon", 1, 0, Routing::Vxlan);
+    let lab = &g.lab;
+    let s1 = lab.node("node1").unwrap().socket.clone();
+    /// Deletes the pod's namespace however the test ends.
+    struct Pod(sinew_testvms::NetNs);
+    impl Drop for Pod {
+        fn drop(&mut self) {
+            let _ = self.0.delete();
+        }
+    }
+    let pod = Pod(sinew_testvms::NetNs::create(format!("{}-anon", lab.spec().name_prefix)).unwrap());
+    let id = sinew_testvms::cni::container_id(&lab.spec().name_prefix, "anon");
+    let cni = |command: &str| {
+        let mut cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &id)
+            .env("CNI_NETNS", pod.0.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", "IgnoreUnknown=1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lab.cni_config("node1").unwrap().as_bytes());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI {command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    cni("ADD");
+    let short = &id[..12];
+    let (ok, table, err) = sinew(&s1, &[], &["endpoint", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains(&format!(" container {short} ")) && !table.contains(" / "),
+        "{table}"
+    );
+    // A datagram out of the pod: traced where it leaves, named by its
+    // container.
+    pod.0
+        .run(|| {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.send_to(b"hello", (Ipv4Addr::new(198, 18, 0, 1), 9)).unwrap();
+        })
+        .unwrap();
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = sinew(&s1, &[], &["observe", "-o", "compact", "--last", "50"]).1;
+        if text.contains(&format!("(container {short}):")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(text.contains(&format!("(container {short}):")), "{text}");
+    cni("DEL");
+}

@@ -19,16 +19,20 @@ static __always_inline struct event_scratch *scratch(void)
 	return bpf_map_lookup_elem(&sinew_scratch, &zero);
 }
 
-/* Called at each program's entry. */
-static __always_inline void events_begin(void)
+/* Called at each program's entry with the program's HOOK_*: a policy
+ * verdict is decided deep inside (policy_enforce, local_deliver) and names
+ * the program that ran it. */
+static __always_inline void events_begin(__u8 hook)
 {
 	struct event_scratch *s;
 
 	if (!CFG_EVENTS_ENABLED)
 		return;
 	s = scratch();
-	if (s)
+	if (s) {
 		__builtin_memset(s, 0, sizeof(*s));
+		s->hook = hook;
+	}
 }
 
 static __always_inline void note_obs(__u8 obs)
@@ -334,10 +338,14 @@ static __always_inline void event_policy(struct __sk_buff *skb, __u32 ep_id,
 					 __u8 dir, __u32 peer, int ret,
 					 __u32 rule_id, __u8 match)
 {
+	struct event_scratch *s;
 	struct flow_event e = {};
 
 	if (!CFG_EVENTS_ENABLED)
 		return;
+	s = scratch();
+	if (s)
+		e.hook = s->hook;
 	e.ts_ns = bpf_ktime_get_ns();
 	e.type = EVENT_POLICY;
 	e.dir =

@@ -110,7 +110,8 @@ struct event_scratch {
 	__u32 peer_identity;
 	__u32 rule_id;
 	__u8 obs;
-	__u8 pad[3];
+	__u8 hook; /* HOOK_* of the running program */
+	__u8 pad[2];
 };
 
 struct {

@@ -37,8 +37,8 @@ use crate::state::NodeState;
 
 pub use api::ObserverApi;
 pub use enrich::{enrich, event_type_name, parse_protocol, protocol_name};
-pub use filter::{matches, selects};
-pub use index::{Names, ObserverIndex, Peer};
+pub use filter::{check_label, check_namespace, check_pod, matches, selects, FilterError};
+pub use index::{Isolation, Names, ObserverIndex, Peer};
 
 /// Event types, indexed like the datapath's lost counters (EVENT_*).
 pub const EVENT_TYPES: [(u8, &str); 3] = [
