@@ -25,7 +25,7 @@
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
-	events_begin();
+	events_begin(HOOK_FROM_NETDEV);
 	struct ipcache_value *dst, *src;
 	struct nat_key key = {};
 	struct iphdr *ip;
@@ -107,7 +107,7 @@ out:
 SEC("classifier")
 int to_netdev(struct __sk_buff *skb)
 {
-	events_begin();
+	events_begin(HOOK_TO_NETDEV);
 	struct ipcache_value *src, *dst;
 	struct nat_key key = {};
 	struct iphdr *ip;

@@ -53,7 +53,7 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
 {
-	events_begin();
+	events_begin(HOOK_FROM_CONTAINER);
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep;
 	int ret;
@@ -80,7 +80,7 @@ out:
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
-	events_begin();
+	events_begin(HOOK_TO_CONTAINER);
 	__u32 ifindex = skb->ifindex;
 	struct ipcache_value *src;
 	struct endpoint_info *ep;

@@ -18,7 +18,7 @@
 SEC("classifier")
 int from_overlay(struct __sk_buff *skb)
 {
-	events_begin();
+	events_begin(HOOK_FROM_OVERLAY);
 	struct bpf_tunnel_key key = {};
 	struct ipcache_value *dst;
 	struct iphdr *ip;
@@ -47,7 +47,7 @@ out:
 SEC("classifier")
 int to_overlay(struct __sk_buff *skb)
 {
-	events_begin();
+	events_begin(HOOK_TO_OVERLAY);
 	struct bpf_tunnel_key key = {};
 	struct ipcache_value *dst;
 	struct iphdr *ip;

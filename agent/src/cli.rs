@@ -65,7 +65,8 @@ struct ObserveArgs {
     /// none or all of them).
     #[arg(long)]
     last: Option<u64>,
-    /// Flows since a duration ago (30s, 5m, 1h) or an RFC 3339 time.
+    /// Flows since a duration ago (30s, 5m, 1h) or an RFC 3339 time (a
+    /// TIME of the table, quoted, is one).
     #[arg(long)]
     since: Option<String>,
     /// Flows until an RFC 3339 time or a duration ago.
@@ -862,32 +863,51 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
     }
 }
 
+/// One endpoint of `endpoint list -o json`: with the attachment (container
+/// id and pod-side interface) a runtime lists in `cni.dev/valid-attachments`.
+fn endpoint_json(e: &v1::Endpoint) -> serde_json::Value {
+    let att = e.attachment.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": e.id, "namespace": e.pod_namespace, "pod": e.pod_name, "ip": e.ip,
+        "identity": e.identity, "interface": e.host_ifname, "ifindex": e.host_ifindex,
+        "podInterface": att.ifname, "containerID": att.container_id,
+        "podMAC": e.pod_mac, "hostMAC": e.host_mac, "netns": e.netns, "state": e.state, "node": e.node_name,
+    })
+}
+
+const ENDPOINT_HEADER: [&str; 7] = ["ID", "POD", "IP", "IDENTITY", "INTERFACE", "POD-IF", "STATE"];
+
+fn endpoint_row(cols: [&str; 7]) -> String {
+    let [id, pod, ip, identity, host_if, pod_if, state] = cols;
+    format!("{id:<5} {pod:<28} {ip:<15} {identity:<9} {host_if:<15} {pod_if:<7} {state}")
+}
+
+fn endpoint_table(eps: &[v1::Endpoint]) -> Vec<String> {
+    let mut out = vec![endpoint_row(ENDPOINT_HEADER)];
+    for e in eps {
+        let att = e.attachment.clone().unwrap_or_default();
+        let pod = crate::observer::render::pod(&e.pod_namespace, &e.pod_name, &att.container_id);
+        out.push(endpoint_row([
+            &e.id.to_string(),
+            &pod,
+            &e.ip,
+            &e.identity.to_string(),
+            &e.host_ifname,
+            &att.ifname,
+            &e.state,
+        ]));
+    }
+    out
+}
+
 fn print_endpoints(eps: &[v1::Endpoint], f: Format) {
     if f == Format::Json {
-        let v: Vec<_> = eps
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "id": e.id, "namespace": e.pod_namespace, "pod": e.pod_name, "ip": e.ip,
-                    "identity": e.identity, "interface": e.host_ifname, "ifindex": e.host_ifindex,
-                    "podMAC": e.pod_mac, "hostMAC": e.host_mac, "netns": e.netns, "state": e.state, "node": e.node_name,
-                    "containerID": e.attachment.as_ref().map(|a| a.container_id.clone()),
-                })
-            })
-            .collect();
+        let v: Vec<_> = eps.iter().map(endpoint_json).collect();
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
     }
-    println!(
-        "{:<5} {:<28} {:<15} {:<9} {:<15} {:<10}",
-        "ID", "POD", "IP", "IDENTITY", "INTERFACE", "STATE"
-    );
-    for e in eps {
-        let pod = format!("{}/{}", e.pod_namespace, e.pod_name);
-        println!(
-            "{:<5} {:<28} {:<15} {:<9} {:<15} {:<10}",
-            e.id, pod, e.ip, e.identity, e.host_ifname, e.state
-        );
+    for line in endpoint_table(eps) {
+        println!("{line}");
     }
 }
 
@@ -908,9 +928,20 @@ fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::
         .map(|s| crate::observer::render::parse_since(s, now))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--until {e}"))?;
-    for l in &a.labels {
-        if !l.contains('=') || l.starts_with('=') {
-            bail!("--label {l:?}: use key=value");
+    // Checked here, before any agent is asked, so that the error names the
+    // flag (the agent checks the same and names the request field).
+    {
+        use crate::observer::{check_label, check_namespace, check_pod};
+        for (flag, v) in [("--pod", &a.pod), ("--from-pod", &a.from_pod), ("--to-pod", &a.to_pod)] {
+            if let Some(v) = v {
+                check_pod(flag, v)?;
+            }
+        }
+        if let Some(ns) = &a.namespace {
+            check_namespace("--namespace", ns)?;
+        }
+        for l in &a.labels {
+            check_label("--label", l)?;
         }
     }
     let drop_reason = match a.drop_reason.as_deref() {
@@ -1013,6 +1044,7 @@ fn observe(cli: &Cli, a: &ObserveArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let req = observe_request(a)?;
+    let tz = render::local_zone();
     let rt = runtime()?;
     rt.block_on(async {
         let mut c = observer_client(&socket).await?;
@@ -1032,8 +1064,8 @@ fn observe(cli: &Cli, a: &ObserveArgs) -> anyhow::Result<()> {
             let Some(msg) = msg else { return Ok(()) };
             let line = match msg.response {
                 Some(pb::get_flows_response::Response::Flow(f)) => match a.output {
-                    FlowFormat::Table => render::table_row(&f),
-                    FlowFormat::Compact => render::compact(&f),
+                    FlowFormat::Table => render::table_row(&f, &tz),
+                    FlowFormat::Compact => render::compact(&f, &tz),
                     FlowFormat::Json => render::json(&f).to_string(),
                 },
                 Some(pb::get_flows_response::Response::LostEvents(l)) => {
@@ -1106,6 +1138,53 @@ fn print_observer_status(s: &sinew_proto::observer_v1::ServerStatusResponse, jso
         for (k, v) in r {
             println!("  {k:<24} {v}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ns: &str, name: &str, container_id: &str) -> v1::Endpoint {
+        v1::Endpoint {
+            id: 3,
+            attachment: Some(v1::Attachment {
+                container_id: container_id.into(),
+                ifname: "eth0".into(),
+            }),
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+            host_ifname: "lxc0123456789a".into(),
+            ip: "10.244.1.9".into(),
+            identity: 256,
+            state: "ready".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A runtime builds its GC list (`cni.dev/valid-attachments`) from the
+    /// container id and the pod-side interface name.
+    #[test]
+    fn endpoint_json_has_the_attachment() {
+        let j = endpoint_json(&ep("a", "web", "c0ffee"));
+        assert_eq!(
+            (j["containerID"].as_str(), j["podInterface"].as_str()),
+            (Some("c0ffee"), Some("eth0"))
+        );
+        assert_eq!(j["interface"], "lxc0123456789a");
+    }
+
+    /// Pods without Kubernetes names (podman, cnitool) show their
+    /// container, never "/"; the table has the pod-side interface.
+    #[test]
+    fn endpoint_table_names_unnamed_pods() {
+        let rows = endpoint_table(&[ep("a", "web", "c0ffee"), ep("", "", "0123456789abcdef0123")]);
+        assert!(rows[0].contains("POD-IF"), "{}", rows[0]);
+        assert!(rows[1].contains(" a/web ") && rows[1].contains(" eth0 "), "{}", rows[1]);
+        assert!(rows[2].contains(" container 0123456789ab "), "{}", rows[2]);
+        assert!(!rows[2].contains(" / "), "{}", rows[2]);
+        let col = |r: &str, w: &str| r.find(w);
+        assert_eq!(col(&rows[0], "POD-IF"), col(&rows[1], "eth0"));
     }
 }
 

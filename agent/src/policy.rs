@@ -531,6 +531,7 @@ mod tests {
                 entry(Peer::Identity(300), Some(Proto::Tcp), Some((1500, 1500)), Action::Allow),
                 entry(Peer::Identity(300), None, None, Action::Allow),
             ],
+            ..Default::default()
         };
         let mut rules = RuleTable::default();
         let m = compile(7, &resolved, &mut rules);
@@ -557,6 +558,7 @@ mod tests {
                 entry(Peer::Any, None, None, Action::Allow),
                 entry(Peer::Identity(9), Some(Proto::Udp), None, Action::Allow),
             ],
+            ..Default::default()
         };
         let m = compile(1, &resolved, &mut RuleTable::default());
         assert!(m

@@ -818,7 +818,8 @@ fn nodeport_round_trip(proto: Proto) {
         }
         .macs([0x02, 0, 0, 0, 0xaa, 0x01], [0x02, 0, 0, 0, 0xaa, 0x02])
         .build();
-        let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoServiceBackend, Ingress));
+        // Its own reason: the client is not refused, it times out.
+        let out = node.run("from_netdev", &other, node.uplink_ifindex, (NoLocalBackend, Ingress));
         assert_eq!(out.verdict, TC_ACT_SHOT, "Local without a local backend drops");
         // externalTrafficPolicy Cluster and no backend anywhere: the node's
         // stack gets the packet unchanged, to refuse it (reset / ICMP port
@@ -1006,5 +1007,130 @@ fn native_routed_packets_are_marked_and_skip_the_uplink_checks() {
         assert_eq!(out.ctx.mark, 0, "and its mark cleared");
         let out = node.run("to_netdev", &to_outside, node.uplink_ifindex, (Forwarded, Egress));
         assert_ne!(View(&out.frame).ip_src(), a.ip, "without the mark it is masqueraded");
+    });
+}
+
+/// Forwarded packets are counted per flow and every one is in exactly one
+/// trace report: a flow's first packet at once, a TCP FIN with what came
+/// since the SYN, the ACK after the FIN and the rest of an idle flow by
+/// the flush, which then retires the entries; two pings (echo
+/// identifiers) are two flows; a packet that finds its entry being
+/// retired reports itself.
+#[test]
+fn flow_reports_count_every_packet_once() {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use sinew_abi::{FlowAgg, FlowAggKey, FlowEvent, FLOW_ACC_DEAD};
+
+    const TCP_FIN: u8 = 0x01;
+    in_new_netns("bpf-flowsum", || {
+        let interval = Duration::from_secs(1);
+        let mut node = Node::with_config(RoutingMode::Native, |c| {
+            c.event_report_interval_ns = interval.as_nanos() as u64;
+        });
+        let mut ring = node.dp.take_events().expect("event ring");
+        let flusher = node.dp.take_flusher().expect("flow flush");
+        let agg_path = node.dp.config().map_dir().join(sinew_abi::maps::FLOW_AGG);
+        let mut agg: BpfHashMap<MapData, FlowAggKey, FlowAgg> =
+            BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&agg_path).expect("pinned flow_agg"))).unwrap();
+        let (a, b) = (node.a, node.b);
+        // (sport, dport or ICMP type, icmp id) -> (packets, bytes) sent.
+        let mut sent: BTreeMap<(u16, u16, u16), (u64, u64)> = BTreeMap::new();
+        let mut send = |f: Ipv4Frame, key: (u16, u16, u16)| {
+            let frame = f.macs(a.host_mac, a.mac).build();
+            let out = node.run("from_container", &frame, a.ifindex, (Forwarded, Egress));
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{}", verdict_name(out.verdict));
+            let s = sent.entry(key).or_default();
+            s.0 += 1;
+            s.1 += frame.len() as u64;
+        };
+        let mut reports: Vec<FlowEvent> = Vec::new();
+        let mut read = |reports: &mut Vec<FlowEvent>| -> usize {
+            let before = reports.len();
+            while let Some(item) = ring.next() {
+                let ev = FlowEvent::from_bytes(&item).expect("a whole event");
+                if ev.r#type == sinew_abi::EVENT_TRACE {
+                    reports.push(ev);
+                }
+            }
+            reports.len() - before
+        };
+        let tcp = |flags| Ipv4Frame::tcp((a.ip, 40001), (b.ip, 80), flags);
+        let tk = (40001, 80, 0);
+        send(tcp(TCP_SYN), tk);
+        assert_eq!(read(&mut reports), 1, "a SYN reports");
+        send(tcp(TCP_ACK), tk);
+        send(tcp(TCP_ACK), tk);
+        assert_eq!(read(&mut reports), 0, "packets inside an interval do not");
+        send(tcp(TCP_FIN | TCP_ACK), tk);
+        assert_eq!(read(&mut reports), 1, "a FIN reports");
+        assert_eq!(
+            reports.last().unwrap().packets,
+            3,
+            "the FIN with the two ACKs before it"
+        );
+        send(tcp(TCP_ACK), tk);
+        for _ in 0..5 {
+            send(Ipv4Frame::udp((a.ip, 40002), (b.ip, 53)), (40002, 53, 0));
+        }
+        for (id, n) in [(0x101, 3), (0x202, 2)] {
+            for _ in 0..n {
+                send(Ipv4Frame::echo(a.ip, b.ip, false, id), (8, 0, id));
+            }
+        }
+        assert_eq!(
+            read(&mut reports),
+            3,
+            "the UDP flow and the two pings report their first packet"
+        );
+        assert_eq!(flusher.run().unwrap(), 0, "nothing is an interval old yet");
+
+        // A packet that finds its entry being retired (as by a flush on
+        // another CPU) is not in the flush's report: it reports itself.
+        let dead_key = FlowAggKey {
+            saddr: u32::from_ne_bytes(a.ip.octets()),
+            daddr: u32::from_ne_bytes(b.ip.octets()),
+            sport: 40003u16.to_be(),
+            dport: 53u16.to_be(),
+            proto: 17,
+            hook: 1, // HOOK_FROM_CONTAINER
+            icmp_id: 0,
+        };
+        let dead = FlowAgg {
+            acc: FLOW_ACC_DEAD,
+            ..FlowAgg::default()
+        };
+        agg.insert(dead_key, dead, 0).unwrap();
+        send(Ipv4Frame::udp((a.ip, 40003), (b.ip, 53)), (40003, 53, 0));
+        assert_eq!(read(&mut reports), 1, "a packet on a retired entry reports itself");
+
+        std::thread::sleep(interval + Duration::from_millis(300));
+        assert_eq!(
+            flusher.run().unwrap(),
+            4,
+            "the flush reports the TCP teardown's last ACK, the UDP flow and the two pings"
+        );
+        assert_eq!(read(&mut reports), 4);
+        assert_eq!(flusher.run().unwrap(), 0, "and only once");
+        assert_eq!(read(&mut reports), 0);
+        assert_eq!(agg.keys().count(), 0, "idle entries are retired");
+
+        let mut got: BTreeMap<(u16, u16, u16), (u64, u64)> = BTreeMap::new();
+        for ev in &reports {
+            assert_eq!((ev.saddr, ev.daddr), (dead_key.saddr, dead_key.daddr), "{ev:?}");
+            assert_eq!(ev.hook, 1, "{ev:?}");
+            assert_eq!(ev.ifindex, a.ifindex, "flush reports name the interface: {ev:?}");
+            let key = if ev.proto == 1 {
+                (ev.sport, ev.dport, u16::from_be(ev.icmp_id))
+            } else {
+                (u16::from_be(ev.sport), u16::from_be(ev.dport), 0)
+            };
+            let g = got.entry(key).or_default();
+            g.0 += ev.packets;
+            g.1 += ev.bytes;
+        }
+        assert_eq!(got, sent, "reports per flow (packets, bytes) against what was sent");
     });
 }

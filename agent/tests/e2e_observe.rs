@@ -1,8 +1,9 @@
 //! Flow observability with real agents, real BPF and real traffic: flows
 //! name both pods, policy drops and verdicts name the reason and the rule,
 //! every GetFlows filter selects exactly the flows it should, `sinew
-//! observe -o json` prints one object per line, and a full datapath ring
-//! is counted exactly (flows seen + events lost = drops the datapath made).
+//! observe -o json` prints one object per line, a full datapath ring is
+//! counted exactly (flows seen + events lost = drops the datapath made),
+//! and forwarded-flow reports sum to exactly the packets sent.
 
 mod e2e;
 
@@ -15,6 +16,7 @@ use e2e::*;
 use sinew_abi::DropReason;
 use sinew_proto::observer_v1 as pb;
 use sinew_testvms::lab::Routing;
+use sinew_testvms::NetNs;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -717,4 +719,520 @@ fn long_tcp_connections_report_periodic_counters() {
         "the reports account for every message: {packets} packets"
     );
     assert!(bytes >= (MESSAGES * 100) as u64, "and its bytes: {bytes}");
+}
+
+/// TCP connections from `client` to `ip:port` (the echo server): each
+/// sends 100 bytes, reads the echo, half-closes and reads the server's
+/// FIN, so the client has sent its last ACK when it reads its counters.
+/// Returns the segments (client to server, server to client) the client's
+/// kernel counted over all connections.
+fn tcp_connections(client: &NetNs, ip: Ipv4Addr, port: u16, n: usize) -> (u64, u64) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    client
+        .run(move || {
+            let (mut out, mut inn) = (0u64, 0u64);
+            for _ in 0..n {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&SocketAddr::new(ip.into(), port), Duration::from_secs(3))
+                        .unwrap_or_else(|e| panic!("connect {ip}:{port}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.write_all(&[7u8; 100]).unwrap();
+                let mut b = [0u8; 100];
+                s.read_exact(&mut b).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                assert_eq!(s.read(&mut b).unwrap(), 0, "the server closes after our FIN");
+                // SAFETY: tcp_info is plain data, valid when zeroed.
+                let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+                // SAFETY: getsockopt writes at most `len` bytes into info,
+                // which outlives the call; the fd is the live stream's.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_INFO,
+                        (&mut info as *mut libc::tcp_info).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+                out += u64::from(info.tcpi_segs_out);
+                inn += u64::from(info.tcpi_segs_in);
+            }
+            (out, inn)
+        })
+        .unwrap()
+}
+
+/// UDP datagrams of `size` bytes from one socket in `client` to the echo
+/// server at `ip:port`, in `bursts` separated by `pause`; every one is
+/// echoed. Returns how many were sent (each one answered).
+fn udp_bursts(client: &NetNs, ip: Ipv4Addr, port: u16, bursts: usize, per_burst: usize, pause: Duration) -> u64 {
+    client
+        .run(move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 200];
+            let mut n = 0;
+            for burst in 0..bursts {
+                if burst > 0 {
+                    std::thread::sleep(pause);
+                }
+                for _ in 0..per_burst {
+                    s.send_to(&[1u8; 60], (ip, port)).unwrap();
+                    s.recv_from(&mut b).expect("udp echo");
+                    n += 1;
+                }
+            }
+            n
+        })
+        .unwrap()
+}
+
+/// ICMP echoes from `client` to `ip` through a raw socket, `count` with
+/// each identifier (two pings, interleaved), each answered before the
+/// next; returns how many.
+fn icmp_echoes(client: &NetNs, ip: Ipv4Addr, ids: [u16; 2], count: u16) -> u64 {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    client
+        .run(move || {
+            // SAFETY: plain socket(2); the fd is owned right after.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+            assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is fresh and nobody else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+            // SAFETY: tv lives across the call and its size is passed.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let mut answered = 0;
+            for seq in 0..count {
+                for id in ids {
+                    let mut rest = id.to_be_bytes().to_vec();
+                    rest.extend_from_slice(&seq.to_be_bytes());
+                    rest.extend_from_slice(&[0x5a; 32]);
+                    let msg = icmp_message(8, 0, &rest);
+                    // SAFETY: msg and sin are valid for the call, with their sizes.
+                    let n = unsafe {
+                        libc::sendto(
+                            fd.as_raw_fd(),
+                            msg.as_ptr().cast(),
+                            msg.len(),
+                            0,
+                            (&sin as *const libc::sockaddr_in).cast(),
+                            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                        )
+                    };
+                    assert!(n > 0, "send echo: {}", std::io::Error::last_os_error());
+                    // A raw socket sees every ICMP message: wait for our reply.
+                    loop {
+                        let mut b = [0u8; 256];
+                        // SAFETY: b is writable for its length.
+                        let n = unsafe { libc::recv(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) };
+                        assert!(n > 0, "no echo reply for id {id} seq {seq}");
+                        let ihl = usize::from(b[0] & 0xf) * 4;
+                        let (t, rid, rseq) = (
+                            b[ihl],
+                            u16::from_be_bytes([b[ihl + 4], b[ihl + 5]]),
+                            u16::from_be_bytes([b[ihl + 6], b[ihl + 7]]),
+                        );
+                        if t == 0 && rid == id && rseq == seq {
+                            answered += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            answered
+        })
+        .unwrap()
+}
+
+/// Sums of forwarded-flow reports per (node, hook, source, destination,
+/// protocol), ports left out (a direction of many connections).
+type Sums = BTreeMap<(String, i32, String, String, u32), (u64, u64)>;
+
+fn trace_sums(w: &World) -> (Sums, Vec<pb::Flow>) {
+    let mut sums = Sums::new();
+    let mut flows = Vec::new();
+    for node in ["node1", "node2"] {
+        for f in get_flows(&w.socket(node), all(None)).unwrap() {
+            if f.r#type() != pb::EventType::Trace || f.verdict() != pb::Verdict::Forwarded {
+                continue;
+            }
+            let key = (
+                node.to_string(),
+                f.hook,
+                ep(&f, false).ip.clone(),
+                ep(&f, true).ip.clone(),
+                f.protocol,
+            );
+            let s = sums.entry(key).or_default();
+            s.0 += f.packets;
+            s.1 += f.bytes;
+            flows.push(f);
+        }
+    }
+    (sums, flows)
+}
+
+/// Every forwarded packet is counted in exactly one trace report: known
+/// counts per protocol (TCP connections with handshake and teardown, UDP
+/// datagrams in bursts with idle gaps, ICMP echoes of two pings) sum to
+/// what was sent, at every hook that reports the flow, once the flows have
+/// been idle for a report interval, and stay there.
+#[test]
+fn forwarded_flow_counters_add_up_exactly() {
+    let interval = Duration::from_millis(300);
+    let w = World::new("obs-sum", &["--event-report-interval-ms", "300"]);
+    let lab = &w.g.lab;
+    let client = pod_ns(lab, "client");
+    let (c, s, o) = (pod_ip(lab, "client"), pod_ip(lab, "server"), pod_ip(lab, "other"));
+
+    let (tcp_out, tcp_in) = tcp_connections(&client, s, 8080, 10);
+    let udp_local = udp_bursts(&client, s, 5353, 4, 100, interval + Duration::from_millis(100));
+    let udp_remote = udp_bursts(&client, o, 5353, 2, 100, interval * 2);
+    let icmp = icmp_echoes(&client, o, [0x5101, 0x5102], 30);
+    assert_eq!((udp_local, udp_remote, icmp), (400, 200, 60));
+
+    let (tcp, udp, icmp_p) = (6, 17, 1);
+    // (source, destination, protocol, packets): every direction of every
+    // flow. The hooks that report a direction are the sender's
+    // from_container and the receiver's delivery hook.
+    let want: Vec<(Ipv4Addr, Ipv4Addr, u32, u64)> = vec![
+        (c, s, tcp, tcp_out),
+        (s, c, tcp, tcp_in),
+        (c, s, udp, udp_local),
+        (s, c, udp, udp_local),
+        (c, o, udp, udp_remote),
+        (o, c, udp, udp_remote),
+        (c, o, icmp_p, icmp),
+        (o, c, icmp_p, icmp),
+    ];
+    let mismatches = |sums: &Sums| -> Vec<String> {
+        let mut bad = Vec::new();
+        for (src, dst, proto, n) in &want {
+            let at: Vec<_> = sums
+                .iter()
+                .filter(|((_, _, fs, fd, fp), _)| *fs == src.to_string() && *fd == dst.to_string() && fp == proto)
+                .collect();
+            if !at.iter().any(|((_, h, ..), _)| *h == pb::Hook::FromContainer as i32) {
+                bad.push(format!("{src} -> {dst} proto {proto}: no report at from_container"));
+            }
+            for ((node, hook, ..), (p, _)) in at {
+                if p != n {
+                    bad.push(format!(
+                        "{src} -> {dst} proto {proto} at {node} hook {hook}: {p} packets reported, {n} sent"
+                    ));
+                }
+            }
+        }
+        bad
+    };
+    // Reports of the last packets come once a flow has been idle for an
+    // interval and the agent's next flush: wait for them, then make sure
+    // nothing more arrives (a packet counted twice).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut sums, mut flows) = trace_sums(&w);
+    while !mismatches(&sums).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        (sums, flows) = trace_sums(&w);
+    }
+    let bad = mismatches(&sums);
+    assert!(
+        bad.is_empty(),
+        "forwarded counts do not add up:\n{}\nsums: {sums:#?}\nflows: {flows:#?}",
+        bad.join("\n")
+    );
+    let ours = |sums: Sums| -> Sums {
+        sums.into_iter()
+            .filter(|((_, _, fs, fd, fp), _)| {
+                want.iter()
+                    .any(|(src, dst, proto, _)| *fs == src.to_string() && *fd == dst.to_string() && fp == proto)
+            })
+            .collect()
+    };
+    // The two pings are two flows: each direction of each identifier sums
+    // to its own 30 echoes.
+    for id in [0x5101u32, 0x5102] {
+        for (src, dst) in [(c, o), (o, c)] {
+            let n: u64 = flows
+                .iter()
+                .filter(|f| {
+                    f.protocol == icmp_p
+                        && f.hook() == pb::Hook::FromContainer
+                        && ep(f, false).ip == src.to_string()
+                        && ep(f, true).ip == dst.to_string()
+                })
+                .map(|f| {
+                    assert!(f.icmp_id == 0x5101 || f.icmp_id == 0x5102, "{f:?}");
+                    if f.icmp_id == id {
+                        f.packets
+                    } else {
+                        0
+                    }
+                })
+                .sum();
+            assert_eq!(n, icmp / 2, "ping {id:#x} {src} -> {dst}");
+        }
+    }
+    std::thread::sleep(interval * 4);
+    let (later, _) = trace_sums(&w);
+    assert_eq!(ours(later), ours(sums), "no report after the counts added up");
+}
+
+/// Runs `sinew` against a node's socket with extra environment; returns
+/// (success, stdout, stderr).
+fn sinew(socket: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a user reads, end to end: policy verdicts carry the program that
+/// decided, a default-deny drop names the policy that isolates the pod and
+/// says each thing once, the table's time has a date and a zone from `TZ`,
+/// bad filter arguments fail with a way out, and `endpoint list -o json`
+/// has what a runtime's GC list needs. Every failed check is listed before
+/// the test fails, so one run shows them all.
+#[test]
+fn observe_output_says_what_happened_once_and_where() {
+    let w = World::new("obs-ux", &[]);
+    let lab = &w.g.lab;
+    let s1 = w.socket("node1");
+    let applied = apply_policy(&s1, POLICY).expect("apply policy");
+    wait_policies_everywhere(lab, &applied);
+    let (client, server) = (pod_ns(lab, "client"), pod_ip(lab, "server"));
+    let other = pod_ns(lab, "other");
+    tcp_echo(&client, server, 8080, Duration::from_secs(3)).expect("client -> server:8080 is allowed");
+    // b/other is not a client: the server is isolated for ingress and no
+    // rule allows it (default deny), decided where node1 decapsulates.
+    assert!(tcp_echo(&other, server, 8080, Duration::from_secs(1)).is_err());
+    let mut failed: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            failed.push(what);
+        }
+    };
+
+    // Policy verdicts name the program that decided: the client's veth
+    // (local delivery runs the server's ingress policy there), and the
+    // uplink for the pod on node2 (from_netdev decapsulates VXLAN itself
+    // and delivers).
+    let allowed = wait_flows(&s1, &all(None), "verdict client -> server:8080", |f| {
+        f.r#type() == pb::EventType::PolicyVerdict && is_pod(ep(f, false), "a", "client") && ep(f, true).port == 8080
+    });
+    check(
+        allowed.iter().all(|f| f.hook() == pb::Hook::FromContainer),
+        format!(
+            "verdict client -> server has hook {:?}, want FromContainer",
+            allowed.iter().map(|f| f.hook()).collect::<Vec<_>>()
+        ),
+    );
+    let denied = wait_flows(&s1, &all(None), "verdict b/other -> server:8080", |f| {
+        f.r#type() == pb::EventType::PolicyVerdict && is_pod(ep(f, false), "b", "other") && ep(f, true).port == 8080
+    });
+    check(
+        denied.iter().all(|f| f.hook() == pb::Hook::FromNetdev),
+        format!(
+            "verdict b/other -> server has hook {:?}, want FromNetdev",
+            denied.iter().map(|f| f.hook()).collect::<Vec<_>>()
+        ),
+    );
+
+    // The table: one verdict row and one drop row per denied packet, each
+    // saying what it is, each saying it once, naming the isolating policy;
+    // time with date and the zone of TZ (a POSIX TZ: no zoneinfo needed).
+    let (ok, table, err) = sinew(
+        &s1,
+        &[("TZ", "SNW-5:30")],
+        &[
+            "observe",
+            "--from-pod",
+            "b/other",
+            "--to-pod",
+            "a/server",
+            "--last",
+            "100",
+        ],
+    );
+    check(ok, format!("observe --from-pod b/other failed: {err}"));
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    let isolated = "default deny: a/server isolated for ingress by SinewNetworkPolicy a/server-policy";
+    let verdict_rows: Vec<&&str> = rows.iter().filter(|r| r.contains("policy-verdict")).collect();
+    let drop_rows: Vec<&&str> = rows.iter().filter(|r| !r.contains("policy-verdict")).collect();
+    check(
+        !verdict_rows.is_empty() && verdict_rows.len() == drop_rows.len(),
+        format!("one verdict row per drop row:\n{table}"),
+    );
+    for r in &verdict_rows {
+        check(
+            r.contains("policy-verdict:none INGRESS DENIED") && r.contains(isolated),
+            format!("verdict row says what decided and who isolates: {r}"),
+        );
+    }
+    for r in &drop_rows {
+        check(
+            r.contains("DROPPED") && r.contains("policy denied") && r.contains(isolated),
+            format!("drop row says why and who isolates: {r}"),
+        );
+    }
+    for r in &rows {
+        check(
+            r.matches("no rule allows it").count() <= 1 && r.matches("policy").count() <= 4,
+            format!("row repeats itself: {r}"),
+        );
+        let date = r.get(..10).unwrap_or("");
+        check(
+            date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-' && r.contains("+05:30 "),
+            format!("row time has a date and the TZ offset +05:30: {r}"),
+        );
+    }
+    // The drop rows alone: one row per dropped packet.
+    let (_, drops, _) = sinew(
+        &s1,
+        &[],
+        &["observe", "--type", "drop", "--from-pod", "b/other", "--last", "100"],
+    );
+    check(
+        drops.lines().skip(1).count() == drop_rows.len(),
+        format!("--type drop lists each dropped packet once:\n{drops}"),
+    );
+
+    // Filter arguments that cannot name anything fail, saying what to use.
+    for args in [
+        &["observe", "--pod", "a/b/c"][..],
+        &["observe", "--from-pod", "/server"],
+        &["observe", "--to-pod", "A_B"],
+        &["observe", "--namespace", "a/b"],
+        &["observe", "--label", "app=a=b"],
+    ] {
+        let (ok, out, err) = sinew(&s1, &[], args);
+        check(
+            !ok && err.contains(args[1]) && out.is_empty(),
+            format!("{args:?} is refused with the flag named: ok={ok} out={out:?} err={err:?}"),
+        );
+    }
+    let (_, _, err) = sinew(&s1, &[], &["observe", "--pod", "a/b/c"]);
+    check(
+        err.contains("NAMESPACE/NAME"),
+        format!("--pod a/b/c says the form: {err}"),
+    );
+
+    // endpoint list -o json: the pod-side interface, for a GC list.
+    let (ok, json, err) = sinew(&s1, &[], &["endpoint", "list", "-o", "json"]);
+    check(ok, format!("endpoint list -o json: {err}"));
+    let eps: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    check(
+        eps.as_array().is_some_and(|a| {
+            !a.is_empty()
+                && a.iter()
+                    .all(|e| e["podInterface"] == "eth0" && e["containerID"].is_string())
+        }),
+        format!("every endpoint has podInterface eth0 and its containerID: {json}"),
+    );
+    assert!(
+        failed.is_empty(),
+        "{} checks failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+/// A pod the runtime gave no Kubernetes names (podman, cnitool: no
+/// K8S_POD_* in CNI_ARGS) is named by its container id in `endpoint list`
+/// and in `observe`, never as "/".
+#[test]
+fn pods_without_kubernetes_names_show_their_container() {
+    use std::process::Stdio;
+    let g = lab("obs-anon", 1, 0, Routing::Vxlan);
+    let lab = &g.lab;
+    let s1 = lab.node("node1").unwrap().socket.clone();
+    /// Deletes the pod's namespace however the test ends.
+    struct Pod(sinew_testvms::NetNs);
+    impl Drop for Pod {
+        fn drop(&mut self) {
+            let _ = self.0.delete();
+        }
+    }
+    let pod = Pod(sinew_testvms::NetNs::create(format!("{}-anon", lab.spec().name_prefix)).unwrap());
+    let id = sinew_testvms::cni::container_id(&lab.spec().name_prefix, "anon");
+    let cni = |command: &str| {
+        let mut cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &id)
+            .env("CNI_NETNS", pod.0.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", "IgnoreUnknown=1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lab.cni_config("node1").unwrap().as_bytes());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI {command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    cni("ADD");
+    let short = &id[..12];
+    let (ok, table, err) = sinew(&s1, &[], &["endpoint", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains(&format!(" container {short} ")) && !table.contains(" / "),
+        "{table}"
+    );
+    // A datagram out of the pod: traced where it leaves, named by its
+    // container.
+    pod.0
+        .run(|| {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.send_to(b"hello", (Ipv4Addr::new(198, 18, 0, 1), 9)).unwrap();
+        })
+        .unwrap();
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = sinew(&s1, &[], &["observe", "-o", "compact", "--last", "50"]).1;
+        if text.contains(&format!("(container {short}):")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(text.contains(&format!("(container {short}):")), "{text}");
+    cni("DEL");
 }

@@ -621,12 +621,12 @@ fn node_port_from_outside_local_and_cluster() {
     );
 
     // node2 has no local backend: dropped there, with the reason.
-    let before = drop_count(l, "node2", "no_service_backend", "ingress");
+    let before = drop_count(l, "node2", "no_local_backend", "ingress");
     let r = ext
         .run(move || TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(n2), 30080), Duration::from_millis(500)))
         .unwrap();
     assert!(r.is_err(), "node2 has no backend for a Local node port");
-    assert!(drop_count(l, "node2", "no_service_backend", "ingress") > before);
+    assert!(drop_count(l, "node2", "no_local_backend", "ingress") > before);
 
     // The same service with externalTrafficPolicy Cluster: node2 sends the
     // flow to node1's backend from its own address, and the reply comes

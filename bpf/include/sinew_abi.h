@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define SINEW_ABI_VERSION 3
+#define SINEW_ABI_VERSION 4
 
 /* Reserved identities. Pod identities start at SINEW_IDENTITY_MIN_CLUSTER. */
 #define SINEW_IDENTITY_UNKNOWN	   0
@@ -156,10 +156,13 @@ struct metrics_value {
 
 /*
  * Flow events, on one ring buffer (sinew_events). Drops always produce an
- * event; forwarded packets only at flow boundaries (a new flow, a TCP SYN,
- * FIN or RST, and every EVENT_REPORT_INTERVAL for flows without TCP
- * state); policy verdicts once per new connection. An event that does not
- * fit in the ring is counted in sinew_events_lost[type].
+ * event; forwarded packets are counted per flow (struct flow_agg) and
+ * reported with the packets and bytes since the last report: at a new
+ * flow, a TCP SYN, FIN or RST, once per EVENT_REPORT_INTERVAL while
+ * packets come, and by the agent's flush when they stop; every packet is
+ * in exactly one report. Policy verdicts once per new connection. An
+ * event that does not fit in the ring is counted in
+ * sinew_events_lost[type].
  */
 #define EVENT_TRACE    1 /* forwarded */
 #define EVENT_DROP     2 /* dropped, with a reason */
@@ -211,12 +214,34 @@ struct flow_event {
 	__u8 tcp_flags;
 	__u8 verdict; /* VERDICT_* */
 	__u8 match;   /* MATCH_* (EVENT_POLICY) */
-	__u8 pad[7];
+	__u8 pad;
+	__u16 icmp_id; /* ICMP echo identifier (network order), else 0 */
+	__u8 pad2[4];
 	__u64 packets; /* aggregated since the last event of this flow */
 	__u64 bytes;
 };
 
-/* Per-flow aggregation state (LRU: losing it costs only an extra event). */
+/*
+ * Per-flow aggregation of forwarded packets, one entry per direction and
+ * hook (ICMP echo: per identifier). The packets and bytes since the last
+ * report live in one word, `acc`, so that taking them is one atomic
+ * exchange: packets in bits 40..62, bytes in bits 0..39, bit 63 set once
+ * the entry is retired (being deleted): a packet that finds it set reports
+ * itself. The datapath adds with an atomic fetch-and-add and takes the
+ * word when a report is due; the agent's periodic flush (flush_flows in
+ * bpf_flush.c) takes what is due and retires idle entries.
+ */
+#define FLOW_ACC_DEAD	   (1ULL << 63)
+#define FLOW_ACC_PKT_SHIFT 40
+#define FLOW_ACC_BYTES	   ((1ULL << FLOW_ACC_PKT_SHIFT) - 1)
+#define FLOW_ACC_PKTS(v)   (((v) & ~FLOW_ACC_DEAD) >> FLOW_ACC_PKT_SHIFT)
+/* A report is taken before either field could overflow. */
+#define FLOW_ACC_PKTS_MAX  (1ULL << 21)
+#define FLOW_ACC_BYTES_MAX (1ULL << 38)
+
+#define FLOW_OPEN    0
+#define FLOW_CLOSING 1 /* TCP FIN or RST seen: the last ACKs follow */
+
 struct flow_agg_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -224,13 +249,21 @@ struct flow_agg_key {
 	__u16 dport;
 	__u8 proto;
 	__u8 hook;
-	__u16 pad;
+	__u16 icmp_id; /* ICMP echo identifier (network order), else 0 */
 };
 
 struct flow_agg {
-	__u64 last_report_ns;
-	__u64 packets;
-	__u64 bytes;
+	__u64 acc;
+	__u64 last_seen_ns;   /* coarse clock, last packet */
+	__u64 last_report_ns; /* coarse clock, last report */
+	/* For the agent's flush reports: what the first packet's event said. */
+	__u32 ifindex;
+	__u32 ep_id;
+	__u32 peer_identity;
+	__u8 dir;
+	__u8 obs;
+	__u8 state; /* FLOW_* */
+	__u8 pad;
 };
 
 /*

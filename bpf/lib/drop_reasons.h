@@ -25,8 +25,9 @@
 #define DROP_POLICY_DENY	16 /* a deny rule matched */
 #define DROP_CT_FULL		17 /* conntrack table full (fail closed) */
 #define DROP_POLICY_NOT_READY	18 /* endpoint's policy not installed */
-#define DROP_NO_SERVICE_BACKEND 19 /* a service without usable backends */
+#define DROP_NO_SERVICE_BACKEND 19 /* no usable backend: refused */
 #define DROP_ENCAP_FAILED	20 /* a tunnel header not added or removed */
-#define DROP_REASON_MAX		21
+#define DROP_NO_LOCAL_BACKEND	21 /* Local policy, none here: times out */
+#define DROP_REASON_MAX		22
 
 #endif

@@ -81,8 +81,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sinew_events_lost SEC(".maps");
 
+/* A plain hash, not LRU: an evicted entry would take uncounted packets
+ * with it. Entries are retired by the agent's flush; a packet that finds
+ * the table full reports itself. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct flow_agg_key);
 	__type(value, struct flow_agg);
 	__uint(max_entries, FLOW_AGG_MAX_ENTRIES);
@@ -107,7 +110,8 @@ struct event_scratch {
 	__u32 peer_identity;
 	__u32 rule_id;
 	__u8 obs;
-	__u8 pad[3];
+	__u8 hook; /* HOOK_* of the running program */
+	__u8 pad[2];
 };
 
 struct {

@@ -166,7 +166,9 @@ nodeport_dnat(struct __sk_buff *skb, const struct nat_key *key, __u32 *daddr)
 		 * Local without a local backend drops instead, as kube-proxy
 		 * does, so that a load balancer's health check moves away.
 		 */
-		if (!svc->count && !(svc->flags & LB_F_LOCAL_ONLY))
+		if (svc->flags & LB_F_LOCAL_ONLY)
+			return -DROP_NO_LOCAL_BACKEND;
+		if (!svc->count)
 			return NODEPORT_REFUSE;
 		return -DROP_NO_SERVICE_BACKEND;
 	}

@@ -96,7 +96,7 @@ impl sinew_proto::Observer for ObserverApi {
 
     async fn get_flows(&self, req: Request<pb::GetFlowsRequest>) -> Result<Response<FlowStream>, Status> {
         let req = req.into_inner();
-        filter::validate(&req).map_err(Status::invalid_argument)?;
+        filter::validate(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (history, next) = self.observer.history(&req);
         let (tx, out) = mpsc::channel(256);
         tokio::spawn(stream_flows(self.observer.clone(), req, history, next, tx));

@@ -94,6 +94,7 @@ fn endpoint(ip: Ipv4Addr, port: u16, peer: Option<&Peer>, fallback_identity: u32
             e.node_name = p.node.clone();
             e.endpoint_id = p.endpoint_id;
             e.reserved = p.reserved.into();
+            e.container_id = p.container_id.clone();
         }
         None => {
             e.identity = fallback_identity;
@@ -183,6 +184,23 @@ pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u6
     } else {
         pb::PolicyMatch::None
     };
+    // A default deny has no rule to name: the policies that isolate the
+    // local pod in this direction say why it is denied at all.
+    let default_deny = verdict == pb::Verdict::Dropped
+        && ev.reason == DropReason::Policy.code()
+        && matches!(ty, pb::EventType::Drop | pb::EventType::PolicyVerdict);
+    let isolated_by = match direction {
+        pb::TrafficDirection::Ingress if default_deny => idx.isolated_by(ev.ep_id, sinew_policy::Direction::Ingress),
+        pb::TrafficDirection::Egress if default_deny => idx.isolated_by(ev.ep_id, sinew_policy::Direction::Egress),
+        _ => &[],
+    }
+    .iter()
+    .map(|p| pb::Policy {
+        kind: p.kind.as_str().into(),
+        namespace: p.namespace.clone().unwrap_or_default(),
+        name: p.name.clone(),
+    })
+    .collect();
     let policy_rule = idx.rule(ev.rule_id).map(|r| pb::PolicyRule {
         kind: r.kind.as_str().into(),
         namespace: r.namespace.clone().unwrap_or_default(),
@@ -206,6 +224,11 @@ pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u6
         tcp_flags: (ev.proto == PROTO_TCP).then(|| tcp_flags(ev.tcp_flags)),
         icmp_type,
         icmp_code,
+        icmp_id: if ev.proto == PROTO_ICMP {
+            u32::from(u16::from_be(ev.icmp_id))
+        } else {
+            0
+        },
         direction: direction as i32,
         interface: interface.to_string(),
         ifindex: ev.ifindex,
@@ -216,6 +239,7 @@ pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u6
         length: ev.len,
         is_reply: pb::IsReply::Unknown as i32,
         local_endpoint_id: ev.ep_id,
+        isolated_by,
     }
 }
 
@@ -245,6 +269,7 @@ mod tests {
                 node: "node1".into(),
                 endpoint_id: 7,
                 reserved: "",
+                container_id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
             },
         );
         idx.by_endpoint.insert(7, Ipv4Addr::new(10, 0, 1, 5));
@@ -255,7 +280,68 @@ mod tests {
             section: Section::IngressDeny,
             index: 2,
         });
+        idx.isolation.insert(
+            7,
+            crate::observer::index::Isolation {
+                ingress: vec![sinew_policy::PolicyName {
+                    kind: PolicyKind::NetworkPolicy,
+                    namespace: Some("a".into()),
+                    name: "web-in".into(),
+                }],
+                egress: Vec::new(),
+            },
+        );
         idx
+    }
+
+    /// A default-deny drop and its verdict name the policy isolating the
+    /// pod in that direction; a deny rule's drop names its rule instead.
+    #[test]
+    fn default_deny_names_the_isolating_policy() {
+        let drop = FlowEvent {
+            saddr: ip([10, 0, 2, 9]),
+            daddr: ip([10, 0, 1, 5]),
+            proto: PROTO_TCP,
+            r#type: sinew_abi::EVENT_DROP,
+            reason: DropReason::Policy.code(),
+            dir: DIR_INGRESS,
+            ep_id: 7,
+            peer_identity: 400,
+            verdict: sinew_abi::VERDICT_DROPPED,
+            hook: sinew_abi::HOOK_FROM_OVERLAY,
+            ..Default::default()
+        };
+        let verdict = FlowEvent {
+            r#type: sinew_abi::EVENT_POLICY,
+            ..drop
+        };
+        let idx = index();
+        for ev in [drop, verdict] {
+            let f = enrich(&ev, Names::one(&idx), 0, 1, "");
+            let names: Vec<_> = f
+                .isolated_by
+                .iter()
+                .map(|p| (p.kind.as_str(), p.namespace.as_str(), p.name.as_str()))
+                .collect();
+            assert_eq!(names, [("NetworkPolicy", "a", "web-in")], "{f:?}");
+            assert_eq!(f.hook(), pb::Hook::FromOverlay);
+        }
+        let deny_rule = FlowEvent {
+            reason: DropReason::PolicyDeny.code(),
+            rule_id: 1,
+            ..drop
+        };
+        assert!(enrich(&deny_rule, Names::one(&idx), 0, 1, "").isolated_by.is_empty());
+        // The pod is not isolated for egress: nothing to name.
+        let egress = FlowEvent {
+            saddr: ip([10, 0, 1, 5]),
+            daddr: ip([10, 0, 2, 9]),
+            dir: DIR_EGRESS,
+            ..drop
+        };
+        assert!(enrich(&egress, Names::one(&idx), 0, 1, "").isolated_by.is_empty());
+        let dst = enrich(&drop, Names::one(&idx), 0, 1, "").destination.unwrap();
+        assert_eq!(dst.container_id, "0f1e2d3c4b5a69788796a5b4c3d2e1f0");
     }
 
     fn ip(a: [u8; 4]) -> u32 {

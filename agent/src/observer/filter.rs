@@ -3,6 +3,79 @@
 
 use sinew_proto::observer_v1 as pb;
 
+/// A filter argument that cannot select anything: refused, so that a typo
+/// is not read as "no such flows".
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("{field} {value:?}: use NAMESPACE/NAME or NAME (a name is lower-case letters, digits, '-' and '.'; a namespace lower-case letters, digits and '-')")]
+    Pod { field: &'static str, value: String },
+    #[error("{field} {value:?}: a namespace is lower-case letters, digits and '-' (at most 63, starting and ending with a letter or digit)")]
+    Namespace { field: &'static str, value: String },
+    #[error("{field} {value:?}: use key=value (a key is [prefix/]name, a name and a value letters, digits, '-', '_' and '.', at most 63; the value may be empty)")]
+    Label { field: &'static str, value: String },
+    #[error("since is after until: nothing can match")]
+    TimeRange,
+}
+
+/// A DNS-1123 label: a namespace, or one part of a pod name.
+fn dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A DNS-1123 subdomain: what a pod's name is.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+/// A label name or value: alphanumerics with '-', '_', '.' inside.
+fn label_word(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// `NAMESPACE/NAME` or `NAME`, as `--pod`, `--from-pod`, `--to-pod` take.
+pub fn check_pod(field: &'static str, value: &str) -> Result<(), FilterError> {
+    let ok = match value.split_once('/') {
+        Some((ns, name)) => dns_label(ns) && dns_subdomain(name),
+        None => dns_subdomain(value),
+    };
+    ok.then_some(()).ok_or_else(|| FilterError::Pod {
+        field,
+        value: value.into(),
+    })
+}
+
+pub fn check_namespace(field: &'static str, value: &str) -> Result<(), FilterError> {
+    dns_label(value).then_some(()).ok_or_else(|| FilterError::Namespace {
+        field,
+        value: value.into(),
+    })
+}
+
+/// `key=value` with a Kubernetes label key (`[prefix/]name`) and value.
+pub fn check_label(field: &'static str, value: &str) -> Result<(), FilterError> {
+    let ok = value.split_once('=').is_some_and(|(k, v)| {
+        let key = match k.split_once('/') {
+            Some((prefix, name)) => dns_subdomain(prefix) && label_word(name),
+            None => label_word(k),
+        };
+        key && (v.is_empty() || label_word(v))
+    });
+    ok.then_some(()).ok_or_else(|| FilterError::Label {
+        field,
+        value: value.into(),
+    })
+}
+
 /// "ns/name" matches that pod; "name" matches the name in any namespace.
 fn pod_is(e: Option<&pb::Endpoint>, want: &str) -> bool {
     let Some(e) = e else { return false };
@@ -89,17 +162,24 @@ pub fn selects(req: &pb::GetFlowsRequest, f: &pb::Flow) -> bool {
     req.filters.is_empty() || req.filters.iter().any(|flt| matches(f, flt))
 }
 
-/// Checks a request before serving it: label filters need `key=value`.
-pub fn validate(req: &pb::GetFlowsRequest) -> Result<(), String> {
+/// Checks a request before serving it: every pod, namespace and label a
+/// filter names must be one that can exist (unset fields are empty).
+pub fn validate(req: &pb::GetFlowsRequest) -> Result<(), FilterError> {
     for flt in &req.filters {
-        for l in &flt.labels {
-            if !l.contains('=') || l.starts_with('=') {
-                return Err(format!("label filter {l:?}: use key=value"));
+        for (field, v) in [("pod", &flt.pod), ("from_pod", &flt.from_pod), ("to_pod", &flt.to_pod)] {
+            if !v.is_empty() {
+                check_pod(field, v)?;
             }
+        }
+        if !flt.namespace.is_empty() {
+            check_namespace("namespace", &flt.namespace)?;
+        }
+        for l in &flt.labels {
+            check_label("labels", l)?;
         }
     }
     if req.until_unix_nanos != 0 && req.since_unix_nanos > req.until_unix_nanos {
-        return Err("since is after until: nothing can match".into());
+        return Err(FilterError::TimeRange);
     }
     Ok(())
 }
@@ -307,5 +387,46 @@ mod tests {
         assert!(!selects(&req, &f));
         req.filters[0].labels = vec!["novalue".into()];
         assert!(validate(&req).is_err());
+    }
+
+    /// Arguments that cannot name a pod, namespace or label are refused,
+    /// with the field; the forms that can are accepted.
+    #[test]
+    fn filter_arguments_must_be_able_to_name_something() {
+        for ok in ["web", "a/web", "kube-system/coredns-7db6d8ff4d-abc12", "a/web.v1"] {
+            assert_eq!(check_pod("--pod", ok), Ok(()), "{ok}");
+        }
+        for bad in ["a/b/c", "/web", "a/", "", "A/web", "a_b", "web-", "a//b", "a/b c"] {
+            let e = check_pod("--pod", bad).unwrap_err();
+            assert!(e.to_string().starts_with("--pod "), "{e}");
+            assert!(e.to_string().contains("NAMESPACE/NAME or NAME"), "{e}");
+        }
+        assert!(check_namespace("--namespace", "kube-system").is_ok());
+        for bad in ["a/b", "", "Team", &"x".repeat(64)] {
+            assert!(check_namespace("--namespace", bad).is_err(), "{bad}");
+        }
+        for ok in ["app=web", "app=", "sinew.io/ns.team=a", "k8s.io/x_y=A-1.b"] {
+            assert_eq!(check_label("--label", ok), Ok(()), "{ok}");
+        }
+        for bad in ["app", "=web", "app=a=b", "app=-x", "/app=x", "a b=c"] {
+            assert!(check_label("--label", bad).is_err(), "{bad}");
+        }
+        let req = |flt: pb::FlowFilter| pb::GetFlowsRequest {
+            filters: vec![flt],
+            ..Default::default()
+        };
+        let e = validate(&req(pb::FlowFilter {
+            to_pod: "a/b/c".into(),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(e.to_string().starts_with("to_pod \"a/b/c\""), "{e}");
+        assert!(validate(&req(pb::FlowFilter {
+            pod: "a/client".into(),
+            namespace: "b".into(),
+            labels: vec!["app=db".into()],
+            ..Default::default()
+        }))
+        .is_ok());
     }
 }

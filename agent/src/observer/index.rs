@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use sinew_policy::RuleRef;
+use sinew_policy::{Direction, PolicyName, RuleRef};
 
 use crate::state::NodeState;
 
@@ -24,6 +24,15 @@ pub struct Peer {
     pub endpoint_id: u32,
     /// "host" or "remote-node" for node addresses; empty for pods.
     pub reserved: &'static str,
+    /// Local endpoints only: names a pod without Kubernetes names.
+    pub container_id: String,
+}
+
+/// The policies that isolate a local endpoint, per direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Isolation {
+    pub ingress: Vec<PolicyName>,
+    pub egress: Vec<PolicyName>,
 }
 
 /// A read-only copy of what enrichment needs; rebuilt when the state
@@ -41,6 +50,8 @@ pub struct ObserverIndex {
     /// Every node's pod CIDRs: an address in one that the index does not
     /// know is a pod it has not heard of yet.
     pub pod_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Local endpoint id -> the policies isolating it (enforced ones only).
+    pub isolation: HashMap<u32, Isolation>,
 }
 
 impl ObserverIndex {
@@ -54,6 +65,15 @@ impl ObserverIndex {
 
     pub fn rule(&self, id: u32) -> Option<&RuleRef> {
         id.checked_sub(1).and_then(|i| self.rules.get(i as usize))
+    }
+
+    fn isolated_by(&self, ep_id: u32, direction: Direction) -> Option<&[PolicyName]> {
+        let i = self.isolation.get(&ep_id)?;
+        let v = match direction {
+            Direction::Ingress => &i.ingress,
+            Direction::Egress => &i.egress,
+        };
+        (!v.is_empty()).then_some(v.as_slice())
     }
 }
 
@@ -93,6 +113,15 @@ impl<'a> Names<'a> {
 
     pub fn rule(&self, id: u32) -> Option<&'a RuleRef> {
         self.then.rule(id).or_else(|| self.now.rule(id))
+    }
+
+    /// The policies that isolated a local endpoint in `direction` when the
+    /// event was read (or, if that index did not know, now).
+    pub fn isolated_by(&self, ep_id: u32, direction: Direction) -> &'a [PolicyName] {
+        self.then
+            .isolated_by(ep_id, direction)
+            .or_else(|| self.now.isolated_by(ep_id, direction))
+            .unwrap_or_default()
     }
 
     pub fn interface(&self, ifindex: u32) -> Option<&'a str> {
@@ -174,6 +203,7 @@ impl NodeState {
                     node: ep.node.clone(),
                     endpoint_id: 0,
                     reserved: "",
+                    container_id: String::new(),
                 },
             );
         }
@@ -190,9 +220,21 @@ impl NodeState {
                     node: self.local.name.clone(),
                     endpoint_id: ep.id,
                     reserved: "",
+                    container_id: ep.attachment.container_id.clone(),
                 },
             );
             idx.by_endpoint.insert(ep.id, ep.ip);
+            if let Some(r) = self.policy.resolved.get(&ep.id) {
+                if r.ingress_enforced || r.egress_enforced {
+                    idx.isolation.insert(
+                        ep.id,
+                        Isolation {
+                            ingress: r.ingress_isolated_by.clone(),
+                            egress: r.egress_isolated_by.clone(),
+                        },
+                    );
+                }
+            }
             idx.interfaces.insert(ep.host_ifindex, ep.host_ifname.clone());
         }
         let mut id = 1;

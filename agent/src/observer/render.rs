@@ -41,9 +41,35 @@ pub fn rfc3339(unix_nanos: u64) -> String {
     )
 }
 
-/// Time of day in UTC for tables: 13:11:09.123.
-pub fn clock(unix_nanos: u64) -> String {
-    rfc3339(unix_nanos)[11..23].to_string()
+/// The time in `tz` with milliseconds and the zone's offset, date and
+/// time separated by `sep`: `2026-11-22 14:11:09.123+01:00`. The offset,
+/// not an abbreviation, so that a time copied from a table is a valid
+/// `--since`/`--until`.
+pub fn local_time(unix_nanos: u64, tz: &jiff::tz::TimeZone, sep: char) -> String {
+    let Ok(ts) = jiff::Timestamp::from_nanosecond(i128::from(unix_nanos)) else {
+        return rfc3339(unix_nanos);
+    };
+    let t = tz.to_datetime(ts);
+    let off = tz.to_offset(ts).seconds();
+    let (sign, off) = if off < 0 { ('-', -off) } else { ('+', off) };
+    format!(
+        "{:04}-{:02}-{:02}{sep}{:02}:{:02}:{:02}.{:03}{sign}{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond(),
+        off / 3600,
+        off / 60 % 60
+    )
+}
+
+/// The zone tables and compact lines are shown in: `TZ` if set, else the
+/// system's local zone (like `date`); UTC if neither can be read.
+pub fn local_zone() -> jiff::tz::TimeZone {
+    jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC)
 }
 
 /// "90s", "5m", "1h30m", "500ms", "2d".
@@ -152,16 +178,42 @@ pub fn tcp_flags(f: Option<&pb::TcpFlags>) -> String {
     .join("|")
 }
 
+/// How many characters of a container id name a pod (as `docker ps`).
+const CONTAINER_ID_SHORT: usize = 12;
+
+/// A pod as people name it: "ns/name", "name" without a namespace, and
+/// for a pod the runtime gave no Kubernetes names (podman, cnitool) its
+/// container id's first 12 characters; "-" when nothing names it.
+pub fn pod(namespace: &str, name: &str, container_id: &str) -> String {
+    match (namespace, name) {
+        (_, "") if !container_id.is_empty() => {
+            let short: String = container_id.chars().take(CONTAINER_ID_SHORT).collect();
+            format!("container {short}")
+        }
+        (_, "") => "-".into(),
+        ("", name) => name.into(),
+        (ns, name) => format!("{ns}/{name}"),
+    }
+}
+
+/// One side without its port: "ns/pod", else "ip (reserved)" or
+/// "ip (container 0f1e2d3c4b5a)", else the address.
+fn who(e: &pb::Endpoint) -> String {
+    if !e.pod_name.is_empty() {
+        pod(&e.namespace, &e.pod_name, "")
+    } else if !e.reserved.is_empty() {
+        format!("{} ({})", e.ip, e.reserved)
+    } else if !e.container_id.is_empty() {
+        format!("{} ({})", e.ip, pod("", "", &e.container_id))
+    } else {
+        e.ip.clone()
+    }
+}
+
 /// "ns/pod:port" for pods, "ip:port" otherwise (with the reserved name).
 pub fn endpoint(e: Option<&pb::Endpoint>) -> String {
     let Some(e) = e else { return "-".into() };
-    let who = if !e.pod_name.is_empty() {
-        format!("{}/{}", e.namespace, e.pod_name)
-    } else if !e.reserved.is_empty() {
-        format!("{} ({})", e.ip, e.reserved)
-    } else {
-        e.ip.clone()
-    };
+    let who = who(e);
     if e.port != 0 {
         format!("{who}:{}", e.port)
     } else {
@@ -197,12 +249,79 @@ fn protocol(f: &pb::Flow) -> String {
     }
 }
 
-/// What the last column says: the drop reason in words, the deciding
-/// rule, where a forwarded packet went.
+fn direction(f: &pb::Flow) -> &'static str {
+    match f.direction() {
+        pb::TrafficDirection::Ingress => "ingress",
+        pb::TrafficDirection::Egress => "egress",
+        pb::TrafficDirection::Unknown => "unknown",
+    }
+}
+
+/// Why a packet no rule decided was denied: "default deny: a/web isolated
+/// for ingress by NetworkPolicy a/web-in", or "no rule allows it" when the
+/// isolating policies are not known (any more).
+fn default_deny(f: &pb::Flow) -> String {
+    if f.isolated_by.is_empty() {
+        return "no rule allows it".into();
+    }
+    // The local pod: the destination of ingress, the source of egress.
+    let local = match f.direction() {
+        pb::TrafficDirection::Egress => f.source.as_ref(),
+        _ => f.destination.as_ref(),
+    };
+    let policies: Vec<String> = f
+        .isolated_by
+        .iter()
+        .map(|p| {
+            if p.namespace.is_empty() {
+                format!("{} {}", p.kind, p.name)
+            } else {
+                format!("{} {}/{}", p.kind, p.namespace, p.name)
+            }
+        })
+        .collect();
+    format!(
+        "default deny: {} isolated for {} by {}",
+        local.map(who).unwrap_or_else(|| "the pod".into()),
+        direction(f),
+        policies.join(", ")
+    )
+}
+
+/// What the last column says, each thing once. As in Hubble, a packet a
+/// policy denies is two events: its policy verdict (the decision: match
+/// kind, direction, ALLOWED or DENIED, and the rule or the isolating
+/// policy) and its drop (the packet's fate and the reason). Traces say
+/// where a forwarded packet went.
 pub fn summary(f: &pb::Flow) -> String {
-    let mut parts = Vec::new();
+    let default_deny_drop = |r: &pb::DropReason| r.code == u32::from(sinew_abi::DropReason::Policy.code());
     match f.r#type() {
-        pb::EventType::PolicyVerdict => parts.push("policy-verdict".to_string()),
+        pb::EventType::PolicyVerdict => {
+            let matched = match f.policy_match() {
+                pb::PolicyMatch::None => "none",
+                pb::PolicyMatch::L3Only => "L3-only",
+                pb::PolicyMatch::L3L4 => "L3-L4",
+                pb::PolicyMatch::L4Only => "L4-only",
+                pb::PolicyMatch::All => "all",
+            };
+            let decided = match f.verdict() {
+                pb::Verdict::Forwarded => "ALLOWED",
+                pb::Verdict::Dropped => "DENIED",
+                pb::Verdict::Unknown => "UNKNOWN",
+            };
+            let head = format!(
+                "policy-verdict:{matched} {} {decided}",
+                direction(f).to_ascii_uppercase()
+            );
+            match (&f.policy_rule, f.verdict()) {
+                (Some(r), _) => format!("{head} by {}", rule(r)),
+                (None, pb::Verdict::Dropped) => match &f.drop_reason {
+                    Some(r) if !default_deny_drop(r) => format!("{head} ({})", r.description),
+                    _ => format!("{head} ({})", default_deny(f)),
+                },
+                (None, _) => head,
+            }
+        }
         pb::EventType::Trace => {
             let to = match f.trace_observation_point() {
                 pb::TraceObservationPoint::TraceToStack => "to-stack",
@@ -212,27 +331,35 @@ pub fn summary(f: &pb::Flow) -> String {
                 pb::TraceObservationPoint::TraceToNetwork => "to-network",
                 pb::TraceObservationPoint::Unknown => "trace",
             };
-            parts.push(to.to_string());
+            to.to_string()
         }
-        _ => {}
+        _ => {
+            let mut parts = Vec::new();
+            match &f.drop_reason {
+                Some(r) if default_deny_drop(r) && !f.isolated_by.is_empty() => {
+                    parts.push(format!("policy denied ({})", default_deny(f)));
+                }
+                Some(r) => parts.push(r.description.clone()),
+                None => {}
+            }
+            if let Some(r) = &f.policy_rule {
+                parts.push(format!("by {}", rule(r)));
+            }
+            parts.join(", ")
+        }
     }
-    if let Some(r) = &f.drop_reason {
-        parts.push(r.description.clone());
-    }
-    if let Some(r) = &f.policy_rule {
-        parts.push(format!("by {}", rule(r)));
-    } else if f.r#type() == pb::EventType::PolicyVerdict && f.verdict() == pb::Verdict::Dropped {
-        parts.push("no rule allows it".into());
-    }
-    parts.join(", ")
 }
 
-pub const TABLE_HEADER: &str = "TIME          NODE      SOURCE                          DESTINATION                     PROTOCOL      VERDICT    SUMMARY";
+/// The TIME column holds `2026-11-22 14:11:09.123+01:00`.
+const TIME_WIDTH: usize = 29;
 
-pub fn table_row(f: &pb::Flow) -> String {
+pub const TABLE_HEADER: &str = "TIME                          NODE      SOURCE                          DESTINATION                     PROTOCOL      VERDICT    SUMMARY";
+
+/// One table row, its time in `tz` (see [`local_zone`]).
+pub fn table_row(f: &pb::Flow, tz: &jiff::tz::TimeZone) -> String {
     format!(
-        "{:<13} {:<9} {:<31} {:<31} {:<13} {:<10} {}",
-        clock(f.time_unix_nanos),
+        "{:<TIME_WIDTH$} {:<9} {:<31} {:<31} {:<13} {:<10} {}",
+        local_time(f.time_unix_nanos, tz, ' '),
         f.node_name,
         endpoint(f.source.as_ref()),
         endpoint(f.destination.as_ref()),
@@ -242,10 +369,11 @@ pub fn table_row(f: &pb::Flow) -> String {
     )
 }
 
-pub fn compact(f: &pb::Flow) -> String {
+/// One line per flow, its time (RFC 3339) in `tz`.
+pub fn compact(f: &pb::Flow, tz: &jiff::tz::TimeZone) -> String {
     format!(
         "{} [{}] {} -> {} {} {} ({})",
-        rfc3339(f.time_unix_nanos),
+        local_time(f.time_unix_nanos, tz, 'T'),
         f.node_name,
         endpoint(f.source.as_ref()),
         endpoint(f.destination.as_ref()),
@@ -260,7 +388,7 @@ fn endpoint_json(e: Option<&pb::Endpoint>) -> serde_json::Value {
     serde_json::json!({
         "ip": e.ip, "port": e.port, "namespace": e.namespace, "pod": e.pod_name,
         "labels": e.labels, "identity": e.identity, "node": e.node_name,
-        "endpointID": e.endpoint_id, "reserved": e.reserved,
+        "endpointID": e.endpoint_id, "reserved": e.reserved, "containerID": e.container_id,
     })
 }
 
@@ -291,6 +419,7 @@ pub fn json(f: &pb::Flow) -> serde_json::Value {
         "bytes": f.bytes,
         "length": f.length,
         "isReply": f.is_reply().as_str_name(),
+        "isolatedBy": f.isolated_by.iter().map(|p| serde_json::json!({"kind": p.kind, "namespace": p.namespace, "name": p.name})).collect::<Vec<_>>(),
         "summary": summary(f),
     })
 }
@@ -309,7 +438,26 @@ mod tests {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
-        assert_eq!(clock(t), "13:11:09.123");
+    }
+
+    /// Tables show the date, the time and the zone's offset in the zone
+    /// asked for (DST included), and what they show parses back as a time.
+    #[test]
+    fn local_time_has_date_and_zone() {
+        use jiff::tz::{Offset, TimeZone};
+        let t = 1_795_353_069_123_000_000; // 2026-11-22T13:11:09.123Z
+        assert_eq!(local_time(t, &TimeZone::UTC, ' '), "2026-11-22 13:11:09.123+00:00");
+        let india = TimeZone::posix("IST-5:30").unwrap();
+        assert_eq!(local_time(t, &india, ' '), "2026-11-22 18:41:09.123+05:30");
+        let west = TimeZone::fixed(Offset::constant(-3));
+        assert_eq!(local_time(t, &west, 'T'), "2026-11-22T10:11:09.123-03:00");
+        let paris = TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
+        assert_eq!(local_time(t, &paris, ' '), "2026-11-22 14:11:09.123+01:00");
+        let july = 1_783_595_469_000_000_000; // 2026-07-09T11:11:09Z
+        assert_eq!(local_time(july, &paris, ' '), "2026-07-09 13:11:09.000+02:00");
+        for tz in [&india, &west, &paris] {
+            assert_eq!(parse_rfc3339(&local_time(t, tz, ' ')), Some(t));
+        }
     }
 
     #[test]
@@ -362,7 +510,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let c = compact(&f);
+        let c = compact(&f, &jiff::tz::TimeZone::UTC);
         assert!(
             c.contains("a/client:4000 -> 198.18.0.1 (world):80 TCP SYN DROPPED"),
             "{c}"
@@ -375,6 +523,103 @@ mod tests {
         assert_eq!(j["dropReason"]["name"], "policy_deny_rule");
         assert_eq!(j["source"]["pod"], "client");
         assert_eq!(j["tcpFlags"], "SYN");
-        assert!(table_row(&f).starts_with("13:11:09.123  node1"));
+        let tz = jiff::tz::TimeZone::fixed(jiff::tz::Offset::constant(1));
+        let row = table_row(&f, &tz);
+        assert!(row.starts_with("2026-11-22 14:11:09.123+01:00 node1"), "{row}");
+        assert_eq!(row.find("node1"), TABLE_HEADER.find("NODE"), "{row}");
+        assert_eq!(row.find("a/client"), TABLE_HEADER.find("SOURCE"), "{row}");
+        assert!(compact(&f, &tz).starts_with("2026-11-22T14:11:09.123+01:00 [node1]"));
+    }
+
+    /// A record as the datapath writes it, enriched against an index in
+    /// which a/web (endpoint 7) is isolated for ingress by a/web-in.
+    fn enriched(ev: sinew_abi::FlowEvent) -> pb::Flow {
+        use crate::observer::index::{Isolation, ObserverIndex, Peer};
+        let mut idx = ObserverIndex::default();
+        let web = std::net::Ipv4Addr::new(10, 0, 1, 5);
+        idx.by_ip.insert(
+            web,
+            Peer {
+                namespace: "a".into(),
+                pod: "web".into(),
+                identity: 300,
+                endpoint_id: 7,
+                ..Default::default()
+            },
+        );
+        idx.by_endpoint.insert(7, web);
+        idx.isolation.insert(
+            7,
+            Isolation {
+                ingress: vec![sinew_policy::PolicyName {
+                    kind: sinew_policy::PolicyKind::NetworkPolicy,
+                    namespace: Some("a".into()),
+                    name: "web-in".into(),
+                }],
+                egress: Vec::new(),
+            },
+        );
+        crate::observer::enrich(&ev, crate::observer::Names::one(&idx), 0, 1, "")
+    }
+
+    fn default_deny_event(r#type: u8) -> sinew_abi::FlowEvent {
+        sinew_abi::FlowEvent {
+            saddr: u32::from_ne_bytes([10, 0, 2, 9]),
+            daddr: u32::from_ne_bytes([10, 0, 1, 5]),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            tcp_flags: 0x02,
+            r#type,
+            reason: sinew_abi::DropReason::Policy.code(),
+            verdict: sinew_abi::VERDICT_DROPPED,
+            dir: sinew_abi::Direction::Ingress as u8,
+            ep_id: 7,
+            peer_identity: 400,
+            ..Default::default()
+        }
+    }
+
+    /// A default-deny packet is two rows, as in Hubble: the verdict says
+    /// it is the decision and the drop says it is the packet; each names
+    /// the isolating policy and says nothing twice.
+    #[test]
+    fn default_deny_rows_say_what_they_are_once() {
+        let verdict = summary(&enriched(default_deny_event(sinew_abi::EVENT_POLICY)));
+        let drop = summary(&enriched(default_deny_event(sinew_abi::EVENT_DROP)));
+        let why = "default deny: a/web isolated for ingress by NetworkPolicy a/web-in";
+        assert_eq!(verdict, format!("policy-verdict:none INGRESS DENIED ({why})"));
+        assert_eq!(drop, format!("policy denied ({why})"));
+        // Isolating policies unknown (the pod is gone): still said once.
+        let mut f = enriched(default_deny_event(sinew_abi::EVENT_POLICY));
+        f.isolated_by.clear();
+        assert_eq!(summary(&f), "policy-verdict:none INGRESS DENIED (no rule allows it)");
+        f.r#type = pb::EventType::Drop as i32;
+        assert_eq!(summary(&f), "policy denied (no rule allows it)");
+        // Allowed verdicts name kind and rule.
+        let mut ok = default_deny_event(sinew_abi::EVENT_POLICY);
+        ok.verdict = sinew_abi::VERDICT_FORWARDED;
+        ok.r#match = sinew_abi::MATCH_L3_L4;
+        let f = enriched(ok);
+        assert_eq!(summary(&f), "policy-verdict:L3-L4 INGRESS ALLOWED");
+        let j = json(&enriched(default_deny_event(sinew_abi::EVENT_DROP)));
+        assert_eq!(j["isolatedBy"][0]["name"], "web-in", "{j}");
+    }
+
+    /// Pods without Kubernetes names are named by their container id.
+    #[test]
+    fn unnamed_pods_show_their_container() {
+        assert_eq!(pod("a", "web", "c0ffee"), "a/web");
+        assert_eq!(pod("", "web", ""), "web");
+        assert_eq!(pod("", "", "0123456789abcdef0123"), "container 0123456789ab");
+        assert_eq!(pod("", "", ""), "-");
+        let e = pb::Endpoint {
+            ip: "10.0.1.9".into(),
+            port: 80,
+            container_id: "0123456789abcdef0123".into(),
+            endpoint_id: 9,
+            ..Default::default()
+        };
+        assert_eq!(endpoint(Some(&e)), "10.0.1.9 (container 0123456789ab):80");
     }
 }

@@ -27,11 +27,12 @@ pub enum DropReason {
     PolicyNotReady = 18,
     NoServiceBackend = 19,
     EncapFailed = 20,
+    NoLocalBackend = 21,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -53,6 +54,7 @@ impl DropReason {
         Self::PolicyNotReady,
         Self::NoServiceBackend,
         Self::EncapFailed,
+        Self::NoLocalBackend,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -87,6 +89,7 @@ impl DropReason {
             Self::PolicyNotReady => "DROP_POLICY_NOT_READY",
             Self::NoServiceBackend => "DROP_NO_SERVICE_BACKEND",
             Self::EncapFailed => "DROP_ENCAP_FAILED",
+            Self::NoLocalBackend => "DROP_NO_LOCAL_BACKEND",
         }
     }
 
@@ -114,6 +117,9 @@ impl DropReason {
             Self::PolicyNotReady => "endpoint policy not installed (fail closed)",
             Self::NoServiceBackend => "service has no usable backend (connection refused)",
             Self::EncapFailed => "cannot add or remove the tunnel header",
+            Self::NoLocalBackend => {
+                "no backend on this node (externalTrafficPolicy: Local): dropped, the client times out"
+            }
         }
     }
 
@@ -141,6 +147,7 @@ impl DropReason {
             Self::PolicyNotReady => "policy_not_ready",
             Self::NoServiceBackend => "no_service_backend",
             Self::EncapFailed => "encap_failed",
+            Self::NoLocalBackend => "no_local_backend",
         }
     }
 }
@@ -188,5 +195,17 @@ mod tests {
             DropReason::ALL.len() + 1,
             "a reason in C is missing in Rust"
         );
+    }
+
+    /// What the client sees differs: a node port with no backend anywhere
+    /// is refused at once; externalTrafficPolicy Local on a node without
+    /// one drops, and the client times out. The words must not mix them.
+    #[test]
+    fn refused_and_timed_out_are_told_apart() {
+        let refused = DropReason::NoServiceBackend.description();
+        let local = DropReason::NoLocalBackend.description();
+        assert!(refused.contains("refused"), "{refused}");
+        assert!(local.contains("times out") && !local.contains("refused"), "{local}");
+        assert!(local.contains("externalTrafficPolicy: Local"), "{local}");
     }
 }

@@ -15,7 +15,7 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
 pub const BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
@@ -28,6 +28,10 @@ pub const BPF_OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// `sock_recvmsg4`, `sock_getpeername4` and their IPv6 twins for
 /// IPv4-mapped addresses).
 pub const BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
+
+/// The flow flush (`flush_flows`), attached nowhere: the agent runs it
+/// through BPF_PROG_TEST_RUN to report and retire idle flow aggregates.
+pub const BPF_FLUSH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_flush.o"));
 
 /// Map names, as pinned under the agent's pin directory.
 pub mod maps {

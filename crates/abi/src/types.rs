@@ -276,7 +276,10 @@ pub struct FlowEvent {
     pub tcp_flags: u8,
     pub verdict: u8,
     pub r#match: u8,
-    pub pad: [u8; 7],
+    pub pad: u8,
+    /// ICMP echo identifier (network order); 0 for anything else.
+    pub icmp_id: u16,
+    pub pad2: [u8; 4],
     pub packets: u64,
     pub bytes: u64,
 }
@@ -311,7 +314,9 @@ impl FlowEvent {
             tcp_flags: b[46],
             verdict: b[47],
             r#match: b[48],
-            pad: [b[49], b[50], b[51], b[52], b[53], b[54], b[55]],
+            pad: b[49],
+            icmp_id: u16_at(50),
+            pad2: [b[52], b[53], b[54], b[55]],
             packets: u64_at(56),
             bytes: u64_at(64),
         })
@@ -327,15 +332,39 @@ pub struct FlowAggKey {
     pub dport: u16,
     pub proto: u8,
     pub hook: u8,
-    pub pad: u16,
+    /// ICMP echo identifier (network order); 0 for anything else.
+    pub icmp_id: u16,
 }
 
+/// Per-flow counts since the last report (see `struct flow_agg`): packets
+/// and bytes packed in `acc` so that the datapath takes them atomically.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowAgg {
+    pub acc: u64,
+    pub last_seen_ns: u64,
     pub last_report_ns: u64,
-    pub packets: u64,
-    pub bytes: u64,
+    pub ifindex: u32,
+    pub ep_id: u32,
+    pub peer_identity: u32,
+    pub dir: u8,
+    pub obs: u8,
+    pub state: u8,
+    pub pad: u8,
+}
+
+/// `flow_agg.acc`: set once the entry is being retired.
+pub const FLOW_ACC_DEAD: u64 = 1 << 63;
+pub const FLOW_ACC_PKT_SHIFT: u32 = 40;
+
+impl FlowAgg {
+    /// (packets, bytes) waiting for a report.
+    pub fn pending(&self) -> (u64, u64) {
+        (
+            (self.acc & !FLOW_ACC_DEAD) >> FLOW_ACC_PKT_SHIFT,
+            self.acc & ((1 << FLOW_ACC_PKT_SHIFT) - 1),
+        )
+    }
 }
 
 pub const LB_SCOPE_INTERNAL: u8 = 0;

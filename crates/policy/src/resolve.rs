@@ -77,6 +77,24 @@ pub struct Entry {
     pub rules: Vec<RuleRef>,
 }
 
+/// A policy by name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyName {
+    pub kind: PolicyKind,
+    /// `None` for cluster-scoped policies.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
 /// An endpoint's complete policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resolved {
@@ -84,6 +102,11 @@ pub struct Resolved {
     /// allowed is dropped.
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
+    /// The policies that select the endpoint and isolate each direction
+    /// (empty when not enforced), in policy order: what a default deny
+    /// names.
+    pub ingress_isolated_by: Vec<PolicyName>,
+    pub egress_isolated_by: Vec<PolicyName>,
     /// Sorted, unique per (direction, peer, proto, ports, action), and
     /// without entries that a broader entry of the same action covers.
     pub entries: Vec<Entry>,
@@ -94,6 +117,13 @@ impl Resolved {
         match direction {
             Direction::Ingress => self.ingress_enforced,
             Direction::Egress => self.egress_enforced,
+        }
+    }
+
+    pub fn isolated_by(&self, direction: Direction) -> &[PolicyName] {
+        match direction {
+            Direction::Ingress => &self.ingress_isolated_by,
+            Direction::Egress => &self.egress_isolated_by,
         }
     }
 }
@@ -294,9 +324,24 @@ impl<'a> Resolver<'a> {
             }
         }
 
+        let isolating = |isolates: fn(&PolicyResource) -> bool| -> Vec<PolicyName> {
+            selected
+                .iter()
+                .filter(|(_, p)| isolates(p))
+                .map(|(_, p)| PolicyName {
+                    kind: p.kind,
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                })
+                .collect()
+        };
+        let ingress_isolated_by = isolating(|p| p.isolates_ingress);
+        let egress_isolated_by = isolating(|p| p.isolates_egress);
         Resolved {
-            ingress_enforced: selected.iter().any(|(_, p)| p.isolates_ingress),
-            egress_enforced: selected.iter().any(|(_, p)| p.isolates_egress),
+            ingress_enforced: !ingress_isolated_by.is_empty(),
+            egress_enforced: !egress_isolated_by.is_empty(),
+            ingress_isolated_by,
+            egress_isolated_by,
             entries: drop_covered(map),
         }
     }

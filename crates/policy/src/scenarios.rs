@@ -1111,3 +1111,44 @@ fn endpoint_identity_not_listed_falls_back_to_computed_labels() {
     let r = resolve(&ep, &policies, &world.identities, &world.namespaces);
     assert!(!r.ingress_enforced);
 }
+
+/// A default deny is explained by the policies that isolate the endpoint in
+/// that direction: every selecting policy that isolates it, none that only
+/// isolates the other direction or does not select it.
+#[test]
+fn isolating_policies_are_named_per_direction() {
+    let world = world();
+    let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-in, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+---
+apiVersion: sinew.io/v1alpha1
+kind: SinewNetworkPolicy
+metadata: {name: web-out, namespace: a}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress: []
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-only, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress, Egress]
+"#;
+    let policies = parse("t", yaml).unwrap_or_else(|e| panic!("{e:#?}"));
+    let r = resolve(
+        &world.endpoints["a/web"],
+        &policies,
+        &world.identities,
+        &world.namespaces,
+    );
+    let names = |d: Direction| r.isolated_by(d).iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(names(Direction::Ingress), ["NetworkPolicy a/web-in"]);
+    assert_eq!(names(Direction::Egress), ["SinewNetworkPolicy a/web-out"]);
+    assert!(r.ingress_enforced && r.egress_enforced);
+}
