@@ -597,6 +597,41 @@ mod tests {
     }
 
     #[test]
+    fn cidr_classes_get_their_own_keys_and_flag_their_direction() {
+        let mut class = entry(Peer::Cidr(0x0100_0005), Some(Proto::Tcp), Some((80, 80)), Action::Allow);
+        class.direction = Direction::Egress;
+        let resolved = Resolved {
+            ingress_enforced: false,
+            egress_enforced: true,
+            entries: vec![class, entry(Peer::Identity(0x0100_0005), None, None, Action::Deny)],
+        };
+        let m = compile(3, &resolved, &mut RuleTable::default());
+        let ids: BTreeSet<(u8, u32)> = m.keys().map(|k| (k.direction, k.identity)).collect();
+        // The class entry never shares a key with the identity of the same
+        // number, so the identity's deny does not touch it.
+        assert_eq!(
+            ids,
+            BTreeSet::from([
+                (POLICY_DIR_EGRESS, 0x0100_0005 | POLICY_CIDR_CLASS),
+                (POLICY_DIR_INGRESS, 0x0100_0005)
+            ])
+        );
+        assert!(m
+            .iter()
+            .any(|(k, v)| k.identity & POLICY_CIDR_CLASS != 0 && v.action == POLICY_ACTION_ALLOW));
+        assert_eq!(cidr_flags(&resolved), sinew_abi::EP_F_CIDR_EGRESS);
+        let none = Resolved {
+            entries: vec![entry(Peer::Identity(7), None, None, Action::Allow)],
+            ..resolved
+        };
+        assert_eq!(
+            cidr_flags(&none),
+            0,
+            "endpoints without CIDR rules skip the class lookup"
+        );
+    }
+
+    #[test]
     fn port_ranges_split_into_exact_prefix_blocks() {
         assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
         assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);

@@ -1333,7 +1333,7 @@ fn ipblock_pods(prefix: &str, routing: Routing) {
     assert_eq!(web, web2, "web and web2 share one identity");
     let ip = |p: &str| pod_ip(w.lab(), p);
     let node1_cidr = w.lab().node("node1").unwrap().pod_cidr;
-    let scenarios = vec![
+    let scenarios = [
         AddressScenario {
             name: "egress to one pod's /32 (upstream: egress access to server in CIDR block)",
             yaml: format!(
