@@ -632,6 +632,17 @@ mod tests {
     }
 
     #[test]
+    fn adopted_classes_keep_their_numbers_and_new_ones_come_after() {
+        let mut st = PolicyState::default();
+        let net: Ipv4Net = "10.244.1.7/32".parse().unwrap();
+        let key = sinew_abi::IpcacheKey::v4(net.network(), net.prefix_len());
+        st.adopt(Vec::new(), [], vec![(key, 0x0100_0009)]);
+        assert_eq!(st.cidr_ids.get(&net), Some(&0x0100_0009));
+        assert_eq!(st.cidr_classes.get(&net), Some(&0x0100_0009), "known to be in the map");
+        assert_eq!(st.next_cidr_id, 0x0100_000a);
+    }
+
+    #[test]
     fn port_ranges_split_into_exact_prefix_blocks() {
         assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
         assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
