@@ -321,7 +321,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })
         .collect();
     let entries = state.datapath.policy_entries();
-    state.policy.adopt(entries, adopted);
+    let classes = state.datapath.cidr_class_entries();
+    state.policy.adopt(entries, adopted, classes);
     let (kept, dropped) = state.restore()?;
     state.resync()?;
     tracing::info!(

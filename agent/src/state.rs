@@ -83,7 +83,12 @@ impl NodeState {
     pub fn resync(&mut self) -> Result<(), StateError> {
         self.refresh_identities()?;
         self.apply_policy()?;
-        let want = nodes::desired(&self.local, &self.snapshot, self.registry.iter(), &self.policy.cidr_ids);
+        let want = nodes::desired(
+            &self.local,
+            &self.snapshot,
+            self.registry.iter(),
+            &self.cidr_identities(),
+        );
         self.remote_nodes = want.remote_nodes;
         self.reconciler.apply(&mut self.datapath, &want)?;
         self.apply_services()?;

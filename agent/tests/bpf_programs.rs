@@ -1134,3 +1134,195 @@ fn flow_reports_count_every_packet_once() {
         assert_eq!(got, sent, "reports per flow (packets, bytes) against what was sent");
     });
 }
+
+// ------------------------------------------------------------ CIDR classes
+
+/// Sets an endpoint's policy flags (and a revision, as the agent does).
+fn set_flags(node: &mut Node, pod: support::node::Pod, id: u32, flags: u32) {
+    let info = sinew_abi::EndpointInfo {
+        ipv4: u32::from_ne_bytes(pod.ip.octets()),
+        identity: pod.identity,
+        id,
+        flags,
+        pod_mac: pod.mac,
+        host_mac: pod.host_mac,
+        policy_rev: 1,
+    };
+    node.dp.upsert_endpoint(pod.ifindex, info).expect("write endpoint");
+}
+
+/// An any-port entry of endpoint `ep` for CIDR class `class`.
+fn class_entry(node: &mut Node, ep: u32, dir: u8, class: u32, action: u8) {
+    let key = sinew_abi::PolicyKey {
+        prefixlen: sinew_abi::POLICY_PREFIX_EXACT,
+        ep_id: ep,
+        identity: class | sinew_abi::POLICY_CIDR_CLASS,
+        direction: dir,
+        proto: 0,
+        dport: 0,
+    };
+    let value = sinew_abi::PolicyValue {
+        rule_id: 7,
+        proxy_port: 0,
+        action,
+        r#match: sinew_abi::MATCH_L3_ONLY,
+    };
+    node.dp.upsert_policy(key, value).expect("write policy");
+}
+
+fn class_of(node: &mut Node, net: Ipv4Addr, len: u8, class: u32) {
+    node.dp
+        .upsert_cidr_class(sinew_abi::IpcacheKey::v4(net, len), class)
+        .expect("write cidr class");
+}
+
+/// CIDR rules decide per address (issue 10): the peer address's CIDR class
+/// (one LPM lookup in `sinew_cidr_class`) selects the endpoint's entries
+/// for that class. Two addresses with the same identity (a remote pod CIDR
+/// says 0 for both) get different verdicts; an address in a more specific
+/// named prefix (an except) falls out of the broader class; ingress across
+/// nodes (VXLAN, where only the identity travels) uses the inner source
+/// address; and an endpoint without the CIDR flag never looks classes up.
+#[test]
+fn cidr_classes_decide_per_address_in_both_directions() {
+    in_new_netns("bpf-cidr", || {
+        let mut node = Node::new(RoutingMode::Vxlan);
+        let (a, b) = (node.a, node.b);
+        let twin = Ipv4Addr::new(10, 244, 2, 8);
+        // Named prefixes: the remote pod CIDR, one pod in it, and an except.
+        class_of(&mut node, Ipv4Addr::new(10, 244, 2, 0), 24, 100);
+        class_of(&mut node, REMOTE_POD, 32, 101);
+        class_of(&mut node, twin, 32, 102);
+        // A may send to class 101 (REMOTE_POD/32) only.
+        set_flags(
+            &mut node,
+            a,
+            1,
+            sinew_abi::EP_F_EGRESS_ENFORCED | sinew_abi::EP_F_CIDR_EGRESS,
+        );
+        class_entry(
+            &mut node,
+            1,
+            sinew_abi::POLICY_DIR_EGRESS,
+            101,
+            sinew_abi::POLICY_ACTION_ALLOW,
+        );
+        let to = |dst: Ipv4Addr, sport: u16| {
+            Ipv4Frame::tcp((a.ip, sport), (dst, 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build()
+        };
+        let out = node.run("from_container", &to(REMOTE_POD, 41000), a.ifindex, (Forwarded, Egress));
+        assert_eq!(
+            out.verdict,
+            TC_ACT_REDIRECT,
+            "to the pod's /32: {}",
+            verdict_name(out.verdict)
+        );
+        let out = node.run("from_container", &to(twin, 41001), a.ifindex, (Policy, Egress));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "same identity, other address");
+
+        // B accepts the remote pod CIDR (class 100) except the twin (102
+        // is more specific and has no entry) and denies class 101.
+        set_flags(
+            &mut node,
+            b,
+            2,
+            sinew_abi::EP_F_INGRESS_ENFORCED | sinew_abi::EP_F_CIDR_INGRESS,
+        );
+        class_entry(
+            &mut node,
+            2,
+            sinew_abi::POLICY_DIR_INGRESS,
+            100,
+            sinew_abi::POLICY_ACTION_ALLOW,
+        );
+        class_entry(
+            &mut node,
+            2,
+            sinew_abi::POLICY_DIR_INGRESS,
+            101,
+            sinew_abi::POLICY_ACTION_DENY,
+        );
+        let on_uplink = SkBuff {
+            ifindex: node.uplink_ifindex,
+            ..Default::default()
+        };
+        let from = |src: Ipv4Addr| {
+            let inner = Ipv4Frame::tcp((src, 42000), (b.ip, 80), TCP_SYN)
+                .macs([0x02, 0x5e, 0, 0, 2, 7], [0x0a, 0x58, 10, 244, 2, 7])
+                .build();
+            let outer = packet::vxlan(PEER_NODE_IP, NODE_IP, 4242, &inner).build();
+            (inner, outer)
+        };
+        let (inner, outer) = from(Ipv4Addr::new(10, 244, 2, 50));
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Forwarded, Ingress), inner.len());
+        assert_eq!(
+            out.verdict,
+            TC_ACT_REDIRECT,
+            "in the CIDR: {}",
+            verdict_name(out.verdict)
+        );
+        let (inner, outer) = from(twin);
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Policy, Ingress), inner.len());
+        assert_eq!(out.verdict, TC_ACT_SHOT, "in the except");
+        let (inner, outer) = from(REMOTE_POD);
+        let out = node.run_with("from_netdev", &outer, on_uplink, (PolicyDeny, Ingress), inner.len());
+        assert_eq!(out.verdict, TC_ACT_SHOT, "a deny for the class wins");
+
+        // Without the flag the class is not looked up: no rule matches.
+        set_flags(&mut node, b, 2, sinew_abi::EP_F_INGRESS_ENFORCED);
+        let (inner, outer) = from(Ipv4Addr::new(10, 244, 2, 51));
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Policy, Ingress), inner.len());
+        assert_eq!(out.verdict, TC_ACT_SHOT, "an endpoint without CIDR rules");
+    });
+}
+
+/// A new flow outside every named prefix is denied with 1 and with 500 CIDR
+/// rules (named prefixes, each with a policy entry). Denied packets never
+/// make a conntrack entry, so every repetition takes the whole decision;
+/// the time per packet is printed for the record, not asserted (speed is
+/// measured in bench/, never in a test).
+#[test]
+fn cidr_policy_denies_outside_named_prefixes_with_1_and_500_rules() {
+    let per_packet = |rules: u32| -> u32 {
+        in_new_netns(&format!("bpf-cidr-cost-{rules}"), move || {
+            let mut node = Node::new(RoutingMode::Vxlan);
+            let a = node.a;
+            set_flags(
+                &mut node,
+                a,
+                1,
+                sinew_abi::EP_F_EGRESS_ENFORCED | sinew_abi::EP_F_CIDR_EGRESS,
+            );
+            for i in 0..rules {
+                let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (i << 8));
+                class_of(&mut node, net, 24, 1000 + i);
+                class_entry(
+                    &mut node,
+                    1,
+                    sinew_abi::POLICY_DIR_EGRESS,
+                    1000 + i,
+                    sinew_abi::POLICY_ACTION_ALLOW,
+                );
+            }
+            // The destination is in a named /16 with no entry: denied.
+            class_of(&mut node, Ipv4Addr::new(203, 0, 0, 0), 16, 99);
+            let frame = Ipv4Frame::tcp((a.ip, 43000), (Ipv4Addr::new(203, 0, 113, 9), 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build();
+            let prog = node.dp.program("from_container").expect("from_container");
+            let fd = prog.fd().expect("loaded");
+            let ctx = SkBuff {
+                ifindex: a.ifindex,
+                ..Default::default()
+            };
+            let (out, ns) =
+                support::testrun::run_tc_ctx(std::os::fd::AsFd::as_fd(fd), &frame, ctx, 20_000).expect("test run");
+            assert_eq!(out.verdict, TC_ACT_SHOT);
+            ns
+        })
+    };
+    let (one, many) = (per_packet(1), per_packet(500));
+    eprintln!("new-flow policy decision, denied: 1 CIDR rule {one} ns/packet, 500 CIDR rules {many} ns/packet");
+}

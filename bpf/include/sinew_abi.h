@@ -59,6 +59,21 @@ struct ipcache_value {
 #define EP_F_POLICY_NOT_READY                                                  \
 	(1U << 2) /* policy not installed: fail closed                         \
 		   */
+/* Some CIDR rule of this endpoint applies in that direction: a new flow
+ * also looks up the peer address's CIDR class (see cidr_class). */
+#define EP_F_CIDR_INGRESS (1U << 3)
+#define EP_F_CIDR_EGRESS  (1U << 4)
+
+/*
+ * cidr_class: LPM trie, key struct ipcache_key, value __u32. Every prefix a
+ * policy names (CIDR peers and their excepts) with its number; the lookup
+ * of an address gives its CIDR class, the number of the most specific named
+ * prefix holding it, whatever the address is (a pod, a node, the outside).
+ * Prefixes are nested or disjoint, so an address lies in a rule's CIDR
+ * (or an except) exactly when that prefix holds its class's prefix: the
+ * agent gives each endpoint policy entries for exactly the classes that
+ * its CIDR rules match, and the datapath needs one lookup per flow.
+ */
 
 /* endpoints: hash, key = host-side veth ifindex (__u32). */
 struct endpoint_info {
@@ -87,6 +102,9 @@ struct endpoint_info {
 #define POLICY_PREFIX_FULL  96
 #define POLICY_ACTION_ALLOW 1
 #define POLICY_ACTION_DENY  2
+/* policy_key.identity of an entry for a CIDR class rather than an identity:
+ * the class number with this bit set, so the two never share a key. */
+#define POLICY_CIDR_CLASS 0x80000000U
 
 struct policy_key {
 	__u32 prefixlen;

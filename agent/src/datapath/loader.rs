@@ -143,6 +143,7 @@ pub struct Datapath {
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
     metrics: PerCpuArray<MapData, MetricsValue>,
     policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+    cidr_class: LpmTrie<MapData, IpcacheData, u32>,
     ct: BpfHashMap<MapData, CtKey, CtEntry>,
     events: Option<aya::maps::RingBuf<MapData>>,
     events_lost: PerCpuArray<MapData, u64>,
@@ -291,6 +292,7 @@ impl Datapath {
         let endpoints = BpfHashMap::try_from(take(maps::ENDPOINTS, &mut lxc)?).map_err(map_err(maps::ENDPOINTS))?;
         let metrics = PerCpuArray::try_from(take(maps::METRICS, &mut lxc)?).map_err(map_err(maps::METRICS))?;
         let policy = LpmTrie::try_from(take(maps::POLICY, &mut lxc)?).map_err(map_err(maps::POLICY))?;
+        let cidr_class = LpmTrie::try_from(take(maps::CIDR_CLASS, &mut lxc)?).map_err(map_err(maps::CIDR_CLASS))?;
         let ct = BpfHashMap::try_from(take(maps::CT, &mut lxc)?).map_err(map_err(maps::CT))?;
         let events = Some(aya::maps::RingBuf::try_from(take(maps::EVENTS, &mut lxc)?).map_err(map_err(maps::EVENTS))?);
         let events_lost =
@@ -312,6 +314,7 @@ impl Datapath {
             endpoints,
             metrics,
             policy,
+            cidr_class,
             ct,
             events,
             events_lost,
@@ -443,6 +446,28 @@ impl Datapath {
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (PolicyKey::from_parts(k.prefix_len(), k.data()), v))
+            .collect()
+    }
+
+    pub fn upsert_cidr_class(&mut self, key: IpcacheKey, class: u32) -> Result<(), DatapathError> {
+        self.cidr_class
+            .insert(&LpmKey::new(key.prefixlen, key.data()), class, 0)
+            .map_err(map_err(maps::CIDR_CLASS))
+    }
+
+    pub fn remove_cidr_class(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
+        match self.cidr_class.remove(&LpmKey::new(key.prefixlen, key.data())) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(maps::CIDR_CLASS)(e)),
+        }
+    }
+
+    /// Every CIDR class entry: an earlier agent's numbering, to keep.
+    pub fn cidr_class_entries(&self) -> Vec<(IpcacheKey, u32)> {
+        self.cidr_class
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (IpcacheKey::from_parts(k.prefix_len(), k.data()), v))
             .collect()
     }
 

@@ -41,6 +41,8 @@ pub mod maps {
     pub const METRICS: &str = "sinew_metrics";
     pub const POLICY: &str = "sinew_policy";
     pub const CT: &str = "sinew_ct";
+    /// LPM trie, [`crate::IpcacheKey`] → CIDR class (`u32`).
+    pub const CIDR_CLASS: &str = "sinew_cidr_class";
     pub const EVENTS: &str = "sinew_events";
     pub const EVENTS_LOST: &str = "sinew_events_lost";
     pub const FLOW_AGG: &str = "sinew_flow_agg";

@@ -24,6 +24,11 @@ pub const IPCACHE_F_REMOTE_EP: u32 = 1 << 3;
 pub const EP_F_INGRESS_ENFORCED: u32 = 1 << 0;
 pub const EP_F_EGRESS_ENFORCED: u32 = 1 << 1;
 pub const EP_F_POLICY_NOT_READY: u32 = 1 << 2;
+/// Some CIDR rule applies to the endpoint's ingress: new flows look up the
+/// source address's CIDR class.
+pub const EP_F_CIDR_INGRESS: u32 = 1 << 3;
+/// ... to its egress (the destination address's class).
+pub const EP_F_CIDR_EGRESS: u32 = 1 << 4;
 
 pub const POLICY_DIR_INGRESS: u8 = 0;
 pub const POLICY_DIR_EGRESS: u8 = 1;
@@ -33,6 +38,8 @@ pub const POLICY_PREFIX_PROTO: u32 = 80;
 pub const POLICY_PREFIX_FULL: u32 = 96;
 pub const POLICY_ACTION_ALLOW: u8 = 1;
 pub const POLICY_ACTION_DENY: u8 = 2;
+/// `PolicyKey::identity` of an entry for a CIDR class: the class with this bit.
+pub const POLICY_CIDR_CLASS: u32 = 0x8000_0000;
 
 pub const CT_F_CLOSING: u8 = 1 << 0;
 
