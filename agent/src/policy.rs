@@ -604,6 +604,7 @@ mod tests {
             ingress_enforced: false,
             egress_enforced: true,
             entries: vec![class, entry(Peer::Identity(0x0100_0005), None, None, Action::Deny)],
+            ..Default::default()
         };
         let m = compile(3, &resolved, &mut RuleTable::default());
         let ids: BTreeSet<(u8, u32)> = m.keys().map(|k| (k.direction, k.identity)).collect();
