@@ -507,3 +507,40 @@ mod write_tests {
         assert!(!ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
     }
 }
+
+#[cfg(test)]
+mod in_place_tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+
+    /// A file truncated in place (`cat > f`, `open(f, 'w')`) is read while
+    /// empty: the service it held must stay until the file is removed.
+    #[test]
+    fn a_file_truncated_in_place_keeps_its_service_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.yaml");
+        std::fs::write(&path, SERVICE).unwrap();
+        // Polls only when asked (refresh), so the test sees every state.
+        let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        let rx = ds.subscribe();
+        assert_eq!(rx.borrow().services.len(), 1);
+        // Truncated, as the writer's open(O_TRUNC) leaves it before write().
+        std::fs::File::create(&path).unwrap();
+        ds.refresh();
+        assert_eq!(rx.borrow().services.len(), 1, "{:?}", rx.borrow().errors);
+        // Half written.
+        std::fs::write(&path, &SERVICE[..SERVICE.len() - 20]).unwrap();
+        ds.refresh();
+        assert_eq!(rx.borrow().services.len(), 1, "{:?}", rx.borrow().errors);
+        // Written: the new version applies.
+        std::fs::write(&path, SERVICE.replace("port: 80,", "port: 81,")).unwrap();
+        ds.refresh();
+        let port = rx.borrow().services.values().next().map(|s| s.ports[0].port);
+        assert_eq!(port, Some(81));
+        assert!(rx.borrow().errors.is_empty());
+        std::fs::remove_file(&path).unwrap();
+        ds.refresh();
+        assert!(rx.borrow().services.is_empty(), "removing the file removes the service");
+    }
+}

@@ -643,3 +643,118 @@ endpoints: [{addresses: [10.244.1.5], nodeName: node1}]
         assert!(fresh.services.is_empty() && fresh.endpoint_slices.len() == 1);
     }
 }
+
+/// Only removing a file removes what it holds: an empty, truncated or
+/// unparsable file, or one whose documents do not validate, is an invalid
+/// update, and every object the file held stays in force (issue 10).
+#[cfg(test)]
+mod invalid_update_tests {
+    use super::*;
+
+    const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.0.11}]}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: prod, labels: {app: web}}\nspec: {nodeName: node1, containers: []}\n";
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n";
+    const IDENTITY: &str = "apiVersion: sinew.io/v1alpha1\nkind: SinewIdentity\nmetadata: {name: \"300\"}\nspec: {securityLabels: {app: web}}\n";
+    const ENDPOINT: &str = "apiVersion: sinew.io/v1alpha1\nkind: SinewEndpoint\nmetadata: {name: web, namespace: prod}\nstatus: {node: node1, ipv4: 10.244.1.5, identity: 300}\n";
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.244.1.5], nodeName: node1}]\n";
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - ports:\n    - {port: 8080, protocol: TCP}\n";
+
+    fn files() -> Vec<(String, String)> {
+        [
+            ("node.yaml", NODE),
+            ("pod.yaml", POD),
+            ("ns.yaml", NAMESPACE),
+            ("identity.yaml", IDENTITY),
+            ("endpoint.yaml", ENDPOINT),
+            ("svc.yaml", SERVICE),
+            ("slice.yaml", SLICE),
+            ("policy.yaml", POLICY),
+        ]
+        .into_iter()
+        .map(|(f, t)| (f.to_string(), t.to_string()))
+        .collect()
+    }
+
+    fn read(files: &[(String, String)], previous: Option<&Snapshot>) -> Snapshot {
+        Snapshot::from_documents_after(files.iter().map(|(f, t)| (f.clone(), t.as_str())), previous)
+    }
+
+    /// Everything but the errors and bookkeeping.
+    fn objects(s: &Snapshot) -> String {
+        format!(
+            "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            s.nodes, s.pods, s.namespaces, s.identities, s.endpoints, s.policies, s.services, s.endpoint_slices
+        )
+    }
+
+    #[test]
+    fn an_empty_truncated_or_unparsable_file_keeps_what_it_held() {
+        let first = read(&files(), None);
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        assert_eq!(
+            (first.nodes.len(), first.pods.len(), first.namespaces.len(), first.identities.len()),
+            (1, 1, 1, 1)
+        );
+        assert_eq!((first.endpoints.len(), first.policies.len()), (1, 1));
+        assert_eq!((first.services.len(), first.endpoint_slices.len()), (1, 1));
+        for (file, _) in files() {
+            let original = files().into_iter().find(|(f, _)| *f == file).unwrap().1;
+            // `cat > file` / open(..., 'w') caught between truncation and
+            // write, a half-written file, and an editor's broken save.
+            let cut = original.find('{').map(|i| original[..i + 3].to_string()).unwrap();
+            for (what, text) in [
+                ("empty", String::new()),
+                ("blank", "\n  \n# being edited\n".to_string()),
+                ("truncated", cut),
+                ("unparsable", original.replace(": ", ":: ")),
+            ] {
+                let changed: Vec<(String, String)> = files()
+                    .into_iter()
+                    .map(|(f, t)| if f == file { (f, text.clone()) } else { (f, t) })
+                    .collect();
+                let next = read(&changed, Some(&first));
+                assert_eq!(
+                    objects(&next),
+                    objects(&first),
+                    "{file} {what} ({text:?}): what the file held must stay in force"
+                );
+                assert!(
+                    next.errors.iter().any(|e| e.file() == file),
+                    "{file} {what}: the invalid update is reported: {:?}",
+                    next.errors
+                );
+                // And the version in force keeps being carried while the
+                // file stays invalid.
+                let again = read(&changed, Some(&next));
+                assert_eq!(objects(&again), objects(&first), "{file} {what}: second read");
+            }
+        }
+        // Removing a file removes what it held.
+        let without: Vec<(String, String)> = files().into_iter().filter(|(f, _)| f != "svc.yaml").collect();
+        let next = read(&without, Some(&first));
+        assert!(next.services.is_empty() && next.errors.is_empty(), "{:?}", next.errors);
+    }
+
+    #[test]
+    fn an_invalid_policy_update_keeps_the_policy_in_force() {
+        let first = read(&files(), None);
+        for (what, text) in [
+            ("protocol TCPX", POLICY.replace("protocol: TCP", "protocol: TCPX")),
+            ("port 70000", POLICY.replace("port: 8080", "port: 70000")),
+            ("YAML syntax error", POLICY.replace("- ports:", "- ports: [")),
+        ] {
+            let changed: Vec<(String, String)> = files()
+                .into_iter()
+                .map(|(f, t)| if f == "policy.yaml" { (f, text.clone()) } else { (f, t) })
+                .collect();
+            let next = read(&changed, Some(&first));
+            assert_eq!(next.policies, first.policies, "{what}: the policy in force stays");
+            let msgs: Vec<String> = next.errors.iter().map(|e| e.to_string()).collect();
+            assert!(
+                msgs.iter().any(|m| m.contains("policy.yaml")),
+                "{what}: reported: {msgs:?}"
+            );
+        }
+    }
+}
