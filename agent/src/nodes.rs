@@ -212,8 +212,10 @@ impl Reconciler {
 
     /// Writes only the differences: a resync with thousands of entries
     /// (CIDR identities, pods of a large cluster) costs nothing when little
-    /// changed.
-    pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), DatapathError> {
+    /// changed. A write that fails does not stop the others: every other
+    /// entry and the routes are still applied, the failed entry stays
+    /// different from what is wanted, and the next apply retries it.
+    pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), ReconcileError> {
         let current = match self.ipcache.take() {
             Some(c) => c,
             None => dp
@@ -222,26 +224,46 @@ impl Reconciler {
                 .filter_map(|(k, v)| KeyOrd::from_key(k).map(|ko| (ko, *v)))
                 .collect(),
         };
-        let mut now = current.clone();
-        let result = (|| {
-            for (k, v) in &want.ipcache {
-                if current.get(k) != Some(v) {
-                    dp.upsert_ipcache(k.key(), *v)?;
-                    now.insert(*k, *v);
-                }
+        let ops = plan(&current, want);
+        let mut now = current;
+        let mut failed: Vec<(KeyOrd, DatapathError)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Upsert(k, v) => match dp.upsert_ipcache(k.key(), v) {
+                    Ok(()) => {
+                        now.insert(k, v);
+                    }
+                    Err(e) => failed.push((k, e)),
+                },
+                Op::Remove(k) => match dp.remove_ipcache(k.key()) {
+                    Ok(()) => {
+                        now.remove(&k);
+                    }
+                    Err(e) => failed.push((k, e)),
+                },
             }
-            for k in current.keys() {
-                if !want.ipcache.contains_key(k) {
-                    dp.remove_ipcache(k.key())?;
-                    now.remove(k);
-                }
-            }
-            Ok(())
-        })();
+        }
         self.ipcache = Some(now);
-        result?;
+        self.apply_routes(want);
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some((k, first)) => Err(ReconcileError {
+                entry: format!("{}/{}", k.addr, k.prefix_len),
+                failed: self.pending(want),
+                source: first,
+            }),
+        }
+    }
+
+    /// How many ipcache entries differ from `want` (failed writes).
+    fn pending(&self, want: &Desired) -> usize {
+        let now = self.ipcache.as_ref();
+        plan(now.unwrap_or(&BTreeMap::new()), want).len()
+    }
+
+    fn apply_routes(&mut self, want: &Desired) {
         if want.routes == self.routes && !self.routes_failed {
-            return Ok(());
+            return;
         }
         self.routes_failed = false;
         for r in &want.routes {
@@ -263,8 +285,53 @@ impl Reconciler {
             let _ = netutil::ip(&["route", "del", &old.dst.to_string()]);
         }
         self.routes = want.routes.clone();
-        Ok(())
     }
+}
+
+/// Some ipcache writes failed; the rest applied and these are retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} ipcache entries not written (first {entry}: {source}{detail}); the agent retries them every second", detail = source_detail(.source))]
+pub struct ReconcileError {
+    pub entry: String,
+    pub failed: usize,
+    #[source]
+    pub source: DatapathError,
+}
+
+/// The OS error under a map error, which its message leaves out.
+fn source_detail(e: &DatapathError) -> String {
+    let mut out = String::new();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = cur {
+        out.push_str(&format!(": {s}"));
+        cur = s.source();
+    }
+    out
+}
+
+/// One ipcache write.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Upsert(KeyOrd, IpcacheValue),
+    Remove(KeyOrd),
+}
+
+/// The writes that bring `current` to `want`: upserts first, so that no
+/// address is briefly without an entry, then removals.
+fn plan(current: &BTreeMap<KeyOrd, IpcacheValue>, want: &Desired) -> Vec<Op> {
+    let mut ops: Vec<Op> = want
+        .ipcache
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| Op::Upsert(*k, *v))
+        .collect();
+    ops.extend(
+        current
+            .keys()
+            .filter(|k| !want.ipcache.contains_key(k))
+            .map(|k| Op::Remove(*k)),
+    );
+    ops
 }
 
 #[cfg(test)]

@@ -252,8 +252,9 @@ impl PolicyState {
 }
 
 impl crate::state::NodeState {
-    /// Re-parses policy documents when the snapshot changed. Invalid ones
-    /// are reported and skipped; the rest apply.
+    /// Re-parses policy documents when the snapshot changed. The datastore
+    /// has validated them (an invalid update keeps the version in force);
+    /// anything still refused here is reported once and skipped.
     fn refresh_policies(&mut self) {
         if self.policy.generation == self.snapshot.generation && self.snapshot.generation != 0 {
             return;
@@ -266,7 +267,7 @@ impl crate::state::NodeState {
             resources.extend(ok);
             errors.extend(bad.into_iter().map(|e| e.to_string()));
         }
-        for e in &errors {
+        for e in errors.iter().filter(|e| !self.policy.errors.contains(e)) {
             tracing::warn!(error = %e, "ignoring invalid policy");
         }
         self.policy.resources = resources;

@@ -83,7 +83,7 @@ fn a_pod_deleted_right_after_its_add_does_not_wedge_the_agent() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let st = status(&l.node(node).unwrap().socket).unwrap();
-        // BEFORE-FIX assert!(st.reconcile_error.is_empty(), "{node}: {st:?}");
+        assert!(st.reconcile_error.is_empty(), "{node}: {st:?}");
         assert!(st.healthy && st.reason.is_empty(), "{node}: {st:?}");
         let log = std::fs::read_to_string(&l.node(node).unwrap().agent_log).unwrap_or_default();
         assert!(
@@ -157,7 +157,11 @@ fn service_files_rewritten_in_place_keep_the_service_translated() {
             // Half written: the first half of the text.
             std::fs::write(dir.join(file), &text[..text.len() / 2]).unwrap();
             std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(connect_failures(l, "node1-pod1", "10.96.0.20:80", 5), 0, "{file} half written");
+            assert_eq!(
+                connect_failures(l, "node1-pod1", "10.96.0.20:80", 5),
+                0,
+                "{file} half written"
+            );
             std::fs::write(dir.join(file), text).unwrap();
         }
     }
@@ -165,7 +169,10 @@ fn service_files_rewritten_in_place_keep_the_service_translated() {
     std::fs::remove_file(dir.join("web-slice.yaml")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while connect_failures(l, "node1-pod1", "10.96.0.20:80", 1) == 0 {
-        assert!(Instant::now() < deadline, "removing the slice file must remove its endpoints");
+        assert!(
+            Instant::now() < deadline,
+            "removing the slice file must remove its endpoints"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

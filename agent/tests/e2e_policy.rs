@@ -1338,7 +1338,12 @@ spec:
         let passed = (0..10)
             .filter(|_| tcp_echo(&other, web, 8080, Duration::from_millis(300)).is_ok())
             .count();
-        assert_eq!(passed, 0, "[{routing:?}] {why}: other -> web:8080 must stay denied\n{}", w.logs());
+        assert_eq!(
+            passed,
+            0,
+            "[{routing:?}] {why}: other -> web:8080 must stay denied\n{}",
+            w.logs()
+        );
     };
     in_force("before");
     let name = file.file_name().unwrap().to_string_lossy().to_string();
@@ -1383,13 +1388,21 @@ spec:
         }
     }
     let cli = std::process::Command::new(&lab.binaries().sinew)
-        .args(["--socket", &w.socket("node2").display().to_string(), "status", "-o", "json"])
+        .args([
+            "--socket",
+            &w.socket("node2").display().to_string(),
+            "status",
+            "-o",
+            "json",
+        ])
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
     let errors = json["datastoreErrors"].as_array().cloned().unwrap_or_default();
     assert!(
-        errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains(&name) && e.contains("70000"))),
+        errors
+            .iter()
+            .any(|e| e.as_str().is_some_and(|e| e.contains(&name) && e.contains("70000"))),
         "status -o json lists the invalid document: {json}"
     );
     for n in lab.nodes() {
@@ -1407,7 +1420,10 @@ spec:
     for node in ["node1", "node2"] {
         let deadline = Instant::now() + Duration::from_secs(10);
         while status(&w.socket(node)).unwrap().reason.contains(&name) {
-            assert!(Instant::now() < deadline, "[{routing:?}] {node}: the error does not clear");
+            assert!(
+                Instant::now() < deadline,
+                "[{routing:?}] {node}: the error does not clear"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let m = scrape(lab, node).unwrap();

@@ -3,7 +3,7 @@
 // keeping them flat reads better than boxing.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -38,6 +38,18 @@ pub enum ResourceError {
         name: String,
         other: String,
     },
+    /// A policy document the policy crate refuses (the message names the
+    /// file, document, field path, value and reason).
+    #[error("{message}")]
+    Policy {
+        file: String,
+        kind: String,
+        message: String,
+    },
+    #[error("{file}: empty (no documents); a file being written in place reads so: write a temporary file and rename it over this one, and delete the file to remove what it holds")]
+    Empty { file: String },
+    #[error("{file}: cannot be read: {reason}; check its permissions and that it is UTF-8 text")]
+    Unreadable { file: String, reason: String },
 }
 
 impl ResourceError {
@@ -47,7 +59,19 @@ impl ResourceError {
             ResourceError::Yaml { file, .. }
             | ResourceError::Missing { file, .. }
             | ResourceError::Invalid { file, .. }
-            | ResourceError::Duplicate { file, .. } => file,
+            | ResourceError::Duplicate { file, .. }
+            | ResourceError::Policy { file, .. }
+            | ResourceError::Empty { file }
+            | ResourceError::Unreadable { file, .. } => file,
+        }
+    }
+
+    /// The kind of the document the error is about, when known.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ResourceError::Invalid { kind, .. } | ResourceError::Duplicate { kind, .. } => Some(kind),
+            ResourceError::Policy { kind, .. } if !kind.is_empty() => Some(kind),
+            _ => None,
         }
     }
 }
@@ -107,8 +131,9 @@ pub struct PolicyDoc {
     pub yaml: String,
 }
 
-/// Everything a datastore knows at one moment. Invalid resources are not in
-/// it; they are listed in `errors` so that status output can show them.
+/// Everything a datastore knows at one moment. Invalid documents are listed
+/// in `errors` so that status output can show them; an invalid update of a
+/// file keeps what the file held in force (see `kept`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub generation: u64,
@@ -116,6 +141,8 @@ pub struct Snapshot {
     pub pods: BTreeMap<(String, String), PodInfo>,
     /// Namespace name -> labels.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Namespace name -> the file it came from.
+    pub namespace_sources: BTreeMap<String, String>,
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub endpoints: Vec<PublishedEndpoint>,
     pub policies: Vec<PolicyDoc>,
@@ -123,6 +150,70 @@ pub struct Snapshot {
     pub services: BTreeMap<(String, String), ServiceInfo>,
     pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
     pub errors: Vec<ResourceError>,
+    /// Files whose update was refused, with the kinds of the objects they
+    /// held that stay in force.
+    pub kept: BTreeMap<String, BTreeSet<String>>,
+    /// Invalid file versions read since the datastore started (a file that
+    /// becomes invalid, or whose error changes), kept by the backend.
+    pub rejected_updates: u64,
+}
+
+/// How the errors of a snapshot differ from those of the one before, per
+/// file: what to log once, and what to count.
+#[derive(Debug, Default, PartialEq)]
+pub struct ErrorChanges<'a> {
+    /// Errors of files that became invalid or whose errors changed.
+    pub new: Vec<&'a ResourceError>,
+    /// Files that were invalid and are valid (or gone) now.
+    pub cleared: Vec<String>,
+    /// How many files became invalid or changed their errors.
+    pub files: u64,
+}
+
+impl Snapshot {
+    /// See [`ErrorChanges`].
+    pub fn error_changes<'a>(&'a self, previous: &Snapshot) -> ErrorChanges<'a> {
+        fn by_file(s: &Snapshot) -> BTreeMap<&str, Vec<&ResourceError>> {
+            let mut m: BTreeMap<&str, Vec<&ResourceError>> = BTreeMap::new();
+            for e in &s.errors {
+                m.entry(e.file()).or_default().push(e);
+            }
+            m
+        }
+        let (before, now) = (by_file(previous), by_file(self));
+        let mut out = ErrorChanges::default();
+        for (file, errs) in &now {
+            if before.get(file) != Some(errs) {
+                out.new.extend(errs.iter().copied());
+                out.files += 1;
+            }
+        }
+        out.cleared = before
+            .keys()
+            .filter(|f| !now.contains_key(*f))
+            .map(|f| f.to_string())
+            .collect();
+        out
+    }
+
+    /// Invalid documents by kind, for metrics: an error that names no kind
+    /// (a file that does not parse, or is empty) counts for each kind its
+    /// file held in force, else as "unknown".
+    pub fn invalid_by_kind(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &self.errors {
+            match (e.kind(), self.kept.get(e.file())) {
+                (Some(k), _) => *out.entry(k.to_string()).or_default() += 1,
+                (None, Some(kinds)) if !kinds.is_empty() => {
+                    for k in kinds {
+                        *out.entry(k.clone()).or_default() += 1;
+                    }
+                }
+                _ => *out.entry("unknown".into()).or_default() += 1,
+            }
+        }
+        out
+    }
 }
 
 impl Snapshot {
@@ -133,15 +224,37 @@ impl Snapshot {
     }
 
     /// [`Snapshot::from_documents`] for a store that already published
-    /// `previous`: like the API server refusing an update, a Service or
-    /// EndpointSlice whose file is now invalid keeps its version in force,
-    /// and a NodePort stays with the service that had it.
+    /// `previous`. Like the API server refusing an update, a file that is
+    /// invalid now (a document that does not parse or validate, or no
+    /// document at all: a file being rewritten in place reads so) keeps
+    /// every object it held in `previous` in force, and nothing else of it
+    /// applies; only removing a file removes what it holds. A file that
+    /// held nothing applies its valid documents. A NodePort stays with the
+    /// service that had it.
     pub fn from_documents_after<'a>(
         docs: impl IntoIterator<Item = (String, &'a str)>,
         previous: Option<&Snapshot>,
     ) -> Self {
+        Self::from_files_after(docs.into_iter().map(|(s, t)| (s, Ok(t))), previous)
+    }
+
+    /// [`Snapshot::from_documents_after`] where a file may also be
+    /// unreadable (`Err(reason)`): an invalid update too.
+    pub fn from_files_after<'a>(
+        files: impl IntoIterator<Item = (String, Result<&'a str, String>)>,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let mut snap = Snapshot::default();
-        for (source, text) in docs {
+        let mut empty = Vec::new();
+        for (source, text) in files {
+            let text = match text {
+                Ok(t) => t,
+                Err(reason) => {
+                    snap.errors.push(ResourceError::Unreadable { file: source, reason });
+                    continue;
+                }
+            };
+            let (errors_before, mut documents) = (snap.errors.len(), 0);
             for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
                 let value = match serde_yaml::Value::deserialize_any_doc(doc) {
                     Ok(serde_yaml::Value::Null) => continue,
@@ -154,38 +267,109 @@ impl Snapshot {
                         break;
                     }
                 };
+                documents += 1;
                 if let Err(e) = snap.add(&source, index, value) {
                     snap.errors.push(e);
                 }
             }
+            if documents == 0 && snap.errors.len() == errors_before {
+                empty.push(source);
+            }
+        }
+        if let Some(prev) = previous {
+            snap.keep_in_force(prev, &empty);
         }
         snap.finish_services(previous);
         snap
     }
 
-    /// Cross-object checks of services, and keeping the versions in force
-    /// of those whose documents became invalid.
+    /// Whether any object in force came from `file`.
+    fn holds(&self, file: &str) -> bool {
+        self.nodes.values().any(|n| n.source == file)
+            || self.pods.values().any(|p| p.source == file)
+            || self.namespace_sources.values().any(|s| s == file)
+            || self.identities.values().any(|i| i.source == file)
+            || self.endpoints.iter().any(|e| e.source == file)
+            || self.policies.iter().any(|p| p.source == file)
+            || self.services.values().any(|s| s.source == file)
+            || self.endpoint_slices.values().any(|s| s.source == file)
+    }
+
+    /// For each invalid file that held objects in `prev`: drops what was
+    /// read from it now and carries those objects forward instead.
+    fn keep_in_force(&mut self, prev: &Snapshot, empty: &[String]) {
+        for file in empty.iter().filter(|f| prev.holds(f)) {
+            self.errors.push(ResourceError::Empty { file: file.clone() });
+        }
+        let bad: BTreeSet<String> = self
+            .errors
+            .iter()
+            .map(|e| e.file().to_string())
+            .filter(|f| prev.holds(f))
+            .collect();
+        for file in bad {
+            let f = file.as_str();
+            let mut kinds = BTreeSet::new();
+            let mut kind = |k: &str| {
+                kinds.insert(k.to_string());
+            };
+            carry(&mut self.nodes, &prev.nodes, |n| n.source == f, || kind("Node"));
+            carry(&mut self.pods, &prev.pods, |p| p.source == f, || kind("Pod"));
+            carry(
+                &mut self.identities,
+                &prev.identities,
+                |i| i.source == f,
+                || kind("SinewIdentity"),
+            );
+            carry(
+                &mut self.services,
+                &prev.services,
+                |s| s.source == f,
+                || kind("Service"),
+            );
+            carry(
+                &mut self.endpoint_slices,
+                &prev.endpoint_slices,
+                |s| s.source == f,
+                || kind("EndpointSlice"),
+            );
+            let gone: Vec<String> = self
+                .namespace_sources
+                .iter()
+                .filter(|(_, s)| *s == f)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in gone {
+                self.namespaces.remove(&n);
+                self.namespace_sources.remove(&n);
+            }
+            for (n, s) in prev.namespace_sources.iter().filter(|(_, s)| *s == f) {
+                if !self.namespaces.contains_key(n) {
+                    self.namespaces
+                        .insert(n.clone(), prev.namespaces.get(n).cloned().unwrap_or_default());
+                    self.namespace_sources.insert(n.clone(), s.clone());
+                }
+                kind("Namespace");
+            }
+            self.endpoints.retain(|e| e.source != f);
+            for e in prev.endpoints.iter().filter(|e| e.source == f) {
+                self.endpoints.push(e.clone());
+                kind("SinewEndpoint");
+            }
+            self.policies.retain(|p| p.source != f);
+            for p in prev.policies.iter().filter(|p| p.source == f) {
+                self.policies.push(p.clone());
+                kind(&p.kind);
+            }
+            self.kept.insert(file, kinds);
+        }
+    }
+
+    /// Cross-object checks of services: a NodePort stays with the service
+    /// in force that had it.
     fn finish_services(&mut self, previous: Option<&Snapshot>) {
         let empty = Snapshot::default();
         let prev = previous.unwrap_or(&empty);
-        let bad_files: std::collections::BTreeSet<&str> = self.errors.iter().map(|e| e.file()).collect();
-        let mut kept = Vec::new();
-        for (key, svc) in &prev.services {
-            if !self.services.contains_key(key) && bad_files.contains(svc.source.as_str()) {
-                kept.push((key.clone(), svc.clone()));
-            }
-        }
-        let mut kept_slices = Vec::new();
-        for (key, slice) in &prev.endpoint_slices {
-            if !self.endpoint_slices.contains_key(key) && bad_files.contains(slice.source.as_str()) {
-                kept_slices.push((key.clone(), slice.clone()));
-            }
-        }
-        for (key, svc) in kept {
-            tracing::warn!(service = %format!("{}/{}", key.0, key.1), file = %svc.source, "invalid update; keeping the service in force");
-            self.services.insert(key, svc);
-        }
-        self.endpoint_slices.extend(kept_slices);
         for (key, e) in services::node_port_conflicts(&self.services, &prev.services) {
             // A rejected update of a service in force keeps the old version
             // (whose NodePorts were unique when it was accepted).
@@ -248,6 +432,7 @@ impl Snapshot {
             ("v1", "Namespace") => {
                 let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
                 let labels = labels_at(&value, &["metadata", "labels"]);
+                self.namespace_sources.insert(name.clone(), source.into());
                 self.namespaces.insert(name, labels);
             }
             ("sinew.io/v1alpha1", "SinewIdentity") => {
@@ -309,6 +494,15 @@ impl Snapshot {
                 let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
                 let namespace = str_at(&value, &["metadata", "namespace"]);
                 let yaml = serde_yaml::to_string(&value).map_err(yaml_err)?;
+                let (_, errors) = sinew_policy::parse_all(source, &yaml);
+                if let Some(mut e) = errors.into_iter().next() {
+                    e.document = index;
+                    return Err(ResourceError::Policy {
+                        file: source.into(),
+                        kind,
+                        message: e.to_string(),
+                    });
+                }
                 self.policies.push(PolicyDoc {
                     kind,
                     namespace,
@@ -350,6 +544,21 @@ impl Snapshot {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Replaces the objects read from a file with those it held before.
+fn carry<K: Ord + Clone, V: Clone>(
+    now: &mut BTreeMap<K, V>,
+    prev: &BTreeMap<K, V>,
+    from: impl Fn(&V) -> bool,
+    mut kept: impl FnMut(),
+) {
+    now.retain(|_, v| !from(v));
+    for (k, v) in prev.iter().filter(|(_, v)| from(v)) {
+        // Another file may define it by now; that one stands.
+        now.entry(k.clone()).or_insert_with(|| v.clone());
+        kept();
     }
 }
 
@@ -693,7 +902,12 @@ mod invalid_update_tests {
         let first = read(&files(), None);
         assert!(first.errors.is_empty(), "{:?}", first.errors);
         assert_eq!(
-            (first.nodes.len(), first.pods.len(), first.namespaces.len(), first.identities.len()),
+            (
+                first.nodes.len(),
+                first.pods.len(),
+                first.namespaces.len(),
+                first.identities.len()
+            ),
             (1, 1, 1, 1)
         );
         assert_eq!((first.endpoints.len(), first.policies.len()), (1, 1));
