@@ -216,26 +216,28 @@ impl Reconciler {
     /// entry and the routes are still applied, the failed entry stays
     /// different from what is wanted, and the next apply retries it.
     pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), ReconcileError> {
+        let result = self.apply_ipcache(dp, want);
+        self.apply_routes(want);
+        result
+    }
+
+    fn apply_ipcache(&mut self, dp: &mut impl IpcacheWriter, want: &Desired) -> Result<(), ReconcileError> {
         let current = match self.ipcache.take() {
             Some(c) => c,
-            None => dp
-                .ipcache_entries()
-                .iter()
-                .filter_map(|(k, v)| KeyOrd::from_key(k).map(|ko| (ko, *v)))
-                .collect(),
+            None => dp.entries(),
         };
         let ops = plan(&current, want);
         let mut now = current;
         let mut failed: Vec<(KeyOrd, DatapathError)> = Vec::new();
         for op in ops {
             match op {
-                Op::Upsert(k, v) => match dp.upsert_ipcache(k.key(), v) {
+                Op::Upsert(k, v) => match dp.upsert(k, v) {
                     Ok(()) => {
                         now.insert(k, v);
                     }
                     Err(e) => failed.push((k, e)),
                 },
-                Op::Remove(k) => match dp.remove_ipcache(k.key()) {
+                Op::Remove(k) => match dp.remove(k) {
                     Ok(()) => {
                         now.remove(&k);
                     }
@@ -244,7 +246,6 @@ impl Reconciler {
             }
         }
         self.ipcache = Some(now);
-        self.apply_routes(want);
         match failed.into_iter().next() {
             None => Ok(()),
             Some((k, first)) => Err(ReconcileError {
@@ -309,6 +310,29 @@ fn source_detail(e: &DatapathError) -> String {
     out
 }
 
+/// The ipcache as the reconciler writes it (the datapath; a fake in tests).
+trait IpcacheWriter {
+    fn entries(&self) -> BTreeMap<KeyOrd, IpcacheValue>;
+    fn upsert(&mut self, k: KeyOrd, v: IpcacheValue) -> Result<(), DatapathError>;
+    /// Removing an entry that is not there is success.
+    fn remove(&mut self, k: KeyOrd) -> Result<(), DatapathError>;
+}
+
+impl IpcacheWriter for Datapath {
+    fn entries(&self) -> BTreeMap<KeyOrd, IpcacheValue> {
+        self.ipcache_entries()
+            .iter()
+            .filter_map(|(k, v)| KeyOrd::from_key(k).map(|ko| (ko, *v)))
+            .collect()
+    }
+    fn upsert(&mut self, k: KeyOrd, v: IpcacheValue) -> Result<(), DatapathError> {
+        self.upsert_ipcache(k.key(), v)
+    }
+    fn remove(&mut self, k: KeyOrd) -> Result<(), DatapathError> {
+        self.remove_ipcache(k.key())
+    }
+}
+
 /// One ipcache write.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
@@ -337,6 +361,100 @@ fn plan(current: &BTreeMap<KeyOrd, IpcacheValue>, want: &Desired) -> Vec<Op> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ipcache whose writes of some keys fail until `heal`.
+    #[derive(Default)]
+    struct FakeIpcache {
+        map: BTreeMap<KeyOrd, IpcacheValue>,
+        broken: BTreeSet<KeyOrd>,
+        writes: usize,
+    }
+
+    impl IpcacheWriter for FakeIpcache {
+        fn entries(&self) -> BTreeMap<KeyOrd, IpcacheValue> {
+            self.map.clone()
+        }
+        fn upsert(&mut self, k: KeyOrd, v: IpcacheValue) -> Result<(), DatapathError> {
+            self.writes += 1;
+            if self.broken.contains(&k) {
+                return Err(DatapathError::Map {
+                    map: "sinew_ipcache",
+                    source: Box::new(aya::maps::MapError::KeyNotFound),
+                });
+            }
+            self.map.insert(k, v);
+            Ok(())
+        }
+        fn remove(&mut self, k: KeyOrd) -> Result<(), DatapathError> {
+            self.writes += 1;
+            if self.broken.contains(&k) {
+                return Err(DatapathError::Map {
+                    map: "sinew_ipcache",
+                    source: Box::new(aya::maps::MapError::KeyNotFound),
+                });
+            }
+            self.map.remove(&k);
+            Ok(())
+        }
+    }
+
+    fn host(last: u8) -> KeyOrd {
+        KeyOrd {
+            addr: Ipv4Addr::new(10, 244, 1, last),
+            prefix_len: 32,
+        }
+    }
+
+    fn want(hosts: &[u8]) -> Desired {
+        let mut d = Desired::default();
+        for h in hosts {
+            d.ipcache.insert(
+                host(*h),
+                IpcacheValue {
+                    identity: 300 + u32::from(*h),
+                    ..Default::default()
+                },
+            );
+        }
+        d
+    }
+
+    /// A write that fails does not hold back the others, and is retried
+    /// until it applies; an entry already gone is not an error.
+    #[test]
+    fn a_failed_write_does_not_wedge_the_ipcache_and_is_retried() {
+        let local = LocalNode {
+            name: "node1".into(),
+            ip: "172.30.0.11".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        };
+        let mut r = Reconciler::new(RoutingMode::Vxlan, "eth0".into(), "vx".into(), local);
+        let mut dp = FakeIpcache::default();
+        r.apply_ipcache(&mut dp, &want(&[1, 2, 3])).unwrap();
+        // A pod's DEL removed entry 2 behind the reconciler's back.
+        dp.map.remove(&host(2));
+        // 1 cannot be removed, 4 cannot be written: everything else applies.
+        dp.broken = BTreeSet::from([host(1), host(4)]);
+        let e = r.apply_ipcache(&mut dp, &want(&[3, 4, 5])).unwrap_err();
+        assert_eq!(e.failed, 2, "{e}");
+        assert!(e.to_string().contains("retries"), "{e}");
+        assert_eq!(
+            dp.map.keys().copied().collect::<Vec<_>>(),
+            vec![host(1), host(3), host(5)]
+        );
+        // Still broken: only the two failed writes are tried again.
+        let before = dp.writes;
+        assert!(r.apply_ipcache(&mut dp, &want(&[3, 4, 5])).is_err());
+        assert_eq!(dp.writes - before, 2);
+        // Healed: the next apply completes.
+        dp.broken.clear();
+        r.apply_ipcache(&mut dp, &want(&[3, 4, 5])).unwrap();
+        assert_eq!(
+            dp.map.keys().copied().collect::<Vec<_>>(),
+            vec![host(3), host(4), host(5)]
+        );
+        assert_eq!(r.pending(&want(&[3, 4, 5])), 0);
+    }
 
     fn snap() -> Snapshot {
         let yaml = |n: u8| {

@@ -396,3 +396,26 @@ impl NodeState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_health_shows_a_failing_stage_until_it_applies() {
+        let mut h = SyncHealth::default();
+        h.record("services", Ok(()));
+        assert!(!h.is_failing() && h.describe().is_empty());
+        h.record("ipcache", Err("1 ipcache entries not written".into()));
+        h.record("ipcache", Err("1 ipcache entries not written".into()));
+        assert!(h.is_failing());
+        assert!(
+            h.describe().starts_with("ipcache: failing for 0s: 1 ipcache"),
+            "{}",
+            h.describe()
+        );
+        assert_eq!(h.failures, 2);
+        h.record("ipcache", Ok(()));
+        assert!(!h.is_failing() && h.describe().is_empty());
+    }
+}
