@@ -214,7 +214,17 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     ensure_bpffs()?;
-    let ds: Arc<dyn Datastore> = Arc::new(LocalDatastore::start(&cfg.datastore, Duration::from_millis(50))?);
+    // What was in force before a restart: a file invalid now keeps it.
+    let policies_path = cfg.state_dir.join("policies-in-force.json");
+    let before = sinew_model::Snapshot {
+        policies: crate::policy::policies_in_force(&policies_path),
+        ..Default::default()
+    };
+    let ds: Arc<dyn Datastore> = Arc::new(LocalDatastore::start_after(
+        &cfg.datastore,
+        Duration::from_millis(50),
+        Some(&before),
+    )?);
     let (local, snapshot) = local_node(ds.as_ref(), &cfg.node_name).await?;
     tracing::info!(node = %local.name, ip = %local.ip, pod_cidr = %local.pod_cidr, "node facts");
 
@@ -311,6 +321,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         health: Default::default(),
     };
     state.policy.fail_open = cfg.policy_fail_open;
+    state.policy.persist = Some(policies_path);
     let adopted: Vec<(u32, u32, u32)> = state
         .registry
         .iter()

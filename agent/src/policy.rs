@@ -215,6 +215,23 @@ pub struct PolicyState {
     pub fail_open: bool,
     /// Map writes refused (table full), ever.
     pub overflows: u64,
+    /// Where the policy documents in force are kept for the next start
+    /// (`--state-dir`), and what was written there last.
+    pub persist: Option<std::path::PathBuf>,
+    persisted: Vec<sinew_model::PolicyDoc>,
+}
+
+/// The policy documents an earlier agent had in force, from
+/// [`PolicyState::persist`]: a policy file that is invalid when the agent
+/// starts keeps that version (fail closed) instead of applying nothing.
+pub fn policies_in_force(path: &std::path::Path) -> Vec<sinew_model::PolicyDoc> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the policies in force before the restart; a policy file invalid now will not apply until it is fixed");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
 }
 
 impl Default for PolicyState {
@@ -232,6 +249,8 @@ impl Default for PolicyState {
             failed: BTreeSet::new(),
             fail_open: false,
             overflows: 0,
+            persist: None,
+            persisted: Vec::new(),
         }
     }
 }
@@ -272,6 +291,17 @@ impl crate::state::NodeState {
         }
         self.policy.resources = resources;
         self.policy.errors = errors;
+        if let Some(path) = &self.policy.persist {
+            if self.policy.persisted != self.snapshot.policies {
+                let json = serde_json::to_vec(&self.snapshot.policies).expect("policy documents serialize");
+                match crate::ipam::write_atomic(path, &json) {
+                    Ok(()) => self.policy.persisted = self.snapshot.policies.clone(),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the policies in force for a restart")
+                    }
+                }
+            }
+        }
         // CIDR identities: node-local numbers for the prefixes policies
         // name, outside the cluster's pod CIDRs (pods have their own).
         let pod_cidrs: Vec<ipnet::IpNet> = self.snapshot.nodes.values().flat_map(|n| n.pod_cidrs.clone()).collect();

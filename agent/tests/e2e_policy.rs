@@ -1306,8 +1306,9 @@ fn bad_policies_are_rejected_and_the_policy_in_force_stays_native() {
 /// datastore: the policy in force stays and keeps denying (fail closed),
 /// and the error shows in `sinew status` (text and JSON) and in
 /// `sinew_datastore_invalid_documents`; it is logged once per change, not
-/// on every reload. Each corruption is written in place, as an editor
-/// saving the file would.
+/// on every reload; an agent restarted while the file is invalid keeps the
+/// version it had in force. Each corruption is written in place, as an
+/// editor saving the file would.
 fn policy_file_broken_by_hand(prefix: &str, routing: Routing) {
     let w = World::new(prefix, routing, &[], revocation_pods());
     let lab = w.lab();
@@ -1430,6 +1431,36 @@ spec:
         assert_eq!(m.sum("sinew_datastore_invalid_documents", &[]), 0.0, "{node}");
     }
     in_force("fixed");
+
+    // Broken again, then web's agent restarts: the restarted agent keeps
+    // the version it had in force (from --state-dir), not nothing.
+    std::fs::write(&file, &cases[2].1).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut w = w;
+    assert!(w.g.lab.stop_agent("node1").unwrap());
+    w.g.lab.start_agent("node1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(&w.socket("node1")).is_ok_and(|s| s.reason.contains(&name)) {
+        assert!(
+            Instant::now() < deadline,
+            "[{routing:?}] the restarted agent does not report {name}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (client, other) = (pod_ns(w.lab(), "client"), pod_ns(w.lab(), "other"));
+    assert!(
+        tcp_echo(&client, web, 8080, Duration::from_secs(3)).is_ok(),
+        "[{routing:?}] after a restart: client -> web:8080 must stay allowed"
+    );
+    let passed = (0..10)
+        .filter(|_| tcp_echo(&other, web, 8080, Duration::from_millis(300)).is_ok())
+        .count();
+    assert_eq!(
+        passed,
+        0,
+        "[{routing:?}] after a restart with the file invalid: other -> web:8080 must stay denied\n{}",
+        w.logs()
+    );
 }
 
 #[test]

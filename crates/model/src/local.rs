@@ -151,10 +151,20 @@ impl LocalDatastore {
     /// Reads the directory once (failing if it cannot) and keeps watching it
     /// from a background thread for as long as the datastore lives.
     pub fn start(dir: impl Into<PathBuf>, interval: Duration) -> Result<Self, LocalError> {
+        Self::start_after(dir, interval, None)
+    }
+
+    /// [`LocalDatastore::start`] for a reader that had `previous` in force
+    /// before it restarted: a file invalid now keeps what it held there.
+    pub fn start_after(
+        dir: impl Into<PathBuf>,
+        interval: Duration,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, LocalError> {
         let dir = dir.into();
         // Fingerprint before reading, so a change made while we read is seen.
         let mut last = fingerprint(&dir).ok();
-        let mut first = read_dir_snapshot(&dir, 1)?;
+        let mut first = read_dir_snapshot_after(&dir, 1, previous)?;
         first.rejected_updates = log_error_changes(&first, &Snapshot::default());
         let (tx, rx) = watch::channel(Arc::new(first));
         let inner = Arc::new(Watcher {
@@ -676,5 +686,48 @@ mod change_tests {
         ds.refresh();
         assert!(ds.subscribe().borrow().endpoints.is_empty());
         assert!(ds.subscribe().borrow().errors.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec: {podSelector: {}, ingress: [{ports: [{port: 80}]}]}\n";
+
+    /// A reader that restarts while a policy file is invalid keeps the
+    /// version it had in force (handed back to it), not nothing.
+    #[test]
+    fn a_restart_keeps_the_policy_in_force_of_an_invalid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, POLICY).unwrap();
+        let in_force = {
+            let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+            let json = serde_json::to_string(&ds.subscribe().borrow().policies).unwrap();
+            json
+        };
+        std::fs::write(&path, POLICY.replace("port: 80", "port: 70000")).unwrap();
+        let fresh = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(
+            fresh.subscribe().borrow().policies.is_empty(),
+            "nothing to keep without the previous state"
+        );
+        let previous = Snapshot {
+            policies: serde_json::from_str(&in_force).unwrap(),
+            ..Default::default()
+        };
+        let ds = LocalDatastore::start_after(dir.path(), Duration::from_secs(3600), Some(&previous)).unwrap();
+        let snap = ds.subscribe().borrow().clone();
+        assert_eq!(snap.policies, previous.policies);
+        assert!(
+            snap.errors.iter().any(|e| e.to_string().contains("70000")),
+            "{:?}",
+            snap.errors
+        );
+        // Fixed, or removed, the previous version no longer matters.
+        std::fs::remove_file(&path).unwrap();
+        let ds = LocalDatastore::start_after(dir.path(), Duration::from_secs(3600), Some(&previous)).unwrap();
+        assert!(ds.subscribe().borrow().policies.is_empty());
     }
 }
