@@ -8,6 +8,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sinew_proto::v1;
 use sinew_testvms::lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
+use sinew_testvms::manifest::LabelEdit;
+
+/// The lab name `--lab` defaults to.
+const DEFAULT_LAB: &str = sinew_testvms::topology::DEFAULT_PREFIX;
 
 #[derive(Parser)]
 #[command(name = "sinew", version, about = "Sinew: CNI and sidecarless service mesh")]
@@ -19,7 +23,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     node: Option<String>,
     /// Lab name prefix, for --node and `sinew lab`.
-    #[arg(long, global = true, default_value = "sinew-lab")]
+    #[arg(long, global = true, default_value = DEFAULT_LAB)]
     lab: String,
     #[command(subcommand)]
     cmd: Command,
@@ -210,14 +214,60 @@ enum LabCmd {
     },
     /// Remove everything the lab made.
     Down,
-    /// Nodes, pods and each agent's state.
+    /// Nodes, pods and each agent's state and socket.
     Status,
     /// Run a command in a pod's network namespace.
     Exec {
+        /// NAMESPACE/NAME, or NAME when only one namespace has it.
         pod: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Create or update v1 Namespace and v1 Pod documents (pods through the
+    /// CNI plugin, as a runtime would); all or nothing.
+    Apply {
+        /// The YAML file, or - for stdin.
+        #[arg(short = 'f', long = "filename", required = true)]
+        file: String,
+    },
+    /// Delete a pod (NAMESPACE/NAME) or a namespace with its pods, or
+    /// everything a file describes.
+    Delete {
+        #[arg(value_enum, required_unless_present = "file", conflicts_with = "file")]
+        kind: Option<LabKind>,
+        /// NAMESPACE/NAME for a pod, NAME for a namespace.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        name: Option<String>,
+        /// The YAML file, or - for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: Option<String>,
+    },
+    /// Set (k=v) or remove (k-) labels of a pod or namespace, like
+    /// `kubectl label`; identities and policy follow.
+    Label {
+        #[arg(value_enum)]
+        kind: LabKind,
+        /// NAMESPACE/NAME for a pod, NAME for a namespace.
+        name: String,
+        /// key=value or key-.
+        #[arg(required = true, value_parser = parse_label_edit)]
+        labels: Vec<LabelEdit>,
+        /// Allow changing the value of an existing label.
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LabKind {
+    #[value(alias = "pods", alias = "po")]
+    Pod,
+    #[value(alias = "namespaces", alias = "ns")]
+    Namespace,
+}
+
+fn parse_label_edit(s: &str) -> Result<LabelEdit, String> {
+    s.parse()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -611,12 +661,10 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
             );
             print_lab(&lab);
             println!();
-            println!(
-                "try:  sinew lab exec {} -- ip addr",
-                lab.pods().first().map(|p| p.name.as_str()).unwrap_or("POD")
-            );
-            println!("      sinew --node node1 endpoint list");
-            println!("      sinew lab down");
+            let first = lab.pods().first().map(|p| p.display_name());
+            for (i, line) in try_commands(&cli.lab, first.as_deref()).iter().enumerate() {
+                println!("{}{line}", if i == 0 { "try:  " } else { "      " });
+            }
         }
         LabCmd::Down => {
             let s = Lab::down(&dir)?;
@@ -631,21 +679,113 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
             }
             println!("lab {:?} is down; nothing left behind", cli.lab);
         }
-        LabCmd::Status => {
-            let lab = Lab::load(&dir).with_context(|| format!("no lab {:?} is up (run `sinew lab up`)", cli.lab))?;
-            print_lab(&lab);
-        }
+        LabCmd::Status => print_lab(&load_lab(cli)?),
         LabCmd::Exec { pod, command } => {
-            let lab = Lab::load(&dir).with_context(|| format!("no lab {:?} is up (run `sinew lab up`)", cli.lab))?;
+            let lab = load_lab(cli)?;
             let status = lab.exec(pod, command)?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCmd::Apply { file } => {
+            let docs = read_manifest(file)?;
+            let mut lab = load_lab(cli)?;
+            lab.apply(&docs, &mut |a| println!("{a}"))?;
+        }
+        LabCmd::Delete { kind, name, file } => {
+            let mut lab = load_lab(cli)?;
+            match (kind, name, file) {
+                (_, _, Some(file)) => {
+                    let docs = read_manifest(file)?;
+                    for line in lab.delete_objects(&docs)? {
+                        println!("{line}");
+                    }
+                }
+                (Some(LabKind::Pod), Some(name), None) => {
+                    let key = lab.pod(name)?.key();
+                    lab.delete_pod(&key)?;
+                    println!("pod/{key} deleted");
+                }
+                (Some(LabKind::Namespace), Some(name), None) => {
+                    for key in lab.delete_namespace(name)? {
+                        println!("pod/{key} deleted");
+                    }
+                    println!("namespace/{name} deleted");
+                }
+                _ => bail!("say what to delete: `sinew lab delete pod NAMESPACE/NAME`, `sinew lab delete namespace NAME` or `sinew lab delete -f FILE`"),
+            }
+        }
+        LabCmd::Label {
+            kind,
+            name,
+            labels,
+            overwrite,
+        } => {
+            let mut lab = load_lab(cli)?;
+            let (object, (changed, notes)) = match kind {
+                LabKind::Pod => {
+                    let key = lab.pod(name)?.key();
+                    (format!("pod/{key}"), lab.label_pod(&key, labels, *overwrite)?)
+                }
+                LabKind::Namespace => (
+                    format!("namespace/{name}"),
+                    lab.label_namespace(name, labels, *overwrite)?,
+                ),
+            };
+            for n in notes {
+                eprintln!("{n}");
+            }
+            println!("{object} {}", if changed { "labeled" } else { "not labeled" });
         }
     }
     Ok(())
 }
 
+fn load_lab(cli: &Cli) -> anyhow::Result<Lab> {
+    Lab::load(&lab_dir(&cli.lab)).with_context(|| {
+        format!(
+            "no lab {:?} is up (run `sinew lab up`, or pass its --lab NAME)",
+            cli.lab
+        )
+    })
+}
+
+/// Reads a file (or stdin for `-`) of lab documents.
+fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_testvms::manifest::Document>> {
+    let (name, text) = if file == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read documents from stdin")?;
+        ("stdin".to_owned(), text)
+    } else {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {file}: pass an existing YAML file, or - for stdin"))?;
+        (file.to_owned(), text)
+    };
+    let docs = sinew_testvms::manifest::parse(&name, &text).map_err(sinew_testvms::lab::LabError::from)?;
+    if docs.is_empty() {
+        bail!("{name}: no documents: write v1 Namespace and v1 Pod documents separated by ---");
+    }
+    Ok(docs)
+}
+
+/// The commands `lab up` suggests; with a lab name other than the default,
+/// each carries `--lab NAME` so that it reaches this lab.
+fn try_commands(lab_name: &str, first_pod: Option<&str>) -> Vec<String> {
+    let lab = if lab_name == DEFAULT_LAB {
+        String::new()
+    } else {
+        format!(" --lab {lab_name}")
+    };
+    vec![
+        format!("sinew{lab} lab exec {} -- ip addr", first_pod.unwrap_or("POD")),
+        format!("sinew{lab} --node node1 endpoint list"),
+        format!("sinew{lab} lab down"),
+    ]
+}
+
 fn print_lab(lab: &Lab) {
-    println!("{:<8} {:<14} {:<16} {:<8} AGENT", "NODE", "ADDRESS", "POD CIDR", "PODS");
+    println!(
+        "{:<8} {:<14} {:<16} {:<6} {:<14} SOCKET",
+        "NODE", "ADDRESS", "POD CIDR", "PODS", "AGENT"
+    );
     for n in lab.nodes() {
         let pods = lab.pods().iter().filter(|p| p.node == n.name).count();
         let agent = if agent_ready(&n.socket) {
@@ -654,18 +794,20 @@ fn print_lab(lab: &Lab) {
             "not reachable"
         };
         println!(
-            "{:<8} {:<14} {:<16} {:<8} {agent}",
+            "{:<8} {:<14} {:<16} {:<6} {agent:<14} {}",
             n.name,
             n.address.to_string(),
             n.pod_cidr.to_string(),
-            pods
+            pods,
+            n.socket.display()
         );
     }
     println!();
+    // Pods of `default` by name, others as NAMESPACE/NAME: what exec takes.
     println!("{:<16} {:<8} {:<18} NETNS", "POD", "NODE", "IP");
     for p in lab.pods() {
         let ip = p.ip.map(|i| i.addr().to_string()).unwrap_or_else(|| "-".into());
-        println!("{:<16} {:<8} {:<18} {}", p.name, p.node, ip, p.netns.name());
+        println!("{:<16} {:<8} {:<18} {}", p.display_name(), p.node, ip, p.netns.name());
     }
 }
 
@@ -1056,5 +1198,20 @@ mod tests {
         assert!(!rows[2].contains(" / "), "{}", rows[2]);
         let col = |r: &str, w: &str| r.find(w);
         assert_eq!(col(&rows[0], "POD-IF"), col(&rows[1], "eth0"));
+    }
+}
+
+#[cfg(test)]
+mod lab_tests {
+    use super::*;
+
+    #[test]
+    fn suggested_commands_name_a_lab_only_when_it_is_not_the_default() {
+        let default = try_commands(DEFAULT_LAB, Some("node1-pod1"));
+        assert_eq!(default[0], "sinew lab exec node1-pod1 -- ip addr");
+        assert!(default.iter().all(|c| !c.contains("--lab")), "{default:?}");
+        let named = try_commands("mine", None);
+        assert_eq!(named[0], "sinew --lab mine lab exec POD -- ip addr");
+        assert!(named.iter().all(|c| c.starts_with("sinew --lab mine ")), "{named:?}");
     }
 }

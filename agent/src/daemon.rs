@@ -333,7 +333,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })
         .collect();
     let entries = state.datapath.policy_entries();
-    state.policy.adopt(entries, adopted);
+    let classes = state.datapath.cidr_class_entries();
+    state.policy.adopt(entries, adopted, classes);
     let (kept, dropped) = state.restore()?;
     state.resync()?;
     tracing::info!(
@@ -345,8 +346,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
 
     let ring = state.datapath.take_events();
+    let flusher = state.datapath.take_flusher();
     let state = Arc::new(Mutex::new(state));
-    let observer = start_observer(&cfg, ring, &state)?;
+    let observer = start_observer(&cfg, ring, flusher, &state)?;
     if cfg.bpf_stats {
         crate::metrics::enable_bpf_stats();
     }
@@ -372,16 +374,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 fn start_observer(
     cfg: &AgentConfig,
     ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    flusher: Option<crate::datapath::FlowFlusher>,
     state: &Arc<Mutex<NodeState>>,
 ) -> anyhow::Result<Observer> {
+    let tick = Duration::from_millis(250);
     let ocfg = ObserverConfig {
         node_name: cfg.node_name.clone(),
         buffer_size: cfg.flow_buffer_size,
         event_ring_bytes: u64::from(cfg.event_ring_bytes),
-        tick: Duration::from_millis(250),
+        tick,
+        flush_every: ObserverConfig::flush_period(cfg.event_report_interval, tick),
     };
     match ring {
-        Some(ring) if cfg.events => Ok(Observer::start(ring, state.clone(), ocfg)?),
+        Some(ring) if cfg.events => Ok(Observer::start(ring, flusher, state.clone(), ocfg)?),
         _ => Ok(Observer::disabled(ocfg)),
     }
 }

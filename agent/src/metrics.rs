@@ -83,6 +83,10 @@ pub struct FlowCounts {
     pub follower_dropped: u64,
     /// Ring records too short to decode.
     pub decode_errors: u64,
+    /// Trace reports the flow flush wrote (idle flows' last counts), and
+    /// flush runs that failed.
+    pub flush_reports: u64,
+    pub flush_errors: u64,
     /// Flows held for GetFlows now, and how many fit.
     pub buffered: u64,
     pub capacity: u64,
@@ -103,6 +107,8 @@ pub fn observer_flows(stats: Arc<crate::observer::ObserverStats>) -> FlowSource 
             by_drop_reason: owned(snap.flows_by_drop_reason),
             follower_dropped: snap.follower_dropped,
             decode_errors: snap.decode_errors,
+            flush_reports: snap.flush_reports,
+            flush_errors: snap.flush_errors,
             buffered: snap.buffered,
             capacity: snap.capacity,
         }
@@ -427,6 +433,18 @@ impl Collector for Sample {
                 "observer_decode_errors",
                 "Ring buffer records the observer could not decode",
                 f.decode_errors,
+            )?;
+            counter(
+                &mut enc,
+                "observer_flush_reports",
+                "Trace reports of idle flows written by the flow flush (also counted in flows_by_type)",
+                f.flush_reports,
+            )?;
+            counter(
+                &mut enc,
+                "observer_flush_errors",
+                "Flow flush runs that failed: idle flows' last packets are not reported while it fails (see the agent log)",
+                f.flush_errors,
             )?;
             gauge(
                 &mut enc,

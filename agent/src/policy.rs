@@ -7,9 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::{IpNet, Ipv4Net};
 use sinew_abi::{
-    PolicyKey, PolicyValue, POLICY_ACTION_ALLOW, POLICY_ACTION_DENY, POLICY_ANY_IDENTITY, POLICY_DIR_EGRESS,
-    POLICY_DIR_INGRESS, POLICY_PREFIX_EXACT, POLICY_PREFIX_PROTO,
+    PolicyKey, PolicyValue, POLICY_ACTION_ALLOW, POLICY_ACTION_DENY, POLICY_ANY_IDENTITY, POLICY_CIDR_CLASS,
+    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_PREFIX_EXACT, POLICY_PREFIX_PROTO,
 };
 use sinew_policy::{Action, Direction, Entry, Peer, Proto, Resolved, RuleRef};
 
@@ -141,6 +142,8 @@ fn keys(ep_id: u32, e: &Entry) -> Vec<PolicyKey> {
         identity: match e.peer {
             Peer::Any => POLICY_ANY_IDENTITY,
             Peer::Identity(id) => id,
+            // Classes and identities never share a key.
+            Peer::Cidr(class) => class | POLICY_CIDR_CLASS,
         },
         direction: match e.direction {
             Direction::Ingress => POLICY_DIR_INGRESS,
@@ -194,15 +197,38 @@ pub fn diff(current: &BTreeMap<PolicyKey, PolicyValue>, want: &BTreeMap<PolicyKe
     d
 }
 
-/// The agent's policy state: parsed policies, CIDR identities, what the
+/// The endpoint flags that make the datapath look up the peer address's
+/// CIDR class: set for each direction in which a CIDR rule applies.
+pub fn cidr_flags(resolved: &Resolved) -> u32 {
+    resolved
+        .entries
+        .iter()
+        .filter(|e| matches!(e.peer, Peer::Cidr(_)))
+        .fold(0, |flags, e| {
+            flags
+                | match e.direction {
+                    Direction::Ingress => sinew_abi::EP_F_CIDR_INGRESS,
+                    Direction::Egress => sinew_abi::EP_F_CIDR_EGRESS,
+                }
+        })
+}
+
+/// The agent's policy state: parsed policies, CIDR numbers, what the
 /// policy map holds, and each endpoint's enforcement flags and revision.
 pub struct PolicyState {
     generation: u64,
     pub resources: Vec<sinew_policy::PolicyResource>,
     /// Invalid policy documents in the datastore (they do not apply).
     pub errors: Vec<String>,
-    pub cidr_ids: BTreeMap<ipnet::Ipv4Net, u32>,
+    /// A node-local number for every IPv4 prefix a policy names, excepts
+    /// included: the CIDR class of the addresses it is the most specific
+    /// named prefix of (all of them: `sinew_cidr_class`), and the identity
+    /// of those outside the cluster (see `cidr_identities`). Numbers stay
+    /// while their prefix is named, across restarts too.
+    pub cidr_ids: BTreeMap<Ipv4Net, u32>,
     next_cidr_id: u32,
+    /// What `sinew_cidr_class` holds.
+    cidr_classes: BTreeMap<Ipv4Net, u32>,
     pub rules: RuleTable,
     pub resolved: BTreeMap<u32, Resolved>,
     entries: BTreeMap<PolicyKey, PolicyValue>,
@@ -242,6 +268,7 @@ impl Default for PolicyState {
             errors: Vec::new(),
             cidr_ids: BTreeMap::new(),
             next_cidr_id: sinew_policy::identity::MIN_CIDR_IDENTITY,
+            cidr_classes: BTreeMap::new(),
             rules: RuleTable::default(),
             resolved: BTreeMap::new(),
             entries: BTreeMap::new(),
@@ -258,14 +285,28 @@ impl Default for PolicyState {
 impl PolicyState {
     /// Adopts what an earlier agent left in the map, so the first apply
     /// only writes differences.
+    /// The CIDR class map's entries keep their numbers, so that the
+    /// entries keyed by them need no rewrite either.
     pub fn adopt(
         &mut self,
         entries: Vec<(PolicyKey, PolicyValue)>,
         endpoints: impl IntoIterator<Item = (u32, u32, u32)>,
+        classes: Vec<(sinew_abi::IpcacheKey, u32)>,
     ) {
         self.entries = entries.into_iter().collect();
         for (id, flags, rev) in endpoints {
             self.ep_state.insert(id, (flags, rev));
+        }
+        for (k, class) in classes {
+            let Some(ko) = crate::nodes::KeyOrd::from_key(&k) else {
+                continue;
+            };
+            let Ok(net) = Ipv4Net::new(ko.addr, ko.prefix_len) else {
+                continue;
+            };
+            self.cidr_classes.insert(net, class);
+            self.cidr_ids.insert(net, class);
+            self.next_cidr_id = self.next_cidr_id.max(class.saturating_add(1));
         }
     }
 }
@@ -302,16 +343,15 @@ impl crate::state::NodeState {
                 }
             }
         }
-        // CIDR identities: node-local numbers for the prefixes policies
-        // name, outside the cluster's pod CIDRs (pods have their own).
-        let pod_cidrs: Vec<ipnet::IpNet> = self.snapshot.nodes.values().flat_map(|n| n.pod_cidrs.clone()).collect();
-        let wanted: BTreeSet<ipnet::Ipv4Net> = sinew_policy::cidr_prefixes(&self.policy.resources)
+        // Node-local numbers for every prefix policies name, pod CIDRs and
+        // 0.0.0.0/0 included: each is a CIDR class (IPv6 waits for the
+        // IPv6 datapath).
+        let wanted: BTreeSet<Ipv4Net> = sinew_policy::cidr_prefixes(&self.policy.resources)
             .into_iter()
             .filter_map(|p| match p {
-                ipnet::IpNet::V4(v) => Some(v),
-                ipnet::IpNet::V6(_) => None,
+                IpNet::V4(v) => Some(v),
+                IpNet::V6(_) => None,
             })
-            .filter(|p| p.prefix_len() > 0 && !pod_cidrs.iter().any(|c| c.contains(&ipnet::IpNet::V4(*p))))
             .collect();
         self.policy.cidr_ids.retain(|p, _| wanted.contains(p));
         for p in wanted {
@@ -320,6 +360,30 @@ impl crate::state::NodeState {
                 self.policy.next_cidr_id += 1;
             }
         }
+    }
+
+    /// The CIDR numbers that are also identities, in the ipcache: prefixes
+    /// outside every pod CIDR (pods and nodes keep their own identities;
+    /// 0.0.0.0/0 would be World). Only the outside takes a CIDR identity;
+    /// CIDR rules match every address through its class instead.
+    pub fn cidr_identities(&self) -> BTreeMap<Ipv4Net, u32> {
+        let pod_cidrs: Vec<IpNet> = self.snapshot.nodes.values().flat_map(|n| n.pod_cidrs.clone()).collect();
+        self.policy
+            .cidr_ids
+            .iter()
+            .filter(|(p, _)| p.prefix_len() > 0 && !pod_cidrs.iter().any(|c| c.contains(&IpNet::V4(**p))))
+            .map(|(p, id)| (*p, *id))
+            .collect()
+    }
+
+    /// The CIDR class of an address, as `sinew_cidr_class` says.
+    pub fn cidr_class_of(&self, ip: std::net::Ipv4Addr) -> Option<u32> {
+        self.policy
+            .cidr_ids
+            .iter()
+            .filter(|(p, _)| p.contains(&ip))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map(|(_, id)| *id)
     }
 
     /// Every identity a peer can have, for resolution.
@@ -370,7 +434,7 @@ impl crate::state::NodeState {
         for (p, id) in &self.policy.cidr_ids {
             out.push(Identity {
                 id: *id,
-                kind: IdentityKind::Cidr(ipnet::IpNet::V4(*p)),
+                kind: IdentityKind::Cidr(IpNet::V4(*p)),
             });
         }
         out
@@ -405,7 +469,7 @@ impl crate::state::NodeState {
         for ep in &eps {
             let r = resolver.resolve(&self.policy_endpoint(ep));
             want.extend(compile(ep.id, &r, &mut self.policy.rules));
-            let mut flags = 0;
+            let mut flags = cidr_flags(&r);
             if r.ingress_enforced {
                 flags |= sinew_abi::EP_F_INGRESS_ENFORCED;
             }
@@ -435,6 +499,9 @@ impl crate::state::NodeState {
                 }
             }
         }
+        // Classes after the entries that name them and before the
+        // revisions that make conntrack re-check flows with them.
+        self.apply_cidr_classes()?;
         for ep in &eps {
             let mut flags = enforced.get(&ep.id).copied().unwrap_or(0);
             if failed.contains(&ep.id) {
@@ -465,6 +532,31 @@ impl crate::state::NodeState {
         let live: BTreeSet<u32> = eps.iter().map(|e| e.id).collect();
         self.policy.ep_state.retain(|id, _| live.contains(id));
         self.policy.failed = failed;
+        Ok(())
+    }
+
+    /// Brings `sinew_cidr_class` to `cidr_ids`.
+    fn apply_cidr_classes(&mut self) -> Result<(), crate::state::StateError> {
+        let want = self.policy.cidr_ids.clone();
+        for (p, class) in &want {
+            if self.policy.cidr_classes.get(p) != Some(class) {
+                let key = sinew_abi::IpcacheKey::v4(p.network(), p.prefix_len());
+                self.datapath.upsert_cidr_class(key, *class)?;
+                self.policy.cidr_classes.insert(*p, *class);
+            }
+        }
+        let gone: Vec<Ipv4Net> = self
+            .policy
+            .cidr_classes
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
+        for p in gone {
+            self.datapath
+                .remove_cidr_class(sinew_abi::IpcacheKey::v4(p.network(), p.prefix_len()))?;
+            self.policy.cidr_classes.remove(&p);
+        }
         Ok(())
     }
 
@@ -533,6 +625,53 @@ mod tests {
             action,
             rules: vec![rule(0)],
         }
+    }
+
+    #[test]
+    fn cidr_classes_get_their_own_keys_and_flag_their_direction() {
+        let mut class = entry(Peer::Cidr(0x0100_0005), Some(Proto::Tcp), Some((80, 80)), Action::Allow);
+        class.direction = Direction::Egress;
+        let resolved = Resolved {
+            ingress_enforced: false,
+            egress_enforced: true,
+            entries: vec![class, entry(Peer::Identity(0x0100_0005), None, None, Action::Deny)],
+            ..Default::default()
+        };
+        let m = compile(3, &resolved, &mut RuleTable::default());
+        let ids: BTreeSet<(u8, u32)> = m.keys().map(|k| (k.direction, k.identity)).collect();
+        // The class entry never shares a key with the identity of the same
+        // number, so the identity's deny does not touch it.
+        assert_eq!(
+            ids,
+            BTreeSet::from([
+                (POLICY_DIR_EGRESS, 0x0100_0005 | POLICY_CIDR_CLASS),
+                (POLICY_DIR_INGRESS, 0x0100_0005)
+            ])
+        );
+        assert!(m
+            .iter()
+            .any(|(k, v)| k.identity & POLICY_CIDR_CLASS != 0 && v.action == POLICY_ACTION_ALLOW));
+        assert_eq!(cidr_flags(&resolved), sinew_abi::EP_F_CIDR_EGRESS);
+        let none = Resolved {
+            entries: vec![entry(Peer::Identity(7), None, None, Action::Allow)],
+            ..resolved
+        };
+        assert_eq!(
+            cidr_flags(&none),
+            0,
+            "endpoints without CIDR rules skip the class lookup"
+        );
+    }
+
+    #[test]
+    fn adopted_classes_keep_their_numbers_and_new_ones_come_after() {
+        let mut st = PolicyState::default();
+        let net: Ipv4Net = "10.244.1.7/32".parse().unwrap();
+        let key = sinew_abi::IpcacheKey::v4(net.network(), net.prefix_len());
+        st.adopt(Vec::new(), [], vec![(key, 0x0100_0009)]);
+        assert_eq!(st.cidr_ids.get(&net), Some(&0x0100_0009));
+        assert_eq!(st.cidr_classes.get(&net), Some(&0x0100_0009), "known to be in the map");
+        assert_eq!(st.next_cidr_id, 0x0100_000a);
     }
 
     #[test]

@@ -205,8 +205,7 @@ impl NodeState {
         if self.snapshot.nodes.values().any(|n| n.internal_ip == IpAddr::V4(ip)) {
             return sinew_abi::IDENTITY_REMOTE_NODE;
         }
-        self.policy
-            .cidr_ids
+        self.cidr_identities()
             .iter()
             .filter(|(p, _)| p.contains(&ip))
             .max_by_key(|(p, _)| p.prefix_len())
@@ -318,12 +317,17 @@ impl NodeState {
         // ipcache does, whichever node answers the trace.
         let to_node = self.pod_node(&to_ns, &to_name);
         let mut steps = Vec::new();
-        let from_id = if let Ok(id) = req.from.parse::<u32>() {
-            id
+        // CIDR rules match the peer's address (its CIDR class), so the
+        // source's address is kept wherever one is known.
+        let (from_id, from_ip) = if let Ok(id) = req.from.parse::<u32>() {
+            (id, None)
         } else if let Ok(net) = req.from.parse::<Ipv4Net>() {
-            self.identity_of_ip_on(net.network(), to_node.as_deref())
+            (
+                self.identity_of_ip_on(net.network(), to_node.as_deref()),
+                Some(net.network()),
+            )
         } else if let Ok(ip) = req.from.parse::<Ipv4Addr>() {
-            self.identity_of_ip_on(ip, to_node.as_deref())
+            (self.identity_of_ip_on(ip, to_node.as_deref()), Some(ip))
         } else if let Ok(IpNet::V6(_)) = req.from.parse::<IpNet>() {
             return Err(StateError::Invalid("IPv6 peers are not supported yet".into()));
         } else {
@@ -332,16 +336,17 @@ impl NodeState {
                 StateError::Invalid(format!("--from {}: not a pod, identity number or address", req.from))
             })?;
             // The source pod's egress, towards the destination's identity as
-            // the source node's ipcache knows it.
+            // the source node's ipcache knows it and its address's class.
             let dst_id = self.identity_of_ip(to_ip);
-            let t = sinew_policy::trace(&resolved, Direction::Egress, dst_id, proto, port);
+            let dst_class = self.cidr_class_of(to_ip);
+            let t = sinew_policy::trace(&resolved, Direction::Egress, dst_id, dst_class, proto, port);
             steps.push(v1::TraceStep {
                 endpoint: format!("{ns}/{name}"),
                 direction: "egress".into(),
                 allowed: t.verdict == sinew_policy::Verdict::Allowed,
                 explanation: t.explanation,
             });
-            id
+            (id, self.pod_ip(&ns, &name))
         };
         let ingress = if from_id == sinew_abi::IDENTITY_HOST {
             v1::TraceStep {
@@ -352,7 +357,8 @@ impl NodeState {
                     "ingress from the node itself (identity 1, host) is always allowed: health checks and probes".into(),
             }
         } else {
-            let t = sinew_policy::trace(&to_resolved, Direction::Ingress, from_id, proto, port);
+            let from_class = from_ip.and_then(|ip| self.cidr_class_of(ip));
+            let t = sinew_policy::trace(&to_resolved, Direction::Ingress, from_id, from_class, proto, port);
             v1::TraceStep {
                 endpoint: format!("{to_ns}/{to_name}"),
                 direction: "ingress".into(),
@@ -391,11 +397,19 @@ impl NodeState {
                 endpoints: count.get(&i.id).copied().unwrap_or(0),
             });
         }
+        // Every named prefix is a CIDR class; those outside the pod CIDRs
+        // are also the identity of the outside addresses they hold.
+        let identities = self.cidr_identities();
         for (p, id) in &self.policy.cidr_ids {
             out.push(v1::IdentityEntry {
                 id: *id,
                 labels: [("cidr".to_string(), p.to_string())].into(),
-                kind: "cidr".into(),
+                kind: if identities.contains_key(p) {
+                    "cidr"
+                } else {
+                    "cidr-class"
+                }
+                .into(),
                 endpoints: 0,
             });
         }

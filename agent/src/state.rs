@@ -132,7 +132,12 @@ impl NodeState {
     /// identities and policy, which callers that change policy report.
     pub fn resync(&mut self) -> Result<(), StateError> {
         let policy = self.refresh_identities().and_then(|_| self.apply_policy());
-        let want = nodes::desired(&self.local, &self.snapshot, self.registry.iter(), &self.policy.cidr_ids);
+        let want = nodes::desired(
+            &self.local,
+            &self.snapshot,
+            self.registry.iter(),
+            &self.cidr_identities(),
+        );
         self.remote_nodes = want.remote_nodes;
         let ipcache = self.reconciler.apply(&mut self.datapath, &want);
         self.health.record("ipcache", ipcache.map_err(|e| e.to_string()));

@@ -1009,3 +1009,320 @@ fn native_routed_packets_are_marked_and_skip_the_uplink_checks() {
         assert_ne!(View(&out.frame).ip_src(), a.ip, "without the mark it is masqueraded");
     });
 }
+
+/// Forwarded packets are counted per flow and every one is in exactly one
+/// trace report: a flow's first packet at once, a TCP FIN with what came
+/// since the SYN, the ACK after the FIN and the rest of an idle flow by
+/// the flush, which then retires the entries; two pings (echo
+/// identifiers) are two flows; a packet that finds its entry being
+/// retired reports itself.
+#[test]
+fn flow_reports_count_every_packet_once() {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use sinew_abi::{FlowAgg, FlowAggKey, FlowEvent, FLOW_ACC_DEAD};
+
+    const TCP_FIN: u8 = 0x01;
+    in_new_netns("bpf-flowsum", || {
+        let interval = Duration::from_secs(1);
+        let mut node = Node::with_config(RoutingMode::Native, |c| {
+            c.event_report_interval_ns = interval.as_nanos() as u64;
+        });
+        let mut ring = node.dp.take_events().expect("event ring");
+        let flusher = node.dp.take_flusher().expect("flow flush");
+        let agg_path = node.dp.config().map_dir().join(sinew_abi::maps::FLOW_AGG);
+        let mut agg: BpfHashMap<MapData, FlowAggKey, FlowAgg> =
+            BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&agg_path).expect("pinned flow_agg"))).unwrap();
+        let (a, b) = (node.a, node.b);
+        // (sport, dport or ICMP type, icmp id) -> (packets, bytes) sent.
+        let mut sent: BTreeMap<(u16, u16, u16), (u64, u64)> = BTreeMap::new();
+        let mut send = |f: Ipv4Frame, key: (u16, u16, u16)| {
+            let frame = f.macs(a.host_mac, a.mac).build();
+            let out = node.run("from_container", &frame, a.ifindex, (Forwarded, Egress));
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "{}", verdict_name(out.verdict));
+            let s = sent.entry(key).or_default();
+            s.0 += 1;
+            s.1 += frame.len() as u64;
+        };
+        let mut reports: Vec<FlowEvent> = Vec::new();
+        let mut read = |reports: &mut Vec<FlowEvent>| -> usize {
+            let before = reports.len();
+            while let Some(item) = ring.next() {
+                let ev = FlowEvent::from_bytes(&item).expect("a whole event");
+                if ev.r#type == sinew_abi::EVENT_TRACE {
+                    reports.push(ev);
+                }
+            }
+            reports.len() - before
+        };
+        let tcp = |flags| Ipv4Frame::tcp((a.ip, 40001), (b.ip, 80), flags);
+        let tk = (40001, 80, 0);
+        send(tcp(TCP_SYN), tk);
+        assert_eq!(read(&mut reports), 1, "a SYN reports");
+        send(tcp(TCP_ACK), tk);
+        send(tcp(TCP_ACK), tk);
+        assert_eq!(read(&mut reports), 0, "packets inside an interval do not");
+        send(tcp(TCP_FIN | TCP_ACK), tk);
+        assert_eq!(read(&mut reports), 1, "a FIN reports");
+        assert_eq!(
+            reports.last().unwrap().packets,
+            3,
+            "the FIN with the two ACKs before it"
+        );
+        send(tcp(TCP_ACK), tk);
+        for _ in 0..5 {
+            send(Ipv4Frame::udp((a.ip, 40002), (b.ip, 53)), (40002, 53, 0));
+        }
+        for (id, n) in [(0x101, 3), (0x202, 2)] {
+            for _ in 0..n {
+                send(Ipv4Frame::echo(a.ip, b.ip, false, id), (8, 0, id));
+            }
+        }
+        assert_eq!(
+            read(&mut reports),
+            3,
+            "the UDP flow and the two pings report their first packet"
+        );
+        assert_eq!(flusher.run().unwrap(), 0, "nothing is an interval old yet");
+
+        // A packet that finds its entry being retired (as by a flush on
+        // another CPU) is not in the flush's report: it reports itself.
+        let dead_key = FlowAggKey {
+            saddr: u32::from_ne_bytes(a.ip.octets()),
+            daddr: u32::from_ne_bytes(b.ip.octets()),
+            sport: 40003u16.to_be(),
+            dport: 53u16.to_be(),
+            proto: 17,
+            hook: 1, // HOOK_FROM_CONTAINER
+            icmp_id: 0,
+        };
+        let dead = FlowAgg {
+            acc: FLOW_ACC_DEAD,
+            ..FlowAgg::default()
+        };
+        agg.insert(dead_key, dead, 0).unwrap();
+        send(Ipv4Frame::udp((a.ip, 40003), (b.ip, 53)), (40003, 53, 0));
+        assert_eq!(read(&mut reports), 1, "a packet on a retired entry reports itself");
+
+        std::thread::sleep(interval + Duration::from_millis(300));
+        assert_eq!(
+            flusher.run().unwrap(),
+            4,
+            "the flush reports the TCP teardown's last ACK, the UDP flow and the two pings"
+        );
+        assert_eq!(read(&mut reports), 4);
+        assert_eq!(flusher.run().unwrap(), 0, "and only once");
+        assert_eq!(read(&mut reports), 0);
+        assert_eq!(agg.keys().count(), 0, "idle entries are retired");
+
+        let mut got: BTreeMap<(u16, u16, u16), (u64, u64)> = BTreeMap::new();
+        for ev in &reports {
+            assert_eq!((ev.saddr, ev.daddr), (dead_key.saddr, dead_key.daddr), "{ev:?}");
+            assert_eq!(ev.hook, 1, "{ev:?}");
+            assert_eq!(ev.ifindex, a.ifindex, "flush reports name the interface: {ev:?}");
+            let key = if ev.proto == 1 {
+                (ev.sport, ev.dport, u16::from_be(ev.icmp_id))
+            } else {
+                (u16::from_be(ev.sport), u16::from_be(ev.dport), 0)
+            };
+            let g = got.entry(key).or_default();
+            g.0 += ev.packets;
+            g.1 += ev.bytes;
+        }
+        assert_eq!(got, sent, "reports per flow (packets, bytes) against what was sent");
+    });
+}
+
+// ------------------------------------------------------------ CIDR classes
+
+/// Sets an endpoint's policy flags (and a revision, as the agent does).
+fn set_flags(node: &mut Node, pod: support::node::Pod, id: u32, flags: u32) {
+    let info = sinew_abi::EndpointInfo {
+        ipv4: u32::from_ne_bytes(pod.ip.octets()),
+        identity: pod.identity,
+        id,
+        flags,
+        pod_mac: pod.mac,
+        host_mac: pod.host_mac,
+        policy_rev: 1,
+    };
+    node.dp.upsert_endpoint(pod.ifindex, info).expect("write endpoint");
+}
+
+/// An any-port entry of endpoint `ep` for CIDR class `class`.
+fn class_entry(node: &mut Node, ep: u32, dir: u8, class: u32, action: u8) {
+    let key = sinew_abi::PolicyKey {
+        prefixlen: sinew_abi::POLICY_PREFIX_EXACT,
+        ep_id: ep,
+        identity: class | sinew_abi::POLICY_CIDR_CLASS,
+        direction: dir,
+        proto: 0,
+        dport: 0,
+    };
+    let value = sinew_abi::PolicyValue {
+        rule_id: 7,
+        proxy_port: 0,
+        action,
+        r#match: sinew_abi::MATCH_L3_ONLY,
+    };
+    node.dp.upsert_policy(key, value).expect("write policy");
+}
+
+fn class_of(node: &mut Node, net: Ipv4Addr, len: u8, class: u32) {
+    node.dp
+        .upsert_cidr_class(sinew_abi::IpcacheKey::v4(net, len), class)
+        .expect("write cidr class");
+}
+
+/// CIDR rules decide per address (issue 10): the peer address's CIDR class
+/// (one LPM lookup in `sinew_cidr_class`) selects the endpoint's entries
+/// for that class. Two addresses with the same identity (a remote pod CIDR
+/// says 0 for both) get different verdicts; an address in a more specific
+/// named prefix (an except) falls out of the broader class; ingress across
+/// nodes (VXLAN, where only the identity travels) uses the inner source
+/// address; and an endpoint without the CIDR flag never looks classes up.
+#[test]
+fn cidr_classes_decide_per_address_in_both_directions() {
+    in_new_netns("bpf-cidr", || {
+        let mut node = Node::new(RoutingMode::Vxlan);
+        let (a, b) = (node.a, node.b);
+        let twin = Ipv4Addr::new(10, 244, 2, 8);
+        // Named prefixes: the remote pod CIDR, one pod in it, and an except.
+        class_of(&mut node, Ipv4Addr::new(10, 244, 2, 0), 24, 100);
+        class_of(&mut node, REMOTE_POD, 32, 101);
+        class_of(&mut node, twin, 32, 102);
+        // A may send to class 101 (REMOTE_POD/32) only.
+        set_flags(
+            &mut node,
+            a,
+            1,
+            sinew_abi::EP_F_EGRESS_ENFORCED | sinew_abi::EP_F_CIDR_EGRESS,
+        );
+        class_entry(
+            &mut node,
+            1,
+            sinew_abi::POLICY_DIR_EGRESS,
+            101,
+            sinew_abi::POLICY_ACTION_ALLOW,
+        );
+        let to = |dst: Ipv4Addr, sport: u16| {
+            Ipv4Frame::tcp((a.ip, sport), (dst, 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build()
+        };
+        let out = node.run("from_container", &to(REMOTE_POD, 41000), a.ifindex, (Forwarded, Egress));
+        assert_eq!(
+            out.verdict,
+            TC_ACT_REDIRECT,
+            "to the pod's /32: {}",
+            verdict_name(out.verdict)
+        );
+        let out = node.run("from_container", &to(twin, 41001), a.ifindex, (Policy, Egress));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "same identity, other address");
+
+        // B accepts the remote pod CIDR (class 100) except the twin (102
+        // is more specific and has no entry) and denies class 101.
+        set_flags(
+            &mut node,
+            b,
+            2,
+            sinew_abi::EP_F_INGRESS_ENFORCED | sinew_abi::EP_F_CIDR_INGRESS,
+        );
+        class_entry(
+            &mut node,
+            2,
+            sinew_abi::POLICY_DIR_INGRESS,
+            100,
+            sinew_abi::POLICY_ACTION_ALLOW,
+        );
+        class_entry(
+            &mut node,
+            2,
+            sinew_abi::POLICY_DIR_INGRESS,
+            101,
+            sinew_abi::POLICY_ACTION_DENY,
+        );
+        let on_uplink = SkBuff {
+            ifindex: node.uplink_ifindex,
+            ..Default::default()
+        };
+        let from = |src: Ipv4Addr| {
+            let inner = Ipv4Frame::tcp((src, 42000), (b.ip, 80), TCP_SYN)
+                .macs([0x02, 0x5e, 0, 0, 2, 7], [0x0a, 0x58, 10, 244, 2, 7])
+                .build();
+            let outer = packet::vxlan(PEER_NODE_IP, NODE_IP, 4242, &inner).build();
+            (inner, outer)
+        };
+        let (inner, outer) = from(Ipv4Addr::new(10, 244, 2, 50));
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Forwarded, Ingress), inner.len());
+        assert_eq!(
+            out.verdict,
+            TC_ACT_REDIRECT,
+            "in the CIDR: {}",
+            verdict_name(out.verdict)
+        );
+        let (inner, outer) = from(twin);
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Policy, Ingress), inner.len());
+        assert_eq!(out.verdict, TC_ACT_SHOT, "in the except");
+        let (inner, outer) = from(REMOTE_POD);
+        let out = node.run_with("from_netdev", &outer, on_uplink, (PolicyDeny, Ingress), inner.len());
+        assert_eq!(out.verdict, TC_ACT_SHOT, "a deny for the class wins");
+
+        // Without the flag the class is not looked up: no rule matches.
+        set_flags(&mut node, b, 2, sinew_abi::EP_F_INGRESS_ENFORCED);
+        let (inner, outer) = from(Ipv4Addr::new(10, 244, 2, 51));
+        let out = node.run_with("from_netdev", &outer, on_uplink, (Policy, Ingress), inner.len());
+        assert_eq!(out.verdict, TC_ACT_SHOT, "an endpoint without CIDR rules");
+    });
+}
+
+/// A new flow outside every named prefix is denied with 1 and with 500 CIDR
+/// rules (named prefixes, each with a policy entry). Denied packets never
+/// make a conntrack entry, so every repetition takes the whole decision;
+/// the time per packet is printed for the record, not asserted (speed is
+/// measured in bench/, never in a test).
+#[test]
+fn cidr_policy_denies_outside_named_prefixes_with_1_and_500_rules() {
+    let per_packet = |rules: u32| -> u32 {
+        in_new_netns(&format!("bpf-cidr-cost-{rules}"), move || {
+            let mut node = Node::new(RoutingMode::Vxlan);
+            let a = node.a;
+            set_flags(
+                &mut node,
+                a,
+                1,
+                sinew_abi::EP_F_EGRESS_ENFORCED | sinew_abi::EP_F_CIDR_EGRESS,
+            );
+            for i in 0..rules {
+                let net = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (i << 8));
+                class_of(&mut node, net, 24, 1000 + i);
+                class_entry(
+                    &mut node,
+                    1,
+                    sinew_abi::POLICY_DIR_EGRESS,
+                    1000 + i,
+                    sinew_abi::POLICY_ACTION_ALLOW,
+                );
+            }
+            // The destination is in a named /16 with no entry: denied.
+            class_of(&mut node, Ipv4Addr::new(203, 0, 0, 0), 16, 99);
+            let frame = Ipv4Frame::tcp((a.ip, 43000), (Ipv4Addr::new(203, 0, 113, 9), 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build();
+            let prog = node.dp.program("from_container").expect("from_container");
+            let fd = prog.fd().expect("loaded");
+            let ctx = SkBuff {
+                ifindex: a.ifindex,
+                ..Default::default()
+            };
+            let (out, ns) =
+                support::testrun::run_tc_ctx(std::os::fd::AsFd::as_fd(fd), &frame, ctx, 20_000).expect("test run");
+            assert_eq!(out.verdict, TC_ACT_SHOT);
+            ns
+        })
+    };
+    let (one, many) = (per_packet(1), per_packet(500));
+    eprintln!("new-flow policy decision, denied: 1 CIDR rule {one} ns/packet, 500 CIDR rules {many} ns/packet");
+}

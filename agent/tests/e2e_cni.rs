@@ -85,21 +85,22 @@ fn bad_input_is_refused_with_the_spec_codes_and_leaves_nothing() {
         assert_eq!(allocated(lab, "node1"), 0, "no address held");
     };
 
-    // Malformed config JSON: 4 (invalid network config).
+    // Malformed config JSON: 6 (CNI 1.1: "Failed to decode content").
     let out = cni(&g.lab, "node1", &env("ADD", "c1", &netns), "{\"cniVersion\": ");
-    assert_eq!(error_code(&out), 4);
+    assert_eq!(error_code(&out), 6);
     clean(&g.lab);
     // Unknown cniVersion: 1.
     let cfg = good.replace("\"1.1.0\"", "\"9.9.9\"");
     assert_eq!(error_code(&cni(&g.lab, "node1", &env("ADD", "c1", &netns), &cfg)), 1);
     clean(&g.lab);
-    // A missing CNI variable: 7.
+    // A missing CNI variable: 4 (CNI 1.1: "Invalid necessary environment
+    // variables").
     let mut e = env("ADD", "c1", &netns);
     e.retain(|(k, _)| *k != "CNI_CONTAINERID");
-    assert_eq!(error_code(&cni(&g.lab, "node1", &e, &good)), 7);
+    assert_eq!(error_code(&cni(&g.lab, "node1", &e, &good)), 4);
     let mut e = env("ADD", "c1", &netns);
     e.retain(|(k, _)| *k != "CNI_COMMAND");
-    assert_eq!(error_code(&cni(&g.lab, "node1", &e, &good)), 7);
+    assert_eq!(error_code(&cni(&g.lab, "node1", &e, &good)), 4);
     clean(&g.lab);
     // A netns that does not exist: 3, before any address is taken.
     assert_eq!(

@@ -1,8 +1,9 @@
 //! Flow observability with real agents, real BPF and real traffic: flows
 //! name both pods, policy drops and verdicts name the reason and the rule,
 //! every GetFlows filter selects exactly the flows it should, `sinew
-//! observe -o json` prints one object per line, and a full datapath ring
-//! is counted exactly (flows seen + events lost = drops the datapath made).
+//! observe -o json` prints one object per line, a full datapath ring is
+//! counted exactly (flows seen + events lost = drops the datapath made),
+//! and forwarded-flow reports sum to exactly the packets sent.
 
 mod e2e;
 
@@ -15,6 +16,7 @@ use e2e::*;
 use sinew_abi::DropReason;
 use sinew_proto::observer_v1 as pb;
 use sinew_testvms::lab::Routing;
+use sinew_testvms::NetNs;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -717,6 +719,282 @@ fn long_tcp_connections_report_periodic_counters() {
         "the reports account for every message: {packets} packets"
     );
     assert!(bytes >= (MESSAGES * 100) as u64, "and its bytes: {bytes}");
+}
+
+/// TCP connections from `client` to `ip:port` (the echo server): each
+/// sends 100 bytes, reads the echo, half-closes and reads the server's
+/// FIN, so the client has sent its last ACK when it reads its counters.
+/// Returns the segments (client to server, server to client) the client's
+/// kernel counted over all connections.
+fn tcp_connections(client: &NetNs, ip: Ipv4Addr, port: u16, n: usize) -> (u64, u64) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    client
+        .run(move || {
+            let (mut out, mut inn) = (0u64, 0u64);
+            for _ in 0..n {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&SocketAddr::new(ip.into(), port), Duration::from_secs(3))
+                        .unwrap_or_else(|e| panic!("connect {ip}:{port}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.write_all(&[7u8; 100]).unwrap();
+                let mut b = [0u8; 100];
+                s.read_exact(&mut b).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                assert_eq!(s.read(&mut b).unwrap(), 0, "the server closes after our FIN");
+                // SAFETY: tcp_info is plain data, valid when zeroed.
+                let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+                // SAFETY: getsockopt writes at most `len` bytes into info,
+                // which outlives the call; the fd is the live stream's.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_INFO,
+                        (&mut info as *mut libc::tcp_info).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+                out += u64::from(info.tcpi_segs_out);
+                inn += u64::from(info.tcpi_segs_in);
+            }
+            (out, inn)
+        })
+        .unwrap()
+}
+
+/// UDP datagrams of `size` bytes from one socket in `client` to the echo
+/// server at `ip:port`, in `bursts` separated by `pause`; every one is
+/// echoed. Returns how many were sent (each one answered).
+fn udp_bursts(client: &NetNs, ip: Ipv4Addr, port: u16, bursts: usize, per_burst: usize, pause: Duration) -> u64 {
+    client
+        .run(move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 200];
+            let mut n = 0;
+            for burst in 0..bursts {
+                if burst > 0 {
+                    std::thread::sleep(pause);
+                }
+                for _ in 0..per_burst {
+                    s.send_to(&[1u8; 60], (ip, port)).unwrap();
+                    s.recv_from(&mut b).expect("udp echo");
+                    n += 1;
+                }
+            }
+            n
+        })
+        .unwrap()
+}
+
+/// ICMP echoes from `client` to `ip` through a raw socket, `count` with
+/// each identifier (two pings, interleaved), each answered before the
+/// next; returns how many.
+fn icmp_echoes(client: &NetNs, ip: Ipv4Addr, ids: [u16; 2], count: u16) -> u64 {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    client
+        .run(move || {
+            // SAFETY: plain socket(2); the fd is owned right after.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+            assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is fresh and nobody else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+            // SAFETY: tv lives across the call and its size is passed.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let mut answered = 0;
+            for seq in 0..count {
+                for id in ids {
+                    let mut rest = id.to_be_bytes().to_vec();
+                    rest.extend_from_slice(&seq.to_be_bytes());
+                    rest.extend_from_slice(&[0x5a; 32]);
+                    let msg = icmp_message(8, 0, &rest);
+                    // SAFETY: msg and sin are valid for the call, with their sizes.
+                    let n = unsafe {
+                        libc::sendto(
+                            fd.as_raw_fd(),
+                            msg.as_ptr().cast(),
+                            msg.len(),
+                            0,
+                            (&sin as *const libc::sockaddr_in).cast(),
+                            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                        )
+                    };
+                    assert!(n > 0, "send echo: {}", std::io::Error::last_os_error());
+                    // A raw socket sees every ICMP message: wait for our reply.
+                    loop {
+                        let mut b = [0u8; 256];
+                        // SAFETY: b is writable for its length.
+                        let n = unsafe { libc::recv(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) };
+                        assert!(n > 0, "no echo reply for id {id} seq {seq}");
+                        let ihl = usize::from(b[0] & 0xf) * 4;
+                        let (t, rid, rseq) = (
+                            b[ihl],
+                            u16::from_be_bytes([b[ihl + 4], b[ihl + 5]]),
+                            u16::from_be_bytes([b[ihl + 6], b[ihl + 7]]),
+                        );
+                        if t == 0 && rid == id && rseq == seq {
+                            answered += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            answered
+        })
+        .unwrap()
+}
+
+/// Sums of forwarded-flow reports per (node, hook, source, destination,
+/// protocol), ports left out (a direction of many connections).
+type Sums = BTreeMap<(String, i32, String, String, u32), (u64, u64)>;
+
+fn trace_sums(w: &World) -> (Sums, Vec<pb::Flow>) {
+    let mut sums = Sums::new();
+    let mut flows = Vec::new();
+    for node in ["node1", "node2"] {
+        for f in get_flows(&w.socket(node), all(None)).unwrap() {
+            if f.r#type() != pb::EventType::Trace || f.verdict() != pb::Verdict::Forwarded {
+                continue;
+            }
+            let key = (
+                node.to_string(),
+                f.hook,
+                ep(&f, false).ip.clone(),
+                ep(&f, true).ip.clone(),
+                f.protocol,
+            );
+            let s = sums.entry(key).or_default();
+            s.0 += f.packets;
+            s.1 += f.bytes;
+            flows.push(f);
+        }
+    }
+    (sums, flows)
+}
+
+/// Every forwarded packet is counted in exactly one trace report: known
+/// counts per protocol (TCP connections with handshake and teardown, UDP
+/// datagrams in bursts with idle gaps, ICMP echoes of two pings) sum to
+/// what was sent, at every hook that reports the flow, once the flows have
+/// been idle for a report interval, and stay there.
+#[test]
+fn forwarded_flow_counters_add_up_exactly() {
+    let interval = Duration::from_millis(300);
+    let w = World::new("obs-sum", &["--event-report-interval-ms", "300"]);
+    let lab = &w.g.lab;
+    let client = pod_ns(lab, "client");
+    let (c, s, o) = (pod_ip(lab, "client"), pod_ip(lab, "server"), pod_ip(lab, "other"));
+
+    let (tcp_out, tcp_in) = tcp_connections(&client, s, 8080, 10);
+    let udp_local = udp_bursts(&client, s, 5353, 4, 100, interval + Duration::from_millis(100));
+    let udp_remote = udp_bursts(&client, o, 5353, 2, 100, interval * 2);
+    let icmp = icmp_echoes(&client, o, [0x5101, 0x5102], 30);
+    assert_eq!((udp_local, udp_remote, icmp), (400, 200, 60));
+
+    let (tcp, udp, icmp_p) = (6, 17, 1);
+    // (source, destination, protocol, packets): every direction of every
+    // flow. The hooks that report a direction are the sender's
+    // from_container and the receiver's delivery hook.
+    let want: Vec<(Ipv4Addr, Ipv4Addr, u32, u64)> = vec![
+        (c, s, tcp, tcp_out),
+        (s, c, tcp, tcp_in),
+        (c, s, udp, udp_local),
+        (s, c, udp, udp_local),
+        (c, o, udp, udp_remote),
+        (o, c, udp, udp_remote),
+        (c, o, icmp_p, icmp),
+        (o, c, icmp_p, icmp),
+    ];
+    let mismatches = |sums: &Sums| -> Vec<String> {
+        let mut bad = Vec::new();
+        for (src, dst, proto, n) in &want {
+            let at: Vec<_> = sums
+                .iter()
+                .filter(|((_, _, fs, fd, fp), _)| *fs == src.to_string() && *fd == dst.to_string() && fp == proto)
+                .collect();
+            if !at.iter().any(|((_, h, ..), _)| *h == pb::Hook::FromContainer as i32) {
+                bad.push(format!("{src} -> {dst} proto {proto}: no report at from_container"));
+            }
+            for ((node, hook, ..), (p, _)) in at {
+                if p != n {
+                    bad.push(format!(
+                        "{src} -> {dst} proto {proto} at {node} hook {hook}: {p} packets reported, {n} sent"
+                    ));
+                }
+            }
+        }
+        bad
+    };
+    // Reports of the last packets come once a flow has been idle for an
+    // interval and the agent's next flush: wait for them, then make sure
+    // nothing more arrives (a packet counted twice).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut sums, mut flows) = trace_sums(&w);
+    while !mismatches(&sums).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        (sums, flows) = trace_sums(&w);
+    }
+    let bad = mismatches(&sums);
+    assert!(
+        bad.is_empty(),
+        "forwarded counts do not add up:\n{}\nsums: {sums:#?}\nflows: {flows:#?}",
+        bad.join("\n")
+    );
+    let ours = |sums: Sums| -> Sums {
+        sums.into_iter()
+            .filter(|((_, _, fs, fd, fp), _)| {
+                want.iter()
+                    .any(|(src, dst, proto, _)| *fs == src.to_string() && *fd == dst.to_string() && fp == proto)
+            })
+            .collect()
+    };
+    // The two pings are two flows: each direction of each identifier sums
+    // to its own 30 echoes.
+    for id in [0x5101u32, 0x5102] {
+        for (src, dst) in [(c, o), (o, c)] {
+            let n: u64 = flows
+                .iter()
+                .filter(|f| {
+                    f.protocol == icmp_p
+                        && f.hook() == pb::Hook::FromContainer
+                        && ep(f, false).ip == src.to_string()
+                        && ep(f, true).ip == dst.to_string()
+                })
+                .map(|f| {
+                    assert!(f.icmp_id == 0x5101 || f.icmp_id == 0x5102, "{f:?}");
+                    if f.icmp_id == id {
+                        f.packets
+                    } else {
+                        0
+                    }
+                })
+                .sum();
+            assert_eq!(n, icmp / 2, "ping {id:#x} {src} -> {dst}");
+        }
+    }
+    std::thread::sleep(interval * 4);
+    let (later, _) = trace_sums(&w);
+    assert_eq!(ours(later), ours(sums), "no report after the counts added up");
 }
 
 /// Runs `sinew` against a node's socket with extra environment; returns

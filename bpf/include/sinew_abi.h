@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define SINEW_ABI_VERSION 3
+#define SINEW_ABI_VERSION 4
 
 /* Reserved identities. Pod identities start at SINEW_IDENTITY_MIN_CLUSTER. */
 #define SINEW_IDENTITY_UNKNOWN	   0
@@ -59,6 +59,21 @@ struct ipcache_value {
 #define EP_F_POLICY_NOT_READY                                                  \
 	(1U << 2) /* policy not installed: fail closed                         \
 		   */
+/* Some CIDR rule of this endpoint applies in that direction: a new flow
+ * also looks up the peer address's CIDR class (see cidr_class). */
+#define EP_F_CIDR_INGRESS (1U << 3)
+#define EP_F_CIDR_EGRESS  (1U << 4)
+
+/*
+ * cidr_class: LPM trie, key struct ipcache_key, value __u32. Every prefix a
+ * policy names (CIDR peers and their excepts) with its number; the lookup
+ * of an address gives its CIDR class, the number of the most specific named
+ * prefix holding it, whatever the address is (a pod, a node, the outside).
+ * Prefixes are nested or disjoint, so an address lies in a rule's CIDR
+ * (or an except) exactly when that prefix holds its class's prefix: the
+ * agent gives each endpoint policy entries for exactly the classes that
+ * its CIDR rules match, and the datapath needs one lookup per flow.
+ */
 
 /* endpoints: hash, key = host-side veth ifindex (__u32). */
 struct endpoint_info {
@@ -87,6 +102,9 @@ struct endpoint_info {
 #define POLICY_PREFIX_FULL  96
 #define POLICY_ACTION_ALLOW 1
 #define POLICY_ACTION_DENY  2
+/* policy_key.identity of an entry for a CIDR class rather than an identity:
+ * the class number with this bit set, so the two never share a key. */
+#define POLICY_CIDR_CLASS 0x80000000U
 
 struct policy_key {
 	__u32 prefixlen;
@@ -156,10 +174,13 @@ struct metrics_value {
 
 /*
  * Flow events, on one ring buffer (sinew_events). Drops always produce an
- * event; forwarded packets only at flow boundaries (a new flow, a TCP SYN,
- * FIN or RST, and every EVENT_REPORT_INTERVAL for flows without TCP
- * state); policy verdicts once per new connection. An event that does not
- * fit in the ring is counted in sinew_events_lost[type].
+ * event; forwarded packets are counted per flow (struct flow_agg) and
+ * reported with the packets and bytes since the last report: at a new
+ * flow, a TCP SYN, FIN or RST, once per EVENT_REPORT_INTERVAL while
+ * packets come, and by the agent's flush when they stop; every packet is
+ * in exactly one report. Policy verdicts once per new connection. An
+ * event that does not fit in the ring is counted in
+ * sinew_events_lost[type].
  */
 #define EVENT_TRACE    1 /* forwarded */
 #define EVENT_DROP     2 /* dropped, with a reason */
@@ -211,12 +232,34 @@ struct flow_event {
 	__u8 tcp_flags;
 	__u8 verdict; /* VERDICT_* */
 	__u8 match;   /* MATCH_* (EVENT_POLICY) */
-	__u8 pad[7];
+	__u8 pad;
+	__u16 icmp_id; /* ICMP echo identifier (network order), else 0 */
+	__u8 pad2[4];
 	__u64 packets; /* aggregated since the last event of this flow */
 	__u64 bytes;
 };
 
-/* Per-flow aggregation state (LRU: losing it costs only an extra event). */
+/*
+ * Per-flow aggregation of forwarded packets, one entry per direction and
+ * hook (ICMP echo: per identifier). The packets and bytes since the last
+ * report live in one word, `acc`, so that taking them is one atomic
+ * exchange: packets in bits 40..62, bytes in bits 0..39, bit 63 set once
+ * the entry is retired (being deleted): a packet that finds it set reports
+ * itself. The datapath adds with an atomic fetch-and-add and takes the
+ * word when a report is due; the agent's periodic flush (flush_flows in
+ * bpf_flush.c) takes what is due and retires idle entries.
+ */
+#define FLOW_ACC_DEAD	   (1ULL << 63)
+#define FLOW_ACC_PKT_SHIFT 40
+#define FLOW_ACC_BYTES	   ((1ULL << FLOW_ACC_PKT_SHIFT) - 1)
+#define FLOW_ACC_PKTS(v)   (((v) & ~FLOW_ACC_DEAD) >> FLOW_ACC_PKT_SHIFT)
+/* A report is taken before either field could overflow. */
+#define FLOW_ACC_PKTS_MAX  (1ULL << 21)
+#define FLOW_ACC_BYTES_MAX (1ULL << 38)
+
+#define FLOW_OPEN    0
+#define FLOW_CLOSING 1 /* TCP FIN or RST seen: the last ACKs follow */
+
 struct flow_agg_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -224,13 +267,21 @@ struct flow_agg_key {
 	__u16 dport;
 	__u8 proto;
 	__u8 hook;
-	__u16 pad;
+	__u16 icmp_id; /* ICMP echo identifier (network order), else 0 */
 };
 
 struct flow_agg {
-	__u64 last_report_ns;
-	__u64 packets;
-	__u64 bytes;
+	__u64 acc;
+	__u64 last_seen_ns;   /* coarse clock, last packet */
+	__u64 last_report_ns; /* coarse clock, last report */
+	/* For the agent's flush reports: what the first packet's event said. */
+	__u32 ifindex;
+	__u32 ep_id;
+	__u32 peer_identity;
+	__u8 dir;
+	__u8 obs;
+	__u8 state; /* FLOW_* */
+	__u8 pad;
 };
 
 /*

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Flow events: drops always, forwarded packets at flow boundaries, policy
- * verdicts on new connections. A record that does not fit in the ring is
- * counted per type; nothing is lost without a count.
+ * Flow events: drops always, forwarded packets counted per flow and
+ * reported so that each packet is in exactly one report (trace_due),
+ * policy verdicts on new connections. A record that does not fit in the
+ * ring is counted per type; nothing is lost without a count.
  */
 #ifndef SINEW_EVENTS_H
 #define SINEW_EVENTS_H
@@ -113,6 +114,11 @@ static __always_inline int event_tuple(struct __sk_buff *skb,
 		if (icmp) {
 			e->sport = icmp->type;
 			e->dport = icmp->code;
+			/* Echo request and reply carry the identifier that
+			 * tells one ping from another. */
+			if (icmp->type == ICMP_ECHO ||
+			    icmp->type == ICMP_ECHOREPLY)
+				e->icmp_id = icmp->un.echo.id;
 		}
 	}
 	return 1;
@@ -133,62 +139,136 @@ static __always_inline void event_submit(const struct flow_event *e)
 		events_lost(e->type);
 }
 
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+
+/* How long a flow's entry outlives its last packet: a report interval,
+ * and at most a second once TCP has said FIN or RST (only the last ACKs
+ * are still to come). */
+#define FLOW_CLOSE_IDLE_NS 1000000000ULL
+
+#define SINEW_EEXIST 17
+
+/* One packet of len bytes, in flow_agg.acc's units. */
+static __always_inline __u64 acc_one(__u32 len)
+{
+	return (1ULL << FLOW_ACC_PKT_SHIFT) + len;
+}
+
 /*
- * Whether a forwarded packet is worth an event; keeps the per-flow counters
- * (one entry per direction and hook). Every flow reports its first packet
- * (TCP: SYN), then one report per interval with the counts since the last
- * one. TCP also reports every SYN, FIN and RST, carrying the counts since
- * the last report; FIN and RST end the entry.
+ * Takes the counts for a report and leaves 0. Returns 0 when there is
+ * nothing to take, when the entry was retired (whoever retired it reported
+ * what it held), or when other CPUs kept adding: the counts then stay for
+ * the next report. A compare-and-swap, not an exchange: an exchange could
+ * bring a retired entry back to life.
+ */
+static __always_inline __u64 acc_take(struct flow_agg *a)
+{
+	__u64 old;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		old = *(volatile __u64 *)&a->acc;
+		if (!old || (old & FLOW_ACC_DEAD))
+			return 0;
+		if (__sync_val_compare_and_swap(&a->acc, old, 0) == old)
+			return old;
+	}
+	return 0;
+}
+
+static __always_inline void event_counts(struct flow_event *e, __u64 v)
+{
+	e->packets = FLOW_ACC_PKTS(v);
+	e->bytes = v & FLOW_ACC_BYTES;
+}
+
+/*
+ * Whether a forwarded packet is worth an event, with the packets and bytes
+ * the event stands for in e (this packet alone unless it takes more).
+ * Every packet is counted in exactly one report:
+ * - a flow's first packet reports itself (TCP: a SYN, FIN or RST; other
+ *   TCP packets without an entry, of a connection older than it, start
+ *   one quietly);
+ * - a TCP SYN, FIN or RST reports the counts since the last report,
+ *   itself included; FIN and RST leave the entry closing, so that the
+ *   last ACKs are counted too;
+ * - any other packet adds to the entry, and the first one an interval
+ *   after the last report takes the counts;
+ * - what is left when packets stop is taken by the agent's flush
+ *   (flush_flows), which also retires entries idle for an interval;
+ * - a packet that finds no room in the table, or an entry being retired,
+ *   reports itself.
  */
 static __always_inline int trace_due(struct flow_event *e, __u32 len)
 {
 	struct flow_agg_key k = {};
-	struct flow_agg *a, fresh = {};
+	struct flow_agg *a;
 	/* A jiffy is precise enough for report intervals, and cheaper to
 	 * read per packet than the clock each event carries. */
 	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 one = acc_one(len), old, v;
 	int tcp = e->proto == IPPROTO_TCP;
 	__u8 boundary = tcp ? e->tcp_flags & TCP_FLAGS_BOUNDARY : 0;
+	long err;
 
+	e->packets = 1;
+	e->bytes = len;
 	k.saddr = e->saddr;
 	k.daddr = e->daddr;
 	k.sport = e->sport;
 	k.dport = e->dport;
 	k.proto = e->proto;
 	k.hook = e->hook;
+	k.icmp_id = e->icmp_id;
 	a = bpf_map_lookup_elem(&sinew_flow_agg, &k);
 	if (!a) {
-		/* TCP is counted from its SYN: an entry for every packet
-		 * after a FIN (the last ACK) would only crowd the table. A
-		 * connection older than its entry reports its FIN or RST. */
-		if (!tcp || (boundary & 0x02)) {
-			fresh.last_report_ns = now;
-			bpf_map_update_elem(&sinew_flow_agg, &k, &fresh,
-					    BPF_ANY);
-		}
-		return !tcp || boundary;
+		struct flow_agg fresh = {};
+		int report = !tcp || boundary;
+
+		fresh.acc = report ? 0 : one;
+		fresh.last_seen_ns = now;
+		fresh.last_report_ns = now;
+		fresh.ifindex = e->ifindex;
+		fresh.ep_id = e->ep_id;
+		fresh.peer_identity = e->peer_identity;
+		fresh.dir = e->dir;
+		fresh.obs = e->obs;
+		fresh.state =
+		    boundary & (TCP_FIN | TCP_RST) ? FLOW_CLOSING : FLOW_OPEN;
+		/* NOEXIST: a packet of the same flow on another CPU may have
+		 * made the entry a moment ago; overwriting it would lose
+		 * what it counted. */
+		err = bpf_map_update_elem(&sinew_flow_agg, &k, &fresh,
+					  BPF_NOEXIST);
+		if (!err)
+			return report;
+		if (err != -SINEW_EEXIST)
+			return 1; /* table full */
+		a = bpf_map_lookup_elem(&sinew_flow_agg, &k);
+		if (!a)
+			return 1;
 	}
+	if (a->last_seen_ns != now)
+		a->last_seen_ns = now;
+	old = __sync_fetch_and_add(&a->acc, one);
+	if (old & FLOW_ACC_DEAD)
+		return 1; /* retired by the flush: not in its report */
 	if (boundary) {
-		e->packets = a->packets + 1;
-		e->bytes = a->bytes + len;
-		if (boundary & (0x01 | 0x04)) {
-			bpf_map_delete_elem(&sinew_flow_agg, &k);
-		} else {
-			a->last_report_ns = now;
-			a->packets = 0;
-			a->bytes = 0;
-		}
-		return 1;
-	}
-	__sync_fetch_and_add(&a->packets, 1);
-	__sync_fetch_and_add(&a->bytes, len);
-	if (now - a->last_report_ns < CFG_EVENT_REPORT_INTERVAL_NS)
+		a->state =
+		    boundary & (TCP_FIN | TCP_RST) ? FLOW_CLOSING : FLOW_OPEN;
+	} else if (now - a->last_report_ns < CFG_EVENT_REPORT_INTERVAL_NS &&
+		   FLOW_ACC_PKTS(old) < FLOW_ACC_PKTS_MAX &&
+		   (old & FLOW_ACC_BYTES) < FLOW_ACC_BYTES_MAX) {
 		return 0;
-	e->packets = a->packets;
-	e->bytes = a->bytes;
+	}
+	v = acc_take(a);
+	if (!v)
+		return 0; /* taken, this packet with it, by another report */
 	a->last_report_ns = now;
-	a->packets = 0;
-	a->bytes = 0;
+	event_counts(e, v);
 	return 1;
 }
 
@@ -242,17 +322,13 @@ static __always_inline void event_verdict(struct __sk_buff *skb, int ret,
 		event_submit(&e);
 		return;
 	}
+	if (!e.obs)
+		e.obs = hook == HOOK_TO_CONTAINER ? TRACE_TO_ENDPOINT
+						  : TRACE_TO_STACK;
 	if (!trace_due(&e, e.len))
 		return;
 	e.type = EVENT_TRACE;
 	e.verdict = VERDICT_FORWARDED;
-	if (!e.obs)
-		e.obs = hook == HOOK_TO_CONTAINER ? TRACE_TO_ENDPOINT
-						  : TRACE_TO_STACK;
-	if (!e.packets) {
-		e.packets = 1;
-		e.bytes = e.len;
-	}
 	e.ts_ns = bpf_ktime_get_ns();
 	event_submit(&e);
 }

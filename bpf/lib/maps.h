@@ -8,11 +8,12 @@
 
 #include "common.h"
 
-#define IPCACHE_MAX_ENTRIES   65536
-#define ENDPOINTS_MAX_ENTRIES 4096
-#define NAT_MAX_ENTRIES	      65536
-#define POLICY_MAX_ENTRIES    65536
-#define CT_MAX_ENTRIES	      262144
+#define IPCACHE_MAX_ENTRIES    65536
+#define ENDPOINTS_MAX_ENTRIES  4096
+#define NAT_MAX_ENTRIES	       65536
+#define POLICY_MAX_ENTRIES     65536
+#define CT_MAX_ENTRIES	       262144
+#define CIDR_CLASS_MAX_ENTRIES 16384
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -57,6 +58,15 @@ struct {
 } sinew_policy SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, __u32);
+	__uint(max_entries, CIDR_CLASS_MAX_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_cidr_class SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct ct_key);
 	__type(value, struct ct_entry);
@@ -81,8 +91,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sinew_events_lost SEC(".maps");
 
+/* A plain hash, not LRU: an evicted entry would take uncounted packets
+ * with it. Entries are retired by the agent's flush; a packet that finds
+ * the table full reports itself. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct flow_agg_key);
 	__type(value, struct flow_agg);
 	__uint(max_entries, FLOW_AGG_MAX_ENTRIES);

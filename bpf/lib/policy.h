@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Identity-based L3/L4 policy for one endpoint and direction: conntrack
- * first, then two LPM lookups (the peer's identity, and "any peer"), deny
- * winning. Costs the same whatever the number of rules.
+ * first, then two LPM lookups (the peer's identity, and "any peer"), and
+ * for endpoints with CIDR rules two more (the peer address's CIDR class,
+ * and the policy entry of that class), deny winning. Costs the same
+ * whatever the number of rules.
  */
 #ifndef SINEW_POLICY_H
 #define SINEW_POLICY_H
@@ -11,11 +13,45 @@
 #include "conntrack.h"
 #include "events.h"
 
-static __always_inline int policy_lookup(__u32 ep_id, __u32 identity, __u8 dir,
-					 __u8 proto, __u16 dport,
-					 __u32 *rule_id, __u8 *match)
+/* The CIDR class of a v4 address (see sinew_abi.h), 0 when no prefix a
+ * policy names holds it. */
+static __always_inline __u32 cidr_class4(__u32 addr)
 {
-	struct policy_value *by_id, *any;
+	struct ipcache_key key = {};
+	__u32 *class;
+
+	key.prefixlen = 32 + 32;
+	key.family = SINEW_FAMILY_V4;
+	key.addr[0] = addr;
+	class = bpf_map_lookup_elem(&sinew_cidr_class, &key);
+	return class ? *class : 0;
+}
+
+/* The peer address's class, looked up only for endpoints whose policy has
+ * CIDR rules in this direction; others pay nothing. */
+static __always_inline __u32 peer_cidr_class(const struct endpoint_info *ep,
+					     __u8 dir, const struct iphdr *ip)
+{
+	if (dir == POLICY_DIR_INGRESS)
+		return (ep->flags & EP_F_CIDR_INGRESS) ? cidr_class4(ip->saddr)
+						       : 0;
+	return (ep->flags & EP_F_CIDR_EGRESS) ? cidr_class4(ip->daddr) : 0;
+}
+
+static __always_inline int policy_verdict(struct policy_value *v,
+					  __u32 *rule_id, __u8 *match)
+{
+	*rule_id = v->rule_id;
+	*match = v->match;
+	return v->action == POLICY_ACTION_DENY ? -DROP_POLICY_DENY : 0;
+}
+
+static __always_inline int policy_lookup(__u32 ep_id, __u32 identity,
+					 __u32 cidr_class, __u8 dir, __u8 proto,
+					 __u16 dport, __u32 *rule_id,
+					 __u8 *match)
+{
+	struct policy_value *by_id, *by_class = NULL, *any;
 	struct policy_key k = {};
 
 	k.prefixlen = POLICY_PREFIX_FULL;
@@ -25,29 +61,25 @@ static __always_inline int policy_lookup(__u32 ep_id, __u32 identity, __u8 dir,
 	k.proto = proto;
 	k.dport = dport;
 	by_id = bpf_map_lookup_elem(&sinew_policy, &k);
+	if (cidr_class) {
+		k.identity = cidr_class | POLICY_CIDR_CLASS;
+		by_class = bpf_map_lookup_elem(&sinew_policy, &k);
+	}
 	k.identity = POLICY_ANY_IDENTITY;
 	any = bpf_map_lookup_elem(&sinew_policy, &k);
 
-	if (by_id && by_id->action == POLICY_ACTION_DENY) {
-		*rule_id = by_id->rule_id;
-		*match = by_id->match;
-		return -DROP_POLICY_DENY;
-	}
-	if (any && any->action == POLICY_ACTION_DENY) {
-		*rule_id = any->rule_id;
-		*match = any->match;
-		return -DROP_POLICY_DENY;
-	}
-	if (by_id) {
-		*rule_id = by_id->rule_id;
-		*match = by_id->match;
-		return 0;
-	}
-	if (any) {
-		*rule_id = any->rule_id;
-		*match = any->match;
-		return 0;
-	}
+	if (by_id && by_id->action == POLICY_ACTION_DENY)
+		return policy_verdict(by_id, rule_id, match);
+	if (by_class && by_class->action == POLICY_ACTION_DENY)
+		return policy_verdict(by_class, rule_id, match);
+	if (any && any->action == POLICY_ACTION_DENY)
+		return policy_verdict(any, rule_id, match);
+	if (by_id)
+		return policy_verdict(by_id, rule_id, match);
+	if (by_class)
+		return policy_verdict(by_class, rule_id, match);
+	if (any)
+		return policy_verdict(any, rule_id, match);
 	*match = MATCH_NONE;
 	return -DROP_POLICY;
 }
@@ -92,9 +124,10 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 		if (e->policy_rev != ep->policy_rev && (ep->flags & enforced)) {
 			/* Policy changed since the connection began: it lives
 			 * on only if the new policy still allows it. */
-			ret = policy_lookup(ep->id, peer, dir, key.proto,
-					    ct_policy_port(&key, skb, ip),
-					    &rule_id, &match);
+			ret = policy_lookup(
+			    ep->id, peer, peer_cidr_class(ep, dir, ip), dir,
+			    key.proto, ct_policy_port(&key, skb, ip), &rule_id,
+			    &match);
 			if (ret < 0) {
 				note_policy(ep->id, peer, rule_id);
 				event_policy(skb, ep->id, dir, peer, ret,
@@ -118,9 +151,9 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	/* The node's own health checks and probes always reach its pods. */
 	if ((ep->flags & enforced) &&
 	    !(dir == POLICY_DIR_INGRESS && peer == SINEW_IDENTITY_HOST)) {
-		ret = policy_lookup(ep->id, peer, dir, key.proto,
-				    ct_policy_port(&key, skb, ip), &rule_id,
-				    &match);
+		ret = policy_lookup(
+		    ep->id, peer, peer_cidr_class(ep, dir, ip), dir, key.proto,
+		    ct_policy_port(&key, skb, ip), &rule_id, &match);
 		note_policy(ep->id, peer, rule_id);
 		event_policy(skb, ep->id, dir, peer, ret, rule_id, match);
 		if (ret < 0)

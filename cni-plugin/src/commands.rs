@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::net::IpAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,11 +14,12 @@ use sinew_proto::v1::{
 use sinew_proto::AgentClient;
 use tonic::transport::Channel;
 
-use crate::config::NetConf;
-use crate::env::{validate_ifname, CniEnv, Command};
+use crate::config::{ConfigError, NetConf};
+use crate::env::{validate_ifname, CniEnv, Command, EnvError};
 use crate::error::CniError;
+use crate::lock::{self, ContainerLock};
 use crate::netlink::{host_veth_name, LinkError, Netlink, Route};
-use crate::result::{version_info, AddResult};
+use crate::result::{expected_from_prev, version_info, AddResult, Expected};
 
 /// How long one agent call may take. The runtime's own ADD timeout is
 /// minutes; a healthy agent answers in about a millisecond.
@@ -73,6 +75,41 @@ fn open_netns(path: &str) -> Result<File, CniError> {
     })
 }
 
+/// Opens CNI_NETNS and a netlink socket inside it. Entering it is also the
+/// test that it is a network namespace: setns(CLONE_NEWNET) refuses a
+/// regular file, a directory or another kind of namespace with EINVAL.
+fn enter_netns(path: &str) -> Result<(File, Netlink), CniError> {
+    let netns = open_netns(path)?;
+    match Netlink::open_in(&netns, path) {
+        Ok(nl) => Ok((netns, nl)),
+        Err(LinkError::EnterNetns {
+            source: nix::errno::Errno::EINVAL,
+            ..
+        }) => {
+            let reason = match netns.metadata() {
+                Ok(m) if m.is_file() => "it is a regular file",
+                Ok(m) if m.is_dir() => "it is a directory",
+                _ => "the kernel refused to enter it as one",
+            };
+            Err(EnvError::NotANetns {
+                path: path.to_string(),
+                reason: reason.to_string(),
+            }
+            .into())
+        }
+        Err(e) => Err(datapath("cannot enter the pod's network namespace", e)),
+    }
+}
+
+/// Serialises ADD, DEL and CHECK of one container (see `lock.rs`).
+fn lock_container(env: &CniEnv) -> Result<ContainerLock, CniError> {
+    Ok(ContainerLock::acquire(
+        Path::new(lock::DEFAULT_DIR),
+        &env.container_id,
+        lock::WAIT,
+    )?)
+}
+
 fn datapath(what: &str, e: LinkError) -> CniError {
     let hint = match e.errno() {
         Some(nix::errno::Errno::EEXIST) => {
@@ -90,8 +127,24 @@ fn datapath(what: &str, e: LinkError) -> CniError {
 async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     env.require_attachment()?;
     env.require_netns()?;
+    let _lock = lock_container(env)?;
     // Before allocating, so that a vanished sandbox never holds an address.
-    let netns = open_netns(&env.netns)?;
+    let (netns, mut pod) = enter_netns(&env.netns)?;
+    // CNI 1.1: "If an interface of the requested name already exists in the
+    // container, the CNI plugin MUST return with an error." Before anything
+    // is taken, so that nothing is undone either: this ADD made nothing.
+    let existing = pod
+        .link_by_name(&env.ifname)
+        .map_err(|e| datapath("cannot read the pod's interfaces", e))?;
+    if existing.is_some() {
+        return Err(CniError::Datapath {
+            msg: format!(
+                "an interface {} already exists in the container (CNI_NETNS={}): an ADD of this attachment already ran, or something else made it; DEL the attachment (or remove the interface) before adding it again",
+                env.ifname, env.netns
+            ),
+            details: String::new(),
+        });
+    }
     let mut agent = connect(conf).await?;
     let att = attachment(env);
     let alloc = agent
@@ -105,7 +158,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         .into_inner();
 
     let host_ifname = host_veth_name(&env.container_id, &env.ifname);
-    match plumb_and_register(&mut agent, env, conf, &netns, &host_ifname, &alloc).await {
+    match plumb_and_register(&mut agent, env, conf, &netns, &mut pod, &host_ifname, &alloc).await {
         Ok(result) => Ok(result.render(conf.cni_version)),
         Err(err) => Err(undo_add(&mut agent, att, &host_ifname, err).await),
     }
@@ -147,6 +200,7 @@ async fn plumb_and_register(
     env: &CniEnv,
     conf: &NetConf,
     netns: &File,
+    pod: &mut Netlink,
     host_ifname: &str,
     alloc: &AllocateIpResponse,
 ) -> Result<AddResult, CniError> {
@@ -174,17 +228,8 @@ async fn plumb_and_register(
     };
     let mtu = conf.mtu.or(Some(alloc.mtu).filter(|&m| m > 0));
 
-    let plumbed = plumb(
-        host_ifname,
-        &env.ifname,
-        netns,
-        &env.netns,
-        ip,
-        prefix_len,
-        gateway,
-        mtu,
-    )
-    .map_err(|e| datapath("cannot set up the pod's network interface", e))?;
+    let plumbed = plumb(host_ifname, &env.ifname, netns, pod, ip, prefix_len, gateway, mtu)
+        .map_err(|e| datapath("cannot set up the pod's network interface", e))?;
 
     agent
         .create_endpoint(CreateEndpointRequest {
@@ -226,14 +271,13 @@ fn plumb(
     host_ifname: &str,
     pod_ifname: &str,
     netns: &File,
-    netns_path: &str,
+    pod: &mut Netlink,
     ip: IpAddr,
     prefix_len: u8,
     gateway: IpAddr,
     mtu: Option<u32>,
 ) -> Result<Plumbed, LinkError> {
     let mut node = Netlink::open()?;
-    let mut pod = Netlink::open_in(netns, netns_path)?;
 
     // A leftover from an earlier ADD of the same attachment that died half-way.
     node.delete_link(host_ifname)?;
@@ -249,22 +293,16 @@ fn plumb(
     }
     pod.set_up(pod_link.index, None)?;
     pod.add_address(pod_link.index, ip, prefix_len)?;
-    let host_len = if gateway.is_ipv4() { 32 } else { 128 };
     pod.add_route(&Route {
         dst: gateway,
-        dst_len: host_len,
+        dst_len: host_len(gateway),
         gateway: None,
         oif: pod_link.index,
         link_scope: true,
         onlink: false,
     })?;
-    let any = if gateway.is_ipv4() {
-        IpAddr::from([0u8; 4])
-    } else {
-        IpAddr::from([0u8; 16])
-    };
     pod.add_route(&Route {
-        dst: any,
+        dst: unspecified(gateway),
         dst_len: 0,
         gateway: Some(gateway),
         oif: pod_link.index,
@@ -276,7 +314,7 @@ fn plumb(
     node.set_up(host_link.index, None)?;
     node.add_route(&Route {
         dst: ip,
-        dst_len: if ip.is_ipv4() { 32 } else { 128 },
+        dst_len: host_len(ip),
         gateway: None,
         oif: host_link.index,
         link_scope: true,
@@ -287,6 +325,23 @@ fn plumb(
         host_mac: host_link.mac,
         pod_mac: pod_link.mac,
     })
+}
+
+/// The prefix length of one address: /32 or /128.
+fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn unspecified(like: IpAddr) -> IpAddr {
+    if like.is_ipv4() {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u8; 16])
+    }
 }
 
 /// Deletes host-side veths (the pod side goes with them). Absent ones are fine.
@@ -307,6 +362,13 @@ fn delete_host_links(names: &[&str]) -> Result<(), CniError> {
 /// retries and the agent releases the address once it is back.
 async fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     env.require_attachment()?;
+    let lock = lock_container(env)?;
+    del_locked(env, conf).await?;
+    lock.remove();
+    Ok(())
+}
+
+async fn del_locked(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let host_ifname = host_veth_name(&env.container_id, &env.ifname);
     let mut agent = match connect(conf).await {
         Ok(a) => a,
@@ -336,6 +398,12 @@ async fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
+/// CHECK verifies everything ADD set up, host side and pod side: the agent's
+/// endpoint, the host veth (present, up, the one the agent attached to) and
+/// its route to the pod, the pod interface (present, up) with its address,
+/// its route to the gateway and its default route via the gateway. CNI 1.1
+/// asks for an error when a resource the plugin created is "missing or in an
+/// invalid state", and when the container is "generally unreachable".
 async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     if !conf.cni_version.has_check() {
         return Err(CniError::IncompatibleVersion(format!(
@@ -345,12 +413,17 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     }
     env.require_attachment()?;
     env.require_netns()?;
-    let netns = File::open(&env.netns).map_err(|e| {
-        CniError::CheckMismatch(format!(
-            "the pod's network namespace {} cannot be opened ({e}): recreate the pod",
-            env.netns
-        ))
-    })?;
+    let _lock = lock_container(env)?;
+    let (_netns, mut pod) = match enter_netns(&env.netns) {
+        Ok(ns) => ns,
+        Err(CniError::ContainerUnknown(_)) | Err(CniError::Io { .. }) => {
+            return Err(CniError::CheckMismatch(format!(
+                "the pod's network namespace {} cannot be opened: recreate the pod",
+                env.netns
+            )))
+        }
+        Err(e) => return Err(e),
+    };
     let mut agent = connect(conf).await?;
     let ep = match agent
         .get_endpoint(GetEndpointRequest {
@@ -367,20 +440,26 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
         Err(s) => return Err(CniError::from_status("GetEndpoint", &s)),
     };
+    let ip: IpAddr = ep
+        .ip
+        .parse()
+        .map_err(|_| CniError::Decode(format!("sinew-agent returned the invalid address {:?}", ep.ip)))?;
     let host_ifname = if ep.host_ifname.is_empty() {
         host_veth_name(&env.container_id, &env.ifname)
     } else {
         ep.host_ifname.clone()
     };
-    let mut node = Netlink::open().map_err(|e| datapath("cannot open netlink", e))?;
-    let host = node
-        .link_by_name(&host_ifname)
-        .map_err(|e| datapath("cannot read the host veth", e))?;
     let mismatch = |what: String| {
         Err(CniError::CheckMismatch(format!(
             "{what}: delete the pod so that it is recreated"
         )))
     };
+
+    // Host side.
+    let mut node = Netlink::open().map_err(|e| datapath("cannot open netlink", e))?;
+    let host = node
+        .link_by_name(&host_ifname)
+        .map_err(|e| datapath("cannot read the host veth", e))?;
     let Some(host) = host else {
         return mismatch(format!("the host veth {host_ifname} is missing"));
     };
@@ -393,27 +472,98 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             host.index, ep.host_ifindex
         ));
     }
-    let mut pod = Netlink::open_in(&netns, &env.netns).map_err(|e| datapath("cannot enter the pod's netns", e))?;
+    let node_routes = node
+        .routes(ip)
+        .map_err(|e| datapath("cannot read the node's routes", e))?;
+    if !node_routes.iter().any(|r| r.is(ip, host_len(ip), None, host.index)) {
+        return mismatch(format!(
+            "the node has no route {ip}/{} dev {host_ifname}, so nothing reaches the pod",
+            host_len(ip)
+        ));
+    }
+
+    // Pod side.
     let Some(link) = pod
         .link_by_name(&env.ifname)
         .map_err(|e| datapath("cannot read the pod interface", e))?
     else {
         return mismatch(format!("the pod interface {} is missing in {}", env.ifname, env.netns));
     };
-    let want: IpAddr = ep
-        .ip
-        .parse()
-        .map_err(|_| CniError::Decode(format!("sinew-agent returned the invalid address {:?}", ep.ip)))?;
+    if !link.up {
+        return mismatch(format!("the pod interface {} is down", env.ifname));
+    }
     let addrs = pod
         .addresses(link.index)
         .map_err(|e| datapath("cannot read the pod's addresses", e))?;
-    if !addrs.iter().any(|(a, _)| *a == want) {
+    if !addrs.iter().any(|(a, _)| *a == ip) {
         return mismatch(format!(
-            "the pod interface {} does not have the address {want}",
+            "the pod interface {} does not have the address {ip}",
             env.ifname
         ));
     }
+    // The gateway and routes ADD reported, from prevResult (CNI 1.1: "The
+    // plugin must consult the prevResult to determine the expected
+    // interfaces and addresses"); without one, the agent's gateway.
+    let expected = match &conf.prev_result {
+        Some(prev) => expected_from_prev(prev, ip)
+            .map_err(|e| CniError::CheckMismatch(format!("{e}: delete the pod so that it is recreated")))?,
+        None => Expected {
+            gateway: None,
+            default_route: true,
+        },
+    };
+    let gateway = match expected.gateway {
+        Some(g) => g,
+        None => pod_gateway(&mut agent, env, ip).await?,
+    };
+    let pod_routes = pod
+        .routes(ip)
+        .map_err(|e| datapath("cannot read the pod's routes", e))?;
+    if !pod_routes
+        .iter()
+        .any(|r| r.is(gateway, host_len(gateway), None, link.index))
+    {
+        return mismatch(format!(
+            "the pod has no route to its gateway {gateway} on {}",
+            env.ifname
+        ));
+    }
+    if expected.default_route
+        && !pod_routes
+            .iter()
+            .any(|r| r.is(unspecified(ip), 0, Some(gateway), link.index))
+    {
+        return mismatch(format!("the pod has no default route via {gateway} dev {}", env.ifname));
+    }
     Ok(())
+}
+
+/// The gateway ADD gave the pod, for a CHECK without prevResult. Only called
+/// once the agent has an endpoint for the attachment, which always holds an
+/// address: AllocateIp then returns that address and its gateway and takes
+/// nothing new.
+async fn pod_gateway(agent: &mut Agent, env: &CniEnv, ip: IpAddr) -> Result<IpAddr, CniError> {
+    let alloc = agent
+        .allocate_ip(AllocateIpRequest {
+            attachment: Some(attachment(env)),
+            pod_namespace: env.args.pod_namespace.clone(),
+            pod_name: env.args.pod_name.clone(),
+        })
+        .await
+        .map_err(|s| CniError::from_status("AllocateIp", &s))?
+        .into_inner();
+    if alloc.ip != ip.to_string() {
+        return Err(CniError::CheckMismatch(format!(
+            "sinew-agent holds {} for container {} interface {} but its endpoint has {ip}: delete the pod so that it is recreated",
+            alloc.ip, env.container_id, env.ifname
+        )));
+    }
+    alloc.gateway.parse().map_err(|_| {
+        CniError::Decode(format!(
+            "sinew-agent returned the invalid gateway {:?}: upgrade or restart the agent",
+            alloc.gateway
+        ))
+    })
 }
 
 async fn gc(conf: &NetConf) -> Result<(), CniError> {
@@ -423,9 +573,13 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
             conf.cni_version
         )));
     }
+    // CNI 1.1 GC: the runtime "specif[ies] the expected set of attachments".
+    // No list is no set, not an empty one (cnitool's `gc` sends none).
+    let Some(valid) = &conf.valid_attachments else {
+        return Err(ConfigError::GcWithoutList.into());
+    };
     let mut agent = connect(conf).await?;
-    let valid = conf
-        .valid_attachments
+    let valid = valid
         .iter()
         .map(|a| Attachment {
             container_id: a.container_id.clone(),

@@ -19,6 +19,8 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("cniVersion \"{0}\" is not supported by sinew-cni (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0): set one of them in the .conflist file")]
     UnknownVersion(String),
+    #[error("none of the versions in cniVersions {0} is supported by sinew-cni (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0): add one of them to the .conflist file")]
+    NoSupportedVersion(String),
     #[error("field \"{field}\" has the invalid value {value}: {reason}")]
     Invalid {
         field: &'static str,
@@ -27,6 +29,8 @@ pub enum ConfigError {
     },
     #[error("field \"{field}\" is not supported by sinew-cni: {reason}")]
     Unsupported { field: &'static str, reason: &'static str },
+    #[error("GC without \"cni.dev/valid-attachments\" deleted nothing: without the list of attachments still in use every pod on this node would look stale; pass the list (an empty list if no attachment of this network is in use)")]
+    GcWithoutList,
 }
 
 /// The CNI versions this plugin speaks, oldest first.
@@ -79,6 +83,53 @@ impl fmt::Display for CniVersion {
     }
 }
 
+/// Picks the protocol version of one invocation, as CNI 1.1 "Version
+/// considerations" asks of a runtime: `cniVersion`, when present, is the
+/// runtime's selection and is used as given (a runtime that predates
+/// `cniVersions`, e.g. podman 4.3, ignores the list and only understands a
+/// result in `cniVersion`). Without it, the highest version in `cniVersions`
+/// that this plugin supports. `Err` carries the error to report.
+fn select_version(cni_version: Option<String>, cni_versions: &[String]) -> Result<CniVersion, ConfigError> {
+    if let Some(v) = cni_version {
+        return CniVersion::parse(&v).ok_or(ConfigError::UnknownVersion(v));
+    }
+    if cni_versions.is_empty() {
+        return Err(ConfigError::Missing("cniVersion"));
+    }
+    cni_versions
+        .iter()
+        .filter_map(|v| CniVersion::parse(v))
+        .max()
+        .ok_or_else(|| ConfigError::NoSupportedVersion(format!("{cni_versions:?}")))
+}
+
+/// `cniVersions`: a list of semantic versions ("1.1.0"). Versions this
+/// plugin does not know are allowed (they are for other plugins and
+/// runtimes); malformed entries are not.
+fn parse_cni_versions(v: Option<serde_json::Value>) -> Result<Vec<String>, ConfigError> {
+    const REASON: &str = "must be a list of versions such as [\"1.0.0\", \"1.1.0\"]";
+    let list = match v {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Array(list)) => list,
+        Some(other) => return Err(invalid("cniVersions", &truncate(&other.to_string()), REASON)),
+    };
+    list.into_iter()
+        .map(|item| match item {
+            serde_json::Value::String(s) if is_semver(&s) => Ok(s),
+            other => Err(invalid("cniVersions", &truncate(&other.to_string()), REASON)),
+        })
+        .collect()
+}
+
+/// MAJOR.MINOR.PATCH with decimal numbers; what libcni accepts there.
+fn is_semver(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// One attachment the runtime still uses, from the GC argument list.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ValidAttachment {
@@ -98,7 +149,12 @@ pub struct NetConf {
     pub log_file: Option<PathBuf>,
     /// Passed through to the ADD result unchanged, as the spec asks.
     pub dns: Option<serde_json::Value>,
-    pub valid_attachments: Vec<ValidAttachment>,
+    /// GC's list of attachments still in use. `None` when the runtime sent
+    /// no list, which is not the same as an empty one.
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// The result of the ADD, which the runtime passes to CHECK and DEL.
+    /// Read by CHECK only (see `result::Expected`).
+    pub prev_result: Option<serde_json::Value>,
 }
 
 /// What is on the wire, before validation. Unknown keys (runtimeConfig,
@@ -107,6 +163,7 @@ pub struct NetConf {
 #[serde(rename_all = "camelCase")]
 struct RawConf {
     cni_version: Option<serde_json::Value>,
+    cni_versions: Option<serde_json::Value>,
     name: Option<serde_json::Value>,
     #[serde(rename = "type")]
     plugin_type: Option<serde_json::Value>,
@@ -115,20 +172,26 @@ struct RawConf {
     log_file: Option<serde_json::Value>,
     dns: Option<serde_json::Value>,
     ipam: Option<serde_json::Value>,
+    prev_result: Option<serde_json::Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<serde_json::Value>,
+    /// The spec-v1.1.0 text's name for the same list; libcni sends both.
+    #[serde(rename = "cni.dev/attachments")]
+    attachments: Option<serde_json::Value>,
 }
 
-/// Reads only the cniVersion, so that an error about any other field can
-/// still be reported in the version the runtime asked for.
+/// Reads only the version fields, so that an error about any other field
+/// can still be reported in the version the runtime asked for.
 pub fn sniff_version(input: &[u8]) -> Option<CniVersion> {
     #[derive(Deserialize)]
     struct Sniff {
         #[serde(rename = "cniVersion")]
         cni_version: Option<String>,
+        #[serde(rename = "cniVersions")]
+        cni_versions: Option<Vec<String>>,
     }
     let s: Sniff = serde_json::from_slice(input).ok()?;
-    CniVersion::parse(s.cni_version.as_deref()?)
+    select_version(s.cni_version, &s.cni_versions.unwrap_or_default()).ok()
 }
 
 /// Parses and validates the configuration.
@@ -139,8 +202,9 @@ pub fn parse(input: &[u8]) -> Result<NetConf, ConfigError> {
     }
     let raw: RawConf = serde_json::from_value(value).map_err(|e| ConfigError::Malformed(e.to_string()))?;
 
-    let version = required_string(raw.cni_version, "cniVersion")?;
-    let cni_version = CniVersion::parse(&version).ok_or(ConfigError::UnknownVersion(version))?;
+    let cni_versions = parse_cni_versions(raw.cni_versions)?;
+    let version = optional_string(raw.cni_version, "cniVersion")?.filter(|v| !v.is_empty());
+    let cni_version = select_version(version, &cni_versions)?;
 
     let name = required_string(raw.name, "name")?;
     validate_network_name(&name)?;
@@ -192,15 +256,30 @@ pub fn parse(input: &[u8]) -> Result<NetConf, ConfigError> {
         Some(v) => return Err(invalid("dns", &v.to_string(), "must be an object")),
     };
 
-    let valid_attachments = match raw.valid_attachments {
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(v) => serde_json::from_value::<Vec<ValidAttachment>>(v.clone()).map_err(|_| {
-            invalid(
-                "cni.dev/valid-attachments",
-                &truncate(&v.to_string()),
-                "must be a list of {\"containerID\": ..., \"ifname\": ...}",
-            )
-        })?,
+    let list = |field: &'static str, v: Option<serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value::<Vec<ValidAttachment>>(v.clone())
+            .map(Some)
+            .map_err(|_| {
+                invalid(
+                    field,
+                    &truncate(&v.to_string()),
+                    "must be a list of {\"containerID\": ..., \"ifname\": ...}",
+                )
+            }),
+    };
+    let valid_attachments = match (
+        list("cni.dev/valid-attachments", raw.valid_attachments)?,
+        list("cni.dev/attachments", raw.attachments)?,
+    ) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(invalid(
+                "cni.dev/attachments",
+                "a different list",
+                "must be the same list as \"cni.dev/valid-attachments\" when both are given",
+            ))
+        }
+        (a, b) => a.or(b),
     };
 
     Ok(NetConf {
@@ -212,6 +291,7 @@ pub fn parse(input: &[u8]) -> Result<NetConf, ConfigError> {
         log_file,
         dns,
         valid_attachments,
+        prev_result: raw.prev_result.filter(|v| !v.is_null()),
     })
 }
 
@@ -279,7 +359,7 @@ mod tests {
         assert_eq!(c.agent_socket, PathBuf::from(sinew_proto::DEFAULT_SOCKET));
         assert_eq!(c.mtu, None);
         assert_eq!(c.log_file, None);
-        assert!(c.valid_attachments.is_empty());
+        assert_eq!(c.valid_attachments, None);
     }
 
     #[test]
@@ -299,10 +379,10 @@ mod tests {
         assert_eq!(c.dns.unwrap()["nameservers"][0], "10.96.0.10");
         assert_eq!(
             c.valid_attachments,
-            vec![ValidAttachment {
+            Some(vec![ValidAttachment {
                 container_id: "abc".into(),
                 ifname: "eth0".into()
-            }]
+            }])
         );
     }
 
@@ -470,6 +550,95 @@ mod tests {
         }
     }
 
+    /// CNI 1.1 "Version considerations": "CNI runtimes MUST select the
+    /// highest supported version from the set of network configuration
+    /// versions given by the `cniVersion` and `cniVersions` fields". The
+    /// request's `cniVersion` is that selection; without one we select.
+    #[test]
+    fn cni_versions_select_the_highest_supported_unless_cni_version_is_given() {
+        let v = |s: &str| parse_str(s).map(|c| c.cni_version);
+        assert_eq!(
+            v(r#"{"cniVersion":"1.0.0","cniVersions":["0.4.0","1.0.0","1.1.0"],"name":"n","type":"t"}"#),
+            Ok(CniVersion::V1_0_0)
+        );
+        assert_eq!(
+            v(r#"{"cniVersions":["0.4.0","1.1.0","1.0.0","9.0.0"],"name":"n","type":"t"}"#),
+            Ok(CniVersion::V1_1_0)
+        );
+        assert_eq!(
+            v(r#"{"cniVersions":["0.2.0","9.0.0"],"name":"n","type":"t"}"#),
+            Err(ConfigError::NoSupportedVersion(r#"["0.2.0", "9.0.0"]"#.into()))
+        );
+        assert_eq!(
+            v(r#"{"cniVersions":[],"name":"n","type":"t"}"#),
+            Err(ConfigError::Missing("cniVersion"))
+        );
+        for bad in [r#""1.1.0""#, "[1]", r#"["1.1"]"#, r#"["v1.1.0"]"#, r#"["1.x.0"]"#] {
+            let e = parse_str(&format!(
+                r#"{{"cniVersion":"1.0.0","cniVersions":{bad},"name":"n","type":"t"}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        field: "cniVersions",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+        }
+        assert_eq!(
+            sniff_version(br#"{"cniVersions":["1.0.0","1.1.0"],"mtu":"x"}"#),
+            Some(CniVersion::V1_1_0)
+        );
+    }
+
+    /// GC's list: absent and null are "no list", `[]` is "nothing is valid";
+    /// the spec-v1.1.0 spelling `cni.dev/attachments` is the same list.
+    #[test]
+    fn valid_attachments_distinguish_absent_from_empty() {
+        let gc = |extra: &str| parse_str(&format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"t"{extra}}}"#));
+        assert_eq!(gc("").unwrap().valid_attachments, None);
+        assert_eq!(
+            gc(r#","cni.dev/valid-attachments":null"#).unwrap().valid_attachments,
+            None
+        );
+        assert_eq!(
+            gc(r#","cni.dev/valid-attachments":[]"#).unwrap().valid_attachments,
+            Some(vec![])
+        );
+        let one = Some(vec![ValidAttachment {
+            container_id: "a".into(),
+            ifname: "eth0".into(),
+        }]);
+        let l = r#"[{"containerID":"a","ifname":"eth0"}]"#;
+        assert_eq!(
+            gc(&format!(r#","cni.dev/attachments":{l}"#)).unwrap().valid_attachments,
+            one
+        );
+        assert_eq!(
+            gc(&format!(
+                r#","cni.dev/attachments":{l},"cni.dev/valid-attachments":{l}"#
+            ))
+            .unwrap()
+            .valid_attachments,
+            one
+        );
+        let e = gc(&format!(r#","cni.dev/attachments":[],"cni.dev/valid-attachments":{l}"#)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "cni.dev/attachments",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn sniff_version_survives_otherwise_bad_config() {
         assert_eq!(
@@ -496,7 +665,7 @@ mod tests {
     /// whatever parses must still satisfy the validated invariants.
     #[test]
     fn mutated_input_never_panics() {
-        let seed = br#"{"cniVersion":"1.1.0","name":"sinew","type":"sinew-cni","mtu":1450,"agentSocket":"/run/s.sock","logFile":"/l","dns":{"nameservers":["1.1.1.1"]},"cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
+        let seed = br#"{"cniVersion":"1.1.0","cniVersions":["1.0.0","1.1.0"],"name":"sinew","type":"sinew-cni","mtu":1450,"agentSocket":"/run/s.sock","logFile":"/l","dns":{"nameservers":["1.1.1.1"]},"prevResult":{"ips":[{"address":"10.0.0.2/32","gateway":"10.0.0.1"}]},"cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}],"cni.dev/attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             state ^= state << 13;

@@ -15,6 +15,8 @@ pub enum EnvError {
         value: String,
         reason: &'static str,
     },
+    #[error("CNI_NETNS={path} is not a network namespace ({reason}): the runtime must pass the path of the container's network namespace, e.g. /run/netns/NAME or /proc/PID/ns/net")]
+    NotANetns { path: String, reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,16 +5,21 @@ use serde::Serialize;
 
 use crate::config::{CniVersion, ConfigError};
 use crate::env::EnvError;
+use crate::lock::LockError;
 
-/// Plugin-specific codes (the spec reserves 100 and up for plugins).
+/// The codes, as in the CNI 1.1 error table (SPEC.md, "Error"); 100 and up
+/// are ours (the spec leaves them to plugins).
 pub mod codes {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const CONTAINER_UNKNOWN: u32 = 3;
-    pub const INVALID_CONFIG: u32 = 4;
+    /// "Invalid necessary environment variables, like CNI_COMMAND, CNI_CONTAINERID".
+    pub const INVALID_ENV: u32 = 4;
     pub const IO: u32 = 5;
+    /// "Failed to decode content", e.g. a config that is not JSON.
     pub const DECODE: u32 = 6;
-    pub const INVALID_ENV: u32 = 7;
+    /// "Invalid network config": a config that decodes but does not validate.
+    pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
     pub const POOL_EXHAUSTED: u32 = 100;
@@ -31,6 +36,8 @@ pub enum CniError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Env(#[from] EnvError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("{0}")]
     ContainerUnknown(String),
     #[error("{msg}")]
@@ -60,10 +67,13 @@ impl CniError {
         use codes::*;
         match self {
             Self::IncompatibleVersion(_) => INCOMPATIBLE_VERSION,
-            Self::Config(ConfigError::UnknownVersion(_)) => INCOMPATIBLE_VERSION,
+            Self::Config(ConfigError::UnknownVersion(_) | ConfigError::NoSupportedVersion(_)) => INCOMPATIBLE_VERSION,
             Self::Config(ConfigError::Unsupported { .. }) => UNSUPPORTED_FIELD,
+            Self::Config(ConfigError::Malformed(_)) => DECODE,
             Self::Config(_) => INVALID_CONFIG,
             Self::Env(_) => INVALID_ENV,
+            Self::Lock(LockError::Timeout { .. }) => TRY_AGAIN_LATER,
+            Self::Lock(_) => IO,
             Self::ContainerUnknown(_) => CONTAINER_UNKNOWN,
             Self::Io { .. } => IO,
             Self::Decode(_) => DECODE,
@@ -80,6 +90,7 @@ impl CniError {
     pub fn details(&self) -> String {
         match self {
             Self::Io { source, .. } => source.to_string(),
+            Self::Lock(LockError::Dir { source, .. } | LockError::File { source, .. }) => source.to_string(),
             Self::TryAgainLater { details, .. }
             | Self::NotAvailable { details, .. }
             | Self::PoolExhausted { details, .. }
@@ -152,11 +163,15 @@ struct ErrorBody<'a> {
 mod tests {
     use super::*;
 
+    /// CNI 1.1 SPEC.md error table: "6 | Failed to decode content. For
+    /// example, failed to unmarshal network config from bytes"; "7 | Invalid
+    /// network config. If some validations on network configs do not pass".
     #[test]
     fn config_errors_map_to_spec_codes() {
         assert_eq!(CniError::from(ConfigError::UnknownVersion("9.9.9".into())).code(), 1);
-        assert_eq!(CniError::from(ConfigError::Malformed("x".into())).code(), 4);
-        assert_eq!(CniError::from(ConfigError::Missing("name")).code(), 4);
+        assert_eq!(CniError::from(ConfigError::NoSupportedVersion("[]".into())).code(), 1);
+        assert_eq!(CniError::from(ConfigError::Malformed("x".into())).code(), 6);
+        assert_eq!(CniError::from(ConfigError::Missing("name")).code(), 7);
         assert_eq!(
             CniError::from(ConfigError::Unsupported {
                 field: "ipam",
@@ -172,14 +187,24 @@ mod tests {
                 reason: "r"
             })
             .code(),
-            4
+            7
         );
     }
 
+    /// CNI 1.1 SPEC.md error table: "4 | Invalid necessary environment
+    /// variables, like CNI_COMMAND, CNI_CONTAINERID, etc."
     #[test]
-    fn env_errors_are_code_7() {
-        assert_eq!(CniError::from(EnvError::Missing("CNI_COMMAND")).code(), 7);
-        assert_eq!(CniError::from(EnvError::UnknownCommand("X".into())).code(), 7);
+    fn env_errors_are_code_4() {
+        assert_eq!(CniError::from(EnvError::Missing("CNI_COMMAND")).code(), 4);
+        assert_eq!(CniError::from(EnvError::UnknownCommand("X".into())).code(), 4);
+        assert_eq!(
+            CniError::from(EnvError::NotANetns {
+                path: "/tmp/f".into(),
+                reason: "r".into()
+            })
+            .code(),
+            4
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod commands;
 mod config;
 mod env;
 mod error;
+mod lock;
 mod netlink;
 mod result;
 

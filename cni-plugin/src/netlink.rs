@@ -35,6 +35,7 @@ const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
 
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
@@ -52,6 +53,7 @@ const IFA_F_NODAD: u8 = 0x02;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
+const RTA_TABLE: u16 = 15;
 const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_BOOT: u8 = 3;
 const RT_SCOPE_UNIVERSE: u8 = 0;
@@ -136,6 +138,33 @@ pub struct Route {
     pub link_scope: bool,
     /// The gateway is reachable on the interface even without a covering prefix.
     pub onlink: bool,
+}
+
+/// One route as the kernel reports it (unicast routes of one family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dst: Option<IpAddr>,
+    pub dst_len: u8,
+    pub gateway: Option<IpAddr>,
+    pub oif: u32,
+    pub table: u32,
+}
+
+impl RouteEntry {
+    /// Whether this is `dst/dst_len` in the main table, leaving through
+    /// `oif`, via `gateway` (None: directly on the link).
+    pub fn is(&self, dst: IpAddr, dst_len: u8, gateway: Option<IpAddr>, oif: u32) -> bool {
+        let dst_matches = match self.dst {
+            Some(d) => d == dst,
+            // The kernel leaves RTA_DST out of a default route.
+            None => dst_len == 0,
+        };
+        self.table == u32::from(RT_TABLE_MAIN)
+            && self.dst_len == dst_len
+            && dst_matches
+            && self.gateway == gateway
+            && self.oif == oif
+    }
 }
 
 /// A blocking NETLINK_ROUTE socket in one network namespace.
@@ -375,6 +404,29 @@ impl Netlink {
         Ok(out)
     }
 
+    /// The unicast routes of the family of `like` (IPv4 or IPv6), all tables.
+    pub fn routes(&mut self, like: IpAddr) -> Result<Vec<RouteEntry>, LinkError> {
+        let mut m = MsgBuilder::new(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP);
+        let mut hdr = [0u8; RTMSG_LEN];
+        hdr[0] = family(like);
+        m.bytes(&hdr);
+        let op = "list routes";
+        let seq = self.send(m, op)?;
+        let mut out = Vec::new();
+        self.receive(seq, op, |ty, payload| {
+            if ty == NLMSG_DONE {
+                return Ok(true);
+            }
+            if ty == RTM_NEWROUTE {
+                if let Some(r) = parse_route(payload) {
+                    out.push(r);
+                }
+            }
+            Ok(false)
+        })?;
+        Ok(out)
+    }
+
     /// Adds (or replaces) a route in the main table.
     pub fn add_route(&mut self, r: &Route) -> Result<(), LinkError> {
         let mut m = MsgBuilder::new(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE);
@@ -603,6 +655,36 @@ fn parse_addr(payload: &[u8]) -> Option<(u32, (IpAddr, u8))> {
     Some((index, (local.or(address)?, prefix)))
 }
 
+/// A unicast route from an RTM_NEWROUTE payload; None for other types.
+fn parse_route(payload: &[u8]) -> Option<RouteEntry> {
+    let fam = *payload.first()?;
+    let ip = |data: &[u8]| match (fam, data.len()) {
+        (AF_INET, 4) => Some(IpAddr::from(<[u8; 4]>::try_from(data).ok()?)),
+        (AF_INET6, 16) => Some(IpAddr::from(<[u8; 16]>::try_from(data).ok()?)),
+        _ => None,
+    };
+    if *payload.get(7)? != RTN_UNICAST {
+        return None;
+    }
+    let mut r = RouteEntry {
+        dst: None,
+        dst_len: *payload.get(1)?,
+        gateway: None,
+        oif: 0,
+        table: u32::from(*payload.get(4)?),
+    };
+    for (ty, data) in attrs(payload.get(RTMSG_LEN..)?) {
+        match ty {
+            RTA_DST => r.dst = ip(data),
+            RTA_GATEWAY => r.gateway = ip(data),
+            RTA_OIF => r.oif = read_u32(data, 0)?,
+            RTA_TABLE => r.table = read_u32(data, 0)?,
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
 pub fn format_mac(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
 }
@@ -694,6 +776,39 @@ mod tests {
                 up: true
             }
         );
+    }
+
+    #[test]
+    fn parse_route_reads_default_and_host_routes() {
+        let route = |dst: Option<[u8; 4]>, len: u8, gw: Option<[u8; 4]>, ty: u8| {
+            let mut m = MsgBuilder::new(RTM_NEWROUTE, 0);
+            let mut hdr = [0u8; RTMSG_LEN];
+            hdr[0] = AF_INET;
+            hdr[1] = len;
+            hdr[4] = RT_TABLE_MAIN;
+            hdr[7] = ty;
+            m.bytes(&hdr);
+            m.attr_u32(RTA_TABLE, u32::from(RT_TABLE_MAIN));
+            if let Some(d) = dst {
+                m.attr(RTA_DST, &d);
+            }
+            if let Some(g) = gw {
+                m.attr(RTA_GATEWAY, &g);
+            }
+            m.attr_u32(RTA_OIF, 5);
+            let b = m.finish(1);
+            parse_route(&b[NLMSG_HDRLEN..])
+        };
+        let gw: IpAddr = "10.0.0.1".parse().unwrap();
+        let default = route(None, 0, Some([10, 0, 0, 1]), RTN_UNICAST).unwrap();
+        assert!(default.is(IpAddr::from([0u8; 4]), 0, Some(gw), 5));
+        assert!(!default.is(IpAddr::from([0u8; 4]), 0, Some(gw), 6));
+        assert!(!default.is(IpAddr::from([0u8; 4]), 0, Some("10.0.0.9".parse().unwrap()), 5));
+        let host = route(Some([10, 0, 0, 1]), 32, None, RTN_UNICAST).unwrap();
+        assert!(host.is(gw, 32, None, 5));
+        assert!(!host.is(gw, 32, Some(gw), 5));
+        // Local, broadcast and other route types are not ours to check.
+        assert_eq!(route(Some([10, 0, 0, 1]), 32, None, 2), None);
     }
 
     #[test]

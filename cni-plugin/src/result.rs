@@ -53,6 +53,48 @@ impl AddResult {
     }
 }
 
+/// What a `prevResult` says about one address: its gateway, and whether the
+/// result still lists a default route (a later plugin in the chain may have
+/// changed routes, which CNI 1.1 CHECK "must allow for").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    pub gateway: Option<IpAddr>,
+    pub default_route: bool,
+}
+
+/// Reads the entry for `ip` from a `prevResult`. `Err` says how the result
+/// disagrees (no such address, or not a result at all).
+pub fn expected_from_prev(prev: &Value, ip: IpAddr) -> Result<Expected, String> {
+    let ips = prev
+        .get("ips")
+        .and_then(Value::as_array)
+        .ok_or("prevResult has no \"ips\" list")?;
+    let listed: Vec<&str> = ips.iter().filter_map(|e| e.get("address")?.as_str()).collect();
+    let entry = ips
+        .iter()
+        .find(|e| {
+            e.get("address")
+                .and_then(Value::as_str)
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                == Some(ip)
+        })
+        .ok_or_else(|| format!("prevResult lists {listed:?} but the pod's address is {ip}"))?;
+    let gateway = match entry.get("gateway").and_then(Value::as_str) {
+        Some(g) => Some(
+            g.parse()
+                .map_err(|_| format!("prevResult has the invalid gateway {g:?}"))?,
+        ),
+        None => None,
+    };
+    let default_dst = if ip.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+    let default_route = prev.get("routes").and_then(Value::as_array).is_some_and(|rs| {
+        rs.iter()
+            .any(|r| r.get("dst").and_then(Value::as_str) == Some(default_dst))
+    });
+    Ok(Expected { gateway, default_route })
+}
+
 /// The VERSION answer.
 pub fn version_info() -> Value {
     json!({
@@ -134,6 +176,25 @@ mod tests {
         let mut s = sample();
         s.dns = Some(json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]}));
         assert_eq!(s.render(CniVersion::V1_1_0)["dns"]["nameservers"][0], "10.96.0.10");
+    }
+
+    #[test]
+    fn prev_result_gives_the_gateway_and_default_route() {
+        let r = sample().render(CniVersion::V1_1_0);
+        let ip = "10.250.0.7".parse().unwrap();
+        assert_eq!(
+            expected_from_prev(&r, ip),
+            Ok(Expected {
+                gateway: Some("10.250.0.1".parse().unwrap()),
+                default_route: true
+            })
+        );
+        let mut chained = r.clone();
+        chained["routes"] = json!([{"dst": "10.0.0.0/8", "gw": "10.250.0.1"}]);
+        assert!(!expected_from_prev(&chained, ip).unwrap().default_route);
+        let e = expected_from_prev(&r, "10.250.0.8".parse().unwrap()).unwrap_err();
+        assert!(e.contains("10.250.0.7/32") && e.contains("10.250.0.8"), "{e}");
+        assert!(expected_from_prev(&json!({}), ip).is_err());
     }
 
     #[test]

@@ -15,24 +15,42 @@ fn version_lists_supported_versions() {
     );
 }
 
+// The spec's error table (CNI 1.1, SPEC.md "Error"): "4 | Invalid necessary
+// environment variables, like CNI_COMMAND, CNI_CONTAINERID, etc. The error
+// message must contain the names of invalid variables"; "6 | Failed to decode
+// content. For example, failed to unmarshal network config from bytes"; "7 |
+// Invalid network config. If some validations on network configs do not
+// pass, this error will be raised."
+
 #[test]
-fn malformed_json_is_code_4() {
+fn malformed_json_is_code_6() {
     let r = run_plugin(None, &common::attach_env("ADD", "c1", "/run/netns/x"), "{not json");
-    assert_eq!(r.code(), 4);
+    assert_eq!(r.code(), 6, "spec: 6 = failed to decode content");
     let j = r.json();
     assert_eq!(j["cniVersion"], "1.1.0");
     assert!(j["msg"].as_str().unwrap().contains("not valid JSON"), "{j}");
 }
 
 #[test]
-fn missing_name_is_code_4_in_the_requested_version() {
+fn missing_name_is_code_7_in_the_requested_version() {
     let r = run_plugin(
         None,
         &common::attach_env("ADD", "c1", "/run/netns/x"),
         r#"{"cniVersion":"0.4.0","type":"sinew-cni"}"#,
     );
-    assert_eq!(r.code(), 4);
+    assert_eq!(r.code(), 7, "spec: 7 = invalid network config");
     assert_eq!(r.json()["cniVersion"], "0.4.0");
+}
+
+#[test]
+fn invalid_mtu_is_code_7() {
+    let r = run_plugin(
+        None,
+        &common::attach_env("ADD", "c1", "/run/netns/x"),
+        r#"{"cniVersion":"1.0.0","name":"n","type":"t","mtu":0}"#,
+    );
+    assert_eq!(r.code(), 7, "spec: 7 = invalid network config");
+    assert!(r.json()["msg"].as_str().unwrap().contains("mtu"), "{}", r.stdout);
 }
 
 #[test]
@@ -47,18 +65,18 @@ fn unknown_cni_version_is_code_1() {
 }
 
 #[test]
-fn missing_cni_command_is_code_7() {
+fn missing_cni_command_is_code_4() {
     let r = run_plugin(
         None,
         &[("CNI_CONTAINERID", "c1")],
         r#"{"cniVersion":"1.1.0","name":"n","type":"t"}"#,
     );
-    assert_eq!(r.code(), 7);
+    assert_eq!(r.code(), 4, "spec: 4 = invalid necessary environment variables");
     assert!(r.json()["msg"].as_str().unwrap().contains("CNI_COMMAND"));
 }
 
 #[test]
-fn add_without_ifname_is_code_7() {
+fn add_without_ifname_is_code_4() {
     let r = run_plugin(
         None,
         &[
@@ -68,8 +86,72 @@ fn add_without_ifname_is_code_7() {
         ],
         r#"{"cniVersion":"1.1.0","name":"n","type":"t"}"#,
     );
-    assert_eq!(r.code(), 7);
+    assert_eq!(r.code(), 4, "spec: 4 = invalid necessary environment variables");
     assert!(r.json()["msg"].as_str().unwrap().contains("CNI_IFNAME"));
+}
+
+#[test]
+fn bad_container_id_is_code_4_and_names_the_variable() {
+    let r = run_plugin(
+        None,
+        &common::attach_env("ADD", "-bad", "/run/netns/x"),
+        r#"{"cniVersion":"1.1.0","name":"n","type":"t"}"#,
+    );
+    assert_eq!(r.code(), 4, "spec: 4 = invalid necessary environment variables");
+    assert!(r.json()["msg"].as_str().unwrap().contains("CNI_CONTAINERID"));
+}
+
+/// CNI 1.1 SPEC.md "Version considerations": a configuration names the
+/// versions it supports in `cniVersion` and `cniVersions`, and "CNI runtimes
+/// MUST select the highest supported version" of that set. Given a
+/// configuration with no selection made (no `cniVersion`), the plugin makes
+/// it the same way: the highest listed version it supports.
+#[test]
+fn cni_versions_alone_select_the_highest_supported() {
+    let r = run_plugin(
+        None,
+        &common::attach_env("ADD", "c1", "/run/netns/x"),
+        r#"{"cniVersions":["0.4.0","1.0.0","1.1.0","7.0.0"],"name":"n","type":"t","mtu":1}"#,
+    );
+    // The mtu error is answered in the selected version: 1.1.0, not 7.0.0.
+    assert_eq!(r.code(), 7, "{}", r.stdout);
+    assert_eq!(r.json()["cniVersion"], "1.1.0");
+    let r = run_plugin(
+        None,
+        &common::attach_env("ADD", "c1", "/run/netns/x"),
+        r#"{"cniVersions":["0.4.0","1.0.0"],"name":"n","type":"t","mtu":1}"#,
+    );
+    assert_eq!(r.code(), 7, "{}", r.stdout);
+    assert_eq!(r.json()["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn cni_versions_with_nothing_supported_is_code_1() {
+    let r = run_plugin(
+        None,
+        &common::attach_env("ADD", "c1", "/run/netns/x"),
+        r#"{"cniVersions":["0.1.0","8.0.0"],"name":"n","type":"t"}"#,
+    );
+    assert_eq!(r.code(), 1, "{}", r.stdout);
+    let msg = r.json()["msg"].as_str().unwrap().to_string();
+    assert!(msg.contains("0.1.0") && msg.contains("8.0.0"), "{msg}");
+}
+
+#[test]
+fn malformed_cni_versions_is_code_7() {
+    for bad in [r#""1.1.0""#, r#"[1]"#, r#"["one"]"#] {
+        let r = run_plugin(
+            None,
+            &common::attach_env("ADD", "c1", "/run/netns/x"),
+            &format!(r#"{{"cniVersion":"1.0.0","cniVersions":{bad},"name":"n","type":"t"}}"#),
+        );
+        assert_eq!(r.code(), 7, "{bad}: {}", r.stdout);
+        assert!(
+            r.json()["msg"].as_str().unwrap().contains("cniVersions"),
+            "{}",
+            r.stdout
+        );
+    }
 }
 
 #[test]

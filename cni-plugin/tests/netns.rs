@@ -145,12 +145,14 @@ fn add_whose_create_endpoint_fails_rolls_back() {
     assert_eq!(agent.allocated(), 0);
 }
 
+/// CNI 1.1 ADD: "If an interface of the requested name already exists in
+/// the container, the CNI plugin MUST return with an error." It is found
+/// before anything is taken, so the pod's own interfaces stay untouched.
 #[test]
-fn add_whose_netlink_step_fails_rolls_back() {
+fn add_into_a_pod_that_has_the_interface_fails_and_takes_nothing() {
     let agent = FakeAgent::start(Faults::default());
     let node = Netns::new("sncn");
     let pod = Netns::new("sncp");
-    // An eth0 already in the pod makes the veth creation fail.
     pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]);
     let r = run_plugin(
         Some(&node),
@@ -167,7 +169,7 @@ fn add_whose_netlink_step_fails_rolls_back() {
         "the pod's own interfaces are left alone"
     );
     assert_eq!(agent.allocated(), 0);
-    assert_eq!(agent.calls(), vec!["AllocateIp", "ReleaseIp"]);
+    assert!(agent.calls().is_empty(), "{:?}", agent.calls());
 }
 
 #[test]
@@ -324,4 +326,271 @@ fn repeated_add_del_cycles_leak_nothing() {
     assert_eq!(pod.links(), vec!["lo"]);
     assert_eq!(agent.allocated(), 0);
     assert_eq!(agent.released().len(), 20);
+}
+
+/// CNI 1.1 SPEC.md, CHECK: "The plugin should return an error if a resource
+/// included in the CNI Result type (interface, address or route) was created
+/// by the plugin [...] but is missing or in an invalid state", and "if it is
+/// aware of a condition where the container is generally unreachable". ADD
+/// sets up the pod's default route, its route to the gateway, the host veth
+/// (up) and the host's route to the pod: losing any of them fails CHECK.
+#[test]
+fn check_fails_when_any_route_or_link_that_add_made_is_gone() {
+    let agent = FakeAgent::start(Faults::default());
+    let node = Netns::new("sncn");
+    let pod = Netns::new("sncp");
+    let cfg = conf("1.1.0", &agent.socket);
+    let r = run_plugin(Some(&node), &attach_env("ADD", "ctr-check", &pod.path()), &cfg);
+    r.assert_ok();
+    let host = r.json()["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let check = || run_plugin(Some(&node), &attach_env("CHECK", "ctr-check", &pod.path()), &cfg);
+    let fails_mentioning = |what: &str, words: &[&str]| {
+        let r = check();
+        assert_eq!(r.code(), 103, "{what}: CHECK must fail: {}", r.stdout);
+        let msg = r.json()["msg"].as_str().unwrap().to_string();
+        for w in words {
+            assert!(msg.contains(w), "{what}: the message names {w:?}: {msg}");
+        }
+    };
+    check().assert_ok();
+
+    // The issue's case: default route and gateway route both deleted.
+    pod.ip(&["route", "del", "default"]);
+    pod.ip(&["route", "del", "10.250.0.1/32", "dev", "eth0"]);
+    fails_mentioning("both pod routes gone", &["route", "10.250.0.1"]);
+    pod.ip(&["route", "add", "10.250.0.1/32", "dev", "eth0", "scope", "link"]);
+    fails_mentioning("default route gone", &["default route", "10.250.0.1"]);
+    pod.ip(&["route", "add", "default", "via", "10.250.0.1", "dev", "eth0", "onlink"]);
+    check().assert_ok();
+
+    // Only the route to the gateway gone.
+    pod.ip(&["route", "del", "10.250.0.1/32", "dev", "eth0"]);
+    fails_mentioning("gateway route gone", &["route", "10.250.0.1"]);
+    pod.ip(&["route", "add", "10.250.0.1/32", "dev", "eth0", "scope", "link"]);
+    check().assert_ok();
+
+    // A default route that leaves through another gateway is not ours.
+    pod.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "10.250.0.9",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    fails_mentioning("default route via another gateway", &["default route", "10.250.0.1"]);
+    pod.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "10.250.0.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    check().assert_ok();
+
+    // The pod's interface down.
+    pod.ip(&["link", "set", "eth0", "down"]);
+    fails_mentioning("pod eth0 down", &["eth0", "down"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    // Bringing a link down drops its routes: put them back.
+    pod.ip(&["route", "replace", "10.250.0.1/32", "dev", "eth0", "scope", "link"]);
+    pod.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "10.250.0.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    check().assert_ok();
+
+    // Host side: the route to the pod gone.
+    node.ip(&["route", "del", "10.250.0.2/32", "dev", &host]);
+    fails_mentioning("host route gone", &["10.250.0.2", &host]);
+    node.ip(&["route", "add", "10.250.0.2/32", "dev", &host, "scope", "link"]);
+    check().assert_ok();
+
+    // Host side: the veth down (which also drops the host route).
+    node.ip(&["link", "set", &host, "down"]);
+    fails_mentioning("host veth down", &[&host, "down"]);
+}
+
+/// CNI 1.1 SPEC.md, GC: "The GC command provides a way for runtimes to
+/// specify the expected set of attachments to a network", given as "The list
+/// of **still valid** attachments" in `cni.dev/valid-attachments` (spelled
+/// `cni.dev/attachments` in the spec-v1.1.0 text; libcni sends both). A GC
+/// without that list names no set at all: cnitool's `gc` sends exactly that,
+/// and treating it as "nothing is valid" deleted every pod on the node. It
+/// deletes nothing and is refused as an invalid configuration (7).
+#[test]
+fn gc_without_the_valid_attachments_list_deletes_nothing() {
+    let agent = FakeAgent::start(Faults::default());
+    let node = Netns::new("sncn");
+    let a = Netns::new("sncp");
+    let b = Netns::new("sncp");
+    let cfg = conf("1.1.0", &agent.socket);
+    run_plugin(Some(&node), &attach_env("ADD", "ctr-gc-a", &a.path()), &cfg).assert_ok();
+    run_plugin(Some(&node), &attach_env("ADD", "ctr-gc-b", &b.path()), &cfg).assert_ok();
+
+    for gc_cfg in [
+        cfg.clone(),
+        serde_json::json!({
+            "cniVersion": "1.1.0", "name": "sinew", "type": "sinew-cni", "agentSocket": agent.socket,
+            "cni.dev/valid-attachments": null,
+        })
+        .to_string(),
+    ] {
+        let r = run_plugin(
+            Some(&node),
+            &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+            &gc_cfg,
+        );
+        assert_eq!(r.code(), 7, "{}", r.stdout);
+        let msg = r.json()["msg"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("cni.dev/valid-attachments") && msg.contains("nothing"),
+            "the message says what is missing and that nothing was deleted: {msg}"
+        );
+    }
+    assert!(!agent.calls().contains(&"GarbageCollect"), "{:?}", agent.calls());
+    assert_eq!(node.links().len(), 3, "both veths stay: {:?}", node.links());
+    assert_eq!(a.links().len(), 2);
+    assert_eq!(b.links().len(), 2);
+    assert_eq!(agent.allocated(), 2);
+    assert!(agent.released().is_empty());
+
+    // The spec-v1.1.0 spelling is the same list.
+    let spec_spelling = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "sinew", "type": "sinew-cni", "agentSocket": agent.socket,
+        "cni.dev/attachments": [{"containerID": "ctr-gc-a", "ifname": "eth0"}],
+    })
+    .to_string();
+    run_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &spec_spelling).assert_ok();
+    assert_eq!(agent.released(), vec![("ctr-gc-b".to_string(), "eth0".to_string())]);
+    assert_eq!(b.links(), vec!["lo"]);
+    assert_eq!(a.links().len(), 2);
+
+    // An explicit empty list is the runtime saying nothing is valid.
+    let none_valid = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "sinew", "type": "sinew-cni", "agentSocket": agent.socket,
+        "cni.dev/valid-attachments": [],
+    })
+    .to_string();
+    run_plugin(Some(&node), &[("CNI_COMMAND", "GC")], &none_valid).assert_ok();
+    assert_eq!(node.links(), vec!["lo"]);
+    assert_eq!(agent.allocated(), 0);
+}
+
+/// CNI 1.1 SPEC.md error table: "4 | Invalid necessary environment
+/// variables [...] The error message must contain the names of invalid
+/// variables". CNI_NETNS naming a file that is not a network namespace is
+/// such a variable; it is found before any address is taken.
+#[test]
+fn netns_that_is_not_a_network_namespace_is_code_4() {
+    let agent = FakeAgent::start(Faults::default());
+    let node = Netns::new("sncn");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-netns");
+    std::fs::write(&file, b"").unwrap();
+    let cfg = conf("1.1.0", &agent.socket);
+    for (cmd, path) in [
+        ("ADD", file.to_str().unwrap()),
+        ("CHECK", file.to_str().unwrap()),
+        ("ADD", dir.path().to_str().unwrap()),
+        ("ADD", "/proc/self/ns/mnt"),
+    ] {
+        let r = run_plugin(Some(&node), &attach_env(cmd, "ctr-notns", path), &cfg);
+        assert_eq!(r.code(), 4, "{cmd} {path}: {}", r.stdout);
+        let msg = r.json()["msg"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("CNI_NETNS") && msg.contains(path) && msg.contains("not a network namespace"),
+            "{cmd} {path}: {msg}"
+        );
+        assert!(!msg.contains("dmesg"), "{msg}");
+    }
+    assert!(
+        !agent.calls().contains(&"AllocateIp"),
+        "no address taken: {:?}",
+        agent.calls()
+    );
+    assert_eq!(node.links(), vec!["lo"]);
+}
+
+/// A runtime must not run ADDs of one container in parallel (CNI 1.1
+/// SPEC.md, "Lifecycle & Ordering"), but when one does, no answer may be a
+/// lie. 20 ADDs of one container at once: exactly one attachment exists
+/// afterwards, the pod has its address and routes, and every success
+/// describes that attachment. The others fail because the interface already
+/// exists, which the spec requires ("If an interface of the requested name
+/// already exists in the container, the CNI plugin MUST return with an
+/// error"), and take nothing down with them.
+#[test]
+fn concurrent_adds_of_one_container_leave_one_true_attachment() {
+    let agent = FakeAgent::start(Faults::default());
+    let node = Netns::new("sncn");
+    let pod = Netns::new("sncp");
+    let cfg = conf("1.1.0", &agent.socket);
+    let id = common::unique("ctr-race-");
+    let runs: Vec<common::Run> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| s.spawn(|| run_plugin(Some(&node), &attach_env("ADD", &id, &pod.path()), &cfg)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<&common::Run> = runs.iter().filter(|r| r.status.success()).collect();
+    let failed: Vec<&common::Run> = runs.iter().filter(|r| !r.status.success()).collect();
+    assert_eq!(ok.len(), 1, "exactly one ADD creates the attachment");
+    for r in &failed {
+        let msg = r.json()["msg"].as_str().unwrap().to_string();
+        assert!(msg.contains("eth0") && msg.contains("already"), "{msg}");
+    }
+
+    let lxc: Vec<String> = node.links().into_iter().filter(|l| l.starts_with("lxc")).collect();
+    assert_eq!(lxc.len(), 1, "exactly one veth: {:?}", node.links());
+    let eth0 = pod.ip(&["-o", "addr", "show", "dev", "eth0"]);
+    let routes = pod.ip(&["route", "show"]);
+    let link = pod.ip(&["-o", "link", "show", "dev", "eth0"]);
+    for r in &ok {
+        let j = r.json();
+        let addr = j["ips"][0]["address"].as_str().unwrap();
+        assert_eq!(addr, "10.250.0.2/32", "every success reports the one address");
+        assert!(eth0.contains(&format!("inet {addr}")), "{eth0}");
+        assert_eq!(j["interfaces"][0]["name"].as_str().unwrap(), lxc[0]);
+        let mac = j["interfaces"][1]["mac"].as_str().unwrap();
+        assert!(link.contains(mac), "the reported pod MAC {mac} is the live one: {link}");
+    }
+    assert!(routes.contains("default via 10.250.0.1 dev eth0"), "{routes}");
+    assert!(routes.contains("10.250.0.1 dev eth0"), "{routes}");
+    let nr = node.ip(&["route", "show"]);
+    assert!(nr.contains(&format!("10.250.0.2 dev {}", lxc[0])), "{nr}");
+    assert_eq!(agent.allocated(), 1);
+    assert!(agent.released().is_empty(), "{:?}", agent.released());
+    run_plugin(Some(&node), &attach_env("CHECK", &id, &pod.path()), &cfg).assert_ok();
+}
+
+/// Debian 12's podman 4.3 reads only `cniVersion` and refuses a result in a
+/// newer version ("unsupported CNI result version"); newer runtimes read
+/// `cniVersions` and pass the version they selected as `cniVersion`. The
+/// plugin answers in the runtime's selection, never in a higher listed one.
+#[test]
+fn add_answers_in_the_selected_cni_version() {
+    let agent = FakeAgent::start(Faults::default());
+    let node = Netns::new("sncn");
+    let pod = Netns::new("sncp");
+    let cfg = serde_json::json!({
+        "cniVersion": "1.0.0", "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
+        "name": "sinew", "type": "sinew-cni", "agentSocket": agent.socket,
+    })
+    .to_string();
+    let r = run_plugin(Some(&node), &attach_env("ADD", "ctr-ver", &pod.path()), &cfg);
+    r.assert_ok();
+    assert_eq!(r.json()["cniVersion"], "1.0.0");
+    run_plugin(Some(&node), &attach_env("CHECK", "ctr-ver", &pod.path()), &cfg).assert_ok();
 }

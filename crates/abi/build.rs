@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["bpf_lxc", "bpf_host", "bpf_overlay", "bpf_sock"];
+const PROGRAMS: &[&str] = &["bpf_lxc", "bpf_host", "bpf_overlay", "bpf_sock", "bpf_flush"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -23,7 +23,9 @@ fn main() {
         let obj = out.join(format!("{name}.o"));
         println!("cargo:rerun-if-changed={}", src.display());
         let status = Command::new(&clang)
-            .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+            // v3: atomic fetch-and-add, exchange and compare-and-swap
+            // (kernel 5.12+), which the flow counters need.
+            .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"])
             .arg("-I/usr/include/x86_64-linux-gnu")
             .arg("-c")
             .arg(&src)

@@ -14,7 +14,10 @@ use ipnet::IpNet;
 
 use crate::netns::{command_in, describe, NetNs, NetnsError};
 
-/// The CNI spec version the lab speaks.
+/// The CNI spec versions the lab, as a runtime, speaks; the highest last.
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The highest CNI spec version the lab speaks.
 pub const CNI_VERSION: &str = "1.1.0";
 
 /// Errors from running the plugin or from what it answered.
@@ -136,15 +139,61 @@ pub fn k8s_args(namespace: &str, pod_name: &str) -> String {
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod_name}")
 }
 
-/// The network configuration handed to `sinew-cni` on stdin.
-pub fn network_config(agent_socket: &Path) -> String {
+/// The network configuration list the project ships (README, the lab, the
+/// podman and containerd tests): `cniVersion` 1.0.0 for runtimes that
+/// predate CNI 1.1 (Debian 12's podman 4.3 refuses a 1.1.0 result), and the
+/// 1.1 `cniVersions` list from which newer runtimes select 1.1.0.
+pub fn conflist(agent_socket: &Path) -> serde_json::Value {
     serde_json::json!({
-        "cniVersion": CNI_VERSION,
+        "cniVersion": "1.0.0",
+        "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
         "name": "sinew",
-        "type": "sinew-cni",
-        "agentSocket": agent_socket.to_string_lossy(),
+        "plugins": [{"type": "sinew-cni", "agentSocket": agent_socket.to_string_lossy()}],
     })
-    .to_string()
+}
+
+/// The version a runtime that speaks `supported` uses for `conflist`: CNI
+/// 1.1 "Version considerations": "CNI runtimes MUST select the highest
+/// supported version from the set of network configuration versions given
+/// by the `cniVersion` and `cniVersions` fields".
+pub fn select_version<'a>(conflist: &serde_json::Value, supported: &[&'a str]) -> Option<&'a str> {
+    let parse = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut it = v.split('.').map(|p| p.parse::<u64>().ok());
+        let t = (it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(t)
+    };
+    let offered: Vec<&str> = conflist
+        .get("cniVersions")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .chain(conflist.get("cniVersion"))
+        .filter_map(|v| v.as_str())
+        .collect();
+    supported
+        .iter()
+        .copied()
+        .filter(|s| offered.contains(s))
+        .max_by_key(|s| parse(s))
+}
+
+/// The request configuration for the first plugin of `conflist`, derived
+/// as CNI 1.1 section 3 says: the plugin object with the network's `name`
+/// and the selected `cniVersion` inserted.
+pub fn request_config(conflist: &serde_json::Value, supported: &[&str]) -> Option<String> {
+    let version = select_version(conflist, supported)?;
+    let mut plugin = conflist.get("plugins")?.get(0)?.clone();
+    let obj = plugin.as_object_mut()?;
+    obj.insert("cniVersion".into(), version.into());
+    obj.insert("name".into(), conflist.get("name")?.clone());
+    Some(plugin.to_string())
+}
+
+/// The network configuration handed to `sinew-cni` on stdin: the request
+/// the lab, as a CNI 1.1 runtime, derives from the shipped [`conflist`].
+pub fn network_config(agent_socket: &Path) -> String {
+    request_config(&conflist(agent_socket), &SUPPORTED_VERSIONS)
+        .expect("the shipped conflist names a version the lab speaks")
 }
 
 /// Runs `plugin` inside `node_netns` with `request` and returns its raw
@@ -340,8 +389,48 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&network_config(Path::new("/run/sinew/l/node1/agent.sock"))).unwrap();
         assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["name"], "sinew");
         assert_eq!(v["type"], "sinew-cni");
         assert_eq!(v["agentSocket"], "/run/sinew/l/node1/agent.sock");
+    }
+
+    /// The shipped list works for runtimes that only read `cniVersion`
+    /// (podman 4.3 refuses a "1.1.0" result) and lets CNI 1.1 runtimes use
+    /// 1.1 (GC, STATUS).
+    #[test]
+    fn shipped_conflist_offers_1_0_to_old_runtimes_and_1_1_to_new_ones() {
+        let c = conflist(Path::new("/run/sinew/agent.sock"));
+        assert_eq!(c["cniVersion"], "1.0.0");
+        assert_eq!(c["cniVersions"], serde_json::json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(c["plugins"][0]["type"], "sinew-cni");
+        // A runtime that knows nothing newer than 1.0.0.
+        assert_eq!(select_version(&c, &["0.4.0", "1.0.0"]), Some("1.0.0"));
+        assert_eq!(select_version(&c, &SUPPORTED_VERSIONS), Some("1.1.0"));
+        assert_eq!(select_version(&c, &["0.2.0"]), None);
+        // Highest by number, not by text or by list order.
+        let odd = serde_json::json!({"cniVersion": "0.4.0", "cniVersions": ["1.10.0", "1.9.0"]});
+        assert_eq!(select_version(&odd, &["0.4.0", "1.9.0", "1.10.0"]), Some("1.10.0"));
+        let req: serde_json::Value = serde_json::from_str(&request_config(&c, &["0.4.0", "1.0.0"]).unwrap()).unwrap();
+        assert_eq!(req["cniVersion"], "1.0.0");
+        assert!(req.get("cniVersions").is_none(), "a list-level key, not the plugin's");
+    }
+
+    /// The README shows the configuration a user copies: it must be the one
+    /// the lab and the runtime tests use.
+    #[test]
+    fn readme_shows_the_shipped_conflist() {
+        let readme = include_str!("../../README.md");
+        let after = readme
+            .split("`/etc/cni/net.d/10-sinew.conflist`")
+            .nth(1)
+            .expect("README names 10-sinew.conflist");
+        let block = after
+            .split("```json\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a json block follows");
+        let shown: serde_json::Value = serde_json::from_str(block).expect("the README's conflist is JSON");
+        assert_eq!(shown, conflist(Path::new("/run/sinew/agent.sock")));
     }
 
     #[test]

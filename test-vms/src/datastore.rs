@@ -96,7 +96,22 @@ pub fn pod_yaml_with_ports(
     labels: &BTreeMap<String, String>,
     ports: &[ContainerPort],
 ) -> String {
+    pod_yaml_full(namespace, name, node_name, labels, ports, None)
+}
+
+/// [`pod_yaml_with_ports`] with a `spec.serviceAccountName`.
+pub fn pod_yaml_full(
+    namespace: &str,
+    name: &str,
+    node_name: &str,
+    labels: &BTreeMap<String, String>,
+    ports: &[ContainerPort],
+    service_account: Option<&str>,
+) -> String {
     let mut s = pod_yaml(namespace, name, node_name, labels);
+    if let Some(sa) = service_account {
+        s.push_str(&format!("  serviceAccountName: {}\n", q(sa)));
+    }
     if !ports.is_empty() {
         s.push_str("  containers:\n    - name: \"main\"\n      ports:\n");
         for p in ports {
@@ -226,6 +241,26 @@ mod tests {
             pod_yaml_with_ports("a", "web", "node1", &labels, &[]),
             pod_yaml("a", "web", "node1", &labels)
         );
+    }
+
+    #[test]
+    fn pod_manifests_read_back_as_the_pod_they_describe() {
+        let labels = BTreeMap::from([("pod".to_owned(), "a".to_owned())]);
+        let ports = [ContainerPort::tcp("serve-80-tcp", 80)];
+        let y = pod_yaml_full("x", "a", "node2", &labels, &ports, Some("reader"));
+        assert!(
+            y.contains("spec:\n  nodeName: \"node2\"\n  serviceAccountName: \"reader\"\n"),
+            "{y}"
+        );
+        let docs = crate::manifest::parse("pod.yaml", &y).unwrap();
+        let crate::manifest::LabObject::Pod(p) = &docs[0].object else {
+            panic!("{docs:?}")
+        };
+        assert_eq!(
+            (p.key().as_str(), p.node.as_deref(), p.service_account.as_deref()),
+            ("x/a", Some("node2"), Some("reader"))
+        );
+        assert_eq!((&p.labels, &p.ports[..]), (&labels, &ports[..]));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::bpffs::{self, BpffsError};
 use crate::cni::{self, CniError, CniRequest};
 use crate::datastore::{self, ContainerPort, DatastoreError};
+use crate::manifest::{self, Document, LabObject, LabelEdit, ManifestError, NamespaceDoc, PodDoc};
 use crate::netns::{command_in, detach, NetNs, NetnsError};
 use crate::process;
 use crate::topology::{self, Names, Topology, TopologyError, UPLINK};
@@ -136,6 +137,47 @@ pub enum LabError {
         name: String,
         /// The existing names, comma-separated.
         known: String,
+    },
+    /// A bare pod name that several namespaces have.
+    #[error("pod name {name:?} is in more than one namespace ({candidates}): say which with NAMESPACE/NAME")]
+    AmbiguousPod {
+        /// The requested name.
+        name: String,
+        /// The matching `NS/NAME`s, comma-separated.
+        candidates: String,
+    },
+    /// No namespace with that name.
+    #[error("no namespace {name:?} in this lab; namespaces are: {known}")]
+    UnknownNamespace {
+        /// The requested name.
+        name: String,
+        /// The existing names, comma-separated.
+        known: String,
+    },
+    /// A request the lab refuses, as Kubernetes would.
+    #[error("{what}: {reason}")]
+    Refused {
+        /// What was asked for (`namespace default`).
+        what: String,
+        /// Why not, and what to do instead.
+        reason: String,
+    },
+    /// A document of an apply or delete file is invalid; nothing was done.
+    /// (Not a `#[source]`: the message already holds it, and the CLI
+    /// prints sources after it.)
+    #[error("{0}\nnothing was changed")]
+    Manifest(ManifestError),
+    /// Applying a document failed; what this apply had made was undone.
+    #[error("{document}: {cause}\n{}", rollback_summary(undone, undo_failed))]
+    ApplyFailed {
+        /// `FILE: document N (Pod x/a)`.
+        document: String,
+        /// What went wrong (in the message, so not a `#[source]`).
+        cause: Box<LabError>,
+        /// What was undone, one item each.
+        undone: Vec<String>,
+        /// Undo steps that failed.
+        undo_failed: Vec<String>,
     },
     /// A pod name that is taken or not a DNS label.
     #[error("invalid pod name {name:?}: {reason}")]
@@ -391,6 +433,27 @@ pub struct NodeRecord {
     pub cgroup: Option<PathBuf>,
 }
 
+impl From<ManifestError> for LabError {
+    fn from(e: ManifestError) -> Self {
+        LabError::Manifest(e)
+    }
+}
+
+fn rollback_summary(undone: &[String], failed: &[String]) -> String {
+    let mut s = if undone.is_empty() {
+        "this apply had made nothing yet; nothing was changed".to_owned()
+    } else {
+        format!("rolled back what this apply had made: {}", undone.join(", "))
+    };
+    if !failed.is_empty() {
+        s.push_str(&format!(
+            "\ncould not roll back: {}; remove it with `sinew lab delete` or `sinew lab down`",
+            failed.join("; ")
+        ));
+    }
+    s
+}
+
 /// One pod as recorded in the state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRecord {
@@ -411,6 +474,110 @@ pub struct PodRecord {
     /// Named container ports written into the Pod manifest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
+    /// `spec.serviceAccountName` written into the Pod manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+impl PodRecord {
+    /// `NAMESPACE/NAME`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The name a user types: `NAME` in `default`, else `NAMESPACE/NAME`.
+    pub fn display_name(&self) -> String {
+        if self.namespace == POD_NAMESPACE {
+            self.name.clone()
+        } else {
+            self.key()
+        }
+    }
+
+    fn manifest(&self) -> String {
+        datastore::pod_yaml_full(
+            &self.namespace,
+            &self.name,
+            &self.node,
+            &self.labels,
+            &self.ports,
+            self.service_account.as_deref(),
+        )
+    }
+}
+
+/// What `apply` did with one document, in `kubectl apply`'s words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyAction {
+    /// It did not exist and was made.
+    Created,
+    /// Its labels changed.
+    Configured,
+    /// It already existed as described.
+    Unchanged,
+}
+
+impl fmt::Display for ApplyAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ApplyAction::Created => "created",
+            ApplyAction::Configured => "configured",
+            ApplyAction::Unchanged => "unchanged",
+        })
+    }
+}
+
+/// One line of `apply`'s result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// `namespace/x` or `pod/x/a`.
+    pub object: String,
+    /// What happened.
+    pub action: ApplyAction,
+    /// For a pod: its node.
+    pub node: Option<String>,
+    /// For a pod without `spec.nodeName`: the lab chose its node.
+    pub scheduled: bool,
+}
+
+impl fmt::Display for Applied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.object, self.action)?;
+        match (&self.node, self.scheduled) {
+            (Some(n), true) => write!(f, " (no spec.nodeName: scheduled on {n})"),
+            (Some(n), false) if self.action == ApplyAction::Created => write!(f, " on {n}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What an apply will do with one document, decided before anything is made.
+#[derive(Debug, Clone)]
+enum Step {
+    NamespaceCreate(NamespaceDoc),
+    NamespaceRelabel(NamespaceDoc),
+    NamespaceSame(String),
+    PodCreate {
+        pod: PodDoc,
+        node: String,
+        scheduled: bool,
+    },
+    PodRelabel {
+        key: String,
+        labels: BTreeMap<String, String>,
+    },
+    PodSame {
+        key: String,
+        node: String,
+    },
+}
+
+/// How to undo one step of an apply that failed later.
+enum Undo {
+    NamespaceCreated(String),
+    NamespaceRelabeled(String, BTreeMap<String, String>),
+    PodCreated(String),
+    PodRelabeled(String, BTreeMap<String, String>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -420,6 +587,9 @@ struct LabState {
     binaries: Binaries,
     nodes: Vec<NodeRecord>,
     pods: Vec<PodRecord>,
+    /// Namespaces with a manifest, and their labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Options of [`Lab::up_with`].
@@ -560,6 +730,7 @@ impl Lab {
                 binaries: binaries.clone(),
                 nodes,
                 pods: Vec::new(),
+                namespaces: BTreeMap::new(),
             },
         };
         lab.save()?;
@@ -631,16 +802,20 @@ impl Lab {
             })
     }
 
-    /// A pod by name.
+    /// A pod by `NAMESPACE/NAME`, or by a bare `NAME` that only one
+    /// namespace has.
     pub fn pod(&self, name: &str) -> Result<&PodRecord, LabError> {
-        self.state
-            .pods
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| LabError::UnknownPod {
-                name: name.to_owned(),
-                known: join(self.state.pods.iter().map(|p| p.name.as_str())),
-            })
+        Ok(&self.state.pods[self.pod_index(name)?])
+    }
+
+    /// The namespaces the lab knows: `default`, those with a manifest and
+    /// those with pods.
+    pub fn namespaces(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut all = self.state.namespaces.clone();
+        for ns in std::iter::once(POD_NAMESPACE).chain(self.state.pods.iter().map(|p| p.namespace.as_str())) {
+            all.entry(ns.to_owned()).or_default();
+        }
+        all
     }
 
     /// The topology, for building on it (e.g. baseline pods); dropping it
@@ -762,17 +937,19 @@ impl Lab {
 
     /// Writes a Namespace manifest with `labels` (again: replaces them).
     /// Pods in a namespace without one still work; they only lack its labels.
-    pub fn add_namespace(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<(), LabError> {
+    pub fn add_namespace(&mut self, name: &str, labels: &BTreeMap<String, String>) -> Result<(), LabError> {
         validate_pod_name(name)?;
         datastore::write_atomic(
             &datastore::namespace_path(&self.datastore_dir(), name),
             &datastore::namespace_yaml(name, labels),
         )?;
-        Ok(())
+        self.state.namespaces.insert(name.to_owned(), labels.clone());
+        self.save()
     }
 
     /// Rewrites a pod's manifest with new labels, as a `kubectl label`
-    /// would; the agents pick it up from the datastore.
+    /// would; the agents pick it up from the datastore, give the pod the
+    /// identity of its new labels and enforce policy accordingly.
     pub fn relabel_pod(&mut self, name: &str, labels: BTreeMap<String, String>) -> Result<(), LabError> {
         let idx = self.pod_index(name)?;
         let pod = &mut self.state.pods[idx];
@@ -780,14 +957,101 @@ impl Lab {
         let pod = pod.clone();
         datastore::write_atomic(
             &datastore::pod_path(&self.datastore_dir(), &pod.namespace, &pod.name),
-            &datastore::pod_yaml_with_ports(&pod.namespace, &pod.name, &pod.node, &pod.labels, &pod.ports),
+            &pod.manifest(),
         )?;
         self.save()
     }
 
+    /// `sinew lab label pod`: edits a pod's labels like `kubectl label`.
+    /// Returns whether they changed, and notes (labels that were not there).
+    pub fn label_pod(
+        &mut self,
+        name: &str,
+        edits: &[LabelEdit],
+        overwrite: bool,
+    ) -> Result<(bool, Vec<String>), LabError> {
+        let pod = self.pod(name)?;
+        let what = format!("pod {}", pod.key());
+        let (labels, notes) = manifest::edit_labels(&pod.labels, edits, overwrite)
+            .map_err(|reason| LabError::Refused { what, reason })?;
+        if labels == pod.labels {
+            return Ok((false, notes));
+        }
+        self.relabel_pod(name, labels)?;
+        Ok((true, notes))
+    }
+
+    /// `sinew lab label namespace`: edits a namespace's labels like
+    /// `kubectl label`; every pod in it gets the identity of its new
+    /// namespace labels.
+    pub fn label_namespace(
+        &mut self,
+        name: &str,
+        edits: &[LabelEdit],
+        overwrite: bool,
+    ) -> Result<(bool, Vec<String>), LabError> {
+        let current = self.namespace(name)?;
+        let what = format!("namespace {name}");
+        if edits.iter().any(|e| match e {
+            LabelEdit::Set(k, v) => k == manifest::NAMESPACE_NAME_LABEL && v != name,
+            LabelEdit::Remove(k) => k == manifest::NAMESPACE_NAME_LABEL,
+        }) {
+            return Err(LabError::Refused {
+                what,
+                reason: format!(
+                    "{} is always the namespace's name and cannot change",
+                    manifest::NAMESPACE_NAME_LABEL
+                ),
+            });
+        }
+        let (labels, notes) =
+            manifest::edit_labels(&current, edits, overwrite).map_err(|reason| LabError::Refused { what, reason })?;
+        if labels == current && self.state.namespaces.contains_key(name) {
+            return Ok((false, notes));
+        }
+        self.add_namespace(name, &labels)?;
+        Ok((labels != current, notes))
+    }
+
+    /// A namespace's labels; an error naming the known ones if the lab does
+    /// not have it.
+    pub fn namespace(&self, name: &str) -> Result<BTreeMap<String, String>, LabError> {
+        let all = self.namespaces();
+        all.get(name).cloned().ok_or_else(|| LabError::UnknownNamespace {
+            name: name.to_owned(),
+            known: join(all.keys().map(String::as_str)),
+        })
+    }
+
+    /// Deletes a namespace as Kubernetes does: its pods first (CNI DEL),
+    /// then its manifest. Returns the pods deleted. `default` cannot go.
+    pub fn delete_namespace(&mut self, name: &str) -> Result<Vec<String>, LabError> {
+        if name == POD_NAMESPACE {
+            return Err(LabError::Refused {
+                what: format!("namespace {name}"),
+                reason: "the default namespace cannot be deleted (as in Kubernetes); delete its pods instead".into(),
+            });
+        }
+        self.namespace(name)?;
+        let pods: Vec<String> = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.namespace == name)
+            .map(PodRecord::key)
+            .collect();
+        for key in &pods {
+            self.delete_pod(key)?;
+        }
+        datastore::remove(&datastore::namespace_path(&self.datastore_dir(), name))?;
+        self.state.namespaces.remove(name);
+        self.save()?;
+        Ok(pods)
+    }
+
     /// [`Lab::add_pod`] in any Kubernetes namespace, with named container
-    /// ports in its manifest. Pod names are unique across namespaces in a
-    /// lab (they name the pod's network namespace).
+    /// ports in its manifest. A pod is named by namespace and name, as in
+    /// Kubernetes: `a` may exist in `x` and in `y`.
     pub fn add_pod_full(
         &mut self,
         node: &str,
@@ -796,20 +1060,40 @@ impl Lab {
         labels: BTreeMap<String, String>,
         ports: Vec<ContainerPort>,
     ) -> Result<&PodRecord, LabError> {
+        self.create_pod(node, namespace, name, labels, ports, None)
+    }
+
+    fn create_pod(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        ports: Vec<ContainerPort>,
+        service_account: Option<String>,
+    ) -> Result<&PodRecord, LabError> {
         validate_pod_name(name)?;
         validate_pod_name(namespace)?;
-        if self.state.pods.iter().any(|p| p.name == name) {
+        let key = format!("{namespace}/{name}");
+        if self.state.pods.iter().any(|p| p.key() == key) {
             return Err(LabError::InvalidPodName {
-                name: name.to_owned(),
-                reason: "a pod with this name exists".into(),
+                name: key,
+                reason: "a pod with this name exists in this namespace".into(),
             });
         }
         let rec = self.node(node)?.clone();
         let names = Names::new(&self.state.spec.name_prefix)?;
-        let netns = NetNs::named(names.pod(rec.index, name))?;
+        // Pods of `default` keep their plain names; elsewhere the namespace
+        // goes in with a '.', which neither a namespace nor a pod name has.
+        let (netns_name, id_name) = if namespace == POD_NAMESPACE {
+            (names.pod(rec.index, name), name.to_owned())
+        } else {
+            (names.pod(rec.index, &format!("{namespace}.{name}")), key.clone())
+        };
+        let netns = NetNs::named(netns_name)?;
         if netns.exists() {
             return Err(LabError::InvalidPodName {
-                name: name.to_owned(),
+                name: key,
                 reason: format!("network namespace {netns} already exists; run `sinew lab down`"),
             });
         }
@@ -820,16 +1104,14 @@ impl Lab {
             node: rec.name.clone(),
             netns,
             ip: None,
-            container_id: cni::container_id(&self.state.spec.name_prefix, name),
+            container_id: cni::container_id(&self.state.spec.name_prefix, &id_name),
             labels,
             ports,
+            service_account,
         };
         let manifest = datastore::pod_path(&self.datastore_dir(), &pod.namespace, name);
         let setup = (|| -> Result<IpNet, LabError> {
-            datastore::write_atomic(
-                &manifest,
-                &datastore::pod_yaml_with_ports(&pod.namespace, name, &rec.name, &pod.labels, &pod.ports),
-            )?;
+            datastore::write_atomic(&manifest, &pod.manifest())?;
             self.state.pods.push(pod.clone());
             self.save()?;
             let out = self.cni_for_pod("ADD", &pod, None)?;
@@ -837,8 +1119,8 @@ impl Lab {
         })();
         match setup {
             Ok(ip) => {
-                tracing::info!(pod = %name, node = %rec.name, %ip, "pod added");
-                let idx = self.pod_index(name)?;
+                tracing::info!(pod = %key, node = %rec.name, %ip, "pod added");
+                let idx = self.pod_index(&key)?;
                 self.state.pods[idx].ip = Some(ip);
                 self.save()?;
                 Ok(&self.state.pods[idx])
@@ -848,7 +1130,7 @@ impl Lab {
                 let _ = self.cni_for_pod("DEL", &pod, Some(DOWN_CNI_TIMEOUT));
                 let _ = pod.netns.delete();
                 let _ = datastore::remove(&manifest);
-                self.state.pods.retain(|p| p.name != name);
+                self.state.pods.retain(|p| p.key() != key);
                 let _ = self.save();
                 Err(e)
             }
@@ -860,12 +1142,316 @@ impl Lab {
     pub fn delete_pod(&mut self, name: &str) -> Result<(), LabError> {
         let pod = self.pod(name)?.clone();
         let out = self.cni_for_pod("DEL", &pod, None)?;
-        cni::check("DEL", name, &out)?;
+        cni::check("DEL", &pod.name, &out)?;
         pod.netns.delete()?;
-        datastore::remove(&datastore::pod_path(&self.datastore_dir(), &pod.namespace, name))?;
-        self.state.pods.retain(|p| p.name != name);
+        datastore::remove(&datastore::pod_path(&self.datastore_dir(), &pod.namespace, &pod.name))?;
+        self.state.pods.retain(|p| p.key() != pod.key());
         self.save()?;
         Ok(())
+    }
+
+    /// `sinew lab apply`: makes the lab hold the Namespaces and Pods of
+    /// `docs` as `kubectl apply` would. The whole file is checked before
+    /// anything is made; a new pod is created through the CNI plugin, a
+    /// changed label set is a relabel, an unchanged object is left alone.
+    /// A pod's node and spec cannot change. When a step fails, whatever
+    /// this apply made or changed before it is undone.
+    pub fn apply(&mut self, docs: &[Document], progress: &mut dyn FnMut(&Applied)) -> Result<Vec<Applied>, LabError> {
+        let steps = self.plan_apply(docs)?;
+        let mut undo: Vec<Undo> = Vec::new();
+        let mut done = Vec::new();
+        for (doc, step) in steps {
+            match self.apply_step(step, &mut undo) {
+                Ok(applied) => {
+                    progress(&applied);
+                    done.push(applied);
+                }
+                Err(e) => {
+                    let (undone, undo_failed) = self.roll_back(undo);
+                    return Err(LabError::ApplyFailed {
+                        document: format!("{}: document {} ({})", doc.source_name, doc.index, doc.object),
+                        cause: Box::new(e),
+                        undone,
+                        undo_failed,
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Decides what [`Lab::apply`] will do, checking every document against
+    /// the lab; namespaces come first, then pods, each in file order.
+    fn plan_apply<'d>(&self, docs: &'d [Document]) -> Result<Vec<(&'d Document, Step)>, ManifestError> {
+        let mut known = self.namespaces();
+        let mut per_node: BTreeMap<&str, usize> = self.state.nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
+        for p in &self.state.pods {
+            *per_node.entry(p.node.as_str()).or_default() += 1;
+        }
+        let mut steps = Vec::new();
+        for doc in docs {
+            let LabObject::Namespace(ns) = &doc.object else {
+                continue;
+            };
+            let step = match self.state.namespaces.get(&ns.name) {
+                Some(labels) if *labels == ns.labels => Step::NamespaceSame(ns.name.clone()),
+                Some(_) => Step::NamespaceRelabel(ns.clone()),
+                None => Step::NamespaceCreate(ns.clone()),
+            };
+            known.insert(ns.name.clone(), ns.labels.clone());
+            steps.push((doc, step));
+        }
+        for doc in docs {
+            let LabObject::Pod(pod) = &doc.object else { continue };
+            if !known.contains_key(&pod.namespace) {
+                return Err(doc.error(
+                    "metadata.namespace",
+                    format!(
+                        "namespace {:?} does not exist: add a v1 Namespace document for it to the file (namespaces: {})",
+                        pod.namespace,
+                        join(known.keys().map(String::as_str))
+                    ),
+                ));
+            }
+            if let Some(node) = &pod.node {
+                if self.node(node).is_err() {
+                    return Err(doc.error(
+                        "spec.nodeName",
+                        format!(
+                            "no node {node:?} in this lab; nodes are: {} (or leave spec.nodeName out and the lab picks one)",
+                            join(self.state.nodes.iter().map(|n| n.name.as_str()))
+                        ),
+                    ));
+                }
+            }
+            let key = pod.key();
+            let step = match self.state.pods.iter().find(|p| p.key() == key) {
+                Some(old) => {
+                    let delete_first = format!("delete it first (`sinew lab delete pod {key}`), then apply");
+                    if pod.node.as_ref().is_some_and(|n| *n != old.node) {
+                        return Err(doc.error(
+                            "spec.nodeName",
+                            format!(
+                                "pod {key} runs on {}; a pod's node cannot change (pods are immutable there, as in Kubernetes): {delete_first}",
+                                old.node
+                            ),
+                        ));
+                    }
+                    if pod.service_account != old.service_account {
+                        return Err(doc.error(
+                            "spec.serviceAccountName",
+                            format!(
+                                "pod {key} has {:?}; only the labels of an existing pod can change (as in Kubernetes): {delete_first}",
+                                old.service_account.as_deref().unwrap_or("")
+                            ),
+                        ));
+                    }
+                    if pod.ports != old.ports {
+                        return Err(doc.error(
+                            "spec.containers[*].ports",
+                            format!(
+                                "pod {key} has other ports; only the labels of an existing pod can change (as in Kubernetes): {delete_first}"
+                            ),
+                        ));
+                    }
+                    if pod.labels == old.labels {
+                        Step::PodSame {
+                            key,
+                            node: old.node.clone(),
+                        }
+                    } else {
+                        Step::PodRelabel {
+                            key,
+                            labels: pod.labels.clone(),
+                        }
+                    }
+                }
+                None => {
+                    // Without spec.nodeName, the node with the fewest pods
+                    // (the first of those), counting this file's pods.
+                    let (node, scheduled) = match &pod.node {
+                        Some(n) => (n.clone(), false),
+                        None => {
+                            let least = per_node
+                                .iter()
+                                .min_by_key(|(name, count)| {
+                                    (**count, self.node(name).map(|n| n.index).unwrap_or(u32::MAX))
+                                })
+                                .map(|(name, _)| (*name).to_owned())
+                                .expect("a lab has nodes");
+                            (least, true)
+                        }
+                    };
+                    *per_node
+                        .entry(self.node(&node).expect("checked").name.as_str())
+                        .or_default() += 1;
+                    Step::PodCreate {
+                        pod: pod.clone(),
+                        node,
+                        scheduled,
+                    }
+                }
+            };
+            steps.push((doc, step));
+        }
+        Ok(steps)
+    }
+
+    fn apply_step(&mut self, step: Step, undo: &mut Vec<Undo>) -> Result<Applied, LabError> {
+        let ns_done = |name: &str, action| Applied {
+            object: format!("namespace/{name}"),
+            action,
+            node: None,
+            scheduled: false,
+        };
+        Ok(match step {
+            Step::NamespaceSame(name) => ns_done(&name, ApplyAction::Unchanged),
+            Step::NamespaceCreate(ns) => {
+                self.add_namespace(&ns.name, &ns.labels)?;
+                undo.push(Undo::NamespaceCreated(ns.name.clone()));
+                ns_done(&ns.name, ApplyAction::Created)
+            }
+            Step::NamespaceRelabel(ns) => {
+                let old = self.namespace(&ns.name)?;
+                self.add_namespace(&ns.name, &ns.labels)?;
+                undo.push(Undo::NamespaceRelabeled(ns.name.clone(), old));
+                ns_done(&ns.name, ApplyAction::Configured)
+            }
+            Step::PodSame { key, node } => Applied {
+                object: format!("pod/{key}"),
+                action: ApplyAction::Unchanged,
+                node: Some(node),
+                scheduled: false,
+            },
+            Step::PodRelabel { key, labels } => {
+                let old = self.pod(&key)?.clone();
+                self.relabel_pod(&key, labels)?;
+                undo.push(Undo::PodRelabeled(key.clone(), old.labels));
+                Applied {
+                    object: format!("pod/{key}"),
+                    action: ApplyAction::Configured,
+                    node: Some(old.node),
+                    scheduled: false,
+                }
+            }
+            Step::PodCreate { pod, node, scheduled } => {
+                self.create_pod(
+                    &node,
+                    &pod.namespace,
+                    &pod.name,
+                    pod.labels.clone(),
+                    pod.ports.clone(),
+                    pod.service_account.clone(),
+                )?;
+                undo.push(Undo::PodCreated(pod.key()));
+                Applied {
+                    object: format!("pod/{}", pod.key()),
+                    action: ApplyAction::Created,
+                    node: Some(node),
+                    scheduled,
+                }
+            }
+        })
+    }
+
+    /// Undoes the steps of a failed apply, newest first. Returns what was
+    /// undone and what could not be.
+    fn roll_back(&mut self, undo: Vec<Undo>) -> (Vec<String>, Vec<String>) {
+        let (mut undone, mut failed) = (Vec::new(), Vec::new());
+        for u in undo.into_iter().rev() {
+            let (what, result) = match u {
+                Undo::PodCreated(key) => (format!("pod {key} deleted"), self.delete_pod(&key)),
+                Undo::PodRelabeled(key, old) => (format!("pod {key} relabelled back"), self.relabel_pod(&key, old)),
+                Undo::NamespaceCreated(name) => {
+                    let r = datastore::remove(&datastore::namespace_path(&self.datastore_dir(), &name))
+                        .map_err(LabError::from)
+                        .and_then(|()| {
+                            self.state.namespaces.remove(&name);
+                            self.save()
+                        });
+                    (format!("namespace {name} removed"), r)
+                }
+                Undo::NamespaceRelabeled(name, old) => (
+                    format!("namespace {name} relabelled back"),
+                    self.add_namespace(&name, &old),
+                ),
+            };
+            match result {
+                Ok(()) => undone.push(what),
+                Err(e) => failed.push(format!("{what}: {e}")),
+            }
+        }
+        (undone, failed)
+    }
+
+    /// `sinew lab delete -f`: deletes the Pods and Namespaces of `docs`
+    /// (a Namespace with its pods). Every object must exist, or nothing is
+    /// deleted. Returns one line per object deleted.
+    pub fn delete_objects(&mut self, docs: &[Document]) -> Result<Vec<String>, LabError> {
+        let known = self.namespaces();
+        for doc in docs {
+            match &doc.object {
+                LabObject::Pod(p) => {
+                    if !self.state.pods.iter().any(|r| r.key() == p.key()) {
+                        return Err(doc
+                            .error(
+                                "metadata.name",
+                                format!(
+                                    "no pod {} in this lab; pods are: {}",
+                                    p.key(),
+                                    join(
+                                        self.state
+                                            .pods
+                                            .iter()
+                                            .map(PodRecord::key)
+                                            .collect::<Vec<_>>()
+                                            .iter()
+                                            .map(String::as_str)
+                                    )
+                                ),
+                            )
+                            .into());
+                    }
+                }
+                LabObject::Namespace(n) => {
+                    if !known.contains_key(&n.name) {
+                        return Err(doc
+                            .error(
+                                "metadata.name",
+                                format!(
+                                    "no namespace {:?} in this lab; namespaces are: {}",
+                                    n.name,
+                                    join(known.keys().map(String::as_str))
+                                ),
+                            )
+                            .into());
+                    }
+                    if n.name == POD_NAMESPACE {
+                        return Err(doc
+                            .error(
+                                "metadata.name",
+                                "the default namespace cannot be deleted (as in Kubernetes)",
+                            )
+                            .into());
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for doc in docs {
+            if let LabObject::Pod(p) = &doc.object {
+                self.delete_pod(&p.key())?;
+                out.push(format!("pod/{} deleted", p.key()));
+            }
+        }
+        for doc in docs {
+            if let LabObject::Namespace(n) = &doc.object {
+                let pods = self.delete_namespace(&n.name)?;
+                out.extend(pods.iter().map(|k| format!("pod/{k} deleted")));
+                out.push(format!("namespace/{} deleted", n.name));
+            }
+        }
+        Ok(out)
     }
 
     /// Runs the CNI plugin inside `node`'s namespace with exactly these
@@ -1034,13 +1620,41 @@ impl Lab {
     }
 
     fn pod_index(&self, name: &str) -> Result<usize, LabError> {
-        self.pod(name)?;
-        Ok(self
-            .state
-            .pods
-            .iter()
-            .position(|p| p.name == name)
-            .expect("looked up above"))
+        let found: Vec<usize> = match name.split_once('/') {
+            Some((ns, n)) => self
+                .state
+                .pods
+                .iter()
+                .position(|p| p.namespace == ns && p.name == n)
+                .into_iter()
+                .collect(),
+            None => (0..self.state.pods.len())
+                .filter(|&i| self.state.pods[i].name == name)
+                .collect(),
+        };
+        match found[..] {
+            [i] => Ok(i),
+            [] => Err(LabError::UnknownPod {
+                name: name.to_owned(),
+                known: join(
+                    self.state
+                        .pods
+                        .iter()
+                        .map(|p| p.display_name())
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(String::as_str),
+                ),
+            }),
+            _ => Err(LabError::AmbiguousPod {
+                name: name.to_owned(),
+                candidates: found
+                    .iter()
+                    .map(|&i| self.state.pods[i].key())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
     }
 
     fn save(&self) -> Result<(), LabError> {
@@ -1165,7 +1779,7 @@ fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str) -> DownSu
                 // No agent to tell; the namespaces go below anyway.
                 s.warnings.push(format!(
                     "pod {}: CNI DEL skipped, {} is gone",
-                    pod.name,
+                    pod.display_name(),
                     node.socket.display()
                 ));
                 continue;
@@ -1173,8 +1787,8 @@ fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str) -> DownSu
             match cni_request(&state.binaries.cni, node, pod, "DEL", Some(DOWN_CNI_TIMEOUT))
                 .and_then(|out| Ok(cni::check("DEL", &pod.name, &out)?))
             {
-                Ok(()) => s.removed.push(format!("pod {} (CNI DEL)", pod.name)),
-                Err(e) => s.warnings.push(format!("pod {}: {e}", pod.name)),
+                Ok(()) => s.removed.push(format!("pod {} (CNI DEL)", pod.display_name())),
+                Err(e) => s.warnings.push(format!("pod {}: {e}", pod.display_name())),
             }
         }
     }

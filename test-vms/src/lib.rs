@@ -4,7 +4,8 @@
 //! Every node, pod, the underlay and an external host are network
 //! namespaces connected by veths and a bridge ([`topology`]); a [`lab::Lab`]
 //! adds a `local` datastore, one `sinew-agent` per node and pods wired by
-//! `sinew-cni`; [`baseline`] wires the same topology with plain kernel
+//! `sinew-cni`, and takes users' own Namespace and Pod documents
+//! ([`manifest`]); [`baseline`] wires the same topology with plain kernel
 //! routing for comparison. This crate must never touch the root network
 //! namespace (only files under `/run` and the bpffs mount), never use
 //! `ip netns exec` (its `/sys` remount hides `/sys/fs/bpf`), and must let
@@ -19,6 +20,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod datastore;
 pub mod lab;
+pub mod manifest;
 pub mod netns;
 pub mod probe;
 pub mod process;

@@ -331,3 +331,284 @@ fn underlay_only_lab_goes_down_cleanly() {
     assert!(!stray.exists());
     assert!(names.existing_netns().is_empty());
 }
+
+const XY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {ns: y}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec:
+  nodeName: node2
+  serviceAccountName: reader
+  containers:
+  - name: web
+    ports: [{name: serve-80-tcp, containerPort: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec:
+  containers: [{name: c}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: y, labels: {pod: a}}
+spec:
+  nodeName: node1
+  containers: [{name: c}]
+"#;
+
+fn docs(text: &str) -> Vec<sinew_testvms::manifest::Document> {
+    sinew_testvms::manifest::parse("test.yaml", text).unwrap()
+}
+
+fn count(log: &str, what: &str) -> usize {
+    log.lines().filter(|l| l.contains(what)).count()
+}
+
+#[test]
+fn apply_label_and_delete_documents_with_stand_in_binaries() {
+    use sinew_testvms::lab::ApplyAction::{Configured, Created, Unchanged};
+    require_root();
+    let fakes = Fakes::new("apply");
+    let spec = LabSpec {
+        name_prefix: prefix("apply"),
+        nodes: 2,
+        pods_per_node: 0,
+        routing: Routing::Vxlan,
+        state_dir: None,
+        agent_args: Vec::new(),
+    };
+    let state_dir = spec.state_dir();
+    let _down = DownOnDrop(state_dir.clone());
+    let mut lab = Lab::up(&spec, &fakes.binaries, &mut |_| {}).unwrap();
+    let ds = lab.datastore_dir();
+    let names = Names::new(&spec.name_prefix).unwrap();
+    let netns_before = names.existing_netns();
+
+    // The whole file is checked before anything is made: a bad node in
+    // the last document leaves no namespace, manifest or CNI call.
+    let err = lab
+        .apply(&docs(&XY.replace("nodeName: node1", "nodeName: node9")), &mut |_| {})
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("test.yaml: document 5 (Pod y/a): spec.nodeName: no node \"node9\""),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing was changed"), "{msg}");
+    assert_eq!(names.existing_netns(), netns_before);
+    assert!(!ds.join("namespaces/x.yaml").exists());
+    assert_eq!(fakes.cni_log(), "");
+
+    // Applied: two namespaces, the same pod name in both, a pod scheduled
+    // by the lab on the emptiest node (node1: node2 has x/a already).
+    let mut seen = Vec::new();
+    let applied = lab.apply(&docs(XY), &mut |a| seen.push(a.to_string())).unwrap();
+    assert_eq!(
+        seen,
+        [
+            "namespace/x created",
+            "namespace/y created",
+            "pod/x/a created on node2",
+            "pod/x/b created (no spec.nodeName: scheduled on node1)",
+            "pod/y/a created on node1",
+        ]
+    );
+    assert!(applied.iter().all(|a| a.action == Created));
+    let xa = lab.pod("x/a").unwrap().clone();
+    let ya = lab.pod("y/a").unwrap().clone();
+    assert_eq!(xa.netns.name(), format!("{}-node2-x.a", spec.name_prefix));
+    assert_eq!(ya.netns.name(), format!("{}-node1-y.a", spec.name_prefix));
+    assert_ne!(xa.container_id, ya.container_id);
+    assert!(xa.netns.exists() && ya.netns.exists());
+    assert!(matches!(lab.pod("a"), Err(LabError::AmbiguousPod { .. })));
+    assert_eq!(lab.pod("b").unwrap().key(), "x/b");
+    // The runtime's view: CNI_ARGS carry the namespace and name.
+    let log = fakes.cni_log();
+    assert_eq!(count(&log, "cmd=ADD"), 3, "{log}");
+    assert!(log.contains("K8S_POD_NAMESPACE=y;K8S_POD_NAME=a"), "{log}");
+    // The datastore's view.
+    let manifest = std::fs::read_to_string(ds.join("pods/x-a.yaml")).unwrap();
+    for want in [
+        "nodeName: \"node2\"",
+        "serviceAccountName: \"reader\"",
+        "name: \"serve-80-tcp\"",
+        "containerPort: 80",
+        "\"pod\": \"a\"",
+    ] {
+        assert!(manifest.contains(want), "{want} not in {manifest}");
+    }
+    let ns_y = std::fs::read_to_string(ds.join("namespaces/y.yaml")).unwrap();
+    assert!(ns_y.contains("\"ns\": \"y\""), "{ns_y}");
+    // exec by NAMESPACE/NAME.
+    let out = lab.exec_output("y/a", &["ip", "-o", "link", "show"]).unwrap();
+    assert!(out.status.success());
+
+    // Re-applying is a no-op; a changed label set is a relabel.
+    let again = lab.apply(&docs(XY), &mut |_| {}).unwrap();
+    assert!(again.iter().all(|a| a.action == Unchanged), "{again:?}");
+    assert_eq!(count(&fakes.cni_log(), "cmd="), 3);
+    let relabelled = XY
+        .replace("{pod: b}", "{pod: b, tier: web}")
+        .replace("{ns: y}", "{ns: why}");
+    let changed = lab.apply(&docs(&relabelled), &mut |_| {}).unwrap();
+    let actions: Vec<String> = changed
+        .iter()
+        .filter(|a| a.action == Configured)
+        .map(|a| a.object.clone())
+        .collect();
+    assert_eq!(actions, ["namespace/y", "pod/x/b"]);
+    assert_eq!(lab.pod("x/b").unwrap().labels["tier"], "web");
+    assert!(std::fs::read_to_string(ds.join("pods/x-b.yaml"))
+        .unwrap()
+        .contains("\"tier\": \"web\""));
+    assert!(std::fs::read_to_string(ds.join("namespaces/y.yaml"))
+        .unwrap()
+        .contains("\"why\""));
+    assert_eq!(count(&fakes.cni_log(), "cmd="), 3, "a relabel calls no CNI");
+
+    // A pod cannot move, nor change its spec.
+    let err = lab
+        .apply(
+            &docs(&relabelled.replace("nodeName: node2", "nodeName: node1")),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("document 3 (Pod x/a): spec.nodeName: pod x/a runs on node2"),
+        "{err}"
+    );
+    assert!(err.contains("sinew lab delete pod x/a"), "{err}");
+    let err = lab
+        .apply(&docs(&relabelled.replace("reader", "writer")), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("spec.serviceAccountName"), "{err}");
+
+    // Pod 3 of 5 fails: what this apply made is undone, the relabel of
+    // x/b included, and the error says so.
+    let with_failure = format!(
+        "{relabelled}---\n{}",
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {name: q}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p1, namespace: q}
+spec: {nodeName: node1, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p2, namespace: q}
+spec: {nodeName: node2, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-pod, namespace: q}
+spec: {nodeName: node1, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p4, namespace: q}
+spec: {nodeName: node2, containers: [{name: c}]}
+"#
+    )
+    .replace("{pod: b, tier: web}", "{pod: b, tier: db}");
+    let netns_now = names.existing_netns();
+    let err = lab.apply(&docs(&with_failure), &mut |_| {}).unwrap_err();
+    match &err {
+        LabError::ApplyFailed {
+            document,
+            cause,
+            undone,
+            undo_failed,
+        } => {
+            assert_eq!(document, "test.yaml: document 9 (Pod q/bad-pod)");
+            assert!(cause.to_string().contains("no address for you"), "{cause}");
+            assert_eq!(
+                undone,
+                &[
+                    "pod q/p2 deleted",
+                    "pod q/p1 deleted",
+                    "pod x/b relabelled back",
+                    "namespace q removed"
+                ]
+            );
+            assert!(undo_failed.is_empty(), "{undo_failed:?}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(names.existing_netns(), netns_now);
+    assert!(lab.pod("q/p1").is_err() && lab.pod("q/p2").is_err());
+    assert!(!ds.join("namespaces/q.yaml").exists() && !ds.join("pods/q-p1.yaml").exists());
+    assert_eq!(lab.pod("x/b").unwrap().labels["tier"], "web");
+    assert!(std::fs::read_to_string(ds.join("pods/x-b.yaml"))
+        .unwrap()
+        .contains("\"tier\": \"web\""));
+    // The loaded state agrees (another process sees the same lab).
+    let loaded = Lab::load(&state_dir).unwrap();
+    assert_eq!(loaded.pods(), lab.pods());
+    assert!(!loaded.namespaces().contains_key("q"));
+
+    // kubectl-style label edits.
+    let set = |s: &str| s.parse::<sinew_testvms::manifest::LabelEdit>().unwrap();
+    let err = lab.label_pod("x/a", &[set("pod=z")], false).unwrap_err().to_string();
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(
+        lab.label_pod("x/a", &[set("pod=z"), set("extra=1")], true).unwrap(),
+        (true, vec![])
+    );
+    assert_eq!(
+        lab.label_pod("x/a", &[set("extra-"), set("nope-")], false).unwrap(),
+        (true, vec!["label \"nope\" not found".to_owned()])
+    );
+    assert!(!lab.label_pod("x/a", &[set("pod=z")], false).unwrap().0);
+    let m = std::fs::read_to_string(ds.join("pods/x-a.yaml")).unwrap();
+    assert!(
+        m.contains("\"pod\": \"z\"") && !m.contains("extra") && m.contains("reader"),
+        "{m}"
+    );
+    assert!(lab.label_namespace("x", &[set("team=blue")], false).unwrap().0);
+    assert!(std::fs::read_to_string(ds.join("namespaces/x.yaml"))
+        .unwrap()
+        .contains("\"team\": \"blue\""));
+    assert!(lab
+        .label_namespace("x", &[set("kubernetes.io/metadata.name-")], false)
+        .is_err());
+    assert!(matches!(
+        lab.label_namespace("nope", &[set("a=b")], false),
+        Err(LabError::UnknownNamespace { .. })
+    ));
+
+    // delete -f: every object must exist, or nothing goes; a namespace
+    // takes its pods with it.
+    let err = lab.delete_objects(&docs(&with_failure)).unwrap_err().to_string();
+    assert!(
+        err.contains("document 6 (Namespace q): metadata.name: no namespace"),
+        "{err}"
+    );
+    assert!(lab.pod("x/a").is_ok());
+    let gone = lab
+        .delete_objects(&docs("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"))
+        .unwrap();
+    assert_eq!(gone, ["pod/x/a deleted", "pod/x/b deleted", "namespace/x deleted"]);
+    assert!(!xa.netns.exists());
+    assert!(!ds.join("namespaces/x.yaml").exists() && !ds.join("pods/x-a.yaml").exists());
+    assert!(fakes.cni_log().contains(&format!("cmd=DEL id={}", xa.container_id)));
+    assert!(matches!(lab.delete_namespace("default"), Err(LabError::Refused { .. })));
+    assert_eq!(lab.pods().len(), 1);
+
+    let summary = Lab::down(&state_dir).unwrap();
+    assert!(summary.is_clean(), "{summary:?}");
+    assert!(summary.removed.iter().any(|r| r == "pod y/a (CNI DEL)"), "{summary:?}");
+}

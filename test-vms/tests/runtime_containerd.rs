@@ -54,11 +54,9 @@ impl Containerd {
         write_cni_wrapper(&bin_dir, cni_bin, &dir.join("cni-calls.log"));
         std::os::unix::fs::symlink(Path::new(CNI_PLUGIN_DIR).join("loopback"), bin_dir.join("loopback"))
             .expect("link loopback");
-        let conflist = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "sinew",
-            "plugins": [{"type": "sinew-cni", "agentSocket": agent_socket}],
-        });
+        // The configuration the project ships (README, lab): cniVersion
+        // 1.0.0 plus the 1.1 cniVersions list.
+        let conflist = sinew_testvms::cni::conflist(agent_socket);
         write(&conf_dir.join("10-sinew.conflist"), conflist.to_string().as_bytes());
         let d = dir.display();
         let config = format!(

@@ -37,11 +37,10 @@ impl Podman {
         std::fs::create_dir_all(&bin_dir).expect("create cni bin dir");
         let cni_calls = dir.join("cni-calls.log");
         write_cni_wrapper(&bin_dir, cni_bin, &cni_calls);
-        let conflist = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "plugins": [{"type": "sinew-cni", "agentSocket": agent_socket}],
-        });
+        // The configuration the project ships (README, lab): cniVersion
+        // 1.0.0 plus the 1.1 cniVersions list.
+        let conflist = sinew_testvms::cni::conflist(agent_socket);
+        assert_eq!(conflist["name"], NETWORK);
         write(
             &net_dir.join(format!("{NETWORK}.conflist")),
             conflist.to_string().as_bytes(),

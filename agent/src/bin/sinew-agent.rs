@@ -76,7 +76,8 @@ struct Args {
     #[arg(long, default_value_t = 4 << 20)]
     event_ring_size: u32,
     /// Milliseconds between counter reports of a flow that lasts (TCP and
-    /// others alike; TCP also reports SYN, FIN and RST).
+    /// others alike; TCP also reports SYN, FIN and RST); a flow whose
+    /// packets stop is reported about this long after its last packet.
     #[arg(long, default_value_t = 5000)]
     event_report_interval_ms: u64,
     /// Recent flows the agent keeps for `sinew observe` (0: none, only

@@ -1,12 +1,12 @@
-//! Loading the three objects with the node's constants and shared, pinned
-//! maps, and the typed map operations the rest of the agent uses.
+//! Loading the objects with the node's constants and shared, pinned maps,
+//! and the typed map operations the rest of the agent uses.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use sinew_abi::{
     config, maps, CtEntry, CtKey, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, LbBackend, LbMaglevKey,
@@ -143,10 +143,51 @@ pub struct Datapath {
     endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
     metrics: PerCpuArray<MapData, MetricsValue>,
     policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+    cidr_class: LpmTrie<MapData, IpcacheData, u32>,
     ct: BpfHashMap<MapData, CtKey, CtEntry>,
     events: Option<aya::maps::RingBuf<MapData>>,
     events_lost: PerCpuArray<MapData, u64>,
+    flusher: Option<FlowFlusher>,
     maps_reused: bool,
+}
+
+const FLUSH_PROGRAM: &str = "flush_flows";
+
+/// The flow flush (`bpf_flush.c`), attached nowhere: whoever owns it runs
+/// it every so often, and it reports the counts of flows whose packets
+/// stopped and retires their entries. A separate object so that the
+/// observer's thread can own it.
+pub struct FlowFlusher {
+    obj: Ebpf,
+}
+
+impl FlowFlusher {
+    /// Runs the flush once (BPF_PROG_TEST_RUN); returns how many reports
+    /// it wrote to the event ring.
+    pub fn run(&self) -> Result<u32, DatapathError> {
+        let err = |source| DatapathError::Program {
+            program: FLUSH_PROGRAM,
+            source: Box::new(source),
+        };
+        let prog: &SchedClassifier = self
+            .obj
+            .program(FLUSH_PROGRAM)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+            .and_then(|p| p.try_into())
+            .map_err(err)?;
+        // The program never reads its frame; the kernel wants one at
+        // least an Ethernet header long.
+        let frame = [0u8; 64];
+        let mut out = [0u8; 64];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(err)?;
+        Ok(r.return_value)
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -205,6 +246,7 @@ impl Datapath {
         let mut host = load("bpf_host.o", sinew_abi::BPF_HOST)?;
         let mut overlay = load("bpf_overlay.o", sinew_abi::BPF_OVERLAY)?;
         let mut sock = load("bpf_sock.o", sinew_abi::BPF_SOCK)?;
+        let mut flush = load("bpf_flush.o", sinew_abi::BPF_FLUSH)?;
         for &program in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = sock
                 .program_mut(program)
@@ -223,6 +265,7 @@ impl Datapath {
             (&mut lxc, &["from_container", "to_container"][..]),
             (&mut host, &["from_netdev", "to_netdev"][..]),
             (&mut overlay, &["from_overlay", "to_overlay"][..]),
+            (&mut flush, &[FLUSH_PROGRAM][..]),
         ] {
             for &program in names {
                 let prog: &mut SchedClassifier = obj
@@ -249,6 +292,7 @@ impl Datapath {
         let endpoints = BpfHashMap::try_from(take(maps::ENDPOINTS, &mut lxc)?).map_err(map_err(maps::ENDPOINTS))?;
         let metrics = PerCpuArray::try_from(take(maps::METRICS, &mut lxc)?).map_err(map_err(maps::METRICS))?;
         let policy = LpmTrie::try_from(take(maps::POLICY, &mut lxc)?).map_err(map_err(maps::POLICY))?;
+        let cidr_class = LpmTrie::try_from(take(maps::CIDR_CLASS, &mut lxc)?).map_err(map_err(maps::CIDR_CLASS))?;
         let ct = BpfHashMap::try_from(take(maps::CT, &mut lxc)?).map_err(map_err(maps::CT))?;
         let events = Some(aya::maps::RingBuf::try_from(take(maps::EVENTS, &mut lxc)?).map_err(map_err(maps::EVENTS))?);
         let events_lost =
@@ -270,9 +314,11 @@ impl Datapath {
             endpoints,
             metrics,
             policy,
+            cidr_class,
             ct,
             events,
             events_lost,
+            flusher: Some(FlowFlusher { obj: flush }),
             maps_reused,
         })
     }
@@ -400,6 +446,28 @@ impl Datapath {
             .collect()
     }
 
+    pub fn upsert_cidr_class(&mut self, key: IpcacheKey, class: u32) -> Result<(), DatapathError> {
+        self.cidr_class
+            .insert(&LpmKey::new(key.prefixlen, key.data()), class, 0)
+            .map_err(map_err(maps::CIDR_CLASS))
+    }
+
+    pub fn remove_cidr_class(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
+        match self.cidr_class.remove(&LpmKey::new(key.prefixlen, key.data())) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(maps::CIDR_CLASS)(e)),
+        }
+    }
+
+    /// Every CIDR class entry: an earlier agent's numbering, to keep.
+    pub fn cidr_class_entries(&self) -> Vec<(IpcacheKey, u32)> {
+        self.cidr_class
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (IpcacheKey::from_parts(k.prefix_len(), k.data()), v))
+            .collect()
+    }
+
     pub fn ct_entries(&self) -> Vec<(CtKey, CtEntry)> {
         self.ct.iter().filter_map(Result::ok).collect()
     }
@@ -411,6 +479,11 @@ impl Datapath {
     /// The flow event ring, once: the observer owns it.
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The flow flush, once: the observer owns it.
+    pub fn take_flusher(&mut self) -> Option<FlowFlusher> {
+        self.flusher.take()
     }
 
     /// Events the datapath could not write, per type (index EVENT_*),

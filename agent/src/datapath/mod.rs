@@ -8,4 +8,4 @@ mod attach;
 mod loader;
 
 pub use attach::{detach_pinned, AttachMode, Hook};
-pub use loader::{Datapath, DatapathConfig, DatapathError, LbEntries, RoutingMode};
+pub use loader::{Datapath, DatapathConfig, DatapathError, FlowFlusher, LbEntries, RoutingMode};

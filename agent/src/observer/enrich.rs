@@ -224,6 +224,11 @@ pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u6
         tcp_flags: (ev.proto == PROTO_TCP).then(|| tcp_flags(ev.tcp_flags)),
         icmp_type,
         icmp_code,
+        icmp_id: if ev.proto == PROTO_ICMP {
+            u32::from(u16::from_be(ev.icmp_id))
+        } else {
+            0
+        },
         direction: direction as i32,
         interface: interface.to_string(),
         ifindex: ev.ifindex,

@@ -6,6 +6,10 @@
 //! without a count: events the datapath could not write (its ring was
 //! full), flows a slow follower missed.
 //!
+//! The same thread runs the datapath's flow flush every
+//! [`ObserverConfig::flush_every`], so that the last packets of a flow
+//! are reported although no later packet comes (see `bpf/bpf_flush.c`).
+//!
 //! The observer never holds the node state lock while it decodes: it
 //! refreshes its index and the datapath's lost counters every
 //! [`ObserverConfig::tick`], with `try_lock`, so a long API call delays a
@@ -28,6 +32,7 @@ use sinew_abi::{DropReason, FlowEvent};
 use sinew_proto::observer_v1 as pb;
 use tokio::sync::watch;
 
+use crate::datapath::FlowFlusher;
 use crate::state::NodeState;
 
 pub use api::ObserverApi;
@@ -66,6 +71,18 @@ pub struct ObserverConfig {
     pub event_ring_bytes: u64,
     /// How often the index and the lost counters are refreshed.
     pub tick: Duration,
+    /// How often the datapath's flow aggregates are flushed: a fraction
+    /// of the report interval, so that an idle flow's last counts come
+    /// about one interval after its last packet.
+    pub flush_every: Duration,
+}
+
+impl ObserverConfig {
+    /// The flush period for a report interval: a quarter of it, between
+    /// 20 ms and the refresh tick.
+    pub fn flush_period(report_interval: Duration, tick: Duration) -> Duration {
+        (report_interval / 4).clamp(Duration::from_millis(20), tick.max(Duration::from_millis(20)))
+    }
 }
 
 /// Counters of the observer, shared with the API and metrics. Every field
@@ -88,6 +105,10 @@ pub struct ObserverStats {
     follower_dropped: AtomicU64,
     /// Ring records too short to decode.
     decode_errors: AtomicU64,
+    /// Trace reports the flow flush wrote (they are read and counted as
+    /// flows like any other), and flush runs that failed.
+    flush_reports: AtomicU64,
+    flush_errors: AtomicU64,
     buffered: AtomicU64,
     capacity: AtomicU64,
     followers: AtomicU64,
@@ -112,6 +133,9 @@ pub struct ObserverStatsSnapshot {
     pub events_lost: Vec<(&'static str, u64)>,
     pub follower_dropped: u64,
     pub decode_errors: u64,
+    /// Trace reports written by the flow flush, and failed flush runs.
+    pub flush_reports: u64,
+    pub flush_errors: u64,
     /// Flows in the buffer now and its capacity.
     pub buffered: u64,
     pub capacity: u64,
@@ -164,6 +188,8 @@ impl ObserverStats {
                 .collect(),
             follower_dropped: get(&self.follower_dropped),
             decode_errors: get(&self.decode_errors),
+            flush_reports: get(&self.flush_reports),
+            flush_errors: get(&self.flush_errors),
             buffered: get(&self.buffered),
             capacity: get(&self.capacity),
             followers: get(&self.followers),
@@ -294,6 +320,7 @@ impl Observer {
     /// agent lost, not what earlier ones did.
     pub fn start(
         ring: RingBuf<MapData>,
+        flusher: Option<FlowFlusher>,
         state: Arc<Mutex<NodeState>>,
         cfg: ObserverConfig,
     ) -> Result<Observer, ObserverError> {
@@ -310,6 +337,8 @@ impl Observer {
             lost,
             sequence: 0,
             last_refresh: Instant::now(),
+            flusher,
+            flush_failing_since: None,
         };
         std::thread::Builder::new()
             .name("sinew-observer".into())
@@ -482,6 +511,10 @@ struct Consumer {
     lost: Vec<u64>,
     sequence: u64,
     last_refresh: Instant,
+    /// The flow flush; `None` when the datapath has none.
+    flusher: Option<FlowFlusher>,
+    /// When the flush last started failing and was last logged about.
+    flush_failing_since: Option<Instant>,
 }
 
 /// The least time between two refreshes caused by unknown addresses.
@@ -498,11 +531,14 @@ impl Consumer {
             shared: self.shared.clone(),
         };
         let tick = self.shared.cfg.tick;
+        let flush_every = self.shared.cfg.flush_every;
         let mut next_refresh = Instant::now() + tick;
+        let mut next_flush = Instant::now() + flush_every;
         loop {
             // The datapath wakes us only when a quarter of the ring waits
             // (no wakeup per record): poll at least every 20 ms.
             let wait = next_refresh
+                .min(next_flush)
                 .saturating_duration_since(Instant::now())
                 .min(tick)
                 .min(POLL_EVERY);
@@ -517,9 +553,43 @@ impl Consumer {
                     }
                 }
             }
+            if Instant::now() >= next_flush {
+                self.flush();
+                next_flush = Instant::now() + flush_every;
+            }
             self.drain(&mut ring, &obs);
             if Instant::now() >= next_refresh {
                 next_refresh = Instant::now() + if self.refresh(&obs) { tick } else { tick / 5 };
+            }
+        }
+    }
+
+    /// Runs the datapath's flow flush: its reports land in the ring and
+    /// are read by the next drain like any other event.
+    fn flush(&mut self) {
+        let Some(f) = &self.flusher else { return };
+        match f.run() {
+            Ok(reports) => {
+                self.shared
+                    .stats
+                    .flush_reports
+                    .fetch_add(u64::from(reports), Ordering::Relaxed);
+                if self.flush_failing_since.take().is_some() {
+                    tracing::info!("the flow flush works again");
+                }
+            }
+            Err(e) => {
+                self.shared.stats.flush_errors.fetch_add(1, Ordering::Relaxed);
+                let log = self
+                    .flush_failing_since
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                if log {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot flush the flow counters: the last packets of idle flows are not reported until the flush works; the kernel needs bpf_for_each_map_elem (Linux 5.13 or later)"
+                    );
+                    self.flush_failing_since = Some(Instant::now());
+                }
             }
         }
     }
@@ -638,6 +708,7 @@ mod tests {
             buffer_size,
             event_ring_bytes: 4096,
             tick: Duration::from_millis(250),
+            flush_every: Duration::from_millis(250),
         })
     }
 

@@ -152,6 +152,11 @@ pub struct Node {
 impl Node {
     /// Must be called on a thread from [`in_new_netns`].
     pub fn new(routing: RoutingMode) -> Self {
+        Self::with_config(routing, |_| {})
+    }
+
+    /// [`Self::new`] with the datapath configuration adjusted by `adjust`.
+    pub fn with_config(routing: RoutingMode, adjust: impl FnOnce(&mut DatapathConfig)) -> Self {
         ensure_bpffs();
         ip(&["link", "add", "lxca", "type", "veth", "peer", "name", "pa"]);
         ip(&["link", "add", "lxcb", "type", "veth", "peer", "name", "pb"]);
@@ -161,7 +166,7 @@ impl Node {
         ip(&["link", "add", "vx0", "type", "vxlan", "external", "dstport", "8472"]);
         let vxlan_ifindex = ifindex("vx0");
         let pins = PinGuard::new();
-        let dp = Datapath::load(DatapathConfig {
+        let mut cfg = DatapathConfig {
             bpf_root: pins.0.clone(),
             node_ip: NODE_IP,
             routing,
@@ -179,8 +184,9 @@ impl Node {
             event_report_interval_ns: 5_000_000_000,
             maglev_table_size: 251,
             maglev_services: 4,
-        })
-        .unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));
+        };
+        adjust(&mut cfg);
+        let dp = Datapath::load(cfg).unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));
         let a = Pod {
             ip: Ipv4Addr::new(10, 244, 1, 5),
             mac: [0x0a, 0x58, 10, 244, 1, 5],

@@ -15,7 +15,7 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
 pub const BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
@@ -29,6 +29,10 @@ pub const BPF_OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// IPv4-mapped addresses).
 pub const BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
 
+/// The flow flush (`flush_flows`), attached nowhere: the agent runs it
+/// through BPF_PROG_TEST_RUN to report and retire idle flow aggregates.
+pub const BPF_FLUSH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_flush.o"));
+
 /// Map names, as pinned under the agent's pin directory.
 pub mod maps {
     pub const IPCACHE: &str = "sinew_ipcache";
@@ -37,6 +41,8 @@ pub mod maps {
     pub const METRICS: &str = "sinew_metrics";
     pub const POLICY: &str = "sinew_policy";
     pub const CT: &str = "sinew_ct";
+    /// LPM trie, [`crate::IpcacheKey`] → CIDR class (`u32`).
+    pub const CIDR_CLASS: &str = "sinew_cidr_class";
     pub const EVENTS: &str = "sinew_events";
     pub const EVENTS_LOST: &str = "sinew_events_lost";
     pub const FLOW_AGG: &str = "sinew_flow_agg";

@@ -24,6 +24,11 @@ pub const IPCACHE_F_REMOTE_EP: u32 = 1 << 3;
 pub const EP_F_INGRESS_ENFORCED: u32 = 1 << 0;
 pub const EP_F_EGRESS_ENFORCED: u32 = 1 << 1;
 pub const EP_F_POLICY_NOT_READY: u32 = 1 << 2;
+/// Some CIDR rule applies to the endpoint's ingress: new flows look up the
+/// source address's CIDR class.
+pub const EP_F_CIDR_INGRESS: u32 = 1 << 3;
+/// ... to its egress (the destination address's class).
+pub const EP_F_CIDR_EGRESS: u32 = 1 << 4;
 
 pub const POLICY_DIR_INGRESS: u8 = 0;
 pub const POLICY_DIR_EGRESS: u8 = 1;
@@ -33,6 +38,8 @@ pub const POLICY_PREFIX_PROTO: u32 = 80;
 pub const POLICY_PREFIX_FULL: u32 = 96;
 pub const POLICY_ACTION_ALLOW: u8 = 1;
 pub const POLICY_ACTION_DENY: u8 = 2;
+/// `PolicyKey::identity` of an entry for a CIDR class: the class with this bit.
+pub const POLICY_CIDR_CLASS: u32 = 0x8000_0000;
 
 pub const CT_F_CLOSING: u8 = 1 << 0;
 
@@ -276,7 +283,10 @@ pub struct FlowEvent {
     pub tcp_flags: u8,
     pub verdict: u8,
     pub r#match: u8,
-    pub pad: [u8; 7],
+    pub pad: u8,
+    /// ICMP echo identifier (network order); 0 for anything else.
+    pub icmp_id: u16,
+    pub pad2: [u8; 4],
     pub packets: u64,
     pub bytes: u64,
 }
@@ -311,7 +321,9 @@ impl FlowEvent {
             tcp_flags: b[46],
             verdict: b[47],
             r#match: b[48],
-            pad: [b[49], b[50], b[51], b[52], b[53], b[54], b[55]],
+            pad: b[49],
+            icmp_id: u16_at(50),
+            pad2: [b[52], b[53], b[54], b[55]],
             packets: u64_at(56),
             bytes: u64_at(64),
         })
@@ -327,15 +339,39 @@ pub struct FlowAggKey {
     pub dport: u16,
     pub proto: u8,
     pub hook: u8,
-    pub pad: u16,
+    /// ICMP echo identifier (network order); 0 for anything else.
+    pub icmp_id: u16,
 }
 
+/// Per-flow counts since the last report (see `struct flow_agg`): packets
+/// and bytes packed in `acc` so that the datapath takes them atomically.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowAgg {
+    pub acc: u64,
+    pub last_seen_ns: u64,
     pub last_report_ns: u64,
-    pub packets: u64,
-    pub bytes: u64,
+    pub ifindex: u32,
+    pub ep_id: u32,
+    pub peer_identity: u32,
+    pub dir: u8,
+    pub obs: u8,
+    pub state: u8,
+    pub pad: u8,
+}
+
+/// `flow_agg.acc`: set once the entry is being retired.
+pub const FLOW_ACC_DEAD: u64 = 1 << 63;
+pub const FLOW_ACC_PKT_SHIFT: u32 = 40;
+
+impl FlowAgg {
+    /// (packets, bytes) waiting for a report.
+    pub fn pending(&self) -> (u64, u64) {
+        (
+            (self.acc & !FLOW_ACC_DEAD) >> FLOW_ACC_PKT_SHIFT,
+            self.acc & ((1 << FLOW_ACC_PKT_SHIFT) - 1),
+        )
+    }
 }
 
 pub const LB_SCOPE_INTERNAL: u8 = 0;

@@ -141,6 +141,8 @@ fn shared_structs_match_btf() {
                 verdict,
                 r#match,
                 pad,
+                icmp_id,
+                pad2,
                 packets,
                 bytes
             ]
@@ -149,9 +151,25 @@ fn shared_structs_match_btf() {
             s,
             "flow_agg_key",
             FlowAggKey,
-            [saddr, daddr, sport, dport, proto, hook, pad]
+            [saddr, daddr, sport, dport, proto, hook, icmp_id]
         );
-        check!(s, "flow_agg", FlowAgg, [last_report_ns, packets, bytes]);
+        check!(
+            s,
+            "flow_agg",
+            FlowAgg,
+            [
+                acc,
+                last_seen_ns,
+                last_report_ns,
+                ifindex,
+                ep_id,
+                peer_identity,
+                dir,
+                obs,
+                state,
+                pad
+            ]
+        );
     }
     let sock = btf_structs(BPF_SOCK);
     check!(sock, "lb_svc_key", LbSvcKey, [vip, port, proto, scope]);

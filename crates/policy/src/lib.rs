@@ -23,6 +23,8 @@ mod scenarios;
 
 pub use identity::{identity_labels, Identity, IdentityKind, IgnoreRules, NamedPorts, Reserved};
 pub use model::{parse, parse_all, Direction, PolicyError, PolicyKind, PolicyResource, Proto, Section};
-pub use resolve::{cidr_prefixes, resolve, Action, Endpoint, Entry, Peer, PolicyName, Resolved, Resolver, RuleRef};
+pub use resolve::{
+    cidr_class, cidr_prefixes, resolve, Action, Endpoint, Entry, Peer, PolicyName, Resolved, Resolver, RuleRef,
+};
 pub use selector::{Selector, SelectorError};
 pub use trace::{trace, Reason, Trace, Verdict};

@@ -28,6 +28,11 @@ pub struct Endpoint {
 pub enum Peer {
     Any,
     Identity(u32),
+    /// Every address, pod or not, whose CIDR class is this: the number of
+    /// the most specific prefix named by any policy that contains it (see
+    /// [`cidr_class`]). CIDR peers resolve to these, never to identities,
+    /// so that they match per address.
+    Cidr(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -145,10 +150,14 @@ type L4 = (Option<Proto>, Option<(u16, u16)>);
 ///   identity (`sinew.io/ns.*`);
 /// - `world` is World plus every CIDR identity, `cluster` every pod
 ///   identity plus host, remote-node, health and init, `all` any peer;
-/// - a CIDR matches the CIDR identities whose prefix lies inside it and
-///   inside none of its excepts, and World when it is a default route
-///   (`0.0.0.0/0`, `::/0`): addresses in an except get their own CIDR
-///   identity (see [`cidr_prefixes`]), so World never stands for them.
+/// - a CIDR (`ipBlock`, `toCIDR`, `toCIDRSet`, `fromCIDR`, `fromCIDRSet`)
+///   matches addresses, pods and nodes included, whatever their identity:
+///   it resolves to the CIDR classes ([`Peer::Cidr`]) of the listed CIDR
+///   prefixes that lie inside it and inside none of its excepts. Every
+///   prefix any policy names, excepts included, must be listed (see
+///   [`cidr_prefixes`]): since prefixes are nested or disjoint, an address
+///   is inside a rule's CIDR (or an except) exactly when that prefix
+///   contains the address's most specific listed prefix.
 pub fn resolve(
     endpoint: &Endpoint,
     policies: &[PolicyResource],
@@ -348,9 +357,24 @@ impl<'a> Resolver<'a> {
 }
 
 /// Every prefix the policies name, excepts included, so that the agent can
-/// give each a CIDR identity and put it in its ipcache.
+/// give each a number: the CIDR class of the addresses it is the most
+/// specific named prefix of, and (outside the cluster) their identity.
 pub fn cidr_prefixes(policies: &[PolicyResource]) -> BTreeSet<IpNet> {
     policies.iter().flat_map(PolicyResource::cidrs).collect()
+}
+
+/// The CIDR class of `addr`: the number of the most specific CIDR prefix
+/// in `identities` that contains it, `None` when none does. The datapath
+/// finds the same with one longest-prefix lookup.
+pub fn cidr_class(identities: &[Identity], addr: std::net::IpAddr) -> Option<u32> {
+    identities
+        .iter()
+        .filter_map(|i| match &i.kind {
+            IdentityKind::Cidr(net) if net.contains(&addr) => Some((net.prefix_len(), i.id)),
+            _ => None,
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, id)| id)
 }
 
 fn named(ports: &NamedPorts, proto: Option<Proto>, name: &str) -> Option<(Proto, u16)> {
@@ -373,21 +397,21 @@ fn expand_proto(proto: Option<Proto>, range: Option<(u16, u16)>) -> Vec<L4> {
 /// The peers of one rule.
 enum PeerSet {
     Any,
-    Some(BTreeSet<u32>),
+    Some(BTreeSet<Peer>),
 }
 
 impl PeerSet {
     fn for_each(&self, mut f: impl FnMut(Peer)) {
         match self {
             PeerSet::Any => f(Peer::Any),
-            PeerSet::Some(ids) => ids.iter().for_each(|id| f(Peer::Identity(*id))),
+            PeerSet::Some(peers) => peers.iter().for_each(|p| f(*p)),
         }
     }
 
     fn contains(&self, id: u32) -> bool {
         match self {
             PeerSet::Any => true,
-            PeerSet::Some(ids) => ids.contains(&id),
+            PeerSet::Some(peers) => peers.contains(&Peer::Identity(id)),
         }
     }
 }
@@ -395,7 +419,7 @@ impl PeerSet {
 fn expand_peers(resolver: &Resolver<'_>, peers: Option<&[PeerSel]>) -> PeerSet {
     let identities = resolver.identities;
     let Some(peers) = peers else { return PeerSet::Any };
-    let mut ids = BTreeSet::new();
+    let mut ids: BTreeSet<Peer> = BTreeSet::new();
     let pods = || {
         identities.iter().filter_map(|i| match &i.kind {
             IdentityKind::Pod { labels, .. } => Some((i.id, labels)),
@@ -416,34 +440,31 @@ fn expand_peers(resolver: &Resolver<'_>, peers: Option<&[PeerSel]>) -> PeerSet {
                         .as_ref()
                         .is_none_or(|nss| nss.matches(&namespace_labels_of(labels)));
                     if ns_ok && sel.matches(labels) {
-                        ids.insert(id);
+                        ids.insert(Peer::Identity(id));
                     }
                 }
             }
             PeerSel::Entity(Entity::All) => return PeerSet::Any,
             PeerSel::Entity(Entity::World) => {
-                ids.insert(Reserved::World.id());
-                ids.extend(cidrs().map(|(id, _)| id));
+                ids.insert(Peer::Identity(Reserved::World.id()));
+                ids.extend(cidrs().map(|(id, _)| Peer::Identity(id)));
             }
             PeerSel::Entity(Entity::Cluster) => {
-                ids.extend(pods().map(|(id, _)| id));
+                ids.extend(pods().map(|(id, _)| Peer::Identity(id)));
                 for r in [Reserved::Host, Reserved::RemoteNode, Reserved::Health, Reserved::Init] {
-                    ids.insert(r.id());
+                    ids.insert(Peer::Identity(r.id()));
                 }
             }
             PeerSel::Entity(Entity::Host) => {
-                ids.insert(Reserved::Host.id());
+                ids.insert(Peer::Identity(Reserved::Host.id()));
             }
             PeerSel::Entity(Entity::RemoteNode) => {
-                ids.insert(Reserved::RemoteNode.id());
+                ids.insert(Peer::Identity(Reserved::RemoteNode.id()));
             }
             PeerSel::Cidr { cidr, except } => {
-                if cidr.prefix_len() == 0 {
-                    ids.insert(Reserved::World.id());
-                }
                 for (net, id) in resolver.cidrs_within(cidr) {
                     if !except.iter().any(|e| e.contains(&net)) {
-                        ids.insert(id);
+                        ids.insert(Peer::Cidr(id));
                     }
                 }
             }

@@ -7,11 +7,13 @@
 
 use std::collections::BTreeMap;
 
+use std::net::IpAddr;
+
 use ipnet::IpNet;
 
 use crate::identity::{identity_labels, Identity, IdentityKind, IgnoreRules, Reserved, MIN_CIDR_IDENTITY};
 use crate::model::{parse, Direction, PolicyKind, Proto, Section};
-use crate::resolve::{cidr_prefixes, resolve, Action, Endpoint, Peer, Resolved, RuleRef};
+use crate::resolve::{cidr_class, cidr_prefixes, resolve, Action, Endpoint, Peer, Resolved, RuleRef};
 use crate::trace::{trace, Reason, Verdict};
 
 use Direction::{Egress, Ingress};
@@ -71,8 +73,8 @@ struct World {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     identities: Vec<Identity>,
     endpoints: BTreeMap<&'static str, Endpoint>,
-    /// (name, identity) of every peer in the matrix.
-    peers: Vec<(String, u32)>,
+    /// (name, identity, address) of every peer in the matrix.
+    peers: Vec<(String, u32, IpAddr)>,
 }
 
 fn world() -> World {
@@ -109,7 +111,7 @@ fn world() -> World {
                 named_ports,
             },
         );
-        peers.push((name.to_string(), *id));
+        peers.push((name.to_string(), *id, ip_of(name).parse().unwrap()));
     }
     for (cidr, id) in CIDRS {
         let net: IpNet = cidr.parse().unwrap_or_else(|e| panic!("{cidr}: {e}"));
@@ -117,11 +119,20 @@ fn world() -> World {
             id: *id,
             kind: IdentityKind::Cidr(net),
         });
-        peers.push((format!("cidr:{cidr}"), *id));
+        // An address inside the prefix and outside the more specific ones.
+        let addr = match net {
+            IpNet::V4(n) => IpAddr::V4((u32::from(n.network()) + 1).into()),
+            IpNet::V6(n) => IpAddr::V6((u128::from(n.network()) + 1).into()),
+        };
+        peers.push((format!("cidr:{cidr}"), *id, addr));
     }
-    for r in [Reserved::World, Reserved::Host, Reserved::RemoteNode] {
+    for (r, addr) in [
+        (Reserved::World, "192.0.2.1"),
+        (Reserved::Host, "172.30.0.11"),
+        (Reserved::RemoteNode, "172.30.0.12"),
+    ] {
         identities.push(Identity::reserved(r));
-        peers.push((r.name().to_string(), r.id()));
+        peers.push((r.name().to_string(), r.id(), addr.parse().unwrap()));
     }
     World {
         namespaces,
@@ -135,6 +146,29 @@ impl World {
     fn resolve(&self, yaml: &str, endpoint: &str) -> Resolved {
         let policies = parse("scenario.yaml", yaml).unwrap_or_else(|e| panic!("{e:#?}"));
         resolve(&self.endpoints[endpoint], &policies, &self.identities, &self.namespaces)
+    }
+
+    /// The world's identities plus a number for every prefix the policies
+    /// name that the world has none for, as the agent numbers them; with
+    /// the endpoint's policy resolved against them.
+    fn resolve_with_cidrs(&self, yaml: &str, endpoint: &str) -> (Vec<Identity>, Resolved) {
+        let policies = parse("scenario.yaml", yaml).unwrap_or_else(|e| panic!("{e:#?}"));
+        let mut identities = self.identities.clone();
+        let mut next = MIN_CIDR_IDENTITY + 100;
+        for p in cidr_prefixes(&policies) {
+            let known = identities
+                .iter()
+                .any(|i| matches!(&i.kind, IdentityKind::Cidr(n) if *n == p));
+            if !known {
+                identities.push(Identity {
+                    id: next,
+                    kind: IdentityKind::Cidr(p),
+                });
+                next += 1;
+            }
+        }
+        let resolved = resolve(&self.endpoints[endpoint], &policies, &identities, &self.namespaces);
+        (identities, resolved)
     }
 }
 
@@ -155,7 +189,7 @@ fn run(cases: &[Case]) {
     let world = world();
     let mut failures = Vec::new();
     for case in cases {
-        let resolved = world.resolve(case.yaml, case.endpoint);
+        let (identities, resolved) = world.resolve_with_cidrs(case.yaml, case.endpoint);
         if (resolved.ingress_enforced, resolved.egress_enforced) != case.isolated {
             failures.push(format!(
                 "{}: isolation {:?}, expected {:?}",
@@ -165,9 +199,10 @@ fn run(cases: &[Case]) {
             ));
         }
         for dir in [Ingress, Egress] {
-            for (peer, id) in &world.peers {
+            for (peer, id, addr) in &world.peers {
+                let class = cidr_class(&identities, *addr);
                 for (proto, port) in PORTS {
-                    let t = trace(&resolved, dir, *id, *proto, *port);
+                    let t = trace(&resolved, dir, *id, class, *proto, *port);
                     let want = (case.expect)(dir, peer, *proto, *port);
                     if (t.verdict == Verdict::Allowed) != want {
                         failures.push(format!(
@@ -438,7 +473,8 @@ spec:
     - ipBlock: {cidr: 0.0.0.0/0, except: [203.0.113.0/24]}
 "#,
             // No policyTypes and egress rules: ingress is isolated too.
-            expect: |d, peer, _, _| d == Egress && (peer == "world" || peer == "cidr:198.51.100.0/24"),
+            // Every address is inside 0.0.0.0/0, pods and nodes included.
+            expect: |d, peer, _, _| d == Egress && !peer.starts_with("cidr:203.0.113."),
             isolated: (true, true),
         },
         Case {
@@ -919,7 +955,7 @@ spec:
 "#;
     let r = world.resolve(yaml, "a/web");
 
-    let t = trace(&r, Ingress, 301, Proto::Tcp, 80);
+    let t = trace(&r, Ingress, 301, None, Proto::Tcp, 80);
     let allow = rule(PolicyKind::NetworkPolicy, Some("a"), "allow-web", Section::Ingress, 0);
     assert_eq!(t.reason, Reason::AllowedBy(vec![allow]));
     assert_eq!(
@@ -927,7 +963,7 @@ spec:
         "ingress from identity 301 TCP/80: allowed by NetworkPolicy a/allow-web ingress[0]"
     );
 
-    let t = trace(&r, Ingress, 303, Proto::Tcp, 80);
+    let t = trace(&r, Ingress, 303, None, Proto::Tcp, 80);
     assert_eq!(t.verdict, Verdict::Denied);
     let any_deny = rule(
         PolicyKind::SinewClusterwideNetworkPolicy,
@@ -942,14 +978,14 @@ spec:
         "ingress from identity 303 TCP/80: denied by SinewClusterwideNetworkPolicy no-b-client ingressDeny[0]"
     );
 
-    let t = trace(&r, Ingress, Reserved::World.id(), Proto::Udp, 53);
+    let t = trace(&r, Ingress, Reserved::World.id(), None, Proto::Udp, 53);
     assert_eq!(t.reason, Reason::NoRuleMatched);
     assert_eq!(
         t.explanation,
         "ingress from identity 2 (world) UDP/53: denied: ingress is isolated and no rule allows this flow"
     );
 
-    let t = trace(&r, Egress, 2, Proto::Icmp, 8);
+    let t = trace(&r, Egress, 2, None, Proto::Icmp, 8);
     assert_eq!(t.reason, Reason::NotIsolated);
     assert_eq!(
         t.explanation,
@@ -962,7 +998,7 @@ fn trace_reports_no_rule_matched_when_isolated() {
     let world = world();
     let yaml = "apiVersion: sinew.io/v1alpha1\nkind: SinewNetworkPolicy\nmetadata: {name: x, namespace: a}\nspec:\n  endpointSelector: {}\n  egress: []\n";
     let r = world.resolve(yaml, "a/web");
-    let t = trace(&r, Egress, 300, Proto::Tcp, 80);
+    let t = trace(&r, Egress, 300, None, Proto::Tcp, 80);
     assert_eq!(t.reason, Reason::NoRuleMatched);
     assert_eq!(
         t.explanation,
@@ -1046,8 +1082,8 @@ spec:
         kinds,
         vec![(Peer::Any, Action::Allow), (Peer::Identity(1), Action::Deny)]
     );
-    assert_eq!(trace(&r, Ingress, 1, Proto::Tcp, 22).verdict, Verdict::Denied);
-    assert_eq!(trace(&r, Ingress, 1, Proto::Tcp, 23).verdict, Verdict::Allowed);
+    assert_eq!(trace(&r, Ingress, 1, None, Proto::Tcp, 22).verdict, Verdict::Denied);
+    assert_eq!(trace(&r, Ingress, 1, None, Proto::Tcp, 23).verdict, Verdict::Allowed);
 }
 
 #[test]
@@ -1151,4 +1187,213 @@ spec:
     assert_eq!(names(Direction::Ingress), ["NetworkPolicy a/web-in"]);
     assert_eq!(names(Direction::Egress), ["SinewNetworkPolicy a/web-out"]);
     assert!(r.ingress_enforced && r.egress_enforced);
+}
+
+// ------------------------------------------------------------ ipBlock of pods
+//
+// CIDR peers match addresses, pods included (issue 10). The cases follow
+// the upstream suite, kubernetes test/e2e/network/netpol/network_policy.go:
+// "should allow egress access to server in CIDR block" (a pod's /32),
+// "should enforce except clause while egress access to server in CIDR block"
+// (a wide prefix around the server with its /32 excepted) and "should ensure
+// an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed".
+
+/// Pod addresses in this world: node1's pod CIDR is 10.244.1.0/24, node2's
+/// 10.244.2.0/24. `TWIN` is a second pod of a/web's identity on node2.
+const POD_IPS: &[(&str, &str)] = &[
+    ("a/web", "10.244.1.10"),
+    ("a/client", "10.244.1.11"),
+    ("b/web", "10.244.2.10"),
+    ("b/client", "10.244.2.11"),
+    ("b/db", "10.244.2.12"),
+];
+const TWIN_IP: &str = "10.244.2.20";
+
+/// The verdict for a flow between `endpoint` and a peer known by identity
+/// and address, as the datapath decides it: the prefixes the policies name
+/// are numbered as the agent numbers them (the world's fixed CIDRs keep
+/// theirs) and the peer's address class is its most specific one.
+fn verdict_by_address(yaml: &str, endpoint: &str, dir: Direction, peer: u32, addr: &str, port: u16) -> Verdict {
+    let (identities, resolved) = world().resolve_with_cidrs(yaml, endpoint);
+    let class = cidr_class(&identities, addr.parse().unwrap());
+    trace(&resolved, dir, peer, class, Proto::Tcp, port).verdict
+}
+
+fn ip_of(pod: &str) -> &'static str {
+    POD_IPS.iter().find(|(p, _)| *p == pod).map(|(_, ip)| *ip).unwrap()
+}
+
+fn id_of(pod: &str) -> u32 {
+    PODS.iter().find(|p| p.0 == pod).map(|p| p.3).unwrap()
+}
+
+#[test]
+fn ipblock_egress_to_a_pods_address_allows_that_pod_only() {
+    let yaml = format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: allow-client-a-via-cidr-egress-rule, namespace: a}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: {}/32}}}}]
+"#,
+        ip_of("b/web")
+    );
+    for (pod, want) in [
+        ("b/web", Verdict::Allowed),
+        ("b/client", Verdict::Denied),
+        ("b/db", Verdict::Denied),
+        ("a/web", Verdict::Denied),
+    ] {
+        let got = verdict_by_address(&yaml, "a/client", Egress, id_of(pod), ip_of(pod), 80);
+        assert_eq!(got, want, "a/client -> {pod}");
+    }
+}
+
+#[test]
+fn ipblock_wide_prefix_with_one_pod_excepted() {
+    let yaml = format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: allow-client-a-via-cidr-egress-rule, namespace: a}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{}/32]}}}}]
+"#,
+        ip_of("b/web")
+    );
+    for (pod, want) in [
+        ("b/web", Verdict::Denied),
+        ("b/client", Verdict::Allowed),
+        ("b/db", Verdict::Allowed),
+        ("a/web", Verdict::Allowed),
+    ] {
+        let got = verdict_by_address(&yaml, "a/client", Egress, id_of(pod), ip_of(pod), 80);
+        assert_eq!(got, want, "a/client -> {pod}");
+    }
+    // Outside the block: the external prefixes stay denied.
+    let ext = verdict_by_address(&yaml, "a/client", Egress, EXT, "203.0.113.5", 80);
+    assert_eq!(ext, Verdict::Denied);
+    // A pod with b/web's identity at another address is not excepted.
+    let twin = verdict_by_address(&yaml, "a/client", Egress, id_of("b/web"), "10.244.1.77", 80);
+    assert_eq!(twin, Verdict::Allowed, "the except is per address, not per identity");
+}
+
+#[test]
+fn ipblock_same_labels_inside_and_outside_the_block_differ() {
+    // a/web and its twin share one identity; only a/web is in node1's CIDR.
+    let yaml = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: to-node1-pods, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.244.1.0/24}}]
+    ports: [{port: 80}]
+"#;
+    let inside = verdict_by_address(yaml, "a/client", Egress, id_of("a/web"), ip_of("a/web"), 80);
+    let outside = verdict_by_address(yaml, "a/client", Egress, id_of("a/web"), TWIN_IP, 80);
+    assert_eq!((inside, outside), (Verdict::Allowed, Verdict::Denied));
+    let other_port = verdict_by_address(yaml, "a/client", Egress, id_of("a/web"), ip_of("a/web"), 81);
+    assert_eq!(other_port, Verdict::Denied);
+}
+
+#[test]
+fn ipblock_ingress_from_a_pods_address() {
+    let yaml = format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: web-from-client-ip, namespace: b}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - from: [{{ipBlock: {{cidr: {}/32}}}}]
+    ports: [{{protocol: TCP, port: 8080}}]
+"#,
+        ip_of("a/client")
+    );
+    let from = |pod: &str, port| verdict_by_address(&yaml, "b/web", Ingress, id_of(pod), ip_of(pod), port);
+    assert_eq!(from("a/client", 8080), Verdict::Allowed);
+    assert_eq!(from("a/client", 80), Verdict::Denied);
+    assert_eq!(from("b/client", 8080), Verdict::Denied);
+    assert_eq!(from("a/web", 8080), Verdict::Denied);
+}
+
+#[test]
+fn ipblock_address_in_both_cidr_and_except_is_allowed_by_another_rule() {
+    let server = ip_of("b/web");
+    let yaml = format!(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: allow-client-a-via-cidr-egress-rule, namespace: a}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{server}/32]}}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: allow-client-a-via-cidr-egress-rule-2, namespace: a}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: {server}/32}}}}]
+"#
+    );
+    for pod in ["b/web", "b/client", "a/web"] {
+        let got = verdict_by_address(&yaml, "a/client", Egress, id_of(pod), ip_of(pod), 80);
+        assert_eq!(got, Verdict::Allowed, "a/client -> {pod}");
+    }
+}
+
+#[test]
+fn sinew_cidr_rules_match_pod_addresses_and_deny_wins() {
+    // toCIDRSet with except allows node1's pods but one; toCIDR in
+    // egressDeny denies one pod that toEndpoints allows.
+    let yaml = format!(
+        r#"
+apiVersion: sinew.io/v1alpha1
+kind: SinewNetworkPolicy
+metadata: {{name: cidr-pods, namespace: a}}
+spec:
+  endpointSelector: {{matchLabels: {{app: client}}}}
+  egress:
+  - toCIDRSet: [{{cidr: 10.244.1.0/24, except: [{web}/32]}}]
+  - toEndpoints: [{{matchLabels: {{sinew.io/namespace: b}}}}]
+  egressDeny:
+  - toCIDR: ["{db}/32"]
+"#,
+        web = ip_of("a/web"),
+        db = ip_of("b/db")
+    );
+    let to = |id: u32, addr: &str| verdict_by_address(&yaml, "a/client", Egress, id, addr, 80);
+    assert_eq!(to(id_of("a/web"), ip_of("a/web")), Verdict::Denied, "excepted");
+    assert_eq!(
+        to(id_of("a/web"), "10.244.1.50"),
+        Verdict::Allowed,
+        "same identity, in the set"
+    );
+    assert_eq!(
+        to(id_of("b/client"), ip_of("b/client")),
+        Verdict::Allowed,
+        "toEndpoints"
+    );
+    assert_eq!(to(id_of("b/db"), ip_of("b/db")), Verdict::Denied, "toCIDR deny wins");
+    assert_eq!(
+        to(id_of("b/db"), "10.244.1.60"),
+        Verdict::Allowed,
+        "the deny is per address"
+    );
 }

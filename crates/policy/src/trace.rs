@@ -33,9 +33,14 @@ pub struct Trace {
     pub explanation: String,
 }
 
-fn entry_matches(e: &Entry, direction: Direction, peer: u32, proto: Proto, port: u16) -> bool {
+fn entry_matches(e: &Entry, flow: &Flow) -> bool {
+    let (direction, proto, port) = (flow.direction, flow.proto, flow.port);
     e.direction == direction
-        && (e.peer == Peer::Any || e.peer == Peer::Identity(peer))
+        && match e.peer {
+            Peer::Any => true,
+            Peer::Identity(id) => id == flow.peer,
+            Peer::Cidr(class) => flow.class == Some(class),
+        }
         && e.proto.is_none_or(|p| p == proto)
         && e.ports.is_none_or(|(lo, hi)| lo <= port && port <= hi)
 }
@@ -43,6 +48,7 @@ fn entry_matches(e: &Entry, direction: Direction, peer: u32, proto: Proto, port:
 struct Flow {
     direction: Direction,
     peer: u32,
+    class: Option<u32>,
     proto: Proto,
     port: u16,
 }
@@ -57,6 +63,9 @@ impl fmt::Display for Flow {
         if let Some(r) = Reserved::from_id(self.peer) {
             write!(f, " ({r})")?;
         }
+        if let Some(c) = self.class {
+            write!(f, " at an address of CIDR class {c}")?;
+        }
         match self.proto {
             Proto::Icmp => write!(f, " ICMP type {}", self.port),
             p => write!(f, " {p}/{}", self.port),
@@ -69,21 +78,28 @@ fn list(rules: &[RuleRef]) -> String {
 }
 
 /// The verdict for a flow of `proto` to or from `port` (the ICMP type for
-/// ICMP) between the endpoint and `peer_identity`. Deny wins over allow.
-pub fn trace(resolved: &Resolved, direction: Direction, peer_identity: u32, proto: Proto, port: u16) -> Trace {
+/// ICMP) between the endpoint and a peer with identity `peer_identity`
+/// whose address has CIDR class `peer_class` ([`crate::cidr_class`];
+/// `None` when no named prefix contains it, or when the address is not
+/// known, and then no CIDR rule can match). Deny wins over allow.
+pub fn trace(
+    resolved: &Resolved,
+    direction: Direction,
+    peer_identity: u32,
+    peer_class: Option<u32>,
+    proto: Proto,
+    port: u16,
+) -> Trace {
     let flow = Flow {
         direction,
         peer: peer_identity,
+        class: peer_class,
         proto,
         port,
     };
     let mut allow = Vec::new();
     let mut deny = Vec::new();
-    for e in resolved
-        .entries
-        .iter()
-        .filter(|e| entry_matches(e, direction, peer_identity, proto, port))
-    {
+    for e in resolved.entries.iter().filter(|e| entry_matches(e, &flow)) {
         match e.action {
             Action::Allow => allow.extend(e.rules.iter().cloned()),
             Action::Deny => deny.extend(e.rules.iter().cloned()),
