@@ -74,7 +74,9 @@ if grep -q '^node2-pod1 ' <<< "$status"; then
     eps="$eps- {addresses: [$ip], nodeName: ${pod%%-*}}"$'\n'
   done
   mkdir -p "$ds/services"
-  cat > "$ds/services/demo.yaml" <<EOF2
+  # Written to a temporary file and renamed: the agents never read it half
+  # written (the .tmp name is not *.yaml, so they skip it).
+  cat > "$ds/services/demo.yaml.tmp" <<EOF2
 apiVersion: v1
 kind: Service
 metadata: {name: demo, namespace: default}
@@ -90,6 +92,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]
 endpoints:
 $eps
 EOF2
+  mv "$ds/services/demo.yaml.tmp" "$ds/services/demo.yaml"
   sleep 0.5
   "$SINEW" --node node1 service list
   # Each connect is sent to a backend by the socket hook; the reply names it.

@@ -49,13 +49,23 @@ impl sinew_proto::Agent for AgentApi {
     async fn status(&self, _: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
         let s = self.lock()?;
         let errors: Vec<String> = s.snapshot.errors.iter().map(|e| e.to_string()).collect();
+        let reconcile_error = s.health.describe();
+        let mut reason = Vec::new();
+        if !reconcile_error.is_empty() {
+            reason.push(format!("applying the desired state fails ({reconcile_error})"));
+        }
+        if !errors.is_empty() {
+            reason.push(format!(
+                "{} invalid datastore documents, what their files held stays in force until they are fixed or removed: {}",
+                errors.len(),
+                errors.join("; ")
+            ));
+        }
         Ok(Response::new(v1::StatusResponse {
             healthy: true,
-            reason: if errors.is_empty() {
-                String::new()
-            } else {
-                format!("{} invalid resources ignored: {}", errors.len(), errors.join("; "))
-            },
+            reason: reason.join("; "),
+            datastore_errors: errors,
+            reconcile_error,
             node_name: s.local.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             attach_mode: self.attach_mode.into(),

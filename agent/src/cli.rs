@@ -534,7 +534,7 @@ fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
                 r.map_entries, r.map_overflows
             );
             for e in &r.errors {
-                println!("invalid (not applied): {e}");
+                println!("invalid: {e}");
             }
         }
         PolicyCmd::Delete { name, namespace, kind } => {
@@ -824,16 +824,29 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
             "endpoints": s.endpoints, "ipsAllocated": s.ips_allocated, "ipsCapacity": s.ips_capacity,
             "remoteNodes": s.remote_nodes, "bpfPinPath": s.bpf_pin_path, "uptimeSeconds": s.uptime_seconds,
             "mapsReused": s.maps_reused, "features": features,
+            "datastoreErrors": s.datastore_errors, "reconcileError": s.reconcile_error,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
     }
-    println!(
-        "Agent:        {} ({})",
-        if s.healthy { "ok" } else { "NOT READY" },
-        s.version
-    );
-    if !s.reason.is_empty() {
+    let state = match (s.healthy, s.reconcile_error.is_empty()) {
+        (false, _) => "NOT READY",
+        (true, false) => "DEGRADED",
+        (true, true) => "ok",
+    };
+    println!("Agent:        {state} ({})", s.version);
+    if !s.reconcile_error.is_empty() {
+        println!("Reconcile:    FAILING, retried every second: {}", s.reconcile_error);
+    }
+    if !s.datastore_errors.is_empty() {
+        println!(
+            "Datastore:    {} invalid documents; what their files held stays in force until they are fixed or removed:",
+            s.datastore_errors.len()
+        );
+        for e in &s.datastore_errors {
+            println!("  {e}");
+        }
+    } else if !s.healthy && !s.reason.is_empty() {
         println!("Warning:      {}", s.reason);
     }
     println!("Node:         {} ({})", s.node_name, s.node_ip);

@@ -214,7 +214,17 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     ensure_bpffs()?;
-    let ds: Arc<dyn Datastore> = Arc::new(LocalDatastore::start(&cfg.datastore, Duration::from_millis(50))?);
+    // What was in force before a restart: a file invalid now keeps it.
+    let policies_path = cfg.state_dir.join("policies-in-force.json");
+    let before = sinew_model::Snapshot {
+        policies: crate::policy::policies_in_force(&policies_path),
+        ..Default::default()
+    };
+    let ds: Arc<dyn Datastore> = Arc::new(LocalDatastore::start_after(
+        &cfg.datastore,
+        Duration::from_millis(50),
+        Some(&before),
+    )?);
     let (local, snapshot) = local_node(ds.as_ref(), &cfg.node_name).await?;
     tracing::info!(node = %local.name, ip = %local.ip, pod_cidr = %local.pod_cidr, "node facts");
 
@@ -308,8 +318,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             default_algorithm: cfg.lb_algorithm,
             maglev_table_size: cfg.maglev_table_size,
         },
+        health: Default::default(),
     };
     state.policy.fail_open = cfg.policy_fail_open;
+    state.policy.persist = Some(policies_path);
     let adopted: Vec<(u32, u32, u32)> = state
         .registry
         .iter()
@@ -405,16 +417,31 @@ async fn housekeeping(state: Arc<Mutex<NodeState>>, every: Duration, grace: Dura
     }
 }
 
-/// Applies every new snapshot; keeps the datastore alive for its lifetime.
+/// How soon a failed apply is retried without a new snapshot.
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// Applies every new snapshot, and retries while an apply is failing;
+/// keeps the datastore alive for its lifetime. Failures are logged and
+/// counted by [`NodeState::resync`].
 async fn follow_datastore(ds: Arc<dyn Datastore>, state: Arc<Mutex<NodeState>>) {
     let mut rx = ds.subscribe();
-    while rx.changed().await.is_ok() {
+    loop {
+        let failing = state.lock().map(|s| s.health.is_failing()).unwrap_or(false);
+        let changed = if failing {
+            match tokio::time::timeout(RESYNC_RETRY, rx.changed()).await {
+                Ok(r) => r.is_ok(),
+                Err(_) => true,
+            }
+        } else {
+            rx.changed().await.is_ok()
+        };
+        if !changed {
+            return;
+        }
         let snap = rx.borrow_and_update().clone();
         let Ok(mut s) = state.lock() else { return };
         s.snapshot = snap;
-        if let Err(e) = s.resync() {
-            tracing::error!(error = %e, "cannot apply the new cluster state; will retry on the next change");
-        }
+        let _ = s.resync();
     }
 }
 

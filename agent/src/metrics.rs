@@ -149,6 +149,40 @@ pub struct Sample {
     pub service_frontends: u64,
     pub service_backends: u64,
     pub service_map_writes: u64,
+    /// Invalid datastore documents by kind (every kind, zeros included).
+    pub datastore_invalid: Vec<(String, u64)>,
+    /// Invalid datastore file versions read since start.
+    pub datastore_rejected_updates: u64,
+    /// Stages whose apply to the datapath is failing now, and failed
+    /// applies since start.
+    pub reconcile_failing: u64,
+    pub reconcile_failures: u64,
+}
+
+/// The kinds `sinew_datastore_invalid_documents` always reports; "unknown"
+/// is a file that neither parses nor held anything in force.
+const DATASTORE_KINDS: [&str; 11] = [
+    "Node",
+    "Pod",
+    "Namespace",
+    "SinewIdentity",
+    "SinewEndpoint",
+    "NetworkPolicy",
+    "SinewNetworkPolicy",
+    "SinewClusterwideNetworkPolicy",
+    "Service",
+    "EndpointSlice",
+    "unknown",
+];
+
+fn invalid_by_kind(snap: &sinew_model::Snapshot) -> Vec<(String, u64)> {
+    let mut by_kind = snap.invalid_by_kind();
+    let mut out: Vec<(String, u64)> = DATASTORE_KINDS
+        .iter()
+        .map(|k| (k.to_string(), by_kind.remove(*k).unwrap_or(0)))
+        .collect();
+    out.extend(by_kind);
+    out
 }
 
 /// The label of an event type index of `sinew_events_lost`.
@@ -223,6 +257,10 @@ impl Sample {
             service_frontends: s.services.in_force.len() as u64,
             service_backends: s.services.in_force.values().map(|f| f.usable().count() as u64).sum(),
             service_map_writes: s.services.map_writes,
+            datastore_invalid: invalid_by_kind(&s.snapshot),
+            datastore_rejected_updates: s.snapshot.rejected_updates,
+            reconcile_failing: u64::from(s.health.is_failing()),
+            reconcile_failures: s.health.failures,
         }
     }
 
@@ -483,6 +521,33 @@ impl Collector for Sample {
         )?;
         family(
             &mut enc,
+            "datastore_invalid_documents",
+            "Invalid documents in the datastore by kind; what their files held before stays in force",
+            MetricType::Gauge,
+            self.datastore_invalid
+                .iter()
+                .map(|(k, n)| (vec![("kind", k.clone())], *n)),
+        )?;
+        counter(
+            &mut enc,
+            "datastore_rejected_updates",
+            "Invalid versions of datastore files read (a file that becomes invalid or changes its error)",
+            self.datastore_rejected_updates,
+        )?;
+        gauge(
+            &mut enc,
+            "reconcile_failing",
+            "1 while applying the desired state to the datapath fails (see sinew status); the agent retries every second",
+            self.reconcile_failing,
+        )?;
+        counter(
+            &mut enc,
+            "reconcile_failures",
+            "Failed applies of the desired state to the datapath",
+            self.reconcile_failures,
+        )?;
+        family(
+            &mut enc,
             "identities",
             "Security identities: allocated cluster-wide, and used by this node's endpoints",
             MetricType::Gauge,
@@ -667,6 +732,10 @@ mod tests {
             }],
             rss_bytes: Some(4096),
             uptime_seconds: 1.5,
+            datastore_invalid: vec![("NetworkPolicy".into(), 2)],
+            datastore_rejected_updates: 3,
+            reconcile_failing: 1,
+            reconcile_failures: 4,
             flows: Some(FlowCounts {
                 by_verdict: vec![("dropped".into(), 9)],
                 by_protocol: vec![("udp".into(), 9)],
@@ -707,6 +776,10 @@ mod tests {
             "sinew_bpf_program_run_time_ns_total{program=\"from_container\"} 700",
             "sinew_agent_resident_memory_bytes 4096",
             "sinew_agent_uptime_seconds 1.5",
+            "sinew_datastore_invalid_documents{kind=\"NetworkPolicy\"} 2",
+            "sinew_datastore_rejected_updates_total 3",
+            "sinew_reconcile_failing 1",
+            "sinew_reconcile_failures_total 4",
             "# TYPE sinew_drop_packets counter",
             "# EOF",
         ] {

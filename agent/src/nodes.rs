@@ -212,36 +212,59 @@ impl Reconciler {
 
     /// Writes only the differences: a resync with thousands of entries
     /// (CIDR identities, pods of a large cluster) costs nothing when little
-    /// changed.
-    pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), DatapathError> {
+    /// changed. A write that fails does not stop the others: every other
+    /// entry and the routes are still applied, the failed entry stays
+    /// different from what is wanted, and the next apply retries it.
+    pub fn apply(&mut self, dp: &mut Datapath, want: &Desired) -> Result<(), ReconcileError> {
+        let result = self.apply_ipcache(dp, want);
+        self.apply_routes(want);
+        result
+    }
+
+    fn apply_ipcache(&mut self, dp: &mut impl IpcacheWriter, want: &Desired) -> Result<(), ReconcileError> {
         let current = match self.ipcache.take() {
             Some(c) => c,
-            None => dp
-                .ipcache_entries()
-                .iter()
-                .filter_map(|(k, v)| KeyOrd::from_key(k).map(|ko| (ko, *v)))
-                .collect(),
+            None => dp.entries(),
         };
-        let mut now = current.clone();
-        let result = (|| {
-            for (k, v) in &want.ipcache {
-                if current.get(k) != Some(v) {
-                    dp.upsert_ipcache(k.key(), *v)?;
-                    now.insert(*k, *v);
-                }
+        let ops = plan(&current, want);
+        let mut now = current;
+        let mut failed: Vec<(KeyOrd, DatapathError)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Upsert(k, v) => match dp.upsert(k, v) {
+                    Ok(()) => {
+                        now.insert(k, v);
+                    }
+                    Err(e) => failed.push((k, e)),
+                },
+                Op::Remove(k) => match dp.remove(k) {
+                    Ok(()) => {
+                        now.remove(&k);
+                    }
+                    Err(e) => failed.push((k, e)),
+                },
             }
-            for k in current.keys() {
-                if !want.ipcache.contains_key(k) {
-                    dp.remove_ipcache(k.key())?;
-                    now.remove(k);
-                }
-            }
-            Ok(())
-        })();
+        }
         self.ipcache = Some(now);
-        result?;
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some((k, first)) => Err(ReconcileError {
+                entry: format!("{}/{}", k.addr, k.prefix_len),
+                failed: self.pending(want),
+                source: first,
+            }),
+        }
+    }
+
+    /// How many ipcache entries differ from `want` (failed writes).
+    fn pending(&self, want: &Desired) -> usize {
+        let now = self.ipcache.as_ref();
+        plan(now.unwrap_or(&BTreeMap::new()), want).len()
+    }
+
+    fn apply_routes(&mut self, want: &Desired) {
         if want.routes == self.routes && !self.routes_failed {
-            return Ok(());
+            return;
         }
         self.routes_failed = false;
         for r in &want.routes {
@@ -263,13 +286,175 @@ impl Reconciler {
             let _ = netutil::ip(&["route", "del", &old.dst.to_string()]);
         }
         self.routes = want.routes.clone();
-        Ok(())
     }
+}
+
+/// Some ipcache writes failed; the rest applied and these are retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} ipcache entries not written (first {entry}: {source}{detail}); the agent retries them every second", detail = source_detail(.source))]
+pub struct ReconcileError {
+    pub entry: String,
+    pub failed: usize,
+    #[source]
+    pub source: DatapathError,
+}
+
+/// The OS error under a map error, which its message leaves out.
+fn source_detail(e: &DatapathError) -> String {
+    let mut out = String::new();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = cur {
+        out.push_str(&format!(": {s}"));
+        cur = s.source();
+    }
+    out
+}
+
+/// The ipcache as the reconciler writes it (the datapath; a fake in tests).
+trait IpcacheWriter {
+    fn entries(&self) -> BTreeMap<KeyOrd, IpcacheValue>;
+    fn upsert(&mut self, k: KeyOrd, v: IpcacheValue) -> Result<(), DatapathError>;
+    /// Removing an entry that is not there is success.
+    fn remove(&mut self, k: KeyOrd) -> Result<(), DatapathError>;
+}
+
+impl IpcacheWriter for Datapath {
+    fn entries(&self) -> BTreeMap<KeyOrd, IpcacheValue> {
+        self.ipcache_entries()
+            .iter()
+            .filter_map(|(k, v)| KeyOrd::from_key(k).map(|ko| (ko, *v)))
+            .collect()
+    }
+    fn upsert(&mut self, k: KeyOrd, v: IpcacheValue) -> Result<(), DatapathError> {
+        self.upsert_ipcache(k.key(), v)
+    }
+    fn remove(&mut self, k: KeyOrd) -> Result<(), DatapathError> {
+        self.remove_ipcache(k.key())
+    }
+}
+
+/// One ipcache write.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Upsert(KeyOrd, IpcacheValue),
+    Remove(KeyOrd),
+}
+
+/// The writes that bring `current` to `want`: upserts first, so that no
+/// address is briefly without an entry, then removals.
+fn plan(current: &BTreeMap<KeyOrd, IpcacheValue>, want: &Desired) -> Vec<Op> {
+    let mut ops: Vec<Op> = want
+        .ipcache
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| Op::Upsert(*k, *v))
+        .collect();
+    ops.extend(
+        current
+            .keys()
+            .filter(|k| !want.ipcache.contains_key(k))
+            .map(|k| Op::Remove(*k)),
+    );
+    ops
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ipcache whose writes of some keys fail until `heal`.
+    #[derive(Default)]
+    struct FakeIpcache {
+        map: BTreeMap<KeyOrd, IpcacheValue>,
+        broken: BTreeSet<KeyOrd>,
+        writes: usize,
+    }
+
+    impl IpcacheWriter for FakeIpcache {
+        fn entries(&self) -> BTreeMap<KeyOrd, IpcacheValue> {
+            self.map.clone()
+        }
+        fn upsert(&mut self, k: KeyOrd, v: IpcacheValue) -> Result<(), DatapathError> {
+            self.writes += 1;
+            if self.broken.contains(&k) {
+                return Err(DatapathError::Map {
+                    map: "sinew_ipcache",
+                    source: Box::new(aya::maps::MapError::KeyNotFound),
+                });
+            }
+            self.map.insert(k, v);
+            Ok(())
+        }
+        fn remove(&mut self, k: KeyOrd) -> Result<(), DatapathError> {
+            self.writes += 1;
+            if self.broken.contains(&k) {
+                return Err(DatapathError::Map {
+                    map: "sinew_ipcache",
+                    source: Box::new(aya::maps::MapError::KeyNotFound),
+                });
+            }
+            self.map.remove(&k);
+            Ok(())
+        }
+    }
+
+    fn host(last: u8) -> KeyOrd {
+        KeyOrd {
+            addr: Ipv4Addr::new(10, 244, 1, last),
+            prefix_len: 32,
+        }
+    }
+
+    fn want(hosts: &[u8]) -> Desired {
+        let mut d = Desired::default();
+        for h in hosts {
+            d.ipcache.insert(
+                host(*h),
+                IpcacheValue {
+                    identity: 300 + u32::from(*h),
+                    ..Default::default()
+                },
+            );
+        }
+        d
+    }
+
+    /// A write that fails does not hold back the others, and is retried
+    /// until it applies; an entry already gone is not an error.
+    #[test]
+    fn a_failed_write_does_not_wedge_the_ipcache_and_is_retried() {
+        let local = LocalNode {
+            name: "node1".into(),
+            ip: "172.30.0.11".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        };
+        let mut r = Reconciler::new(RoutingMode::Vxlan, "eth0".into(), "vx".into(), local);
+        let mut dp = FakeIpcache::default();
+        r.apply_ipcache(&mut dp, &want(&[1, 2, 3])).unwrap();
+        // A pod's DEL removed entry 2 behind the reconciler's back.
+        dp.map.remove(&host(2));
+        // 1 cannot be removed, 4 cannot be written: everything else applies.
+        dp.broken = BTreeSet::from([host(1), host(4)]);
+        let e = r.apply_ipcache(&mut dp, &want(&[3, 4, 5])).unwrap_err();
+        assert_eq!(e.failed, 2, "{e}");
+        assert!(e.to_string().contains("retries"), "{e}");
+        assert_eq!(
+            dp.map.keys().copied().collect::<Vec<_>>(),
+            vec![host(1), host(3), host(5)]
+        );
+        // Still broken: only the two failed writes are tried again.
+        let before = dp.writes;
+        assert!(r.apply_ipcache(&mut dp, &want(&[3, 4, 5])).is_err());
+        assert_eq!(dp.writes - before, 2);
+        // Healed: the next apply completes.
+        dp.broken.clear();
+        r.apply_ipcache(&mut dp, &want(&[3, 4, 5])).unwrap();
+        assert_eq!(
+            dp.map.keys().copied().collect::<Vec<_>>(),
+            vec![host(3), host(4), host(5)]
+        );
+        assert_eq!(r.pending(&want(&[3, 4, 5])), 0);
+    }
 
     fn snap() -> Snapshot {
         let yaml = |n: u8| {

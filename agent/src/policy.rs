@@ -241,6 +241,23 @@ pub struct PolicyState {
     pub fail_open: bool,
     /// Map writes refused (table full), ever.
     pub overflows: u64,
+    /// Where the policy documents in force are kept for the next start
+    /// (`--state-dir`), and what was written there last.
+    pub persist: Option<std::path::PathBuf>,
+    persisted: Vec<sinew_model::PolicyDoc>,
+}
+
+/// The policy documents an earlier agent had in force, from
+/// [`PolicyState::persist`]: a policy file that is invalid when the agent
+/// starts keeps that version (fail closed) instead of applying nothing.
+pub fn policies_in_force(path: &std::path::Path) -> Vec<sinew_model::PolicyDoc> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the policies in force before the restart; a policy file invalid now will not apply until it is fixed");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
 }
 
 impl Default for PolicyState {
@@ -259,6 +276,8 @@ impl Default for PolicyState {
             failed: BTreeSet::new(),
             fail_open: false,
             overflows: 0,
+            persist: None,
+            persisted: Vec::new(),
         }
     }
 }
@@ -293,8 +312,9 @@ impl PolicyState {
 }
 
 impl crate::state::NodeState {
-    /// Re-parses policy documents when the snapshot changed. Invalid ones
-    /// are reported and skipped; the rest apply.
+    /// Re-parses policy documents when the snapshot changed. The datastore
+    /// has validated them (an invalid update keeps the version in force);
+    /// anything still refused here is reported once and skipped.
     fn refresh_policies(&mut self) {
         if self.policy.generation == self.snapshot.generation && self.snapshot.generation != 0 {
             return;
@@ -307,11 +327,22 @@ impl crate::state::NodeState {
             resources.extend(ok);
             errors.extend(bad.into_iter().map(|e| e.to_string()));
         }
-        for e in &errors {
+        for e in errors.iter().filter(|e| !self.policy.errors.contains(e)) {
             tracing::warn!(error = %e, "ignoring invalid policy");
         }
         self.policy.resources = resources;
         self.policy.errors = errors;
+        if let Some(path) = &self.policy.persist {
+            if self.policy.persisted != self.snapshot.policies {
+                let json = serde_json::to_vec(&self.snapshot.policies).expect("policy documents serialize");
+                match crate::ipam::write_atomic(path, &json) {
+                    Ok(()) => self.policy.persisted = self.snapshot.policies.clone(),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the policies in force for a restart")
+                    }
+                }
+            }
+        }
         // Node-local numbers for every prefix policies name, pod CIDRs and
         // 0.0.0.0/0 included: each is a CIDR class (IPv6 waits for the
         // IPv6 datapath).

@@ -143,10 +143,32 @@ impl NodeState {
                     selects: selects(&d.kind, d.namespace.as_deref(), &d.name),
                 })
                 .collect(),
-            errors: self.policy.errors.clone(),
+            errors: self.policy_errors(),
             map_entries: self.policy_entry_count() as u64,
             map_overflows: self.policy.overflows,
         }
+    }
+
+    /// Invalid policy documents in the datastore (an invalid update of a
+    /// policy in force leaves that version deciding), then any the agent
+    /// refused itself.
+    fn policy_errors(&self) -> Vec<String> {
+        const KINDS: [&str; 3] = ["NetworkPolicy", "SinewNetworkPolicy", "SinewClusterwideNetworkPolicy"];
+        let snap = &self.snapshot;
+        snap.errors
+            .iter()
+            .filter_map(|e| {
+                let kept = snap.kept.get(e.file());
+                let about_policy = e.kind().is_some_and(|k| KINDS.contains(&k))
+                    || kept.is_some_and(|k| KINDS.iter().any(|p| k.contains(*p)))
+                    || snap.policies.iter().any(|p| p.source == e.file());
+                about_policy.then(|| match kept {
+                    Some(_) => format!("{e} (the version in force stays)"),
+                    None => format!("{e} (not applied)"),
+                })
+            })
+            .chain(self.policy.errors.iter().cloned())
+            .collect()
     }
 
     /// Whether the policy alone (without others) selects the endpoint.

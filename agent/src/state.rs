@@ -26,6 +26,52 @@ pub enum StateError {
     Net(#[from] netutil::NetError),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Reconcile(#[from] nodes::ReconcileError),
+}
+
+/// Whether applying the desired state to the datapath keeps failing, for
+/// `sinew status` and metrics. Each stage (ipcache and routes, services)
+/// records its last result; a failure is logged when it starts or its
+/// error changes, and when it clears.
+#[derive(Debug, Default)]
+pub struct SyncHealth {
+    failing: std::collections::BTreeMap<&'static str, (String, Instant)>,
+    /// Failed applies since the agent started.
+    pub failures: u64,
+}
+
+impl SyncHealth {
+    pub fn record(&mut self, stage: &'static str, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                if self.failing.remove(stage).is_some() {
+                    tracing::info!(stage, "the datapath follows the desired state again");
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                if self.failing.get(stage).is_none_or(|(old, _)| *old != e) {
+                    tracing::error!(stage, error = %e, "cannot apply the desired state; applied what could be, retrying the rest");
+                }
+                let since = self.failing.get(stage).map_or_else(Instant::now, |(_, t)| *t);
+                self.failing.insert(stage, (e, since));
+            }
+        }
+    }
+
+    pub fn is_failing(&self) -> bool {
+        !self.failing.is_empty()
+    }
+
+    /// One line per failing stage, for `sinew status`.
+    pub fn describe(&self) -> String {
+        self.failing
+            .iter()
+            .map(|(stage, (e, since))| format!("{stage}: failing for {}s: {e}", since.elapsed().as_secs()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 pub struct NodeState {
@@ -43,6 +89,7 @@ pub struct NodeState {
     pub policy: crate::policy::PolicyState,
     pub services: crate::services::ServiceState,
     pub service_settings: crate::services::Settings,
+    pub health: SyncHealth,
 }
 
 /// The endpoint-map row of an endpoint, without policy flags.
@@ -77,12 +124,14 @@ impl NodeState {
         }
     }
 
-    /// Recomputes and applies the ipcache and routes.
-    /// Brings identities, the ipcache, routes and policy to the current
-    /// snapshot and endpoints.
+    /// Brings identities, policy, the ipcache, routes and services to the
+    /// current snapshot and endpoints. Every stage runs whatever another
+    /// one did: a failed ipcache write does not hold back policy or
+    /// services. Ipcache and service failures are recorded in `health`
+    /// (status, metrics) and retried; the error returned is that of
+    /// identities and policy, which callers that change policy report.
     pub fn resync(&mut self) -> Result<(), StateError> {
-        self.refresh_identities()?;
-        self.apply_policy()?;
+        let policy = self.refresh_identities().and_then(|_| self.apply_policy());
         let want = nodes::desired(
             &self.local,
             &self.snapshot,
@@ -90,15 +139,19 @@ impl NodeState {
             &self.cidr_identities(),
         );
         self.remote_nodes = want.remote_nodes;
-        self.reconciler.apply(&mut self.datapath, &want)?;
-        self.apply_services()?;
-        Ok(())
+        let ipcache = self.reconciler.apply(&mut self.datapath, &want);
+        self.health.record("ipcache", ipcache.map_err(|e| e.to_string()));
+        let services = self.apply_services();
+        self.health.record("services", services.map_err(|e| e.to_string()));
+        self.health
+            .record("policy", policy.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        policy.map(|_| ())
     }
 
     /// Brings the service maps to the snapshot's Services and EndpointSlices.
     pub fn apply_services(&mut self) -> Result<(), StateError> {
         let (want, errors) = crate::services::desired(&self.snapshot, &self.service_settings);
-        for e in &errors {
+        for e in errors.iter().filter(|e| !self.services.errors.contains(e)) {
             tracing::warn!(error = %e, "service frontend not applied");
         }
         let size = self.service_settings.maglev_table_size;
@@ -346,5 +399,28 @@ impl NodeState {
             .into(),
             node_name: self.local.name.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_health_shows_a_failing_stage_until_it_applies() {
+        let mut h = SyncHealth::default();
+        h.record("services", Ok(()));
+        assert!(!h.is_failing() && h.describe().is_empty());
+        h.record("ipcache", Err("1 ipcache entries not written".into()));
+        h.record("ipcache", Err("1 ipcache entries not written".into()));
+        assert!(h.is_failing());
+        assert!(
+            h.describe().starts_with("ipcache: failing for 0s: 1 ipcache"),
+            "{}",
+            h.describe()
+        );
+        assert_eq!(h.failures, 2);
+        h.record("ipcache", Ok(()));
+        assert!(!h.is_failing() && h.describe().is_empty());
     }
 }

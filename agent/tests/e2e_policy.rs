@@ -1300,6 +1300,184 @@ fn bad_policies_are_rejected_and_the_policy_in_force_stays_native() {
     bad_policies("pol-bad-nat", Routing::Native);
 }
 
+// ------------------------------------------------- policy files edited by hand
+
+/// The lab agents' view of a policy file that a person breaks in the
+/// datastore: the policy in force stays and keeps denying (fail closed),
+/// and the error shows in `sinew status` (text and JSON) and in
+/// `sinew_datastore_invalid_documents`; it is logged once per change, not
+/// on every reload; an agent restarted while the file is invalid keeps the
+/// version it had in force. Each corruption is written in place, as an
+/// editor saving the file would.
+fn policy_file_broken_by_hand(prefix: &str, routing: Routing) {
+    let w = World::new(prefix, routing, &[], revocation_pods());
+    let lab = w.lab();
+    let web = pod_ip(lab, "web");
+    let good = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: b}}
+      podSelector: {matchLabels: {app: client}}
+    ports:
+    - port: 8080
+      protocol: TCP
+"#;
+    let applied = apply_policy(&w.socket("node1"), good).unwrap();
+    refs_everywhere(&w, &applied);
+    let file = sinew_model::local::policy_path(&lab.datastore_dir(), "NetworkPolicy", Some("a"), "web");
+    assert!(file.is_file(), "{} is where `policy apply` stores it", file.display());
+    let (client, other) = (pod_ns(lab, "client"), pod_ns(lab, "other"));
+    let in_force = |why: &str| {
+        assert!(
+            tcp_echo(&client, web, 8080, Duration::from_secs(3)).is_ok(),
+            "[{routing:?}] {why}: client -> web:8080 must stay allowed"
+        );
+        let passed = (0..10)
+            .filter(|_| tcp_echo(&other, web, 8080, Duration::from_millis(300)).is_ok())
+            .count();
+        assert_eq!(
+            passed,
+            0,
+            "[{routing:?}] {why}: other -> web:8080 must stay denied\n{}",
+            w.logs()
+        );
+    };
+    in_force("before");
+    let name = file.file_name().unwrap().to_string_lossy().to_string();
+    let cases = [
+        ("a YAML syntax error", good.replace("  ingress:\n", "  ingress: [\n")),
+        ("protocol: TCPX", good.replace("protocol: TCP", "protocol: TCPX")),
+        ("port: 70000", good.replace("port: 8080", "port: 70000")),
+    ];
+    for (what, text) in &cases {
+        std::fs::write(&file, text).unwrap();
+        // Every agent has read it (they poll every 50 ms).
+        std::thread::sleep(Duration::from_millis(500));
+        in_force(what);
+        // Reported by every agent: status text and JSON, and the metric.
+        for node in ["node1", "node2"] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let st = status(&w.socket(node)).unwrap();
+                if st.reason.contains(&name) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "[{routing:?}] {what}: {node}'s status does not report {name}: {st:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let m = scrape(lab, node).unwrap();
+            assert!(
+                m.sum("sinew_datastore_invalid_documents", &[]) >= 1.0,
+                "[{routing:?}] {what}: {node}: sinew_datastore_invalid_documents"
+            );
+            assert!(
+                m.sum("sinew_datastore_rejected_updates_total", &[]) >= 1.0,
+                "[{routing:?}] {what}: {node}: sinew_datastore_rejected_updates_total"
+            );
+        }
+        // Unrelated changes reload the datastore; the warning is not repeated.
+        for i in 0..3 {
+            let ds = lab.datastore_dir();
+            sinew_testvms::datastore::write_atomic(
+                &sinew_testvms::datastore::namespace_path(&ds, "c"),
+                &sinew_testvms::datastore::namespace_yaml("c", &labels(&[("round", &i.to_string())])),
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    let cli = std::process::Command::new(&lab.binaries().sinew)
+        .args([
+            "--socket",
+            &w.socket("node2").display().to_string(),
+            "status",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let errors = json["datastoreErrors"].as_array().cloned().unwrap_or_default();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.as_str().is_some_and(|e| e.contains(&name) && e.contains("70000"))),
+        "status -o json lists the invalid document: {json}"
+    );
+    for n in lab.nodes() {
+        let log = std::fs::read_to_string(&n.agent_log).unwrap_or_default();
+        let warnings = log.lines().filter(|l| l.contains(&name) && l.contains("WARN")).count();
+        assert_eq!(
+            warnings,
+            cases.len(),
+            "[{routing:?}] {}: one warning per change of the file, not per reload:\n{log}",
+            n.name
+        );
+    }
+    // Fixed: the error clears everywhere and the policy still decides.
+    std::fs::write(&file, good).unwrap();
+    for node in ["node1", "node2"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status(&w.socket(node)).unwrap().reason.contains(&name) {
+            assert!(
+                Instant::now() < deadline,
+                "[{routing:?}] {node}: the error does not clear"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let m = scrape(lab, node).unwrap();
+        assert_eq!(m.sum("sinew_datastore_invalid_documents", &[]), 0.0, "{node}");
+    }
+    in_force("fixed");
+
+    // Broken again, then web's agent restarts: the restarted agent keeps
+    // the version it had in force (from --state-dir), not nothing.
+    std::fs::write(&file, &cases[2].1).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut w = w;
+    assert!(w.g.lab.stop_agent("node1").unwrap());
+    w.g.lab.start_agent("node1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(&w.socket("node1")).is_ok_and(|s| s.reason.contains(&name)) {
+        assert!(
+            Instant::now() < deadline,
+            "[{routing:?}] the restarted agent does not report {name}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (client, other) = (pod_ns(w.lab(), "client"), pod_ns(w.lab(), "other"));
+    assert!(
+        tcp_echo(&client, web, 8080, Duration::from_secs(3)).is_ok(),
+        "[{routing:?}] after a restart: client -> web:8080 must stay allowed"
+    );
+    let passed = (0..10)
+        .filter(|_| tcp_echo(&other, web, 8080, Duration::from_millis(300)).is_ok())
+        .count();
+    assert_eq!(
+        passed,
+        0,
+        "[{routing:?}] after a restart with the file invalid: other -> web:8080 must stay denied\n{}",
+        w.logs()
+    );
+}
+
+#[test]
+fn a_policy_file_broken_by_hand_keeps_the_policy_in_force_vxlan() {
+    policy_file_broken_by_hand("pol-file-vx", Routing::Vxlan);
+}
+
+#[test]
+fn a_policy_file_broken_by_hand_keeps_the_policy_in_force_native() {
+    policy_file_broken_by_hand("pol-file-nat", Routing::Native);
+}
+
 // -------------------------------------------------------- ipBlock of pods
 
 /// One CIDR scenario: its YAML is written once the pods have addresses.

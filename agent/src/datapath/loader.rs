@@ -395,10 +395,7 @@ impl Datapath {
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        match self.endpoints.remove(&ifindex) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err(maps::ENDPOINTS)(e)),
-        }
+        ignore_missing(self.endpoints.remove(&ifindex), maps::ENDPOINTS)
     }
 
     pub fn endpoint_ifindexes(&self) -> Vec<u32> {
@@ -412,10 +409,10 @@ impl Datapath {
     }
 
     pub fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
-        match self.ipcache.remove(&LpmKey::new(key.prefixlen, key.data())) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err(maps::IPCACHE)(e)),
-        }
+        ignore_missing(
+            self.ipcache.remove(&LpmKey::new(key.prefixlen, key.data())),
+            maps::IPCACHE,
+        )
     }
 
     /// Every ipcache entry, for reconciliation after a restart.
@@ -434,10 +431,10 @@ impl Datapath {
     }
 
     pub fn remove_policy(&mut self, key: PolicyKey) -> Result<(), DatapathError> {
-        match self.policy.remove(&LpmKey::new(key.prefixlen, key.data())) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err(maps::POLICY)(e)),
-        }
+        ignore_missing(
+            self.policy.remove(&LpmKey::new(key.prefixlen, key.data())),
+            maps::POLICY,
+        )
     }
 
     /// Every policy entry, for reconciliation after a restart.
@@ -659,10 +656,38 @@ pub struct LbEntries {
     pub maglev: Vec<(LbMaglevKey, u32)>,
 }
 
+/// Deleting an entry that is already gone is success: aya reports the
+/// kernel's ENOENT from `bpf_map_delete_elem` as a syscall error, not as
+/// `KeyNotFound`, and taking it for a failure wedged the ipcache
+/// reconciler after a pod's DEL had removed its entry first.
 fn ignore_missing(r: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), DatapathError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deleting_a_missing_entry_is_success_and_other_errors_are_not() {
+        let syscall = |errno: nix::errno::Errno| {
+            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::Error::from_raw_os_error(errno as i32),
+            }))
+        };
+        assert!(ignore_missing(syscall(nix::errno::Errno::ENOENT), maps::IPCACHE).is_ok());
+        assert!(ignore_missing(Err(aya::maps::MapError::KeyNotFound), maps::IPCACHE).is_ok());
+        let e = ignore_missing(syscall(nix::errno::Errno::EPERM), maps::IPCACHE).unwrap_err();
+        assert!(e.to_string().contains(maps::IPCACHE), "{e}");
     }
 }
 

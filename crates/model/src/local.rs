@@ -58,16 +58,34 @@ impl Watcher {
         }
         let previous = self.tx.borrow().clone();
         match read_dir_snapshot_after(&self.dir, last.1 + 1, Some(&previous)) {
-            Ok(s) => {
-                for e in &s.errors {
-                    tracing::warn!(error = %e, "ignoring invalid resource");
-                }
+            Ok(mut s) => {
+                s.rejected_updates = previous.rejected_updates + log_error_changes(&s, &previous);
                 *last = (now, last.1 + 1);
                 let _ = self.tx.send(Arc::new(s));
             }
             Err(e) => tracing::warn!(error = %e, "datastore unreadable; keeping the last state"),
         }
     }
+}
+
+/// Logs what changed in the invalid documents since `previous`, once: an
+/// unchanged invalid file is not reported again on every reload. Returns
+/// how many files became invalid or changed their error.
+fn log_error_changes(now: &Snapshot, previous: &Snapshot) -> u64 {
+    let changes = now.error_changes(previous);
+    for e in &changes.new {
+        match now.kept.get(e.file()) {
+            Some(kinds) => {
+                let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+                tracing::warn!(error = %e, kept = %kinds.join(","), "invalid update of a datastore file; what it held stays in force until the file is fixed or removed");
+            }
+            None => tracing::warn!(error = %e, "invalid datastore document; not applied"),
+        }
+    }
+    for file in &changes.cleared {
+        tracing::info!(%file, "datastore file valid again (or removed); applied");
+    }
+    changes.files
 }
 
 type Fingerprint = Vec<(PathBuf, u64, SystemTime)>;
@@ -110,11 +128,21 @@ pub fn read_dir_snapshot_after(
         path: dir.to_path_buf(),
         source,
     })?;
-    let texts: Vec<(String, String)> = fp
+    // A file that vanished since the scan was removed: what it held goes.
+    // One that cannot be read is an invalid update: what it held stays.
+    let texts: Vec<(String, Result<String, String>)> = fp
         .iter()
-        .filter_map(|(p, _, _)| std::fs::read_to_string(p).ok().map(|t| (p.display().to_string(), t)))
+        .filter_map(|(p, _, _)| match std::fs::read_to_string(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            r => Some((p.display().to_string(), r.map_err(|e| e.to_string()))),
+        })
         .collect();
-    let mut snap = Snapshot::from_documents_after(texts.iter().map(|(s, t)| (s.clone(), t.as_str())), previous);
+    let mut snap = Snapshot::from_files_after(
+        texts
+            .iter()
+            .map(|(s, t)| (s.clone(), t.as_deref().map_err(String::clone))),
+        previous,
+    );
     snap.generation = generation;
     Ok(snap)
 }
@@ -123,10 +151,21 @@ impl LocalDatastore {
     /// Reads the directory once (failing if it cannot) and keeps watching it
     /// from a background thread for as long as the datastore lives.
     pub fn start(dir: impl Into<PathBuf>, interval: Duration) -> Result<Self, LocalError> {
+        Self::start_after(dir, interval, None)
+    }
+
+    /// [`LocalDatastore::start`] for a reader that had `previous` in force
+    /// before it restarted: a file invalid now keeps what it held there.
+    pub fn start_after(
+        dir: impl Into<PathBuf>,
+        interval: Duration,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, LocalError> {
         let dir = dir.into();
         // Fingerprint before reading, so a change made while we read is seen.
         let mut last = fingerprint(&dir).ok();
-        let first = read_dir_snapshot(&dir, 1)?;
+        let mut first = read_dir_snapshot_after(&dir, 1, previous)?;
+        first.rejected_updates = log_error_changes(&first, &Snapshot::default());
         let (tx, rx) = watch::channel(Arc::new(first));
         let inner = Arc::new(Watcher {
             dir: dir.clone(),
@@ -297,7 +336,16 @@ impl Datastore for LocalDatastore {
                 serde_json::to_string(&ports).expect("json"),
             ));
         }
-        write_atomic(&self.dir.join("endpoints").join(format!("{node}.yaml")), &text)
+        let path = self.dir.join("endpoints").join(format!("{node}.yaml"));
+        if endpoints.is_empty() {
+            // An empty file is an invalid update (what it held would stay):
+            // only removing the file removes its endpoints.
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+                _ => Ok(()),
+            };
+        }
+        write_atomic(&path, &text)
     }
 
     fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError> {
@@ -505,5 +553,181 @@ mod write_tests {
         assert_eq!(snap.policies[0].name, "deny");
         assert!(ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
         assert!(!ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
+    }
+}
+
+#[cfg(test)]
+mod in_place_tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+
+    /// A file truncated in place (`cat > f`, `open(f, 'w')`) is read while
+    /// empty: the service it held must stay until the file is removed.
+    #[test]
+    fn a_file_truncated_in_place_keeps_its_service_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.yaml");
+        std::fs::write(&path, SERVICE).unwrap();
+        // Polls only when asked (refresh), so the test sees every state.
+        let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        let rx = ds.subscribe();
+        assert_eq!(rx.borrow().services.len(), 1);
+        // Truncated, as the writer's open(O_TRUNC) leaves it before write().
+        std::fs::File::create(&path).unwrap();
+        ds.refresh();
+        assert_eq!(rx.borrow().services.len(), 1, "{:?}", rx.borrow().errors);
+        // Half written.
+        std::fs::write(&path, &SERVICE[..SERVICE.len() - 20]).unwrap();
+        ds.refresh();
+        assert_eq!(rx.borrow().services.len(), 1, "{:?}", rx.borrow().errors);
+        // Written: the new version applies.
+        std::fs::write(&path, SERVICE.replace("port: 80,", "port: 81,")).unwrap();
+        ds.refresh();
+        let port = rx.borrow().services.values().next().map(|s| s.ports[0].port);
+        assert_eq!(port, Some(81));
+        assert!(rx.borrow().errors.is_empty());
+        std::fs::remove_file(&path).unwrap();
+        ds.refresh();
+        assert!(rx.borrow().services.is_empty(), "removing the file removes the service");
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    fn snap(files: &[(&str, &str)], previous: Option<&Snapshot>) -> Snapshot {
+        Snapshot::from_documents_after(files.iter().map(|(f, t)| (f.to_string(), *t)), previous)
+    }
+
+    /// Each invalid file is reported when it becomes invalid and when its
+    /// error changes, not again on reloads caused by other files.
+    #[test]
+    fn an_invalid_file_is_reported_once_per_change() {
+        let ok = snap(&[("ns.yaml", NS)], None);
+        let broken = snap(&[("ns.yaml", "kind: [")], Some(&ok));
+        let c = broken.error_changes(&ok);
+        assert_eq!((c.new.len(), c.files), (1, 1));
+        assert_eq!(log_error_changes(&broken, &ok), 1);
+        // Another file changes: nothing new to report about ns.yaml.
+        let reload = snap(
+            &[
+                ("ns.yaml", "kind: ["),
+                ("other.yaml", NS.replace("name: a", "name: b").as_str()),
+            ],
+            Some(&broken),
+        );
+        let c = reload.error_changes(&broken);
+        assert!(c.new.is_empty() && c.cleared.is_empty() && c.files == 0, "{c:?}");
+        // A different error is a change.
+        let other = snap(&[("ns.yaml", "")], Some(&reload));
+        assert_eq!(other.error_changes(&reload).files, 1);
+        assert!(other.errors[0].to_string().contains("empty"), "{:?}", other.errors);
+        // Fixed: cleared once.
+        let fixed = snap(&[("ns.yaml", NS)], Some(&other));
+        let c = fixed.error_changes(&other);
+        assert_eq!(c.cleared, vec!["ns.yaml".to_string()]);
+        assert_eq!(c.files, 0);
+    }
+
+    #[test]
+    fn invalid_documents_count_by_the_kind_they_hold() {
+        let ok = snap(&[("ns.yaml", NS)], None);
+        let broken = snap(&[("ns.yaml", "kind: ["), ("new.yaml", "kind: [")], Some(&ok));
+        assert_eq!(
+            broken.invalid_by_kind(),
+            BTreeMap::from([("Namespace".to_string(), 1), ("unknown".to_string(), 1)])
+        );
+        assert!(broken.namespaces.contains_key("a"), "kept in force");
+    }
+
+    /// The rejected-updates count grows once per change of an invalid file.
+    #[test]
+    fn the_backend_counts_rejected_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ns.yaml");
+        std::fs::write(&path, NS).unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        let rx = ds.subscribe();
+        std::fs::write(&path, "kind: [").unwrap();
+        ds.refresh();
+        std::fs::write(dir.path().join("b.yaml"), NS.replace("name: a", "name: b")).unwrap();
+        ds.refresh();
+        assert_eq!(rx.borrow().rejected_updates, 1);
+        std::fs::write(&path, "").unwrap();
+        ds.refresh();
+        assert_eq!(rx.borrow().rejected_updates, 2);
+        assert!(rx.borrow().namespaces.contains_key("a"));
+    }
+
+    /// A node without endpoints has no endpoints file (an empty one would
+    /// keep the endpoints it held).
+    #[test]
+    fn publishing_no_endpoints_removes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        let ep = PublishedEndpoint {
+            namespace: "prod".into(),
+            name: "web-1".into(),
+            node: "node1".into(),
+            ipv4: "10.244.1.7".parse().unwrap(),
+            identity: 300,
+            named_ports: BTreeMap::new(),
+            source: String::new(),
+        };
+        ds.publish_endpoints("node1", &[ep]).unwrap();
+        ds.refresh();
+        assert_eq!(ds.subscribe().borrow().endpoints.len(), 1);
+        ds.publish_endpoints("node1", &[]).unwrap();
+        ds.publish_endpoints("node1", &[]).unwrap();
+        ds.refresh();
+        assert!(ds.subscribe().borrow().endpoints.is_empty());
+        assert!(ds.subscribe().borrow().errors.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec: {podSelector: {}, ingress: [{ports: [{port: 80}]}]}\n";
+
+    /// A reader that restarts while a policy file is invalid keeps the
+    /// version it had in force (handed back to it), not nothing.
+    #[test]
+    fn a_restart_keeps_the_policy_in_force_of_an_invalid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, POLICY).unwrap();
+        let in_force = {
+            let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+            let json = serde_json::to_string(&ds.subscribe().borrow().policies).unwrap();
+            json
+        };
+        std::fs::write(&path, POLICY.replace("port: 80", "port: 70000")).unwrap();
+        let fresh = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(
+            fresh.subscribe().borrow().policies.is_empty(),
+            "nothing to keep without the previous state"
+        );
+        let previous = Snapshot {
+            policies: serde_json::from_str(&in_force).unwrap(),
+            ..Default::default()
+        };
+        let ds = LocalDatastore::start_after(dir.path(), Duration::from_secs(3600), Some(&previous)).unwrap();
+        let snap = ds.subscribe().borrow().clone();
+        assert_eq!(snap.policies, previous.policies);
+        assert!(
+            snap.errors.iter().any(|e| e.to_string().contains("70000")),
+            "{:?}",
+            snap.errors
+        );
+        // Fixed, or removed, the previous version no longer matters.
+        std::fs::remove_file(&path).unwrap();
+        let ds = LocalDatastore::start_after(dir.path(), Duration::from_secs(3600), Some(&previous)).unwrap();
+        assert!(ds.subscribe().borrow().policies.is_empty());
     }
 }

@@ -3,7 +3,7 @@
 // keeping them flat reads better than boxing.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -38,6 +38,18 @@ pub enum ResourceError {
         name: String,
         other: String,
     },
+    /// A policy document the policy crate refuses (the message names the
+    /// file, document, field path, value and reason).
+    #[error("{message}")]
+    Policy {
+        file: String,
+        kind: String,
+        message: String,
+    },
+    #[error("{file}: empty (no documents); a file being written in place reads so: write a temporary file and rename it over this one, and delete the file to remove what it holds")]
+    Empty { file: String },
+    #[error("{file}: cannot be read: {reason}; check its permissions and that it is UTF-8 text")]
+    Unreadable { file: String, reason: String },
 }
 
 impl ResourceError {
@@ -47,7 +59,19 @@ impl ResourceError {
             ResourceError::Yaml { file, .. }
             | ResourceError::Missing { file, .. }
             | ResourceError::Invalid { file, .. }
-            | ResourceError::Duplicate { file, .. } => file,
+            | ResourceError::Duplicate { file, .. }
+            | ResourceError::Policy { file, .. }
+            | ResourceError::Empty { file }
+            | ResourceError::Unreadable { file, .. } => file,
+        }
+    }
+
+    /// The kind of the document the error is about, when known.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ResourceError::Invalid { kind, .. } | ResourceError::Duplicate { kind, .. } => Some(kind),
+            ResourceError::Policy { kind, .. } if !kind.is_empty() => Some(kind),
+            _ => None,
         }
     }
 }
@@ -98,7 +122,9 @@ pub struct PublishedEndpoint {
 }
 
 /// A policy document as written; the policy crate parses and validates it.
-#[derive(Clone, Debug, PartialEq)]
+/// Serializable so that an agent can keep the versions in force across a
+/// restart.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PolicyDoc {
     pub kind: String,
     pub namespace: Option<String>,
@@ -107,8 +133,9 @@ pub struct PolicyDoc {
     pub yaml: String,
 }
 
-/// Everything a datastore knows at one moment. Invalid resources are not in
-/// it; they are listed in `errors` so that status output can show them.
+/// Everything a datastore knows at one moment. Invalid documents are listed
+/// in `errors` so that status output can show them; an invalid update of a
+/// file keeps what the file held in force (see `kept`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub generation: u64,
@@ -116,6 +143,8 @@ pub struct Snapshot {
     pub pods: BTreeMap<(String, String), PodInfo>,
     /// Namespace name -> labels.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Namespace name -> the file it came from.
+    pub namespace_sources: BTreeMap<String, String>,
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub endpoints: Vec<PublishedEndpoint>,
     pub policies: Vec<PolicyDoc>,
@@ -123,6 +152,70 @@ pub struct Snapshot {
     pub services: BTreeMap<(String, String), ServiceInfo>,
     pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
     pub errors: Vec<ResourceError>,
+    /// Files whose update was refused, with the kinds of the objects they
+    /// held that stay in force.
+    pub kept: BTreeMap<String, BTreeSet<String>>,
+    /// Invalid file versions read since the datastore started (a file that
+    /// becomes invalid, or whose error changes), kept by the backend.
+    pub rejected_updates: u64,
+}
+
+/// How the errors of a snapshot differ from those of the one before, per
+/// file: what to log once, and what to count.
+#[derive(Debug, Default, PartialEq)]
+pub struct ErrorChanges<'a> {
+    /// Errors of files that became invalid or whose errors changed.
+    pub new: Vec<&'a ResourceError>,
+    /// Files that were invalid and are valid (or gone) now.
+    pub cleared: Vec<String>,
+    /// How many files became invalid or changed their errors.
+    pub files: u64,
+}
+
+impl Snapshot {
+    /// See [`ErrorChanges`].
+    pub fn error_changes<'a>(&'a self, previous: &Snapshot) -> ErrorChanges<'a> {
+        fn by_file(s: &Snapshot) -> BTreeMap<&str, Vec<&ResourceError>> {
+            let mut m: BTreeMap<&str, Vec<&ResourceError>> = BTreeMap::new();
+            for e in &s.errors {
+                m.entry(e.file()).or_default().push(e);
+            }
+            m
+        }
+        let (before, now) = (by_file(previous), by_file(self));
+        let mut out = ErrorChanges::default();
+        for (file, errs) in &now {
+            if before.get(file) != Some(errs) {
+                out.new.extend(errs.iter().copied());
+                out.files += 1;
+            }
+        }
+        out.cleared = before
+            .keys()
+            .filter(|f| !now.contains_key(*f))
+            .map(|f| f.to_string())
+            .collect();
+        out
+    }
+
+    /// Invalid documents by kind, for metrics: an error that names no kind
+    /// (a file that does not parse, or is empty) counts for each kind its
+    /// file held in force, else as "unknown".
+    pub fn invalid_by_kind(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &self.errors {
+            match (e.kind(), self.kept.get(e.file())) {
+                (Some(k), _) => *out.entry(k.to_string()).or_default() += 1,
+                (None, Some(kinds)) if !kinds.is_empty() => {
+                    for k in kinds {
+                        *out.entry(k.clone()).or_default() += 1;
+                    }
+                }
+                _ => *out.entry("unknown".into()).or_default() += 1,
+            }
+        }
+        out
+    }
 }
 
 impl Snapshot {
@@ -133,15 +226,37 @@ impl Snapshot {
     }
 
     /// [`Snapshot::from_documents`] for a store that already published
-    /// `previous`: like the API server refusing an update, a Service or
-    /// EndpointSlice whose file is now invalid keeps its version in force,
-    /// and a NodePort stays with the service that had it.
+    /// `previous`. Like the API server refusing an update, a file that is
+    /// invalid now (a document that does not parse or validate, or no
+    /// document at all: a file being rewritten in place reads so) keeps
+    /// every object it held in `previous` in force, and nothing else of it
+    /// applies; only removing a file removes what it holds. A file that
+    /// held nothing applies its valid documents. A NodePort stays with the
+    /// service that had it.
     pub fn from_documents_after<'a>(
         docs: impl IntoIterator<Item = (String, &'a str)>,
         previous: Option<&Snapshot>,
     ) -> Self {
+        Self::from_files_after(docs.into_iter().map(|(s, t)| (s, Ok(t))), previous)
+    }
+
+    /// [`Snapshot::from_documents_after`] where a file may also be
+    /// unreadable (`Err(reason)`): an invalid update too.
+    pub fn from_files_after<'a>(
+        files: impl IntoIterator<Item = (String, Result<&'a str, String>)>,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let mut snap = Snapshot::default();
-        for (source, text) in docs {
+        let mut empty = Vec::new();
+        for (source, text) in files {
+            let text = match text {
+                Ok(t) => t,
+                Err(reason) => {
+                    snap.errors.push(ResourceError::Unreadable { file: source, reason });
+                    continue;
+                }
+            };
+            let (errors_before, mut documents) = (snap.errors.len(), 0);
             for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
                 let value = match serde_yaml::Value::deserialize_any_doc(doc) {
                     Ok(serde_yaml::Value::Null) => continue,
@@ -154,38 +269,109 @@ impl Snapshot {
                         break;
                     }
                 };
+                documents += 1;
                 if let Err(e) = snap.add(&source, index, value) {
                     snap.errors.push(e);
                 }
             }
+            if documents == 0 && snap.errors.len() == errors_before {
+                empty.push(source);
+            }
+        }
+        if let Some(prev) = previous {
+            snap.keep_in_force(prev, &empty);
         }
         snap.finish_services(previous);
         snap
     }
 
-    /// Cross-object checks of services, and keeping the versions in force
-    /// of those whose documents became invalid.
+    /// Whether any object in force came from `file`.
+    fn holds(&self, file: &str) -> bool {
+        self.nodes.values().any(|n| n.source == file)
+            || self.pods.values().any(|p| p.source == file)
+            || self.namespace_sources.values().any(|s| s == file)
+            || self.identities.values().any(|i| i.source == file)
+            || self.endpoints.iter().any(|e| e.source == file)
+            || self.policies.iter().any(|p| p.source == file)
+            || self.services.values().any(|s| s.source == file)
+            || self.endpoint_slices.values().any(|s| s.source == file)
+    }
+
+    /// For each invalid file that held objects in `prev`: drops what was
+    /// read from it now and carries those objects forward instead.
+    fn keep_in_force(&mut self, prev: &Snapshot, empty: &[String]) {
+        for file in empty.iter().filter(|f| prev.holds(f)) {
+            self.errors.push(ResourceError::Empty { file: file.clone() });
+        }
+        let bad: BTreeSet<String> = self
+            .errors
+            .iter()
+            .map(|e| e.file().to_string())
+            .filter(|f| prev.holds(f))
+            .collect();
+        for file in bad {
+            let f = file.as_str();
+            let mut kinds = BTreeSet::new();
+            let mut kind = |k: &str| {
+                kinds.insert(k.to_string());
+            };
+            carry(&mut self.nodes, &prev.nodes, |n| n.source == f, || kind("Node"));
+            carry(&mut self.pods, &prev.pods, |p| p.source == f, || kind("Pod"));
+            carry(
+                &mut self.identities,
+                &prev.identities,
+                |i| i.source == f,
+                || kind("SinewIdentity"),
+            );
+            carry(
+                &mut self.services,
+                &prev.services,
+                |s| s.source == f,
+                || kind("Service"),
+            );
+            carry(
+                &mut self.endpoint_slices,
+                &prev.endpoint_slices,
+                |s| s.source == f,
+                || kind("EndpointSlice"),
+            );
+            let gone: Vec<String> = self
+                .namespace_sources
+                .iter()
+                .filter(|(_, s)| *s == f)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in gone {
+                self.namespaces.remove(&n);
+                self.namespace_sources.remove(&n);
+            }
+            for (n, s) in prev.namespace_sources.iter().filter(|(_, s)| *s == f) {
+                if !self.namespaces.contains_key(n) {
+                    self.namespaces
+                        .insert(n.clone(), prev.namespaces.get(n).cloned().unwrap_or_default());
+                    self.namespace_sources.insert(n.clone(), s.clone());
+                }
+                kind("Namespace");
+            }
+            self.endpoints.retain(|e| e.source != f);
+            for e in prev.endpoints.iter().filter(|e| e.source == f) {
+                self.endpoints.push(e.clone());
+                kind("SinewEndpoint");
+            }
+            self.policies.retain(|p| p.source != f);
+            for p in prev.policies.iter().filter(|p| p.source == f) {
+                self.policies.push(p.clone());
+                kind(&p.kind);
+            }
+            self.kept.insert(file, kinds);
+        }
+    }
+
+    /// Cross-object checks of services: a NodePort stays with the service
+    /// in force that had it.
     fn finish_services(&mut self, previous: Option<&Snapshot>) {
         let empty = Snapshot::default();
         let prev = previous.unwrap_or(&empty);
-        let bad_files: std::collections::BTreeSet<&str> = self.errors.iter().map(|e| e.file()).collect();
-        let mut kept = Vec::new();
-        for (key, svc) in &prev.services {
-            if !self.services.contains_key(key) && bad_files.contains(svc.source.as_str()) {
-                kept.push((key.clone(), svc.clone()));
-            }
-        }
-        let mut kept_slices = Vec::new();
-        for (key, slice) in &prev.endpoint_slices {
-            if !self.endpoint_slices.contains_key(key) && bad_files.contains(slice.source.as_str()) {
-                kept_slices.push((key.clone(), slice.clone()));
-            }
-        }
-        for (key, svc) in kept {
-            tracing::warn!(service = %format!("{}/{}", key.0, key.1), file = %svc.source, "invalid update; keeping the service in force");
-            self.services.insert(key, svc);
-        }
-        self.endpoint_slices.extend(kept_slices);
         for (key, e) in services::node_port_conflicts(&self.services, &prev.services) {
             // A rejected update of a service in force keeps the old version
             // (whose NodePorts were unique when it was accepted).
@@ -248,6 +434,7 @@ impl Snapshot {
             ("v1", "Namespace") => {
                 let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
                 let labels = labels_at(&value, &["metadata", "labels"]);
+                self.namespace_sources.insert(name.clone(), source.into());
                 self.namespaces.insert(name, labels);
             }
             ("sinew.io/v1alpha1", "SinewIdentity") => {
@@ -309,6 +496,15 @@ impl Snapshot {
                 let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
                 let namespace = str_at(&value, &["metadata", "namespace"]);
                 let yaml = serde_yaml::to_string(&value).map_err(yaml_err)?;
+                let (_, errors) = sinew_policy::parse_all(source, &yaml);
+                if let Some(mut e) = errors.into_iter().next() {
+                    e.document = index;
+                    return Err(ResourceError::Policy {
+                        file: source.into(),
+                        kind,
+                        message: e.to_string(),
+                    });
+                }
                 self.policies.push(PolicyDoc {
                     kind,
                     namespace,
@@ -350,6 +546,21 @@ impl Snapshot {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Replaces the objects read from a file with those it held before.
+fn carry<K: Ord + Clone, V: Clone>(
+    now: &mut BTreeMap<K, V>,
+    prev: &BTreeMap<K, V>,
+    from: impl Fn(&V) -> bool,
+    mut kept: impl FnMut(),
+) {
+    now.retain(|_, v| !from(v));
+    for (k, v) in prev.iter().filter(|(_, v)| from(v)) {
+        // Another file may define it by now; that one stands.
+        now.entry(k.clone()).or_insert_with(|| v.clone());
+        kept();
     }
 }
 
@@ -641,5 +852,125 @@ endpoints: [{addresses: [10.244.1.5], nodeName: node1}]
         // Without a previous state the bad service is simply absent.
         let fresh = Snapshot::from_documents([("s.yaml".to_string(), broken.as_str())]);
         assert!(fresh.services.is_empty() && fresh.endpoint_slices.len() == 1);
+    }
+}
+
+/// Only removing a file removes what it holds: an empty, truncated or
+/// unparsable file, or one whose documents do not validate, is an invalid
+/// update, and every object the file held stays in force (issue 10).
+#[cfg(test)]
+mod invalid_update_tests {
+    use super::*;
+
+    const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.0.11}]}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: prod, labels: {app: web}}\nspec: {nodeName: node1, containers: []}\n";
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n";
+    const IDENTITY: &str = "apiVersion: sinew.io/v1alpha1\nkind: SinewIdentity\nmetadata: {name: \"300\"}\nspec: {securityLabels: {app: web}}\n";
+    const ENDPOINT: &str = "apiVersion: sinew.io/v1alpha1\nkind: SinewEndpoint\nmetadata: {name: web, namespace: prod}\nstatus: {node: node1, ipv4: 10.244.1.5, identity: 300}\n";
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.244.1.5], nodeName: node1}]\n";
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - ports:\n    - {port: 8080, protocol: TCP}\n";
+
+    fn files() -> Vec<(String, String)> {
+        [
+            ("node.yaml", NODE),
+            ("pod.yaml", POD),
+            ("ns.yaml", NAMESPACE),
+            ("identity.yaml", IDENTITY),
+            ("endpoint.yaml", ENDPOINT),
+            ("svc.yaml", SERVICE),
+            ("slice.yaml", SLICE),
+            ("policy.yaml", POLICY),
+        ]
+        .into_iter()
+        .map(|(f, t)| (f.to_string(), t.to_string()))
+        .collect()
+    }
+
+    fn read(files: &[(String, String)], previous: Option<&Snapshot>) -> Snapshot {
+        Snapshot::from_documents_after(files.iter().map(|(f, t)| (f.clone(), t.as_str())), previous)
+    }
+
+    /// Everything but the errors and bookkeeping.
+    fn objects(s: &Snapshot) -> String {
+        format!(
+            "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            s.nodes, s.pods, s.namespaces, s.identities, s.endpoints, s.policies, s.services, s.endpoint_slices
+        )
+    }
+
+    #[test]
+    fn an_empty_truncated_or_unparsable_file_keeps_what_it_held() {
+        let first = read(&files(), None);
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        assert_eq!(
+            (
+                first.nodes.len(),
+                first.pods.len(),
+                first.namespaces.len(),
+                first.identities.len()
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!((first.endpoints.len(), first.policies.len()), (1, 1));
+        assert_eq!((first.services.len(), first.endpoint_slices.len()), (1, 1));
+        for (file, _) in files() {
+            let original = files().into_iter().find(|(f, _)| *f == file).unwrap().1;
+            // `cat > file` / open(..., 'w') caught between truncation and
+            // write, a half-written file, and an editor's broken save.
+            let cut = original.find('{').map(|i| original[..i + 3].to_string()).unwrap();
+            for (what, text) in [
+                ("empty", String::new()),
+                ("blank", "\n  \n# being edited\n".to_string()),
+                ("truncated", cut),
+                ("unparsable", original.replace(": ", ":: ")),
+            ] {
+                let changed: Vec<(String, String)> = files()
+                    .into_iter()
+                    .map(|(f, t)| if f == file { (f, text.clone()) } else { (f, t) })
+                    .collect();
+                let next = read(&changed, Some(&first));
+                assert_eq!(
+                    objects(&next),
+                    objects(&first),
+                    "{file} {what} ({text:?}): what the file held must stay in force"
+                );
+                assert!(
+                    next.errors.iter().any(|e| e.file() == file),
+                    "{file} {what}: the invalid update is reported: {:?}",
+                    next.errors
+                );
+                // And the version in force keeps being carried while the
+                // file stays invalid.
+                let again = read(&changed, Some(&next));
+                assert_eq!(objects(&again), objects(&first), "{file} {what}: second read");
+            }
+        }
+        // Removing a file removes what it held.
+        let without: Vec<(String, String)> = files().into_iter().filter(|(f, _)| f != "svc.yaml").collect();
+        let next = read(&without, Some(&first));
+        assert!(next.services.is_empty() && next.errors.is_empty(), "{:?}", next.errors);
+    }
+
+    #[test]
+    fn an_invalid_policy_update_keeps_the_policy_in_force() {
+        let first = read(&files(), None);
+        for (what, text) in [
+            ("protocol TCPX", POLICY.replace("protocol: TCP", "protocol: TCPX")),
+            ("port 70000", POLICY.replace("port: 8080", "port: 70000")),
+            ("YAML syntax error", POLICY.replace("- ports:", "- ports: [")),
+        ] {
+            let changed: Vec<(String, String)> = files()
+                .into_iter()
+                .map(|(f, t)| if f == "policy.yaml" { (f, text.clone()) } else { (f, t) })
+                .collect();
+            let next = read(&changed, Some(&first));
+            assert_eq!(next.policies, first.policies, "{what}: the policy in force stays");
+            let msgs: Vec<String> = next.errors.iter().map(|e| e.to_string()).collect();
+            assert!(
+                msgs.iter().any(|m| m.contains("policy.yaml")),
+                "{what}: reported: {msgs:?}"
+            );
+        }
     }
 }
