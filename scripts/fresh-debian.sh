@@ -7,10 +7,12 @@
 #   sudo scripts/fresh-debian.sh [--dir DIR] [--ref REV] [--keep] [-- CMD [ARG...]]
 #
 # - debootstrap --variant=minbase bookworm into DIR (default
-#   /var/tmp/sinew-fresh), from the Debian mirror this machine's own apt
-#   sources name; the root gets those Debian sources too;
+#   /var/tmp/sinew-fresh), with ca-certificates, from the Debian mirror this
+#   machine's own apt sources name; the root gets those Debian sources too;
 # - copies ~/.cargo (toolchain proxies, crate cache) and bind-mounts ~/.rustup
 #   read-only: Rust is all that is installed by hand, as the README asks;
+# - copies this machine's network settings (CA bundle, /etc/pip.conf), as a
+#   new machine on the same network would have them;
 # - clones this repository at REV (default HEAD) into DIR/src/sinew;
 # - in a private mount namespace (unshare -m): /proc, /sys with /sys/fs/bpf
 #   and cgroup2, /dev, a tmpfs /run and /tmp; then chroot and run CMD as
@@ -97,7 +99,7 @@ if [ -e "$dir" ]; then
 fi
 mkdir -p "$dir"
 echo "==> debootstrap --variant=minbase bookworm $dir (mirror from this machine's apt sources)" >&2
-debootstrap --variant=minbase bookworm "$dir" "$mirror" >"$dir.debootstrap.log" 2>&1 \
+debootstrap --variant=minbase --include=ca-certificates bookworm "$dir" "$mirror" >"$dir.debootstrap.log" 2>&1 \
   || { tail -n 20 "$dir.debootstrap.log" >&2; die "debootstrap failed (log: $dir.debootstrap.log)"; }
 
 # The same Debian sources as this machine (main, updates, security).
@@ -105,6 +107,12 @@ rm -f "$dir/etc/apt/sources.list"
 for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
   [ -f "$f" ] && grep -q bookworm "$f" && cp "$f" "$dir$f"
 done
+
+# This machine's network settings, which a new machine on the same network
+# would have too: its CA bundle (a TLS-intercepting proxy's CA) and pip's
+# configuration. No package comes with them.
+cp -L /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/ca-certificates.crt"
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$dir/etc/pip.conf"
 
 echo "==> Rust toolchain: copy of $HOME/.cargo, $HOME/.rustup read-only" >&2
 mkdir -p "$dir/root"
