@@ -39,6 +39,9 @@ done
 # Second stage, inside the private mount namespace.
 if [ "${SINEW_FRESH_STAGE:-}" = inner ]; then
   mount --make-rprivate /
+  # The root must be a mount point, as / is on a machine: `ip netns exec`
+  # and runc make it a slave or remount it, which fails on a plain directory.
+  mount --bind "$dir" "$dir"
   mount -t proc proc "$dir/proc"
   mount --rbind /sys "$dir/sys"
   mount --rbind /dev "$dir/dev"

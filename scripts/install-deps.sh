@@ -16,8 +16,8 @@ PACKAGES=(
   containerd runc podman conmon containernetworking-plugins busybox-static
   # The 6.1 VM tier (test-vms/vm/run-in-vm.sh): qemu and Debian 12's own
   # kernel, installed beside the running one without changing it; python3
-  # and pip for virtme-ng.
-  qemu-system-x86 linux-image-amd64 python3 python3-pip
+  # and pip for virtme-ng, which runs `file` on busybox and the kernel.
+  qemu-system-x86 linux-image-amd64 python3 python3-pip file
   # scripts/fresh-debian.sh (a developer tool: a clean Debian 12 root).
   debootstrap
 )

@@ -51,6 +51,7 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("modprobe", Deb("kmod")),
     ("python3", Deb("python3")),
     ("qemu-system-x86_64", Deb("qemu-system-x86")),
+    ("file", Deb("file")),
     ("debootstrap", Deb("debootstrap")),
     ("git", Deb("git")),
     ("sysctl", Deb("procps")),
@@ -93,6 +94,10 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("dpkg-query", Deb("dpkg")),
     ("apt-get", Deb("apt")),
 ];
+
+/// Commands that the tools the project runs run in turn, with the tool:
+/// virtme-ng starts qemu and checks busybox and the kernel with `file`.
+const INDIRECT: &[(&str, &str)] = &[("qemu-system-x86_64", "vng"), ("file", "vng"), ("busybox", "vng")];
 
 /// Packages of Debian's required priority: every Debian 12 system has them
 /// (debootstrap's minbase installs exactly these and apt).
@@ -736,6 +741,11 @@ fn find_commands(root: &Path) -> Found {
         let rel = f.strip_prefix(root).unwrap().display().to_string();
         for (line, cmd) in shell_commands(&text) {
             add(&mut found, &cmd, format!("{rel}:{line}"));
+        }
+    }
+    for (cmd, by) in INDIRECT {
+        if found.contains_key(*by) {
+            add(&mut found, cmd, format!("by {by}"));
         }
     }
     found
