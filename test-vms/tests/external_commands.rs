@@ -99,6 +99,10 @@ const PROVIDERS: &[(&str, Source)] = &[
 /// virtme-ng starts qemu and checks busybox and the kernel with `file`.
 const INDIRECT: &[(&str, &str)] = &[("qemu-system-x86_64", "vng"), ("file", "vng"), ("busybox", "vng")];
 
+/// A listed package whose command file another package it depends on
+/// ships: /usr/bin/python3 belongs to python3-minimal.
+const SHIPPED_BY_DEPENDENCY: &[(&str, &str)] = &[("python3", "python3-minimal")];
+
 /// Packages of Debian's required priority: every Debian 12 system has them
 /// (debootstrap's minbase installs exactly these and apt).
 const BASE: &[&str] = &[
@@ -870,10 +874,12 @@ fn problems(found: &Found, install_deps: &str, check_host: bool) -> Vec<String> 
             continue;
         };
         match (source, dpkg_owner(&path)) {
-            (Deb(pkg), Some(owner)) if owner != pkg => problems.push(format!(
-                "`{cmd}` is {} from the Debian package `{owner}`, but PROVIDERS says `{pkg}`",
-                path.display()
-            )),
+            (Deb(pkg), Some(owner)) if owner != pkg && !SHIPPED_BY_DEPENDENCY.contains(&(pkg, owner.as_str())) => {
+                problems.push(format!(
+                    "`{cmd}` is {} from the Debian package `{owner}`, but PROVIDERS says `{pkg}`",
+                    path.display()
+                ))
+            }
             // Another copy first on PATH (/usr/local, pyenv) is fine when
             // the package is installed too.
             (Deb(pkg), None) if !deb_installed(pkg) => problems.push(format!(
