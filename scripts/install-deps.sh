@@ -3,14 +3,23 @@
 # Idempotent; skips apt when everything is already there.
 set -euo pipefail
 
+# Every external command a test, benchmark, script or the lab runs comes
+# from this list or from Debian's required base (coreutils, util-linux,
+# mount, grep, sed, mawk, ...): test-vms/tests/external_commands.rs checks
+# it, with the package of each command.
 PACKAGES=(
   clang llvm libbpf-dev linux-libc-dev gcc-multilib clang-format
-  protobuf-compiler pkg-config
-  iproute2 iperf3 ethtool tcpdump bpftool
-  containerd runc podman containernetworking-plugins busybox-static
+  protobuf-compiler pkg-config git
+  iproute2 iperf3 ethtool tcpdump bpftool kmod procps
+  # The services benchmark's kube-proxy baselines (bench/src/services.rs).
+  iptables nftables
+  containerd runc podman conmon containernetworking-plugins busybox-static
   # The 6.1 VM tier (test-vms/vm/run-in-vm.sh): qemu and Debian 12's own
-  # kernel, installed beside the running one without changing it.
-  qemu-system-x86 linux-image-amd64
+  # kernel, installed beside the running one without changing it; python3
+  # and pip for virtme-ng, which runs `file` on busybox and the kernel.
+  qemu-system-x86 linux-image-amd64 python3 python3-pip file
+  # scripts/fresh-debian.sh (a developer tool: a clean Debian 12 root).
+  debootstrap
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -46,10 +55,6 @@ done
 if ! command -v vng >/dev/null 2>&1 \
   && ! [ -x "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)/vng" ]; then
   echo "==> installing virtme-ng (pip)"
-  if ! python3 -m pip --version >/dev/null 2>&1; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
-  fi
   python3 -m pip install -q virtme-ng >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages virtme-ng >/dev/null
 fi

@@ -19,5 +19,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> tests"
 # Privileged tests build network namespaces and BPF pins; two at a time keeps
-# a 2-core machine responsive.
-cargo test --workspace --locked -- --test-threads=2
+# a 2-core machine responsive. --no-fail-fast: one failing test binary must
+# not hide the others' results; cargo still exits non-zero at the end.
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2

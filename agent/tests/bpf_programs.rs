@@ -1326,3 +1326,146 @@ fn cidr_policy_denies_outside_named_prefixes_with_1_and_500_rules() {
     let (one, many) = (per_packet(1), per_packet(500));
     eprintln!("new-flow policy decision, denied: 1 CIDR rule {one} ns/packet, 500 CIDR rules {many} ns/packet");
 }
+
+/// SCTP is policed by protocol and port and tracked by its ports, like TCP
+/// and UDP (the VM tier carries real SCTP; this host's kernel has none, but
+/// BPF_PROG_TEST_RUN needs no SCTP stack). Pod A enforces ingress and
+/// egress: B may reach it on SCTP 7001 (by identity) and 7003 (any peer),
+/// but a deny rule for B on 7003 wins; A's reply to B's association passes
+/// its egress only because the association is tracked, port for port.
+#[test]
+fn sctp_is_policed_by_port_and_tracked() {
+    use sinew_abi::{
+        EndpointInfo, PolicyKey, PolicyValue, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, MATCH_L3_L4, MATCH_L4_ONLY,
+        POLICY_ACTION_ALLOW, POLICY_ACTION_DENY, POLICY_ANY_IDENTITY, POLICY_DIR_INGRESS, POLICY_PREFIX_FULL,
+    };
+    use support::packet::{IPPROTO_SCTP, IPPROTO_TCP};
+
+    in_new_netns("bpf-sctp", || {
+        let mut node = Node::new(RoutingMode::Vxlan);
+        let (a, b) = (node.a, node.b);
+        node.dp
+            .upsert_endpoint(
+                a.ifindex,
+                EndpointInfo {
+                    ipv4: u32::from_ne_bytes(a.ip.octets()),
+                    identity: a.identity,
+                    id: 1,
+                    flags: EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED,
+                    pod_mac: a.mac,
+                    host_mac: a.host_mac,
+                    policy_rev: 1,
+                },
+            )
+            .unwrap();
+        let rules = [
+            (b.identity, 7001u16, POLICY_ACTION_ALLOW, MATCH_L3_L4),
+            (POLICY_ANY_IDENTITY, 7003, POLICY_ACTION_ALLOW, MATCH_L4_ONLY),
+            (b.identity, 7003, POLICY_ACTION_DENY, MATCH_L3_L4),
+        ];
+        for (i, (identity, port, action, r#match)) in rules.into_iter().enumerate() {
+            node.dp
+                .upsert_policy(
+                    PolicyKey {
+                        prefixlen: POLICY_PREFIX_FULL,
+                        ep_id: 1,
+                        identity,
+                        direction: POLICY_DIR_INGRESS,
+                        proto: IPPROTO_SCTP,
+                        dport: port.to_be(),
+                    },
+                    PolicyValue {
+                        rule_id: i as u32 + 1,
+                        proxy_port: 0,
+                        action,
+                        r#match,
+                    },
+                )
+                .unwrap();
+        }
+        let b_to_a = |dport: u16, vtag: u32| {
+            Ipv4Frame::sctp((b.ip, 40000), (a.ip, dport), vtag)
+                .macs(b.host_mac, b.mac)
+                .build()
+        };
+        let a_to_b = |sport: u16, dport: u16| {
+            Ipv4Frame::sctp((a.ip, sport), (b.ip, dport), 0x5eed_0001)
+                .macs(a.host_mac, a.mac)
+                .build()
+        };
+        // from_container counts by its hook: a drop by the destination's
+        // ingress policy in local delivery is counted as Egress there.
+        let cases = [
+            Case {
+                what: "SCTP INIT to an allowed port is delivered",
+                program: "from_container",
+                on: On::PodB,
+                input: b_to_a(7001, 0),
+                verdict: TC_ACT_REDIRECT,
+                counted: (Forwarded, Egress),
+                expect: check(|_, input, out| forwarded_as_router(input, out)),
+            },
+            Case {
+                what: "the same association's DATA is delivered",
+                program: "from_container",
+                on: On::PodB,
+                input: b_to_a(7001, 0x5eed_0001),
+                verdict: TC_ACT_REDIRECT,
+                counted: (Forwarded, Egress),
+                expect: check(|_, input, out| forwarded_as_router(input, out)),
+            },
+            Case {
+                what: "the reply leaves A, whose egress allows nothing, as part of the association",
+                program: "from_container",
+                on: On::PodA,
+                input: a_to_b(7001, 40000),
+                verdict: TC_ACT_REDIRECT,
+                counted: (Forwarded, Egress),
+                expect: check(|_, input, out| forwarded_as_router(input, out)),
+            },
+            Case {
+                what: "A to B from the same port to another port is no reply: egress denies it",
+                program: "from_container",
+                on: On::PodA,
+                input: a_to_b(7001, 40001),
+                verdict: TC_ACT_SHOT,
+                counted: (Policy, Egress),
+                expect: Expect::Dropped,
+            },
+            Case {
+                what: "SCTP to a port no rule allows is dropped by policy",
+                program: "from_container",
+                on: On::PodB,
+                input: b_to_a(7002, 0),
+                verdict: TC_ACT_SHOT,
+                counted: (Policy, Egress),
+                expect: Expect::Dropped,
+            },
+            Case {
+                what: "a deny rule for the peer wins over an any-peer allow",
+                program: "from_container",
+                on: On::PodB,
+                input: b_to_a(7003, 0),
+                verdict: TC_ACT_SHOT,
+                counted: (PolicyDeny, Egress),
+                expect: Expect::Dropped,
+            },
+        ];
+        let mut failed = Vec::new();
+        for case in &cases {
+            let r = catch_unwind(AssertUnwindSafe(|| run_case(&node, case)));
+            eprintln!("[sctp] {} {}", if r.is_ok() { "ok  " } else { "FAIL" }, case.what);
+            if r.is_err() {
+                failed.push(case.what);
+            }
+        }
+        // The allowed port admits SCTP only: TCP to it is no SCTP rule.
+        let tcp = Ipv4Frame::tcp((b.ip, 40000), (a.ip, 7001), TCP_SYN)
+            .macs(b.host_mac, b.mac)
+            .build();
+        assert_eq!(View(&tcp).protocol(), IPPROTO_TCP);
+        let out = node.run("from_container", &tcp, ifindex_of(&node, On::PodB), (Policy, Egress));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "TCP to the SCTP-only port 7001 passed");
+        assert!(failed.is_empty(), "SCTP cases failed: {failed:?}");
+    });
+}

@@ -32,7 +32,7 @@ if [ "${1:-}" = "--in-guest" ]; then
   # /run must be a private tmpfs: /run/netns bind mounts and agent sockets.
   if [ "$(stat -f -c %T /run)" != "tmpfs" ]; then mount -t tmpfs tmpfs /run; fi
   mkdir -p /run/netns
-  for m in veth vxlan bridge sch_ingress cls_bpf act_bpf; do
+  for m in veth vxlan bridge sch_ingress cls_bpf act_bpf sctp; do
     modprobe -q "$m" 2>/dev/null || echo "run-in-vm: module $m not loaded (built in or missing)"
   done
   ip link set lo up || true

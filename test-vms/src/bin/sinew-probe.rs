@@ -7,7 +7,13 @@
 //! sinew-probe tcp ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T] [--v6]
 //! sinew-probe udp ADDR:PORT [--count N] [--timeout-ms T] [--v6]
 //! sinew-probe tcp-hold ADDR:PORT [--timeout-ms T]   # then echoes stdin lines
+//! sinew-probe sctp ADDR:PORT [--count N] [--timeout-ms T]
+//! sinew-probe sctp-serve ADDR:PORT   # prints `listening`, then answers each
+//!                                    # association with `sctp LOCAL`
 //! ```
+//!
+//! SCTP uses one-to-one style sockets (SOCK_STREAM, IPPROTO_SCTP); the
+//! kernel needs the sctp module.
 //!
 //! One line per connection or datagram: `ok peer=A:P local=A:P reply=TEXT`
 //! or `err errno=N msg=TEXT`. With `--bind-port P` connection i binds source
@@ -17,6 +23,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
@@ -189,10 +196,95 @@ fn tcp_hold(o: &Opts) -> bool {
     }
 }
 
+/// A one-to-one style SCTP socket.
+fn sctp_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; the result is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_SCTP,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) {
+            std::io::Error::new(e.kind(), format!("{e} (no SCTP in this kernel: modprobe sctp)"))
+        } else {
+            e
+        });
+    }
+    // SAFETY: fd is a descriptor socket(2) just returned; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connects an association, reads the server's first line.
+fn sctp(o: &Opts) -> bool {
+    let mut all_ok = true;
+    for _ in 0..o.count {
+        let line = (|| -> std::io::Result<String> {
+            let fd = sctp_socket()?;
+            let tv = nix::sys::time::TimeVal::new(
+                o.timeout.as_secs() as libc::time_t,
+                o.timeout.subsec_micros() as libc::suseconds_t,
+            );
+            // A blocking connect waits for the association at most this long.
+            socket::setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+            socket::connect(fd.as_raw_fd(), &SockaddrIn::from(o.addr))?;
+            let s = TcpStream::from(fd);
+            s.set_read_timeout(Some(o.timeout))?;
+            let peer = s.peer_addr()?;
+            let local = s.local_addr()?;
+            let mut reply = String::new();
+            BufReader::new(&s).read_line(&mut reply)?;
+            if reply.is_empty() {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no reply"));
+            }
+            Ok(format!("ok peer={peer} local={local} reply={}", reply.trim()))
+        })()
+        .unwrap_or_else(|e| {
+            all_ok = false;
+            err_line(&e)
+        });
+        println!("{line}");
+    }
+    all_ok
+}
+
+/// Serves SCTP associations until killed.
+fn sctp_serve(o: &Opts) -> bool {
+    let run = || -> std::io::Result<()> {
+        let fd = sctp_socket()?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(o.addr))?;
+        socket::listen(&fd, socket::Backlog::new(64).map_err(std::io::Error::from)?)?;
+        let listener = std::net::TcpListener::from(fd);
+        println!("listening {}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let local = s.local_addr()?;
+            let _ = s.write_all(format!("sctp {local}\n").as_bytes());
+            // Wait for the client to close first: the reply is then read
+            // before the association goes away.
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.read(&mut [0u8; 16]);
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("{}", err_line(&e));
+            false
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        eprintln!("usage: sinew-probe tcp|udp|tcp-hold ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T]");
+        eprintln!("usage: sinew-probe tcp|udp|tcp-hold|sctp|sctp-serve ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T]");
         std::process::exit(2);
     };
     let o = match parse(rest) {
@@ -206,8 +298,10 @@ fn main() {
         "tcp" => tcp(&o),
         "udp" => udp(&o),
         "tcp-hold" => tcp_hold(&o),
+        "sctp" => sctp(&o),
+        "sctp-serve" => sctp_serve(&o),
         other => {
-            eprintln!("sinew-probe: unknown mode {other}: use tcp, udp or tcp-hold");
+            eprintln!("sinew-probe: unknown mode {other}: use tcp, udp, tcp-hold, sctp or sctp-serve");
             std::process::exit(2);
         }
     };
