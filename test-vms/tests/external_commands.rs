@@ -66,6 +66,7 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("true", Deb("coreutils")),
     ("id", Deb("coreutils")),
     ("cat", Deb("coreutils")),
+    ("mv", Deb("coreutils")),
     ("cp", Deb("coreutils")),
     ("rm", Deb("coreutils")),
     ("mkdir", Deb("coreutils")),
