@@ -129,7 +129,7 @@ impl NodeState {
                             || (r.ingress_enforced || r.egress_enforced) && self.policy_selects(kind, ns, name, ep)
                     })
                 })
-                .map(|ep| format!("{}/{}", ep.pod_namespace, ep.pod_name))
+                .map(|ep| crate::observer::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id))
                 .collect()
         };
         v1::ListPoliciesResponse {
