@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub lb_algorithm: sinew_model::LbAlgorithm,
     pub maglev_table_size: u32,
     pub maglev_services: u32,
+    /// Test hook: delays the background removal of a deleted endpoint's
+    /// veth (see `NodeState::link_removal_delay`). Zero in production.
+    pub test_link_removal_delay: Duration,
 }
 
 impl AgentConfig {
@@ -319,6 +322,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             maglev_table_size: cfg.maglev_table_size,
         },
         health: Default::default(),
+        link_removal_delay: cfg.test_link_removal_delay,
     };
     state.policy.fail_open = cfg.policy_fail_open;
     state.policy.persist = Some(policies_path);

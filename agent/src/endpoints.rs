@@ -45,6 +45,13 @@ pub struct Endpoint {
 struct State {
     next_id: u32,
     endpoints: BTreeMap<String, Endpoint>,
+    /// Host veths (name, ifindex) of deleted endpoints that the agent
+    /// removes in the background after answering the DEL. Persisted with
+    /// the endpoint's removal, so that an agent stopped or killed before
+    /// the removal ran finishes it on restart instead of leaking the veth
+    /// (the registry no longer names it, and the runtime's DEL succeeded).
+    #[serde(default)]
+    link_removals: BTreeMap<String, u32>,
 }
 
 pub struct Registry {
@@ -114,6 +121,35 @@ impl Registry {
         Ok(ep)
     }
 
+    /// Removes the endpoint and records its host veth as to be removed, in
+    /// one write: see [`Self::link_removals`].
+    pub fn remove_with_link(&mut self, att: &Attachment) -> Result<Option<Endpoint>, RegistryError> {
+        let ep = self.state.endpoints.remove(&key(att));
+        if let Some(ep) = &ep {
+            self.state.link_removals.insert(ep.host_ifname.clone(), ep.host_ifindex);
+            self.persist()?;
+        }
+        Ok(ep)
+    }
+
+    /// Host veths (name, ifindex) whose background removal may not have
+    /// run yet.
+    pub fn link_removals(&self) -> Vec<(String, u32)> {
+        self.state.link_removals.iter().map(|(n, i)| (n.clone(), *i)).collect()
+    }
+
+    /// Forgets recorded veth removals that are done (or moot).
+    pub fn forget_link_removals<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) -> Result<(), RegistryError> {
+        let mut changed = false;
+        for n in names {
+            changed |= self.state.link_removals.remove(n).is_some();
+        }
+        if changed {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
     pub fn get(&self, att: &Attachment) -> Option<&Endpoint> {
         self.state.endpoints.get(&key(att))
     }
@@ -174,7 +210,12 @@ mod tests {
         let mut r = Registry::open(&path).unwrap();
         assert_eq!(r.get(&att).unwrap().host_ifindex, 7);
         assert_eq!(r.next_id(), 2, "ids are not reused after restart");
-        assert!(r.remove(&att).unwrap().is_some());
+        assert!(r.remove_with_link(&att).unwrap().is_some());
         assert!(r.remove(&att).unwrap().is_none());
+        // The pending veth removal survives a restart until forgotten.
+        let mut r = Registry::open(&path).unwrap();
+        assert_eq!(r.link_removals(), vec![("lxc1".to_string(), 7)]);
+        r.forget_link_removals(["lxc1"]).unwrap();
+        assert!(Registry::open(&path).unwrap().link_removals().is_empty());
     }
 }

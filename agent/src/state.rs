@@ -90,6 +90,10 @@ pub struct NodeState {
     pub services: crate::services::ServiceState,
     pub service_settings: crate::services::Settings,
     pub health: SyncHealth,
+    /// Test hook (`--test-link-removal-delay-ms`): how long the background
+    /// removal of a deleted endpoint's veth waits first, so that a test can
+    /// stop the agent inside that window. Zero in production.
+    pub link_removal_delay: std::time::Duration,
 }
 
 /// The endpoint-map row of an endpoint, without policy flags.
@@ -268,7 +272,9 @@ impl NodeState {
         let _ = self.datapath.remove_endpoint(ep.host_ifindex);
         let pins = self.datapath.endpoint_link_pins(&ep.host_ifname);
         let (name, ifindex) = (ep.host_ifname.clone(), ep.host_ifindex);
+        let delay = self.link_removal_delay;
         std::thread::spawn(move || {
+            std::thread::sleep(delay);
             if netutil::ifindex(&name).ok() == Some(ifindex) {
                 if let Err(e) = netutil::ip(&["link", "del", "dev", &name]) {
                     tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
@@ -282,17 +288,59 @@ impl NodeState {
 
     /// DEL: like [`Self::delete_endpoint`], with the veth removed by the agent
     /// in the background. Returns (endpoint, existed, removal queued).
+    /// The veth is recorded in the registry, in the same write that removes
+    /// the endpoint, until it is gone: an agent that stops before the
+    /// background removal ran finishes it in [`Self::restore`].
     pub fn delete_endpoint_queued(&mut self, att: &Attachment) -> Result<(Option<Endpoint>, bool), StateError> {
+        self.forget_finished_link_removals()?;
         let ep = self.registry.get(att).cloned();
         if let Some(ep) = &ep {
             self.unpublish_async(ep);
-            self.registry.remove(att)?;
+            self.registry.remove_with_link(att)?;
             // Other nodes and identity GC go by the published list.
             self.publish_endpoints();
         }
         let released = self.ipam.release(att)?.is_some();
         let existed = ep.is_some() || released;
         Ok((ep, existed))
+    }
+
+    /// Drops the recorded veth removals that have happened: the interface
+    /// is gone, or the name now belongs to another interface (a re-ADD).
+    fn forget_finished_link_removals(&mut self) -> Result<(), StateError> {
+        let done: Vec<String> = self
+            .registry
+            .link_removals()
+            .into_iter()
+            .filter(|(name, ifindex)| netutil::ifindex(name).ok() != Some(*ifindex))
+            .map(|(name, _)| name)
+            .collect();
+        self.registry.forget_link_removals(done.iter().map(String::as_str))?;
+        Ok(())
+    }
+
+    /// After a restart: removes the veths of endpoints deleted just before
+    /// the agent stopped, whose background removal did not run.
+    fn finish_link_removals(&mut self) -> Result<(), StateError> {
+        let pending = self.registry.link_removals();
+        for (name, ifindex) in &pending {
+            match netutil::ifindex(name).ok() {
+                Some(i) if i == *ifindex => {
+                    tracing::info!(ifname = %name, "removing the veth of an endpoint deleted before the agent stopped");
+                    if let Err(e) = netutil::ip(&["link", "del", "dev", name]) {
+                        tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
+                        continue;
+                    }
+                }
+                // The name belongs to a re-added pod now: its pins are its own.
+                Some(_) => continue,
+                None => {}
+            }
+            for p in self.datapath.endpoint_link_pins(name) {
+                crate::datapath::detach_pinned(&p);
+            }
+        }
+        self.forget_finished_link_removals()
     }
 
     /// Removes the endpoint and releases the address. Returns the endpoint
@@ -348,6 +396,7 @@ impl NodeState {
     /// exists (atomically replacing the old programs), drop those whose pod
     /// went away while the agent was down.
     pub fn restore(&mut self) -> Result<(usize, usize), StateError> {
+        self.finish_link_removals()?;
         let eps: Vec<Endpoint> = self.registry.iter().cloned().collect();
         let (mut kept, mut dropped) = (0, 0);
         for ep in eps {

@@ -205,6 +205,49 @@ fn wait_ready(sock: &std::path::Path) {
     }
 }
 
+/// DEL answers once the endpoint is out of the maps and leaves the veth to
+/// the agent's background removal. An agent stopped inside that window (an
+/// upgrade, a crash, the restarts of the test below: its leaked
+/// lxcaac35cfea4e was churn332's, the DEL just before a restart) must still
+/// remove the veth once it is back: the runtime's DEL succeeded, so nobody
+/// else will. The hidden agent flag holds the removal back for 3 s, so the
+/// stop always lands in the window.
+#[test]
+fn a_veth_removal_cut_short_by_an_agent_stop_is_finished_at_restart() {
+    let mut g = lab_with_args(
+        "e2e-vrm",
+        1,
+        0,
+        Routing::Native,
+        &["--test-link-removal-delay-ms", "3000"],
+    );
+    let node_ns = node_ns(&g.lab, "node1");
+    let sock = g.lab.node("node1").unwrap().socket.clone();
+    let good = config(&g.lab, "node1");
+    let pod = NetNs::create(format!("{}-podr", g.lab.spec().name_prefix)).unwrap();
+    let netns = pod.path().display().to_string();
+
+    let out = cni(&g.lab, "node1", &env("ADD", "r1", &netns), &good);
+    assert!(out.status.success(), "ADD: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(lxc_links(&node_ns).len(), 1, "ADD made one veth");
+    let del = cni(&g.lab, "node1", &env("DEL", "r1", &netns), &good);
+    assert!(del.status.success(), "DEL: {}", String::from_utf8_lossy(&del.stdout));
+    g.lab.stop_agent("node1").unwrap();
+    assert_eq!(
+        lxc_links(&node_ns).len(),
+        1,
+        "the agent stopped before its background removal of the veth ran"
+    );
+
+    g.lab.start_agent("node1").unwrap();
+    wait_ready(&sock);
+    let left = wait_no_lxc_links(&node_ns);
+    assert!(left.is_empty(), "no veth leaked across the restart: {left:?}");
+    assert_eq!(allocated(&g.lab, "node1"), 0, "no address held");
+    assert!(endpoints(&sock).is_empty(), "no endpoint left");
+    pod.delete().unwrap();
+}
+
 /// 1,000 ADD/DEL cycles where the plugin is killed at a random moment of
 /// its ADD (as a runtime timeout would), each followed by the DEL a runtime
 /// sends after a failed ADD; the agent is restarted twice on the way. At the

@@ -93,6 +93,10 @@ struct Args {
     /// node (~80 ns per run measured here, three runs per packet).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     bpf_stats: bool,
+    /// Test hook: wait this long before removing a deleted endpoint's veth
+    /// in the background, so that a test can stop the agent in between.
+    #[arg(long, default_value_t = 0, hide = true)]
+    test_link_removal_delay_ms: u64,
     /// The cgroup v2 directory whose processes get socket-level service
     /// load balancing. Default: the whole node, i.e. the cgroup2 mount
     /// (/sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a
@@ -154,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         lb_algorithm: a.lb_algorithm,
         maglev_table_size: a.maglev_table_size,
         maglev_services: a.maglev_services,
+        test_link_removal_delay: std::time::Duration::from_millis(a.test_link_removal_delay_ms),
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()
