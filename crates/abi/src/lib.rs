@@ -8,9 +8,11 @@
 #![deny(unsafe_code)]
 
 mod drop_reason;
+mod proxy;
 mod types;
 
 pub use drop_reason::{Direction, DropReason};
+pub use proxy::*;
 pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
