@@ -55,6 +55,10 @@ pub trait Datastore: Send + Sync {
     fn apply_policy(&self, doc: &PolicyDoc) -> Result<(), DatastoreError>;
     /// Deletes a policy; false when there was none.
     fn delete_policy(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<bool, DatastoreError>;
+    /// The YAML stored for a policy now (None: there is none), read from
+    /// the store itself rather than a snapshot, so that a caller can put
+    /// back what it replaced when a later write of the same batch fails.
+    fn stored_policy(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<Option<String>, DatastoreError>;
 }
 
 /// The first identity number for pods; below are reserved ones.

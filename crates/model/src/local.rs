@@ -382,6 +382,15 @@ impl Datastore for LocalDatastore {
             Err(e) => Err(io(&path)(e)),
         }
     }
+
+    fn stored_policy(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<Option<String>, DatastoreError> {
+        let path = policy_path(&self.dir, kind, namespace, name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
 }
 
 /// Where `sinew policy apply` keeps a policy in the local backend.
@@ -551,8 +560,16 @@ mod write_tests {
             (ep.ipv4, 300, &ep.named_ports)
         );
         assert_eq!(snap.policies[0].name, "deny");
+        assert_eq!(
+            ds.stored_policy("NetworkPolicy", Some("prod"), "deny")
+                .unwrap()
+                .as_deref(),
+            Some(doc.yaml.as_str()),
+            "what was written reads back, for a rollback"
+        );
         assert!(ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
         assert!(!ds.delete_policy("NetworkPolicy", Some("prod"), "deny").unwrap());
+        assert_eq!(ds.stored_policy("NetworkPolicy", Some("prod"), "deny").unwrap(), None);
     }
 }
 

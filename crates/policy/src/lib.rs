@@ -22,7 +22,10 @@ pub mod trace;
 mod scenarios;
 
 pub use identity::{identity_labels, Identity, IdentityKind, IgnoreRules, NamedPorts, Reserved};
-pub use model::{parse, parse_all, Direction, PolicyError, PolicyKind, PolicyResource, Proto, Section};
+pub use model::{
+    parse, parse_all, parse_documents, Direction, ParsedDocument, PolicyError, PolicyKind, PolicyResource, Proto,
+    Section,
+};
 pub use resolve::{
     cidr_class, cidr_prefixes, resolve, Action, Endpoint, Entry, Peer, PolicyName, Resolved, Resolver, RuleRef,
 };

@@ -305,7 +305,35 @@ pub fn parse(source: &str, yaml_text: &str) -> Result<Vec<PolicyResource>, Vec<P
 /// Like [`parse`], but returns the valid policies alongside the errors, for
 /// a datastore that applies what it can and reports the rest.
 pub fn parse_all(source: &str, yaml_text: &str) -> (Vec<PolicyResource>, Vec<PolicyError>) {
-    let mut policies: Vec<PolicyResource> = Vec::new();
+    let (policies, errors) = parse_stream(source, yaml_text, false);
+    (policies.into_iter().map(|d| d.resource).collect(), errors)
+}
+
+/// One policy document: the parsed policy and the YAML of its document
+/// alone (re-serialised, without the other documents of its file), which
+/// is what a datastore stores.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParsedDocument {
+    pub resource: PolicyResource,
+    pub yaml: String,
+}
+
+/// Parses every policy in `yaml_text` once and keeps each one's document
+/// text next to it, for callers that store the documents they validated.
+/// All-or-nothing like [`parse`].
+pub fn parse_documents(source: &str, yaml_text: &str) -> Result<Vec<ParsedDocument>, Vec<PolicyError>> {
+    let (docs, errors) = parse_stream(source, yaml_text, true);
+    if errors.is_empty() {
+        Ok(docs)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The one YAML walk behind [`parse_all`] and [`parse_documents`];
+/// `keep_text` serialises each policy document on its own.
+fn parse_stream(source: &str, yaml_text: &str, keep_text: bool) -> (Vec<ParsedDocument>, Vec<PolicyError>) {
+    let mut policies: Vec<ParsedDocument> = Vec::new();
     let mut errors = Vec::new();
     let mut seen: BTreeMap<(PolicyKind, Option<String>, String), usize> = BTreeMap::new();
     for (document, doc) in serde_yaml::Deserializer::from_str(yaml_text).enumerate() {
@@ -327,6 +355,12 @@ pub fn parse_all(source: &str, yaml_text: &str) -> (Vec<PolicyResource>, Vec<Pol
                 break;
             }
         };
+        // A value that deserialised serialises again.
+        let text = if keep_text {
+            serde_yaml::to_string(&value).unwrap_or_default()
+        } else {
+            String::new()
+        };
         match parse_document(source, document, value) {
             Ok(None) => {}
             Ok(Some(p)) => {
@@ -344,7 +378,10 @@ pub fn parse_all(source: &str, yaml_text: &str) -> (Vec<PolicyResource>, Vec<Pol
                     });
                 } else {
                     seen.insert(key, document);
-                    policies.push(p);
+                    policies.push(ParsedDocument {
+                        resource: p,
+                        yaml: text,
+                    });
                 }
             }
             Err(mut e) => errors.append(&mut e),

@@ -121,6 +121,28 @@ fn parse_all_keeps_valid_documents_next_to_errors() {
 }
 
 #[test]
+fn parse_documents_keeps_each_policy_with_its_own_document_once() {
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n";
+    let yaml = format!(
+        "{}---\n{service}---\n{}",
+        k8s("  podSelector: {}\n"),
+        k8s("  podSelector: {}\n").replace("name: p", "name: q")
+    );
+    let docs = parse_documents("x", &yaml).unwrap();
+    let names: Vec<&str> = docs.iter().map(|d| d.resource.name()).collect();
+    assert_eq!(names, ["p", "q"], "other kinds are skipped");
+    for d in &docs {
+        // Each text is its own document, and parses back to the same policy.
+        assert!(!d.yaml.contains("---") && !d.yaml.contains("Service"), "{}", d.yaml);
+        let again = parse("x", &d.yaml).unwrap();
+        assert_eq!(again, vec![d.resource.clone()]);
+    }
+    let bad = yaml.replace("podSelector: {}\n", "podSelector: {}\n  policyTypes: [Sideways]\n");
+    let errors = parse_documents("x", &bad).unwrap_err();
+    assert_eq!(errors.len(), 2, "every error, none applied: {errors:?}");
+}
+
+#[test]
 fn rejects_bad_selector_operator() {
     assert_rejected(
         &sinew("  endpointSelector: {}\n  ingress:\n  - fromEndpoints:\n    - matchExpressions: [{key: app, operator: Equals, values: [x]}]\n"),
