@@ -27,12 +27,26 @@ fn attachment(a: Option<v1::Attachment>) -> Result<Attachment, Status> {
     })
 }
 
+/// The gRPC status of a state error: what the caller got wrong, what is
+/// not there, what may work on a retry, and what is the agent's own fault.
 fn status(e: StateError) -> Status {
+    use crate::policy::{ApplyError, TraceError};
+    let msg = e.to_string();
     match &e {
-        StateError::Ipam(IpamError::Exhausted { .. }) => Status::resource_exhausted(e.to_string()),
-        StateError::Invalid(_) => Status::failed_precondition(e.to_string()),
-        StateError::Net(crate::netutil::NetError::NoSuchInterface(_)) => Status::failed_precondition(e.to_string()),
-        _ => Status::internal(e.to_string()),
+        StateError::Ipam(IpamError::Exhausted { .. }) => Status::resource_exhausted(msg),
+        StateError::BadField { .. }
+        | StateError::PolicyApply(ApplyError::Rejected(_) | ApplyError::NoPolicies { .. })
+        | StateError::Trace(TraceError::BadPort { .. } | TraceError::Ipv6(_) | TraceError::BadFrom(_)) => {
+            Status::invalid_argument(msg)
+        }
+        StateError::Trace(TraceError::NoSuchPod(_)) => Status::not_found(msg),
+        StateError::NotAllocated { .. }
+        | StateError::NotTheAllocatedAddress { .. }
+        | StateError::InterfaceRecreated { .. }
+        | StateError::Net(crate::netutil::NetError::NoSuchInterface(_)) => Status::failed_precondition(msg),
+        // The request was fine; the datastore may take it on a retry.
+        StateError::Datastore { .. } | StateError::PolicyApply(ApplyError::Store { .. }) => Status::unavailable(msg),
+        _ => Status::internal(msg),
     }
 }
 
@@ -227,12 +241,7 @@ impl sinew_proto::Agent for AgentApi {
     ) -> Result<Response<v1::ApplyPolicyResponse>, Status> {
         let r = req.into_inner();
         let mut s = self.lock()?;
-        let applied = s.apply_policy_yaml(&r.yaml, &r.source).map_err(|e| match e {
-            StateError::Invalid(m) => {
-                Status::invalid_argument(format!("policy rejected; the policies in force are unchanged:\n{m}"))
-            }
-            other => status(other),
-        })?;
+        let applied = s.apply_policy_yaml(&r.yaml, &r.source).map_err(status)?;
         tracing::info!(count = applied.len(), "policies applied");
         Ok(Response::new(v1::ApplyPolicyResponse { applied }))
     }

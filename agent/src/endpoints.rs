@@ -41,6 +41,21 @@ pub struct Endpoint {
     pub identity_labels: std::collections::BTreeMap<String, String>,
 }
 
+impl Endpoint {
+    /// The endpoint-map row of the endpoint, without policy flags.
+    pub fn map_info(&self) -> sinew_abi::EndpointInfo {
+        sinew_abi::EndpointInfo {
+            ipv4: u32::from_ne_bytes(self.ip.octets()),
+            identity: self.identity,
+            id: self.id,
+            flags: 0,
+            pod_mac: self.pod_mac,
+            host_mac: self.host_mac,
+            policy_rev: 0,
+        }
+    }
+}
+
 #[derive(Default, Serialize, Deserialize)]
 struct State {
     next_id: u32,

@@ -17,6 +17,5 @@ pub mod netutil;
 pub mod nodes;
 pub mod observer;
 pub mod policy;
-pub mod policy_api;
 pub mod services;
 pub mod state;

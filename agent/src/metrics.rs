@@ -240,7 +240,7 @@ impl Sample {
         Sample {
             datapath: dp.metrics(),
             events_lost: dp.events_lost(),
-            policy_entries: s.policy_entry_count() as u64,
+            policy_entries: s.policy.entry_count() as u64,
             policy_capacity: u64::from(cfg.policy_map_size),
             policy_refused: s.policy.overflows,
             policy_failed_endpoints: s.policy.failed.len() as u64,

@@ -5,14 +5,16 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
-use sinew_abi::EndpointInfo;
+use sinew_proto::v1;
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::endpoints::{format_mac, parse_mac, Endpoint, Registry, RegistryError};
 use crate::features::Feature;
 use crate::ipam::{Attachment, Ipam, IpamError};
-use crate::netutil;
 use crate::nodes::{self, LocalNode, Reconciler};
+use crate::policy::{self, PolicyState};
+use crate::services::{self, ServiceState};
+use crate::{identity, netutil};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -24,10 +26,34 @@ pub enum StateError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Net(#[from] netutil::NetError),
-    #[error("{0}")]
-    Invalid(String),
     #[error(transparent)]
     Reconcile(#[from] nodes::ReconcileError),
+    #[error("no address is allocated to container {container_id} interface {ifname}; call AllocateIp first")]
+    NotAllocated { container_id: String, ifname: String },
+    /// A request field that does not parse.
+    #[error("{field} {value:?} is not {expected}; pass {expected}")]
+    BadField {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error(
+        "ip {ip} is not the address allocated to this attachment ({allocated}); pass the address AllocateIp returned"
+    )]
+    NotTheAllocatedAddress { ip: Ipv4Addr, allocated: String },
+    #[error("{ifname} has ifindex {actual}, not {expected}; the interface was recreated, retry the ADD")]
+    InterfaceRecreated { ifname: String, expected: u32, actual: u32 },
+    /// A datastore read or write other than a policy apply failed.
+    #[error("cannot {action}: {source}")]
+    Datastore {
+        action: &'static str,
+        #[source]
+        source: sinew_model::DatastoreError,
+    },
+    #[error(transparent)]
+    PolicyApply(#[from] policy::ApplyError),
+    #[error(transparent)]
+    Trace(#[from] policy::TraceError),
 }
 
 /// Whether applying the desired state to the datapath keeps failing, for
@@ -86,27 +112,14 @@ pub struct NodeState {
     pub snapshot: std::sync::Arc<sinew_model::Snapshot>,
     pub remote_nodes: usize,
     pub ds: std::sync::Arc<dyn sinew_model::Datastore>,
-    pub policy: crate::policy::PolicyState,
-    pub services: crate::services::ServiceState,
-    pub service_settings: crate::services::Settings,
+    pub policy: PolicyState,
+    pub services: ServiceState,
+    pub service_settings: services::Settings,
     pub health: SyncHealth,
     /// Test hook (`--test-link-removal-delay-ms`): how long the background
     /// removal of a deleted endpoint's veth waits first, so that a test can
     /// stop the agent inside that window. Zero in production.
     pub link_removal_delay: std::time::Duration,
-}
-
-/// The endpoint-map row of an endpoint, without policy flags.
-pub fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
-    EndpointInfo {
-        ipv4: u32::from_ne_bytes(ep.ip.octets()),
-        identity: ep.identity,
-        id: ep.id,
-        flags: 0,
-        pod_mac: ep.pod_mac,
-        host_mac: ep.host_mac,
-        policy_rev: 0,
-    }
 }
 
 pub struct CreateRequest {
@@ -140,7 +153,7 @@ impl NodeState {
             &self.local,
             &self.snapshot,
             self.registry.iter(),
-            &self.cidr_identities(),
+            &self.policy.cidr_identities(&self.snapshot),
         );
         self.remote_nodes = want.remote_nodes;
         let ipcache = self.reconciler.apply(&mut self.datapath, &want);
@@ -154,7 +167,7 @@ impl NodeState {
 
     /// Brings the service maps to the snapshot's Services and EndpointSlices.
     pub fn apply_services(&mut self) -> Result<(), StateError> {
-        let (want, errors) = crate::services::desired(&self.snapshot, &self.service_settings);
+        let (want, errors) = services::desired(&self.snapshot, &self.service_settings);
         for e in errors.iter().filter(|e| !self.services.errors.contains(e)) {
             tracing::warn!(error = %e, "service frontend not applied");
         }
@@ -164,30 +177,33 @@ impl NodeState {
     }
 
     pub fn create_endpoint(&mut self, req: CreateRequest) -> Result<Endpoint, StateError> {
-        let alloc = self.ipam.get(&req.attachment).ok_or_else(|| {
-            StateError::Invalid(format!(
-                "no address is allocated to container {} interface {}; call AllocateIp first",
-                req.attachment.container_id, req.attachment.ifname
-            ))
+        let alloc = self.ipam.get(&req.attachment).ok_or_else(|| StateError::NotAllocated {
+            container_id: req.attachment.container_id.clone(),
+            ifname: req.attachment.ifname.clone(),
         })?;
-        let ip: Ipv4Addr = req
-            .ip
-            .parse()
-            .map_err(|_| StateError::Invalid(format!("ip {:?} is not an IPv4 address", req.ip)))?;
+        let ip: Ipv4Addr = req.ip.parse().map_err(|_| StateError::BadField {
+            field: "ip",
+            value: req.ip.clone(),
+            expected: "an IPv4 address",
+        })?;
         if !alloc.ips.contains(&IpAddr::V4(ip)) {
-            return Err(StateError::Invalid(format!(
-                "ip {ip} is not the address allocated to this attachment ({:?})",
-                alloc.ips
-            )));
+            return Err(StateError::NotTheAllocatedAddress {
+                ip,
+                allocated: alloc.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            });
         }
-        let pod_mac = parse_mac(&req.pod_mac)
-            .ok_or_else(|| StateError::Invalid(format!("pod_mac {:?} is not a MAC address", req.pod_mac)))?;
+        let pod_mac = parse_mac(&req.pod_mac).ok_or_else(|| StateError::BadField {
+            field: "pod_mac",
+            value: req.pod_mac.clone(),
+            expected: "a MAC address (aa:bb:cc:dd:ee:ff)",
+        })?;
         let ifindex = netutil::ifindex(&req.host_ifname)?;
         if ifindex != req.host_ifindex {
-            return Err(StateError::Invalid(format!(
-                "{} has ifindex {ifindex}, not {}; the interface was recreated, retry the ADD",
-                req.host_ifname, req.host_ifindex
-            )));
+            return Err(StateError::InterfaceRecreated {
+                ifname: req.host_ifname.clone(),
+                expected: req.host_ifindex,
+                actual: ifindex,
+            });
         }
         let host_mac = netutil::mac(&req.host_ifname)?;
         // Re-ADD of a known attachment: replace the old endpoint cleanly.
@@ -218,10 +234,9 @@ impl NodeState {
         // rescan the datastore only if this pod is not in the snapshot yet.
         let key = (ep.pod_namespace.clone(), ep.pod_name.clone());
         if !self.snapshot.pods.contains_key(&key) {
-            self.ds.refresh();
-            self.snapshot = self.ds.subscribe().borrow().clone();
+            self.refresh_snapshot();
         }
-        if let Err(e) = self.assign_identity(&mut ep) {
+        if let Err(e) = identity::assign(self.ds.as_ref(), &self.snapshot, &mut ep) {
             tracing::warn!(error = %e, "cannot allocate an identity; the endpoint keeps the init identity");
         }
         self.registry.insert(ep.clone())?;
@@ -239,8 +254,8 @@ impl NodeState {
     /// Endpoint map before ipcache: once others can route to it, its
     /// delivery facts and policy flags are in place.
     pub(crate) fn publish(&mut self, ep: &Endpoint) -> Result<(), StateError> {
-        let mut info = endpoint_info(ep);
-        (info.flags, info.policy_rev) = self.endpoint_policy_state(ep.id);
+        let mut info = ep.map_info();
+        (info.flags, info.policy_rev) = self.policy.endpoint_state(ep.id);
         self.datapath.upsert_endpoint(ep.host_ifindex, info)?;
         self.datapath.attach_endpoint(&ep.host_ifname)?;
         self.datapath.upsert_ipcache(
@@ -424,10 +439,120 @@ impl NodeState {
         Ok((kept, dropped))
     }
 
-    pub fn endpoint_proto(&self, ep: &Endpoint) -> sinew_proto::v1::Endpoint {
-        sinew_proto::v1::Endpoint {
+    /// Takes the datastore's state now instead of waiting for its next
+    /// poll.
+    fn refresh_snapshot(&mut self) {
+        self.ds.refresh();
+        self.snapshot = self.ds.subscribe().borrow().clone();
+    }
+
+    /// Brings the policy map and the endpoints' policy flags to the
+    /// snapshot's policies (see [`PolicyState::apply`]).
+    pub fn apply_policy(&mut self) -> Result<(), StateError> {
+        self.policy.apply(&mut self.datapath, &self.snapshot, &self.registry)?;
+        Ok(())
+    }
+
+    /// Re-checks every local endpoint's identity (labels may have changed
+    /// or arrived after the pod was created); returns those that moved.
+    pub fn refresh_identities(&mut self) -> Result<Vec<u32>, StateError> {
+        let mut moved = Vec::new();
+        let eps: Vec<Endpoint> = self.registry.iter().cloned().collect();
+        for mut ep in eps {
+            let before = ep.identity_labels.clone();
+            let changed = identity::assign(self.ds.as_ref(), &self.snapshot, &mut ep).map_err(|source| {
+                StateError::Datastore {
+                    action: "allocate an identity",
+                    source,
+                }
+            })?;
+            if changed || before != ep.identity_labels {
+                tracing::info!(endpoint = ep.id, identity = ep.identity, "endpoint identity updated");
+                moved.push(ep.id);
+                self.publish(&ep)?;
+                self.registry.insert(ep)?;
+            }
+        }
+        if !moved.is_empty() {
+            self.publish_endpoints();
+        }
+        Ok(moved)
+    }
+
+    /// Tells the cluster about this node's endpoints.
+    pub fn publish_endpoints(&self) {
+        identity::publish_endpoints(self.ds.as_ref(), &self.local.name, &self.snapshot, &self.registry);
+    }
+
+    /// Removes identities no endpoint in the cluster has used for `grace`.
+    pub fn gc_identities(&self, grace: std::time::Duration) -> Vec<u32> {
+        identity::gc(self.ds.as_ref(), &self.snapshot, &self.registry, grace)
+    }
+
+    /// What the read side of the policy API looks at.
+    pub fn policy_view(&self) -> policy::api::View<'_> {
+        policy::api::View {
+            policy: &self.policy,
+            snapshot: &self.snapshot,
+            registry: &self.registry,
+            node_name: &self.local.name,
+            node_ip: self.local.ip,
+        }
+    }
+
+    /// Validates every document, stores them all (or none), and applies
+    /// them on this node before returning. A datastore that fails part way
+    /// gets back what it held before (see [`policy::api::store`]).
+    pub fn apply_policy_yaml(&mut self, yaml: &str, source: &str) -> Result<Vec<v1::PolicyRef>, StateError> {
+        let (docs, applied) = policy::api::prepare(yaml, source)?;
+        let stored = policy::api::store(self.ds.as_ref(), &docs);
+        self.refresh_snapshot();
+        if let Err(e) = stored {
+            // Whatever the rollback left is what the datastore holds now.
+            if let Err(r) = self.resync() {
+                tracing::warn!(error = %r, "cannot apply the policies in force after a failed policy apply");
+            }
+            return Err(e.into());
+        }
+        self.resync()?;
+        Ok(applied)
+    }
+
+    pub fn delete_policy(&mut self, r: &v1::PolicyRef) -> Result<bool, StateError> {
+        let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+        let existed = self
+            .ds
+            .delete_policy(&r.kind, ns, &r.name)
+            .map_err(|source| StateError::Datastore {
+                action: "delete the policy",
+                source,
+            })?;
+        self.refresh_snapshot();
+        self.resync()?;
+        Ok(existed)
+    }
+
+    pub fn list_policies(&self) -> v1::ListPoliciesResponse {
+        self.policy_view().list_policies()
+    }
+
+    pub fn trace(&self, req: &v1::TracePolicyRequest) -> Result<v1::TracePolicyResponse, StateError> {
+        Ok(self.policy_view().trace(req)?)
+    }
+
+    pub fn list_identities(&self) -> Vec<v1::IdentityEntry> {
+        self.policy_view().list_identities()
+    }
+
+    /// `sinew service list`.
+    pub fn list_services(&self) -> v1::ListServicesResponse {
+        services::api::list(&self.services, &self.snapshot)
+    }
+
+    pub fn endpoint_proto(&self, ep: &Endpoint) -> v1::Endpoint {
+        v1::Endpoint {
             id: ep.id,
-            attachment: Some(sinew_proto::v1::Attachment {
+            attachment: Some(v1::Attachment {
                 container_id: ep.attachment.container_id.clone(),
                 ifname: ep.attachment.ifname.clone(),
             }),

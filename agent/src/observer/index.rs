@@ -167,7 +167,7 @@ impl NodeState {
         let mut labels = |ns: &str, name: &str| {
             labels_cache
                 .entry((ns.to_string(), name.to_string()))
-                .or_insert_with(|| Arc::new(self.pod_labels(ns, name)))
+                .or_insert_with(|| Arc::new(crate::identity::pod_labels(&self.snapshot, ns, name)))
                 .clone()
         };
         for (name, n) in &snap.nodes {

@@ -1,28 +1,166 @@
 //! The policy side of the agent API: apply, list, delete, trace, and the
 //! identity list. Trace runs on the same resolved state the datapath's
 //! entries are compiled from, plus the datapath's own fixed rule (the node
-//! always reaches its pods).
+//! always reaches its pods). Apply is all-or-nothing: every document is
+//! validated before the first is written, and a failed write puts back
+//! what the documents written before it replaced.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
-use sinew_model::PolicyDoc;
+use sinew_model::{Datastore, DatastoreError, PolicyDoc, Snapshot};
 use sinew_policy::{Direction, Proto, Resolved};
 use sinew_proto::v1;
 
-use crate::state::{NodeState, StateError};
+use super::{desired, PolicyState};
+use crate::endpoints::{Endpoint, Registry};
+use crate::identity;
 
-/// Splits YAML into documents, each re-serialised on its own.
-fn documents(yaml: &str) -> Result<Vec<serde_yaml::Value>, String> {
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).map_err(|e| format!("not valid YAML: {e}"))?;
-        if !v.is_null() {
-            out.push(v);
+/// Why `sinew policy apply` did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("policy rejected; the policies in force are unchanged:\n{}", lines(.0))]
+    Rejected(Vec<sinew_policy::PolicyError>),
+    #[error("policy rejected; the policies in force are unchanged: {file} holds no NetworkPolicy, SinewNetworkPolicy or SinewClusterwideNetworkPolicy; check its kind: lines")]
+    NoPolicies { file: String },
+    /// The documents were valid; the datastore could not take them.
+    #[error("cannot {action} {what} in the datastore: {error}; {rollback}")]
+    Store {
+        action: &'static str,
+        what: String,
+        #[source]
+        error: DatastoreError,
+        rollback: Rollback,
+    },
+}
+
+/// What became of the documents of a failed apply written before the
+/// failure.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rollback {
+    /// Each was put back as it was (or removed if it was new).
+    Complete { restored: usize },
+    /// These could not be put back.
+    Incomplete { failed: Vec<String> },
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rollback::Complete { restored: 0 } => write!(
+                f,
+                "nothing of this apply was written, the policies in force are unchanged; fix the datastore and apply again"
+            ),
+            Rollback::Complete { restored } => write!(
+                f,
+                "the {restored} documents of this apply written before it were put back, the policies in force are unchanged; fix the datastore and apply again"
+            ),
+            Rollback::Incomplete { failed } => write!(
+                f,
+                "putting back what this apply replaced failed for {}, so the datastore holds part of this apply; see `sinew policy list`, fix the datastore and apply again",
+                failed.join(", ")
+            ),
         }
     }
-    Ok(out)
+}
+
+fn lines(errors: &[sinew_policy::PolicyError]) -> String {
+    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+}
+
+/// Why `sinew policy trace` cannot answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("--port {port:?}: {reason}")]
+    BadPort { port: String, reason: String },
+    #[error("--to {0}: no such pod endpoint in the cluster (see `sinew endpoint list`)")]
+    NoSuchPod(String),
+    #[error("--from {0}: IPv6 peers are not supported yet; trace from an IPv4 address, a pod or an identity number")]
+    Ipv6(String),
+    #[error("--from {0}: not a pod, identity number or address; use namespace/pod, a number or an IPv4 address")]
+    BadFrom(String),
+}
+
+fn doc_name(d: &PolicyDoc) -> String {
+    match &d.namespace {
+        Some(ns) => format!("{} {ns}/{}", d.kind, d.name),
+        None => format!("{} {}", d.kind, d.name),
+    }
+}
+
+/// Validates every document of `yaml` (parsed once) and returns what to
+/// store and what to answer; nothing is written.
+pub fn prepare(yaml: &str, source: &str) -> Result<(Vec<PolicyDoc>, Vec<v1::PolicyRef>), ApplyError> {
+    let source = if source.is_empty() { "<stdin>" } else { source };
+    let parsed = sinew_policy::parse_documents(source, yaml).map_err(ApplyError::Rejected)?;
+    if parsed.is_empty() {
+        return Err(ApplyError::NoPolicies { file: source.into() });
+    }
+    let mut stored = Vec::new();
+    let mut applied = Vec::new();
+    for d in parsed {
+        let r = &d.resource;
+        let kind = r.kind().as_str();
+        applied.push(proto_ref(kind, r.namespace(), r.name()));
+        stored.push(PolicyDoc {
+            kind: kind.into(),
+            namespace: r.namespace().map(str::to_string),
+            name: r.name().into(),
+            source: source.into(),
+            yaml: d.yaml,
+        });
+    }
+    Ok((stored, applied))
+}
+
+/// Writes every document, or none: when a write fails, each document
+/// written before it is put back as the datastore held it (or removed if
+/// it is new), and the error says whether that worked.
+pub fn store(ds: &dyn Datastore, docs: &[PolicyDoc]) -> Result<(), ApplyError> {
+    let mut written: Vec<(&PolicyDoc, Option<String>)> = Vec::new();
+    for d in docs {
+        let fail = |action, error, written: &[(&PolicyDoc, Option<String>)]| ApplyError::Store {
+            action,
+            what: doc_name(d),
+            error,
+            rollback: roll_back(ds, written),
+        };
+        let before = match ds.stored_policy(&d.kind, d.namespace.as_deref(), &d.name) {
+            Ok(b) => b,
+            Err(e) => return Err(fail("read the stored version of", e, &written)),
+        };
+        if let Err(e) = ds.apply_policy(d) {
+            return Err(fail("store", e, &written));
+        }
+        written.push((d, before));
+    }
+    Ok(())
+}
+
+/// Puts back what `written` replaced, last first.
+fn roll_back(ds: &dyn Datastore, written: &[(&PolicyDoc, Option<String>)]) -> Rollback {
+    let mut failed = Vec::new();
+    for (d, before) in written.iter().rev() {
+        let result = match before {
+            Some(yaml) => ds.apply_policy(&PolicyDoc {
+                yaml: yaml.clone(),
+                ..(*d).clone()
+            }),
+            None => ds.delete_policy(&d.kind, d.namespace.as_deref(), &d.name).map(|_| ()),
+        };
+        if let Err(e) = result {
+            tracing::error!(policy = %doc_name(d), error = %e, "cannot put back a policy document after a failed apply");
+            failed.push(doc_name(d));
+        }
+    }
+    if failed.is_empty() {
+        Rollback::Complete {
+            restored: written.len(),
+        }
+    } else {
+        Rollback::Incomplete { failed }
+    }
 }
 
 fn proto_ref(kind: &str, ns: Option<&str>, name: &str) -> v1::PolicyRef {
@@ -59,63 +197,17 @@ fn split_pod(s: &str) -> (String, String) {
     }
 }
 
-impl NodeState {
-    /// Validates every document, stores them all (or none), and applies
-    /// them on this node before returning.
-    pub fn apply_policy_yaml(&mut self, yaml: &str, source: &str) -> Result<Vec<v1::PolicyRef>, StateError> {
-        let source = if source.is_empty() { "<stdin>" } else { source };
-        let resources = sinew_policy::parse(source, yaml)
-            .map_err(|errs| StateError::Invalid(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
-        if resources.is_empty() {
-            return Err(StateError::Invalid(format!(
-                "{source}: no NetworkPolicy, SinewNetworkPolicy or SinewClusterwideNetworkPolicy in it"
-            )));
-        }
-        let docs = documents(yaml).map_err(StateError::Invalid)?;
-        let mut applied = Vec::new();
-        let mut stored = Vec::new();
-        for r in &resources {
-            let kind = r.kind().as_str().to_string();
-            let doc = docs
-                .iter()
-                .find(|d| {
-                    d.get("kind").and_then(|k| k.as_str()) == Some(kind.as_str())
-                        && d.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()) == Some(r.name())
-                })
-                .ok_or_else(|| StateError::Invalid(format!("{source}: cannot find {kind} {} again", r.name())))?;
-            let yaml = serde_yaml::to_string(doc).map_err(|e| StateError::Invalid(e.to_string()))?;
-            stored.push(PolicyDoc {
-                kind: kind.clone(),
-                namespace: r.namespace().map(str::to_string),
-                name: r.name().into(),
-                source: source.into(),
-                yaml,
-            });
-            applied.push(proto_ref(&kind, r.namespace(), r.name()));
-        }
-        for d in &stored {
-            self.ds
-                .apply_policy(d)
-                .map_err(|e| StateError::Invalid(e.to_string()))?;
-        }
-        self.ds.refresh();
-        self.snapshot = self.ds.subscribe().borrow().clone();
-        self.resync()?;
-        Ok(applied)
-    }
+/// What the read side of the policy API looks at: the policy state and
+/// the cluster as this node sees it.
+pub struct View<'a> {
+    pub policy: &'a PolicyState,
+    pub snapshot: &'a Snapshot,
+    pub registry: &'a Registry,
+    pub node_name: &'a str,
+    pub node_ip: Ipv4Addr,
+}
 
-    pub fn delete_policy(&mut self, r: &v1::PolicyRef) -> Result<bool, StateError> {
-        let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
-        let existed = self
-            .ds
-            .delete_policy(&r.kind, ns, &r.name)
-            .map_err(|e| StateError::Invalid(e.to_string()))?;
-        self.ds.refresh();
-        self.snapshot = self.ds.subscribe().borrow().clone();
-        self.resync()?;
-        Ok(existed)
-    }
-
+impl View<'_> {
     pub fn list_policies(&self) -> v1::ListPoliciesResponse {
         let selects = |kind: &str, ns: Option<&str>, name: &str| -> Vec<String> {
             self.registry
@@ -144,7 +236,7 @@ impl NodeState {
                 })
                 .collect(),
             errors: self.policy_errors(),
-            map_entries: self.policy_entry_count() as u64,
+            map_entries: self.policy.entry_count() as u64,
             map_overflows: self.policy.overflows,
         }
     }
@@ -154,7 +246,7 @@ impl NodeState {
     /// refused itself.
     fn policy_errors(&self) -> Vec<String> {
         const KINDS: [&str; 3] = ["NetworkPolicy", "SinewNetworkPolicy", "SinewClusterwideNetworkPolicy"];
-        let snap = &self.snapshot;
+        let snap = self.snapshot;
         snap.errors
             .iter()
             .filter_map(|e| {
@@ -172,7 +264,7 @@ impl NodeState {
     }
 
     /// Whether the policy alone (without others) selects the endpoint.
-    fn policy_selects(&self, kind: &str, ns: Option<&str>, name: &str, ep: &crate::endpoints::Endpoint) -> bool {
+    fn policy_selects(&self, kind: &str, ns: Option<&str>, name: &str, ep: &Endpoint) -> bool {
         let Some(res) = self
             .policy
             .resources
@@ -183,11 +275,16 @@ impl NodeState {
         };
         let e = sinew_policy::Endpoint {
             namespace: ep.pod_namespace.clone(),
-            pod_labels: self.pod_labels(&ep.pod_namespace, &ep.pod_name),
+            pod_labels: identity::pod_labels(self.snapshot, &ep.pod_namespace, &ep.pod_name),
             identity: ep.identity,
             named_ports: Default::default(),
         };
-        let r = sinew_policy::resolve(&e, std::slice::from_ref(res), &[], &self.all_namespace_labels());
+        let r = sinew_policy::resolve(
+            &e,
+            std::slice::from_ref(res),
+            &[],
+            &identity::all_namespace_labels(self.snapshot, self.registry),
+        );
         r.ingress_enforced || r.egress_enforced
     }
 
@@ -199,13 +296,14 @@ impl NodeState {
         if let Some(ep) = self.snapshot.endpoints.iter().find(|e| e.ipv4 == ip) {
             return ep.identity;
         }
-        if ip == self.local.ip {
+        if ip == self.node_ip {
             return sinew_abi::IDENTITY_HOST;
         }
         if self.snapshot.nodes.values().any(|n| n.internal_ip == IpAddr::V4(ip)) {
             return sinew_abi::IDENTITY_REMOTE_NODE;
         }
-        self.cidr_identities()
+        self.policy
+            .cidr_identities(self.snapshot)
             .iter()
             .filter(|(p, _)| p.contains(&ip))
             .max_by_key(|(p, _)| p.prefix_len())
@@ -231,27 +329,15 @@ impl NodeState {
             .find(|e| e.namespace == ns && e.name == name)?;
         let e = sinew_policy::Endpoint {
             namespace: ns.into(),
-            pod_labels: self.pod_labels(ns, name),
+            pod_labels: identity::pod_labels(self.snapshot, ns, name),
             identity: pub_ep.identity,
-            named_ports: self
-                .named_ports(ns, name)
-                .into_iter()
-                .filter_map(|(n, (p, port))| {
-                    let p = match p.as_str() {
-                        "TCP" => Proto::Tcp,
-                        "UDP" => Proto::Udp,
-                        "SCTP" => Proto::Sctp,
-                        _ => return None,
-                    };
-                    Some((n, (p, port)))
-                })
-                .collect(),
+            named_ports: desired::named_ports(&identity::named_ports(self.snapshot, ns, name)),
         };
         let r = sinew_policy::resolve(
             &e,
             &self.policy.resources,
-            &self.policy_identities(),
-            &self.all_namespace_labels(),
+            &self.policy.identities(self.snapshot, self.registry),
+            &identity::all_namespace_labels(self.snapshot, self.registry),
         );
         Some((pub_ep.identity, r))
     }
@@ -263,7 +349,7 @@ impl NodeState {
             .iter()
             .any(|e| e.pod_namespace == ns && e.pod_name == name)
         {
-            return Some(self.local.name.clone());
+            return Some(self.node_name.to_string());
         }
         self.snapshot
             .endpoints
@@ -302,16 +388,16 @@ impl NodeState {
             })
     }
 
-    pub fn trace(&self, req: &v1::TracePolicyRequest) -> Result<v1::TracePolicyResponse, StateError> {
-        let (proto, port) =
-            parse_port(if req.port.is_empty() { "80/tcp" } else { &req.port }).map_err(StateError::Invalid)?;
-        let (to_ns, to_name) = split_pod(&req.to);
-        let (to_id, to_resolved) = self.pod_policy(&to_ns, &to_name).ok_or_else(|| {
-            StateError::Invalid(format!(
-                "--to {}: no such pod endpoint in the cluster (see `sinew endpoint list`)",
-                req.to
-            ))
+    pub fn trace(&self, req: &v1::TracePolicyRequest) -> Result<v1::TracePolicyResponse, TraceError> {
+        let port = if req.port.is_empty() { "80/tcp" } else { &req.port };
+        let (proto, port) = parse_port(port).map_err(|reason| TraceError::BadPort {
+            port: port.into(),
+            reason,
         })?;
+        let (to_ns, to_name) = split_pod(&req.to);
+        let (to_id, to_resolved) = self
+            .pod_policy(&to_ns, &to_name)
+            .ok_or_else(|| TraceError::NoSuchPod(req.to.clone()))?;
         let to_ip = self.pod_ip(&to_ns, &to_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
         // The destination's node decides ingress: resolve the source as its
         // ipcache does, whichever node answers the trace.
@@ -329,16 +415,16 @@ impl NodeState {
         } else if let Ok(ip) = req.from.parse::<Ipv4Addr>() {
             (self.identity_of_ip_on(ip, to_node.as_deref()), Some(ip))
         } else if let Ok(IpNet::V6(_)) = req.from.parse::<IpNet>() {
-            return Err(StateError::Invalid("IPv6 peers are not supported yet".into()));
+            return Err(TraceError::Ipv6(req.from.clone()));
         } else {
             let (ns, name) = split_pod(&req.from);
-            let (id, resolved) = self.pod_policy(&ns, &name).ok_or_else(|| {
-                StateError::Invalid(format!("--from {}: not a pod, identity number or address", req.from))
-            })?;
+            let (id, resolved) = self
+                .pod_policy(&ns, &name)
+                .ok_or_else(|| TraceError::BadFrom(req.from.clone()))?;
             // The source pod's egress, towards the destination's identity as
             // the source node's ipcache knows it and its address's class.
             let dst_id = self.identity_of_ip(to_ip);
-            let dst_class = self.cidr_class_of(to_ip);
+            let dst_class = self.policy.cidr_class_of(to_ip);
             let t = sinew_policy::trace(&resolved, Direction::Egress, dst_id, dst_class, proto, port);
             steps.push(v1::TraceStep {
                 endpoint: format!("{ns}/{name}"),
@@ -357,7 +443,7 @@ impl NodeState {
                     "ingress from the node itself (identity 1, host) is always allowed: health checks and probes".into(),
             }
         } else {
-            let from_class = from_ip.and_then(|ip| self.cidr_class_of(ip));
+            let from_class = from_ip.and_then(|ip| self.policy.cidr_class_of(ip));
             let t = sinew_policy::trace(&to_resolved, Direction::Ingress, from_id, from_class, proto, port);
             v1::TraceStep {
                 endpoint: format!("{to_ns}/{to_name}"),
@@ -399,7 +485,7 @@ impl NodeState {
         }
         // Every named prefix is a CIDR class; those outside the pod CIDRs
         // are also the identity of the outside addresses they hold.
-        let identities = self.cidr_identities();
+        let identities = self.policy.cidr_identities(self.snapshot);
         for (p, id) in &self.policy.cidr_ids {
             out.push(v1::IdentityEntry {
                 id: *id,
