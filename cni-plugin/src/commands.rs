@@ -12,13 +12,15 @@ use sinew_proto::v1::{
     GarbageCollectRequest, GetEndpointRequest, ReleaseIpRequest, StatusRequest,
 };
 use sinew_proto::AgentClient;
+use sinew_netlink::mac::format_mac;
+use sinew_netlink::{NetlinkError, Route, Rtnl};
 use tonic::transport::Channel;
 
 use crate::config::{ConfigError, NetConf};
 use crate::env::{validate_ifname, CniEnv, Command, EnvError};
 use crate::error::CniError;
 use crate::lock::{self, ContainerLock};
-use crate::netlink::{host_veth_name, LinkError, Netlink, Route};
+use crate::veth::host_veth_name;
 use crate::result::{expected_from_prev, version_info, AddResult, Expected};
 
 /// How long one agent call may take. The runtime's own ADD timeout is
@@ -78,11 +80,11 @@ fn open_netns(path: &str) -> Result<File, CniError> {
 /// Opens CNI_NETNS and a netlink socket inside it. Entering it is also the
 /// test that it is a network namespace: setns(CLONE_NEWNET) refuses a
 /// regular file, a directory or another kind of namespace with EINVAL.
-fn enter_netns(path: &str) -> Result<(File, Netlink), CniError> {
+fn enter_netns(path: &str) -> Result<(File, Rtnl), CniError> {
     let netns = open_netns(path)?;
-    match Netlink::open_in(&netns, path) {
+    match Rtnl::open_in(&netns, path) {
         Ok(nl) => Ok((netns, nl)),
-        Err(LinkError::EnterNetns {
+        Err(NetlinkError::EnterNetns {
             source: nix::errno::Errno::EINVAL,
             ..
         }) => {
@@ -110,16 +112,16 @@ fn lock_container(env: &CniEnv) -> Result<ContainerLock, CniError> {
     )?)
 }
 
-fn datapath(what: &str, e: LinkError) -> CniError {
+/// A netlink failure as a CNI error. The netlink error already says what
+/// the errno means for the user; this adds what it means for a CNI step.
+fn datapath(what: &str, e: NetlinkError) -> CniError {
     let hint = match e.errno() {
-        Some(nix::errno::Errno::EEXIST) => {
-            "an interface with that name already exists: remove it, or check that the runtime did not ADD twice"
-        }
-        Some(nix::errno::Errno::EPERM) => "sinew-cni needs CAP_NET_ADMIN: the runtime must run it as root",
-        _ => "check the kernel log (`dmesg`) and that nothing else manages this interface",
+        Some(nix::errno::Errno::EEXIST) => " (check that the runtime did not ADD twice)",
+        Some(nix::errno::Errno::EPERM) => " (the runtime must run sinew-cni as root)",
+        _ => "; if that does not explain it, check the kernel log (`dmesg`) and that nothing else manages this interface",
     };
     CniError::Datapath {
-        msg: format!("{what}: {e}: {hint}"),
+        msg: format!("{what}: {e}{hint}"),
         details: format!("{e:?}"),
     }
 }
@@ -168,7 +170,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 /// Clean-up failures are added to the error's details, never hide it.
 async fn undo_add(agent: &mut Agent, att: Attachment, host_ifname: &str, err: CniError) -> CniError {
     let mut notes = Vec::new();
-    if let Err(e) = Netlink::open().and_then(|mut nl| nl.delete_link(host_ifname)) {
+    if let Err(e) = Rtnl::open().and_then(|mut nl| nl.delete_link(host_ifname)) {
         notes.push(format!("could not remove veth {host_ifname}: {e}"));
     }
     if let Err(s) = agent.release_ip(ReleaseIpRequest { attachment: Some(att) }).await {
@@ -200,7 +202,7 @@ async fn plumb_and_register(
     env: &CniEnv,
     conf: &NetConf,
     netns: &File,
-    pod: &mut Netlink,
+    pod: &mut Rtnl,
     host_ifname: &str,
     alloc: &AllocateIpResponse,
 ) -> Result<AddResult, CniError> {
@@ -271,19 +273,19 @@ fn plumb(
     host_ifname: &str,
     pod_ifname: &str,
     netns: &File,
-    pod: &mut Netlink,
+    pod: &mut Rtnl,
     ip: IpAddr,
     prefix_len: u8,
     gateway: IpAddr,
     mtu: Option<u32>,
-) -> Result<Plumbed, LinkError> {
-    let mut node = Netlink::open()?;
+) -> Result<Plumbed, NetlinkError> {
+    let mut node = Rtnl::open()?;
 
     // A leftover from an earlier ADD of the same attachment that died half-way.
     node.delete_link(host_ifname)?;
     node.create_veth(host_ifname, pod_ifname, netns, mtu)?;
 
-    let missing = |name: &str| LinkError::Protocol {
+    let missing = |name: &str| NetlinkError::Protocol {
         op: format!("get link {name}"),
         reason: "link vanished after creation",
     };
@@ -298,6 +300,7 @@ fn plumb(
         dst_len: host_len(gateway),
         gateway: None,
         oif: pod_link.index,
+        src: None,
         link_scope: true,
         onlink: false,
     })?;
@@ -306,6 +309,7 @@ fn plumb(
         dst_len: 0,
         gateway: Some(gateway),
         oif: pod_link.index,
+        src: None,
         link_scope: false,
         onlink: true,
     })?;
@@ -317,13 +321,14 @@ fn plumb(
         dst_len: host_len(ip),
         gateway: None,
         oif: host_link.index,
+        src: None,
         link_scope: true,
         onlink: false,
     })?;
     Ok(Plumbed {
         host_index: host_link.index,
-        host_mac: host_link.mac,
-        pod_mac: pod_link.mac,
+        host_mac: format_mac(&host_link.mac),
+        pod_mac: format_mac(&pod_link.mac),
     })
 }
 
@@ -346,7 +351,7 @@ fn unspecified(like: IpAddr) -> IpAddr {
 
 /// Deletes host-side veths (the pod side goes with them). Absent ones are fine.
 fn delete_host_links(names: &[&str]) -> Result<(), CniError> {
-    let mut nl = Netlink::open().map_err(|e| datapath("cannot open netlink", e))?;
+    let mut nl = Rtnl::open().map_err(|e| datapath("cannot open netlink", e))?;
     for name in names {
         if name.is_empty() || validate_ifname("host_ifname", name).is_err() {
             continue;
@@ -456,7 +461,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     };
 
     // Host side.
-    let mut node = Netlink::open().map_err(|e| datapath("cannot open netlink", e))?;
+    let mut node = Rtnl::open().map_err(|e| datapath("cannot open netlink", e))?;
     let host = node
         .link_by_name(&host_ifname)
         .map_err(|e| datapath("cannot read the host veth", e))?;
