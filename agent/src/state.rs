@@ -276,7 +276,7 @@ impl NodeState {
         std::thread::spawn(move || {
             std::thread::sleep(delay);
             if netutil::ifindex(&name).ok() == Some(ifindex) {
-                if let Err(e) = netutil::ip(&["link", "del", "dev", &name]) {
+                if let Err(e) = netutil::delete_link(&name) {
                     tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
                 }
             }
@@ -327,7 +327,7 @@ impl NodeState {
             match netutil::ifindex(name).ok() {
                 Some(i) if i == *ifindex => {
                     tracing::info!(ifname = %name, "removing the veth of an endpoint deleted before the agent stopped");
-                    if let Err(e) = netutil::ip(&["link", "del", "dev", name]) {
+                    if let Err(e) = netutil::delete_link(name) {
                         tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
                         continue;
                     }

@@ -153,24 +153,14 @@ pub fn pod_path(datastore: &Path, namespace: &str, name: &str) -> PathBuf {
     datastore.join("pods").join(format!("{namespace}-{name}.yaml"))
 }
 
-/// Writes `contents` to `path` atomically: a watcher never sees half a file.
-/// The temporary file starts with a dot and does not end in `.yaml`, so
-/// watchers that filter on `*.yaml` ignore it.
+/// Writes `contents` to `path` atomically: a watcher never sees half a file
+/// ([`sinew_model::write_atomic`]: its temporary starts with a dot and does
+/// not end in `.yaml`, so watchers that filter on `*.yaml` ignore it).
 pub fn write_atomic(path: &Path, contents: &str) -> Result<(), DatastoreError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DatastoreError::Io { path, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp"));
-    std::fs::write(&tmp, contents).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    sinew_model::write_atomic(path, contents.as_bytes()).map_err(|source| DatastoreError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Removes a manifest; a missing file is not an error.
