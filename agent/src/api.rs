@@ -111,9 +111,8 @@ impl sinew_proto::Agent for AgentApi {
             .ok_or_else(|| Status::internal("no IPv4 pool"))?;
         tracing::info!(container = %att.container_id, %ip, existing, "allocated");
         Ok(Response::new(v1::AllocateIpResponse {
-            ip: ip.to_string(),
-            prefix_len: 32,
-            gateway: s.gateway().to_string(),
+            address: Some(v1::IpPrefix::new(*ip, 32)),
+            gateway: Some(s.gateway().into()),
             mtu: s.pod_mtu,
             existing,
         }))
@@ -134,6 +133,9 @@ impl sinew_proto::Agent for AgentApi {
     ) -> Result<Response<v1::CreateEndpointResponse>, Status> {
         let r = req.into_inner();
         let att = attachment(r.attachment)?;
+        let bad = |e: sinew_proto::addr::AddrError| Status::invalid_argument(e.to_string());
+        let ip = sinew_proto::addr::ip("ip", r.ip.as_ref()).map_err(bad)?;
+        let pod_mac = sinew_proto::addr::mac("pod_mac", r.pod_mac.as_ref()).map_err(bad)?;
         let mut s = self.lock()?;
         let ep = s
             .create_endpoint(CreateRequest {
@@ -143,8 +145,8 @@ impl sinew_proto::Agent for AgentApi {
                 netns: r.netns,
                 host_ifname: r.host_ifname,
                 host_ifindex: r.host_ifindex,
-                ip: r.ip,
-                pod_mac: r.pod_mac,
+                ip,
+                pod_mac,
             })
             .map_err(status)?;
         tracing::info!(id = ep.id, pod = %crate::observer::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id), ip = %ep.ip, ifname = %ep.host_ifname, "endpoint created");

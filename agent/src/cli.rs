@@ -879,12 +879,13 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
 /// One endpoint of `endpoint list -o json`: with the attachment (container
 /// id and pod-side interface) a runtime lists in `cni.dev/valid-attachments`.
 fn endpoint_json(e: &v1::Endpoint) -> serde_json::Value {
+    use sinew_proto::addr::text;
     let att = e.attachment.clone().unwrap_or_default();
     serde_json::json!({
-        "id": e.id, "namespace": e.pod_namespace, "pod": e.pod_name, "ip": e.ip,
+        "id": e.id, "namespace": e.pod_namespace, "pod": e.pod_name, "ip": text(e.ip.as_ref()),
         "identity": e.identity, "interface": e.host_ifname, "ifindex": e.host_ifindex,
         "podInterface": att.ifname, "containerID": att.container_id,
-        "podMAC": e.pod_mac, "hostMAC": e.host_mac, "netns": e.netns, "state": e.state, "node": e.node_name,
+        "podMAC": text(e.pod_mac.as_ref()), "hostMAC": text(e.host_mac.as_ref()), "netns": e.netns, "state": e.state, "node": e.node_name,
     })
 }
 
@@ -896,6 +897,7 @@ fn endpoint_row(cols: [&str; 7]) -> String {
 }
 
 fn endpoint_table(eps: &[v1::Endpoint]) -> Vec<String> {
+    use sinew_proto::addr::text;
     let mut out = vec![endpoint_row(ENDPOINT_HEADER)];
     for e in eps {
         let att = e.attachment.clone().unwrap_or_default();
@@ -903,7 +905,7 @@ fn endpoint_table(eps: &[v1::Endpoint]) -> Vec<String> {
         out.push(endpoint_row([
             &e.id.to_string(),
             &pod,
-            &e.ip,
+            &text(e.ip.as_ref()),
             &e.identity.to_string(),
             &e.host_ifname,
             &att.ifname,
@@ -1168,7 +1170,7 @@ mod tests {
             pod_namespace: ns.into(),
             pod_name: name.into(),
             host_ifname: "lxc0123456789a".into(),
-            ip: "10.244.1.9".into(),
+            ip: Some(std::net::Ipv4Addr::new(10, 244, 1, 9).into()),
             identity: 256,
             state: "ready".into(),
             ..Default::default()

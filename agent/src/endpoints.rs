@@ -64,7 +64,7 @@ fn key(a: &Attachment) -> String {
 }
 
 /// MAC text is formatted and parsed in one place for the whole project.
-pub use sinew_netlink::mac::{format_mac, parse_mac};
+pub use sinew_proto::addr::{format_mac, parse_mac};
 
 impl Registry {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, RegistryError> {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use sinew_abi::EndpointInfo;
 
 use crate::datapath::{Datapath, DatapathError};
-use crate::endpoints::{format_mac, parse_mac, Endpoint, Registry, RegistryError};
+use crate::endpoints::{Endpoint, Registry, RegistryError};
 use crate::features::Feature;
 use crate::ipam::{Attachment, Ipam, IpamError};
 use crate::netutil;
@@ -116,8 +116,8 @@ pub struct CreateRequest {
     pub netns: String,
     pub host_ifname: String,
     pub host_ifindex: u32,
-    pub ip: String,
-    pub pod_mac: String,
+    pub ip: IpAddr,
+    pub pod_mac: [u8; 6],
 }
 
 impl NodeState {
@@ -170,18 +170,15 @@ impl NodeState {
                 req.attachment.container_id, req.attachment.ifname
             ))
         })?;
-        let ip: Ipv4Addr = req
-            .ip
-            .parse()
-            .map_err(|_| StateError::Invalid(format!("ip {:?} is not an IPv4 address", req.ip)))?;
+        let IpAddr::V4(ip) = req.ip else {
+            return Err(StateError::Invalid(format!("ip {} is not an IPv4 address", req.ip)));
+        };
         if !alloc.ips.contains(&IpAddr::V4(ip)) {
             return Err(StateError::Invalid(format!(
                 "ip {ip} is not the address allocated to this attachment ({:?})",
                 alloc.ips
             )));
         }
-        let pod_mac = parse_mac(&req.pod_mac)
-            .ok_or_else(|| StateError::Invalid(format!("pod_mac {:?} is not a MAC address", req.pod_mac)))?;
         let ifindex = netutil::ifindex(&req.host_ifname)?;
         if ifindex != req.host_ifindex {
             return Err(StateError::Invalid(format!(
@@ -209,7 +206,7 @@ impl NodeState {
             host_ifname: req.host_ifname,
             host_ifindex: ifindex,
             ip,
-            pod_mac,
+            pod_mac: req.pod_mac,
             host_mac,
             identity: sinew_abi::IDENTITY_INIT,
             identity_labels: Default::default(),
@@ -436,9 +433,9 @@ impl NodeState {
             netns: ep.netns.clone(),
             host_ifname: ep.host_ifname.clone(),
             host_ifindex: ep.host_ifindex,
-            ip: ep.ip.to_string(),
-            pod_mac: format_mac(&ep.pod_mac),
-            host_mac: format_mac(&ep.host_mac),
+            ip: Some(ep.ip.into()),
+            pod_mac: Some(ep.pod_mac.into()),
+            host_mac: Some(ep.host_mac.into()),
             identity: ep.identity,
             state: if netutil::ifindex(&ep.host_ifname).ok() == Some(ep.host_ifindex) {
                 "ready"

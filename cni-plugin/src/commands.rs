@@ -7,21 +7,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
+use sinew_netlink::{NetlinkError, Route, Rtnl};
 use sinew_proto::v1::{
     AllocateIpRequest, AllocateIpResponse, Attachment, CreateEndpointRequest, DeleteEndpointRequest,
     GarbageCollectRequest, GetEndpointRequest, ReleaseIpRequest, StatusRequest,
 };
-use sinew_proto::AgentClient;
-use sinew_netlink::mac::format_mac;
-use sinew_netlink::{NetlinkError, Route, Rtnl};
+use sinew_proto::{addr, AgentClient};
 use tonic::transport::Channel;
 
 use crate::config::{ConfigError, NetConf};
 use crate::env::{validate_ifname, CniEnv, Command, EnvError};
 use crate::error::CniError;
 use crate::lock::{self, ContainerLock};
-use crate::veth::host_veth_name;
 use crate::result::{expected_from_prev, version_info, AddResult, Expected};
+use crate::veth::host_veth_name;
 
 /// How long one agent call may take. The runtime's own ADD timeout is
 /// minutes; a healthy agent answers in about a millisecond.
@@ -112,13 +111,20 @@ fn lock_container(env: &CniEnv) -> Result<ContainerLock, CniError> {
     )?)
 }
 
+/// An address from the agent that does not decode.
+fn agent_sent(e: addr::AddrError) -> CniError {
+    CniError::Decode(format!("sinew-agent sent {e}; upgrade or restart the agent"))
+}
+
 /// A netlink failure as a CNI error. The netlink error already says what
 /// the errno means for the user; this adds what it means for a CNI step.
 fn datapath(what: &str, e: NetlinkError) -> CniError {
     let hint = match e.errno() {
         Some(nix::errno::Errno::EEXIST) => " (check that the runtime did not ADD twice)",
         Some(nix::errno::Errno::EPERM) => " (the runtime must run sinew-cni as root)",
-        _ => "; if that does not explain it, check the kernel log (`dmesg`) and that nothing else manages this interface",
+        _ => {
+            "; if that does not explain it, check the kernel log (`dmesg`) and that nothing else manages this interface"
+        }
     };
     CniError::Datapath {
         msg: format!("{what}: {e}{hint}"),
@@ -206,28 +212,8 @@ async fn plumb_and_register(
     host_ifname: &str,
     alloc: &AllocateIpResponse,
 ) -> Result<AddResult, CniError> {
-    let ip: IpAddr = alloc.ip.parse().map_err(|_| {
-        CniError::Decode(format!(
-            "sinew-agent returned the invalid address {:?}: upgrade or restart the agent",
-            alloc.ip
-        ))
-    })?;
-    let gateway: IpAddr = alloc.gateway.parse().map_err(|_| {
-        CniError::Decode(format!(
-            "sinew-agent returned the invalid gateway {:?}: upgrade or restart the agent",
-            alloc.gateway
-        ))
-    })?;
-    let max_prefix = if ip.is_ipv4() { 32 } else { 128 };
-    let prefix_len = match alloc.prefix_len {
-        0 => max_prefix,
-        n if n <= u32::from(max_prefix) => n as u8,
-        n => {
-            return Err(CniError::Decode(format!(
-                "sinew-agent returned the invalid prefix length {n} for {ip}"
-            )))
-        }
-    };
+    let (ip, prefix_len) = addr::prefix("address", alloc.address.as_ref()).map_err(agent_sent)?;
+    let gateway = addr::ip("gateway", alloc.gateway.as_ref()).map_err(agent_sent)?;
     let mtu = conf.mtu.or(Some(alloc.mtu).filter(|&m| m > 0));
 
     let plumbed = plumb(host_ifname, &env.ifname, netns, pod, ip, prefix_len, gateway, mtu)
@@ -241,17 +227,19 @@ async fn plumb_and_register(
             netns: env.netns.clone(),
             host_ifname: host_ifname.to_string(),
             host_ifindex: plumbed.host_index,
-            ip: ip.to_string(),
-            pod_mac: plumbed.pod_mac.clone(),
+            ip: Some(ip.into()),
+            pod_mac: Some(sinew_proto::v1::MacAddr {
+                octets: plumbed.pod_mac.clone(),
+            }),
         })
         .await
         .map_err(|s| CniError::from_status("CreateEndpoint", &s))?;
 
     Ok(AddResult {
         host_ifname: host_ifname.to_string(),
-        host_mac: plumbed.host_mac,
+        host_mac: addr::format_mac(&plumbed.host_mac),
         pod_ifname: env.ifname.clone(),
-        pod_mac: plumbed.pod_mac,
+        pod_mac: addr::format_mac(&plumbed.pod_mac),
         sandbox: env.netns.clone(),
         mtu,
         ip,
@@ -263,8 +251,8 @@ async fn plumb_and_register(
 
 struct Plumbed {
     host_index: u32,
-    host_mac: String,
-    pod_mac: String,
+    host_mac: Vec<u8>,
+    pod_mac: Vec<u8>,
 }
 
 /// The kernel side of ADD: veth pair, addresses and routes.
@@ -327,8 +315,8 @@ fn plumb(
     })?;
     Ok(Plumbed {
         host_index: host_link.index,
-        host_mac: format_mac(&host_link.mac),
-        pod_mac: format_mac(&pod_link.mac),
+        host_mac: host_link.mac,
+        pod_mac: pod_link.mac,
     })
 }
 
@@ -445,10 +433,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
         Err(s) => return Err(CniError::from_status("GetEndpoint", &s)),
     };
-    let ip: IpAddr = ep
-        .ip
-        .parse()
-        .map_err(|_| CniError::Decode(format!("sinew-agent returned the invalid address {:?}", ep.ip)))?;
+    let ip = addr::ip("ip", ep.ip.as_ref()).map_err(agent_sent)?;
     let host_ifname = if ep.host_ifname.is_empty() {
         host_veth_name(&env.container_id, &env.ifname)
     } else {
@@ -557,18 +542,14 @@ async fn pod_gateway(agent: &mut Agent, env: &CniEnv, ip: IpAddr) -> Result<IpAd
         .await
         .map_err(|s| CniError::from_status("AllocateIp", &s))?
         .into_inner();
-    if alloc.ip != ip.to_string() {
+    let (held, _) = addr::prefix("address", alloc.address.as_ref()).map_err(agent_sent)?;
+    if held != ip {
         return Err(CniError::CheckMismatch(format!(
-            "sinew-agent holds {} for container {} interface {} but its endpoint has {ip}: delete the pod so that it is recreated",
-            alloc.ip, env.container_id, env.ifname
+            "sinew-agent holds {held} for container {} interface {} but its endpoint has {ip}: delete the pod so that it is recreated",
+            env.container_id, env.ifname
         )));
     }
-    alloc.gateway.parse().map_err(|_| {
-        CniError::Decode(format!(
-            "sinew-agent returned the invalid gateway {:?}: upgrade or restart the agent",
-            alloc.gateway
-        ))
-    })
+    addr::ip("gateway", alloc.gateway.as_ref()).map_err(agent_sent)
 }
 
 async fn gc(conf: &NetConf) -> Result<(), CniError> {

@@ -229,9 +229,8 @@ impl Agent for Fake {
             }
         };
         Ok(Response::new(AllocateIpResponse {
-            ip: ip.to_string(),
-            prefix_len: 32,
-            gateway: "10.250.0.1".into(),
+            address: Some(sinew_proto::v1::IpPrefix::new(ip.into(), 32)),
+            gateway: Some(Ipv4Addr::new(10, 250, 0, 1).into()),
             mtu: 1450,
             existing,
         }))

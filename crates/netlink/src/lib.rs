@@ -16,7 +16,8 @@
 //!   dumps. Errors carry the errno and say what to do ([`NetlinkError`]).
 //! - [`rtnl`]: rtnetlink (NETLINK_ROUTE) on top: [`rtnl::links`] (veth,
 //!   vxlan, up/MTU, delete, lookup), [`rtnl::addrs`], [`rtnl::routes`].
-//! - [`mac`]: the one MAC address formatter and parser of the project.
+//!
+//! MAC addresses are bytes here; their text form is `sinew_proto::addr`'s.
 //!
 //! Next (not here yet): generic netlink for WireGuard goes in `genl/`
 //! (family id resolution through `nlctrl`, then `wireguard.rs` for
@@ -31,7 +32,6 @@
 //! so no thread that runs anything else ever changes namespace.
 #![forbid(unsafe_code)]
 
-pub mod mac;
 pub mod message;
 pub mod rtnl;
 pub mod socket;

@@ -237,8 +237,22 @@ mod tests {
         second.bytes(&0i32.to_ne_bytes());
         dgram.extend(second.finish(2));
         let got: Vec<_> = Messages::new(&dgram).map(|m| m.unwrap()).collect();
-        assert_eq!(got[0].0, Header { ty: NLMSG_DONE, flags: NLM_F_MULTI, seq: 1 });
-        assert_eq!(got[1].0, Header { ty: NLMSG_ERROR, flags: 0, seq: 2 });
+        assert_eq!(
+            got[0].0,
+            Header {
+                ty: NLMSG_DONE,
+                flags: NLM_F_MULTI,
+                seq: 1
+            }
+        );
+        assert_eq!(
+            got[1].0,
+            Header {
+                ty: NLMSG_ERROR,
+                flags: 0,
+                seq: 2
+            }
+        );
         assert_eq!(read_i32(got[1].1, 0), Some(0));
 
         let mut bad = MsgBuilder::new(NLMSG_DONE, 0).finish(1);

@@ -73,10 +73,14 @@ pub fn hint(errno: Errno) -> &'static str {
         Errno::EEXIST => "it already exists: remove the stale object (or let the owner clean it up) and retry",
         Errno::ENODEV => "no such interface: check the name, and that it is in this network namespace",
         Errno::ESRCH => "no such route or object: it may already be gone",
-        Errno::ENETUNREACH => "the gateway is not reachable on that interface: check its address and the interface's prefix",
+        Errno::ENETUNREACH => {
+            "the gateway is not reachable on that interface: check its address and the interface's prefix"
+        }
         Errno::EADDRNOTAVAIL => "that address is not on this node: check the source or local address",
         Errno::EOPNOTSUPP => "the kernel lacks this feature: check the kernel version and its modules (veth, vxlan)",
-        Errno::EINVAL | Errno::ERANGE => "the kernel rejected a value (name, MTU, prefix length): check it against the interface's limits",
+        Errno::EINVAL | Errno::ERANGE => {
+            "the kernel rejected a value (name, MTU, prefix length): check it against the interface's limits"
+        }
         Errno::EBUSY => "the object is in use: retry after whatever holds it lets go",
         Errno::ENOBUFS | Errno::ENOMEM => "the kernel is short of memory: retry later",
         _ => "see the errno; the kernel gave no more detail",
@@ -93,8 +97,13 @@ pub struct Socket {
 impl Socket {
     /// A socket in the calling thread's network namespace.
     pub fn open(protocol: Protocol) -> Result<Self, NetlinkError> {
-        let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, protocol.sock())
-            .map_err(NetlinkError::Socket)?;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            protocol.sock(),
+        )
+        .map_err(NetlinkError::Socket)?;
         Ok(Self {
             fd,
             seq: 0,
@@ -152,10 +161,11 @@ impl Socket {
             reason,
         };
         loop {
-            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()).map_err(|errno| NetlinkError::Kernel {
-                op: op.to_string(),
-                errno,
-            })?;
+            let n =
+                recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()).map_err(|errno| NetlinkError::Kernel {
+                    op: op.to_string(),
+                    errno,
+                })?;
             for msg in Messages::new(&self.buf[..n]) {
                 let (hdr, payload) = msg.map_err(proto)?;
                 // Replies to an earlier request that gave up (an error mid-dump).

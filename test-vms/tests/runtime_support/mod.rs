@@ -600,5 +600,7 @@ pub fn assert_in(ip: Ipv4Addr, cidr: Ipv4Net, what: &str) {
 
 /// Endpoints keyed by address, for readable failure messages.
 pub fn endpoints_by_ip(eps: &[Endpoint]) -> BTreeMap<String, &Endpoint> {
-    eps.iter().map(|e| (e.ip.clone(), e)).collect()
+    eps.iter()
+        .map(|e| (sinew_proto::addr::text(e.ip.as_ref()), e))
+        .collect()
 }

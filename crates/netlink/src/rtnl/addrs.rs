@@ -74,7 +74,8 @@ impl Rtnl {
         let mut m = MsgBuilder::new(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP);
         m.bytes(&[0u8; IFADDRMSG_LEN]);
         let mut out = Vec::new();
-        self.sock.dump(m, RTM_NEWADDR, "list addresses", |p| out.extend(parse_addr(p)))?;
+        self.sock
+            .dump(m, RTM_NEWADDR, "list addresses", |p| out.extend(parse_addr(p)))?;
         Ok(out)
     }
 

@@ -87,7 +87,10 @@ impl Rtnl {
         let mut m = MsgBuilder::new(RTM_GETLINK, NLM_F_REQUEST);
         m.bytes(&ifinfomsg(0, 0, 0));
         m.attr_str(IFLA_IFNAME, name);
-        match self.sock.request_one(m, RTM_NEWLINK, &format!("get link {name}"), parse_link) {
+        match self
+            .sock
+            .request_one(m, RTM_NEWLINK, &format!("get link {name}"), parse_link)
+        {
             Ok(link) => Ok(Some(link)),
             Err(e) if e.errno() == Some(Errno::ENODEV) => Ok(None),
             Err(e) => Err(e),
@@ -98,7 +101,10 @@ impl Rtnl {
     pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>, NetlinkError> {
         let mut m = MsgBuilder::new(RTM_GETLINK, NLM_F_REQUEST);
         m.bytes(&ifinfomsg(index, 0, 0));
-        match self.sock.request_one(m, RTM_NEWLINK, &format!("get link {index}"), parse_link) {
+        match self
+            .sock
+            .request_one(m, RTM_NEWLINK, &format!("get link {index}"), parse_link)
+        {
             Ok(link) => Ok(Some(link)),
             Err(e) if e.errno() == Some(Errno::ENODEV) => Ok(None),
             Err(e) => Err(e),
@@ -110,7 +116,8 @@ impl Rtnl {
         let mut m = MsgBuilder::new(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP);
         m.bytes(&ifinfomsg(0, 0, 0));
         let mut out = Vec::new();
-        self.sock.dump(m, RTM_NEWLINK, "list links", |p| out.extend(parse_link(p)))?;
+        self.sock
+            .dump(m, RTM_NEWLINK, "list links", |p| out.extend(parse_link(p)))?;
         Ok(out)
     }
 
@@ -119,7 +126,13 @@ impl Rtnl {
     /// The peer is born in the other namespace (IFLA_NET_NS_FD in the peer's
     /// attributes), so its final name can never collide with one here and
     /// there is no rename-and-move window to clean up after.
-    pub fn create_veth(&mut self, host: &str, peer: &str, peer_netns: &File, mtu: Option<u32>) -> Result<(), NetlinkError> {
+    pub fn create_veth(
+        &mut self,
+        host: &str,
+        peer: &str,
+        peer_netns: &File,
+        mtu: Option<u32>,
+    ) -> Result<(), NetlinkError> {
         let mut m = MsgBuilder::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL);
         m.bytes(&ifinfomsg(0, 0, 0));
         m.attr_str(IFLA_IFNAME, host);
@@ -139,7 +152,8 @@ impl Rtnl {
         m.nest_end(peer_info);
         m.nest_end(data);
         m.nest_end(info);
-        self.sock.request_ack(m, &format!("create veth {host} with peer {peer}"))
+        self.sock
+            .request_ack(m, &format!("create veth {host} with peer {peer}"))
     }
 
     /// Creates a VXLAN device in external (collect-metadata) mode on UDP
@@ -157,7 +171,8 @@ impl Rtnl {
         m.attr_be16(IFLA_VXLAN_PORT, port);
         m.nest_end(data);
         m.nest_end(info);
-        self.sock.request_ack(m, &format!("create vxlan {name} (external, port {port})"))
+        self.sock
+            .request_ack(m, &format!("create vxlan {name} (external, port {port})"))
     }
 
     /// Changes up/down, MTU and ARP of link `index`.

@@ -134,7 +134,8 @@ impl Rtnl {
         let mut m = MsgBuilder::new(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP);
         m.bytes(&rtmsg(family(like), 0, 0, 0, 0, 0));
         let mut out = Vec::new();
-        self.sock.dump(m, RTM_NEWROUTE, "list routes", |p| out.extend(parse_route(p)))?;
+        self.sock
+            .dump(m, RTM_NEWROUTE, "list routes", |p| out.extend(parse_route(p)))?;
         Ok(out)
     }
 
