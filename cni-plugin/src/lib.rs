@@ -123,3 +123,40 @@ fn log_line(path: &Path, env: &CniEnv, started: Instant, outcome: &Result<Option
         let _ = f.write_all(line.as_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn version_answers_without_reading_stdin() {
+        let out = execute(env(&[("CNI_COMMAND", "VERSION")]), || {
+            panic!("VERSION must not read stdin")
+        });
+        assert!(out.success);
+        assert!(out.stdout.unwrap()["supportedVersions"].is_array());
+    }
+
+    #[test]
+    fn failures_are_one_error_document_in_the_config_version() {
+        let out = execute(env(&[("CNI_COMMAND", "ADD")]), || {
+            Err(std::io::Error::other("stdin closed"))
+        });
+        assert!(!out.success);
+        let doc = out.stdout.unwrap();
+        assert!(doc["msg"].as_str().unwrap().contains("stdin"), "{doc}");
+
+        // A config that names its version but does not parse: the error
+        // document is shaped for that version.
+        let conf = br#"{"cniVersion": "0.4.0", "name": 5}"#;
+        let out = execute(env(&[("CNI_COMMAND", "ADD")]), || Ok(conf.to_vec()));
+        assert!(!out.success);
+        let doc = out.stdout.unwrap();
+        assert_eq!(doc["cniVersion"], "0.4.0", "{doc}");
+        assert!(doc["code"].as_u64().is_some(), "{doc}");
+    }
+}
