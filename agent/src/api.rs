@@ -71,8 +71,11 @@ impl sinew_proto::Agent for AgentApi {
             attach_mode: self.attach_mode.into(),
             pod_attach_mode: self.pod_attach_mode.into(),
             routing_mode: self.routing.into(),
-            pod_cidr: s.local.pod_cidr.to_string(),
-            node_ip: s.local.ip.to_string(),
+            pod_cidr: Some(v1::IpPrefix::new(
+                s.local.pod_cidr.network().into(),
+                s.local.pod_cidr.prefix_len(),
+            )),
+            node_ip: Some(s.local.ip.into()),
             endpoints: s.registry.len() as u32,
             ips_allocated: s.ipam.allocated() as u32,
             ips_capacity: u32::try_from(s.ipam.capacity()).unwrap_or(u32::MAX),

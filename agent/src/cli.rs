@@ -820,7 +820,7 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
             .collect();
         let v = serde_json::json!({
             "healthy": s.healthy, "reason": s.reason, "node": s.node_name, "version": s.version,
-            "attachMode": s.attach_mode, "podAttachMode": s.pod_attach_mode, "podAttachMode": s.pod_attach_mode, "routingMode": s.routing_mode, "podCIDR": s.pod_cidr, "nodeIP": s.node_ip,
+            "attachMode": s.attach_mode, "podAttachMode": s.pod_attach_mode, "podAttachMode": s.pod_attach_mode, "routingMode": s.routing_mode, "podCIDR": sinew_proto::addr::text(s.pod_cidr.as_ref()), "nodeIP": sinew_proto::addr::text(s.node_ip.as_ref()),
             "endpoints": s.endpoints, "ipsAllocated": s.ips_allocated, "ipsCapacity": s.ips_capacity,
             "remoteNodes": s.remote_nodes, "bpfPinPath": s.bpf_pin_path, "uptimeSeconds": s.uptime_seconds,
             "mapsReused": s.maps_reused, "features": features,
@@ -849,10 +849,16 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
     } else if !s.healthy && !s.reason.is_empty() {
         println!("Warning:      {}", s.reason);
     }
-    println!("Node:         {} ({})", s.node_name, s.node_ip);
+    println!(
+        "Node:         {} ({})",
+        s.node_name,
+        sinew_proto::addr::text(s.node_ip.as_ref())
+    );
     println!(
         "Pod CIDR:     {}  {}/{} addresses allocated",
-        s.pod_cidr, s.ips_allocated, s.ips_capacity
+        sinew_proto::addr::text(s.pod_cidr.as_ref()),
+        s.ips_allocated,
+        s.ips_capacity
     );
     println!("Endpoints:    {}", s.endpoints);
     println!("Remote nodes: {}", s.remote_nodes);
