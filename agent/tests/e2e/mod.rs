@@ -25,6 +25,19 @@ impl Drop for LabGuard {
     }
 }
 
+/// The `sinew` CLI next to the test binary's `target/` directory: it is
+/// another package's binary (`sinew-cli`), so cargo does not build it for
+/// this package's tests.
+pub fn sinew_cli() -> std::path::PathBuf {
+    let path = Binaries::from_current_exe().expect("locate the sinew binaries").sinew;
+    assert!(
+        path.is_file(),
+        "{} is missing: build the CLI before this test (`cargo build -p sinew-cli`, or `cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

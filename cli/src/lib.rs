@@ -899,7 +899,7 @@ fn endpoint_table(eps: &[v1::Endpoint]) -> Vec<String> {
     let mut out = vec![endpoint_row(ENDPOINT_HEADER)];
     for e in eps {
         let att = e.attachment.clone().unwrap_or_default();
-        let pod = crate::observer::render::pod(&e.pod_namespace, &e.pod_name, &att.container_id);
+        let pod = sinew_flows::render::pod(&e.pod_namespace, &e.pod_name, &att.container_id);
         out.push(endpoint_row([
             &e.id.to_string(),
             &pod,
@@ -928,23 +928,23 @@ fn print_endpoints(eps: &[v1::Endpoint], f: Format) {
 
 fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::GetFlowsRequest> {
     use sinew_proto::observer_v1 as pb;
-    let now = crate::observer::now_unix_nanos();
+    let now = sinew_flows::now_unix_nanos();
     let since = a
         .since
         .as_deref()
-        .map(|s| crate::observer::render::parse_since(s, now))
+        .map(|s| sinew_flows::render::parse_since(s, now))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--since {e}"))?;
     let until = a
         .until
         .as_deref()
-        .map(|s| crate::observer::render::parse_since(s, now))
+        .map(|s| sinew_flows::render::parse_since(s, now))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--until {e}"))?;
     // Checked here, before any agent is asked, so that the error names the
     // flag (the agent checks the same and names the request field).
     {
-        use crate::observer::{check_label, check_namespace, check_pod};
+        use sinew_flows::{check_label, check_namespace, check_pod};
         for (flag, v) in [("--pod", &a.pod), ("--from-pod", &a.from_pod), ("--to-pod", &a.to_pod)] {
             if let Some(v) = v {
                 check_pod(flag, v)?;
@@ -981,7 +981,7 @@ fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::
         .protocol
         .as_deref()
         .map(|p| {
-            crate::observer::parse_protocol(p)
+            sinew_flows::parse_protocol(p)
                 .map(u32::from)
                 .ok_or_else(|| anyhow::anyhow!("--protocol {p:?}: use tcp, udp, icmp, sctp or a number"))
         })
@@ -1043,7 +1043,7 @@ fn emit(out: &mut impl std::io::Write, line: &str) -> bool {
 }
 
 fn observe(cli: &Cli, a: &ObserveArgs) -> anyhow::Result<()> {
-    use crate::observer::render;
+    use sinew_flows::render;
     use sinew_proto::observer_v1 as pb;
     let socket = cli.socket()?;
     if a.status || matches!(a.cmd, Some(ObserveCmd::Status(_))) {
@@ -1111,7 +1111,7 @@ fn print_observer_status(s: &sinew_proto::observer_v1::ServerStatusResponse, jso
             "eventsLost": counts(&s.events_lost), "eventsLostTotal": s.events_lost_total,
             "followerDropped": s.follower_dropped, "followers": s.followers,
             "eventRingBytes": s.event_ring_bytes, "uptimeSeconds": s.uptime_nanos / 1_000_000_000,
-            "observerStart": crate::observer::render::rfc3339(s.observer_start_unix_nanos),
+            "observerStart": sinew_flows::render::rfc3339(s.observer_start_unix_nanos),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
