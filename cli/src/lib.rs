@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sinew_lab::manifest::LabelEdit;
+use sinew_lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
 use sinew_proto::v1;
-use sinew_testvms::lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
-use sinew_testvms::manifest::LabelEdit;
 
 /// The lab name `--lab` defaults to.
-const DEFAULT_LAB: &str = sinew_testvms::topology::DEFAULT_PREFIX;
+const DEFAULT_LAB: &str = sinew_lab::topology::DEFAULT_PREFIX;
 
 #[derive(Parser)]
 #[command(name = "sinew", version, about = "Sinew: CNI and sidecarless service mesh")]
@@ -275,7 +275,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn lab_dir(prefix: &str) -> PathBuf {
-    sinew_testvms::lab::default_state_dir(prefix)
+    sinew_lab::default_state_dir(prefix)
 }
 
 impl Cli {
@@ -749,7 +749,7 @@ fn load_lab(cli: &Cli) -> anyhow::Result<Lab> {
 }
 
 /// Reads a file (or stdin for `-`) of lab documents.
-fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_testvms::manifest::Document>> {
+fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_lab::manifest::Document>> {
     let (name, text) = if file == "-" {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read documents from stdin")?;
@@ -759,7 +759,7 @@ fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_testvms::manifest::Docu
             .with_context(|| format!("cannot read {file}: pass an existing YAML file, or - for stdin"))?;
         (file.to_owned(), text)
     };
-    let docs = sinew_testvms::manifest::parse(&name, &text).map_err(sinew_testvms::lab::LabError::from)?;
+    let docs = sinew_lab::manifest::parse(&name, &text).map_err(sinew_lab::LabError::from)?;
     if docs.is_empty() {
         bail!("{name}: no documents: write v1 Namespace and v1 Pod documents separated by ---");
     }
