@@ -415,7 +415,7 @@ fn flows_are_named_explained_and_filtered() {
     follow_sees_new_flow(&w, &s1);
 
     // (d) The CLI's JSON lines parse one by one.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args(["--socket", s1.to_str().unwrap(), "observe", "-o", "json", "--last", "5"])
         .output()
         .unwrap();
@@ -434,7 +434,7 @@ fn flows_are_named_explained_and_filtered() {
             "{l}"
         );
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args([
             "--socket",
             s1.to_str().unwrap(),
@@ -461,7 +461,7 @@ fn flows_are_named_explained_and_filtered() {
         assert_eq!(v["destination"]["pod"], "server", "{l}");
     }
     // The table names the rule in words.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args([
             "--socket",
             s1.to_str().unwrap(),
@@ -479,7 +479,7 @@ fn flows_are_named_explained_and_filtered() {
         "{text}"
     );
     // An unreachable agent is reported with a way to check.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args(["--socket", "/nonexistent/agent.sock", "observe"])
         .output()
         .unwrap();
@@ -1000,7 +1000,7 @@ fn forwarded_flow_counters_add_up_exactly() {
 /// Runs `sinew` against a node's socket with extra environment; returns
 /// (success, stdout, stderr).
 fn sinew(socket: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .arg("--socket")
         .arg(socket)
         .args(args)

@@ -736,7 +736,7 @@ fn shell_files(root: &Path) -> Vec<PathBuf> {
 fn find_commands(root: &Path) -> Found {
     let mut found = Found::new();
     let mut files = Vec::new();
-    for dir in ["agent", "bench", "cni-plugin", "crates", "test-vms"] {
+    for dir in ["agent", "bench", "cli", "cni-plugin", "crates", "test-vms"] {
         rust_files(&root.join(dir), &mut files);
     }
     files.sort();

@@ -355,7 +355,7 @@ fn containerd_cri_sandboxes_get_sinew_networking() {
     require_file(&format!("{CNI_PLUGIN_DIR}/loopback"), "containernetworking-plugins");
 
     let prefix = format!("rt-ctrd-{}", std::process::id());
-    let lab = LabGuard::up(&prefix);
+    let lab = lab_up(&prefix);
     clock.step("lab up");
     let node1 = lab.node("node1").clone();
     let cidr = lab.pod_cidr("node1");

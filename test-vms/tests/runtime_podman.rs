@@ -187,7 +187,7 @@ fn podman_cni_containers_get_sinew_networking() {
     require_file(BUSYBOX, "busybox-static");
 
     let prefix = format!("rt-podman-{}", std::process::id());
-    let lab = LabGuard::up(&prefix);
+    let lab = lab_up(&prefix);
     clock.step("lab up");
     let node1 = lab.node("node1").clone();
     let cidr = lab.pod_cidr("node1");

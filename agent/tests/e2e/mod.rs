@@ -11,18 +11,20 @@ use sinew_proto::v1;
 use sinew_testvms::lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
 use sinew_testvms::NetNs;
 
-pub struct LabGuard {
-    pub lab: Lab,
-}
+/// The lab taken down on drop (with the agents' logs after a failed assertion).
+pub use sinew_testvms::LabGuard;
 
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        match Lab::down(self.lab.state_dir()) {
-            Ok(s) if !s.is_clean() => eprintln!("lab left behind: {:?}", s.left_behind),
-            Err(e) => eprintln!("lab down failed: {e}"),
-            _ => {}
-        }
-    }
+/// The `sinew` CLI next to the test binary's `target/` directory: it is
+/// another package's binary (`sinew-cli`), so cargo does not build it for
+/// this package's tests.
+pub fn sinew_cli() -> std::path::PathBuf {
+    let path = Binaries::from_current_exe().expect("locate the sinew binaries").sinew;
+    assert!(
+        path.is_file(),
+        "{} is missing: build the CLI before this test (`cargo build -p sinew-cli`, or `cargo build --workspace`)",
+        path.display()
+    );
+    path
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
@@ -81,7 +83,7 @@ pub fn lab(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> La
     };
     let _ = Lab::down(&spec.state_dir());
     match Lab::up_with(&spec, &bins, &opts, &mut |l| eprintln!("[{}] {l}", spec.name_prefix)) {
-        Ok(lab) => LabGuard { lab },
+        Ok(lab) => LabGuard::new(lab),
         Err(e) => {
             let _ = Lab::down(&spec.state_dir());
             panic!("lab up failed: {e}");
@@ -315,7 +317,7 @@ pub fn lab_with_args(prefix: &str, nodes: u32, pods_per_node: u32, routing: Rout
     };
     let _ = Lab::down(&spec.state_dir());
     match Lab::up_with(&spec, &bins, &opts, &mut |l| eprintln!("[{}] {l}", spec.name_prefix)) {
-        Ok(lab) => LabGuard { lab },
+        Ok(lab) => LabGuard::new(lab),
         Err(e) => {
             let _ = Lab::down(&spec.state_dir());
             panic!("lab up failed: {e}");

@@ -483,6 +483,7 @@ macro_rules! pod {
         // fields; tests/btf_layout.rs proves there is no implicit padding by
         // comparing every size and offset with the C side's BTF.
         #[allow(unsafe_code)]
+        #[cfg(feature = "bpf")]
         unsafe impl aya::Pod for $t {}
     )* };
 }

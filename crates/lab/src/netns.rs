@@ -326,10 +326,10 @@ pub fn detach(cmd: &mut Command) {
 /// standard error when it exits unsuccessfully.
 ///
 /// ```no_run
-/// # use sinew_testvms::netns::{sh, NetNs};
+/// # use sinew_lab::netns::{sh, NetNs};
 /// let ns = NetNs::create("demo")?;
 /// sh(&ns, "ip link add dummy0 type dummy")?;
-/// # Ok::<(), sinew_testvms::netns::NetnsError>(())
+/// # Ok::<(), sinew_lab::netns::NetnsError>(())
 /// ```
 pub fn sh(netns: &NetNs, command_line: &str) -> Result<String, NetnsError> {
     let argv: Vec<&str> = command_line.split_whitespace().collect();

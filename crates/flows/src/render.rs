@@ -240,7 +240,7 @@ pub fn rule(r: &pb::PolicyRule) -> String {
 
 fn protocol(f: &pb::Flow) -> String {
     let flags = tcp_flags(f.tcp_flags.as_ref());
-    if f.protocol == u32::from(super::enrich::PROTO_ICMP) {
+    if f.protocol == u32::from(crate::PROTO_ICMP) {
         format!("ICMP {}/{}", f.icmp_type, f.icmp_code)
     } else if flags.is_empty() {
         f.protocol_name.clone()
@@ -402,7 +402,7 @@ pub fn json(f: &pb::Flow) -> serde_json::Value {
         "sequence": f.sequence,
         "verdict": verdict(f),
         "dropReason": f.drop_reason.as_ref().map(|r| serde_json::json!({"code": r.code, "name": r.name, "description": r.description})),
-        "type": super::event_type_name(f.r#type()),
+        "type": crate::event_type_name(f.r#type()),
         "traceObservationPoint": f.trace_observation_point().as_str_name(),
         "hook": f.hook().as_str_name(),
         "source": endpoint_json(f.source.as_ref()),
@@ -529,81 +529,6 @@ mod tests {
         assert_eq!(row.find("node1"), TABLE_HEADER.find("NODE"), "{row}");
         assert_eq!(row.find("a/client"), TABLE_HEADER.find("SOURCE"), "{row}");
         assert!(compact(&f, &tz).starts_with("2026-11-22T14:11:09.123+01:00 [node1]"));
-    }
-
-    /// A record as the datapath writes it, enriched against an index in
-    /// which a/web (endpoint 7) is isolated for ingress by a/web-in.
-    fn enriched(ev: sinew_abi::FlowEvent) -> pb::Flow {
-        use crate::observer::index::{Isolation, ObserverIndex, Peer};
-        let mut idx = ObserverIndex::default();
-        let web = std::net::Ipv4Addr::new(10, 0, 1, 5);
-        idx.by_ip.insert(
-            web,
-            Peer {
-                namespace: "a".into(),
-                pod: "web".into(),
-                identity: 300,
-                endpoint_id: 7,
-                ..Default::default()
-            },
-        );
-        idx.by_endpoint.insert(7, web);
-        idx.isolation.insert(
-            7,
-            Isolation {
-                ingress: vec![sinew_policy::PolicyName {
-                    kind: sinew_policy::PolicyKind::NetworkPolicy,
-                    namespace: Some("a".into()),
-                    name: "web-in".into(),
-                }],
-                egress: Vec::new(),
-            },
-        );
-        crate::observer::enrich(&ev, crate::observer::Names::one(&idx), 0, 1, "")
-    }
-
-    fn default_deny_event(r#type: u8) -> sinew_abi::FlowEvent {
-        sinew_abi::FlowEvent {
-            saddr: u32::from_ne_bytes([10, 0, 2, 9]),
-            daddr: u32::from_ne_bytes([10, 0, 1, 5]),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            tcp_flags: 0x02,
-            r#type,
-            reason: sinew_abi::DropReason::Policy.code(),
-            verdict: sinew_abi::VERDICT_DROPPED,
-            dir: sinew_abi::Direction::Ingress as u8,
-            ep_id: 7,
-            peer_identity: 400,
-            ..Default::default()
-        }
-    }
-
-    /// A default-deny packet is two rows, as in Hubble: the verdict says
-    /// it is the decision and the drop says it is the packet; each names
-    /// the isolating policy and says nothing twice.
-    #[test]
-    fn default_deny_rows_say_what_they_are_once() {
-        let verdict = summary(&enriched(default_deny_event(sinew_abi::EVENT_POLICY)));
-        let drop = summary(&enriched(default_deny_event(sinew_abi::EVENT_DROP)));
-        let why = "default deny: a/web isolated for ingress by NetworkPolicy a/web-in";
-        assert_eq!(verdict, format!("policy-verdict:none INGRESS DENIED ({why})"));
-        assert_eq!(drop, format!("policy denied ({why})"));
-        // Isolating policies unknown (the pod is gone): still said once.
-        let mut f = enriched(default_deny_event(sinew_abi::EVENT_POLICY));
-        f.isolated_by.clear();
-        assert_eq!(summary(&f), "policy-verdict:none INGRESS DENIED (no rule allows it)");
-        f.r#type = pb::EventType::Drop as i32;
-        assert_eq!(summary(&f), "policy denied (no rule allows it)");
-        // Allowed verdicts name kind and rule.
-        let mut ok = default_deny_event(sinew_abi::EVENT_POLICY);
-        ok.verdict = sinew_abi::VERDICT_FORWARDED;
-        ok.r#match = sinew_abi::MATCH_L3_L4;
-        let f = enriched(ok);
-        assert_eq!(summary(&f), "policy-verdict:L3-L4 INGRESS ALLOWED");
-        let j = json(&enriched(default_deny_event(sinew_abi::EVENT_DROP)));
-        assert_eq!(j["isolatedBy"][0]["name"], "web-in", "{j}");
     }
 
     /// Pods without Kubernetes names are named by their container id.

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sinew_lab::manifest::LabelEdit;
+use sinew_lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
 use sinew_proto::v1;
-use sinew_testvms::lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
-use sinew_testvms::manifest::LabelEdit;
 
 /// The lab name `--lab` defaults to.
-const DEFAULT_LAB: &str = sinew_testvms::topology::DEFAULT_PREFIX;
+const DEFAULT_LAB: &str = sinew_lab::topology::DEFAULT_PREFIX;
 
 #[derive(Parser)]
 #[command(name = "sinew", version, about = "Sinew: CNI and sidecarless service mesh")]
@@ -275,7 +275,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn lab_dir(prefix: &str) -> PathBuf {
-    sinew_testvms::lab::default_state_dir(prefix)
+    sinew_lab::default_state_dir(prefix)
 }
 
 impl Cli {
@@ -749,7 +749,7 @@ fn load_lab(cli: &Cli) -> anyhow::Result<Lab> {
 }
 
 /// Reads a file (or stdin for `-`) of lab documents.
-fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_testvms::manifest::Document>> {
+fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_lab::manifest::Document>> {
     let (name, text) = if file == "-" {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read documents from stdin")?;
@@ -759,7 +759,7 @@ fn read_manifest(file: &str) -> anyhow::Result<Vec<sinew_testvms::manifest::Docu
             .with_context(|| format!("cannot read {file}: pass an existing YAML file, or - for stdin"))?;
         (file.to_owned(), text)
     };
-    let docs = sinew_testvms::manifest::parse(&name, &text).map_err(sinew_testvms::lab::LabError::from)?;
+    let docs = sinew_lab::manifest::parse(&name, &text).map_err(sinew_lab::LabError::from)?;
     if docs.is_empty() {
         bail!("{name}: no documents: write v1 Namespace and v1 Pod documents separated by ---");
     }
@@ -907,7 +907,7 @@ fn endpoint_table(eps: &[v1::Endpoint]) -> Vec<String> {
     let mut out = vec![endpoint_row(ENDPOINT_HEADER)];
     for e in eps {
         let att = e.attachment.clone().unwrap_or_default();
-        let pod = crate::observer::render::pod(&e.pod_namespace, &e.pod_name, &att.container_id);
+        let pod = sinew_flows::render::pod(&e.pod_namespace, &e.pod_name, &att.container_id);
         out.push(endpoint_row([
             &e.id.to_string(),
             &pod,
@@ -936,23 +936,23 @@ fn print_endpoints(eps: &[v1::Endpoint], f: Format) {
 
 fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::GetFlowsRequest> {
     use sinew_proto::observer_v1 as pb;
-    let now = crate::observer::now_unix_nanos();
+    let now = sinew_flows::now_unix_nanos();
     let since = a
         .since
         .as_deref()
-        .map(|s| crate::observer::render::parse_since(s, now))
+        .map(|s| sinew_flows::render::parse_since(s, now))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--since {e}"))?;
     let until = a
         .until
         .as_deref()
-        .map(|s| crate::observer::render::parse_since(s, now))
+        .map(|s| sinew_flows::render::parse_since(s, now))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--until {e}"))?;
     // Checked here, before any agent is asked, so that the error names the
     // flag (the agent checks the same and names the request field).
     {
-        use crate::observer::{check_label, check_namespace, check_pod};
+        use sinew_flows::{check_label, check_namespace, check_pod};
         for (flag, v) in [("--pod", &a.pod), ("--from-pod", &a.from_pod), ("--to-pod", &a.to_pod)] {
             if let Some(v) = v {
                 check_pod(flag, v)?;
@@ -989,7 +989,7 @@ fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::
         .protocol
         .as_deref()
         .map(|p| {
-            crate::observer::parse_protocol(p)
+            sinew_flows::parse_protocol(p)
                 .map(u32::from)
                 .ok_or_else(|| anyhow::anyhow!("--protocol {p:?}: use tcp, udp, icmp, sctp or a number"))
         })
@@ -1051,7 +1051,7 @@ fn emit(out: &mut impl std::io::Write, line: &str) -> bool {
 }
 
 fn observe(cli: &Cli, a: &ObserveArgs) -> anyhow::Result<()> {
-    use crate::observer::render;
+    use sinew_flows::render;
     use sinew_proto::observer_v1 as pb;
     let socket = cli.socket()?;
     if a.status || matches!(a.cmd, Some(ObserveCmd::Status(_))) {
@@ -1119,7 +1119,7 @@ fn print_observer_status(s: &sinew_proto::observer_v1::ServerStatusResponse, jso
             "eventsLost": counts(&s.events_lost), "eventsLostTotal": s.events_lost_total,
             "followerDropped": s.follower_dropped, "followers": s.followers,
             "eventRingBytes": s.event_ring_bytes, "uptimeSeconds": s.uptime_nanos / 1_000_000_000,
-            "observerStart": crate::observer::render::rfc3339(s.observer_start_unix_nanos),
+            "observerStart": sinew_flows::render::rfc3339(s.observer_start_unix_nanos),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;

@@ -1,4 +1,4 @@
-//! sinew: the Sinew command-line tool.
+//! sinew: the Sinew command-line tool (the library is `sinew_cli`).
 use clap::Parser;
 
 fn main() {
@@ -9,8 +9,8 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = sinew_agent::cli::Cli::parse();
-    if let Err(e) = sinew_agent::cli::main(cli) {
+    let cli = sinew_cli::Cli::parse();
+    if let Err(e) = sinew_cli::main(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use sinew_testvms::lab::{default_state_dir, Lab};
+use sinew_lab::{default_state_dir, Lab};
 
 const SINEW: &str = env!("CARGO_BIN_EXE_sinew");
 

@@ -419,7 +419,7 @@ mod tests {
     /// the lab and the runtime tests use.
     #[test]
     fn readme_shows_the_shipped_conflist() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let after = readme
             .split("`/etc/cni/net.d/10-sinew.conflist`")
             .nth(1)
