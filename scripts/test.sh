@@ -11,6 +11,9 @@ echo "==> format"
 cargo fmt --all -- --check
 find bpf -name '*.[ch]' -print0 | xargs -0 clang-format --dry-run --Werror
 
+echo "==> deny (licences, advisories, duplicates, banned crates)"
+scripts/deny.sh
+
 echo "==> build"
 cargo build --workspace --all-targets --locked
 
