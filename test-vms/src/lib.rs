@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod support;
 pub mod topology;
 
 pub use lab::{Binaries, DownSummary, Lab, LabError, LabSpec, NodeRecord, PodRecord, Routing, UpOptions};
