@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs, builds, checks formatting and
-# lints, then runs every test, privileged ones included (they need root and
+# The test command: installs what it needs, checks dependencies
+# (cargo-deny), builds, checks formatting and lints, fuzzes every parser of
+# untrusted bytes for a few seconds each, then runs every test, privileged ones included (they need root and
 # fail rather than skip without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,9 @@ cargo build --workspace --all-targets --locked
 
 echo "==> clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> fuzz (each target a few seconds, from fuzz/corpus)"
+scripts/fuzz.sh
 
 echo "==> tests"
 # Privileged tests build network namespaces and BPF pins; two at a time keeps
