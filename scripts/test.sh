@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what it needs, checks dependencies
 # (cargo-deny), builds, checks formatting and lints, fuzzes every parser of
-# untrusted bytes for a few seconds each, then runs every test, privileged ones included (they need root and
-# fail rather than skip without it).
+# untrusted bytes for a few seconds each, then runs every test, privileged
+# ones included (they need root and fail rather than skip without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
