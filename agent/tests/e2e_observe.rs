@@ -1169,7 +1169,6 @@ fn observe_output_says_what_happened_once_and_where() {
 /// and in `observe`, never as "/".
 #[test]
 fn pods_without_kubernetes_names_show_their_container() {
-    use std::process::Stdio;
     let g = lab("obs-anon", 1, 0, Routing::Vxlan);
     let lab = &g.lab;
     let s1 = lab.node("node1").unwrap().socket.clone();
@@ -1183,26 +1182,17 @@ fn pods_without_kubernetes_names_show_their_container() {
     let pod = Pod(sinew_testvms::NetNs::create(format!("{}-anon", lab.spec().name_prefix)).unwrap());
     let id = sinew_testvms::cni::container_id(&lab.spec().name_prefix, "anon");
     let cni = |command: &str| {
-        let mut cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &id)
-            .env("CNI_NETNS", pod.0.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .env("CNI_ARGS", "IgnoreUnknown=1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        use std::io::Write;
-        let _ = child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(lab.cni_config("node1").unwrap().as_bytes());
-        let out = child.wait_with_output().unwrap();
+        let cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
+        let netns = pod.0.path();
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", id.as_str()),
+            ("CNI_NETNS", netns.to_str().unwrap()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+            ("CNI_ARGS", "IgnoreUnknown=1"),
+        ];
+        let out = sinew_testvms::support::run_cni(cmd, &env, &lab.cni_config("node1").unwrap());
         assert!(
             out.status.success(),
             "CNI {command}: {}",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use sinew_bench::report::Report;
 use sinew_bench::scenarios::{self, CniParts, Options};
-use sinew_bench::{idle, observe, policy, services};
+use sinew_bench::{cpu, idle, observe, policy, services};
 use sinew_testvms::lab::{Binaries, Routing};
 
 /// Benchmarks Sinew against plain-kernel baselines measured in the same run.
@@ -52,6 +52,11 @@ struct Cli {
     /// `--versus-agent-arg=--events --versus-agent-arg=false`.
     #[arg(long = "versus-agent-arg", global = true, allow_hyphen_values = true)]
     versus_agent_args: Vec<String>,
+    /// CPUs of the client and the server on every arm: `CLIENT,SERVER`
+    /// (e.g. `1,0`), `auto` (the last two CPUs this process may use) or
+    /// `off`. Unpinned TCP_RR can be bimodal.
+    #[arg(long, global = true, env = "SINEW_BENCH_CPUS", default_value = "auto")]
+    cpus: String,
     /// Print lab progress.
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -162,11 +167,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         only: cli.only.clone(),
         versus_agent_args: cli.versus_agent_args.clone(),
     };
+    cpu::init(cpu::parse_request(&cli.cpus)?)?;
     let mut report = Report {
         reps,
         duration_secs: duration,
+        cpu: cpu::describe(),
         ..Report::default()
     };
+    eprintln!("cpu: {}", report.cpu);
     // The kernel default, which a node agent only changes with --bpf-stats.
     let _stats = BpfStatsOff::new(&mut report);
     let result: anyhow::Result<()> = match &cli.command {

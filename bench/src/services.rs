@@ -513,7 +513,12 @@ enum Runner<'a> {
 }
 
 impl Runner<'_> {
+    /// Runs the client on the client's CPU ([`crate::cpu`]).
     fn output(&self, argv: &[String]) -> Result<Output, String> {
+        crate::cpu::on(crate::cpu::Role::Client, || self.output_unpinned(argv))
+    }
+
+    fn output_unpinned(&self, argv: &[String]) -> Result<Output, String> {
         match self {
             Runner::Netns(ns) => {
                 let mut cmd = command_in(ns, &argv[0]).map_err(|e| e.to_string())?;

@@ -19,10 +19,7 @@ fn repo() -> PathBuf {
 }
 
 fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "kernel integration tests need root: run them as root (the CI does)"
-    );
+    sinew_testvms::support::require_root("kernel integration tests");
 }
 
 /// Takes the lab down even when an assertion failed half-way.

@@ -9,6 +9,7 @@
 
 pub mod baseline;
 pub mod probe;
+pub mod support;
 
 pub use sinew_lab as lab;
 pub use sinew_lab::{bpffs, cgroup, cni, datastore, manifest, netns, process, topology};

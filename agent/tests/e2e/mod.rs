@@ -63,10 +63,7 @@ fn ready(socket: &Path) -> bool {
 
 /// Brings up a lab whose names start with `prefix` (unique per test).
 pub fn lab(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> LabGuard {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "kernel integration tests need root: run them as root (the CI does)"
-    );
+    sinew_testvms::support::require_root("kernel integration tests");
     let prefix = format!("{prefix}-{}", std::process::id());
     let spec = LabSpec {
         name_prefix: prefix,
@@ -297,10 +294,7 @@ pub fn agent_log_tail(lab: &Lab, node: &str) -> String {
 /// [`lab`] with extra agent flags and no default pods' labels of interest:
 /// pods are added by the test.
 pub fn lab_with_args(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing, agent_args: &[&str]) -> LabGuard {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "kernel integration tests need root: run them as root (the CI does)"
-    );
+    sinew_testvms::support::require_root("kernel integration tests");
     let prefix = format!("{prefix}-{}", std::process::id());
     let spec = LabSpec {
         name_prefix: prefix,

@@ -29,10 +29,7 @@ pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
 
 /// These tests need root; without it they must fail, not pass silently.
 pub fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root (it runs a container runtime and creates network namespaces): run it as root"
-    );
+    sinew_testvms::support::require_root("this container runtime test");
 }
 
 /// The full path of `program` in PATH; panics with an install hint when it
