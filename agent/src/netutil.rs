@@ -81,7 +81,7 @@ pub fn mtu(name: &str) -> Result<u32, NetError> {
         .ok_or_else(|| NetError::NoSuchInterface(name.to_string()))
 }
 
-fn ip_output(args: &[&str]) -> Result<String, NetError> {
+pub fn ip_output(args: &[&str]) -> Result<String, NetError> {
     let out = Command::new("ip").args(args).output().map_err(NetError::NoIp)?;
     if !out.status.success() {
         return Err(NetError::Ip {
