@@ -12,8 +12,9 @@
 //! listener found and the assignment refused, counted as `redirect_failed`.
 //! That the assignment, the mark and the ip rule deliver the connection to
 //! the listener with its original destination is proven with real sockets
-//! by `redirect_delivers_to_a_transparent_listener` (e2e_redirect.rs).
-//! Needs root.
+//! by `real_kernel_redirect_to_a_transparent_listener` below: two pods in
+//! their own network namespaces on one node, the programs attached to
+//! their veths, the agent's ip rule installed. Needs root.
 
 #[allow(dead_code)] // shared with bpf_programs.rs, which uses the rest
 mod support;
@@ -319,5 +320,253 @@ fn marked_upstream_is_not_redirected_and_is_judged_by_the_mark() {
             from_a.len(),
         );
         assert_eq!(out.verdict, TC_ACT_SHOT, "{}", verdict_name(out.verdict));
+    });
+}
+
+// ------------------------------------------------------------ real kernel
+
+/// A named network namespace (a pod), removed on drop.
+struct PodNetns(String);
+
+impl PodNetns {
+    fn new(tag: &str) -> Self {
+        let name = format!("sinew-redir-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
+        support::node::ip(&["netns", "add", &name]);
+        Self(name)
+    }
+
+    /// Runs `f` on a thread inside this namespace.
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the pod");
+            f()
+        })
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Moves the pod side of `pod`'s veth into `ns` and sets both sides up as
+/// the CNI plugin does (addresses, MACs, routes; static neighbours).
+fn plumb(pod: Pod, host_if: &str, pod_if: &str, ns: &PodNetns) {
+    use support::node::ip;
+    let gw = support::node::GATEWAY.to_string();
+    let pod_ip = pod.ip.to_string();
+    ip(&["link", "set", host_if, "address", &mac_text(pod.host_mac), "up"]);
+    ip(&["link", "set", pod_if, "netns", &ns.0]);
+    let n = ns.0.as_str();
+    ip(&["-n", n, "link", "set", "lo", "up"]);
+    ip(&["-n", n, "link", "set", pod_if, "address", &mac_text(pod.mac), "up"]);
+    ip(&["-n", n, "addr", "add", &format!("{pod_ip}/32"), "dev", pod_if]);
+    ip(&["-n", n, "route", "add", &gw, "dev", pod_if, "scope", "link"]);
+    ip(&["-n", n, "route", "add", "default", "via", &gw, "dev", pod_if]);
+    ip(&[
+        "-n",
+        n,
+        "neigh",
+        "replace",
+        &gw,
+        "lladdr",
+        &mac_text(pod.host_mac),
+        "dev",
+        pod_if,
+        "nud",
+        "permanent",
+    ]);
+    ip(&["route", "add", &format!("{pod_ip}/32"), "dev", host_if]);
+    ip(&[
+        "neigh",
+        "replace",
+        &pod_ip,
+        "lladdr",
+        &mac_text(pod.mac),
+        "dev",
+        host_if,
+        "nud",
+        "permanent",
+    ]);
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A server in pod B: accepts one connection on `port`, answers "hello"
+/// with "world:<port>", and returns the peer it saw.
+fn serve_once(ns: &PodNetns, port: u16) -> std::thread::JoinHandle<std::io::Result<std::net::SocketAddr>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let h = ns.spawn(move || {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        ready_tx.send(()).unwrap();
+        l.set_nonblocking(true)?;
+        let deadline = std::time::Instant::now() + WAIT * 3;
+        let (mut c, peer) = loop {
+            match l.accept() {
+                Ok(x) => break x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        c.set_nonblocking(false)?;
+        c.set_read_timeout(Some(WAIT))?;
+        expect_hello(&mut c)?;
+        std::io::Write::write_all(&mut c, format!("world:{port}").as_bytes())?;
+        Ok(peer)
+    });
+    ready_rx.recv_timeout(WAIT).expect("server in pod B started");
+    h
+}
+
+fn expect_hello(c: &mut std::net::TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 5];
+    std::io::Read::read_exact(c, &mut buf)?;
+    assert_eq!(&buf, b"hello");
+    Ok(())
+}
+
+/// Pod A's client: connects to `to`, says hello, returns the answer.
+fn hello_from(ns: &PodNetns, to: SocketAddrV4) -> std::thread::JoinHandle<std::io::Result<String>> {
+    ns.spawn(move || {
+        let mut c = std::net::TcpStream::connect_timeout(&to.into(), WAIT)?;
+        c.set_read_timeout(Some(WAIT))?;
+        std::io::Write::write_all(&mut c, b"hello")?;
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut c, &mut answer)?;
+        Ok(answer)
+    })
+}
+
+/// The proxy's upstream socket: SO_MARK set, connect bounded by WAIT/3.
+fn upstream(to: SocketAddrV4, mark: u32) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::Mark, &mark)?;
+    let t = nix::sys::time::TimeVal::new(1, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &t)?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+fn accept_within(l: &TcpListener) -> std::io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
+    l.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match l.accept() {
+            Ok((c, peer)) => {
+                c.set_nonblocking(false)?;
+                return Ok((c, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Real sockets through the attached programs: pod A connects to pod B on
+/// port 80, which B's ingress rule sends to the proxy; a plain TCP listener
+/// with IP_TRANSPARENT on the ingress proxy port in the node's namespace
+/// accepts it, with B:80 (the original destination) as its local address
+/// and A as its peer. Its upstream to B:80, marked with A's identity, is
+/// let in by B's rule for A and not redirected again (B's server sees the
+/// node's address); marked with an identity without a rule it is dropped.
+/// Port 81 of the same pod goes to B directly (B sees A, the proxy sees
+/// nothing). With the listener closed, A's next connection to port 80
+/// fails and is counted as proxy_unavailable.
+#[test]
+fn real_kernel_redirect_to_a_transparent_listener() {
+    in_new_netns("redirect-kernel", || {
+        let mut node = Node::new(RoutingMode::Vxlan);
+        let (a, b) = (node.a, node.b);
+        let (ns_a, ns_b) = (PodNetns::new("a"), PodNetns::new("b"));
+        support::node::ip(&["link", "set", "underlay0", "up"]);
+        support::node::ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "uplink0"]);
+        support::node::ip(&["link", "set", "uplink0", "up"]);
+        plumb(a, "lxca", "pa", &ns_a);
+        plumb(b, "lxcb", "pb", &ns_b);
+        node.dp.attach_endpoint("lxca").expect("attach to pod A's veth");
+        node.dp.attach_endpoint("lxcb").expect("attach to pod B's veth");
+        sinew_agent::proxy_redirect::install_routing().expect("the agent's routing for redirected packets");
+        sinew_agent::proxy_redirect::install_routing().expect("installing twice is harmless");
+        let rules = std::process::Command::new("ip")
+            .args(["-4", "rule", "show"])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert_eq!(rules.matches("lookup 2004").count(), 1, "one to-proxy rule:\n{rules}");
+
+        set_enforced(&mut node, b, 2, EP_F_INGRESS_ENFORCED, 1);
+        allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 80, INGRESS_PROXY);
+        allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 81, 0);
+        let b80 = SocketAddrV4::new(b.ip, 80);
+        let b81 = SocketAddrV4::new(b.ip, 81);
+
+        let proxy = proxy_listener(INGRESS_PROXY);
+        let server80 = serve_once(&ns_b, 80);
+        let client = hello_from(&ns_a, b80);
+        let (mut down, peer) = accept_within(&proxy).expect("the proxy's listener accepts A's connection to B:80");
+        assert_eq!(
+            down.local_addr().unwrap(),
+            b80.into(),
+            "local address: the original destination"
+        );
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(a.ip), "peer: pod A");
+        down.set_read_timeout(Some(WAIT)).unwrap();
+        expect_hello(&mut down).unwrap();
+
+        let mut up = upstream(b80, proxy_upstream_mark(a.identity).unwrap()).expect("upstream as A reaches B:80");
+        up.set_read_timeout(Some(WAIT)).unwrap();
+        std::io::Write::write_all(&mut up, b"hello").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut up, &mut answer).unwrap();
+        assert_eq!(answer, "world:80");
+        std::io::Write::write_all(&mut down, answer.as_bytes()).unwrap();
+        drop(down);
+        assert_eq!(
+            client.join().unwrap().expect("A's answer through the proxy"),
+            "world:80"
+        );
+        let seen = server80.join().unwrap().expect("B's server on 80");
+        assert_eq!(
+            seen.ip(),
+            std::net::IpAddr::V4(NODE_IP),
+            "B:80 is reached by the proxy, not by A"
+        );
+
+        let stranger = upstream(b80, proxy_upstream_mark(4242).unwrap());
+        assert!(
+            stranger.is_err(),
+            "an upstream marked with an identity B does not allow is dropped"
+        );
+
+        let server81 = serve_once(&ns_b, 81);
+        let direct = hello_from(&ns_a, b81).join().unwrap().expect("A reaches B:81 directly");
+        assert_eq!(direct, "world:81");
+        let seen = server81.join().unwrap().expect("B's server on 81");
+        assert_eq!(seen.ip(), std::net::IpAddr::V4(a.ip), "B:81 sees A itself");
+        proxy.set_nonblocking(true).unwrap();
+        assert!(proxy.accept().is_err(), "the proxy saw nothing of port 81");
+
+        drop(proxy);
+        let idx = Egress.metrics_index(ProxyUnavailable);
+        let before = node.metrics().get(&idx).map_or(0, |m| m.0);
+        let closed = hello_from(&ns_a, b80).join().unwrap();
+        assert!(closed.is_err(), "no listener: the connection fails ({closed:?})");
+        let after = node.metrics().get(&idx).map_or(0, |m| m.0);
+        assert!(after > before, "counted as proxy_unavailable ({before} -> {after})");
     });
 }
