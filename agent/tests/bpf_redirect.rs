@@ -331,7 +331,10 @@ struct PodNetns(String);
 impl PodNetns {
     fn new(tag: &str) -> Self {
         let name = format!("sinew-redir-{tag}-{}", std::process::id());
-        let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         support::node::ip(&["netns", "add", &name]);
         Self(name)
     }
@@ -477,6 +480,36 @@ fn accept_within(l: &TcpListener) -> std::io::Result<(std::net::TcpStream, std::
     }
 }
 
+/// A node (this thread's netns) whose pods A and B live in namespaces of
+/// their own, the programs attached to their veths as the agent does, the
+/// agent's to-proxy routing installed, and B's ingress policy: A may reach
+/// port 80 through the ingress proxy and port 81 directly.
+fn pods_on_one_node(tag: &str) -> (Node, PodNetns, PodNetns) {
+    let mut node = Node::new(RoutingMode::Vxlan);
+    let (a, b) = (node.a, node.b);
+    let (ns_a, ns_b) = (PodNetns::new(&format!("{tag}a")), PodNetns::new(&format!("{tag}b")));
+    support::node::ip(&["link", "set", "underlay0", "up"]);
+    support::node::ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "uplink0"]);
+    support::node::ip(&["link", "set", "uplink0", "up"]);
+    plumb(a, "lxca", "pa", &ns_a);
+    plumb(b, "lxcb", "pb", &ns_b);
+    node.dp.attach_endpoint("lxca").expect("attach to pod A's veth");
+    node.dp.attach_endpoint("lxcb").expect("attach to pod B's veth");
+    sinew_agent::proxy_redirect::install_routing().expect("the agent's routing for redirected packets");
+    sinew_agent::proxy_redirect::install_routing().expect("installing twice is harmless");
+    let rules = std::process::Command::new("ip")
+        .args(["-4", "rule", "show"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert_eq!(rules.matches("lookup 2004").count(), 1, "one to-proxy rule:\n{rules}");
+
+    set_enforced(&mut node, b, 2, EP_F_INGRESS_ENFORCED, 1);
+    allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 80, INGRESS_PROXY);
+    allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 81, 0);
+    (node, ns_a, ns_b)
+}
+
 /// Real sockets through the attached programs: pod A connects to pod B on
 /// port 80, which B's ingress rule sends to the proxy; a plain TCP listener
 /// with IP_TRANSPARENT on the ingress proxy port in the node's namespace
@@ -490,28 +523,8 @@ fn accept_within(l: &TcpListener) -> std::io::Result<(std::net::TcpStream, std::
 #[test]
 fn real_kernel_redirect_to_a_transparent_listener() {
     in_new_netns("redirect-kernel", || {
-        let mut node = Node::new(RoutingMode::Vxlan);
+        let (node, ns_a, ns_b) = pods_on_one_node("k");
         let (a, b) = (node.a, node.b);
-        let (ns_a, ns_b) = (PodNetns::new("a"), PodNetns::new("b"));
-        support::node::ip(&["link", "set", "underlay0", "up"]);
-        support::node::ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "uplink0"]);
-        support::node::ip(&["link", "set", "uplink0", "up"]);
-        plumb(a, "lxca", "pa", &ns_a);
-        plumb(b, "lxcb", "pb", &ns_b);
-        node.dp.attach_endpoint("lxca").expect("attach to pod A's veth");
-        node.dp.attach_endpoint("lxcb").expect("attach to pod B's veth");
-        sinew_agent::proxy_redirect::install_routing().expect("the agent's routing for redirected packets");
-        sinew_agent::proxy_redirect::install_routing().expect("installing twice is harmless");
-        let rules = std::process::Command::new("ip")
-            .args(["-4", "rule", "show"])
-            .output()
-            .unwrap();
-        let rules = String::from_utf8_lossy(&rules.stdout);
-        assert_eq!(rules.matches("lookup 2004").count(), 1, "one to-proxy rule:\n{rules}");
-
-        set_enforced(&mut node, b, 2, EP_F_INGRESS_ENFORCED, 1);
-        allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 80, INGRESS_PROXY);
-        allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 81, 0);
         let b80 = SocketAddrV4::new(b.ip, 80);
         let b81 = SocketAddrV4::new(b.ip, 81);
 
@@ -568,5 +581,107 @@ fn real_kernel_redirect_to_a_transparent_listener() {
         assert!(closed.is_err(), "no listener: the connection fails ({closed:?})");
         let after = node.metrics().get(&idx).map_or(0, |m| m.0);
         assert!(after > before, "counted as proxy_unavailable ({before} -> {after})");
+    });
+}
+
+/// This test process in a cgroup v2 directory of its own while it lives
+/// (socket load balancing applies per cgroup), moved back on drop.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+    home: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn enter() -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| std::path::PathBuf::from(f[1]))
+            .expect("a cgroup v2 mount (socket load balancing needs one)");
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("this process's cgroup v2 path")
+            .trim_start_matches('/')
+            .to_string();
+        let home = root.join(rel);
+        let dir = root.join(format!("sinew-redirect-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the test cgroup");
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).expect("enter the test cgroup");
+        Self { dir, home }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), std::process::id().to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A ClusterIP is translated at the socket (cgroup connect hook) before
+/// the packet exists, so the redirect sees the backend's address: pod A
+/// connects to a service address whose one backend is B:80, and the
+/// proxy's listener accepts it with B:80 (the backend) as local address.
+#[test]
+fn real_kernel_clusterip_is_translated_before_the_redirect() {
+    use sinew_abi::{LbBackend, LbSlotKey, LbSvcKey, LbSvcValue, LB_BE_F_ACTIVE, LB_SCOPE_INTERNAL};
+    in_new_netns("redirect-clusterip", || {
+        let (mut node, ns_a, _ns_b) = pods_on_one_node("s");
+        let (a, b) = (node.a, node.b);
+        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 8080);
+        let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        node.dp
+            .upsert_lb_backend(
+                7,
+                LbBackend {
+                    addr: be(b.ip),
+                    port: 80u16.to_be(),
+                    proto: IPPROTO_TCP,
+                    flags: LB_BE_F_ACTIVE,
+                    svc_id: 3,
+                    pad: 0,
+                },
+            )
+            .unwrap();
+        node.dp.upsert_lb_slot(LbSlotKey { svc_id: 3, slot: 1 }, 7).unwrap();
+        node.dp
+            .upsert_lb_service(
+                LbSvcKey {
+                    vip: be(*vip.ip()),
+                    port: vip.port().to_be(),
+                    proto: IPPROTO_TCP,
+                    scope: LB_SCOPE_INTERNAL,
+                },
+                LbSvcValue {
+                    svc_id: 3,
+                    count: 1,
+                    flags: 0,
+                    affinity_timeout: 0,
+                    pad: 0,
+                },
+            )
+            .unwrap();
+        let cgroup = TestCgroup::enter();
+        node.dp.attach_cgroup(&cgroup.dir).expect("attach the socket programs");
+
+        let proxy = proxy_listener(INGRESS_PROXY);
+        let client = ns_a.spawn(move || {
+            let c = std::net::TcpStream::connect_timeout(&vip.into(), WAIT)?;
+            c.peer_addr()
+        });
+        let (down, peer) = accept_within(&proxy).expect("the proxy's listener accepts A's connection to the service");
+        assert_eq!(
+            down.local_addr().unwrap(),
+            SocketAddrV4::new(b.ip, 80).into(),
+            "the redirect saw the backend, not the service address"
+        );
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(a.ip));
+        let seen_by_a = client.join().unwrap().expect("A's connection to the service");
+        assert_eq!(seen_by_a, vip.into(), "A still sees the service address (getpeername)");
+        drop(cgroup);
     });
 }
