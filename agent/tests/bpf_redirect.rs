@@ -685,3 +685,221 @@ fn real_kernel_clusterip_is_translated_before_the_redirect() {
         drop(cgroup);
     });
 }
+
+// ------------------------------------------------------------ two nodes
+
+/// Writes an ipcache entry of `node`.
+fn ipcache(node: &mut Node, ip: Ipv4Addr, len: u8, value: sinew_abi::IpcacheValue) {
+    node.dp
+        .upsert_ipcache(sinew_abi::IpcacheKey::v4(ip, len), value)
+        .expect("write ipcache");
+}
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The node's uplink address, the VXLAN device up (no ARP, as the agent
+/// sets it) and the agent's route to the other node's pod CIDR.
+fn node_links(node_ip: Ipv4Addr, other_cidr: &str) {
+    use support::node::ip;
+    ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "uplink0"]);
+    ip(&["link", "set", "uplink0", "up"]);
+    ip(&["link", "set", "underlay0", "up"]);
+    ip(&["link", "set", "vx0", "arp", "off", "up"]);
+    ip(&["route", "add", other_cidr, "dev", "vx0", "src", &node_ip.to_string()]);
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+}
+
+/// Two nodes in VXLAN mode: node 1 (this thread) with pod A, node 2 (a
+/// thread of its own, its netns named `n2`) with pod B at REMOTE_POD, whose
+/// ingress policy lets A reach port 80 through node 2's ingress proxy and
+/// port 81 directly. The uplinks meet on a bridge in node 2.
+///
+/// Across nodes: A's connection to B:80 is decapsulated at node 2's uplink
+/// and handed to node 2's proxy listener, with B:80 as its local address;
+/// the upstream of node 1's (egress) proxy to B:81, marked with A's
+/// identity, crosses in a VNI that carries A's identity and is let in by
+/// B's rule for A, while the same connection marked with a stranger's
+/// identity, or not marked at all (remote node), is dropped at B.
+#[test]
+fn real_kernel_two_nodes_vxlan_unwrapped_at_the_uplink() {
+    two_nodes_vxlan(false);
+}
+
+/// The same through the VXLAN device and from_overlay (what the uplink
+/// leaves to the device): the device's frame carries the inner MACs, which
+/// the redirect makes the node's.
+#[test]
+fn real_kernel_two_nodes_vxlan_through_the_device() {
+    two_nodes_vxlan(true);
+}
+
+fn two_nodes_vxlan(via_device: bool) {
+    use sinew_abi::{
+        IpcacheValue, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IPCACHE_F_LOCAL_EP, IPCACHE_F_NODE, IPCACHE_F_POD_CIDR,
+        IPCACHE_F_REMOTE_EP,
+    };
+    in_new_netns("redirect-node1", move || {
+        let pid = std::process::id();
+        let tag = if via_device { "d" } else { "u" };
+        let n2 = format!("sinew-redir-n2{tag}-{pid}");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Pod>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let n2_name = n2.clone();
+        let node2 = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("node 2's netns");
+            let tid = nix::unistd::gettid().to_string();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &n2_name])
+                .stderr(std::process::Stdio::null())
+                .status();
+            support::node::ip(&["netns", "attach", &n2_name, &tid]);
+            let mut node = Node::with_config(RoutingMode::Vxlan, |c| c.node_ip = PEER_NODE_IP);
+            let b = Pod {
+                ip: REMOTE_POD,
+                mac: [0x0a, 0x58, 10, 244, 2, 7],
+                ..node.b
+            };
+            let a = node.a;
+            // Node 2's view: B is local, A and node 1 are remote.
+            node.dp
+                .remove_ipcache(sinew_abi::IpcacheKey::v4(node.b.ip, 32))
+                .unwrap();
+            node.dp.remove_endpoint(a.ifindex).unwrap();
+            let local = IpcacheValue {
+                identity: b.identity,
+                tunnel_endpoint: 0,
+                ifindex: b.ifindex,
+                flags: IPCACHE_F_LOCAL_EP,
+            };
+            ipcache(&mut node, b.ip, 32, local);
+            let remote_a = IpcacheValue {
+                identity: a.identity,
+                tunnel_endpoint: be(NODE_IP),
+                ifindex: 0,
+                flags: IPCACHE_F_REMOTE_EP,
+            };
+            ipcache(&mut node, a.ip, 32, remote_a);
+            let cidr1 = IpcacheValue {
+                identity: 0,
+                tunnel_endpoint: be(NODE_IP),
+                ifindex: 0,
+                flags: IPCACHE_F_POD_CIDR,
+            };
+            ipcache(&mut node, Ipv4Addr::new(10, 244, 1, 0), 24, cidr1);
+            let node1 = IpcacheValue {
+                identity: IDENTITY_REMOTE_NODE,
+                tunnel_endpoint: be(NODE_IP),
+                ifindex: 0,
+                flags: IPCACHE_F_NODE,
+            };
+            ipcache(&mut node, NODE_IP, 32, node1);
+            let me = IpcacheValue {
+                identity: IDENTITY_HOST,
+                tunnel_endpoint: 0,
+                ifindex: 0,
+                flags: IPCACHE_F_NODE,
+            };
+            ipcache(&mut node, PEER_NODE_IP, 32, me);
+            set_enforced(&mut node, b, 2, EP_F_INGRESS_ENFORCED, 1);
+            allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 80, INGRESS_PROXY);
+            allow_tcp(&mut node, 2, POLICY_DIR_INGRESS, a.identity, 81, 0);
+            node_links(PEER_NODE_IP, "10.244.1.0/24");
+            support::node::ip(&["link", "add", "br0", "type", "bridge"]);
+            support::node::ip(&["link", "set", "underlay0", "master", "br0"]);
+            support::node::ip(&["link", "set", "br0", "up"]);
+            // Which device answers ARP for node 2's address decides where
+            // node 1 sends: uplink0 (from_netdev unwraps the tunnel) or the
+            // bridge (the stack's VXLAN socket and device, from_overlay).
+            let quiet = if via_device { "uplink0" } else { "br0" };
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{quiet}/arp_ignore"), "1").expect("arp_ignore");
+            let ns_b = PodNetns::new(&format!("x2b{tag}"));
+            plumb(b, "lxcb", "pb", &ns_b);
+            node.dp.attach_endpoint("lxcb").expect("attach to pod B's veth");
+            node.dp.attach_uplink("uplink0").expect("attach to node 2's uplink");
+            node.dp.attach_overlay("vx0").expect("attach to node 2's VXLAN device");
+            sinew_agent::proxy_redirect::install_routing().expect("node 2's routing");
+            ready_tx.send(b).unwrap();
+            let _ = done_rx.recv();
+            drop(ns_b);
+            drop(node);
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &n2_name])
+                .status();
+        });
+        let b = ready_rx.recv_timeout(WAIT * 5).expect("node 2 is up");
+        let mut node = Node::new(RoutingMode::Vxlan);
+        let a = node.a;
+        ipcache(
+            &mut node,
+            REMOTE_POD,
+            32,
+            IpcacheValue {
+                identity: b.identity,
+                tunnel_endpoint: be(PEER_NODE_IP),
+                ifindex: 0,
+                flags: IPCACHE_F_REMOTE_EP,
+            },
+        );
+        node_links(NODE_IP, "10.244.2.0/24");
+        let ns_a = PodNetns::new(&format!("x1a{tag}"));
+        plumb(a, "lxca", "pa", &ns_a);
+        node.dp.attach_endpoint("lxca").expect("attach to pod A's veth");
+        node.dp.attach_uplink("uplink0").expect("attach to node 1's uplink");
+        node.dp.attach_overlay("vx0").expect("attach to node 1's VXLAN device");
+        sinew_agent::proxy_redirect::install_routing().expect("node 1's routing");
+        support::node::ip(&["link", "set", "underlay0", "down"]);
+        support::node::ip(&["link", "set", "underlay0", "name", "node1link"]);
+        support::node::ip(&["link", "set", "node1link", "netns", &n2]);
+        support::node::ip(&["-n", &n2, "link", "set", "node1link", "master", "br0", "up"]);
+        let n2_ns = PodNetns(n2.clone());
+
+        // A to B:80 goes to node 2's ingress proxy.
+        let b80 = SocketAddrV4::new(b.ip, 80);
+        let (listening_tx, listening_rx) = std::sync::mpsc::channel();
+        let proxy2 = n2_ns.spawn(move || {
+            let l = proxy_listener(INGRESS_PROXY);
+            listening_tx.send(()).unwrap();
+            let (mut c, peer) = accept_within(&l)?;
+            let local = c.local_addr()?;
+            c.set_read_timeout(Some(WAIT))?;
+            expect_hello(&mut c)?;
+            std::io::Write::write_all(&mut c, b"world:proxy")?;
+            Ok::<_, std::io::Error>((local, peer))
+        });
+        listening_rx.recv_timeout(WAIT).unwrap();
+        let answer = hello_from(&ns_a, b80).join().unwrap();
+        let seen = proxy2.join().unwrap();
+        let (local, peer) = seen.expect("node 2's proxy accepts A's connection from node 1");
+        assert_eq!(local, b80.into(), "local address: the original destination");
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(a.ip), "peer: pod A on node 1");
+        assert_eq!(answer.expect("A's answer from node 2's proxy"), "world:proxy");
+
+        // Node 1's upstream to B:81 as A: the VNI carries A's identity.
+        let ns_b = PodNetns(format!("sinew-redir-x2b{tag}-{pid}"));
+        let b81 = SocketAddrV4::new(b.ip, 81);
+        let server81 = serve_once(&ns_b, 81);
+        let mut up = upstream(b81, proxy_upstream_mark(a.identity).unwrap()).expect("upstream as A reaches B:81");
+        up.set_read_timeout(Some(WAIT)).unwrap();
+        std::io::Write::write_all(&mut up, b"hello").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut up, &mut answer).unwrap();
+        assert_eq!(answer, "world:81");
+        let seen = server81.join().unwrap().expect("B's server on 81");
+        assert_eq!(seen.ip(), std::net::IpAddr::V4(NODE_IP), "B sees node 1's address");
+        std::mem::forget(ns_b); // node 2 removes it
+
+        assert!(
+            upstream(b81, proxy_upstream_mark(4242).unwrap()).is_err(),
+            "marked as an identity B does not allow: dropped at node 2"
+        );
+        assert!(
+            upstream(b81, 0).is_err(),
+            "unmarked, node 1 is a remote node to B, which does not allow it"
+        );
+        std::mem::forget(n2_ns); // node 2 removes its name
+        done_tx.send(()).unwrap();
+        node2.join().unwrap();
+    });
+}

@@ -83,6 +83,12 @@ assign:
 	bpf_sk_release(sk);
 	if (ret < 0)
 		return -DROP_REDIRECT_FAILED;
+	/* A frame decapsulated by the VXLAN device carries the inner MACs,
+	 * which are not the device's: the stack would drop it as meant for
+	 * another host. It is for this host now. */
+	if (skb->pkt_type != PACKET_HOST &&
+	    bpf_skb_change_type(skb, PACKET_HOST) < 0)
+		return -DROP_REDIRECT_FAILED;
 	skb->mark = SINEW_MARK_TO_PROXY;
 	note_obs(TRACE_TO_PROXY);
 	return TC_ACT_OK;
