@@ -735,6 +735,20 @@ fn real_kernel_two_nodes_vxlan_through_the_device() {
     two_nodes_vxlan(true);
 }
 
+/// Tells node 2's thread to end and waits for it, on drop.
+struct Finally(Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>);
+
+impl Drop for Finally {
+    fn drop(&mut self) {
+        if let Some((done, thread)) = self.0.take() {
+            let _ = done.send(());
+            if thread.join().is_err() && !std::thread::panicking() {
+                panic!("node 2's thread failed");
+            }
+        }
+    }
+}
+
 fn two_nodes_vxlan(via_device: bool) {
     use sinew_abi::{
         IpcacheValue, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IPCACHE_F_LOCAL_EP, IPCACHE_F_NODE, IPCACHE_F_POD_CIDR,
@@ -828,6 +842,9 @@ fn two_nodes_vxlan(via_device: bool) {
                 .args(["netns", "del", &n2_name])
                 .status();
         });
+        // Node 2 ends (and removes its namespaces) whenever node 1 does,
+        // a failing assertion included.
+        let node2 = Finally(Some((done_tx, node2)));
         let b = ready_rx.recv_timeout(WAIT * 5).expect("node 2 is up");
         let mut node = Node::new(RoutingMode::Vxlan);
         let a = node.a;
@@ -899,7 +916,6 @@ fn two_nodes_vxlan(via_device: bool) {
             "unmarked, node 1 is a remote node to B, which does not allow it"
         );
         std::mem::forget(n2_ns); // node 2 removes its name
-        done_tx.send(()).unwrap();
-        node2.join().unwrap();
+        drop(node2);
     });
 }
