@@ -351,6 +351,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     state.policy.adopt(entries, adopted, classes);
     let (kept, dropped) = state.restore()?;
     state.resync()?;
+    // Everything runs on this ABI's programs now: an older agent's go.
+    let retired = state.datapath.retire_older_abis();
+    if !retired.is_empty() {
+        tracing::info!(?retired, "removed the programs and maps of older datapath ABIs");
+    }
     tracing::info!(
         maps_reused = reused,
         endpoints_kept = kept,

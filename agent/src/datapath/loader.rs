@@ -574,6 +574,43 @@ impl Datapath {
         }
     }
 
+    /// Removes what an agent of an older ABI left under the pin root: its
+    /// links first (TCX and cgroup links: the old programs detach; this
+    /// agent's are attached by then, so call it after restoring the
+    /// endpoints), then its maps. An older version's maps have another
+    /// layout and are never adopted (see `pin_dir`), and its programs would
+    /// otherwise keep running beside the new ones on the uplink and the
+    /// tunnel device. Returns the versions removed.
+    pub fn retire_older_abis(&self) -> Vec<u32> {
+        let mut retired = Vec::new();
+        let Ok(dir) = std::fs::read_dir(&self.cfg.bpf_root) else {
+            return retired;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(version) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if version >= sinew_abi::ABI_VERSION {
+                continue;
+            }
+            if let Ok(links) = std::fs::read_dir(e.path().join("links")) {
+                for l in links.flatten() {
+                    detach_pinned(&l.path());
+                }
+            }
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => retired.push(version),
+                Err(error) => tracing::warn!(path = %e.path().display(), %error, "cannot remove an older ABI's pins"),
+            }
+        }
+        retired
+    }
+
     /// Removes every pin of this node (the agent's `--cleanup` and `lab down`).
     pub fn remove_pins(bpf_root: &Path) -> std::io::Result<()> {
         if bpf_root.exists() {
