@@ -17,5 +17,6 @@ pub mod nodes;
 pub mod observer;
 pub mod policy;
 pub mod policy_api;
+pub mod proxy_redirect;
 pub mod services;
 pub mod state;

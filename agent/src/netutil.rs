@@ -5,6 +5,7 @@
 //! sysfs, not ours.
 
 use std::net::Ipv4Addr;
+use std::process::Command;
 
 use sinew_netlink::rtnl::links::LinkChange;
 use sinew_netlink::{NetlinkError, Rtnl};
@@ -15,6 +16,10 @@ pub enum NetError {
     NoSuchInterface(String),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("cannot run `ip` (install iproute2): {0}")]
+    NoIp(#[source] std::io::Error),
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip { args: String, stderr: String },
     #[error("cannot write sysctl {path}: {source}")]
     Sysctl {
         path: String,
@@ -83,6 +88,24 @@ pub fn mtu(name: &str) -> Result<u32, NetError> {
 /// Deletes a link by name; false when there was none.
 pub fn delete_link(name: &str) -> Result<bool, NetError> {
     Ok(Rtnl::open()?.delete_link(name)?)
+}
+
+/// Runs `ip ARGS` and returns its output, for setup-time changes only.
+pub fn ip_output(args: &[&str]) -> Result<String, NetError> {
+    let out = Command::new("ip").args(args).output().map_err(NetError::NoIp)?;
+    if !out.status.success() {
+        return Err(NetError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip ARGS` for setup-time changes (devices, routes); not on any
+/// per-pod path.
+pub fn ip(args: &[&str]) -> Result<(), NetError> {
+    ip_output(args).map(|_| ())
 }
 
 /// Writes a sysctl of this network namespace (/proc/sys/net is per netns).

@@ -17,7 +17,7 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
 #[cfg(feature = "bpf")]

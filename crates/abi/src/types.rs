@@ -201,7 +201,9 @@ pub struct CtEntry {
     pub policy_rev: u32,
     pub rule_id: u32,
     pub flags: u8,
-    pub pad: [u8; 3],
+    pub pad: u8,
+    /// The proxy listener (host order) the connection was handed to, 0 = none.
+    pub proxy_port: u16,
 }
 
 #[repr(C)]
