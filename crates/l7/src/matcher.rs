@@ -51,7 +51,7 @@ pub struct RuleSet {
     pub peers: Vec<Peer>,
     pub rules: L7Rules,
     /// The policy rule these came from, as people read it
-    /// (`SinewNetworkPolicy default/web ingress[0]`).
+    /// (`SinewNetworkPolicy default/web ingress[0].toPorts[0]`).
     pub rule: String,
 }
 
@@ -420,11 +420,11 @@ impl CompiledRules {
         self.rules.is_empty()
     }
 
-    /// Names the rule of a match: `SinewNetworkPolicy default/web
-    /// ingress[0] rules.http[1]`.
+    /// Names the rule of a match: the set's `rule` and the field path,
+    /// `SinewNetworkPolicy default/web ingress[0].toPorts[0].rules.http[1]`.
     pub fn describe(&self, m: Match) -> String {
         let rule = self.sets.get(m.set).map(|s| s.rule.as_str()).unwrap_or("?");
-        format!("{rule} rules.{}[{}]", m.kind.as_str(), m.index)
+        format!("{rule}.rules.{}[{}]", m.kind.as_str(), m.index)
     }
 
     fn peer_ok(&self, set: usize, peer: PeerId) -> bool {
@@ -585,7 +585,7 @@ http:
                 kind: RuleKind::Http,
                 index: 2
             }),
-            "P rules.http[2]"
+            "P.rules.http[2]"
         );
     }
 
