@@ -217,13 +217,15 @@ impl Bytes<'_> {
 
     fn opt_match(&mut self, values: &[&str], path: bool) -> Option<StringMatch> {
         let v = values[self.pick(values.len())].to_string();
-        match self.pick(4) {
+        match self.pick(5) {
             0 => None,
             1 => Some(StringMatch::Exact(v)),
             // Method and host prefixes must stay valid: a prefix of a value.
             2 if path => Some(StringMatch::Prefix(v)),
             2 => Some(StringMatch::Prefix(v[..1].to_string())),
-            _ => Some(StringMatch::Regex(format!("{}.*", regex::escape(&v)))),
+            // With a literal prefix (indexed by it) or without (RegexSet).
+            3 => Some(StringMatch::Regex(format!("{}.*", regex::escape(&v)))),
+            _ => Some(StringMatch::Regex(format!("(?:{}).*", regex::escape(&v)))),
         }
     }
 }
