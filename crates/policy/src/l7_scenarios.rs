@@ -337,3 +337,15 @@ fn invalid_l7_rules_are_rejected_with_their_field_path() {
         "{errors:#?}"
     );
 }
+
+/// The README's example file parses and redirects what it says.
+#[test]
+fn the_readme_example_parses() {
+    let text = include_str!("../../../examples/l7-policy.yaml");
+    let policies = parse("examples/l7-policy.yaml", text).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(policies.len(), 1);
+    let l7: Vec<_> = policies[0].l7_rules().collect();
+    assert_eq!(l7.len(), 2);
+    assert_eq!(l7[0].2.http.len(), 2);
+    assert_eq!(l7[1].2.grpc[0].service, "pkg.Store");
+}
