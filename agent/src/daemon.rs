@@ -335,6 +335,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         link_removal_delay: cfg.test_link_removal_delay,
     };
     state.policy.fail_open = cfg.policy_fail_open;
+    state.policy.proxy_ports = cfg.proxy_ports;
     state.policy.persist = Some(policies_path);
     let adopted: Vec<(u32, u32, u32)> = state
         .registry

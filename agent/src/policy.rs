@@ -239,6 +239,10 @@ pub struct PolicyState {
     /// `--policy-fail-open`: an endpoint whose entries do not fit runs
     /// unenforced instead of dropping everything.
     pub fail_open: bool,
+    /// The proxy's listeners (`--proxy-ports`): entries with L7 rules carry
+    /// the one for their direction, and the datapath hands their
+    /// connections to it.
+    pub proxy_ports: crate::proxy_redirect::ProxyPorts,
     /// Map writes refused (table full), ever.
     pub overflows: u64,
     /// Where the policy documents in force are kept for the next start
@@ -275,6 +279,7 @@ impl Default for PolicyState {
             ep_state: BTreeMap::new(),
             failed: BTreeSet::new(),
             fail_open: false,
+            proxy_ports: crate::proxy_redirect::ProxyPorts::default(),
             overflows: 0,
             persist: None,
             persisted: Vec::new(),
@@ -468,7 +473,12 @@ impl crate::state::NodeState {
         let resolver = sinew_policy::Resolver::new(&self.policy.resources, &identities, &namespaces);
         for ep in &eps {
             let r = resolver.resolve(&self.policy_endpoint(ep));
-            want.extend(compile(ep.id, &r, &mut self.policy.rules));
+            let mut keys = compile(ep.id, &r, &mut self.policy.rules);
+            let redirects: Vec<sinew_policy::Entry> = r.entries.iter().filter(|e| e.redirects()).cloned().collect();
+            if !redirects.is_empty() {
+                crate::proxy_redirect::set_proxy_ports(ep.id, &mut keys, &redirects, self.policy.proxy_ports);
+            }
+            want.extend(keys);
             let mut flags = cidr_flags(&r);
             if r.ingress_enforced {
                 flags |= sinew_abi::EP_F_INGRESS_ENFORCED;
@@ -624,6 +634,7 @@ mod tests {
             ports,
             action,
             rules: vec![rule(0)],
+            l7: Vec::new(),
         }
     }
 

@@ -239,6 +239,7 @@ mod tests {
             ports,
             action,
             rules: vec![],
+            l7: vec![],
         }
     }
 

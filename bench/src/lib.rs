@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod envs;
 pub mod idle;
 pub mod iperf;
+pub mod l7;
 pub mod observe;
 pub mod policy;
 pub mod report;
