@@ -135,13 +135,26 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
                 .keep_alive(true);
             let c = b.serve_connection(io, svc).with_upgrades();
             tokio::pin!(c);
-            let mut draining = false;
+            // A connection accepted just before the drain may have its first
+            // request on the way: closing it idle would fail that request,
+            // so the shutdown waits for the first request (or the header
+            // timeout) and then makes it the last.
+            let mut state = 0u8; // 0 serving, 1 drain pending, 2 shut down
+            let pending_since = std::cell::Cell::new(None::<Instant>);
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
             loop {
                 tokio::select! {
                     r = c.as_mut() => break r,
-                    r = drain.changed(), if !draining => {
+                    r = drain.changed(), if state == 0 => {
                         if r.is_err() || *drain.borrow() {
-                            draining = true;
+                            state = 1;
+                            pending_since.set(Some(Instant::now()));
+                        }
+                    }
+                    _ = tick.tick(), if state == 1 => {
+                        let waited = pending_since.get().map(|t| t.elapsed()).unwrap_or_default();
+                        if conn.served.load(Relaxed) > 0 || waited >= l.header_read_timeout {
+                            state = 2;
                             c.as_mut().graceful_shutdown();
                         }
                     }
@@ -174,7 +187,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         }
     };
     if let Err(e) = result {
-        if let Some(reason) = classify(&e, matches!(kind, Sniff::H2), conn.served.load(Relaxed)) {
+        if let Some(reason) = classify(&e, matches!(kind, Sniff::H2)) {
             tracing::debug!(%peer, %orig, reason = reason.name(), error = %e, "connection refused");
             ctx.metrics.dropped(reason);
         }
@@ -192,17 +205,19 @@ fn has_io_source(e: &hyper::Error) -> bool {
     false
 }
 
-fn classify(e: &hyper::Error, h2: bool, served: u64) -> Option<DropReason> {
-    if e.is_parse_too_large() {
+fn classify(e: &hyper::Error, h2: bool) -> Option<DropReason> {
+    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() || has_io_source(e) {
+        None
+    } else if h2 {
+        // GOAWAY for rapid reset or a flood, a client that stopped
+        // answering keep-alive PINGs, or a protocol error.
+        Some(DropReason::H2Protocol)
+    } else if e.is_parse_too_large() {
         Some(DropReason::HeaderTooLarge)
     } else if e.is_timeout() {
         Some(DropReason::HeaderTimeout)
     } else if e.is_parse() {
-        Some(if served == 0 && !h2 { DropReason::MalformedRequest } else { DropReason::MalformedRequest })
-    } else if e.is_canceled() || e.is_closed() || e.is_incomplete_message() || has_io_source(e) {
-        None
-    } else if h2 {
-        Some(DropReason::H2Protocol)
+        Some(DropReason::MalformedRequest)
     } else {
         None
     }

@@ -26,8 +26,11 @@ pub enum ListenError {
     },
 }
 
-/// Binds one listener.
-pub fn bind(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener, ListenError> {
+/// Binds one listener socket. It joins the port's SO_REUSEPORT group (and
+/// gets connections) only once [`listen`] is called: a restarting proxy
+/// listens after its first snapshot is in force, so it never answers with
+/// no rules while the old process still could.
+pub fn bind(addr: SocketAddr, transparent: bool) -> Result<Socket, ListenError> {
     let opt = |option: &'static str| move |source| ListenError::Option { addr, option, source };
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(opt("socket"))?;
     sock.set_reuse_address(true).map_err(opt("SO_REUSEADDR"))?;
@@ -43,6 +46,12 @@ pub fn bind(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener
     }
     sock.set_nonblocking(true).map_err(opt("O_NONBLOCK"))?;
     sock.bind(&addr.into()).map_err(|source| ListenError::Bind { addr, source })?;
+    Ok(sock)
+}
+
+/// Starts listening on a socket from [`bind`].
+pub fn listen(sock: Socket) -> Result<std::net::TcpListener, ListenError> {
+    let addr = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     sock.listen(4096).map_err(|source| ListenError::Bind { addr, source })?;
     Ok(sock.into())
 }

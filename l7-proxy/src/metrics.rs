@@ -139,6 +139,8 @@ pub struct Metrics {
     pub agent_connected: AtomicU64,
     pub events_lost: AtomicU64,
     pub draining: AtomicU64,
+    /// 1 once the listeners take connections.
+    pub listening: AtomicU64,
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -280,6 +282,7 @@ impl Metrics {
             ("sinew_proxy_agent_connected", "1 while the control stream to the agent is up.", "gauge", &self.agent_connected),
             ("sinew_proxy_flow_events_lost_total", "L7 flow events not delivered to the agent.", "counter", &self.events_lost),
             ("sinew_proxy_draining", "1 while this process drains after SIGTERM.", "gauge", &self.draining),
+            ("sinew_proxy_listening", "1 once the listeners take connections.", "gauge", &self.listening),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");
             let _ = writeln!(s, "# TYPE {name} {kind}");

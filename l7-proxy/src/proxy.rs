@@ -64,11 +64,19 @@ impl Proxy {
         for (dir, addrs) in [(Direction::Ingress, &config.ingress), (Direction::Egress, &config.egress)] {
             for a in addrs {
                 let l = listener::bind(*a, config.transparent)?;
+                if config.agent_socket.is_none() {
+                    // No rules to wait for: connectable when start returns.
+                    l.listen(4096)?;
+                }
                 bound.push((dir, l));
             }
         }
         let addr_of = |d: Direction| -> Vec<SocketAddr> {
-            bound.iter().filter(|(x, _)| *x == d).filter_map(|(_, l)| l.local_addr().ok()).collect()
+            bound
+                .iter()
+                .filter(|(x, _)| *x == d)
+                .filter_map(|(_, l)| l.local_addr().ok().and_then(|a| a.as_socket()))
+                .collect()
         };
         let ingress = addr_of(Direction::Ingress);
         let egress = addr_of(Direction::Egress);
@@ -139,8 +147,10 @@ impl Proxy {
         }
 
         // Data runtime: listeners and client connections.
+        let wait_for_rules = config.agent_socket.is_some();
         let data = {
             let metrics = metrics.clone();
+            let state = state.clone();
             let drain_timeout = config.drain_timeout;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.data_threads)
@@ -150,8 +160,18 @@ impl Proxy {
             std::thread::Builder::new().name("sinew-proxy-data-main".into()).spawn(move || {
                 rt.block_on(async move {
                     let mut accepts = Vec::new();
+                    if wait_for_rules {
+                        while state.load().version == 0 && !*drain_rx.borrow() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
                     for (dir, l) in bound {
-                        let l = match tokio::net::TcpListener::from_std(l) {
+                        let l = match listener::listen(l).and_then(|l| {
+                            tokio::net::TcpListener::from_std(l).map_err(|source| listener::ListenError::Bind {
+                                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                                source,
+                            })
+                        }) {
                             Ok(l) => l,
                             Err(e) => {
                                 tracing::error!(error = %e, "listener");
@@ -174,6 +194,7 @@ impl Proxy {
                             }
                         }));
                     }
+                    metrics.listening.store(1, Relaxed);
                     let mut drain = drain_rx.clone();
                     let _ = drain.wait_for(|d| *d).await;
                     // Closing the listeners hands queued connections to the

@@ -65,6 +65,9 @@ async fn upstream() -> (SocketAddr, Arc<AtomicU64>) {
                             r.headers_mut().insert("connection", "upgrade".parse().unwrap());
                             return Ok::<_, Infallible>(r);
                         }
+                        if req.uri().path().starts_with("/public/slow") {
+                            tokio::time::sleep(Duration::from_millis(700)).await;
+                        }
                         let line = format!("{} {}", req.method(), req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""));
                         let _ = req.into_body().collect().await;
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(line))))
@@ -110,6 +113,10 @@ fn get_prefix(p: &str) -> pb::HttpRule {
 }
 
 fn start(orig: SocketAddr, header_timeout: Duration) -> ProxyHandle {
+    start_with(orig, header_timeout, |_| {})
+}
+
+fn start_with(orig: SocketAddr, header_timeout: Duration, f: impl FnOnce(&mut Config)) -> ProxyHandle {
     let mut c = Config {
         ingress: vec!["127.0.0.1:0".parse().unwrap()],
         egress: vec![],
@@ -120,6 +127,7 @@ fn start(orig: SocketAddr, header_timeout: Duration) -> ProxyHandle {
         ..Config::default()
     };
     c.limits.header_read_timeout = header_timeout;
+    f(&mut c);
     Proxy::start(c).expect("start proxy")
 }
 
@@ -441,6 +449,285 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         assert!(m.drops(DropReason::MalformedRequest) >= 2, "{}", m.render());
         assert_eq!(m.drops(DropReason::HeaderTimeout), 2, "{}", m.render());
         assert!(t.elapsed() < Duration::from_secs(20));
+        // Still serving.
+        let out = raw(a, b"GET /ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    });
+}
+
+/// A stand-in agent: serves ProxyControl on a unix socket, sends `snap` to
+/// every subscriber and records the ACKs.
+struct FakeAgent {
+    snap: pb::Snapshot,
+    acks: Arc<std::sync::Mutex<Vec<pb::Ack>>>,
+}
+
+#[tonic::async_trait]
+impl pb::proxy_control_server::ProxyControl for FakeAgent {
+    type SubscribeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AgentMessage, tonic::Status>>;
+    async fn subscribe(
+        &self,
+        r: tonic::Request<tonic::Streaming<pb::ProxyMessage>>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut inb = r.into_inner();
+        let snap = self.snap.clone();
+        let acks = self.acks.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inb.message().await {
+                match m.kind {
+                    Some(pb::proxy_message::Kind::Hello(_)) => {
+                        let _ = tx
+                            .send(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Snapshot(snap.clone())) }))
+                            .await;
+                    }
+                    Some(pb::proxy_message::Kind::Ack(a)) => acks.lock().unwrap().push(a),
+                    _ => {}
+                }
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// Kills the child proxy when a test fails half-way.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_proxy(admin: u16, orig: SocketAddr, sock: &std::path::Path) -> Child {
+    let log = std::fs::File::create(sock.with_file_name(format!("proxy-{admin}.log"))).unwrap();
+    Child(std::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .args(["--ingress", "127.0.0.1:15006", "--egress", "none", "--admin"])
+        .arg(format!("127.0.0.1:{admin}"))
+        .arg("--agent-socket")
+        .arg(sock)
+        .arg("--original-dst")
+        .arg(orig.to_string())
+        .args(["--drain-timeout", "10"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn sinew-proxy"))
+}
+
+fn wait_ready(admin: u16) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)) {
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") && !out.contains("version=0") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("proxy on admin port {admin} not ready with a snapshot within 10 s");
+}
+
+#[test]
+fn restart_hands_over_the_listener_without_failing_a_request() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, _) = rt.block_on(upstream());
+        let dir = std::env::temp_dir().join(format!("sinew-proxy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("proxy.sock");
+        let _ = std::fs::remove_file(&sock);
+        let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let uds = tokio_stream::wrappers::UnixListenerStream::new(rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() }));
+            let svc = pb::proxy_control_server::ProxyControlServer::new(FakeAgent {
+                snap: snapshot(7, up.port(), vec![get_prefix("/public")], vec![]),
+                acks: acks.clone(),
+            });
+            rt.spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(uds));
+        }
+        let mut a = spawn_proxy(15090, up, &sock);
+        wait_ready(15090);
+        assert!(acks.lock().unwrap().iter().any(|a| a.version == 7 && a.error.is_empty()));
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut loops = Vec::new();
+        for i in 0..2 {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            loops.push(std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    let out = match TcpStream::connect("127.0.0.1:15006") {
+                        Ok(mut s) => {
+                            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                            let _ = s.write_all(format!("GET /public/{i} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").as_bytes());
+                            let mut out = String::new();
+                            let _ = s.read_to_string(&mut out);
+                            out
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    if out.starts_with("HTTP/1.1 200") {
+                        ok.fetch_add(1, Relaxed);
+                    } else {
+                        failed.lock().unwrap().push(out);
+                    }
+                }
+            }));
+        }
+        // A slow request in flight on the old process while it drains.
+        let slow = std::thread::spawn(|| {
+            raw("127.0.0.1:15006".parse().unwrap(), b"GET /public/slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let b = spawn_proxy(15091, up, &sock);
+        wait_ready(15091);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let st = a.0.wait().unwrap();
+        assert!(st.success(), "old proxy exit: {st:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Relaxed);
+        for l in loops {
+            l.join().unwrap();
+        }
+        let slow = slow.join().unwrap();
+        assert!(slow.starts_with("HTTP/1.1 200"), "in-flight request: {slow}");
+        let failed = failed.lock().unwrap();
+        let n = ok.load(Relaxed);
+        eprintln!("restart: {n} requests, {} failed", failed.len());
+        assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), n + failed.len() as u64, &failed[..failed.len().min(3)]);
+        assert!(n > 20, "only {n} requests");
+        let m = raw("127.0.0.1:15091".parse().unwrap(), b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "", 0);
+        assert!(!m.contains("direction=\"ingress\",verdict=\"forwarded\",status_class=\"2xx\"} 0"), "the new proxy served nothing: {m}");
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    f.push(ty);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+// GET http://web/ in HPACK: static :method GET, :scheme http, :path /, then
+// :authority (static name 1) with a literal value.
+const GET_ROOT: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+
+fn h2_conn(a: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&frame(4, 0, 0, &[])).unwrap();
+    s
+}
+
+/// Reads frames until EOF; returns (frame types seen with their first
+/// payload word, whether EOF came).
+fn read_frames(s: &mut TcpStream, limit: Duration) -> (Vec<(u8, u32)>, bool) {
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let mut eof = false;
+    while t.elapsed() < limit {
+        match s.read(&mut tmp) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                eof = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i + 9 <= buf.len() {
+        let len = u32::from_be_bytes([0, buf[i], buf[i + 1], buf[i + 2]]) as usize;
+        let ty = buf[i + 3];
+        let word = if len >= 8 && ty == 7 {
+            u32::from_be_bytes([buf[i + 13], buf[i + 14], buf[i + 15], buf[i + 16]])
+        } else if len >= 4 && i + 13 <= buf.len() {
+            u32::from_be_bytes([buf[i + 9], buf[i + 10], buf[i + 11], buf[i + 12]])
+        } else {
+            0
+        };
+        frames.push((ty, word));
+        i += 9 + len;
+    }
+    (frames, eof)
+}
+
+#[test]
+fn http2_abuse_is_limited_counted_and_closed() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, _) = rt.block_on(upstream());
+        let p = start_with(up, Duration::from_secs(5), |c| {
+            c.limits.h2_keepalive_interval = Duration::from_millis(300);
+            c.limits.h2_keepalive_timeout = Duration::from_millis(300);
+        });
+        p.state.apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![])).unwrap();
+        let a = p.ingress[0];
+
+        // Rapid reset: open and cancel streams as fast as possible.
+        let mut s = h2_conn(a);
+        let mut burst = Vec::new();
+        for i in 0..2000u32 {
+            let id = 2 * i + 1;
+            burst.extend(frame(1, 0x5, id, GET_ROOT));
+            burst.extend(frame(3, 0, id, &8u32.to_be_bytes()));
+        }
+        let _ = s.write_all(&burst);
+        let (frames, eof) = read_frames(&mut s, Duration::from_secs(10));
+        assert!(eof, "rapid reset did not close the connection");
+        assert!(frames.iter().any(|(t, code)| *t == 7 && *code == 0xb), "no GOAWAY ENHANCE_YOUR_CALM: {:?}", &frames[frames.len().saturating_sub(5)..]);
+
+        // Too many streams: the ones past the limit are refused.
+        let mut s = h2_conn(a);
+        let mut burst = Vec::new();
+        for i in 0..150u32 {
+            // END_HEADERS only: the streams stay open.
+            burst.extend(frame(1, 0x4, 2 * i + 1, GET_ROOT));
+        }
+        s.write_all(&burst).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let (frames, _) = read_frames(&mut s, Duration::from_secs(1));
+        let refused = frames.iter().filter(|(t, code)| *t == 3 && *code == 7).count();
+        assert!(refused >= 50, "{refused} streams refused of 150 (limit 100): {:?}", &frames[..frames.len().min(10)]);
+        drop(s);
+
+        // PING and SETTINGS floods from a client that does not read: the
+        // proxy stops reading, its keep-alive PING goes unanswered and the
+        // connection is closed.
+        for (ty, payload) in [(6u8, vec![0u8; 8]), (4u8, vec![])] {
+            let mut s = h2_conn(a);
+            s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            let one = frame(ty, 0, 0, &payload);
+            let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 20_000).collect();
+            for _ in 0..20 {
+                if s.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            let (_, eof) = read_frames(&mut s, Duration::from_secs(15));
+            assert!(eof, "flood of frame type {ty}: connection not closed");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(p.metrics.drops(DropReason::H2Protocol) >= 3, "{}", p.metrics.render());
         // Still serving.
         let out = raw(a, b"GET /ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0);
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
