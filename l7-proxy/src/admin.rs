@@ -27,9 +27,10 @@ pub async fn serve(l: TcpListener, metrics: Arc<Metrics>, state: Arc<SharedState
                     "/metrics" => (StatusCode::OK, metrics.render()),
                     "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
                     "/ready" if *drain.borrow() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned()),
-                    "/ready" if metrics.listening.load(std::sync::atomic::Ordering::Relaxed) == 0 => {
-                        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first snapshot\n".to_owned())
-                    }
+                    "/ready" if metrics.listening.load(std::sync::atomic::Ordering::Relaxed) == 0 => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the first snapshot\n".to_owned(),
+                    ),
                     "/ready" => (StatusCode::OK, format!("ready version={}\n", state.load().version)),
                     _ => (StatusCode::NOT_FOUND, "try /metrics, /healthz or /ready\n".to_owned()),
                 };
@@ -37,7 +38,9 @@ pub async fn serve(l: TcpListener, metrics: Arc<Metrics>, state: Arc<SharedState
                 *r.status_mut() = status;
                 async move { Ok::<_, Infallible>(r) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
         });
     }
 }

@@ -27,7 +27,9 @@ pub async fn run(
     loop {
         match session(&socket, &state, &metrics, &mut events, ports).await {
             Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => tracing::info!(socket = %socket.display(), error = %e, "agent stream down, keeping the last rules; retrying"),
+            Err(e) => {
+                tracing::info!(socket = %socket.display(), error = %e, "agent stream down, keeping the last rules; retrying")
+            }
         }
         metrics.agent_connected.store(0, Relaxed);
         tokio::time::sleep(backoff).await;

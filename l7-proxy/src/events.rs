@@ -22,7 +22,14 @@ pub struct Events {
 impl Events {
     pub fn new(access_log: bool, metrics: Arc<Metrics>) -> (Self, mpsc::Receiver<pb::L7Flow>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        (Self { tx, access_log, metrics }, rx)
+        (
+            Self {
+                tx,
+                access_log,
+                metrics,
+            },
+            rx,
+        )
     }
 
     pub fn emit(&self, f: pb::L7Flow) {
@@ -31,7 +38,9 @@ impl Events {
             let line = format!(
                 "{} {} {}:{} -> {}:{} {} {} {}{} {} {}us {} rule={:?} reason={}\n",
                 f.time_unix_nanos,
-                pb::Direction::try_from(f.direction).map(|d| d.as_str_name()).unwrap_or("?"),
+                pb::Direction::try_from(f.direction)
+                    .map(|d| d.as_str_name())
+                    .unwrap_or("?"),
                 f.src_ip,
                 f.src_port,
                 f.dst_ip,
@@ -49,7 +58,9 @@ impl Events {
             let _ = std::io::stdout().lock().write_all(line.as_bytes());
         }
         if self.tx.try_send(f).is_err() {
-            self.metrics.events_lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .events_lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -111,7 +111,12 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
             return;
         }
     };
-    let conn = Arc::new(Conn { peer, orig, dir, served: AtomicU64::new(0) });
+    let conn = Arc::new(Conn {
+        peer,
+        orig,
+        dir,
+        served: AtomicU64::new(0),
+    });
     let svc = {
         let ctx = ctx.clone();
         let conn = conn.clone();
@@ -224,9 +229,14 @@ fn classify(e: &hyper::Error, h2: bool) -> Option<DropReason> {
 }
 
 fn full(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|n| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
 
@@ -258,7 +268,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: boo
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .collect();
-    let te_trailers = h.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let te_trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in HOP_BY_HOP {
         if keep_upgrade && (n == "connection" || n == "upgrade") {
             continue;
@@ -296,10 +308,19 @@ fn host_of(req: &Request<Incoming>) -> String {
         .uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
     let h = match raw.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') || h.starts_with('[') && h.ends_with(']') => h.to_owned(),
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') || h.starts_with('[') && h.ends_with(']') =>
+        {
+            h.to_owned()
+        }
         _ => raw,
     };
     h.to_ascii_lowercase()
@@ -333,7 +354,10 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
     };
     let peer = snap.peer(peer_ip);
     let rules = snap.endpoint(ep_ip, conn.dir, conn.orig.port()).cloned();
-    let endpoint = rules.as_ref().map(|r| r.endpoint.clone()).unwrap_or_else(|| snap.peer(ep_ip));
+    let endpoint = rules
+        .as_ref()
+        .map(|r| r.endpoint.clone())
+        .unwrap_or_else(|| snap.peer(ep_ip));
     let (src, dst) = match conn.dir {
         Direction::Ingress => (&peer, &endpoint),
         Direction::Egress => (&endpoint, &peer),
@@ -367,9 +391,19 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
     let refuse = |status: StatusCode, reason: DropReason, body: &'static str| {
         let mut r = full(status, body);
         if is_h1 {
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        (r, Outcome { status: status.as_u16(), verdict: Verdict::Error, rule: String::new(), reason: Some(reason), grpc_status: 0 })
+        (
+            r,
+            Outcome {
+                status: status.as_u16(),
+                verdict: Verdict::Error,
+                rule: String::new(),
+                reason: Some(reason),
+                grpc_status: 0,
+            },
+        )
     };
 
     let (resp, outcome) = 'judge: {
@@ -394,12 +428,22 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         let Some(rules) = rules else {
             break 'judge deny(grpc, DropReason::NoRules);
         };
-        let view = RequestView { method: &method, path: &path, host: &host, headers: req.headers(), grpc };
+        let view = RequestView {
+            method: &method,
+            path: &path,
+            host: &host,
+            headers: req.headers(),
+            grpc,
+        };
         let Some(rule) = rules.judge(peer.identity, &view).map(str::to_owned) else {
             break 'judge deny(grpc, DropReason::PolicyDenied);
         };
         let Some(mark) = sinew_abi::proxy_upstream_mark(src_identity) else {
-            let (r, mut o) = refuse(StatusCode::SERVICE_UNAVAILABLE, DropReason::UnmarkableIdentity, "Service Unavailable\n");
+            let (r, mut o) = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                DropReason::UnmarkableIdentity,
+                "Service Unavailable\n",
+            );
             o.rule = rule;
             break 'judge (r, o);
         };
@@ -433,12 +477,24 @@ fn deny(grpc: bool, reason: DropReason) -> (Response<Body>, Outcome) {
     if grpc {
         (
             grpc_status(7, "permission denied"),
-            Outcome { status: 200, verdict: Verdict::Denied, rule: String::new(), reason: Some(reason), grpc_status: 7 },
+            Outcome {
+                status: 200,
+                verdict: Verdict::Denied,
+                rule: String::new(),
+                reason: Some(reason),
+                grpc_status: 7,
+            },
         )
     } else {
         (
             full(StatusCode::FORBIDDEN, "Access denied\n"),
-            Outcome { status: 403, verdict: Verdict::Denied, rule: String::new(), reason: Some(reason), grpc_status: 0 },
+            Outcome {
+                status: 403,
+                verdict: Verdict::Denied,
+                rule: String::new(),
+                reason: Some(reason),
+                grpc_status: 0,
+            },
         )
     }
 }
@@ -460,10 +516,32 @@ async fn forward(
         let timeout = e == crate::metrics::UpstreamError::ConnectTimeout;
         if grpc {
             let r = grpc_status(14, "unavailable");
-            (r, Outcome { status: 200, verdict: Verdict::Error, rule, reason: None, grpc_status: 14 })
+            (
+                r,
+                Outcome {
+                    status: 200,
+                    verdict: Verdict::Error,
+                    rule,
+                    reason: None,
+                    grpc_status: 14,
+                },
+            )
         } else {
-            let s = if timeout { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
-            (full(s, "Bad Gateway\n"), Outcome { status: s.as_u16(), verdict: Verdict::Error, rule, reason: None, grpc_status: 0 })
+            let s = if timeout {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            (
+                full(s, "Bad Gateway\n"),
+                Outcome {
+                    status: s.as_u16(),
+                    verdict: Verdict::Error,
+                    rule,
+                    reason: None,
+                    grpc_status: 0,
+                },
+            )
         }
     };
 
@@ -478,7 +556,12 @@ async fn forward(
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_else(|| conn.orig.to_string());
-        match Uri::builder().scheme("http").authority(authority).path_and_query(pq).build() {
+        match Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+        {
             Ok(u) => u,
             Err(_) => return upstream_err(crate::metrics::UpstreamError::Request, rule),
         }
@@ -538,11 +621,28 @@ async fn forward(
             });
             let (parts, _) = resp.into_parts();
             let r = Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
-            return (r, Outcome { status: 101, verdict: Verdict::Forwarded, rule, reason: None, grpc_status: 0 });
+            return (
+                r,
+                Outcome {
+                    status: 101,
+                    verdict: Verdict::Forwarded,
+                    rule,
+                    reason: None,
+                    grpc_status: 0,
+                },
+            );
         }
     }
     strip_hop_by_hop(resp.headers_mut(), false, false);
     let r = resp.map(|b| b.boxed());
-    (r, Outcome { status: status.as_u16(), verdict: Verdict::Forwarded, rule, reason: None, grpc_status: 0 })
+    (
+        r,
+        Outcome {
+            status: status.as_u16(),
+            verdict: Verdict::Forwarded,
+            rule,
+            reason: None,
+            grpc_status: 0,
+        },
+    )
 }
-

@@ -11,13 +11,17 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("bind {addr}: {source} (another process without SO_REUSEPORT holds the port, or the address is not local)")]
+    #[error(
+        "bind {addr}: {source} (another process without SO_REUSEPORT holds the port, or the address is not local)"
+    )]
     Bind {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("set {option} on the listener for {addr}: {source} (the proxy needs CAP_NET_ADMIN for transparent listeners)")]
+    #[error(
+        "set {option} on the listener for {addr}: {source} (the proxy needs CAP_NET_ADMIN for transparent listeners)"
+    )]
     Option {
         addr: SocketAddr,
         option: &'static str,
@@ -45,13 +49,18 @@ pub fn bind(addr: SocketAddr, transparent: bool) -> Result<Socket, ListenError> 
         }
     }
     sock.set_nonblocking(true).map_err(opt("O_NONBLOCK"))?;
-    sock.bind(&addr.into()).map_err(|source| ListenError::Bind { addr, source })?;
+    sock.bind(&addr.into())
+        .map_err(|source| ListenError::Bind { addr, source })?;
     Ok(sock)
 }
 
 /// Starts listening on a socket from [`bind`].
 pub fn listen(sock: Socket) -> Result<std::net::TcpListener, ListenError> {
-    let addr = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let addr = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     sock.listen(4096).map_err(|source| ListenError::Bind { addr, source })?;
     Ok(sock.into())
 }

@@ -46,7 +46,10 @@ struct Args {
 fn addrs(name: &'static str, v: &str) -> anyhow::Result<Vec<SocketAddr>> {
     v.split(',')
         .filter(|s| !s.is_empty() && *s != "none")
-        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--{name} {s}: {e} (give ADDRESS:PORT)")))
+        .map(|s| {
+            s.parse()
+                .map_err(|e| anyhow::anyhow!("--{name} {s}: {e} (give ADDRESS:PORT)"))
+        })
         .collect()
 }
 

@@ -211,7 +211,10 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(4096);
         let dirs = ["ingress", "egress"];
-        let _ = writeln!(s, "# HELP sinew_proxy_requests_total Requests judged, by direction, verdict and status class.");
+        let _ = writeln!(
+            s,
+            "# HELP sinew_proxy_requests_total Requests judged, by direction, verdict and status class."
+        );
         let _ = writeln!(s, "# TYPE sinew_proxy_requests_total counter");
         for (di, d) in dirs.iter().enumerate() {
             for (vi, v) in Verdict::ALL.iter().enumerate() {
@@ -226,7 +229,10 @@ impl Metrics {
                 }
             }
         }
-        let _ = writeln!(s, "# HELP sinew_proxy_request_duration_seconds Time from request head to response head.");
+        let _ = writeln!(
+            s,
+            "# HELP sinew_proxy_request_duration_seconds Time from request head to response head."
+        );
         let _ = writeln!(s, "# TYPE sinew_proxy_request_duration_seconds histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(
@@ -261,12 +267,23 @@ impl Metrics {
                 self.connections[di].load(Relaxed)
             );
         }
-        let _ = writeln!(s, "# HELP sinew_proxy_drops_total Requests or connections refused, by reason.");
+        let _ = writeln!(
+            s,
+            "# HELP sinew_proxy_drops_total Requests or connections refused, by reason."
+        );
         let _ = writeln!(s, "# TYPE sinew_proxy_drops_total counter");
         for (i, r) in DropReason::ALL.iter().enumerate() {
-            let _ = writeln!(s, "sinew_proxy_drops_total{{reason=\"{}\"}} {}", r.name(), self.drops[i].load(Relaxed));
+            let _ = writeln!(
+                s,
+                "sinew_proxy_drops_total{{reason=\"{}\"}} {}",
+                r.name(),
+                self.drops[i].load(Relaxed)
+            );
         }
-        let _ = writeln!(s, "# HELP sinew_proxy_upstream_errors_total Allowed requests that could not be forwarded.");
+        let _ = writeln!(
+            s,
+            "# HELP sinew_proxy_upstream_errors_total Allowed requests that could not be forwarded."
+        );
         let _ = writeln!(s, "# TYPE sinew_proxy_upstream_errors_total counter");
         for (i, r) in UpstreamError::ALL.iter().enumerate() {
             let _ = writeln!(
@@ -277,12 +294,42 @@ impl Metrics {
             );
         }
         for (name, help, kind, v) in [
-            ("sinew_proxy_snapshot_version", "Version of the rules in force.", "gauge", &self.snapshot_version),
-            ("sinew_proxy_snapshots_refused_total", "Snapshots refused (previous rules kept).", "counter", &self.snapshots_refused),
-            ("sinew_proxy_agent_connected", "1 while the control stream to the agent is up.", "gauge", &self.agent_connected),
-            ("sinew_proxy_flow_events_lost_total", "L7 flow events not delivered to the agent.", "counter", &self.events_lost),
-            ("sinew_proxy_draining", "1 while this process drains after SIGTERM.", "gauge", &self.draining),
-            ("sinew_proxy_listening", "1 once the listeners take connections.", "gauge", &self.listening),
+            (
+                "sinew_proxy_snapshot_version",
+                "Version of the rules in force.",
+                "gauge",
+                &self.snapshot_version,
+            ),
+            (
+                "sinew_proxy_snapshots_refused_total",
+                "Snapshots refused (previous rules kept).",
+                "counter",
+                &self.snapshots_refused,
+            ),
+            (
+                "sinew_proxy_agent_connected",
+                "1 while the control stream to the agent is up.",
+                "gauge",
+                &self.agent_connected,
+            ),
+            (
+                "sinew_proxy_flow_events_lost_total",
+                "L7 flow events not delivered to the agent.",
+                "counter",
+                &self.events_lost,
+            ),
+            (
+                "sinew_proxy_draining",
+                "1 while this process drains after SIGTERM.",
+                "gauge",
+                &self.draining,
+            ),
+            (
+                "sinew_proxy_listening",
+                "1 once the listeners take connections.",
+                "gauge",
+                &self.listening,
+            ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");
             let _ = writeln!(s, "# TYPE {name} {kind}");

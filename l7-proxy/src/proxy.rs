@@ -61,7 +61,10 @@ impl Proxy {
             }
         }
         let mut bound = Vec::new();
-        for (dir, addrs) in [(Direction::Ingress, &config.ingress), (Direction::Egress, &config.egress)] {
+        for (dir, addrs) in [
+            (Direction::Ingress, &config.ingress),
+            (Direction::Egress, &config.egress),
+        ] {
             for a in addrs {
                 let l = listener::bind(*a, config.transparent)?;
                 if config.agent_socket.is_none() {
@@ -118,32 +121,42 @@ impl Proxy {
             let state = state.clone();
             let metrics = metrics.clone();
             let agent = config.agent_socket.clone();
-            let listeners = (config.ingress.first().map(|a| a.port()), config.egress.first().map(|a| a.port()));
+            let listeners = (
+                config.ingress.first().map(|a| a.port()),
+                config.egress.first().map(|a| a.port()),
+            );
             let drain_rx = drain_rx.clone();
-            std::thread::Builder::new().name("sinew-proxy-control".into()).spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build the control runtime");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    if let Some(l) = admin_listener {
-                        match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => {
-                                tokio::spawn(crate::admin::serve(l, metrics.clone(), state.clone(), drain_rx.clone()));
-                            }
-                            Err(e) => tracing::error!(error = %e, "admin listener"),
+            std::thread::Builder::new()
+                .name("sinew-proxy-control".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot build the control runtime");
+                            return;
                         }
-                    }
-                    if let (Some(socket), Some(rx)) = (agent, control_events) {
-                        crate::control::run(socket, state, metrics, rx, listeners).await;
-                    } else {
-                        std::future::pending::<()>().await;
-                    }
-                });
-            })?;
+                    };
+                    rt.block_on(async move {
+                        if let Some(l) = admin_listener {
+                            match tokio::net::TcpListener::from_std(l) {
+                                Ok(l) => {
+                                    tokio::spawn(crate::admin::serve(
+                                        l,
+                                        metrics.clone(),
+                                        state.clone(),
+                                        drain_rx.clone(),
+                                    ));
+                                }
+                                Err(e) => tracing::error!(error = %e, "admin listener"),
+                            }
+                        }
+                        if let (Some(socket), Some(rx)) = (agent, control_events) {
+                            crate::control::run(socket, state, metrics, rx, listeners).await;
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    });
+                })?;
         }
 
         // Data runtime: listeners and client connections.
@@ -157,59 +170,61 @@ impl Proxy {
                 .thread_name("sinew-proxy-data")
                 .enable_all()
                 .build()?;
-            std::thread::Builder::new().name("sinew-proxy-data-main".into()).spawn(move || {
-                rt.block_on(async move {
-                    let mut accepts = Vec::new();
-                    if wait_for_rules {
-                        while state.load().version == 0 && !*drain_rx.borrow() {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
-                    for (dir, l) in bound {
-                        let l = match listener::listen(l).and_then(|l| {
-                            tokio::net::TcpListener::from_std(l).map_err(|source| listener::ListenError::Bind {
-                                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                                source,
-                            })
-                        }) {
-                            Ok(l) => l,
-                            Err(e) => {
-                                tracing::error!(error = %e, "listener");
-                                continue;
+            std::thread::Builder::new()
+                .name("sinew-proxy-data-main".into())
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let mut accepts = Vec::new();
+                        if wait_for_rules {
+                            while state.load().version == 0 && !*drain_rx.borrow() {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
                             }
-                        };
-                        let ctx = ctx.clone();
-                        let drain = drain_rx.clone();
-                        accepts.push(tokio::spawn(async move {
-                            loop {
-                                match l.accept().await {
-                                    Ok((s, _)) => {
-                                        tokio::spawn(inbound::serve(ctx.clone(), s, dir, drain.clone()));
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "accept");
-                                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        for (dir, l) in bound {
+                            let l = match listener::listen(l).and_then(|l| {
+                                tokio::net::TcpListener::from_std(l).map_err(|source| listener::ListenError::Bind {
+                                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                                    source,
+                                })
+                            }) {
+                                Ok(l) => l,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "listener");
+                                    continue;
+                                }
+                            };
+                            let ctx = ctx.clone();
+                            let drain = drain_rx.clone();
+                            accepts.push(tokio::spawn(async move {
+                                loop {
+                                    match l.accept().await {
+                                        Ok((s, _)) => {
+                                            tokio::spawn(inbound::serve(ctx.clone(), s, dir, drain.clone()));
+                                        }
+                                        Err(e) => {
+                                            tracing::warn!(error = %e, "accept");
+                                            tokio::time::sleep(Duration::from_millis(20)).await;
+                                        }
                                     }
                                 }
-                            }
-                        }));
-                    }
-                    metrics.listening.store(1, Relaxed);
-                    let mut drain = drain_rx.clone();
-                    let _ = drain.wait_for(|d| *d).await;
-                    // Closing the listeners hands queued connections to the
-                    // process that shares the port (tcp_migrate_req).
-                    for a in accepts {
-                        a.abort();
-                        let _ = a.await;
-                    }
-                    let deadline = Instant::now() + drain_timeout;
-                    while metrics.active_connections() > 0 && Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                });
-                rt.shutdown_timeout(Duration::from_millis(100));
-            })?
+                            }));
+                        }
+                        metrics.listening.store(1, Relaxed);
+                        let mut drain = drain_rx.clone();
+                        let _ = drain.wait_for(|d| *d).await;
+                        // Closing the listeners hands queued connections to the
+                        // process that shares the port (tcp_migrate_req).
+                        for a in accepts {
+                            a.abort();
+                            let _ = a.await;
+                        }
+                        let deadline = Instant::now() + drain_timeout;
+                        while metrics.active_connections() > 0 && Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    });
+                    rt.shutdown_timeout(Duration::from_millis(100));
+                })?
         };
 
         Ok(ProxyHandle {

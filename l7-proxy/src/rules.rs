@@ -180,8 +180,7 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         }
         if c == b'%' {
             let hex = |x: u8| (x as char).to_digit(16);
-            let (Some(h), Some(l)) = (b.get(i + 1).and_then(|x| hex(*x)), b.get(i + 2).and_then(|x| hex(*x)))
-            else {
+            let (Some(h), Some(l)) = (b.get(i + 1).and_then(|x| hex(*x)), b.get(i + 2).and_then(|x| hex(*x))) else {
                 return Err(PathError::BadPercent);
             };
             let v = (h * 16 + l) as u8;

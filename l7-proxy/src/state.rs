@@ -96,18 +96,32 @@ impl Snapshot {
                 Ok(pb::Direction::Egress) => Direction::Egress,
                 _ => return Err(err(format!("direction {} is neither ingress nor egress", e.direction))),
             };
-            let port = u16::try_from(e.port).ok().filter(|p| *p != 0).ok_or_else(|| err(format!("port {}", e.port)))?;
+            let port = u16::try_from(e.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| err(format!("port {}", e.port)))?;
             let mut sets = Vec::with_capacity(e.rule_sets.len());
             for (j, rs) in e.rule_sets.iter().enumerate() {
-                let rules = CompiledRules::compile(&rs.http, &rs.grpc).map_err(|r| err(format!("rule_sets[{j}].{r}")))?;
-                sets.push(RuleSet { peers: rs.peers.clone(), rules, rule: rs.rule.clone() });
+                let rules =
+                    CompiledRules::compile(&rs.http, &rs.grpc).map_err(|r| err(format!("rule_sets[{j}].{r}")))?;
+                sets.push(RuleSet {
+                    peers: rs.peers.clone(),
+                    rules,
+                    rule: rs.rule.clone(),
+                });
             }
             let rules = Arc::new(EndpointRules {
-                endpoint: Peer { identity: e.identity, namespace: e.namespace.clone(), name: e.name.clone() },
+                endpoint: Peer {
+                    identity: e.identity,
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                },
                 sets,
             });
             for a in &e.addresses {
-                let ip: IpAddr = a.parse().map_err(|_| err(format!("address {a:?} is not an IP address")))?;
+                let ip: IpAddr = a
+                    .parse()
+                    .map_err(|_| err(format!("address {a:?} is not an IP address")))?;
                 endpoints.insert((ip, dir, port), rules.clone());
             }
         }
@@ -118,16 +132,28 @@ impl Snapshot {
                 .prefix
                 .parse()
                 .or_else(|_| i.prefix.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| SnapshotError::Identity { index, reason: format!("prefix {:?} is not a CIDR", i.prefix) })?;
-            let peer = Peer { identity: i.identity, namespace: i.namespace.clone(), name: i.name.clone() };
+                .map_err(|_| SnapshotError::Identity {
+                    index,
+                    reason: format!("prefix {:?} is not a CIDR", i.prefix),
+                })?;
+            let peer = Peer {
+                identity: i.identity,
+                namespace: i.namespace.clone(),
+                name: i.name.clone(),
+            };
             if net.prefix_len() == net.max_prefix_len() {
                 hosts.insert(net.addr(), peer);
             } else {
                 prefixes.push((net.trunc(), peer));
             }
         }
-        prefixes.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()));
-        Ok(Snapshot { version: s.version, endpoints, hosts, prefixes })
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.prefix_len()));
+        Ok(Snapshot {
+            version: s.version,
+            endpoints,
+            hosts,
+            prefixes,
+        })
     }
 
     pub fn endpoint(&self, ip: IpAddr, dir: Direction, port: u16) -> Option<&Arc<EndpointRules>> {
@@ -143,7 +169,10 @@ impl Snapshot {
             .iter()
             .find(|(n, _)| n.contains(&ip))
             .map(|(_, p)| p.clone())
-            .unwrap_or(Peer { identity: IDENTITY_WORLD, ..Peer::default() })
+            .unwrap_or(Peer {
+                identity: IDENTITY_WORLD,
+                ..Peer::default()
+            })
     }
 }
 

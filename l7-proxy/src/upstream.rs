@@ -36,8 +36,10 @@ pub enum Sender {
     H2(http2::SendRequest<Body>),
 }
 
+type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
+
 pub struct Pool {
-    h1: Mutex<HashMap<Key, Vec<(Instant, http1::SendRequest<Body>)>>>,
+    h1: Mutex<HashMap<Key, Idle>>,
     h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
     connect_timeout: Duration,
     idle_per_key: usize,
@@ -115,7 +117,10 @@ impl Pool {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                self.h2.lock().unwrap_or_else(|e| e.into_inner()).insert(key, send.clone());
+                self.h2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, send.clone());
                 Ok(Sender::H2(send))
             }
         }
@@ -139,7 +144,11 @@ impl Pool {
             if s.ready().await.is_err() {
                 return;
             }
-            let key = Key { dst, mark, proto: Proto::Http1 };
+            let key = Key {
+                dst,
+                mark,
+                proto: Proto::Http1,
+            };
             let mut idle = pool.h1.lock().unwrap_or_else(|e| e.into_inner());
             let list = idle.entry(key).or_default();
             list.retain(|(at, s)| at.elapsed() < pool.idle_timeout && !s.is_closed());

@@ -27,7 +27,10 @@ fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("unshare(CLONE_NEWNET): these tests need root");
-        let st = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("run ip");
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip");
         assert!(st.success(), "ip link set lo up failed");
         f()
     })
@@ -68,7 +71,11 @@ async fn upstream() -> (SocketAddr, Arc<AtomicU64>) {
                         if req.uri().path().starts_with("/public/slow") {
                             tokio::time::sleep(Duration::from_millis(700)).await;
                         }
-                        let line = format!("{} {}", req.method(), req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""));
+                        let line = format!(
+                            "{} {}",
+                            req.method(),
+                            req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("")
+                        );
                         let _ = req.into_body().collect().await;
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(line))))
                     }
@@ -92,7 +99,12 @@ fn snapshot(version: u64, port: u16, http: Vec<pb::HttpRule>, grpc: Vec<pb::Grpc
             name: "server".into(),
             direction: pb::Direction::Ingress as i32,
             port: port.into(),
-            rule_sets: vec![pb::RuleSet { peers: vec![], http, grpc, rule: "SinewNetworkPolicy default/web ingress[0]".into() }],
+            rule_sets: vec![pb::RuleSet {
+                peers: vec![],
+                http,
+                grpc,
+                rule: "SinewNetworkPolicy default/web ingress[0]".into(),
+            }],
         }],
         identities: vec![pb::IdentityEntry {
             prefix: "127.0.0.1/32".into(),
@@ -106,8 +118,12 @@ fn snapshot(version: u64, port: u16, http: Vec<pb::HttpRule>, grpc: Vec<pb::Grpc
 fn get_prefix(p: &str) -> pb::HttpRule {
     use pb::string_match::Kind;
     pb::HttpRule {
-        method: Some(pb::StringMatch { kind: Some(Kind::Exact("GET".into())) }),
-        path: Some(pb::StringMatch { kind: Some(Kind::Prefix(p.into())) }),
+        method: Some(pb::StringMatch {
+            kind: Some(Kind::Exact("GET".into())),
+        }),
+        path: Some(pb::StringMatch {
+            kind: Some(Kind::Prefix(p.into())),
+        }),
         ..Default::default()
     }
 }
@@ -152,7 +168,11 @@ fn raw(addr: SocketAddr, req: &[u8], until: &str, n: usize) -> String {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -161,7 +181,9 @@ fn http1_allow_deny_keepalive_pipelining_and_events() {
         let rt = rt();
         let (up, hits) = rt.block_on(upstream());
         let p = start(up, Duration::from_secs(5));
-        p.state.apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![])).unwrap();
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
         let mut events = p.take_events().unwrap();
         let a = p.ingress[0];
 
@@ -178,7 +200,10 @@ fn http1_allow_deny_keepalive_pipelining_and_events() {
             "HTTP/1.1 ",
             5,
         );
-        let statuses: Vec<&str> = out.match_indices("HTTP/1.1 ").map(|(i, _)| &out[i + 9..i + 12]).collect();
+        let statuses: Vec<&str> = out
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &out[i + 9..i + 12])
+            .collect();
         assert_eq!(statuses, ["200", "403", "200", "403", "403"], "{out}");
         assert!(out.contains("GET /public/a?x=1"), "{out}");
         assert!(out.contains("GET /public/b"), "forwarded the normalised path: {out}");
@@ -212,12 +237,22 @@ fn http1_allow_deny_keepalive_pipelining_and_events() {
             String::from_utf8_lossy(&buf[..n])[9..12].to_owned()
         };
         assert_eq!(one(&mut s), "403");
-        p.state.apply(&snapshot(2, up.port(), vec![get_prefix("/")], vec![])).unwrap();
+        p.state
+            .apply(&snapshot(2, up.port(), vec![get_prefix("/")], vec![]))
+            .unwrap();
         assert_eq!(one(&mut s), "200");
 
         // Metrics on the admin port.
-        let m = raw(p.admin.unwrap(), b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "", 0);
-        assert!(m.contains("sinew_proxy_requests_total{direction=\"ingress\",verdict=\"denied\",status_class=\"4xx\"} 4"), "{m}");
+        let m = raw(
+            p.admin.unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "",
+            0,
+        );
+        assert!(
+            m.contains("sinew_proxy_requests_total{direction=\"ingress\",verdict=\"denied\",status_class=\"4xx\"} 4"),
+            "{m}"
+        );
         assert!(m.contains("sinew_proxy_drops_total{reason=\"policy_denied\"} 4"), "{m}");
         assert!(m.contains("sinew_proxy_request_duration_seconds_count 7"), "{m}");
         p.drain();
@@ -231,7 +266,12 @@ fn no_snapshot_fails_closed() {
         let rt = rt();
         let (up, hits) = rt.block_on(upstream());
         let p = start(up, Duration::from_secs(5));
-        let out = raw(p.ingress[0], b"GET /public HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0);
+        let out = raw(
+            p.ingress[0],
+            b"GET /public HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+            "",
+            0,
+        );
         assert!(out.starts_with("HTTP/1.1 403"), "{out}");
         assert_eq!(hits.load(Relaxed), 0);
         assert_eq!(p.metrics.drops(DropReason::NoRules), 1);
@@ -244,14 +284,25 @@ fn h2c_prior_knowledge_and_upgrade_request() {
         let rt = rt();
         let (up, hits) = rt.block_on(upstream());
         let p = start(up, Duration::from_secs(5));
-        p.state.apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![])).unwrap();
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
         let a = p.ingress[0];
         rt.block_on(async {
             let s = tokio::net::TcpStream::connect(a).await.unwrap();
-            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
             tokio::spawn(conn);
-            for (path, want) in [("/public/x", 200), ("/admin", 403), ("/public/%2e%2e/admin", 403), ("/public/%2fx", 400)] {
-                let req = http::Request::get(format!("http://web{path}")).body(Full::new(Bytes::new())).unwrap();
+            for (path, want) in [
+                ("/public/x", 200),
+                ("/admin", 403),
+                ("/public/%2e%2e/admin", 403),
+                ("/public/%2fx", 400),
+            ] {
+                let req = http::Request::get(format!("http://web{path}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
                 let r = send.send_request(req).await.unwrap();
                 assert_eq!(r.status().as_u16(), want, "{path}");
                 if want == 200 {
@@ -277,10 +328,16 @@ struct EchoSvc;
 
 #[tonic::async_trait]
 impl echo::echo_server::Echo for EchoSvc {
-    async fn say(&self, r: tonic::Request<echo::EchoRequest>) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
-        Ok(tonic::Response::new(echo::EchoReply { text: r.into_inner().text }))
+    async fn say(
+        &self,
+        r: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
+        Ok(tonic::Response::new(echo::EchoReply {
+            text: r.into_inner().text,
+        }))
     }
-    type StreamStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<echo::EchoReply, tonic::Status>> + Send>>;
+    type StreamStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<echo::EchoReply, tonic::Status>> + Send>>;
     async fn stream(
         &self,
         r: tonic::Request<tonic::Streaming<echo::EchoRequest>>,
@@ -293,7 +350,10 @@ impl echo::echo_server::Echo for EchoSvc {
         });
         Ok(tonic::Response::new(Box::pin(out)))
     }
-    async fn admin(&self, _: tonic::Request<echo::EchoRequest>) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
+    async fn admin(
+        &self,
+        _: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
         Ok(tonic::Response::new(echo::EchoReply { text: "admin".into() }))
     }
 }
@@ -323,11 +383,18 @@ fn grpc_unary_and_streaming_allow_deny() {
             addr
         });
         let p = start(up, Duration::from_secs(5));
-        let g = |m: &str| pb::GrpcRule { service: "sinew.test.echo.Echo".into(), method: m.into() };
-        p.state.apply(&snapshot(1, up.port(), vec![], vec![g("Say"), g("Stream")])).unwrap();
+        let g = |m: &str| pb::GrpcRule {
+            service: "sinew.test.echo.Echo".into(),
+            method: m.into(),
+        };
+        p.state
+            .apply(&snapshot(1, up.port(), vec![], vec![g("Say"), g("Stream")]))
+            .unwrap();
         let a = p.ingress[0];
         rt.block_on(async {
-            let mut c = echo::echo_client::EchoClient::connect(format!("http://{a}")).await.unwrap();
+            let mut c = echo::echo_client::EchoClient::connect(format!("http://{a}"))
+                .await
+                .unwrap();
             let r = c.say(echo::EchoRequest { text: "hi".into() }).await.unwrap();
             assert_eq!(r.into_inner().text, "hi");
             let e = c.admin(echo::EchoRequest { text: "x".into() }).await.unwrap_err();
@@ -342,7 +409,14 @@ fn grpc_unary_and_streaming_allow_deny() {
             assert_eq!(n, 5, "every streamed message and the trailers came back");
             // Only Say and Stream: after a new snapshot allowing Admin too.
             p.state.apply(&snapshot(2, up.port(), vec![], vec![g("")])).unwrap();
-            assert_eq!(c.admin(echo::EchoRequest { text: "x".into() }).await.unwrap().into_inner().text, "admin");
+            assert_eq!(
+                c.admin(echo::EchoRequest { text: "x".into() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .text,
+                "admin"
+            );
         });
         assert_eq!(p.metrics.requests(Verdict::Denied), 1);
     });
@@ -354,7 +428,9 @@ fn websocket_upgrade_passes_when_allowed() {
         let rt = rt();
         let (up, _) = rt.block_on(upstream());
         let p = start(up, Duration::from_secs(5));
-        p.state.apply(&snapshot(1, up.port(), vec![get_prefix("/ws")], vec![])).unwrap();
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/ws")], vec![]))
+            .unwrap();
         let a = p.ingress[0];
         let mut s = TcpStream::connect(a).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -371,7 +447,12 @@ fn websocket_upgrade_passes_when_allowed() {
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(&got, b"ping-bytes");
-        let out = raw(a, b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "HTTP/1.1", 1);
+        let out = raw(
+            a,
+            b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1",
+            1,
+        );
         assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     });
 }
@@ -382,7 +463,9 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         let rt = rt();
         let (up, hits) = rt.block_on(upstream());
         let p = start(up, Duration::from_millis(800));
-        p.state.apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![])).unwrap();
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![]))
+            .unwrap();
         let a = p.ingress[0];
         let t = Instant::now();
 
@@ -395,7 +478,12 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         assert!(out.starts_with("HTTP/1.1 431"), "{out}");
         // Too many headers: 431.
         let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
-        let out = raw(a, format!("GET / HTTP/1.1\r\nHost: web\r\n{many}\r\n").as_bytes(), "", 0);
+        let out = raw(
+            a,
+            format!("GET / HTTP/1.1\r\nHost: web\r\n{many}\r\n").as_bytes(),
+            "",
+            0,
+        );
         assert!(out.starts_with("HTTP/1.1 431"), "{out}");
         // Invalid method and target.
         let out = raw(a, b"G@T / HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
@@ -407,7 +495,12 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         let out = raw(a, b"GET /a%2fb HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
         // Two different Content-Lengths: 400, nothing forwarded.
-        let out = raw(a, b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc", "", 0);
+        let out = raw(
+            a,
+            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc",
+            "",
+            0,
+        );
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
         // obs-fold: 400.
         let out = raw(a, b"GET / HTTP/1.1\r\nHost: web\r\nx-a: b\r\n c\r\n\r\n", "", 0);
@@ -478,7 +571,9 @@ impl pb::proxy_control_server::ProxyControl for FakeAgent {
                 match m.kind {
                     Some(pb::proxy_message::Kind::Hello(_)) => {
                         let _ = tx
-                            .send(Ok(pb::AgentMessage { kind: Some(pb::agent_message::Kind::Snapshot(snap.clone())) }))
+                            .send(Ok(pb::AgentMessage {
+                                kind: Some(pb::agent_message::Kind::Snapshot(snap.clone())),
+                            }))
                             .await;
                     }
                     Some(pb::proxy_message::Kind::Ack(a)) => acks.lock().unwrap().push(a),
@@ -502,18 +597,20 @@ impl Drop for Child {
 
 fn spawn_proxy(admin: u16, orig: SocketAddr, sock: &std::path::Path) -> Child {
     let log = std::fs::File::create(sock.with_file_name(format!("proxy-{admin}.log"))).unwrap();
-    Child(std::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
-        .args(["--ingress", "127.0.0.1:15006", "--egress", "none", "--admin"])
-        .arg(format!("127.0.0.1:{admin}"))
-        .arg("--agent-socket")
-        .arg(sock)
-        .arg("--original-dst")
-        .arg(orig.to_string())
-        .args(["--drain-timeout", "10"])
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn sinew-proxy"))
+    Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+            .args(["--ingress", "127.0.0.1:15006", "--egress", "none", "--admin"])
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--agent-socket")
+            .arg(sock)
+            .arg("--original-dst")
+            .arg(orig.to_string())
+            .args(["--drain-timeout", "10"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sinew-proxy"),
+    )
 }
 
 fn wait_ready(admin: u16) {
@@ -543,16 +640,26 @@ fn restart_hands_over_the_listener_without_failing_a_request() {
         let _ = std::fs::remove_file(&sock);
         let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
         {
-            let uds = tokio_stream::wrappers::UnixListenerStream::new(rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() }));
+            let uds = tokio_stream::wrappers::UnixListenerStream::new(
+                rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() }),
+            );
             let svc = pb::proxy_control_server::ProxyControlServer::new(FakeAgent {
                 snap: snapshot(7, up.port(), vec![get_prefix("/public")], vec![]),
                 acks: acks.clone(),
             });
-            rt.spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(uds));
+            rt.spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(uds),
+            );
         }
         let mut a = spawn_proxy(15090, up, &sock);
         wait_ready(15090);
-        assert!(acks.lock().unwrap().iter().any(|a| a.version == 7 && a.error.is_empty()));
+        assert!(acks
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.version == 7 && a.error.is_empty()));
 
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
@@ -565,7 +672,10 @@ fn restart_hands_over_the_listener_without_failing_a_request() {
                     let out = match TcpStream::connect("127.0.0.1:15006") {
                         Ok(mut s) => {
                             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                            let _ = s.write_all(format!("GET /public/{i} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").as_bytes());
+                            let _ = s.write_all(
+                                format!("GET /public/{i} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+                                    .as_bytes(),
+                            );
                             let mut out = String::new();
                             let _ = s.read_to_string(&mut out);
                             out
@@ -582,12 +692,21 @@ fn restart_hands_over_the_listener_without_failing_a_request() {
         }
         // A slow request in flight on the old process while it drains.
         let slow = std::thread::spawn(|| {
-            raw("127.0.0.1:15006".parse().unwrap(), b"GET /public/slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0)
+            raw(
+                "127.0.0.1:15006".parse().unwrap(),
+                b"GET /public/slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+                "",
+                0,
+            )
         });
         std::thread::sleep(Duration::from_millis(300));
         let b = spawn_proxy(15091, up, &sock);
         wait_ready(15091);
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(a.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let st = a.0.wait().unwrap();
         assert!(st.success(), "old proxy exit: {st:?}");
         std::thread::sleep(Duration::from_millis(300));
@@ -600,10 +719,24 @@ fn restart_hands_over_the_listener_without_failing_a_request() {
         let failed = failed.lock().unwrap();
         let n = ok.load(Relaxed);
         eprintln!("restart: {n} requests, {} failed", failed.len());
-        assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), n + failed.len() as u64, &failed[..failed.len().min(3)]);
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            n + failed.len() as u64,
+            &failed[..failed.len().min(3)]
+        );
         assert!(n > 20, "only {n} requests");
-        let m = raw("127.0.0.1:15091".parse().unwrap(), b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "", 0);
-        assert!(!m.contains("direction=\"ingress\",verdict=\"forwarded\",status_class=\"2xx\"} 0"), "the new proxy served nothing: {m}");
+        let m = raw(
+            "127.0.0.1:15091".parse().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "",
+            0,
+        );
+        assert!(
+            !m.contains("direction=\"ingress\",verdict=\"forwarded\",status_class=\"2xx\"} 0"),
+            "the new proxy served nothing: {m}"
+        );
         drop(b);
         let _ = std::fs::remove_dir_all(&dir);
     });
@@ -679,7 +812,9 @@ fn http2_abuse_is_limited_counted_and_closed() {
             c.limits.h2_keepalive_interval = Duration::from_millis(300);
             c.limits.h2_keepalive_timeout = Duration::from_millis(300);
         });
-        p.state.apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![])).unwrap();
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![]))
+            .unwrap();
         let a = p.ingress[0];
 
         // Rapid reset: open and cancel streams as fast as possible.
@@ -693,7 +828,11 @@ fn http2_abuse_is_limited_counted_and_closed() {
         let _ = s.write_all(&burst);
         let (frames, eof) = read_frames(&mut s, Duration::from_secs(10));
         assert!(eof, "rapid reset did not close the connection");
-        assert!(frames.iter().any(|(t, code)| *t == 7 && *code == 0xb), "no GOAWAY ENHANCE_YOUR_CALM: {:?}", &frames[frames.len().saturating_sub(5)..]);
+        assert!(
+            frames.iter().any(|(t, code)| *t == 7 && *code == 0xb),
+            "no GOAWAY ENHANCE_YOUR_CALM: {:?}",
+            &frames[frames.len().saturating_sub(5)..]
+        );
 
         // Too many streams: the ones past the limit are refused.
         let mut s = h2_conn(a);
@@ -706,7 +845,11 @@ fn http2_abuse_is_limited_counted_and_closed() {
         s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         let (frames, _) = read_frames(&mut s, Duration::from_secs(1));
         let refused = frames.iter().filter(|(t, code)| *t == 3 && *code == 7).count();
-        assert!(refused >= 50, "{refused} streams refused of 150 (limit 100): {:?}", &frames[..frames.len().min(10)]);
+        assert!(
+            refused >= 50,
+            "{refused} streams refused of 150 (limit 100): {:?}",
+            &frames[..frames.len().min(10)]
+        );
         drop(s);
 
         // PING and SETTINGS floods from a client that does not read: the
