@@ -159,9 +159,49 @@ enum PolicyCmd {
         /// PORT/PROTO, e.g. 80/tcp, 53/udp, 8/icmp.
         #[arg(long, default_value = "80/tcp")]
         port: String,
+        #[command(flatten)]
+        l7: L7TraceArgs,
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: Format,
     },
+}
+
+/// An HTTP request or gRPC call to trace on the connection: the L7 verdict
+/// from the rules the proxy enforces.
+#[derive(clap::Args)]
+struct L7TraceArgs {
+    /// HTTP method of a request to trace, e.g. GET (default GET when
+    /// --http-path is given).
+    #[arg(long)]
+    http_method: Option<String>,
+    /// Request target, e.g. /public/a?x=1; judged after the proxy's
+    /// normalisation.
+    #[arg(long)]
+    http_path: Option<String>,
+    /// Host (`:authority`) of the request.
+    #[arg(long)]
+    http_host: Option<String>,
+    /// A request header, NAME=VALUE (repeat for more).
+    #[arg(long = "http-header", value_name = "NAME=VALUE")]
+    http_headers: Vec<String>,
+    /// A gRPC call to trace, package.Service/Method.
+    #[arg(long, conflicts_with_all = ["http_method", "http_path"])]
+    grpc_method: Option<String>,
+}
+
+impl L7TraceArgs {
+    fn headers(&self) -> anyhow::Result<Vec<v1::HttpHeader>> {
+        self.http_headers
+            .iter()
+            .map(|h| match h.split_once('=') {
+                Some((name, value)) if !name.is_empty() => Ok(v1::HttpHeader {
+                    name: name.into(),
+                    value: value.into(),
+                }),
+                _ => anyhow::bail!("--http-header {h}: write NAME=VALUE, e.g. x-env=prod"),
+            })
+            .collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -567,13 +607,25 @@ fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
             })?;
             println!("{} {} deleted", r.kind, r.name);
         }
-        PolicyCmd::Trace { from, to, port, output } => {
+        PolicyCmd::Trace {
+            from,
+            to,
+            port,
+            l7,
+            output,
+        } => {
+            let http_headers = l7.headers()?;
             let r = rt.block_on(async {
                 let mut c = client(&socket).await?;
                 c.trace_policy(v1::TracePolicyRequest {
                     from: from.clone(),
                     to: to.clone(),
                     port: port.clone(),
+                    http_method: l7.http_method.clone().unwrap_or_default(),
+                    http_path: l7.http_path.clone().unwrap_or_default(),
+                    http_host: l7.http_host.clone().unwrap_or_default(),
+                    http_headers,
+                    grpc_method: l7.grpc_method.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(rpc_error)
@@ -583,7 +635,7 @@ fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
                 let steps: Vec<_> = r
                     .steps
                     .iter()
-                    .map(|s| serde_json::json!({"endpoint": s.endpoint, "direction": s.direction, "allowed": s.allowed, "explanation": s.explanation}))
+                    .map(|s| serde_json::json!({"endpoint": s.endpoint, "direction": s.direction, "allowed": s.allowed, "explanation": s.explanation, "redirected": s.redirected, "l7Verdict": s.l7_verdict, "l7Rule": s.l7_rule, "l7Path": s.l7_path}))
                     .collect();
                 println!(
                     "{}",

@@ -63,7 +63,7 @@ pub struct Report {
 pub fn format_value(v: Option<f64>, unit: &str) -> String {
     let Some(v) = v else { return "-".into() };
     match unit {
-        "tx/s" | "conn/s" | "entries" => format!("{v:.0}"),
+        "tx/s" | "conn/s" | "entries" | "ns" => format!("{v:.0}"),
         "us" => format!("{v:.1}"),
         "Gbit/s" => format!("{v:.2}"),
         "ms" => format!("{v:.2}"),

@@ -374,10 +374,19 @@ pub fn trace_policy(socket: &Path, from: &str, to: &str, port: &str) -> Result<v
                 from: from.into(),
                 to: to.into(),
                 port: port.into(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
     })
+}
+
+/// `trace_policy` with every field of the request, the L7 ones included.
+pub fn trace_policy_request(
+    socket: &Path,
+    req: v1::TracePolicyRequest,
+) -> Result<v1::TracePolicyResponse, tonic::Status> {
+    rt().block_on(async { client(socket).await.trace_policy(req).await.map(|r| r.into_inner()) })
 }
 
 pub fn list_identities(socket: &Path) -> Vec<v1::IdentityEntry> {
