@@ -435,7 +435,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             headers: req.headers(),
             grpc,
         };
-        let Some(rule) = rules.judge(peer.identity, &view).map(str::to_owned) else {
+        let Some(rule) = rules.judge(peer.identity, &view) else {
             break 'judge deny(grpc, DropReason::PolicyDenied);
         };
         let Some(mark) = sinew_abi::proxy_upstream_mark(src_identity) else {

@@ -44,28 +44,17 @@ pub struct Peer {
     pub name: String,
 }
 
-#[derive(Debug)]
-pub struct RuleSet {
-    pub peers: Vec<u32>,
-    pub rules: CompiledRules,
-    pub rule: String,
-}
-
 /// The rules of one local endpoint, direction and port.
 #[derive(Debug)]
 pub struct EndpointRules {
     pub endpoint: Peer,
-    pub sets: Vec<RuleSet>,
+    pub rules: CompiledRules,
 }
 
 impl EndpointRules {
     /// The rule that allows the request from `peer`, or `None` (denied).
-    pub fn judge(&self, peer: u32, req: &RequestView<'_>) -> Option<&str> {
-        self.sets
-            .iter()
-            .filter(|s| s.peers.is_empty() || s.peers.contains(&peer))
-            .find(|s| s.rules.matches(req))
-            .map(|s| s.rule.as_str())
+    pub fn judge(&self, peer: u32, req: &RequestView<'_>) -> Option<String> {
+        self.rules.judge(peer, req)
     }
 }
 
@@ -100,23 +89,14 @@ impl Snapshot {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| err(format!("port {}", e.port)))?;
-            let mut sets = Vec::with_capacity(e.rule_sets.len());
-            for (j, rs) in e.rule_sets.iter().enumerate() {
-                let rules =
-                    CompiledRules::compile(&rs.http, &rs.grpc).map_err(|r| err(format!("rule_sets[{j}].{r}")))?;
-                sets.push(RuleSet {
-                    peers: rs.peers.clone(),
-                    rules,
-                    rule: rs.rule.clone(),
-                });
-            }
+            let rules = CompiledRules::compile(&e.rule_sets).map_err(err)?;
             let rules = Arc::new(EndpointRules {
                 endpoint: Peer {
                     identity: e.identity,
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
                 },
-                sets,
+                rules,
             });
             for a in &e.addresses {
                 let ip: IpAddr = a

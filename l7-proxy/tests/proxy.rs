@@ -220,7 +220,7 @@ fn http1_allow_deny_keepalive_pipelining_and_events() {
         assert_eq!(got.len(), 5);
         assert_eq!(got[0].verdict, pb::L7Verdict::Forwarded as i32);
         assert_eq!(got[0].path, "/public/a");
-        assert_eq!(got[0].rule, "SinewNetworkPolicy default/web ingress[0]");
+        assert_eq!(got[0].rule, "SinewNetworkPolicy default/web ingress[0].rules.http[0]");
         assert_eq!(got[0].src_name, "client");
         assert_eq!(got[0].dst_name, "server");
         assert_eq!(got[1].verdict, pb::L7Verdict::Denied as i32);
