@@ -876,3 +876,22 @@ fn http2_abuse_is_limited_counted_and_closed() {
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     });
 }
+
+#[test]
+fn a_bad_snapshot_is_refused_and_the_previous_rules_stay() {
+    let state = sinew_proxy::state::SharedState::default();
+    state
+        .apply(&snapshot(1, 80, vec![get_prefix("/public")], vec![]))
+        .unwrap();
+    let mut bad = snapshot(2, 80, vec![get_prefix("/public")], vec![]);
+    bad.endpoints[0].rule_sets[0].http[0].path = Some(pb::StringMatch {
+        kind: Some(pb::string_match::Kind::Regex("(".into())),
+    });
+    let err = state.apply(&bad).unwrap_err().to_string();
+    assert!(err.contains("endpoint 0"), "{err}");
+    assert_eq!(state.load().version, 1);
+    let mut bad = snapshot(3, 80, vec![], vec![]);
+    bad.endpoints[0].addresses = vec!["not-an-ip".into()];
+    assert!(state.apply(&bad).is_err());
+    assert_eq!(state.load().version, 1);
+}
