@@ -22,6 +22,7 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 {
 	struct iphdr *ip = PKT_PTR(skb, IP_OFF, struct iphdr);
 	struct ipcache_value *dst;
+	__u16 proxy_port;
 	int ret;
 
 	if (!ip || ip->version != 4 || ip->ihl < 5)
@@ -31,9 +32,13 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 
 	dst = ipcache_lookup4(ip->daddr);
 	ret = policy_enforce(skb, ep, POLICY_DIR_EGRESS,
-			     dst ? dst->identity : SINEW_IDENTITY_WORLD);
+			     dst ? dst->identity : SINEW_IDENTITY_WORLD,
+			     &proxy_port);
 	if (ret < 0)
 		return ret;
+	/* An egress L7 rule: this node's proxy takes it, wherever it goes. */
+	if (proxy_port)
+		return proxy_redirect(skb, proxy_port);
 	/* Outside the cluster: the stack routes it, the uplink masquerades. */
 	if (!dst)
 		return TC_ACT_OK;
@@ -85,6 +90,8 @@ int to_container(struct __sk_buff *skb)
 	struct ipcache_value *src;
 	struct endpoint_info *ep;
 	struct iphdr *ip;
+	__u16 proxy_port;
+	__u32 peer;
 	int ret = TC_ACT_OK;
 
 	ep = bpf_map_lookup_elem(&sinew_endpoints, &ifindex);
@@ -99,11 +106,24 @@ int to_container(struct __sk_buff *skb)
 		ret = -DROP_INVALID_PACKET;
 		goto out;
 	}
+	/* The proxy's upstream connection for a client: judged as that
+	 * client, never redirected again. */
+	if (proxy_mark_identity(skb->mark, &peer)) {
+		ret = policy_enforce(skb, ep, POLICY_DIR_INGRESS, peer, 0);
+		if (ret == 0)
+			ret = TC_ACT_OK;
+		goto out;
+	}
 	/* What the stack routes here: the node itself, or native-routed
 	 * traffic that was not delivered directly. */
 	src = ipcache_lookup4(ip->saddr);
 	ret = policy_enforce(skb, ep, POLICY_DIR_INGRESS,
-			     src ? src->identity : SINEW_IDENTITY_WORLD);
+			     src ? src->identity : SINEW_IDENTITY_WORLD,
+			     &proxy_port);
+	/* An L7 rule covers it, but a packet on its way out of the host
+	 * cannot be assigned to the proxy: fail closed. */
+	if (ret == 0 && proxy_port)
+		ret = -DROP_PROXY_UNAVAILABLE;
 	if (ret == 0)
 		ret = TC_ACT_OK;
 out:

@@ -51,6 +51,7 @@ int to_overlay(struct __sk_buff *skb)
 	struct bpf_tunnel_key key = {};
 	struct ipcache_value *dst;
 	struct iphdr *ip;
+	__u32 client;
 	int ret = TC_ACT_OK;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
@@ -79,6 +80,12 @@ int to_overlay(struct __sk_buff *skb)
 	/* The receiving node sees this node as a remote node, never as
 	 * itself (host is always let in). */
 	key.tunnel_id = SINEW_IDENTITY_REMOTE_NODE;
+	/* The proxy's upstream connection: the receiving node judges it as
+	 * the proxy's client (a pod: egress proxies serve local pods, whose
+	 * identities fit the 24-bit VNI). */
+	if (proxy_mark_identity(skb->mark, &client))
+		key.tunnel_id =
+		    client <= 0xffffff ? client : SINEW_IDENTITY_WORLD;
 	key.tunnel_ttl = 64;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) <
 	    0)

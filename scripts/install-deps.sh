@@ -43,13 +43,31 @@ if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
   done
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "error: no Rust toolchain (cargo) found; install Rust 1.88 or newer with rustup, then re-run" >&2
+if ! command -v rustup >/dev/null 2>&1; then
+  echo "error: no rustup found; install Rust with rustup (https://rustup.rs), then re-run" >&2
   exit 1
 fi
+# rust-toolchain.toml pins the exact release; install it (and its rustfmt and
+# clippy) here, once and visibly, rather than letting the first cargo command
+# download it as a side effect.
+SINEW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUST_VERSION="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$SINEW_ROOT/rust-toolchain.toml")"
+if ! rustup toolchain list | grep -q "^$RUST_VERSION-"; then
+  echo "==> installing Rust $RUST_VERSION (rust-toolchain.toml)"
+  rustup toolchain install "$RUST_VERSION" --profile minimal -c rustfmt -c clippy
+fi
 for c in rustfmt clippy; do
-  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
+  rustup component list --installed --toolchain "$RUST_VERSION" 2>/dev/null | grep -q "^$c" \
+    || rustup component add --toolchain "$RUST_VERSION" "$c"
 done
+
+# cargo-deny checks licences, advisories, duplicates and banned crates
+# (scripts/deny.sh, deny.toml). Pinned: a new release may change verdicts.
+CARGO_DENY_VERSION=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
+  echo "==> installing cargo-deny $CARGO_DENY_VERSION"
+  cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION"
+fi
 
 # virtme-ng boots the 6.1 kernel with this machine's userspace.
 if ! command -v vng >/dev/null 2>&1 \

@@ -9,7 +9,7 @@ source scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "==> build (release)"
-cargo build --release --locked -p sinew-agent -p sinew-cni
+cargo build --release --locked -p sinew-agent -p sinew-cni -p sinew-cli
 SINEW=target/release/sinew
 
 "$SINEW" lab down >/dev/null 2>&1 || true

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs, builds, checks formatting and
-# lints, then runs every test, privileged ones included (they need root and
-# fail rather than skip without it).
+# The test command: installs what it needs, checks dependencies
+# (cargo-deny), builds, checks formatting and lints, fuzzes every parser of
+# untrusted bytes for a few seconds each, then runs every test, privileged
+# ones included (they need root and fail rather than skip without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
@@ -11,11 +12,17 @@ echo "==> format"
 cargo fmt --all -- --check
 find bpf -name '*.[ch]' -print0 | xargs -0 clang-format --dry-run --Werror
 
+echo "==> deny (licences, advisories, duplicates, banned crates)"
+scripts/deny.sh
+
 echo "==> build"
 cargo build --workspace --all-targets --locked
 
 echo "==> clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> fuzz (each target a few seconds, from fuzz/corpus)"
+scripts/fuzz.sh
 
 echo "==> tests"
 # Privileged tests build network namespaces and BPF pins; two at a time keeps

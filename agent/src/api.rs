@@ -85,8 +85,11 @@ impl sinew_proto::Agent for AgentApi {
             attach_mode: self.attach_mode.into(),
             pod_attach_mode: self.pod_attach_mode.into(),
             routing_mode: self.routing.into(),
-            pod_cidr: s.local.pod_cidr.to_string(),
-            node_ip: s.local.ip.to_string(),
+            pod_cidr: Some(v1::IpPrefix::new(
+                s.local.pod_cidr.network().into(),
+                s.local.pod_cidr.prefix_len(),
+            )),
+            node_ip: Some(s.local.ip.into()),
             endpoints: s.registry.len() as u32,
             ips_allocated: s.ipam.allocated() as u32,
             ips_capacity: u32::try_from(s.ipam.capacity()).unwrap_or(u32::MAX),
@@ -125,9 +128,8 @@ impl sinew_proto::Agent for AgentApi {
             .ok_or_else(|| Status::internal("no IPv4 pool"))?;
         tracing::info!(container = %att.container_id, %ip, existing, "allocated");
         Ok(Response::new(v1::AllocateIpResponse {
-            ip: ip.to_string(),
-            prefix_len: 32,
-            gateway: s.gateway().to_string(),
+            address: Some(v1::IpPrefix::new(*ip, 32)),
+            gateway: Some(s.gateway().into()),
             mtu: s.pod_mtu,
             existing,
         }))
@@ -148,6 +150,9 @@ impl sinew_proto::Agent for AgentApi {
     ) -> Result<Response<v1::CreateEndpointResponse>, Status> {
         let r = req.into_inner();
         let att = attachment(r.attachment)?;
+        let bad = |e: sinew_proto::addr::AddrError| Status::invalid_argument(e.to_string());
+        let ip = sinew_proto::addr::ip("ip", r.ip.as_ref()).map_err(bad)?;
+        let pod_mac = sinew_proto::addr::mac("pod_mac", r.pod_mac.as_ref()).map_err(bad)?;
         let mut s = self.lock()?;
         let ep = s
             .create_endpoint(CreateRequest {
@@ -157,8 +162,8 @@ impl sinew_proto::Agent for AgentApi {
                 netns: r.netns,
                 host_ifname: r.host_ifname,
                 host_ifindex: r.host_ifindex,
-                ip: r.ip,
-                pod_mac: r.pod_mac,
+                ip,
+                pod_mac,
             })
             .map_err(status)?;
         tracing::info!(id = ep.id, pod = %crate::observer::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id), ip = %ep.ip, ifname = %ep.host_ifname, "endpoint created");

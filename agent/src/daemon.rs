@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub lb_algorithm: sinew_model::LbAlgorithm,
     pub maglev_table_size: u32,
     pub maglev_services: u32,
+    /// The proxy's transparent listeners for ingress and egress L7 rules
+    /// (`--proxy-ports INGRESS,EGRESS`).
+    pub proxy_ports: crate::proxy_redirect::ProxyPorts,
     /// Test hook: delays the background removal of a deleted endpoint's
     /// veth (see `NodeState::link_removal_delay`). Zero in production.
     pub test_link_removal_delay: Duration,
@@ -245,6 +248,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     ] {
         netutil::sysctl(k, &v)?;
     }
+    // Connections an L7 rule covers reach the proxy through this routing.
+    crate::proxy_redirect::install_routing()?;
+    tracing::info!(
+        ingress = cfg.proxy_ports.ingress,
+        egress = cfg.proxy_ports.egress,
+        "L7 redirect to the proxy's listeners"
+    );
     let (vxlan_ifindex, pod_mtu) = match cfg.routing {
         RoutingMode::Vxlan => (
             netutil::ensure_vxlan(VXLAN_DEV, VXLAN_PORT, uplink_mtu - VXLAN_OVERHEAD)?,
@@ -325,6 +335,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         link_removal_delay: cfg.test_link_removal_delay,
     };
     state.policy.fail_open = cfg.policy_fail_open;
+    state.policy.proxy_ports = cfg.proxy_ports;
     state.policy.persist = Some(policies_path);
     let adopted: Vec<(u32, u32, u32)> = state
         .registry
@@ -341,6 +352,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     state.policy.adopt(entries, adopted, classes);
     let (kept, dropped) = state.restore()?;
     state.resync()?;
+    // Everything runs on this ABI's programs now: an older agent's go.
+    let retired = state.datapath.retire_older_abis();
+    if !retired.is_empty() {
+        tracing::info!(?retired, "removed the programs and maps of older datapath ABIs");
+    }
     tracing::info!(
         maps_reused = reused,
         endpoints_kept = kept,

@@ -78,18 +78,8 @@ fn key(a: &Attachment) -> String {
     format!("{}/{}", a.container_id, a.ifname)
 }
 
-pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in out.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
+/// MAC text is formatted and parsed in one place for the whole project.
+pub use sinew_proto::addr::{format_mac, parse_mac};
 
 impl Registry {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, RegistryError> {

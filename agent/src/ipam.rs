@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -234,22 +234,8 @@ impl Ipam {
     }
 }
 
-/// Replaces `path` with `bytes` so that a reader, or an agent that dies
-/// mid-write, sees either the old or the new content, never a torn file.
-///
-/// No fsync: this state must survive the agent process, not the node. A
-/// node that loses power loses every pod with it, and the runtime re-ADDs
-/// them; a process crash leaves the page cache and the rename intact. An
-/// fsync costs 5-50 ms per write on the disks measured here, which would
-/// dominate CNI ADD latency.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
+/// The project's one atomic write (no fsync; see its documentation).
+pub use sinew_model::write_atomic;
 
 #[cfg(test)]
 mod tests {

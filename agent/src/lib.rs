@@ -1,11 +1,10 @@
-//! sinew-agent, the per-node daemon, and the library behind the `sinew` CLI.
+//! sinew-agent, the per-node daemon.
 //! The agent owns the node's BPF programs and maps, its pod address pool, its
 //! endpoints, and the routes and tunnels to other nodes; everything else
 //! (CNI plugin, CLI) asks it over gRPC on a unix socket. It must never block
 //! the datapath on the control plane: maps keep forwarding while it is down.
 
 pub mod api;
-pub mod cli;
 pub mod daemon;
 pub mod datapath;
 pub mod endpoints;
@@ -17,5 +16,6 @@ pub mod netutil;
 pub mod nodes;
 pub mod observer;
 pub mod policy;
+pub mod proxy_redirect;
 pub mod services;
 pub mod state;

@@ -1,19 +1,25 @@
-//! Small, netns-correct facts about interfaces and the few setup-time
-//! network changes the agent makes. Everything here acts on the calling
-//! thread's network namespace; /sys/class/net is avoided because it shows
-//! the namespace that mounted sysfs, not ours.
+//! Small, netns-correct facts about interfaces and the network changes the
+//! agent makes, all through netlink (sinew-netlink): the agent runs no `ip`
+//! process. Everything here acts on the calling thread's network namespace;
+//! /sys/class/net is avoided because it shows the namespace that mounted
+//! sysfs, not ours.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+
+use sinew_netlink::rtnl::links::LinkChange;
+use sinew_netlink::{NetlinkError, Rtnl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("interface {0} does not exist in this network namespace")]
     NoSuchInterface(String),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("cannot run `ip` (install iproute2): {0}")]
+    NoIp(#[source] std::io::Error),
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
-    #[error("cannot run `ip` ({0}); install iproute2")]
-    NoIp(std::io::Error),
     #[error("cannot write sysctl {path}: {source}")]
     Sysctl {
         path: String,
@@ -73,15 +79,19 @@ pub fn ipv4(name: &str) -> Option<Ipv4Addr> {
 }
 
 pub fn mtu(name: &str) -> Result<u32, NetError> {
-    let out = ip_output(&["-o", "link", "show", "dev", name])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .and_then(|m| m.parse().ok())
+    Rtnl::open()?
+        .link_by_name(name)?
+        .map(|l| l.mtu)
         .ok_or_else(|| NetError::NoSuchInterface(name.to_string()))
 }
 
-fn ip_output(args: &[&str]) -> Result<String, NetError> {
+/// Deletes a link by name; false when there was none.
+pub fn delete_link(name: &str) -> Result<bool, NetError> {
+    Ok(Rtnl::open()?.delete_link(name)?)
+}
+
+/// Runs `ip ARGS` and returns its output, for setup-time changes only.
+pub fn ip_output(args: &[&str]) -> Result<String, NetError> {
     let out = Command::new("ip").args(args).output().map_err(NetError::NoIp)?;
     if !out.status.success() {
         return Err(NetError::Ip {
@@ -107,21 +117,23 @@ pub fn sysctl(key: &str, value: &str) -> Result<(), NetError> {
 /// Creates (or adopts) the node's VXLAN device in external mode: one
 /// device for all tunnels, remote and VNI chosen per packet by BPF.
 pub fn ensure_vxlan(name: &str, port: u16, mtu: u32) -> Result<u32, NetError> {
-    if ifindex(name).is_err() {
-        ip(&[
-            "link",
-            "add",
-            name,
-            "type",
-            "vxlan",
-            "external",
-            "dstport",
-            &port.to_string(),
-        ])?;
+    let mut nl = Rtnl::open()?;
+    if nl.link_by_name(name)?.is_none() {
+        nl.create_vxlan_external(name, port)?;
     }
+    let link = nl
+        .link_by_name(name)?
+        .ok_or_else(|| NetError::NoSuchInterface(name.to_string()))?;
     // No ARP: BPF sets both MACs of every frame it delivers from the tunnel.
-    ip(&["link", "set", name, "mtu", &mtu.to_string(), "arp", "off", "up"])?;
-    ifindex(name)
+    nl.set_link(
+        link.index,
+        LinkChange {
+            up: Some(true),
+            mtu: Some(mtu),
+            arp: Some(false),
+        },
+    )?;
+    Ok(link.index)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use sinew_abi::{IpcacheKey, IpcacheValue};
 use sinew_model::{NodeInfo, Snapshot};
+use sinew_netlink::{Route, Rtnl};
 
 use crate::datapath::{Datapath, DatapathError, RoutingMode};
 use crate::endpoints::Endpoint;
@@ -267,23 +268,58 @@ impl Reconciler {
             return;
         }
         self.routes_failed = false;
+        let mut nl = match Rtnl::open() {
+            Ok(nl) => nl,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open netlink to install routes to remote pod CIDRs");
+                self.routes_failed = true;
+                return;
+            }
+        };
+        let dev = match self.routing {
+            RoutingMode::Native => &self.uplink,
+            RoutingMode::Vxlan => &self.vxlan_dev,
+        };
+        let oif = match netutil::ifindex(dev) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install routes to remote pod CIDRs");
+                self.routes_failed = true;
+                return;
+            }
+        };
         for r in &want.routes {
-            let dst = r.dst.to_string();
-            let via = r.via.to_string();
-            let src = self.local.ip.to_string();
-            let res = match self.routing {
-                RoutingMode::Native => netutil::ip(&["route", "replace", &dst, "via", &via, "dev", &self.uplink]),
+            let route = match self.routing {
+                RoutingMode::Native => Route {
+                    dst: IpAddr::V4(r.dst.network()),
+                    dst_len: r.dst.prefix_len(),
+                    gateway: Some(IpAddr::V4(r.via)),
+                    oif,
+                    src: None,
+                    link_scope: false,
+                    onlink: false,
+                },
                 // The host's own traffic to remote pods enters the tunnel
                 // here; to_overlay picks the remote from the ipcache.
-                RoutingMode::Vxlan => netutil::ip(&["route", "replace", &dst, "dev", &self.vxlan_dev, "src", &src]),
+                RoutingMode::Vxlan => Route {
+                    dst: IpAddr::V4(r.dst.network()),
+                    dst_len: r.dst.prefix_len(),
+                    gateway: None,
+                    oif,
+                    src: Some(IpAddr::V4(self.local.ip)),
+                    link_scope: true,
+                    onlink: false,
+                },
             };
-            if let Err(e) = res {
-                tracing::warn!(route = %dst, error = %e, "cannot install route to a remote pod CIDR");
+            if let Err(e) = nl.add_route(&route) {
+                tracing::warn!(route = %r.dst, error = %e, "cannot install route to a remote pod CIDR");
                 self.routes_failed = true;
             }
         }
         for old in self.routes.difference(&want.routes) {
-            let _ = netutil::ip(&["route", "del", &old.dst.to_string()]);
+            if let Err(e) = nl.delete_route(IpAddr::V4(old.dst.network()), old.dst.prefix_len()) {
+                tracing::warn!(route = %old.dst, error = %e, "cannot remove the route to a former pod CIDR");
+            }
         }
         self.routes = want.routes.clone();
     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use sinew_proto::v1;
 
 use crate::datapath::{Datapath, DatapathError};
-use crate::endpoints::{format_mac, parse_mac, Endpoint, Registry, RegistryError};
+use crate::endpoints::{Endpoint, Registry, RegistryError};
 use crate::features::Feature;
 use crate::ipam::{Attachment, Ipam, IpamError};
 use crate::nodes::{self, LocalNode, Reconciler};
@@ -129,8 +129,8 @@ pub struct CreateRequest {
     pub netns: String,
     pub host_ifname: String,
     pub host_ifindex: u32,
-    pub ip: String,
-    pub pod_mac: String,
+    pub ip: IpAddr,
+    pub pod_mac: [u8; 6],
 }
 
 impl NodeState {
@@ -181,22 +181,19 @@ impl NodeState {
             container_id: req.attachment.container_id.clone(),
             ifname: req.attachment.ifname.clone(),
         })?;
-        let ip: Ipv4Addr = req.ip.parse().map_err(|_| StateError::BadField {
-            field: "ip",
-            value: req.ip.clone(),
-            expected: "an IPv4 address",
-        })?;
+        let IpAddr::V4(ip) = req.ip else {
+            return Err(StateError::BadField {
+                field: "ip",
+                value: req.ip.to_string(),
+                expected: "an IPv4 address",
+            });
+        };
         if !alloc.ips.contains(&IpAddr::V4(ip)) {
             return Err(StateError::NotTheAllocatedAddress {
                 ip,
                 allocated: alloc.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             });
         }
-        let pod_mac = parse_mac(&req.pod_mac).ok_or_else(|| StateError::BadField {
-            field: "pod_mac",
-            value: req.pod_mac.clone(),
-            expected: "a MAC address (aa:bb:cc:dd:ee:ff)",
-        })?;
         let ifindex = netutil::ifindex(&req.host_ifname)?;
         if ifindex != req.host_ifindex {
             return Err(StateError::InterfaceRecreated {
@@ -225,7 +222,7 @@ impl NodeState {
             host_ifname: req.host_ifname,
             host_ifindex: ifindex,
             ip,
-            pod_mac,
+            pod_mac: req.pod_mac,
             host_mac,
             identity: sinew_abi::IDENTITY_INIT,
             identity_labels: Default::default(),
@@ -291,7 +288,7 @@ impl NodeState {
         std::thread::spawn(move || {
             std::thread::sleep(delay);
             if netutil::ifindex(&name).ok() == Some(ifindex) {
-                if let Err(e) = netutil::ip(&["link", "del", "dev", &name]) {
+                if let Err(e) = netutil::delete_link(&name) {
                     tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
                 }
             }
@@ -342,7 +339,7 @@ impl NodeState {
             match netutil::ifindex(name).ok() {
                 Some(i) if i == *ifindex => {
                     tracing::info!(ifname = %name, "removing the veth of an endpoint deleted before the agent stopped");
-                    if let Err(e) = netutil::ip(&["link", "del", "dev", name]) {
+                    if let Err(e) = netutil::delete_link(name) {
                         tracing::warn!(ifname = %name, error = %e, "cannot remove the pod's veth");
                         continue;
                     }
@@ -561,9 +558,9 @@ impl NodeState {
             netns: ep.netns.clone(),
             host_ifname: ep.host_ifname.clone(),
             host_ifindex: ep.host_ifindex,
-            ip: ep.ip.to_string(),
-            pod_mac: format_mac(&ep.pod_mac),
-            host_mac: format_mac(&ep.host_mac),
+            ip: Some(ep.ip.into()),
+            pod_mac: Some(ep.pod_mac.into()),
+            host_mac: Some(ep.host_mac.into()),
             identity: ep.identity,
             state: if netutil::ifindex(&ep.host_ifname).ok() == Some(ep.host_ifindex) {
                 "ready"

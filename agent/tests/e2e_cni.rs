@@ -17,19 +17,8 @@ use sinew_testvms::NetNs;
 
 fn cni(lab: &Lab, node: &str, env: &[(&str, &str)], stdin: &str) -> Output {
     let rec = lab.node(node).unwrap();
-    let mut cmd = sinew_testvms::cni::command(&rec.netns, &lab.binaries().cni).unwrap();
-    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
-    child.wait_with_output().unwrap()
+    let cmd = sinew_testvms::cni::command(&rec.netns, &lab.binaries().cni).unwrap();
+    sinew_testvms::support::run_cni(cmd, env, stdin)
 }
 
 fn config(lab: &Lab, node: &str) -> String {

@@ -64,7 +64,7 @@ fn matrix(prefix: &str, routing: Routing) {
     // The datapath did this, not the host stack: endpoints are registered
     // with the addresses the pods have.
     let eps = endpoints(&lab.node("node1").unwrap().socket);
-    let mut ips: Vec<String> = eps.iter().map(|e| e.ip.clone()).collect();
+    let mut ips: Vec<String> = eps.iter().map(|e| sinew_proto::addr::text(e.ip.as_ref())).collect();
     ips.sort();
     let mut want = vec![ip_a.to_string(), ip_b.to_string()];
     want.sort();

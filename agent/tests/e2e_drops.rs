@@ -14,6 +14,9 @@
 //!   kernel, outside our programs;
 //! - `csum_failed`: the checksum helpers fail only for offsets outside the
 //!   packet, and every offset is checked before they are called.
+//! - `proxy_unavailable`: needs a policy entry with a proxy port, which
+//!   policy compilation does not write yet; `bpf_redirect.rs` provokes it
+//!   with real sockets on a node whose proxy does not listen.
 
 mod e2e;
 

@@ -415,7 +415,7 @@ fn flows_are_named_explained_and_filtered() {
     follow_sees_new_flow(&w, &s1);
 
     // (d) The CLI's JSON lines parse one by one.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args(["--socket", s1.to_str().unwrap(), "observe", "-o", "json", "--last", "5"])
         .output()
         .unwrap();
@@ -434,7 +434,7 @@ fn flows_are_named_explained_and_filtered() {
             "{l}"
         );
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args([
             "--socket",
             s1.to_str().unwrap(),
@@ -461,7 +461,7 @@ fn flows_are_named_explained_and_filtered() {
         assert_eq!(v["destination"]["pod"], "server", "{l}");
     }
     // The table names the rule in words.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args([
             "--socket",
             s1.to_str().unwrap(),
@@ -479,7 +479,7 @@ fn flows_are_named_explained_and_filtered() {
         "{text}"
     );
     // An unreachable agent is reported with a way to check.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .args(["--socket", "/nonexistent/agent.sock", "observe"])
         .output()
         .unwrap();
@@ -1000,7 +1000,7 @@ fn forwarded_flow_counters_add_up_exactly() {
 /// Runs `sinew` against a node's socket with extra environment; returns
 /// (success, stdout, stderr).
 fn sinew(socket: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+    let out = std::process::Command::new(sinew_cli())
         .arg("--socket")
         .arg(socket)
         .args(args)
@@ -1169,7 +1169,6 @@ fn observe_output_says_what_happened_once_and_where() {
 /// and in `observe`, never as "/".
 #[test]
 fn pods_without_kubernetes_names_show_their_container() {
-    use std::process::Stdio;
     let g = lab("obs-anon", 1, 0, Routing::Vxlan);
     let lab = &g.lab;
     let s1 = lab.node("node1").unwrap().socket.clone();
@@ -1183,26 +1182,17 @@ fn pods_without_kubernetes_names_show_their_container() {
     let pod = Pod(sinew_testvms::NetNs::create(format!("{}-anon", lab.spec().name_prefix)).unwrap());
     let id = sinew_testvms::cni::container_id(&lab.spec().name_prefix, "anon");
     let cni = |command: &str| {
-        let mut cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &id)
-            .env("CNI_NETNS", pod.0.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .env("CNI_ARGS", "IgnoreUnknown=1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        use std::io::Write;
-        let _ = child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(lab.cni_config("node1").unwrap().as_bytes());
-        let out = child.wait_with_output().unwrap();
+        let cmd = sinew_testvms::cni::command(&lab.node("node1").unwrap().netns, &lab.binaries().cni).unwrap();
+        let netns = pod.0.path();
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", id.as_str()),
+            ("CNI_NETNS", netns.to_str().unwrap()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+            ("CNI_ARGS", "IgnoreUnknown=1"),
+        ];
+        let out = sinew_testvms::support::run_cni(cmd, &env, &lab.cni_config("node1").unwrap());
         assert!(
             out.status.success(),
             "CNI {command}: {}",

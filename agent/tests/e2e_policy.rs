@@ -1226,6 +1226,7 @@ spec:
     // Each is a version of the policy in force ("web" in a) that would
     // change what it decides if any of it were taken.
     let head = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: a}\nspec:\n";
+    let l7_head = "apiVersion: sinew.io/v1alpha1\nkind: SinewNetworkPolicy\nmetadata: {name: web, namespace: a}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - toPorts:\n    - ports: [{port: \"8080\", protocol: ";
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "bad selector operator",
@@ -1251,6 +1252,21 @@ spec:
             "unknown entity",
             "apiVersion: sinew.io/v1alpha1\nkind: SinewNetworkPolicy\nmetadata: {name: web, namespace: a}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEntities: [galaxy]\n".to_string(),
             "spec.ingress[0].fromEntities[0]",
+        ),
+        (
+            "an L7 rule with a bad regex",
+            format!("{l7_head}TCP}}]\n      rules: {{http: [{{path: {{regex: \"((\"}}}}]}}\n"),
+            "spec.ingress[0].toPorts[0].rules.http[0].path.regex",
+        ),
+        (
+            "an L7 rule with an unknown method",
+            format!("{l7_head}TCP}}]\n      rules: {{http: [{{method: FETCH}}]}}\n"),
+            "spec.ingress[0].toPorts[0].rules.http[0].method.exact",
+        ),
+        (
+            "L7 rules on a UDP port",
+            format!("{l7_head}UDP}}]\n      rules: {{http: [{{method: GET}}]}}\n"),
+            "spec.ingress[0].toPorts[0].ports[0].protocol",
         ),
         (
             "a valid document next to a bad one",
@@ -1298,6 +1314,100 @@ fn bad_policies_are_rejected_and_the_policy_in_force_stays_vxlan() {
 #[test]
 fn bad_policies_are_rejected_and_the_policy_in_force_stays_native() {
     bad_policies("pol-bad-nat", Routing::Native);
+}
+
+// ------------------------------------------------------------ L7 trace
+
+/// `sinew policy trace` with a request (issue 12): every agent explains the
+/// L7 verdict and names the rule, from the rules the proxy compiles, with
+/// the path judged after normalisation; a peer that L3/L4 denies never
+/// reaches L7; a trace without a request says the connection is
+/// redirected; request fields that make no sense are refused with a hint.
+fn l7_trace(prefix: &str, routing: Routing) {
+    let w = World::new(prefix, routing, &[], revocation_pods());
+    let policy = r#"
+apiVersion: sinew.io/v1alpha1
+kind: SinewNetworkPolicy
+metadata: {name: web-l7, namespace: a}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {sinew.io/namespace: b, app: client}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: {prefix: /public/}}]
+        grpc: [{service: pkg.Greeter, method: SayHello}]
+"#;
+    let applied = apply_policy(&w.socket("node1"), policy).unwrap();
+    refs_everywhere(&w, &applied);
+    let req = |from: &str, method: &str, path: &str, grpc: &str| v1::TracePolicyRequest {
+        from: from.into(),
+        to: "a/web".into(),
+        port: "8080/tcp".into(),
+        http_method: method.into(),
+        http_path: path.into(),
+        grpc_method: grpc.into(),
+        ..Default::default()
+    };
+    let ingress = |t: &v1::TracePolicyResponse| -> v1::TraceStep {
+        t.steps
+            .iter()
+            .find(|s| s.direction == "ingress")
+            .cloned()
+            .expect("an ingress step")
+    };
+    for node in ["node1", "node2"] {
+        let s = w.socket(node);
+        let t = trace_policy_request(&s, req("b/client", "GET", "/public/a?x=1", "")).unwrap();
+        let i = ingress(&t);
+        assert!(t.allowed && i.redirected, "[{routing:?}] {node}: {t:?}");
+        assert_eq!(i.l7_verdict, "allowed");
+        assert_eq!(
+            i.l7_rule,
+            "SinewNetworkPolicy a/web-l7 ingress[0].toPorts[0].rules.http[0]"
+        );
+        assert_eq!(i.l7_path, "/public/a");
+
+        let t = trace_policy_request(&s, req("b/client", "GET", "/public/../admin", "")).unwrap();
+        let i = ingress(&t);
+        assert!(!t.allowed, "[{routing:?}] {node}: {t:?}");
+        assert_eq!((i.l7_verdict.as_str(), i.l7_path.as_str()), ("denied", "/admin"));
+        assert!(i.explanation.contains("denied (403)"), "{}", i.explanation);
+
+        let t = trace_policy_request(&s, req("b/client", "", "", "pkg.Greeter/SayHello")).unwrap();
+        assert!(t.allowed, "[{routing:?}] {node}: {t:?}");
+        assert_eq!(
+            ingress(&t).l7_rule,
+            "SinewNetworkPolicy a/web-l7 ingress[0].toPorts[0].rules.grpc[0]"
+        );
+
+        let t = trace_policy_request(&s, req("b/other", "GET", "/public/a", "")).unwrap();
+        let i = ingress(&t);
+        assert!(!t.allowed && !i.redirected, "[{routing:?}] {node}: {t:?}");
+        assert_eq!(i.l7_verdict, "never-reached");
+
+        let t = trace_policy(&s, "b/client", "a/web", "8080/tcp").unwrap();
+        let i = ingress(&t);
+        assert!(t.allowed && i.redirected && i.l7_verdict.is_empty(), "{t:?}");
+        assert!(
+            i.explanation.contains("redirected to the L7 proxy"),
+            "{}",
+            i.explanation
+        );
+
+        let mut udp = req("b/client", "GET", "/", "");
+        udp.port = "8080/udp".into();
+        let e = trace_policy_request(&s, udp).unwrap_err();
+        assert!(e.message().contains("TCP ports"), "{}", e.message());
+        let e = trace_policy_request(&s, req("b/client", "", "", "pkg.Greeter")).unwrap_err();
+        assert!(e.message().contains("package.Service/Method"), "{}", e.message());
+    }
+}
+
+#[test]
+fn l7_trace_explains_the_verdict_and_rule_vxlan() {
+    l7_trace("pol-l7tr", Routing::Vxlan);
 }
 
 // ------------------------------------------------- policy files edited by hand

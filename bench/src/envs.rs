@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use sinew_testvms::baseline::{self, BaselineError, BaselinePods};
-use sinew_testvms::lab::{Binaries, Lab, LabError, LabSpec, Routing, UpOptions};
+use sinew_testvms::lab::{Binaries, LabError, LabSpec, Routing, UpOptions};
 use sinew_testvms::netns::{sh, NetnsError};
 use sinew_testvms::topology::TopologyError;
 use sinew_testvms::{NetNs, Topology};
@@ -65,69 +65,43 @@ pub struct Endpoints {
     pub client: NetNs,
 }
 
-/// A Sinew lab taken down (CNI DELs, agents, namespaces, pins) on drop.
-#[derive(Debug)]
-pub struct LabGuard {
-    state_dir: PathBuf,
-    lab: Option<Lab>,
+/// A Sinew lab taken down (CNI DELs, agents, namespaces, pins) on drop:
+/// the lab's own guard.
+pub use sinew_testvms::LabGuard;
+
+/// Brings up a lab; whatever part of it exists is taken down when the
+/// guard drops, or at once if `up` fails.
+pub fn lab_up(spec: &LabSpec, binaries: &Binaries, verbose: bool) -> Result<LabGuard, EnvError> {
+    let state_dir = spec.state_dir();
+    if state_dir.exists() {
+        return Err(EnvError::Leftover(state_dir));
+    }
+    let prefix = spec.name_prefix.clone();
+    LabGuard::up_with(spec, binaries, &UpOptions::default(), &mut |line| {
+        if verbose {
+            eprintln!("    [{prefix}] {line}");
+        }
+    })
+    .map_err(|source| EnvError::Lab {
+        prefix: spec.name_prefix.clone(),
+        source: Box::new(source),
+    })
 }
 
-impl LabGuard {
-    /// Brings up a lab; whatever part of it exists is taken down when the
-    /// guard drops, including after a failed `up`.
-    pub fn up(spec: &LabSpec, binaries: &Binaries, verbose: bool) -> Result<Self, EnvError> {
-        let state_dir = spec.state_dir();
-        if state_dir.exists() {
-            return Err(EnvError::Leftover(state_dir));
-        }
-        let mut guard = Self { state_dir, lab: None };
-        let prefix = spec.name_prefix.clone();
-        let lab = Lab::up_with(spec, binaries, &UpOptions::default(), &mut |line| {
-            if verbose {
-                eprintln!("    [{prefix}] {line}");
-            }
-        })
-        .map_err(|source| EnvError::Lab {
-            prefix: spec.name_prefix.clone(),
-            source: Box::new(source),
-        })?;
-        guard.lab = Some(lab);
-        Ok(guard)
-    }
-
-    /// The lab.
-    pub fn lab(&self) -> &Lab {
-        self.lab.as_ref().expect("set by up")
-    }
-
-    /// The lab, for adding and deleting pods.
-    pub fn lab_mut(&mut self) -> &mut Lab {
-        self.lab.as_mut().expect("set by up")
-    }
-
+/// Pods of a lab by creation order.
+pub trait LabPods {
     /// Pod `i` (creation order) as a namespace and IPv4 address.
-    pub fn pod(&self, i: usize) -> Result<(NetNs, IpAddr), EnvError> {
+    fn pod(&self, i: usize) -> Result<(NetNs, IpAddr), EnvError>;
+}
+
+impl LabPods for LabGuard {
+    fn pod(&self, i: usize) -> Result<(NetNs, IpAddr), EnvError> {
         let p = &self.lab().pods()[i];
         let ip =
             p.ip.map(|n| n.addr())
                 .filter(IpAddr::is_ipv4)
                 .ok_or_else(|| EnvError::NoPodIp(p.name.clone()))?;
         Ok((p.netns.clone(), ip))
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        self.lab = None;
-        match Lab::down(&self.state_dir) {
-            Ok(s) if s.is_clean() => {}
-            Ok(s) => eprintln!(
-                "warning: lab {} left behind: {}",
-                self.state_dir.display(),
-                s.left_behind.join(", ")
-            ),
-            Err(e) => eprintln!("warning: taking down lab {}: {e}", self.state_dir.display()),
-        }
     }
 }
 

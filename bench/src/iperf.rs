@@ -1,12 +1,15 @@
 //! Bulk TCP throughput with iperf3 (Debian package `iperf3`): the server in
 //! one namespace, the client in another, both started with
-//! [`sinew_testvms::command_in`] so that only the network namespace changes.
+//! [`sinew_testvms::command_in`] so that only the network namespace changes,
+//! each from a thread pinned to its side's CPU ([`crate::cpu`]).
 
 use std::net::IpAddr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use sinew_testvms::netns::{command_in, NetnsError};
+
+use crate::cpu::{self, Role};
 use sinew_testvms::NetNs;
 
 /// How long to wait for the server to listen.
@@ -70,7 +73,7 @@ impl IperfServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().map_err(|source| IperfError::Spawn {
+        let child = cpu::on(Role::Server, || cmd.spawn()).map_err(|source| IperfError::Spawn {
             netns: netns.name().to_owned(),
             source,
         })?;
@@ -139,7 +142,7 @@ pub fn run_client(netns: &NetNs, server: &IperfServer, streams: u32, secs: u32) 
         "-J",
     ])
     .stdin(Stdio::null());
-    let out = cmd.output().map_err(|source| IperfError::Spawn {
+    let out = cpu::on(Role::Client, || cmd.output()).map_err(|source| IperfError::Spawn {
         netns: netns.name().to_owned(),
         source,
     })?;

@@ -3,7 +3,7 @@
 //! ratio Sinew/baseline means something on a shared, noisy machine.
 //!
 //! [`rr`] is a TCP_RR/TCP_CRR client and server (netperf is not packaged
-//! for Debian), [`iperf`] drives iperf3, [`envs`] builds and tears down the
+//! for Debian), [`iperf`] drives iperf3, [`cpu`] pins both to fixed CPUs, [`envs`] builds and tears down the
 //! networks being compared and [`scenarios`] runs the comparisons. This
 //! crate must never touch the root network namespace or leave anything
 //! behind: everything it creates carries a per-process prefix and sits
@@ -11,9 +11,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cpu;
 pub mod envs;
 pub mod idle;
 pub mod iperf;
+pub mod l7;
 pub mod observe;
 pub mod policy;
 pub mod report;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use sinew_bench::report::Report;
 use sinew_bench::scenarios::{self, CniParts, Options};
-use sinew_bench::{idle, observe, policy, services};
+use sinew_bench::{cpu, idle, observe, policy, services};
 use sinew_testvms::lab::{Binaries, Routing};
 
 /// Benchmarks Sinew against plain-kernel baselines measured in the same run.
@@ -52,6 +52,11 @@ struct Cli {
     /// `--versus-agent-arg=--events --versus-agent-arg=false`.
     #[arg(long = "versus-agent-arg", global = true, allow_hyphen_values = true)]
     versus_agent_args: Vec<String>,
+    /// CPUs of the client and the server on every arm: `CLIENT,SERVER`
+    /// (e.g. `1,0`), `auto` (the last two CPUs this process may use) or
+    /// `off`. Unpinned TCP_RR can be bimodal.
+    #[arg(long, global = true, env = "SINEW_BENCH_CPUS", default_value = "auto")]
+    cpus: String,
     /// Print lab progress.
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -88,6 +93,10 @@ enum Command {
         #[arg(long = "services")]
         sizes: Option<String>,
     },
+    /// The L7 matcher alone: nanoseconds per request with 1, 100 and
+    /// 1,000 rules on a port (exact, prefix, regex paths and a mix). No
+    /// lab, no root.
+    L7Match,
     /// The client process of `services` (runs inside a pod; not for users).
     #[command(hide = true)]
     SvcClient(services::ClientArgs),
@@ -102,6 +111,9 @@ fn main() -> ExitCode {
     if let Command::SvcClient(args) = &cli.command {
         return svc_client(args, cli.duration);
     }
+    if let Command::L7Match = &cli.command {
+        return l7_match(&cli);
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -109,6 +121,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn l7_match(cli: &Cli) -> ExitCode {
+    let (reps, run_for) = if cli.quick {
+        (1, Duration::from_millis(100))
+    } else {
+        // Each measurement is short: the matcher's cost is steady, and 4
+        // workloads x 3 sizes x reps add up.
+        (cli.reps.max(1), Duration::from_secs_f64(cli.duration.clamp(0.05, 1.0)))
+    };
+    let mut report = sinew_bench::report::Report {
+        reps,
+        duration_secs: run_for.as_secs_f64(),
+        ..Default::default()
+    };
+    if let Err(e) = sinew_bench::l7::run(reps, run_for, &mut report) {
+        eprintln!("sinew-bench l7-match: the benchmark rules do not compile: {e}");
+        return ExitCode::FAILURE;
+    }
+    print!("{}", report.table());
+    if let Some(path) = &cli.json {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("sinew-bench: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn svc_client(args: &services::ClientArgs, duration: f64) -> ExitCode {
@@ -162,11 +202,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         only: cli.only.clone(),
         versus_agent_args: cli.versus_agent_args.clone(),
     };
+    cpu::init(cpu::parse_request(&cli.cpus)?)?;
     let mut report = Report {
         reps,
         duration_secs: duration,
+        cpu: cpu::describe(),
         ..Report::default()
     };
+    eprintln!("cpu: {}", report.cpu);
     // The kernel default, which a node agent only changes with --bpf-stats.
     let _stats = BpfStatsOff::new(&mut report);
     let result: anyhow::Result<()> = match &cli.command {
@@ -265,6 +308,6 @@ fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result
         ),
         Command::Policy => policy::all(opts, report),
         Command::Observe | Command::Services { .. } => unreachable!("handled in run"),
-        Command::SvcClient(_) => unreachable!("handled in main"),
+        Command::SvcClient(_) | Command::L7Match => unreachable!("handled in main"),
     }
 }

@@ -23,7 +23,7 @@ use sinew_proto::{AgentClient, ObserverClient};
 use sinew_testvms::lab::Routing;
 use sinew_testvms::NetNs;
 
-use crate::envs::{Endpoints, LabGuard};
+use crate::envs::{lab_up, Endpoints, LabPods};
 use crate::idle;
 use crate::report::{Better, Report, Row};
 use crate::scenarios::{lab_spec, metric_rows, run_tests, scenario_start, Metric, Options, ScenarioError, Side, Test};
@@ -277,7 +277,7 @@ pub fn event_rate(opts: &Options, report: &mut Report) -> Result<(), ObserveBenc
     let mut spec = lab_spec(opts, 1, 2, Routing::Vxlan);
     spec.name_prefix = format!("{}-oe", opts.prefix);
     spec.agent_args.extend(["--events".into(), "true".into()]);
-    let guard = LabGuard::up(&spec, &opts.binaries, opts.verbose).map_err(ScenarioError::from)?;
+    let guard = lab_up(&spec, &opts.binaries, opts.verbose).map_err(ScenarioError::from)?;
     let node = &guard.lab().nodes()[0];
     let pid = node.agent_pid.ok_or(ObserveBenchError::NoPid)?;
     let mut clients = Clients::connect(&node.socket)?;
@@ -397,7 +397,7 @@ pub fn overhead(opts: &Options, report: &mut Report) -> Result<(), ObserveBenchE
         let mut spec = lab_spec(opts, 1, 2, Routing::Vxlan);
         spec.name_prefix = format!("{}-{suffix}", opts.prefix);
         spec.agent_args.extend(["--events".into(), events.into()]);
-        let guard = LabGuard::up(&spec, &opts.binaries, opts.verbose).map_err(ScenarioError::from)?;
+        let guard = lab_up(&spec, &opts.binaries, opts.verbose).map_err(ScenarioError::from)?;
         let (client, _) = guard.pod(0).map_err(ScenarioError::from)?;
         let (server, server_ip): (NetNs, IpAddr) = guard.pod(1).map_err(ScenarioError::from)?;
         sides.push(Side::start(Endpoints {

@@ -31,7 +31,7 @@ use sinew_proto::AgentClient;
 use sinew_testvms::lab::{LabSpec, Routing};
 use sinew_testvms::NetNs;
 
-use crate::envs::{Endpoints, EnvError, LabGuard};
+use crate::envs::{lab_up, Endpoints, EnvError, LabGuard, LabPods};
 use crate::idle;
 use crate::report::{Better, Report, Row};
 use crate::rr::{self, RrError};
@@ -301,7 +301,7 @@ pub fn datapath(opts: &Options, report: &mut Report) -> Result<(), ScenarioError
     let mut spec = lab_spec(opts, 2, 0, Routing::Vxlan);
     spec.agent_args
         .extend(["--policy-map-size".into(), POLICY_MAP_SIZE.into()]);
-    let mut guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
+    let mut guard = lab_up(&spec, &opts.binaries, opts.verbose)?;
     let (n1, n2, socket1) = {
         let nodes = guard.lab().nodes();
         (nodes[0].name.clone(), nodes[1].name.clone(), nodes[0].socket.clone())
@@ -553,7 +553,7 @@ pub fn enforcement(opts: &Options, report: &mut Report) -> Result<(), ScenarioEr
     scenario_start(&name, opts, report)?;
     eprintln!("  building a 2-node lab with {per_node} pods per node");
     let spec: LabSpec = lab_spec(opts, 2, per_node, Routing::Vxlan);
-    let guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
+    let guard = lab_up(&spec, &opts.binaries, opts.verbose)?;
     let lab = guard.lab();
     let (server, server_ip) = guard.pod(0)?;
     let (client, _) = guard.pod(per_node as usize)?;
@@ -731,7 +731,7 @@ pub fn memory(opts: &Options, report: &mut Report) -> Result<(), ScenarioError> 
     let name = format!("policy memory ({n} pods)");
     scenario_start(&name, opts, report)?;
     let spec = lab_spec(opts, 1, 0, Routing::Vxlan);
-    let mut guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
+    let mut guard = lab_up(&spec, &opts.binaries, opts.verbose)?;
     let node = guard.lab().nodes()[0].clone();
     let pid = node.agent_pid.ok_or_else(|| ScenarioError::Rss {
         pid: 0,

@@ -53,6 +53,8 @@ pub struct Report {
     pub reps: u32,
     /// Seconds per TCP_RR / TCP_CRR / iperf3 run.
     pub duration_secs: f64,
+    /// The CPU model and where clients and servers ran ([`crate::cpu`]).
+    pub cpu: String,
     /// The rows, in the order measured.
     pub rows: Vec<Row>,
     /// Things worth knowing about the run (a busy machine, skipped parts).
@@ -63,7 +65,7 @@ pub struct Report {
 pub fn format_value(v: Option<f64>, unit: &str) -> String {
     let Some(v) = v else { return "-".into() };
     match unit {
-        "tx/s" | "conn/s" | "entries" => format!("{v:.0}"),
+        "tx/s" | "conn/s" | "entries" | "ns" => format!("{v:.0}"),
         "us" => format!("{v:.1}"),
         "Gbit/s" => format!("{v:.2}"),
         "ms" => format!("{v:.2}"),
@@ -142,6 +144,9 @@ impl Report {
             "reps {}, {} s per run; spread = (max-min)/median over reps; ratio > 1 is better for rates, < 1 for latencies and memory\n",
             self.reps, self.duration_secs
         ));
+        if !self.cpu.is_empty() {
+            let _ = writeln!(out, "cpu: {}", self.cpu);
+        }
         for n in &self.notes {
             let _ = writeln!(out, "note: {n}");
         }
@@ -179,11 +184,13 @@ mod tests {
             duration_secs: 1.0,
             rows: vec![row(&[100.0, 110.0, 90.0], &[50.0, 50.0, 50.0])],
             notes: vec!["machine busy".into()],
+            cpu: "Example CPU (2 CPUs usable); client on CPU 1, server on CPU 0".into(),
         };
         let t = report.table();
         assert!(t.contains("0.500"), "{t}");
         assert!(t.contains("20.0%"), "{t}");
         assert!(t.contains("note: machine busy"), "{t}");
+        assert!(t.contains("cpu: Example CPU"), "{t}");
         assert_eq!(t.lines().filter(|l| l.starts_with("same-node")).count(), 1);
     }
 }

@@ -156,7 +156,10 @@ impl Server {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("rr-server-{addr}"))
-            .spawn(move || serve(listener, message_size.max(1), &flag))
+            .spawn(move || {
+                crate::cpu::pin_current(crate::cpu::Role::Server);
+                serve(listener, message_size.max(1), &flag)
+            })
             .map_err(|source| RrError::Socket { addr, source })?;
         Ok(Self {
             addr,
@@ -246,9 +249,11 @@ fn echo(mut stream: TcpStream, buf: &mut [u8], stop: &AtomicBool) {
 }
 
 /// TCP_RR: one connection, `message_size`-byte request and response
-/// back-to-back for `duration`. Run it on a thread in the client's namespace.
+/// back-to-back for `duration`. Run it on a thread in the client's namespace;
+/// it pins that thread to the client's CPU ([`crate::cpu`]).
 pub fn tcp_rr(server: SocketAddr, cfg: RrConfig) -> Result<RrResult, RrError> {
     const TEST: &str = "TCP_RR";
+    crate::cpu::pin_current(crate::cpu::Role::Client);
     let err = |done, source| RrError::Client {
         test: TEST,
         addr: server,
@@ -332,6 +337,7 @@ fn crr_loop(
     connect_timeout: Duration,
     mut first_byte: Option<&mut Vec<u64>>,
 ) -> Result<RrResult, RrError> {
+    crate::cpu::pin_current(crate::cpu::Role::Client);
     const TEST: &str = "TCP_CRR";
     let size = cfg.message_size.max(1);
     let req = vec![0xa5_u8; size];

@@ -14,7 +14,7 @@ use sinew_testvms::netns::{command_in, NetnsError};
 use sinew_testvms::topology::Names;
 use sinew_testvms::NetNs;
 
-use crate::envs::{self, BaselineEnv, Endpoints, EnvError, LabGuard, VethPair};
+use crate::envs::{self, lab_up, BaselineEnv, Endpoints, EnvError, LabPods, VethPair};
 use crate::idle::{self, IdleError};
 use crate::iperf::{self, IperfError, IperfServer};
 use crate::report::{Better, Report, Row};
@@ -369,7 +369,7 @@ pub fn same_node(opts: &Options, report: &mut Report) -> Result<(), ScenarioErro
     eprintln!("  building the veth pair, the routed baseline and a sinew lab");
     let veth = VethPair::create(&format!("{}-veth", opts.prefix))?;
     let base = BaselineEnv::create(&format!("{}-b", opts.prefix), 1, &[1, 1], Routing::Native)?;
-    let lab = LabGuard::up(&lab_spec(opts, 1, 2, Routing::Native), &opts.binaries, opts.verbose)?;
+    let lab = lab_up(&lab_spec(opts, 1, 2, Routing::Native), &opts.binaries, opts.verbose)?;
     let (bs, bs_ip) = base.pod(0);
     let (bc, _) = base.pod(1);
     let (ss, ss_ip) = lab.pod(0)?;
@@ -402,7 +402,7 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
     scenario_start(&name, opts, report)?;
     eprintln!("  building the routed baseline and a sinew lab ({routing})");
     let base = BaselineEnv::create(&format!("{}-b", opts.prefix), 2, &[1, 2], routing)?;
-    let lab = LabGuard::up(&lab_spec(opts, 2, 1, routing), &opts.binaries, opts.verbose)?;
+    let lab = lab_up(&lab_spec(opts, 2, 1, routing), &opts.binaries, opts.verbose)?;
     let (bs, bs_ip) = base.pod(0);
     let (bc, _) = base.pod(1);
     let (ss, ss_ip) = lab.pod(0)?;
@@ -431,7 +431,7 @@ pub fn cross_node(routing: Routing, opts: &Options, report: &mut Report) -> Resu
         let mut spec = lab_spec(opts, 2, 1, routing);
         spec.name_prefix = format!("{}-v", opts.prefix);
         spec.agent_args.extend(opts.versus_agent_args.iter().cloned());
-        let lab = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
+        let lab = lab_up(&spec, &opts.binaries, opts.verbose)?;
         let (vs, vs_ip) = lab.pod(0)?;
         let (vc, _) = lab.pod(1)?;
         sides.push(Side::start(Endpoints {
@@ -481,7 +481,7 @@ pub fn cni_and_memory(parts: CniParts, opts: &Options, report: &mut Report) -> R
     const NAME: &str = "cni";
     scenario_start(&format!("cni/memory ({} pods)", opts.pods), opts, report)?;
     let spec = lab_spec(opts, 1, 0, Routing::Native);
-    let lab_guard = LabGuard::up(&spec, &opts.binaries, opts.verbose)?;
+    let lab_guard = lab_up(&spec, &opts.binaries, opts.verbose)?;
     let lab = lab_guard.lab();
     let node = lab.nodes()[0].clone();
     let agent_pid = node.agent_pid.ok_or_else(|| ScenarioError::Rss {

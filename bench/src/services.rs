@@ -41,7 +41,7 @@ use sinew_testvms::lab::{Lab, Routing};
 use sinew_testvms::netns::{command_in, NetnsError};
 use sinew_testvms::NetNs;
 
-use crate::envs::{self, BaselineEnv, LabGuard};
+use crate::envs::{self, lab_up, BaselineEnv, LabPods};
 use crate::idle;
 use crate::iperf::{self, IperfServer};
 use crate::report::{Better, Report, Row};
@@ -513,7 +513,12 @@ enum Runner<'a> {
 }
 
 impl Runner<'_> {
+    /// Runs the client on the client's CPU ([`crate::cpu`]).
     fn output(&self, argv: &[String]) -> Result<Output, String> {
+        crate::cpu::on(crate::cpu::Role::Client, || self.output_unpinned(argv))
+    }
+
+    fn output_unpinned(&self, argv: &[String]) -> Result<Output, String> {
         match self {
             Runner::Netns(ns) => {
                 let mut cmd = command_in(ns, &argv[0]).map_err(|e| e.to_string())?;
@@ -921,7 +926,7 @@ pub fn run(sizes: &[usize], opts: &Options, report: &mut Report) -> Result<(), S
 
     // Sinew: one node, pod 0 the backend, pod 1 the client.
     eprintln!("  bringing up a sinew lab");
-    let guard = LabGuard::up(&lab_spec(opts, 1, 2, Routing::Native), &opts.binaries, opts.verbose)?;
+    let guard = lab_up(&lab_spec(opts, 1, 2, Routing::Native), &opts.binaries, opts.verbose)?;
     let lab = guard.lab();
     let (s_ns, s_ip) = guard.pod(0)?;
     let (c_ns, _) = guard.pod(1)?;

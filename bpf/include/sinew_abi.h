@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define SINEW_ABI_VERSION 4
+#define SINEW_ABI_VERSION 5
 
 /* Reserved identities. Pod identities start at SINEW_IDENTITY_MIN_CLUSTER. */
 #define SINEW_IDENTITY_UNKNOWN	   0
@@ -117,7 +117,8 @@ struct policy_key {
 
 struct policy_value {
 	__u32 rule_id; /* the agent's rule index, for drop reasons and trace */
-	__u16 proxy_port; /* L7 redirect, 0 = none */
+	__u16 proxy_port; /* L7 redirect: the proxy's listener (host order),
+			   * 0 = none */
 	__u8 action;
 	__u8 match; /* MATCH_*: what kind of entry this is, for events */
 };
@@ -141,8 +142,32 @@ struct ct_entry {
 	__u32 policy_rev;
 	__u32 rule_id;
 	__u8 flags;
-	__u8 pad[3];
+	__u8 pad;
+	/* The proxy listener (host order) the connection was handed to when
+	 * it began, 0 = none: the whole connection follows it. */
+	__u16 proxy_port;
 };
+
+/*
+ * The L7 redirect (mirrored by crates/abi/src/proxy.rs). skb->mark of a
+ * packet handed to the proxy's listener with bpf_sk_assign: the agent's ip
+ * rule "fwmark SINEW_MARK_TO_PROXY lookup SINEW_PROXY_ROUTE_TABLE" and that
+ * table's local default route deliver it on this node.
+ */
+#define SINEW_MARK_TO_PROXY	0x5e3e0002
+#define SINEW_PROXY_ROUTE_TABLE 2004
+
+/*
+ * The SO_MARK of the proxy's upstream sockets: magic byte, then the client's
+ * identity (23 bits), or with PROXY_MARK_CIDR a CIDR identity's offset from
+ * SINEW_IDENTITY_MIN_CIDR. Such packets are never redirected again and are
+ * judged as coming from that identity.
+ */
+#define PROXY_MARK_MAGIC	0x5f000000
+#define PROXY_MARK_MAGIC_MASK	0xff000000
+#define PROXY_MARK_CIDR		(1U << 23)
+#define PROXY_MARK_ID_MASK	(PROXY_MARK_CIDR - 1)
+#define SINEW_IDENTITY_MIN_CIDR 0x01000000
 
 /* nat: LRU hash, both directions of every masqueraded flow. */
 struct nat_key {

@@ -11,21 +11,18 @@
 #define SINEW_CONNTRACK_H
 
 #include "maps.h"
+#include "l4.h"
 
 #define CT_REFRESH_NS                                                          \
 	(1000ULL * 1000 * 1000) /* write last_seen at most 1/s                 \
 				 */
 
-struct ct_l4 {
-	__u16 sport;
-	__u16 dport;
-};
-
 /* The tuple of an IPv4 packet; *tcp_flags gets the TCP flags byte. */
 static __always_inline int ct_tuple4(struct __sk_buff *skb, struct iphdr *ip,
 				     struct ct_key *key, __u8 *tcp_flags)
 {
-	__u32 l4_off;
+	struct l4_tuple t = {};
+	int ret;
 
 	key->saddr = ip->saddr;
 	key->daddr = ip->daddr;
@@ -34,49 +31,13 @@ static __always_inline int ct_tuple4(struct __sk_buff *skb, struct iphdr *ip,
 	/* Later fragments carry no ports: they are tracked port-less. */
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
-	l4_off = IP_OFF + ip->ihl * 4;
-	if (l4_off > IP_OFF + 60)
-		return -DROP_INVALID_PACKET;
-	switch (ip->protocol) {
-	case IPPROTO_TCP: {
-		__u8 *flags = PKT_PTR(skb, l4_off + 13, __u8);
-		struct ct_l4 *l4 = PKT_PTR(skb, l4_off, struct ct_l4);
-
-		if (!l4 || !flags)
-			return -DROP_INVALID_PACKET;
-		key->sport = l4->sport;
-		key->dport = l4->dport;
-		*tcp_flags = *flags;
-		return 0;
-	}
-	case IPPROTO_UDP:
-	case IPPROTO_SCTP: {
-		struct ct_l4 *l4 = PKT_PTR(skb, l4_off, struct ct_l4);
-
-		if (!l4)
-			return -DROP_INVALID_PACKET;
-		key->sport = l4->sport;
-		key->dport = l4->dport;
-		return 0;
-	}
-	case IPPROTO_ICMP: {
-		struct icmphdr *icmp = PKT_PTR(skb, l4_off, struct icmphdr);
-
-		if (!icmp)
-			return -DROP_INVALID_PACKET;
-		if (icmp->type == ICMP_ECHO) {
-			key->sport = icmp->un.echo.id;
-		} else if (icmp->type == ICMP_ECHOREPLY) {
-			key->dport = icmp->un.echo.id;
-		} else {
-			/* Policy matches ICMP by type, carried in dport. */
-			key->dport = bpf_htons(icmp->type);
-		}
-		return 0;
-	}
-	default:
-		return 0;
-	}
+	ret = l4_parse(skb, IP_OFF + ip->ihl * 4, ip->protocol, &t);
+	if (ret < 0)
+		return ret;
+	key->sport = t.sport;
+	key->dport = t.dport;
+	*tcp_flags = t.tcp_flags;
+	return 0;
 }
 
 /* The port policy matches: the destination port, or the ICMP type. */

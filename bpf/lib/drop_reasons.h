@@ -6,6 +6,7 @@
 #ifndef SINEW_DROP_REASONS_H
 #define SINEW_DROP_REASONS_H
 
+/* clang-format off */
 #define REASON_FORWARDED	0
 #define DROP_INVALID_PACKET	1
 #define DROP_UNSUPPORTED_L3	2
@@ -28,6 +29,8 @@
 #define DROP_NO_SERVICE_BACKEND 19 /* no usable backend: refused */
 #define DROP_ENCAP_FAILED	20 /* a tunnel header not added or removed */
 #define DROP_NO_LOCAL_BACKEND	21 /* Local policy, none here: times out */
-#define DROP_REASON_MAX		22
+#define DROP_PROXY_UNAVAILABLE	22 /* L7 rule, no proxy listener: closed */
+#define DROP_REASON_MAX		23
+/* clang-format on */
 
 #endif

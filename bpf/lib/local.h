@@ -5,26 +5,33 @@
 
 #include "maps.h"
 #include "policy.h"
+#include "proxy.h"
 
 /*
  * Rewrites the frame for the destination endpoint and hands it to the
  * pod-side veth with bpf_redirect_peer, skipping the host stack and the
- * host-side veth's backlog queue, after the destination's ingress policy.
- * Only valid from a TC ingress hook.
+ * host-side veth's backlog queue, after the destination's ingress policy
+ * (or hands it to the proxy when an ingress L7 rule covers it). Only valid
+ * from a TC ingress hook.
  */
 static __always_inline int local_deliver(struct __sk_buff *skb, __u32 ifindex,
 					 __u32 src_identity)
 {
 	struct endpoint_info *ep;
+	__u16 proxy_port;
 	int ret;
 
 	ep = bpf_map_lookup_elem(&sinew_endpoints, &ifindex);
 	if (!ep)
 		return -DROP_UNKNOWN_ENDPOINT;
 	/* Ingress policy here: bpf_redirect_peer skips to_container. */
-	ret = policy_enforce(skb, ep, POLICY_DIR_INGRESS, src_identity);
+	ret = policy_enforce(skb, ep, POLICY_DIR_INGRESS, src_identity,
+			     &proxy_port);
 	if (ret < 0)
 		return ret;
+	/* An ingress L7 rule: this node's proxy, not the pod, takes it. */
+	if (proxy_port)
+		return proxy_redirect(skb, proxy_port);
 	ret = eth_rewrite(skb, ep->pod_mac, ep->host_mac);
 	if (ret < 0)
 		return ret;

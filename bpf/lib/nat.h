@@ -10,14 +10,10 @@
 #define SINEW_NAT_H
 
 #include "maps.h"
+#include "l4.h"
 
 #define L4_OFF	       (IP_OFF + (int)sizeof(struct iphdr))
 #define NAT_PORT_TRIES 16
-
-struct nat_l4 {
-	__u16 sport;
-	__u16 dport;
-};
 
 /* Fills key from the packet. ICMP: echo only, identifier in the port slot
  * that the direction names (sport for requests, dport for replies). */
@@ -25,6 +21,9 @@ static __always_inline int nat_key_from_packet(struct __sk_buff *skb,
 					       struct iphdr *ip,
 					       struct nat_key *key)
 {
+	struct l4_tuple t = {};
+	int ret;
+
 	key->saddr = ip->saddr;
 	key->daddr = ip->daddr;
 	key->proto = ip->protocol;
@@ -32,37 +31,17 @@ static __always_inline int nat_key_from_packet(struct __sk_buff *skb,
 		return -DROP_IP_OPTIONS;
 	if (ipv4_is_fragment(ip))
 		return -DROP_FRAGMENT;
-	switch (ip->protocol) {
-	case IPPROTO_TCP:
-	case IPPROTO_UDP: {
-		struct nat_l4 *l4 = PKT_PTR(skb, L4_OFF, struct nat_l4);
-
-		if (!l4)
-			return -DROP_INVALID_PACKET;
-		key->sport = l4->sport;
-		key->dport = l4->dport;
-		return 0;
-	}
-	case IPPROTO_ICMP: {
-		struct icmphdr *icmp = PKT_PTR(skb, L4_OFF, struct icmphdr);
-
-		if (!icmp)
-			return -DROP_INVALID_PACKET;
-		if (icmp->type == ICMP_ECHO) {
-			key->sport = icmp->un.echo.id;
-			key->dport = 0;
-			return 0;
-		}
-		if (icmp->type == ICMP_ECHOREPLY) {
-			key->sport = 0;
-			key->dport = icmp->un.echo.id;
-			return 0;
-		}
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
+	    ip->protocol != IPPROTO_ICMP)
 		return -DROP_UNSUPPORTED_L4;
-	}
-	default:
+	ret = l4_parse(skb, L4_OFF, ip->protocol, &t);
+	if (ret < 0)
+		return ret;
+	if (ip->protocol == IPPROTO_ICMP && !t.icmp_echo)
 		return -DROP_UNSUPPORTED_L4;
-	}
+	key->sport = t.sport;
+	key->dport = t.dport;
+	return 0;
 }
 
 static __always_inline int nat_l4_csum_off(__u8 proto, __u32 *flags)

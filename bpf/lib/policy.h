@@ -39,17 +39,21 @@ static __always_inline __u32 peer_cidr_class(const struct endpoint_info *ep,
 }
 
 static __always_inline int policy_verdict(struct policy_value *v,
-					  __u32 *rule_id, __u8 *match)
+					  __u32 *rule_id, __u8 *match,
+					  __u16 *proxy_port)
 {
 	*rule_id = v->rule_id;
 	*match = v->match;
-	return v->action == POLICY_ACTION_DENY ? -DROP_POLICY_DENY : 0;
+	if (v->action == POLICY_ACTION_DENY)
+		return -DROP_POLICY_DENY;
+	*proxy_port = v->proxy_port;
+	return 0;
 }
 
 static __always_inline int policy_lookup(__u32 ep_id, __u32 identity,
 					 __u32 cidr_class, __u8 dir, __u8 proto,
 					 __u16 dport, __u32 *rule_id,
-					 __u8 *match)
+					 __u8 *match, __u16 *proxy_port)
 {
 	struct policy_value *by_id, *by_class = NULL, *any;
 	struct policy_key k = {};
@@ -69,17 +73,17 @@ static __always_inline int policy_lookup(__u32 ep_id, __u32 identity,
 	any = bpf_map_lookup_elem(&sinew_policy, &k);
 
 	if (by_id && by_id->action == POLICY_ACTION_DENY)
-		return policy_verdict(by_id, rule_id, match);
+		return policy_verdict(by_id, rule_id, match, proxy_port);
 	if (by_class && by_class->action == POLICY_ACTION_DENY)
-		return policy_verdict(by_class, rule_id, match);
+		return policy_verdict(by_class, rule_id, match, proxy_port);
 	if (any && any->action == POLICY_ACTION_DENY)
-		return policy_verdict(any, rule_id, match);
+		return policy_verdict(any, rule_id, match, proxy_port);
 	if (by_id)
-		return policy_verdict(by_id, rule_id, match);
+		return policy_verdict(by_id, rule_id, match, proxy_port);
 	if (by_class)
-		return policy_verdict(by_class, rule_id, match);
+		return policy_verdict(by_class, rule_id, match, proxy_port);
 	if (any)
-		return policy_verdict(any, rule_id, match);
+		return policy_verdict(any, rule_id, match, proxy_port);
 	*match = MATCH_NONE;
 	return -DROP_POLICY;
 }
@@ -88,10 +92,18 @@ static __always_inline int policy_lookup(__u32 ep_id, __u32 identity,
  * Decides whether a packet may enter (POLICY_DIR_INGRESS) or leave
  * (POLICY_DIR_EGRESS) endpoint ep, whose peer has identity peer. Returns 0
  * or a negative drop reason. Endpoints no policy selects are not tracked.
+ *
+ * *proxy_port gets the proxy listener the packet must go to, 0 for none:
+ * the entry's port when a TCP connection begins, and the port conntrack
+ * remembered for it from then on, so that the whole connection goes to the
+ * proxy or none of it does. A NULL proxy_port says the caller cannot
+ * redirect (the proxy's own upstream packets): such connections are
+ * tracked without one.
  */
 static __always_inline int policy_enforce(struct __sk_buff *skb,
 					  const struct endpoint_info *ep,
-					  __u8 dir, __u32 peer)
+					  __u8 dir, __u32 peer,
+					  __u16 *proxy_port)
 {
 	__u32 enforced = dir == POLICY_DIR_INGRESS ? EP_F_INGRESS_ENFORCED
 						   : EP_F_EGRESS_ENFORCED;
@@ -100,10 +112,13 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	struct iphdr *ip;
 	__u32 rule_id = 0;
 	__u8 match = MATCH_NONE;
+	__u16 port = 0;
 	__u8 tcp_flags;
 	__u64 now;
 	int ret;
 
+	if (proxy_port)
+		*proxy_port = 0;
 	if (ep->flags & EP_F_POLICY_NOT_READY) {
 		note_policy(ep->id, peer, 0);
 		return -DROP_POLICY_NOT_READY;
@@ -127,7 +142,7 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 			ret = policy_lookup(
 			    ep->id, peer, peer_cidr_class(ep, dir, ip), dir,
 			    key.proto, ct_policy_port(&key, skb, ip), &rule_id,
-			    &match);
+			    &match, &port);
 			if (ret < 0) {
 				note_policy(ep->id, peer, rule_id);
 				event_policy(skb, ep->id, dir, peer, ret,
@@ -139,6 +154,9 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 		}
 		e->policy_rev = ep->policy_rev;
 		ct_touch(e, tcp_flags, now);
+		/* Mid-connection the proxy cannot take over, nor let go. */
+		if (proxy_port)
+			*proxy_port = e->proxy_port;
 		return 0;
 	}
 	ct_reverse(&key, &rev);
@@ -153,7 +171,7 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	    !(dir == POLICY_DIR_INGRESS && peer == SINEW_IDENTITY_HOST)) {
 		ret = policy_lookup(
 		    ep->id, peer, peer_cidr_class(ep, dir, ip), dir, key.proto,
-		    ct_policy_port(&key, skb, ip), &rule_id, &match);
+		    ct_policy_port(&key, skb, ip), &rule_id, &match, &port);
 		note_policy(ep->id, peer, rule_id);
 		event_policy(skb, ep->id, dir, peer, ret, rule_id, match);
 		if (ret < 0)
@@ -163,6 +181,10 @@ static __always_inline int policy_enforce(struct __sk_buff *skb,
 	entry.ep_id = ep->id;
 	entry.policy_rev = ep->policy_rev;
 	entry.rule_id = rule_id;
+	if (proxy_port && key.proto == IPPROTO_TCP) {
+		entry.proxy_port = port;
+		*proxy_port = port;
+	}
 	if (tcp_flags & (0x01 | 0x04))
 		entry.flags = CT_F_CLOSING;
 	if (bpf_map_update_elem(&sinew_ct, &key, &entry, BPF_NOEXIST) < 0 &&

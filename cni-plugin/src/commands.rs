@@ -7,19 +7,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
+use sinew_netlink::{NetlinkError, Route, Rtnl};
 use sinew_proto::v1::{
     AllocateIpRequest, AllocateIpResponse, Attachment, CreateEndpointRequest, DeleteEndpointRequest,
     GarbageCollectRequest, GetEndpointRequest, ReleaseIpRequest, StatusRequest,
 };
-use sinew_proto::AgentClient;
+use sinew_proto::{addr, AgentClient};
 use tonic::transport::Channel;
 
 use crate::config::{ConfigError, NetConf};
 use crate::env::{validate_ifname, CniEnv, Command, EnvError};
 use crate::error::CniError;
 use crate::lock::{self, ContainerLock};
-use crate::netlink::{host_veth_name, LinkError, Netlink, Route};
 use crate::result::{expected_from_prev, version_info, AddResult, Expected};
+use crate::veth::host_veth_name;
 
 /// How long one agent call may take. The runtime's own ADD timeout is
 /// minutes; a healthy agent answers in about a millisecond.
@@ -78,11 +79,11 @@ fn open_netns(path: &str) -> Result<File, CniError> {
 /// Opens CNI_NETNS and a netlink socket inside it. Entering it is also the
 /// test that it is a network namespace: setns(CLONE_NEWNET) refuses a
 /// regular file, a directory or another kind of namespace with EINVAL.
-fn enter_netns(path: &str) -> Result<(File, Netlink), CniError> {
+fn enter_netns(path: &str) -> Result<(File, Rtnl), CniError> {
     let netns = open_netns(path)?;
-    match Netlink::open_in(&netns, path) {
+    match Rtnl::open_in(&netns, path) {
         Ok(nl) => Ok((netns, nl)),
-        Err(LinkError::EnterNetns {
+        Err(NetlinkError::EnterNetns {
             source: nix::errno::Errno::EINVAL,
             ..
         }) => {
@@ -110,16 +111,23 @@ fn lock_container(env: &CniEnv) -> Result<ContainerLock, CniError> {
     )?)
 }
 
-fn datapath(what: &str, e: LinkError) -> CniError {
+/// An address from the agent that does not decode.
+fn agent_sent(e: addr::AddrError) -> CniError {
+    CniError::Decode(format!("sinew-agent sent {e}; upgrade or restart the agent"))
+}
+
+/// A netlink failure as a CNI error. The netlink error already says what
+/// the errno means for the user; this adds what it means for a CNI step.
+fn datapath(what: &str, e: NetlinkError) -> CniError {
     let hint = match e.errno() {
-        Some(nix::errno::Errno::EEXIST) => {
-            "an interface with that name already exists: remove it, or check that the runtime did not ADD twice"
+        Some(nix::errno::Errno::EEXIST) => " (check that the runtime did not ADD twice)",
+        Some(nix::errno::Errno::EPERM) => " (the runtime must run sinew-cni as root)",
+        _ => {
+            "; if that does not explain it, check the kernel log (`dmesg`) and that nothing else manages this interface"
         }
-        Some(nix::errno::Errno::EPERM) => "sinew-cni needs CAP_NET_ADMIN: the runtime must run it as root",
-        _ => "check the kernel log (`dmesg`) and that nothing else manages this interface",
     };
     CniError::Datapath {
-        msg: format!("{what}: {e}: {hint}"),
+        msg: format!("{what}: {e}{hint}"),
         details: format!("{e:?}"),
     }
 }
@@ -168,7 +176,7 @@ async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 /// Clean-up failures are added to the error's details, never hide it.
 async fn undo_add(agent: &mut Agent, att: Attachment, host_ifname: &str, err: CniError) -> CniError {
     let mut notes = Vec::new();
-    if let Err(e) = Netlink::open().and_then(|mut nl| nl.delete_link(host_ifname)) {
+    if let Err(e) = Rtnl::open().and_then(|mut nl| nl.delete_link(host_ifname)) {
         notes.push(format!("could not remove veth {host_ifname}: {e}"));
     }
     if let Err(s) = agent.release_ip(ReleaseIpRequest { attachment: Some(att) }).await {
@@ -200,32 +208,12 @@ async fn plumb_and_register(
     env: &CniEnv,
     conf: &NetConf,
     netns: &File,
-    pod: &mut Netlink,
+    pod: &mut Rtnl,
     host_ifname: &str,
     alloc: &AllocateIpResponse,
 ) -> Result<AddResult, CniError> {
-    let ip: IpAddr = alloc.ip.parse().map_err(|_| {
-        CniError::Decode(format!(
-            "sinew-agent returned the invalid address {:?}: upgrade or restart the agent",
-            alloc.ip
-        ))
-    })?;
-    let gateway: IpAddr = alloc.gateway.parse().map_err(|_| {
-        CniError::Decode(format!(
-            "sinew-agent returned the invalid gateway {:?}: upgrade or restart the agent",
-            alloc.gateway
-        ))
-    })?;
-    let max_prefix = if ip.is_ipv4() { 32 } else { 128 };
-    let prefix_len = match alloc.prefix_len {
-        0 => max_prefix,
-        n if n <= u32::from(max_prefix) => n as u8,
-        n => {
-            return Err(CniError::Decode(format!(
-                "sinew-agent returned the invalid prefix length {n} for {ip}"
-            )))
-        }
-    };
+    let (ip, prefix_len) = addr::prefix("address", alloc.address.as_ref()).map_err(agent_sent)?;
+    let gateway = addr::ip("gateway", alloc.gateway.as_ref()).map_err(agent_sent)?;
     let mtu = conf.mtu.or(Some(alloc.mtu).filter(|&m| m > 0));
 
     let plumbed = plumb(host_ifname, &env.ifname, netns, pod, ip, prefix_len, gateway, mtu)
@@ -239,17 +227,19 @@ async fn plumb_and_register(
             netns: env.netns.clone(),
             host_ifname: host_ifname.to_string(),
             host_ifindex: plumbed.host_index,
-            ip: ip.to_string(),
-            pod_mac: plumbed.pod_mac.clone(),
+            ip: Some(ip.into()),
+            pod_mac: Some(sinew_proto::v1::MacAddr {
+                octets: plumbed.pod_mac.clone(),
+            }),
         })
         .await
         .map_err(|s| CniError::from_status("CreateEndpoint", &s))?;
 
     Ok(AddResult {
         host_ifname: host_ifname.to_string(),
-        host_mac: plumbed.host_mac,
+        host_mac: addr::format_mac(&plumbed.host_mac),
         pod_ifname: env.ifname.clone(),
-        pod_mac: plumbed.pod_mac,
+        pod_mac: addr::format_mac(&plumbed.pod_mac),
         sandbox: env.netns.clone(),
         mtu,
         ip,
@@ -261,8 +251,8 @@ async fn plumb_and_register(
 
 struct Plumbed {
     host_index: u32,
-    host_mac: String,
-    pod_mac: String,
+    host_mac: Vec<u8>,
+    pod_mac: Vec<u8>,
 }
 
 /// The kernel side of ADD: veth pair, addresses and routes.
@@ -271,19 +261,19 @@ fn plumb(
     host_ifname: &str,
     pod_ifname: &str,
     netns: &File,
-    pod: &mut Netlink,
+    pod: &mut Rtnl,
     ip: IpAddr,
     prefix_len: u8,
     gateway: IpAddr,
     mtu: Option<u32>,
-) -> Result<Plumbed, LinkError> {
-    let mut node = Netlink::open()?;
+) -> Result<Plumbed, NetlinkError> {
+    let mut node = Rtnl::open()?;
 
     // A leftover from an earlier ADD of the same attachment that died half-way.
     node.delete_link(host_ifname)?;
     node.create_veth(host_ifname, pod_ifname, netns, mtu)?;
 
-    let missing = |name: &str| LinkError::Protocol {
+    let missing = |name: &str| NetlinkError::Protocol {
         op: format!("get link {name}"),
         reason: "link vanished after creation",
     };
@@ -298,6 +288,7 @@ fn plumb(
         dst_len: host_len(gateway),
         gateway: None,
         oif: pod_link.index,
+        src: None,
         link_scope: true,
         onlink: false,
     })?;
@@ -306,6 +297,7 @@ fn plumb(
         dst_len: 0,
         gateway: Some(gateway),
         oif: pod_link.index,
+        src: None,
         link_scope: false,
         onlink: true,
     })?;
@@ -317,6 +309,7 @@ fn plumb(
         dst_len: host_len(ip),
         gateway: None,
         oif: host_link.index,
+        src: None,
         link_scope: true,
         onlink: false,
     })?;
@@ -346,7 +339,7 @@ fn unspecified(like: IpAddr) -> IpAddr {
 
 /// Deletes host-side veths (the pod side goes with them). Absent ones are fine.
 fn delete_host_links(names: &[&str]) -> Result<(), CniError> {
-    let mut nl = Netlink::open().map_err(|e| datapath("cannot open netlink", e))?;
+    let mut nl = Rtnl::open().map_err(|e| datapath("cannot open netlink", e))?;
     for name in names {
         if name.is_empty() || validate_ifname("host_ifname", name).is_err() {
             continue;
@@ -440,10 +433,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
         Err(s) => return Err(CniError::from_status("GetEndpoint", &s)),
     };
-    let ip: IpAddr = ep
-        .ip
-        .parse()
-        .map_err(|_| CniError::Decode(format!("sinew-agent returned the invalid address {:?}", ep.ip)))?;
+    let ip = addr::ip("ip", ep.ip.as_ref()).map_err(agent_sent)?;
     let host_ifname = if ep.host_ifname.is_empty() {
         host_veth_name(&env.container_id, &env.ifname)
     } else {
@@ -456,7 +446,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     };
 
     // Host side.
-    let mut node = Netlink::open().map_err(|e| datapath("cannot open netlink", e))?;
+    let mut node = Rtnl::open().map_err(|e| datapath("cannot open netlink", e))?;
     let host = node
         .link_by_name(&host_ifname)
         .map_err(|e| datapath("cannot read the host veth", e))?;
@@ -552,18 +542,14 @@ async fn pod_gateway(agent: &mut Agent, env: &CniEnv, ip: IpAddr) -> Result<IpAd
         .await
         .map_err(|s| CniError::from_status("AllocateIp", &s))?
         .into_inner();
-    if alloc.ip != ip.to_string() {
+    let (held, _) = addr::prefix("address", alloc.address.as_ref()).map_err(agent_sent)?;
+    if held != ip {
         return Err(CniError::CheckMismatch(format!(
-            "sinew-agent holds {} for container {} interface {} but its endpoint has {ip}: delete the pod so that it is recreated",
-            alloc.ip, env.container_id, env.ifname
+            "sinew-agent holds {held} for container {} interface {} but its endpoint has {ip}: delete the pod so that it is recreated",
+            env.container_id, env.ifname
         )));
     }
-    alloc.gateway.parse().map_err(|_| {
-        CniError::Decode(format!(
-            "sinew-agent returned the invalid gateway {:?}: upgrade or restart the agent",
-            alloc.gateway
-        ))
-    })
+    addr::ip("gateway", alloc.gateway.as_ref()).map_err(agent_sent)
 }
 
 async fn gc(conf: &NetConf) -> Result<(), CniError> {

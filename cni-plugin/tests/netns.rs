@@ -61,7 +61,7 @@ fn add_plumbs_the_pod_and_del_removes_everything() {
             .get(&("ctr-full".to_string(), "eth0".to_string()))
             .expect("endpoint registered");
         assert_eq!(ep.host_ifname, host);
-        assert_eq!(ep.ip, "10.250.0.2");
+        assert_eq!(sinew_proto::addr::text(ep.ip.as_ref()), "10.250.0.2");
         assert_eq!(ep.pod_name, "web-0");
         assert_eq!(ep.pod_namespace, "default");
         assert_ne!(ep.host_ifindex, 0);

@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "proto/sinew/agent/v1/agent.proto",
             "proto/sinew/observer/v1/observer.proto",
+            "proto/sinew/proxy/v1/proxy.proto",
         ],
         &["proto"],
     )?;

@@ -9,9 +9,9 @@
 
 use std::net::Ipv4Addr;
 
-use crate::lab::Routing;
-use crate::netns::{sh, NetNs, NetnsError};
-use crate::topology::{NodeNet, Topology, UPLINK};
+use sinew_lab::netns::{sh, NetNs, NetnsError};
+use sinew_lab::topology::{NodeNet, Topology, UPLINK};
+use sinew_lab::Routing;
 
 /// VNI of the baseline VXLAN device.
 pub const VXLAN_ID: u32 = 42;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::netns::{NetNs, NetnsError};
+use sinew_lab::netns::{NetNs, NetnsError};
 
 /// Errors from a probe.
 #[derive(Debug, thiserror::Error)]

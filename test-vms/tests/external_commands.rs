@@ -26,9 +26,11 @@ enum Source {
     Rustup,
     /// `pip install NAME` in install-deps.sh.
     Pip(&'static str),
+    /// `cargo install --locked --quiet NAME` in install-deps.sh.
+    Cargo(&'static str),
 }
 
-use Source::{Deb, Pip, Rustup};
+use Source::{Cargo, Deb, Pip, Rustup};
 
 /// Every external command the project runs, with what provides it.
 const PROVIDERS: &[(&str, Source)] = &[
@@ -58,6 +60,10 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("vng", Pip("virtme-ng")),
     ("cargo", Rustup),
     ("rustup", Rustup),
+    ("rustc", Rustup),
+    ("cargo-deny", Cargo("cargo-deny")),
+    ("wc", Deb("coreutils")),
+    ("tr", Deb("coreutils")),
     // Debian's required base.
     ("bash", Deb("bash")),
     ("sh", Deb("dash")),
@@ -142,6 +148,8 @@ const ARGV_RUNNERS: &[&str] = &[
 const SHELL_BUILTINS: &[&str] = &[
     "set",
     "cd",
+    "pwd",
+    "compgen",
     "echo",
     "printf",
     "read",
@@ -736,7 +744,7 @@ fn shell_files(root: &Path) -> Vec<PathBuf> {
 fn find_commands(root: &Path) -> Found {
     let mut found = Found::new();
     let mut files = Vec::new();
-    for dir in ["agent", "bench", "cni-plugin", "crates", "test-vms"] {
+    for dir in ["agent", "bench", "cli", "cni-plugin", "crates", "test-vms"] {
         rust_files(&root.join(dir), &mut files);
     }
     files.sort();
@@ -863,6 +871,13 @@ fn problems(found: &Found, install_deps: &str, check_host: bool) -> Vec<String> 
                     ));
                 }
             }
+            Cargo(name) => {
+                if !install_deps.contains(&format!("cargo install --locked --quiet {name}")) {
+                    problems.push(format!(
+                        "`{cmd}` (run at {at}) comes from `cargo install {name}`, which scripts/install-deps.sh does not run"
+                    ));
+                }
+            }
             Rustup => {}
         }
         if !check_host {
@@ -873,6 +888,7 @@ fn problems(found: &Found, install_deps: &str, check_host: bool) -> Vec<String> 
                 Deb(p) => format!("apt-get install {p}"),
                 Pip(p) => format!("pip install {p}"),
                 Rustup => "rustup".into(),
+                Cargo(p) => format!("cargo install --locked {p}"),
             };
             problems.push(format!(
                 "`{cmd}` (run at {at}) is not on PATH: run scripts/install-deps.sh as root ({how})"

@@ -63,10 +63,8 @@ mod host {
     use super::*;
 
     pub fn run() {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "the 6.1 VM tier needs root (it installs qemu and the kernel when missing): run the tests as root"
-        );
+        // It also installs qemu and the kernel when they are missing.
+        sinew_testvms::support::require_root("the 6.1 VM tier");
         let exe = std::env::current_exe().expect("cannot find the running test executable");
         let deps = exe.parent().expect("test executable has a parent directory");
         let debug = deps.parent().expect("deps has a parent directory");

@@ -355,7 +355,7 @@ fn containerd_cri_sandboxes_get_sinew_networking() {
     require_file(&format!("{CNI_PLUGIN_DIR}/loopback"), "containernetworking-plugins");
 
     let prefix = format!("rt-ctrd-{}", std::process::id());
-    let lab = LabGuard::up(&prefix);
+    let lab = lab_up(&prefix);
     clock.step("lab up");
     let node1 = lab.node("node1").clone();
     let cidr = lab.pod_cidr("node1");
@@ -473,7 +473,8 @@ fn containerd_cri_sandboxes_get_sinew_networking() {
         let eps = agent_endpoints(&node1.socket);
         assert!(
             !eps.iter()
-                .any(|e| e.ip == ip.to_string() || e.attachment.as_ref().is_some_and(|a| &a.container_id == id)),
+                .any(|e| sinew_proto::addr::text(e.ip.as_ref()) == ip.to_string()
+                    || e.attachment.as_ref().is_some_and(|a| &a.container_id == id)),
             "endpoint of {name} ({ip}) still exists after RemovePodSandbox: {eps:#?}"
         );
         assert!(!ns.exists(), "containerd left the sandbox netns {}", ns.name());

@@ -187,7 +187,7 @@ fn podman_cni_containers_get_sinew_networking() {
     require_file(BUSYBOX, "busybox-static");
 
     let prefix = format!("rt-podman-{}", std::process::id());
-    let lab = LabGuard::up(&prefix);
+    let lab = lab_up(&prefix);
     clock.step("lab up");
     let node1 = lab.node("node1").clone();
     let cidr = lab.pod_cidr("node1");
@@ -295,7 +295,7 @@ fn podman_cni_containers_get_sinew_networking() {
     let eps = agent_endpoints(&node1.socket);
     let ep = eps
         .iter()
-        .find(|e| e.ip == ip.to_string())
+        .find(|e| sinew_proto::addr::text(e.ip.as_ref()) == ip.to_string())
         .unwrap_or_else(|| panic!("node1 agent has no endpoint for {name} ({ip}): {eps:#?}"));
     let att = ep.attachment.as_ref().expect("endpoint attachment");
     assert_eq!(att.container_id, id, "the endpoint is keyed by podman's container id");
@@ -312,7 +312,8 @@ fn podman_cni_containers_get_sinew_networking() {
         .unwrap_or_else(|e| panic!("after `podman rm -f`: {e}"));
     let eps = agent_endpoints(&node1.socket);
     assert!(
-        !eps.iter().any(|e| e.ip == ip.to_string()),
+        !eps.iter()
+            .any(|e| sinew_proto::addr::text(e.ip.as_ref()) == ip.to_string()),
         "endpoint of {name} ({ip}) still exists after podman rm: {eps:#?}"
     );
     let calls = podman.cni_calls_for(&id);

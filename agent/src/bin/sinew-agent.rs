@@ -113,6 +113,11 @@ struct Args {
     /// Maglev services the node can hold (sizes the shared table map).
     #[arg(long, default_value_t = 64)]
     maglev_services: u32,
+    /// The proxy's transparent listeners on this node, INGRESS,EGRESS:
+    /// connections that an ingress (egress) L7 rule covers are handed to
+    /// the first (second).
+    #[arg(long, default_value = "15006,15001")]
+    proxy_ports: sinew_agent::proxy_redirect::ProxyPorts,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -158,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         lb_algorithm: a.lb_algorithm,
         maglev_table_size: a.maglev_table_size,
         maglev_services: a.maglev_services,
+        proxy_ports: a.proxy_ports,
         test_link_removal_delay: std::time::Duration::from_millis(a.test_link_removal_delay_ms),
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.

@@ -4,16 +4,16 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use sinew_abi::{
-    config, maps, CtEntry, CtKey, EndpointInfo, IpcacheData, IpcacheKey, IpcacheValue, LbBackend, LbMaglevKey,
-    LbSlotKey, LbSvcKey, LbSvcValue, MetricsValue, PolicyData, PolicyKey, PolicyValue,
+    config, maps, CtEntry, CtKey, EndpointInfo, IpcacheKey, IpcacheValue, LbBackend, LbMaglevKey, LbSlotKey, LbSvcKey,
+    LbSvcValue, MetricsValue, PolicyKey, PolicyValue,
 };
 
 use super::attach::{self, detach_pinned, AttachMode, Hook};
+use super::pinned::{map_err, take, PinnedHash, PinnedLpm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -139,12 +139,12 @@ pub struct Datapath {
     overlay: Ebpf,
     sock: Ebpf,
     lb: LbMaps,
-    ipcache: LpmTrie<MapData, IpcacheData, IpcacheValue>,
-    endpoints: BpfHashMap<MapData, u32, EndpointInfo>,
+    ipcache: PinnedLpm<IpcacheKey, IpcacheValue>,
+    endpoints: PinnedHash<u32, EndpointInfo>,
     metrics: PerCpuArray<MapData, MetricsValue>,
-    policy: LpmTrie<MapData, PolicyData, PolicyValue>,
-    cidr_class: LpmTrie<MapData, IpcacheData, u32>,
-    ct: BpfHashMap<MapData, CtKey, CtEntry>,
+    policy: PinnedLpm<PolicyKey, PolicyValue>,
+    cidr_class: PinnedLpm<IpcacheKey, u32>,
+    ct: PinnedHash<CtKey, CtEntry>,
     events: Option<aya::maps::RingBuf<MapData>>,
     events_lost: PerCpuArray<MapData, u64>,
     flusher: Option<FlowFlusher>,
@@ -187,13 +187,6 @@ impl FlowFlusher {
             })
             .map_err(err)?;
         Ok(r.return_value)
-    }
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
-    move |source| DatapathError::Map {
-        map,
-        source: Box::new(source),
     }
 }
 
@@ -282,26 +275,20 @@ impl Datapath {
                 })?;
             }
         }
-        let take = |name: &'static str, obj: &mut Ebpf| {
-            obj.take_map(name).ok_or(DatapathError::Map {
-                map: name,
-                source: Box::new(aya::maps::MapError::InvalidName { name: name.to_string() }),
-            })
-        };
-        let ipcache = LpmTrie::try_from(take(maps::IPCACHE, &mut lxc)?).map_err(map_err(maps::IPCACHE))?;
-        let endpoints = BpfHashMap::try_from(take(maps::ENDPOINTS, &mut lxc)?).map_err(map_err(maps::ENDPOINTS))?;
-        let metrics = PerCpuArray::try_from(take(maps::METRICS, &mut lxc)?).map_err(map_err(maps::METRICS))?;
-        let policy = LpmTrie::try_from(take(maps::POLICY, &mut lxc)?).map_err(map_err(maps::POLICY))?;
-        let cidr_class = LpmTrie::try_from(take(maps::CIDR_CLASS, &mut lxc)?).map_err(map_err(maps::CIDR_CLASS))?;
-        let ct = BpfHashMap::try_from(take(maps::CT, &mut lxc)?).map_err(map_err(maps::CT))?;
-        let events = Some(aya::maps::RingBuf::try_from(take(maps::EVENTS, &mut lxc)?).map_err(map_err(maps::EVENTS))?);
+        let ipcache = PinnedLpm::take(&mut lxc, maps::IPCACHE)?;
+        let endpoints = PinnedHash::take(&mut lxc, maps::ENDPOINTS)?;
+        let metrics = PerCpuArray::try_from(take(&mut lxc, maps::METRICS)?).map_err(map_err(maps::METRICS))?;
+        let policy = PinnedLpm::take(&mut lxc, maps::POLICY)?;
+        let cidr_class = PinnedLpm::take(&mut lxc, maps::CIDR_CLASS)?;
+        let ct = PinnedHash::take(&mut lxc, maps::CT)?;
+        let events = Some(aya::maps::RingBuf::try_from(take(&mut lxc, maps::EVENTS)?).map_err(map_err(maps::EVENTS))?);
         let events_lost =
-            PerCpuArray::try_from(take(maps::EVENTS_LOST, &mut lxc)?).map_err(map_err(maps::EVENTS_LOST))?;
+            PerCpuArray::try_from(take(&mut lxc, maps::EVENTS_LOST)?).map_err(map_err(maps::EVENTS_LOST))?;
         let lb = LbMaps {
-            services: BpfHashMap::try_from(take(maps::LB_SERVICES, &mut sock)?).map_err(map_err(maps::LB_SERVICES))?,
-            slots: BpfHashMap::try_from(take(maps::LB_SLOTS, &mut sock)?).map_err(map_err(maps::LB_SLOTS))?,
-            backends: BpfHashMap::try_from(take(maps::LB_BACKENDS, &mut sock)?).map_err(map_err(maps::LB_BACKENDS))?,
-            maglev: BpfHashMap::try_from(take(maps::LB_MAGLEV, &mut sock)?).map_err(map_err(maps::LB_MAGLEV))?,
+            services: PinnedHash::take(&mut sock, maps::LB_SERVICES)?,
+            slots: PinnedHash::take(&mut sock, maps::LB_SLOTS)?,
+            backends: PinnedHash::take(&mut sock, maps::LB_BACKENDS)?,
+            maglev: PinnedHash::take(&mut sock, maps::LB_MAGLEV)?,
         };
         Ok(Self {
             cfg,
@@ -389,87 +376,58 @@ impl Datapath {
     }
 
     pub fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DatapathError> {
-        self.endpoints
-            .insert(ifindex, info, 0)
-            .map_err(map_err(maps::ENDPOINTS))
+        self.endpoints.upsert(ifindex, info)
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        ignore_missing(self.endpoints.remove(&ifindex), maps::ENDPOINTS)
+        self.endpoints.remove(&ifindex)
     }
 
     pub fn endpoint_ifindexes(&self) -> Vec<u32> {
-        self.endpoints.keys().filter_map(Result::ok).collect()
+        self.endpoints.keys()
     }
 
     pub fn upsert_ipcache(&mut self, key: IpcacheKey, value: IpcacheValue) -> Result<(), DatapathError> {
-        self.ipcache
-            .insert(&LpmKey::new(key.prefixlen, key.data()), value, 0)
-            .map_err(map_err(maps::IPCACHE))
+        self.ipcache.upsert(key, value)
     }
 
     pub fn remove_ipcache(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
-        ignore_missing(
-            self.ipcache.remove(&LpmKey::new(key.prefixlen, key.data())),
-            maps::IPCACHE,
-        )
+        self.ipcache.remove(&key)
     }
 
     /// Every ipcache entry, for reconciliation after a restart.
     pub fn ipcache_entries(&self) -> Vec<(IpcacheKey, IpcacheValue)> {
-        self.ipcache
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (IpcacheKey::from_parts(k.prefix_len(), k.data()), v))
-            .collect()
+        self.ipcache.entries()
     }
 
     pub fn upsert_policy(&mut self, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
-        self.policy
-            .insert(&LpmKey::new(key.prefixlen, key.data()), value, 0)
-            .map_err(map_err(maps::POLICY))
+        self.policy.upsert(key, value)
     }
 
     pub fn remove_policy(&mut self, key: PolicyKey) -> Result<(), DatapathError> {
-        ignore_missing(
-            self.policy.remove(&LpmKey::new(key.prefixlen, key.data())),
-            maps::POLICY,
-        )
+        self.policy.remove(&key)
     }
 
     /// Every policy entry, for reconciliation after a restart.
     pub fn policy_entries(&self) -> Vec<(PolicyKey, PolicyValue)> {
-        self.policy
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (PolicyKey::from_parts(k.prefix_len(), k.data()), v))
-            .collect()
+        self.policy.entries()
     }
 
     pub fn upsert_cidr_class(&mut self, key: IpcacheKey, class: u32) -> Result<(), DatapathError> {
-        self.cidr_class
-            .insert(&LpmKey::new(key.prefixlen, key.data()), class, 0)
-            .map_err(map_err(maps::CIDR_CLASS))
+        self.cidr_class.upsert(key, class)
     }
 
     pub fn remove_cidr_class(&mut self, key: IpcacheKey) -> Result<(), DatapathError> {
-        match self.cidr_class.remove(&LpmKey::new(key.prefixlen, key.data())) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(map_err(maps::CIDR_CLASS)(e)),
-        }
+        self.cidr_class.remove(&key)
     }
 
     /// Every CIDR class entry: an earlier agent's numbering, to keep.
     pub fn cidr_class_entries(&self) -> Vec<(IpcacheKey, u32)> {
-        self.cidr_class
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (IpcacheKey::from_parts(k.prefix_len(), k.data()), v))
-            .collect()
+        self.cidr_class.entries()
     }
 
     pub fn ct_entries(&self) -> Vec<(CtKey, CtEntry)> {
-        self.ct.iter().filter_map(Result::ok).collect()
+        self.ct.entries()
     }
 
     pub fn remove_ct(&mut self, key: &CtKey) {
@@ -496,11 +454,11 @@ impl Datapath {
 
     /// Entries in the conntrack table now.
     pub fn ct_len(&self) -> usize {
-        self.ct.keys().count()
+        self.ct.len()
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {
-        self.endpoints.get(&ifindex, 0).ok()
+        self.endpoints.get(&ifindex)
     }
 
     /// Packets and bytes per metrics index, summed over CPUs.
@@ -574,49 +532,83 @@ impl Datapath {
     }
 
     pub fn upsert_lb_backend(&mut self, id: u32, be: LbBackend) -> Result<(), DatapathError> {
-        self.lb.backends.insert(id, be, 0).map_err(map_err(maps::LB_BACKENDS))
+        self.lb.backends.upsert(id, be)
     }
 
     pub fn remove_lb_backend(&mut self, id: u32) -> Result<(), DatapathError> {
-        ignore_missing(self.lb.backends.remove(&id), maps::LB_BACKENDS)
+        self.lb.backends.remove(&id)
     }
 
     pub fn upsert_lb_slot(&mut self, key: LbSlotKey, backend: u32) -> Result<(), DatapathError> {
-        self.lb.slots.insert(key, backend, 0).map_err(map_err(maps::LB_SLOTS))
+        self.lb.slots.upsert(key, backend)
     }
 
     pub fn remove_lb_slot(&mut self, key: LbSlotKey) -> Result<(), DatapathError> {
-        ignore_missing(self.lb.slots.remove(&key), maps::LB_SLOTS)
+        self.lb.slots.remove(&key)
     }
 
     pub fn upsert_lb_maglev(&mut self, key: LbMaglevKey, backend: u32) -> Result<(), DatapathError> {
-        self.lb.maglev.insert(key, backend, 0).map_err(map_err(maps::LB_MAGLEV))
+        self.lb.maglev.upsert(key, backend)
     }
 
     pub fn remove_lb_maglev(&mut self, key: LbMaglevKey) -> Result<(), DatapathError> {
-        ignore_missing(self.lb.maglev.remove(&key), maps::LB_MAGLEV)
+        self.lb.maglev.remove(&key)
     }
 
     pub fn upsert_lb_service(&mut self, key: LbSvcKey, value: LbSvcValue) -> Result<(), DatapathError> {
-        self.lb
-            .services
-            .insert(key, value, 0)
-            .map_err(map_err(maps::LB_SERVICES))
+        self.lb.services.upsert(key, value)
     }
 
     pub fn remove_lb_service(&mut self, key: LbSvcKey) -> Result<(), DatapathError> {
-        ignore_missing(self.lb.services.remove(&key), maps::LB_SERVICES)
+        self.lb.services.remove(&key)
     }
 
     /// Everything in the service maps, for adopting an earlier agent's
     /// state after a restart.
     pub fn lb_entries(&self) -> LbEntries {
         LbEntries {
-            services: self.lb.services.iter().filter_map(Result::ok).collect(),
-            slots: self.lb.slots.iter().filter_map(Result::ok).collect(),
-            backends: self.lb.backends.iter().filter_map(Result::ok).collect(),
-            maglev: self.lb.maglev.iter().filter_map(Result::ok).collect(),
+            services: self.lb.services.entries(),
+            slots: self.lb.slots.entries(),
+            backends: self.lb.backends.entries(),
+            maglev: self.lb.maglev.entries(),
         }
+    }
+
+    /// Removes what an agent of an older ABI left under the pin root: its
+    /// links first (TCX and cgroup links: the old programs detach; this
+    /// agent's are attached by then, so call it after restoring the
+    /// endpoints), then its maps. An older version's maps have another
+    /// layout and are never adopted (see `pin_dir`), and its programs would
+    /// otherwise keep running beside the new ones on the uplink and the
+    /// tunnel device. Returns the versions removed.
+    pub fn retire_older_abis(&self) -> Vec<u32> {
+        let mut retired = Vec::new();
+        let Ok(dir) = std::fs::read_dir(&self.cfg.bpf_root) else {
+            return retired;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(version) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if version >= sinew_abi::ABI_VERSION {
+                continue;
+            }
+            if let Ok(links) = std::fs::read_dir(e.path().join("links")) {
+                for l in links.flatten() {
+                    detach_pinned(&l.path());
+                }
+            }
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => retired.push(version),
+                Err(error) => tracing::warn!(path = %e.path().display(), %error, "cannot remove an older ABI's pins"),
+            }
+        }
+        retired
     }
 
     /// Removes every pin of this node (the agent's `--cleanup` and `lab down`).
@@ -641,10 +633,10 @@ const SOCK_PROGRAMS: &[&str] = &[
 ];
 
 struct LbMaps {
-    services: BpfHashMap<MapData, LbSvcKey, LbSvcValue>,
-    slots: BpfHashMap<MapData, LbSlotKey, u32>,
-    backends: BpfHashMap<MapData, u32, LbBackend>,
-    maglev: BpfHashMap<MapData, LbMaglevKey, u32>,
+    services: PinnedHash<LbSvcKey, LbSvcValue>,
+    slots: PinnedHash<LbSlotKey, u32>,
+    backends: PinnedHash<u32, LbBackend>,
+    maglev: PinnedHash<LbMaglevKey, u32>,
 }
 
 /// The service maps' contents.
@@ -654,41 +646,6 @@ pub struct LbEntries {
     pub slots: Vec<(LbSlotKey, u32)>,
     pub backends: Vec<(u32, LbBackend)>,
     pub maglev: Vec<(LbMaglevKey, u32)>,
-}
-
-/// Deleting an entry that is already gone is success: aya reports the
-/// kernel's ENOENT from `bpf_map_delete_elem` as a syscall error, not as
-/// `KeyNotFound`, and taking it for a failure wedged the ipcache
-/// reconciler after a pod's DEL had removed its entry first.
-fn ignore_missing(r: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), DatapathError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(map_err(map)(e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deleting_a_missing_entry_is_success_and_other_errors_are_not() {
-        let syscall = |errno: nix::errno::Errno| {
-            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_delete_elem",
-                io_error: std::io::Error::from_raw_os_error(errno as i32),
-            }))
-        };
-        assert!(ignore_missing(syscall(nix::errno::Errno::ENOENT), maps::IPCACHE).is_ok());
-        assert!(ignore_missing(Err(aya::maps::MapError::KeyNotFound), maps::IPCACHE).is_ok());
-        let e = ignore_missing(syscall(nix::errno::Errno::EPERM), maps::IPCACHE).unwrap_err();
-        assert!(e.to_string().contains(maps::IPCACHE), "{e}");
-    }
 }
 
 #[derive(Clone, Copy)]

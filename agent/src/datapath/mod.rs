@@ -6,6 +6,8 @@
 
 mod attach;
 mod loader;
+mod pinned;
 
 pub use attach::{detach_pinned, AttachMode, Hook};
 pub use loader::{Datapath, DatapathConfig, DatapathError, FlowFlusher, LbEntries, RoutingMode};
+pub use pinned::{LpmKeyed, PinnedHash, PinnedLpm};

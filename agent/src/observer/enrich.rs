@@ -6,37 +6,13 @@ use std::net::Ipv4Addr;
 use sinew_abi::{DropReason, FlowEvent};
 use sinew_proto::observer_v1 as pb;
 
-use super::index::{Names, Peer};
+use sinew_flows::{protocol_name, PROTO_ICMP, PROTO_TCP};
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_SCTP: u8 = 132;
+use super::index::{Names, Peer};
 
 /// `flow_event.dir` (METRIC_DIR_* in the ABI header).
 const DIR_INGRESS: u8 = sinew_abi::Direction::Ingress as u8;
 const DIR_EGRESS: u8 = sinew_abi::Direction::Egress as u8;
-
-pub fn protocol_name(p: u8) -> String {
-    match p {
-        PROTO_ICMP => "ICMP".into(),
-        PROTO_TCP => "TCP".into(),
-        PROTO_UDP => "UDP".into(),
-        PROTO_SCTP => "SCTP".into(),
-        other => format!("IP({other})"),
-    }
-}
-
-/// Parses "tcp", "UDP", "icmp", "sctp" or a number.
-pub fn parse_protocol(s: &str) -> Option<u8> {
-    match s.to_ascii_lowercase().as_str() {
-        "icmp" => Some(PROTO_ICMP),
-        "tcp" => Some(PROTO_TCP),
-        "udp" => Some(PROTO_UDP),
-        "sctp" => Some(PROTO_SCTP),
-        n => n.parse().ok(),
-    }
-}
 
 pub fn tcp_flags(f: u8) -> pb::TcpFlags {
     pb::TcpFlags {
@@ -57,16 +33,6 @@ pub fn event_type(t: u8) -> pb::EventType {
         sinew_abi::EVENT_DROP => pb::EventType::Drop,
         sinew_abi::EVENT_POLICY => pb::EventType::PolicyVerdict,
         _ => pb::EventType::Unknown,
-    }
-}
-
-/// The name `sinew observe --type` and ServerStatus use.
-pub fn event_type_name(t: pb::EventType) -> &'static str {
-    match t {
-        pb::EventType::Trace => "trace",
-        pb::EventType::Drop => "drop",
-        pb::EventType::PolicyVerdict => "policy-verdict",
-        pb::EventType::Unknown => "unknown",
     }
 }
 
@@ -437,5 +403,84 @@ mod tests {
         assert_eq!(f.r#type(), pb::EventType::Unknown);
         assert_eq!(f.drop_reason.unwrap().name, "unknown_250");
         assert!(f.policy_rule.is_none());
+    }
+
+    // The rows sinew-flows renders for enriched default-deny records.
+    /// A record as the datapath writes it, enriched against an index in
+    /// which a/web (endpoint 7) is isolated for ingress by a/web-in.
+    fn enriched(ev: sinew_abi::FlowEvent) -> pb::Flow {
+        use crate::observer::index::Isolation;
+        let mut idx = ObserverIndex::default();
+        let web = std::net::Ipv4Addr::new(10, 0, 1, 5);
+        idx.by_ip.insert(
+            web,
+            Peer {
+                namespace: "a".into(),
+                pod: "web".into(),
+                identity: 300,
+                endpoint_id: 7,
+                ..Default::default()
+            },
+        );
+        idx.by_endpoint.insert(7, web);
+        idx.isolation.insert(
+            7,
+            Isolation {
+                ingress: vec![sinew_policy::PolicyName {
+                    kind: sinew_policy::PolicyKind::NetworkPolicy,
+                    namespace: Some("a".into()),
+                    name: "web-in".into(),
+                }],
+                egress: Vec::new(),
+            },
+        );
+        enrich(&ev, Names::one(&idx), 0, 1, "")
+    }
+
+    fn default_deny_event(r#type: u8) -> sinew_abi::FlowEvent {
+        sinew_abi::FlowEvent {
+            saddr: u32::from_ne_bytes([10, 0, 2, 9]),
+            daddr: u32::from_ne_bytes([10, 0, 1, 5]),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            tcp_flags: 0x02,
+            r#type,
+            reason: sinew_abi::DropReason::Policy.code(),
+            verdict: sinew_abi::VERDICT_DROPPED,
+            dir: sinew_abi::Direction::Ingress as u8,
+            ep_id: 7,
+            peer_identity: 400,
+            ..Default::default()
+        }
+    }
+
+    /// A default-deny packet is two rows, as in Hubble: the verdict says
+    /// it is the decision and the drop says it is the packet; each names
+    /// the isolating policy and says nothing twice.
+    #[test]
+    fn default_deny_rows_say_what_they_are_once() {
+        let verdict = sinew_flows::render::summary(&enriched(default_deny_event(sinew_abi::EVENT_POLICY)));
+        let drop = sinew_flows::render::summary(&enriched(default_deny_event(sinew_abi::EVENT_DROP)));
+        let why = "default deny: a/web isolated for ingress by NetworkPolicy a/web-in";
+        assert_eq!(verdict, format!("policy-verdict:none INGRESS DENIED ({why})"));
+        assert_eq!(drop, format!("policy denied ({why})"));
+        // Isolating policies unknown (the pod is gone): still said once.
+        let mut f = enriched(default_deny_event(sinew_abi::EVENT_POLICY));
+        f.isolated_by.clear();
+        assert_eq!(
+            sinew_flows::render::summary(&f),
+            "policy-verdict:none INGRESS DENIED (no rule allows it)"
+        );
+        f.r#type = pb::EventType::Drop as i32;
+        assert_eq!(sinew_flows::render::summary(&f), "policy denied (no rule allows it)");
+        // Allowed verdicts name kind and rule.
+        let mut ok = default_deny_event(sinew_abi::EVENT_POLICY);
+        ok.verdict = sinew_abi::VERDICT_FORWARDED;
+        ok.r#match = sinew_abi::MATCH_L3_L4;
+        let f = enriched(ok);
+        assert_eq!(sinew_flows::render::summary(&f), "policy-verdict:L3-L4 INGRESS ALLOWED");
+        let j = sinew_flows::render::json(&enriched(default_deny_event(sinew_abi::EVENT_DROP)));
+        assert_eq!(j["isolatedBy"][0]["name"], "web-in", "{j}");
     }
 }

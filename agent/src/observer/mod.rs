@@ -17,9 +17,11 @@
 
 mod api;
 mod enrich;
-mod filter;
 mod index;
-pub mod render;
+
+use sinew_flows::filter;
+/// Rendering lives in `sinew-flows`, shared with the CLI.
+pub use sinew_flows::render;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
@@ -36,9 +38,12 @@ use crate::datapath::FlowFlusher;
 use crate::state::NodeState;
 
 pub use api::ObserverApi;
-pub use enrich::{enrich, event_type_name, parse_protocol, protocol_name};
-pub use filter::{check_label, check_namespace, check_pod, matches, selects, FilterError};
+pub use enrich::enrich;
 pub use index::{Isolation, Names, ObserverIndex, Peer};
+pub use sinew_flows::{
+    check_label, check_namespace, check_pod, event_type_name, matches, now_unix_nanos, parse_protocol, protocol_name,
+    selects, FilterError,
+};
 
 /// Event types, indexed like the datapath's lost counters (EVENT_*).
 pub const EVENT_TYPES: [(u8, &str); 3] = [
@@ -48,10 +53,10 @@ pub const EVENT_TYPES: [(u8, &str); 3] = [
 ];
 const TYPES: usize = sinew_abi::EVENT_TYPE_MAX as usize;
 const PROTOS: [(u8, &str); 4] = [
-    (enrich::PROTO_TCP, "tcp"),
-    (enrich::PROTO_UDP, "udp"),
-    (enrich::PROTO_ICMP, "icmp"),
-    (enrich::PROTO_SCTP, "sctp"),
+    (sinew_flows::PROTO_TCP, "tcp"),
+    (sinew_flows::PROTO_UDP, "udp"),
+    (sinew_flows::PROTO_ICMP, "icmp"),
+    (sinew_flows::PROTO_SCTP, "sctp"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -270,10 +275,6 @@ fn clock_ns(id: nix::time::ClockId) -> u64 {
     nix::time::clock_gettime(id)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
-}
-
-pub fn now_unix_nanos() -> u64 {
-    clock_ns(nix::time::ClockId::CLOCK_REALTIME)
 }
 
 /// What a follower gets from [`Observer::read_from`].
@@ -717,7 +718,7 @@ mod tests {
             ev: FlowEvent {
                 daddr: u32::from_ne_bytes([10, 0, 1, 5]),
                 dport: dport.to_be(),
-                proto: enrich::PROTO_TCP,
+                proto: sinew_flows::PROTO_TCP,
                 ..Default::default()
             },
             time_unix_nanos: sequence,
@@ -819,7 +820,7 @@ mod tests {
             r#type: sinew_abi::EVENT_DROP,
             verdict: sinew_abi::VERDICT_DROPPED,
             reason: DropReason::Policy.code(),
-            proto: enrich::PROTO_UDP,
+            proto: sinew_flows::PROTO_UDP,
             ..Default::default()
         };
         let denied_verdict = FlowEvent {

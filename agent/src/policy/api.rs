@@ -80,6 +80,8 @@ pub enum TraceError {
     Ipv6(String),
     #[error("--from {0}: not a pod, identity number or address; use namespace/pod, a number or an IPv4 address")]
     BadFrom(String),
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 fn doc_name(d: &PolicyDoc) -> String {
@@ -394,6 +396,7 @@ impl View<'_> {
             port: port.into(),
             reason,
         })?;
+        let http = l7_request(req, proto)?;
         let (to_ns, to_name) = split_pod(&req.to);
         let (to_id, to_resolved) = self
             .pod_policy(&to_ns, &to_name)
@@ -426,12 +429,24 @@ impl View<'_> {
             let dst_id = self.identity_of_ip(to_ip);
             let dst_class = self.policy.cidr_class_of(to_ip);
             let t = sinew_policy::trace(&resolved, Direction::Egress, dst_id, dst_class, proto, port);
-            steps.push(v1::TraceStep {
+            let mut step = v1::TraceStep {
                 endpoint: format!("{ns}/{name}"),
                 direction: "egress".into(),
                 allowed: t.verdict == sinew_policy::Verdict::Allowed,
                 explanation: t.explanation,
-            });
+                ..Default::default()
+            };
+            let peer = (dst_id, dst_class);
+            l7_step(
+                &resolved,
+                Direction::Egress,
+                peer,
+                proto,
+                port,
+                http.as_ref(),
+                &mut step,
+            );
+            steps.push(step);
             (id, self.pod_ip(&ns, &name))
         };
         let ingress = if from_id == sinew_abi::IDENTITY_HOST {
@@ -441,16 +456,29 @@ impl View<'_> {
                 allowed: true,
                 explanation:
                     "ingress from the node itself (identity 1, host) is always allowed: health checks and probes".into(),
+                ..Default::default()
             }
         } else {
             let from_class = from_ip.and_then(|ip| self.policy.cidr_class_of(ip));
             let t = sinew_policy::trace(&to_resolved, Direction::Ingress, from_id, from_class, proto, port);
-            v1::TraceStep {
+            let mut step = v1::TraceStep {
                 endpoint: format!("{to_ns}/{to_name}"),
                 direction: "ingress".into(),
                 allowed: t.verdict == sinew_policy::Verdict::Allowed,
                 explanation: t.explanation,
-            }
+                ..Default::default()
+            };
+            let peer = (from_id, from_class);
+            l7_step(
+                &to_resolved,
+                Direction::Ingress,
+                peer,
+                proto,
+                port,
+                http.as_ref(),
+                &mut step,
+            );
+            step
         };
         steps.push(ingress);
         Ok(v1::TracePolicyResponse {
@@ -501,6 +529,121 @@ impl View<'_> {
         }
         out
     }
+}
+
+/// The HTTP request or gRPC call of a trace request, `None` when it asks
+/// for none.
+fn l7_request(
+    req: &v1::TracePolicyRequest,
+    proto: sinew_policy::Proto,
+) -> Result<Option<sinew_policy::HttpRequest>, TraceError> {
+    let http = !req.http_method.is_empty() || !req.http_path.is_empty();
+    let grpc = !req.grpc_method.is_empty();
+    if !http && !grpc {
+        if !req.http_host.is_empty() || !req.http_headers.is_empty() {
+            return Err(TraceError::BadRequest(
+                "--http-host and --http-header describe a request: give --http-method or --http-path too".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if proto != sinew_policy::Proto::Tcp {
+        return Err(TraceError::BadRequest(format!(
+            "HTTP and gRPC requests are traced on TCP ports, not {proto}; write --port N/tcp"
+        )));
+    }
+    let mut r = if grpc {
+        if http {
+            return Err(TraceError::BadRequest(
+                "--grpc-method is a POST of its own path: leave out --http-method and --http-path".into(),
+            ));
+        }
+        let (svc, method) = req
+            .grpc_method
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or_default();
+        if svc.is_empty() || method.is_empty() || method.contains('/') {
+            return Err(TraceError::BadRequest(format!(
+                "--grpc-method {}: write package.Service/Method",
+                req.grpc_method
+            )));
+        }
+        sinew_policy::HttpRequest::grpc(&req.grpc_method)
+    } else {
+        let method = if req.http_method.is_empty() {
+            "GET"
+        } else {
+            &req.http_method
+        };
+        if !method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            return Err(TraceError::BadRequest(format!(
+                "--http-method {method}: not an HTTP method"
+            )));
+        }
+        sinew_policy::HttpRequest {
+            method: method.into(),
+            target: if req.http_path.is_empty() {
+                "/".into()
+            } else {
+                req.http_path.clone()
+            },
+            host: None,
+            headers: Vec::new(),
+        }
+    };
+    if !req.http_host.is_empty() {
+        r.host = Some(req.http_host.clone());
+    }
+    r.headers
+        .extend(req.http_headers.iter().map(|h| (h.name.clone(), h.value.clone())));
+    Ok(Some(r))
+}
+
+/// Adds to a trace step whether the datapath redirects the connection to
+/// the proxy and, for a traced request, the proxy's verdict from the same
+/// rules and matcher the proxy uses (`sinew_policy::trace_l7`).
+fn l7_step(
+    resolved: &sinew_policy::Resolved,
+    direction: Direction,
+    (peer, class): (u32, Option<u32>),
+    proto: sinew_policy::Proto,
+    port: u16,
+    http: Option<&sinew_policy::HttpRequest>,
+    step: &mut v1::TraceStep,
+) {
+    if proto != sinew_policy::Proto::Tcp {
+        return;
+    }
+    step.redirected = step.allowed
+        && resolved
+            .datapath_entry(direction, peer, class, proto, port)
+            .is_some_and(|e| e.redirects());
+    let Some(http) = http else {
+        if step.redirected {
+            step.explanation
+                .push_str("; redirected to the L7 proxy (an L7 rule covers this port)");
+        }
+        return;
+    };
+    let t = sinew_policy::trace_l7(resolved, direction, peer, class, port, http);
+    step.allowed = t.verdict == sinew_policy::Verdict::Allowed;
+    step.redirected = t.redirected;
+    step.explanation = t.explanation;
+    step.l7_path = t.path.unwrap_or_default();
+    step.l7_verdict = match t.reason {
+        sinew_policy::L7Reason::L4Denied => "never-reached".into(),
+        sinew_policy::L7Reason::NotRedirected => "not-redirected".into(),
+        sinew_policy::L7Reason::AllowedBy(rule) => {
+            step.l7_rule = rule;
+            "allowed".into()
+        }
+        sinew_policy::L7Reason::NoRuleMatched => "denied".into(),
+        sinew_policy::L7Reason::BadTarget(_) => "bad-target".into(),
+    };
 }
 
 #[cfg(test)]

@@ -60,7 +60,12 @@ impl PolicyState {
         let resolver = sinew_policy::Resolver::new(&self.resources, &identities, &namespaces);
         for ep in &eps {
             let r = resolver.resolve(&desired::endpoint(snap, ep));
-            want.extend(compile(ep.id, &r, &mut self.rules));
+            let mut keys = compile(ep.id, &r, &mut self.rules);
+            let redirects: Vec<sinew_policy::Entry> = r.entries.iter().filter(|e| e.redirects()).cloned().collect();
+            if !redirects.is_empty() {
+                crate::proxy_redirect::set_proxy_ports(ep.id, &mut keys, &redirects, self.proxy_ports);
+            }
+            want.extend(keys);
             let mut flags = cidr_flags(&r);
             if r.ingress_enforced {
                 flags |= sinew_abi::EP_F_INGRESS_ENFORCED;

@@ -232,6 +232,7 @@ mod tests {
             ports,
             action,
             rules: vec![rule(0)],
+            l7: Vec::new(),
         }
     }
 

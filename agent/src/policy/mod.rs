@@ -49,6 +49,10 @@ pub struct PolicyState {
     /// `--policy-fail-open`: an endpoint whose entries do not fit runs
     /// unenforced instead of dropping everything.
     pub fail_open: bool,
+    /// The proxy's listeners (`--proxy-ports`): entries with L7 rules carry
+    /// the one for their direction, and the datapath hands their
+    /// connections to it.
+    pub proxy_ports: crate::proxy_redirect::ProxyPorts,
     /// Map writes refused (table full), ever.
     pub overflows: u64,
     /// Where the policy documents in force are kept for the next start
@@ -72,6 +76,7 @@ impl Default for PolicyState {
             ep_state: BTreeMap::new(),
             failed: BTreeSet::new(),
             fail_open: false,
+            proxy_ports: crate::proxy_redirect::ProxyPorts::default(),
             overflows: 0,
             persist: None,
             persisted: Vec::new(),

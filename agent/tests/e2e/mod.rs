@@ -11,18 +11,20 @@ use sinew_proto::v1;
 use sinew_testvms::lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
 use sinew_testvms::NetNs;
 
-pub struct LabGuard {
-    pub lab: Lab,
-}
+/// The lab taken down on drop (with the agents' logs after a failed assertion).
+pub use sinew_testvms::LabGuard;
 
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        match Lab::down(self.lab.state_dir()) {
-            Ok(s) if !s.is_clean() => eprintln!("lab left behind: {:?}", s.left_behind),
-            Err(e) => eprintln!("lab down failed: {e}"),
-            _ => {}
-        }
-    }
+/// The `sinew` CLI next to the test binary's `target/` directory: it is
+/// another package's binary (`sinew-cli`), so cargo does not build it for
+/// this package's tests.
+pub fn sinew_cli() -> std::path::PathBuf {
+    let path = Binaries::from_current_exe().expect("locate the sinew binaries").sinew;
+    assert!(
+        path.is_file(),
+        "{} is missing: build the CLI before this test (`cargo build -p sinew-cli`, or `cargo build --workspace`)",
+        path.display()
+    );
+    path
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
@@ -61,10 +63,7 @@ fn ready(socket: &Path) -> bool {
 
 /// Brings up a lab whose names start with `prefix` (unique per test).
 pub fn lab(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> LabGuard {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "kernel integration tests need root: run them as root (the CI does)"
-    );
+    sinew_testvms::support::require_root("kernel integration tests");
     let prefix = format!("{prefix}-{}", std::process::id());
     let spec = LabSpec {
         name_prefix: prefix,
@@ -81,7 +80,7 @@ pub fn lab(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> La
     };
     let _ = Lab::down(&spec.state_dir());
     match Lab::up_with(&spec, &bins, &opts, &mut |l| eprintln!("[{}] {l}", spec.name_prefix)) {
-        Ok(lab) => LabGuard { lab },
+        Ok(lab) => LabGuard::new(lab),
         Err(e) => {
             let _ = Lab::down(&spec.state_dir());
             panic!("lab up failed: {e}");
@@ -295,10 +294,7 @@ pub fn agent_log_tail(lab: &Lab, node: &str) -> String {
 /// [`lab`] with extra agent flags and no default pods' labels of interest:
 /// pods are added by the test.
 pub fn lab_with_args(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing, agent_args: &[&str]) -> LabGuard {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "kernel integration tests need root: run them as root (the CI does)"
-    );
+    sinew_testvms::support::require_root("kernel integration tests");
     let prefix = format!("{prefix}-{}", std::process::id());
     let spec = LabSpec {
         name_prefix: prefix,
@@ -315,7 +311,7 @@ pub fn lab_with_args(prefix: &str, nodes: u32, pods_per_node: u32, routing: Rout
     };
     let _ = Lab::down(&spec.state_dir());
     match Lab::up_with(&spec, &bins, &opts, &mut |l| eprintln!("[{}] {l}", spec.name_prefix)) {
-        Ok(lab) => LabGuard { lab },
+        Ok(lab) => LabGuard::new(lab),
         Err(e) => {
             let _ = Lab::down(&spec.state_dir());
             panic!("lab up failed: {e}");
@@ -374,10 +370,19 @@ pub fn trace_policy(socket: &Path, from: &str, to: &str, port: &str) -> Result<v
                 from: from.into(),
                 to: to.into(),
                 port: port.into(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
     })
+}
+
+/// `trace_policy` with every field of the request, the L7 ones included.
+pub fn trace_policy_request(
+    socket: &Path,
+    req: v1::TracePolicyRequest,
+) -> Result<v1::TracePolicyResponse, tonic::Status> {
+    rt().block_on(async { client(socket).await.trace_policy(req).await.map(|r| r.into_inner()) })
 }
 
 pub fn list_identities(socket: &Path) -> Vec<v1::IdentityEntry> {

@@ -73,7 +73,7 @@ fn is_bpffs(mount_point: &str) -> bool {
 fn ensure_bpffs() {
     static MOUNTED: OnceLock<Result<(), String>> = OnceLock::new();
     let result = MOUNTED.get_or_init(|| {
-        if !nix::unistd::geteuid().is_root() {
+        if !sinew_testvms::support::is_root() {
             return Err("BPF program tests must run as root (they load programs and pin maps)".into());
         }
         if is_bpffs(BPFFS) {

@@ -3,10 +3,9 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,10 +27,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests create network namespaces and must run as root"
-    );
+    sinew_testvms::support::require_root("sinew-cni's namespace tests");
 }
 
 fn run_ip(args: &[&str]) -> Output {
@@ -119,7 +115,7 @@ impl Run {
 
 /// Execs the plugin with exactly `env` (plus PATH), optionally inside `node`.
 pub fn run_plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> Run {
-    let mut cmd = match node {
+    let cmd = match node {
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", &ns.name, BIN]);
@@ -127,26 +123,7 @@ pub fn run_plugin(node: Option<&Netns>, env: &[(&str, &str)], stdin: &str) -> Ru
         }
         None => Command::new(BIN),
     };
-    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A plugin may exit without reading its config (VERSION does): a
-    // closed pipe is not the test's failure; what it printed is.
-    if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
-        assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::BrokenPipe,
-            "writing the plugin's stdin: {e}"
-        );
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = sinew_testvms::support::run_cni(cmd, env, stdin);
     Run {
         status: out.status,
         stdout: String::from_utf8(out.stdout).unwrap(),
@@ -229,9 +206,8 @@ impl Agent for Fake {
             }
         };
         Ok(Response::new(AllocateIpResponse {
-            ip: ip.to_string(),
-            prefix_len: 32,
-            gateway: "10.250.0.1".into(),
+            address: Some(sinew_proto::v1::IpPrefix::new(ip.into(), 32)),
+            gateway: Some(Ipv4Addr::new(10, 250, 0, 1).into()),
             mtu: 1450,
             existing,
         }))

@@ -28,11 +28,12 @@ pub enum DropReason {
     NoServiceBackend = 19,
     EncapFailed = 20,
     NoLocalBackend = 21,
+    ProxyUnavailable = 22,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -55,6 +56,7 @@ impl DropReason {
         Self::NoServiceBackend,
         Self::EncapFailed,
         Self::NoLocalBackend,
+        Self::ProxyUnavailable,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -90,6 +92,7 @@ impl DropReason {
             Self::NoServiceBackend => "DROP_NO_SERVICE_BACKEND",
             Self::EncapFailed => "DROP_ENCAP_FAILED",
             Self::NoLocalBackend => "DROP_NO_LOCAL_BACKEND",
+            Self::ProxyUnavailable => "DROP_PROXY_UNAVAILABLE",
         }
     }
 
@@ -120,6 +123,9 @@ impl DropReason {
             Self::NoLocalBackend => {
                 "no backend on this node (externalTrafficPolicy: Local): dropped, the client times out"
             }
+            Self::ProxyUnavailable => {
+                "an L7 rule covers it and the node's proxy is not listening (fail closed): is sinew-proxy running?"
+            }
         }
     }
 
@@ -148,6 +154,7 @@ impl DropReason {
             Self::NoServiceBackend => "no_service_backend",
             Self::EncapFailed => "encap_failed",
             Self::NoLocalBackend => "no_local_backend",
+            Self::ProxyUnavailable => "proxy_unavailable",
         }
     }
 }

@@ -17,22 +17,27 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
+#[cfg(feature = "bpf")]
 pub const BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
 /// The compiled uplink programs (`from_netdev`, `to_netdev`).
+#[cfg(feature = "bpf")]
 pub const BPF_HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
 /// The compiled overlay programs (`from_overlay`, `to_overlay`).
+#[cfg(feature = "bpf")]
 pub const BPF_OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
 
 /// The compiled cgroup socket programs (`sock_connect4`, `sock_sendmsg4`,
 /// `sock_recvmsg4`, `sock_getpeername4` and their IPv6 twins for
 /// IPv4-mapped addresses).
+#[cfg(feature = "bpf")]
 pub const BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
 
 /// The flow flush (`flush_flows`), attached nowhere: the agent runs it
 /// through BPF_PROG_TEST_RUN to report and retire idle flow aggregates.
+#[cfg(feature = "bpf")]
 pub const BPF_FLUSH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_flush.o"));
 
 /// Map names, as pinned under the agent's pin directory.

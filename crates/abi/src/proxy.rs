@@ -12,6 +12,13 @@ pub const PROXY_INGRESS_PORT_DEFAULT: u16 = 15006;
 /// Default port of the proxy's transparent listener for egress rules.
 pub const PROXY_EGRESS_PORT_DEFAULT: u16 = 15001;
 
+/// `skb->mark` of a packet the datapath handed to a proxy listener
+/// (`bpf_sk_assign`); the agent's `ip rule fwmark ... lookup`
+/// [`PROXY_ROUTE_TABLE`] delivers it on this node.
+pub const MARK_TO_PROXY: u32 = 0x5e3e_0002;
+/// The routing table holding the local default route for [`MARK_TO_PROXY`].
+pub const PROXY_ROUTE_TABLE: u32 = 2004;
+
 /// First identity of the CIDR class range (as `sinew_policy::identity`).
 pub const IDENTITY_MIN_CIDR: u32 = 0x0100_0000;
 
@@ -58,6 +65,39 @@ pub const fn proxy_mark_identity(mark: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The C side (`bpf/include/sinew_abi.h`) spells the same numbers.
+    #[test]
+    fn constants_match_the_c_header() {
+        let header = include_str!("../../../bpf/include/sinew_abi.h");
+        let value = |name: &str| -> String {
+            let line = header
+                .lines()
+                .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+                .unwrap_or_else(|| panic!("{name} not in sinew_abi.h"));
+            line.split_whitespace().skip(2).collect::<Vec<_>>().join(" ")
+        };
+        let number = |name: &str| -> u32 {
+            let v = value(name);
+            if let Some(hex) = v.strip_prefix("0x") {
+                u32::from_str_radix(hex, 16).unwrap()
+            } else if let Some(shift) = v.strip_prefix("(1U << ").and_then(|r| r.strip_suffix(')')) {
+                1 << shift.parse::<u32>().unwrap()
+            } else {
+                v.parse().unwrap_or_else(|_| panic!("{name}: {v}"))
+            }
+        };
+        assert_eq!(number("SINEW_MARK_TO_PROXY"), MARK_TO_PROXY);
+        assert_eq!(number("SINEW_PROXY_ROUTE_TABLE"), PROXY_ROUTE_TABLE);
+        assert_eq!(number("PROXY_MARK_MAGIC"), PROXY_MARK_MAGIC);
+        assert_eq!(number("PROXY_MARK_MAGIC_MASK"), PROXY_MARK_MAGIC_MASK);
+        assert_eq!(number("PROXY_MARK_CIDR"), PROXY_MARK_CIDR);
+        assert_eq!(number("SINEW_IDENTITY_MIN_CIDR"), IDENTITY_MIN_CIDR);
+        assert_eq!(value("PROXY_MARK_ID_MASK"), "(PROXY_MARK_CIDR - 1)");
+        assert_eq!(number("SINEW_ABI_VERSION"), crate::ABI_VERSION);
+        // Not a proxy mark, so a redirected packet is never taken for one.
+        assert_eq!(proxy_mark_identity(MARK_TO_PROXY), None);
+    }
 
     #[test]
     fn marks_round_trip_and_refuse_what_does_not_fit() {

@@ -201,7 +201,9 @@ pub struct CtEntry {
     pub policy_rev: u32,
     pub rule_id: u32,
     pub flags: u8,
-    pub pad: [u8; 3],
+    pub pad: u8,
+    /// The proxy listener (host order) the connection was handed to, 0 = none.
+    pub proxy_port: u16,
 }
 
 #[repr(C)]
@@ -483,6 +485,7 @@ macro_rules! pod {
         // fields; tests/btf_layout.rs proves there is no implicit padding by
         // comparing every size and offset with the C side's BTF.
         #[allow(unsafe_code)]
+        #[cfg(feature = "bpf")]
         unsafe impl aya::Pod for $t {}
     )* };
 }

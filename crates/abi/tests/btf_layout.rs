@@ -113,7 +113,7 @@ fn shared_structs_match_btf() {
             s,
             "ct_entry",
             CtEntry,
-            [last_seen_ns, ep_id, policy_rev, rule_id, flags, pad]
+            [last_seen_ns, ep_id, policy_rev, rule_id, flags, pad, proxy_port]
         );
         check!(s, "metrics_value", MetricsValue, [packets, bytes]);
         check!(

@@ -6,10 +6,12 @@
 //! assume a backend. No BPF, no netlink.
 #![forbid(unsafe_code)]
 
+mod fsutil;
 pub mod local;
 mod resources;
 pub mod services;
 
+pub use fsutil::write_atomic;
 pub use resources::{IdentityInfo, NodeInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError, Snapshot};
 pub use services::{EndpointSliceInfo, LbAlgorithm, Protocol, ServiceInfo, ServiceType, SliceEndpoint};
 

@@ -201,14 +201,9 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> DatastoreError + '_ {
     }
 }
 
-/// Replaces a file so that readers see the old or the new content.
+/// [`crate::write_atomic`] with the path in the error.
 fn write_atomic(path: &Path, text: &str) -> Result<(), DatastoreError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::write_atomic(path, text.as_bytes()).map_err(io(path))
 }
 
 fn yaml_labels(labels: &BTreeMap<String, String>, indent: &str) -> String {

@@ -9,7 +9,12 @@
 //!
 //! ```text
 //! parse(yaml) -> [PolicyResource] --resolve(endpoint, identities)--> Resolved --trace(flow)--> Trace
+//!                                                                    Resolved --trace_l7(flow, request)--> L7Trace
 //! ```
+//!
+//! L7 rules (`toPorts[].rules`) are validated here with `sinew-l7`'s
+//! types; resolution decides which entries redirect to the proxy
+//! ([`Entry::redirects`]) and with which rules ([`Resolved::l7_rule_sets`]).
 #![forbid(unsafe_code)]
 
 pub mod identity;
@@ -19,6 +24,8 @@ pub mod selector;
 pub mod trace;
 
 #[cfg(test)]
+mod l7_scenarios;
+#[cfg(test)]
 mod scenarios;
 
 pub use identity::{identity_labels, Identity, IdentityKind, IgnoreRules, NamedPorts, Reserved};
@@ -27,7 +34,7 @@ pub use model::{
     Section,
 };
 pub use resolve::{
-    cidr_class, cidr_prefixes, resolve, Action, Endpoint, Entry, Peer, PolicyName, Resolved, Resolver, RuleRef,
+    cidr_class, cidr_prefixes, resolve, Action, Endpoint, Entry, L7Rule, Peer, PolicyName, Resolved, Resolver, RuleRef,
 };
 pub use selector::{Selector, SelectorError};
-pub use trace::{trace, Reason, Trace, Verdict};
+pub use trace::{trace, trace_l7, HttpRequest, L7Reason, L7Trace, Reason, Trace, Verdict};

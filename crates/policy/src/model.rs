@@ -214,7 +214,10 @@ pub(crate) enum PortSel {
 pub(crate) struct PortRule {
     /// Empty means every port of every protocol.
     pub(crate) ports: Vec<PortSel>,
-    pub(crate) l7: Option<serde_json::Value>,
+    /// L7 rules (`rules`), validated: only on single TCP ports (or
+    /// any-protocol ports, whose TCP part they then govern), never in a deny
+    /// section.
+    pub(crate) l7: Option<sinew_l7::L7Rules>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -264,9 +267,9 @@ impl PolicyResource {
         &self.source
     }
 
-    /// The opaque L7 rule objects (`toPorts[].rules`), with the section and
-    /// index of the rule that carries them. Not interpreted here.
-    pub fn l7_rules(&self) -> impl Iterator<Item = (Section, usize, &serde_json::Value)> + '_ {
+    /// The L7 rules (`toPorts[].rules`), with the section and index of the
+    /// rule that carries them.
+    pub fn l7_rules(&self) -> impl Iterator<Item = (Section, usize, &sinew_l7::L7Rules)> + '_ {
         self.sections.iter().flat_map(|(section, rules)| {
             rules.iter().enumerate().flat_map(move |(i, rule)| {
                 rule.port_rules
@@ -1006,7 +1009,7 @@ struct CidrSetSpec {
 struct PortRuleSpec {
     ports: Option<Vec<PortSpec>>,
     icmps: Option<Vec<IcmpSpec>>,
-    rules: Option<serde_json::Value>,
+    rules: Option<sinew_l7::L7Rules>,
 }
 
 #[derive(Deserialize)]
@@ -1112,7 +1115,15 @@ fn parse_sinew(ctx: &mut Ctx, file: &str, kind: PolicyKind, value: serde_yaml::V
         let rules = rules
             .into_iter()
             .enumerate()
-            .map(|(i, f)| sinew_rule(ctx, namespace.as_deref(), &format!("spec.{section}[{i}]"), f))
+            .map(|(i, f)| {
+                sinew_rule(
+                    ctx,
+                    namespace.as_deref(),
+                    &format!("spec.{section}[{i}]"),
+                    section.is_deny(),
+                    f,
+                )
+            })
             .collect();
         sections.push((section, rules));
     };
@@ -1146,7 +1157,7 @@ fn parse_sinew(ctx: &mut Ctx, file: &str, kind: PolicyKind, value: serde_yaml::V
     })
 }
 
-fn sinew_rule(ctx: &mut Ctx, ns: Option<&str>, path: &str, f: PeerFields<'_>) -> Rule {
+fn sinew_rule(ctx: &mut Ctx, ns: Option<&str>, path: &str, deny: bool, f: PeerFields<'_>) -> Rule {
     let px = f.prefix;
     let any_peer_field = f.endpoints.is_some() || f.entities.is_some() || f.cidr.is_some() || f.cidr_set.is_some();
     let mut peers = Vec::new();
@@ -1233,6 +1244,9 @@ fn sinew_rule(ctx: &mut Ctx, ns: Option<&str>, path: &str, f: PeerFields<'_>) ->
                 ),
             }
         }
+        if let Some(rules) = &pr.rules {
+            check_l7(ctx, &p, deny, pr, rules);
+        }
         port_rules.push(PortRule {
             ports,
             l7: pr.rules.clone(),
@@ -1244,6 +1258,67 @@ fn sinew_rule(ctx: &mut Ctx, ns: Option<&str>, path: &str, f: PeerFields<'_>) ->
         // No peer field at all: any peer (a rule of only toPorts).
         peers: any_peer_field.then_some(peers),
         port_rules,
+    }
+}
+
+/// The checks on `toPorts[k].rules` beyond its own validation: where L7
+/// rules may stand. `p` is the `toPorts[k]` path.
+fn check_l7(ctx: &mut Ctx, p: &str, deny: bool, pr: &PortRuleSpec, rules: &sinew_l7::L7Rules) {
+    for e in rules.validate() {
+        let path = if e.path.is_empty() {
+            format!("{p}.rules")
+        } else {
+            format!("{p}.rules.{}", e.path)
+        };
+        ctx.err(path, e.value, e.reason);
+    }
+    if deny {
+        ctx.err(
+            format!("{p}.rules"),
+            "",
+            "L7 rules cannot deny: deny sections are L3/L4; allow the requests you want in ingress or egress instead",
+        );
+        return;
+    }
+    if pr.icmps.as_ref().is_some_and(|v| !v.is_empty()) {
+        ctx.err(
+            format!("{p}.icmps"),
+            "",
+            "L7 rules apply to TCP ports only; put ICMP types in their own toPorts entry",
+        );
+    }
+    let ports = pr.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        ctx.err(
+            format!("{p}.rules"),
+            "",
+            "L7 rules need the TCP ports they apply to; list them in ports",
+        );
+    }
+    for (m, port) in ports.iter().enumerate() {
+        let pp = format!("{p}.ports[{m}]");
+        match port.protocol.as_deref() {
+            None | Some("TCP") | Some("ANY") => {}
+            Some(other) => ctx.err(
+                format!("{pp}.protocol"),
+                other,
+                "L7 rules apply to TCP only; write protocol: TCP, or move this port to a toPorts entry without rules",
+            ),
+        }
+        if port.port.is_none() {
+            ctx.err(
+                format!("{pp}.port"),
+                "",
+                "L7 rules need a port number or name; they cannot cover every port",
+            );
+        }
+        if let Some(e) = port.end_port {
+            ctx.err(
+                format!("{pp}.endPort"),
+                e.to_string(),
+                "L7 rules apply to single ports, not ranges; list each port",
+            );
+        }
     }
 }
 

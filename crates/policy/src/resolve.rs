@@ -80,6 +80,57 @@ pub struct Entry {
     /// entries were dropped because a broader entry covers them are not
     /// listed (the broader entry's rules decide the same way).
     pub rules: Vec<RuleRef>,
+    /// Non-empty: the datapath hands this entry's connections to the
+    /// proxy, and a request must match one of these L7 rules (those of
+    /// every rule allowing the peer on this single TCP port: its own and
+    /// the any-peer ones). Empty: no redirect.
+    pub l7: Vec<L7Rule>,
+}
+
+impl Entry {
+    /// Whether the entry carries a proxy port.
+    pub fn redirects(&self) -> bool {
+        !self.l7.is_empty()
+    }
+}
+
+/// The L7 rules of one `toPorts` entry of a policy rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct L7Rule {
+    pub rule: RuleRef,
+    /// Index of the `toPorts` entry in the rule.
+    pub to_ports: usize,
+    pub rules: sinew_l7::L7Rules,
+}
+
+impl L7Rule {
+    /// `SinewNetworkPolicy a/web ingress[0].toPorts[1]`: what
+    /// [`sinew_l7::RuleSet::rule`] holds.
+    pub fn reference(&self) -> String {
+        format!("{}.toPorts[{}]", self.rule, self.to_ports)
+    }
+}
+
+/// What the rules that produced one key contributed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Contrib {
+    rules: BTreeSet<RuleRef>,
+    /// Some rule allows this key without L7 rules.
+    plain: bool,
+    l7: BTreeSet<L7Rule>,
+}
+
+impl Contrib {
+    fn merge(&mut self, other: &Contrib) {
+        self.rules.extend(other.rules.iter().cloned());
+        self.plain |= other.plain;
+        self.l7.extend(other.l7.iter().cloned());
+    }
+
+    /// The datapath redirects this key's connections to the proxy.
+    fn redirects(&self) -> bool {
+        !self.plain && !self.l7.is_empty()
+    }
 }
 
 /// A policy by name.
@@ -130,6 +181,90 @@ impl Resolved {
             Direction::Ingress => &self.ingress_isolated_by,
             Direction::Egress => &self.egress_isolated_by,
         }
+    }
+
+    /// Whether `entry` carries a proxy port: the datapath hands its
+    /// connections to the proxy's listener for its direction.
+    pub fn redirects(&self, entry: &Entry) -> bool {
+        entry.redirects()
+    }
+
+    /// Every (direction, TCP port) that some entry redirects, sorted.
+    pub fn l7_ports(&self) -> Vec<(Direction, u16)> {
+        let set: BTreeSet<(Direction, u16)> = self
+            .entries
+            .iter()
+            .filter(|e| e.redirects())
+            .filter_map(|e| e.ports.map(|(port, _)| (e.direction, port)))
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// The L7 rule sets of one (direction, TCP port), as the proxy compiles
+    /// them ([`sinew_l7::CompiledRules::new`]): each `toPorts` entry's rules
+    /// with every peer it applies to, in rule order. A request on a
+    /// redirected connection is allowed when a set that applies to its
+    /// peer has a matching rule. Empty when the port redirects nothing.
+    pub fn l7_rule_sets(&self, direction: Direction, port: u16) -> Vec<sinew_l7::RuleSet> {
+        let mut sets: BTreeMap<&L7Rule, BTreeSet<sinew_l7::Peer>> = BTreeMap::new();
+        for e in self.entries.iter().filter(|e| {
+            e.direction == direction && e.action == Action::Allow && e.redirects() && e.ports == Some((port, port))
+        }) {
+            let peer = match e.peer {
+                Peer::Any => sinew_l7::Peer::Any,
+                Peer::Identity(id) => sinew_l7::Peer::Identity(id),
+                Peer::Cidr(class) => sinew_l7::Peer::CidrClass(class),
+            };
+            for r in &e.l7 {
+                sets.entry(r).or_default().insert(peer);
+            }
+        }
+        sets.into_iter()
+            .map(|(r, peers)| sinew_l7::RuleSet {
+                // Any covers the rest.
+                peers: if peers.contains(&sinew_l7::Peer::Any) {
+                    vec![sinew_l7::Peer::Any]
+                } else {
+                    peers.into_iter().collect()
+                },
+                rules: r.rules.clone(),
+                rule: r.reference(),
+            })
+            .collect()
+    }
+
+    /// The allow entry the datapath finds for a flow: the peer identity's
+    /// most specific entry, else its CIDR class's, else the any-peer one
+    /// (deny entries are not considered; [`crate::trace()`] reports them).
+    pub fn datapath_entry(
+        &self,
+        direction: Direction,
+        peer_identity: u32,
+        peer_class: Option<u32>,
+        proto: Proto,
+        port: u16,
+    ) -> Option<&Entry> {
+        let best = |want: Peer| {
+            self.entries
+                .iter()
+                .filter(|e| {
+                    e.direction == direction
+                        && e.action == Action::Allow
+                        && e.peer == want
+                        && e.proto.is_none_or(|p| p == proto)
+                        && e.ports.is_none_or(|(lo, hi)| lo <= port && port <= hi)
+                })
+                // Most specific: a protocol, then the narrowest range.
+                .min_by_key(|e| {
+                    (
+                        e.proto.is_none(),
+                        e.ports.map_or(u32::MAX, |(lo, hi)| u32::from(hi - lo)),
+                    )
+                })
+        };
+        best(Peer::Identity(peer_identity))
+            .or_else(|| peer_class.and_then(|c| best(Peer::Cidr(c))))
+            .or_else(|| best(Peer::Any))
     }
 }
 
@@ -273,7 +408,7 @@ impl<'a> Resolver<'a> {
             })
             .collect();
 
-        let mut map: BTreeMap<Key, BTreeSet<RuleRef>> = BTreeMap::new();
+        let mut map: BTreeMap<Key, Contrib> = BTreeMap::new();
         for (pi, policy) in &selected {
             for (si, (section, rules)) in policy.sections.iter().enumerate() {
                 let direction = section.direction();
@@ -287,28 +422,51 @@ impl<'a> Resolver<'a> {
                         index,
                     };
                     let peers = self.rule_peers((*pi, si, index), rule);
-                    let mut add = |peer: Peer, proto: Option<Proto>, ports: Option<(u16, u16)>| {
-                        map.entry((direction, peer, proto, ports, action))
-                            .or_default()
-                            .insert(rule_ref.clone());
+                    // `l7`: the toPorts index and L7 rules of the port rule
+                    // the entry comes from. L7 rules govern TCP only: the
+                    // UDP and SCTP parts of an any-protocol port with L7
+                    // rules allow nothing (no request could match).
+                    let mut add = |peer: Peer,
+                                   proto: Option<Proto>,
+                                   ports: Option<(u16, u16)>,
+                                   l7: Option<(usize, &sinew_l7::L7Rules)>| {
+                        if l7.is_some() && proto != Some(Proto::Tcp) {
+                            return;
+                        }
+                        let c = map.entry((direction, peer, proto, ports, action)).or_default();
+                        c.rules.insert(rule_ref.clone());
+                        match l7 {
+                            Some((to_ports, rules)) => {
+                                c.l7.insert(L7Rule {
+                                    rule: rule_ref.clone(),
+                                    to_ports,
+                                    rules: rules.clone(),
+                                });
+                            }
+                            None => c.plain = true,
+                        }
                     };
                     let any_port = rule.port_rules.is_empty() || rule.port_rules.iter().any(|pr| pr.ports.is_empty());
                     if any_port {
-                        peers.for_each(|peer| add(peer, None, None));
+                        peers.for_each(|peer| add(peer, None, None, None));
                         continue;
                     }
-                    for sel in rule.port_rules.iter().flat_map(|pr| &pr.ports) {
+                    let sels =
+                        rule.port_rules.iter().enumerate().flat_map(|(k, pr)| {
+                            pr.ports.iter().map(move |sel| (sel, pr.l7.as_ref().map(|l7| (k, l7))))
+                        });
+                    for (sel, l7) in sels {
                         match sel {
                             PortSel::Range { proto, range } => {
                                 for (proto, range) in expand_proto(*proto, *range) {
-                                    peers.for_each(|peer| add(peer, proto, range));
+                                    peers.for_each(|peer| add(peer, proto, range, l7));
                                 }
                             }
                             PortSel::Named { proto, name } => match direction {
                                 // Ingress: the name is the selected pod's port.
                                 Direction::Ingress => {
                                     if let Some((p, port)) = named(&endpoint.named_ports, *proto, name) {
-                                        peers.for_each(|peer| add(peer, Some(p), Some((port, port))));
+                                        peers.for_each(|peer| add(peer, Some(p), Some((port, port)), l7));
                                     }
                                 }
                                 // Egress: each destination's own port of that
@@ -322,7 +480,7 @@ impl<'a> Resolver<'a> {
                                             continue;
                                         }
                                         if let Some((p, port)) = named(named_ports, *proto, name) {
-                                            add(Peer::Identity(ident.id), Some(p), Some((port, port)));
+                                            add(Peer::Identity(ident.id), Some(p), Some((port, port)), l7);
                                         }
                                     }
                                 }
@@ -351,7 +509,7 @@ impl<'a> Resolver<'a> {
             egress_enforced: !egress_isolated_by.is_empty(),
             ingress_isolated_by,
             egress_isolated_by,
-            entries: drop_covered(map),
+            entries: drop_covered(settle_l7(map)),
         }
     }
 }
@@ -473,14 +631,60 @@ fn expand_peers(resolver: &Resolver<'_>, peers: Option<&[PeerSel]>) -> PeerSet {
     PeerSet::Some(ids)
 }
 
+/// Decides the redirect of every single TCP port that has L7 rules, as
+/// Cilium does: for a peer and port, when every rule that allows it has L7
+/// rules, the connection goes to the proxy and the request must match one
+/// of them; when any has none, the port is open to that peer.
+///
+/// The datapath picks, per packet, the peer's own most specific entry, else
+/// the CIDR class's, else the any-peer one. So each peer that has an allow
+/// covering an L7 port gets an exact entry on that port, decided from its
+/// own allows and the any-peer allows together; the any-peer entry is
+/// decided from the any-peer allows alone, which is right for the peers
+/// that have none of their own. (A peer matched both by identity and by a
+/// CIDR rule is judged by its identity's entry; the CIDR rule's allows are
+/// then not counted, which can only redirect more, never less.)
+fn settle_l7(mut map: BTreeMap<Key, Contrib>) -> BTreeMap<Key, Contrib> {
+    let l7_ports: BTreeSet<(Direction, u16)> = map
+        .iter()
+        .filter(|(_, c)| !c.l7.is_empty())
+        .filter_map(|((dir, _, _, ports, _), _)| ports.map(|(lo, _)| (*dir, lo)))
+        .collect();
+    for (dir, port) in l7_ports {
+        let mut by_peer: BTreeMap<Peer, Contrib> = BTreeMap::new();
+        for ((d, peer, proto, ports, action), c) in &map {
+            let covers = *d == dir
+                && *action == Action::Allow
+                && proto.is_none_or(|p| p == Proto::Tcp)
+                && ports.is_none_or(|(lo, hi)| lo <= port && port <= hi);
+            if covers {
+                by_peer.entry(*peer).or_default().merge(c);
+            }
+        }
+        let any = by_peer.get(&Peer::Any).cloned().unwrap_or_default();
+        for (peer, mut total) in by_peer {
+            if peer != Peer::Any {
+                total.merge(&any);
+            }
+            if !total.redirects() {
+                total.l7.clear();
+                total.plain = true;
+            }
+            map.insert((dir, peer, Some(Proto::Tcp), Some((port, port)), Action::Allow), total);
+        }
+    }
+    map
+}
+
 /// Drops entries that a broader entry with the same direction and action
-/// covers: same or any peer, same or any protocol, a containing port range.
+/// covers. Redirecting entries are never dropped and never cover others:
+/// their proxy port must be what the datapath finds: same or any peer, same or any protocol, a containing port range.
 /// The verdict never changes, since deny wins whatever is left of allows.
 /// A port range, whether it stands for "every port", and whether it is the
 /// peer's own entry (else the Any peer's).
 type Span = ((u16, u16), bool, bool);
 
-fn drop_covered(map: BTreeMap<Key, BTreeSet<RuleRef>>) -> Vec<Entry> {
+fn drop_covered(map: BTreeMap<Key, Contrib>) -> Vec<Entry> {
     // Per (direction, action): the entries of each peer, and whether a
     // key is covered by another entry of its own peer or of the Any peer.
     // Sorting each protocol's ranges by (start, end descending) and
@@ -488,7 +692,7 @@ fn drop_covered(map: BTreeMap<Key, BTreeSet<RuleRef>>) -> Vec<Entry> {
     // O(n log n); a rule list of thousands of ports stays cheap.
     let mut covered: BTreeSet<Key> = BTreeSet::new();
     let mut groups: BTreeMap<(Direction, Action), BTreeMap<Peer, Vec<L4>>> = BTreeMap::new();
-    for (dir, peer, proto, ports, action) in map.keys() {
+    for ((dir, peer, proto, ports, action), _) in map.iter().filter(|(_, c)| !c.redirects()) {
         groups
             .entry((*dir, *action))
             .or_default()
@@ -557,13 +761,18 @@ fn drop_covered(map: BTreeMap<Key, BTreeSet<RuleRef>>) -> Vec<Entry> {
     }
     map.into_iter()
         .filter(|(k, _)| !covered.contains(k))
-        .map(|((direction, peer, proto, ports, action), rules)| Entry {
+        .map(|((direction, peer, proto, ports, action), c)| Entry {
             direction,
             peer,
             proto,
             ports,
             action,
-            rules: rules.into_iter().collect(),
+            rules: c.rules.into_iter().collect(),
+            l7: if c.plain {
+                Vec::new()
+            } else {
+                c.l7.into_iter().collect()
+            },
         })
         .collect()
 }
@@ -592,7 +801,7 @@ mod coverage_tests {
     }
 
     /// The quadratic definition the fast pass must agree with.
-    fn drop_covered_reference(map: &BTreeMap<Key, BTreeSet<RuleRef>>) -> BTreeSet<Key> {
+    fn drop_covered_reference(map: &BTreeMap<Key, Contrib>) -> BTreeSet<Key> {
         map.keys()
             .filter(|(dir, peer, proto, ports, action)| {
                 let mut cands = vec![Peer::Any];
@@ -630,7 +839,7 @@ mod coverage_tests {
             index: 0,
         };
         for _ in 0..300 {
-            let mut map: BTreeMap<Key, BTreeSet<RuleRef>> = BTreeMap::new();
+            let mut map: BTreeMap<Key, Contrib> = BTreeMap::new();
             for _ in 0..rnd(40) {
                 let peer = if rnd(3) == 0 {
                     Peer::Any
@@ -656,9 +865,9 @@ mod coverage_tests {
                     Direction::Egress
                 };
                 let action = if rnd(3) == 0 { Action::Deny } else { Action::Allow };
-                map.entry((dir, peer, proto, ports, action))
-                    .or_default()
-                    .insert(rule.clone());
+                let c = map.entry((dir, peer, proto, ports, action)).or_default();
+                c.rules.insert(rule.clone());
+                c.plain = true;
             }
             let kept: BTreeSet<Key> = drop_covered(map.clone())
                 .into_iter()

@@ -9,6 +9,8 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod addr;
+
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("sinew.agent.v1");
@@ -19,6 +21,15 @@ pub mod v1 {
 pub mod observer_v1 {
     tonic::include_proto!("sinew.observer.v1");
 }
+
+/// The agent-proxy stream (`sinew-proxy`), served on its own unix socket.
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod proxy_v1 {
+    tonic::include_proto!("sinew.proxy.v1");
+}
+
+/// Where the agent serves `ProxyControl` when nothing else is configured.
+pub const DEFAULT_PROXY_SOCKET: &str = "/run/sinew/proxy.sock";
 
 pub use observer_v1::observer_client::ObserverClient;
 pub use observer_v1::observer_server::{Observer, ObserverServer};
@@ -58,4 +69,16 @@ async fn channel(endpoint: Endpoint, socket: &Path) -> Result<Channel, tonic::tr
             }
         }))
         .await
+}
+
+/// Connects the proxy's control client (`ProxyControl`). Only connecting is
+/// bounded by `timeout`: the stream lasts as long as both sides run.
+pub async fn connect_proxy_control(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<proxy_v1::proxy_control_client::ProxyControlClient<Channel>, tonic::transport::Error> {
+    let endpoint = Endpoint::try_from("http://[::]:50051")?.connect_timeout(timeout);
+    Ok(proxy_v1::proxy_control_client::ProxyControlClient::new(
+        channel(endpoint, socket).await?,
+    ))
 }

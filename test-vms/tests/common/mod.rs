@@ -12,10 +12,7 @@ pub fn prefix(tag: &str) -> String {
 
 /// These tests need root; without it they must fail, not pass silently.
 pub fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN): run `sudo -E cargo test -p sinew-testvms`"
-    );
+    sinew_testvms::support::require_root("this test");
 }
 
 /// Deletes a namespace when dropped.

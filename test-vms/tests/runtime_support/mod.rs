@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 use sinew_proto::v1::{Endpoint, ListEndpointsRequest, StatusRequest, StatusResponse};
-use sinew_testvms::lab::{Binaries, Lab, LabSpec, UpOptions};
+use sinew_testvms::lab::{Binaries, LabSpec, UpOptions};
 use sinew_testvms::netns::{self, NetNs};
 
 /// The static busybox that both images are built from.
@@ -29,10 +29,7 @@ pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
 
 /// These tests need root; without it they must fail, not pass silently.
 pub fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root (it runs a container runtime and creates network namespaces): run it as root"
-    );
+    sinew_testvms::support::require_root("this container runtime test");
 }
 
 /// The full path of `program` in PATH; panics with an install hint when it
@@ -76,51 +73,49 @@ impl Clock {
     }
 }
 
-/// A two-node lab with one plain pod per node, taken down in `Drop`.
-pub struct LabGuard {
-    pub lab: Lab,
-    state_dir: PathBuf,
+pub use sinew_testvms::LabGuard;
+
+/// A two-node lab with one plain pod per node, taken down when the guard
+/// drops; panics, after the agents' logs, if it does not come up.
+pub fn lab_up(prefix: &str) -> LabGuard {
+    let binaries = Binaries::from_current_exe().expect("locate the sinew binaries");
+    binaries
+        .check()
+        .expect("sinew-agent and sinew-cni must be built before this test (`cargo build`)");
+    let spec = LabSpec {
+        name_prefix: prefix.to_owned(),
+        nodes: 2,
+        pods_per_node: 1,
+        ..LabSpec::default()
+    };
+    let ready = |socket: &Path| agent_status(socket).is_ok_and(|s| s.healthy);
+    let options = UpOptions {
+        ready: Some(&ready),
+        ..UpOptions::default()
+    };
+    LabGuard::up_with(&spec, &binaries, &options, &mut |_| {})
+        .unwrap_or_else(|e| panic!("lab {prefix} did not come up (agent logs above): {e}"))
 }
 
-impl LabGuard {
-    pub fn up(prefix: &str) -> Self {
-        let binaries = Binaries::from_current_exe().expect("locate the sinew binaries");
-        binaries
-            .check()
-            .expect("sinew-agent and sinew-cni must be built before this test (`cargo build`)");
-        let spec = LabSpec {
-            name_prefix: prefix.to_owned(),
-            nodes: 2,
-            pods_per_node: 1,
-            ..LabSpec::default()
-        };
-        let state_dir = spec.state_dir();
-        let ready = |socket: &Path| agent_status(socket).is_ok_and(|s| s.healthy);
-        let options = UpOptions {
-            ready: Some(&ready),
-            ..UpOptions::default()
-        };
-        match Lab::up_with(&spec, &binaries, &options, &mut |_| {}) {
-            Ok(lab) => Self { lab, state_dir },
-            Err(e) => {
-                let tail = lab_agent_logs(&state_dir);
-                let _ = Lab::down(&state_dir);
-                panic!("lab {prefix} did not come up: {e}\n{tail}");
-            }
-        }
-    }
+/// What the runtime tests ask of their lab.
+pub trait RuntimeLab {
+    fn node(&self, name: &str) -> &sinew_testvms::NodeRecord;
+    /// The node's pod CIDR.
+    fn pod_cidr(&self, node: &str) -> Ipv4Net;
+    /// The lab pod on `node`: its namespace and address.
+    fn pod_on(&self, node: &str) -> (NetNs, Ipv4Addr);
+}
 
-    pub fn node(&self, name: &str) -> &sinew_testvms::NodeRecord {
+impl RuntimeLab for LabGuard {
+    fn node(&self, name: &str) -> &sinew_testvms::NodeRecord {
         self.lab.node(name).expect("lab node")
     }
 
-    /// The node's pod CIDR.
-    pub fn pod_cidr(&self, node: &str) -> Ipv4Net {
-        self.node(node).pod_cidr
+    fn pod_cidr(&self, node: &str) -> Ipv4Net {
+        RuntimeLab::node(self, node).pod_cidr
     }
 
-    /// The lab pod on `node`: its namespace and address.
-    pub fn pod_on(&self, node: &str) -> (NetNs, Ipv4Addr) {
+    fn pod_on(&self, node: &str) -> (NetNs, Ipv4Addr) {
         let pod = self
             .lab
             .pods()
@@ -133,36 +128,6 @@ impl LabGuard {
         };
         (pod.netns.clone(), ip)
     }
-
-    /// The last lines of every agent's log, for failure messages.
-    pub fn agent_logs(&self) -> String {
-        lab_agent_logs(&self.state_dir)
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- agent logs ----\n{}", self.agent_logs());
-        }
-        match Lab::down(&self.state_dir) {
-            Ok(summary) if summary.is_clean() => {}
-            Ok(summary) => eprintln!(
-                "lab down left behind: {:?} (warnings: {:?})",
-                summary.left_behind, summary.warnings
-            ),
-            Err(e) => eprintln!("lab down failed: {e}"),
-        }
-    }
-}
-
-fn lab_agent_logs(state_dir: &Path) -> String {
-    let mut out = String::new();
-    for node in ["node1", "node2"] {
-        let log = state_dir.join(node).join("agent.log");
-        out.push_str(&format!("== {} (last 40 lines)\n{}\n", log.display(), tail(&log, 40)));
-    }
-    out
 }
 
 /// The last `n` lines of a file, or a note that it cannot be read.
@@ -600,5 +565,7 @@ pub fn assert_in(ip: Ipv4Addr, cidr: Ipv4Net, what: &str) {
 
 /// Endpoints keyed by address, for readable failure messages.
 pub fn endpoints_by_ip(eps: &[Endpoint]) -> BTreeMap<String, &Endpoint> {
-    eps.iter().map(|e| (e.ip.clone(), e)).collect()
+    eps.iter()
+        .map(|e| (sinew_proto::addr::text(e.ip.as_ref()), e))
+        .collect()
 }

@@ -96,7 +96,7 @@ spec:
     let l7: Vec<_> = cw.l7_rules().collect();
     assert_eq!(l7.len(), 1);
     assert_eq!(l7[0].0, Section::Egress);
-    assert_eq!(l7[0].2["http"][0]["method"], "GET");
+    assert_eq!(l7[0].2.http[0].method, Some(sinew_l7::StringMatch::Exact("GET".into())));
 }
 
 #[test]

@@ -1,0 +1,15 @@
+//! The network configuration a runtime writes to sinew-cni's stdin.
+#![no_main]
+
+// sinew-cni has no library target yet: its parser is compiled in by path.
+#[allow(dead_code)]
+#[path = "../../cni-plugin/src/config.rs"]
+mod config;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = config::sniff_version(data);
+    if let Ok(conf) = config::parse(data) {
+        // Whatever parses must also format (errors and logs print it).
+        let _ = format!("{conf:?}");
+    }
+});

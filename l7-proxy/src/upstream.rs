@@ -1,0 +1,164 @@
+//! Connections to original destinations, pooled per (destination, mark,
+//! protocol). Every socket carries the SO_MARK that tells the datapath this
+//! is the proxy's own traffic for a client of a given identity: it is not
+//! redirected again and is judged at the destination as that client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::metrics::{Metrics, UpstreamError};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    dst: SocketAddr,
+    mark: u32,
+    proto: Proto,
+}
+
+pub enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
+
+pub struct Pool {
+    h1: Mutex<HashMap<Key, Idle>>,
+    h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    connect_timeout: Duration,
+    idle_per_key: usize,
+    idle_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, idle_per_key: usize, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            h1: Mutex::default(),
+            h2: Mutex::default(),
+            connect_timeout,
+            idle_per_key,
+            idle_timeout,
+            metrics,
+        }
+    }
+
+    /// Opens a marked TCP connection to `dst`.
+    pub async fn connect(&self, dst: SocketAddr, mark: u32) -> Result<TcpStream, UpstreamError> {
+        let sock = match dst {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(|_| UpstreamError::ConnectFailed)?;
+        if mark != 0 {
+            socket2::SockRef::from(&sock).set_mark(mark).map_err(|e| {
+                tracing::warn!(%dst, mark, error = %e, "cannot set SO_MARK on the upstream socket (the proxy needs CAP_NET_ADMIN)");
+                UpstreamError::ConnectFailed
+            })?;
+        }
+        let _ = sock.set_nodelay(true);
+        match tokio::time::timeout(self.connect_timeout, sock.connect(dst)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => {
+                tracing::debug!(%dst, error = %e, "upstream connect failed");
+                Err(UpstreamError::ConnectFailed)
+            }
+            Err(_) => Err(UpstreamError::ConnectTimeout),
+        }
+    }
+
+    /// A sender ready for one request, pooled or new.
+    pub async fn checkout(self: &Arc<Self>, dst: SocketAddr, mark: u32, proto: Proto) -> Result<Sender, UpstreamError> {
+        let key = Key { dst, mark, proto };
+        match proto {
+            Proto::Http1 => {
+                if let Some(s) = self.take_h1(&key) {
+                    return Ok(Sender::H1(s));
+                }
+                let io = TokioIo::new(self.connect(dst, mark).await?);
+                let (send, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|_| UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                Ok(Sender::H1(send))
+            }
+            Proto::Http2 => {
+                if let Some(s) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+                    if !s.is_closed() && s.is_ready() {
+                        return Ok(Sender::H2(s.clone()));
+                    }
+                }
+                let io = TokioIo::new(self.connect(dst, mark).await?);
+                let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .handshake(io)
+                    .await
+                    .map_err(|_| UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                self.h2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, send.clone());
+                Ok(Sender::H2(send))
+            }
+        }
+    }
+
+    fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some((at, s)) = list.pop() {
+            if at.elapsed() < self.idle_timeout && !s.is_closed() && s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Puts an HTTP/1 sender back once its exchange has finished.
+    pub fn release_h1(self: &Arc<Self>, dst: SocketAddr, mark: u32, mut s: http1::SendRequest<Body>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if s.ready().await.is_err() {
+                return;
+            }
+            let key = Key {
+                dst,
+                mark,
+                proto: Proto::Http1,
+            };
+            let mut idle = pool.h1.lock().unwrap_or_else(|e| e.into_inner());
+            let list = idle.entry(key).or_default();
+            list.retain(|(at, s)| at.elapsed() < pool.idle_timeout && !s.is_closed());
+            if list.len() < pool.idle_per_key {
+                list.push((Instant::now(), s));
+            }
+        });
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}

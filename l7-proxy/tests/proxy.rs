@@ -1,0 +1,897 @@
+//! sinew-proxy against real clients and servers over loopback, each test in
+//! its own network namespace (needs root; fails when it cannot run). The
+//! proxy listens on loopback and the test hook gives every connection the
+//! upstream server as its original destination.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sinew_proto::proxy_v1 as pb;
+use sinew_proxy::metrics::{DropReason, Verdict};
+use sinew_proxy::{Config, Proxy, ProxyHandle};
+
+pub mod echo {
+    tonic::include_proto!("sinew.test.echo");
+}
+
+/// Runs `f` on a thread inside a fresh network namespace with lo up.
+fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): these tests need root");
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip link set lo up failed");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// An upstream that answers HTTP/1.1 and h2c with "<method> <path?query>",
+/// and WebSocket upgrades by echoing bytes.
+async fn upstream() -> (SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    h.fetch_add(1, Relaxed);
+                    async move {
+                        if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
+                            let up = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(u) = up.await {
+                                    let mut io = TokioIo::new(u);
+                                    let (mut r, mut w) = tokio::io::split(&mut io);
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let mut r = http::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                            r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+                            r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+                            return Ok::<_, Infallible>(r);
+                        }
+                        if req.uri().path().starts_with("/public/slow") {
+                            tokio::time::sleep(Duration::from_millis(700)).await;
+                        }
+                        let line = format!(
+                            "{} {}",
+                            req.method(),
+                            req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("")
+                        );
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(line))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+fn snapshot(version: u64, port: u16, http: Vec<pb::HttpRule>, grpc: Vec<pb::GrpcRule>) -> pb::Snapshot {
+    pb::Snapshot {
+        version,
+        endpoints: vec![pb::L7Endpoint {
+            addresses: vec!["127.0.0.1".into()],
+            identity: 1000,
+            namespace: "default".into(),
+            name: "server".into(),
+            direction: pb::Direction::Ingress as i32,
+            port: port.into(),
+            rule_sets: vec![pb::RuleSet {
+                peers: vec![],
+                http,
+                grpc,
+                rule: "SinewNetworkPolicy default/web ingress[0]".into(),
+            }],
+        }],
+        identities: vec![pb::IdentityEntry {
+            prefix: "127.0.0.1/32".into(),
+            identity: 1000,
+            namespace: "default".into(),
+            name: "client".into(),
+        }],
+    }
+}
+
+fn get_prefix(p: &str) -> pb::HttpRule {
+    use pb::string_match::Kind;
+    pb::HttpRule {
+        method: Some(pb::StringMatch {
+            kind: Some(Kind::Exact("GET".into())),
+        }),
+        path: Some(pb::StringMatch {
+            kind: Some(Kind::Prefix(p.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn start(orig: SocketAddr, header_timeout: Duration) -> ProxyHandle {
+    start_with(orig, header_timeout, |_| {})
+}
+
+fn start_with(orig: SocketAddr, header_timeout: Duration, f: impl FnOnce(&mut Config)) -> ProxyHandle {
+    let mut c = Config {
+        ingress: vec!["127.0.0.1:0".parse().unwrap()],
+        egress: vec![],
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        agent_socket: None,
+        original_dst_override: Some(orig),
+        drain_timeout: Duration::from_secs(5),
+        ..Config::default()
+    };
+    c.limits.header_read_timeout = header_timeout;
+    f(&mut c);
+    Proxy::start(c).expect("start proxy")
+}
+
+/// Sends raw bytes and reads until the server closes or `until` appears
+/// `n` times.
+fn raw(addr: SocketAddr, req: &[u8], until: &str, n: usize) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+        }
+        if !until.is_empty() && String::from_utf8_lossy(&out).matches(until).count() >= n {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn http1_allow_deny_keepalive_pipelining_and_events() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
+        let mut events = p.take_events().unwrap();
+        let a = p.ingress[0];
+
+        // Pipelined on one keep-alive connection: allowed, denied, a path
+        // that normalises into /public, one that normalises out of it, and
+        // a chunked POST that no rule allows.
+        let out = raw(
+            a,
+            b"GET /public/a?x=1 HTTP/1.1\r\nHost: web\r\n\r\n\
+              GET /admin HTTP/1.1\r\nHost: web\r\n\r\n\
+              GET /x/../public/%62 HTTP/1.1\r\nHost: web\r\n\r\n\
+              GET /public/../admin HTTP/1.1\r\nHost: web\r\n\r\n\
+              POST /public/p HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "HTTP/1.1 ",
+            5,
+        );
+        let statuses: Vec<&str> = out
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &out[i + 9..i + 12])
+            .collect();
+        assert_eq!(statuses, ["200", "403", "200", "403", "403"], "{out}");
+        assert!(out.contains("GET /public/a?x=1"), "{out}");
+        assert!(out.contains("GET /public/b"), "forwarded the normalised path: {out}");
+        assert!(!out.contains("/admin\r") && !out.contains("GET /admin"), "{out}");
+        assert_eq!(hits.load(Relaxed), 2);
+        assert_eq!(p.metrics.requests(Verdict::Forwarded), 2);
+        assert_eq!(p.metrics.requests(Verdict::Denied), 3);
+        assert_eq!(p.metrics.drops(DropReason::PolicyDenied), 3);
+
+        let mut got = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            got.push(e);
+        }
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0].verdict, pb::L7Verdict::Forwarded as i32);
+        assert_eq!(got[0].path, "/public/a");
+        assert_eq!(got[0].rule, "SinewNetworkPolicy default/web ingress[0].rules.http[0]");
+        assert_eq!(got[0].src_name, "client");
+        assert_eq!(got[0].dst_name, "server");
+        assert_eq!(got[1].verdict, pb::L7Verdict::Denied as i32);
+        assert_eq!(got[1].status, 403);
+        assert_eq!(got[1].drop_reason, "policy_denied");
+
+        // A new snapshot applies to the next request on an open connection.
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let one = |s: &mut TcpStream| {
+            s.write_all(b"GET /admin HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n])[9..12].to_owned()
+        };
+        assert_eq!(one(&mut s), "403");
+        p.state
+            .apply(&snapshot(2, up.port(), vec![get_prefix("/")], vec![]))
+            .unwrap();
+        assert_eq!(one(&mut s), "200");
+
+        // Metrics on the admin port.
+        let m = raw(
+            p.admin.unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "",
+            0,
+        );
+        assert!(
+            m.contains("sinew_proxy_requests_total{direction=\"ingress\",verdict=\"denied\",status_class=\"4xx\"} 4"),
+            "{m}"
+        );
+        assert!(m.contains("sinew_proxy_drops_total{reason=\"policy_denied\"} 4"), "{m}");
+        assert!(m.contains("sinew_proxy_request_duration_seconds_count 7"), "{m}");
+        p.drain();
+        p.join();
+    });
+}
+
+#[test]
+fn no_snapshot_fails_closed() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        let out = raw(
+            p.ingress[0],
+            b"GET /public HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+            "",
+            0,
+        );
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert_eq!(hits.load(Relaxed), 0);
+        assert_eq!(p.metrics.drops(DropReason::NoRules), 1);
+    });
+}
+
+#[test]
+fn h2c_prior_knowledge_and_upgrade_request() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        rt.block_on(async {
+            let s = tokio::net::TcpStream::connect(a).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for (path, want) in [
+                ("/public/x", 200),
+                ("/admin", 403),
+                ("/public/%2e%2e/admin", 403),
+                ("/public/%2fx", 400),
+            ] {
+                let req = http::Request::get(format!("http://web{path}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let r = send.send_request(req).await.unwrap();
+                assert_eq!(r.status().as_u16(), want, "{path}");
+                if want == 200 {
+                    let b = r.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(&b[..], b"GET /public/x");
+                }
+            }
+        });
+        assert_eq!(hits.load(Relaxed), 1);
+        assert_eq!(p.metrics.drops(DropReason::AmbiguousPath), 1);
+        // An h2c Upgrade request is answered as HTTP/1.1.
+        let out = raw(
+            a,
+            b"GET /public/u HTTP/1.1\r\nHost: web\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+            "GET /public/u",
+            1,
+        );
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    });
+}
+
+struct EchoSvc;
+
+#[tonic::async_trait]
+impl echo::echo_server::Echo for EchoSvc {
+    async fn say(
+        &self,
+        r: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
+        Ok(tonic::Response::new(echo::EchoReply {
+            text: r.into_inner().text,
+        }))
+    }
+    type StreamStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<echo::EchoReply, tonic::Status>> + Send>>;
+    async fn stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<echo::EchoRequest>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let mut inb = r.into_inner();
+        let out = async_stream_like(move |tx| async move {
+            while let Ok(Some(m)) = inb.message().await {
+                let _ = tx.send(Ok(echo::EchoReply { text: m.text })).await;
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+    async fn admin(
+        &self,
+        _: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
+        Ok(tonic::Response::new(echo::EchoReply { text: "admin".into() }))
+    }
+}
+
+fn async_stream_like<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Result<echo::EchoReply, tonic::Status>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<echo::EchoReply, tonic::Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[test]
+fn grpc_unary_and_streaming_allow_deny() {
+    in_netns(|| {
+        let rt = rt();
+        let up = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(echo::echo_server::EchoServer::new(EchoSvc))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+            );
+            addr
+        });
+        let p = start(up, Duration::from_secs(5));
+        let g = |m: &str| pb::GrpcRule {
+            service: "sinew.test.echo.Echo".into(),
+            method: m.into(),
+        };
+        p.state
+            .apply(&snapshot(1, up.port(), vec![], vec![g("Say"), g("Stream")]))
+            .unwrap();
+        let a = p.ingress[0];
+        rt.block_on(async {
+            let mut c = echo::echo_client::EchoClient::connect(format!("http://{a}"))
+                .await
+                .unwrap();
+            let r = c.say(echo::EchoRequest { text: "hi".into() }).await.unwrap();
+            assert_eq!(r.into_inner().text, "hi");
+            let e = c.admin(echo::EchoRequest { text: "x".into() }).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied);
+            let reqs = tokio_stream::iter((0..5).map(|i| echo::EchoRequest { text: format!("m{i}") }));
+            let mut s = c.stream(reqs).await.unwrap().into_inner();
+            let mut n = 0;
+            while let Some(m) = s.message().await.unwrap() {
+                assert_eq!(m.text, format!("m{n}"));
+                n += 1;
+            }
+            assert_eq!(n, 5, "every streamed message and the trailers came back");
+            // Only Say and Stream: after a new snapshot allowing Admin too.
+            p.state.apply(&snapshot(2, up.port(), vec![], vec![g("")])).unwrap();
+            assert_eq!(
+                c.admin(echo::EchoRequest { text: "x".into() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .text,
+                "admin"
+            );
+        });
+        assert_eq!(p.metrics.requests(Verdict::Denied), 1);
+    });
+}
+
+#[test]
+fn websocket_upgrade_passes_when_allowed() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, _) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/ws")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        s.write_all(b"ping-bytes").unwrap();
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(&got, b"ping-bytes");
+        let out = raw(
+            a,
+            b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1",
+            1,
+        );
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    });
+}
+
+#[test]
+fn bad_input_is_refused_counted_and_never_hangs() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_millis(800));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        let t = Instant::now();
+
+        // Not HTTP: TLS ClientHello bytes, closed without an answer.
+        let out = raw(a, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "", 0);
+        assert_eq!(out, "");
+        // Oversized header block: 431.
+        let big = format!("GET / HTTP/1.1\r\nHost: web\r\nx-big: {}\r\n\r\n", "a".repeat(40_000));
+        let out = raw(a, big.as_bytes(), "", 0);
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+        // Too many headers: 431.
+        let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let out = raw(
+            a,
+            format!("GET / HTTP/1.1\r\nHost: web\r\n{many}\r\n").as_bytes(),
+            "",
+            0,
+        );
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+        // Invalid method and target.
+        let out = raw(a, b"G@T / HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 400") || out.is_empty(), "{out}");
+        let out = raw(a, b"GET web:80 HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        let out = raw(a, b"CONNECT web:443 HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        let out = raw(a, b"GET /a%2fb HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        // Two different Content-Lengths: 400, nothing forwarded.
+        let out = raw(
+            a,
+            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc",
+            "",
+            0,
+        );
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        // obs-fold: 400.
+        let out = raw(a, b"GET / HTTP/1.1\r\nHost: web\r\nx-a: b\r\n c\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        // CL + TE: the body is read as chunked, the smuggled request after
+        // it never reaches the upstream, and the connection closes.
+        let before = hits.load(Relaxed);
+        let out = raw(
+            a,
+            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+            "",
+            0,
+        );
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+        assert!(!out.contains("smuggled"), "{out}");
+        assert_eq!(hits.load(Relaxed), before, "{out}");
+        // Slow headers: the connection is closed after the timeout.
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n").unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+        assert!(t0.elapsed() < Duration::from_secs(4), "slow headers were not timed out");
+        // Silent client: closed after the timeout too.
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+        assert!(t0.elapsed() < Duration::from_secs(4));
+
+        std::thread::sleep(Duration::from_millis(200));
+        let m = &p.metrics;
+        // The TLS bytes and the method that is not a token never reach hyper.
+        assert_eq!(m.drops(DropReason::NotHttp), 2, "{}", m.render());
+        assert_eq!(m.drops(DropReason::HeaderTooLarge), 2);
+        assert_eq!(m.drops(DropReason::InvalidTarget), 2);
+        assert_eq!(m.drops(DropReason::AmbiguousPath), 1, "{}", m.render());
+        assert!(m.drops(DropReason::MalformedRequest) >= 2, "{}", m.render());
+        assert_eq!(m.drops(DropReason::HeaderTimeout), 2, "{}", m.render());
+        assert!(t.elapsed() < Duration::from_secs(20));
+        // Still serving.
+        let out = raw(a, b"GET /ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    });
+}
+
+/// A stand-in agent: serves ProxyControl on a unix socket, sends `snap` to
+/// every subscriber and records the ACKs.
+struct FakeAgent {
+    snap: pb::Snapshot,
+    acks: Arc<std::sync::Mutex<Vec<pb::Ack>>>,
+}
+
+#[tonic::async_trait]
+impl pb::proxy_control_server::ProxyControl for FakeAgent {
+    type SubscribeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AgentMessage, tonic::Status>>;
+    async fn subscribe(
+        &self,
+        r: tonic::Request<tonic::Streaming<pb::ProxyMessage>>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut inb = r.into_inner();
+        let snap = self.snap.clone();
+        let acks = self.acks.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inb.message().await {
+                match m.kind {
+                    Some(pb::proxy_message::Kind::Hello(_)) => {
+                        let _ = tx
+                            .send(Ok(pb::AgentMessage {
+                                kind: Some(pb::agent_message::Kind::Snapshot(snap.clone())),
+                            }))
+                            .await;
+                    }
+                    Some(pb::proxy_message::Kind::Ack(a)) => acks.lock().unwrap().push(a),
+                    _ => {}
+                }
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// Kills the child proxy when a test fails half-way.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_proxy(admin: u16, orig: SocketAddr, sock: &std::path::Path) -> Child {
+    let log = std::fs::File::create(sock.with_file_name(format!("proxy-{admin}.log"))).unwrap();
+    Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+            .args(["--ingress", "127.0.0.1:15006", "--egress", "none", "--admin"])
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--agent-socket")
+            .arg(sock)
+            .arg("--original-dst")
+            .arg(orig.to_string())
+            .args(["--drain-timeout", "10"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sinew-proxy"),
+    )
+}
+
+fn wait_ready(admin: u16) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)) {
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") && !out.contains("version=0") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("proxy on admin port {admin} not ready with a snapshot within 10 s");
+}
+
+#[test]
+fn restart_hands_over_the_listener_without_failing_a_request() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, _) = rt.block_on(upstream());
+        let dir = std::env::temp_dir().join(format!("sinew-proxy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("proxy.sock");
+        let _ = std::fs::remove_file(&sock);
+        let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let uds = tokio_stream::wrappers::UnixListenerStream::new(
+                rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() }),
+            );
+            let svc = pb::proxy_control_server::ProxyControlServer::new(FakeAgent {
+                snap: snapshot(7, up.port(), vec![get_prefix("/public")], vec![]),
+                acks: acks.clone(),
+            });
+            rt.spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(uds),
+            );
+        }
+        let mut a = spawn_proxy(15090, up, &sock);
+        wait_ready(15090);
+        assert!(acks
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.version == 7 && a.error.is_empty()));
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut loops = Vec::new();
+        for i in 0..2 {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            loops.push(std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    let out = match TcpStream::connect("127.0.0.1:15006") {
+                        Ok(mut s) => {
+                            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                            let _ = s.write_all(
+                                format!("GET /public/{i} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+                                    .as_bytes(),
+                            );
+                            let mut out = String::new();
+                            let _ = s.read_to_string(&mut out);
+                            out
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    if out.starts_with("HTTP/1.1 200") {
+                        ok.fetch_add(1, Relaxed);
+                    } else {
+                        failed.lock().unwrap().push(out);
+                    }
+                }
+            }));
+        }
+        // A slow request in flight on the old process while it drains.
+        let slow = std::thread::spawn(|| {
+            raw(
+                "127.0.0.1:15006".parse().unwrap(),
+                b"GET /public/slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+                "",
+                0,
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let b = spawn_proxy(15091, up, &sock);
+        wait_ready(15091);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(a.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let st = a.0.wait().unwrap();
+        assert!(st.success(), "old proxy exit: {st:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Relaxed);
+        for l in loops {
+            l.join().unwrap();
+        }
+        let slow = slow.join().unwrap();
+        assert!(slow.starts_with("HTTP/1.1 200"), "in-flight request: {slow}");
+        let failed = failed.lock().unwrap();
+        let n = ok.load(Relaxed);
+        eprintln!("restart: {n} requests, {} failed", failed.len());
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            n + failed.len() as u64,
+            &failed[..failed.len().min(3)]
+        );
+        assert!(n > 20, "only {n} requests");
+        let m = raw(
+            "127.0.0.1:15091".parse().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "",
+            0,
+        );
+        assert!(
+            !m.contains("direction=\"ingress\",verdict=\"forwarded\",status_class=\"2xx\"} 0"),
+            "the new proxy served nothing: {m}"
+        );
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    f.push(ty);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+// GET http://web/ in HPACK: static :method GET, :scheme http, :path /, then
+// :authority (static name 1) with a literal value.
+const GET_ROOT: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+
+fn h2_conn(a: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&frame(4, 0, 0, &[])).unwrap();
+    s
+}
+
+/// Reads frames until EOF; returns (frame types seen with their first
+/// payload word, whether EOF came).
+fn read_frames(s: &mut TcpStream, limit: Duration) -> (Vec<(u8, u32)>, bool) {
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let mut eof = false;
+    while t.elapsed() < limit {
+        match s.read(&mut tmp) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                eof = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i + 9 <= buf.len() {
+        let len = u32::from_be_bytes([0, buf[i], buf[i + 1], buf[i + 2]]) as usize;
+        let ty = buf[i + 3];
+        let word = if len >= 8 && ty == 7 {
+            u32::from_be_bytes([buf[i + 13], buf[i + 14], buf[i + 15], buf[i + 16]])
+        } else if len >= 4 && i + 13 <= buf.len() {
+            u32::from_be_bytes([buf[i + 9], buf[i + 10], buf[i + 11], buf[i + 12]])
+        } else {
+            0
+        };
+        frames.push((ty, word));
+        i += 9 + len;
+    }
+    (frames, eof)
+}
+
+#[test]
+fn http2_abuse_is_limited_counted_and_closed() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, _) = rt.block_on(upstream());
+        let p = start_with(up, Duration::from_secs(5), |c| {
+            c.limits.h2_keepalive_interval = Duration::from_millis(300);
+            c.limits.h2_keepalive_timeout = Duration::from_millis(300);
+        });
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+
+        // Rapid reset: open and cancel streams as fast as possible.
+        let mut s = h2_conn(a);
+        let mut burst = Vec::new();
+        for i in 0..2000u32 {
+            let id = 2 * i + 1;
+            burst.extend(frame(1, 0x5, id, GET_ROOT));
+            burst.extend(frame(3, 0, id, &8u32.to_be_bytes()));
+        }
+        let _ = s.write_all(&burst);
+        let (frames, eof) = read_frames(&mut s, Duration::from_secs(10));
+        assert!(eof, "rapid reset did not close the connection");
+        assert!(
+            frames.iter().any(|(t, code)| *t == 7 && *code == 0xb),
+            "no GOAWAY ENHANCE_YOUR_CALM: {:?}",
+            &frames[frames.len().saturating_sub(5)..]
+        );
+
+        // Too many streams: the ones past the limit are refused.
+        let mut s = h2_conn(a);
+        let mut burst = Vec::new();
+        for i in 0..150u32 {
+            // END_HEADERS only: the streams stay open.
+            burst.extend(frame(1, 0x4, 2 * i + 1, GET_ROOT));
+        }
+        s.write_all(&burst).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let (frames, _) = read_frames(&mut s, Duration::from_secs(1));
+        let refused = frames.iter().filter(|(t, code)| *t == 3 && *code == 7).count();
+        assert!(
+            refused >= 50,
+            "{refused} streams refused of 150 (limit 100): {:?}",
+            &frames[..frames.len().min(10)]
+        );
+        drop(s);
+
+        // PING and SETTINGS floods from a client that does not read: the
+        // proxy stops reading, its keep-alive PING goes unanswered and the
+        // connection is closed.
+        for (ty, payload) in [(6u8, vec![0u8; 8]), (4u8, vec![])] {
+            let mut s = h2_conn(a);
+            s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            let one = frame(ty, 0, 0, &payload);
+            let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 20_000).collect();
+            for _ in 0..20 {
+                if s.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            let (_, eof) = read_frames(&mut s, Duration::from_secs(15));
+            assert!(eof, "flood of frame type {ty}: connection not closed");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(p.metrics.drops(DropReason::H2Protocol) >= 3, "{}", p.metrics.render());
+        // Still serving.
+        let out = raw(a, b"GET /ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    });
+}
+
+#[test]
+fn a_bad_snapshot_is_refused_and_the_previous_rules_stay() {
+    let state = sinew_proxy::state::SharedState::default();
+    state
+        .apply(&snapshot(1, 80, vec![get_prefix("/public")], vec![]))
+        .unwrap();
+    let mut bad = snapshot(2, 80, vec![get_prefix("/public")], vec![]);
+    bad.endpoints[0].rule_sets[0].http[0].path = Some(pb::StringMatch {
+        kind: Some(pb::string_match::Kind::Regex("(".into())),
+    });
+    let err = state.apply(&bad).unwrap_err().to_string();
+    assert!(err.contains("endpoint 0"), "{err}");
+    assert_eq!(state.load().version, 1);
+    let mut bad = snapshot(3, 80, vec![], vec![]);
+    bad.endpoints[0].addresses = vec!["not-an-ip".into()];
+    assert!(state.apply(&bad).is_err());
+    assert_eq!(state.load().version, 1);
+}
