@@ -166,7 +166,7 @@ impl sinew_proto::Agent for AgentApi {
                 pod_mac,
             })
             .map_err(status)?;
-        tracing::info!(id = ep.id, pod = %crate::observer::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id), ip = %ep.ip, ifname = %ep.host_ifname, "endpoint created");
+        tracing::info!(id = ep.id, pod = %sinew_flows::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id), ip = %ep.ip, ifname = %ep.host_ifname, "endpoint created");
         Ok(Response::new(v1::CreateEndpointResponse {
             endpoint: Some(s.endpoint_proto(&ep)),
         }))

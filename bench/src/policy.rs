@@ -109,6 +109,12 @@ pub enum PolicyBenchError {
     },
 }
 
+impl From<PolicyBenchError> for ScenarioError {
+    fn from(e: PolicyBenchError) -> Self {
+        ScenarioError::Step(Box::new(e))
+    }
+}
+
 /// A blocking gRPC client of one agent.
 struct Agent {
     rt: tokio::runtime::Runtime,

@@ -71,12 +71,10 @@ pub enum ScenarioError {
         /// What went wrong.
         reason: String,
     },
-    /// A policy benchmark step failed.
+    /// A step of a scenario module (policy, services) failed; boxed so
+    /// that this module does not import the scenarios built on it.
     #[error(transparent)]
-    Policy(#[from] crate::policy::PolicyBenchError),
-    /// A services benchmark step failed (boxed: it is large).
-    #[error(transparent)]
-    Services(Box<crate::services::ServicesBenchError>),
+    Step(Box<dyn std::error::Error + Send + Sync>),
     /// The agent's memory could not be read.
     #[error("cannot read VmRSS of the agent (pid {pid}): {reason}")]
     Rss {

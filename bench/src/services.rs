@@ -132,7 +132,7 @@ pub enum ServicesBenchError {
 
 impl From<ServicesBenchError> for ScenarioError {
     fn from(e: ServicesBenchError) -> Self {
-        ScenarioError::Services(Box::new(e))
+        ScenarioError::Step(Box::new(e))
     }
 }
 

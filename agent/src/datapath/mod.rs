@@ -5,6 +5,7 @@
 //! never stops.
 
 mod attach;
+mod error;
 mod loader;
 mod pinned;
 

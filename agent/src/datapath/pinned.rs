@@ -7,7 +7,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::{Ebpf, Pod};
 use sinew_abi::{IpcacheData, IpcacheKey, PolicyData, PolicyKey};
 
-use super::loader::DatapathError;
+use super::error::DatapathError;
 
 pub(crate) fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map {

@@ -223,7 +223,7 @@ impl View<'_> {
                             || (r.ingress_enforced || r.egress_enforced) && self.policy_selects(kind, ns, name, ep)
                     })
                 })
-                .map(|ep| crate::observer::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id))
+                .map(|ep| sinew_flows::render::pod(&ep.pod_namespace, &ep.pod_name, &ep.attachment.container_id))
                 .collect()
         };
         v1::ListPoliciesResponse {

@@ -278,3 +278,12 @@ impl Lab {
         }
     }
 }
+
+impl Lab {
+    /// Writes the lab's state file (atomically).
+    pub(crate) fn save(&self) -> Result<(), LabError> {
+        let json = serde_json::to_string_pretty(&self.state).expect("state always serialises");
+        datastore::write_atomic(&self.dir.join(STATE_FILE), &json)?;
+        Ok(())
+    }
+}

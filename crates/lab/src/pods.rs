@@ -19,7 +19,9 @@ use crate::error::LabError;
 use crate::lab::{join, Lab};
 use crate::spec::{POD_IFNAME, POD_NAMESPACE};
 use crate::state::{NodeRecord, PodRecord};
-use crate::teardown::DOWN_CNI_TIMEOUT;
+
+/// How long `down` waits for one CNI DEL.
+pub(crate) const DOWN_CNI_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub(crate) fn cni_request(
     plugin: &Path,

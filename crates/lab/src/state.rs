@@ -12,7 +12,6 @@ use crate::datastore::{self, ContainerPort};
 use crate::netns::NetNs;
 
 use crate::error::LabError;
-use crate::lab::Lab;
 use crate::spec::{Binaries, LabSpec, POD_NAMESPACE};
 
 /// The state file inside the state directory.
@@ -139,12 +138,4 @@ pub(crate) fn read_state(state_dir: &Path) -> Result<Option<LabState>, LabError>
         });
     }
     Ok(Some(state))
-}
-
-impl Lab {
-    pub(crate) fn save(&self) -> Result<(), LabError> {
-        let json = serde_json::to_string_pretty(&self.state).expect("state always serialises");
-        datastore::write_atomic(&self.dir.join(STATE_FILE), &json)?;
-        Ok(())
-    }
 }

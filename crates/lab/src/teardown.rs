@@ -12,12 +12,10 @@ use crate::topology::{self, Names};
 use crate::agents::AGENT_STOP_GRACE;
 use crate::error::LabError;
 use crate::lab::Lab;
-use crate::pods::cni_request;
+use crate::pods::{cni_request, DOWN_CNI_TIMEOUT};
 use crate::spec::{default_state_dir, SOCKET_ROOT};
 use crate::state::{read_state, LabState};
 
-/// How long `down` waits for one CNI DEL.
-pub(crate) const DOWN_CNI_TIMEOUT: Duration = Duration::from_secs(15);
 /// What [`Lab::down`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DownSummary {

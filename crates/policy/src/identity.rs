@@ -11,13 +11,10 @@ use std::fmt;
 use ipnet::IpNet;
 
 use crate::model::Proto;
+pub use crate::model::{NAMESPACE_LABEL, NAMESPACE_LABEL_PREFIX};
 
-/// Label carrying a pod's namespace in its identity.
-pub const NAMESPACE_LABEL: &str = "sinew.io/namespace";
 /// Label carrying a pod's service account in its identity.
 pub const SERVICE_ACCOUNT_LABEL: &str = "sinew.io/serviceaccount";
-/// Prefix of the namespace's own labels copied into a pod's identity.
-pub const NAMESPACE_LABEL_PREFIX: &str = "sinew.io/ns.";
 
 /// Pod identities are allocated from here up.
 pub const MIN_POD_IDENTITY: u32 = 256;

@@ -18,8 +18,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
-use crate::identity::{NAMESPACE_LABEL, NAMESPACE_LABEL_PREFIX};
 use crate::selector::Selector;
+
+/// Prefix of the namespace's own labels copied into a pod's identity.
+pub const NAMESPACE_LABEL_PREFIX: &str = "sinew.io/ns.";
+
+/// Label carrying a pod's namespace in its identity.
+pub const NAMESPACE_LABEL: &str = "sinew.io/namespace";
 
 const K8S_API: &str = "networking.k8s.io/v1";
 const SINEW_API: &str = "sinew.io/v1alpha1";
