@@ -660,4 +660,146 @@ mod tests {
         assert!(parse_port("80/gre").unwrap_err().contains("protocol"));
         assert!(parse_port("300/icmp").unwrap_err().contains("ICMP"));
     }
+
+    /// A datastore in memory whose `fail_at`-th policy write (0-based)
+    /// fails, and whose later writes succeed.
+    struct Flaky {
+        docs: std::sync::Mutex<BTreeMap<(String, Option<String>, String), String>>,
+        writes: std::sync::atomic::AtomicUsize,
+        fail_at: usize,
+        tx: tokio::sync::watch::Sender<std::sync::Arc<Snapshot>>,
+    }
+
+    impl Flaky {
+        fn new(fail_at: usize) -> Self {
+            Self {
+                docs: Default::default(),
+                writes: Default::default(),
+                fail_at,
+                tx: tokio::sync::watch::channel(std::sync::Arc::new(Snapshot::default())).0,
+            }
+        }
+        fn key(kind: &str, ns: Option<&str>, name: &str) -> (String, Option<String>, String) {
+            (kind.into(), ns.map(Into::into), name.into())
+        }
+        fn yaml(&self, name: &str) -> Option<String> {
+            self.docs
+                .lock()
+                .unwrap()
+                .get(&Self::key("NetworkPolicy", Some("default"), name))
+                .cloned()
+        }
+    }
+
+    impl Datastore for Flaky {
+        fn subscribe(&self) -> tokio::sync::watch::Receiver<std::sync::Arc<Snapshot>> {
+            self.tx.subscribe()
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn refresh(&self) {}
+        fn allocate_identity(&self, _: &BTreeMap<String, String>) -> Result<u32, DatastoreError> {
+            Ok(256)
+        }
+        fn publish_endpoints(&self, _: &str, _: &[sinew_model::PublishedEndpoint]) -> Result<(), DatastoreError> {
+            Ok(())
+        }
+        fn gc_identities(
+            &self,
+            _: &std::collections::BTreeSet<u32>,
+            _: std::time::Duration,
+        ) -> Result<Vec<u32>, DatastoreError> {
+            Ok(vec![])
+        }
+        fn apply_policy(&self, d: &PolicyDoc) -> Result<(), DatastoreError> {
+            let n = self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n == self.fail_at {
+                return Err(DatastoreError::Io {
+                    path: "/datastore/policies".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            let k = Self::key(&d.kind, d.namespace.as_deref(), &d.name);
+            self.docs.lock().unwrap().insert(k, d.yaml.clone());
+            Ok(())
+        }
+        fn delete_policy(&self, kind: &str, ns: Option<&str>, name: &str) -> Result<bool, DatastoreError> {
+            Ok(self.docs.lock().unwrap().remove(&Self::key(kind, ns, name)).is_some())
+        }
+        fn stored_policy(&self, kind: &str, ns: Option<&str>, name: &str) -> Result<Option<String>, DatastoreError> {
+            Ok(self.docs.lock().unwrap().get(&Self::key(kind, ns, name)).cloned())
+        }
+    }
+
+    fn doc(name: &str, yaml: &str) -> PolicyDoc {
+        PolicyDoc {
+            kind: "NetworkPolicy".into(),
+            namespace: Some("default".into()),
+            name: name.into(),
+            source: "t.yaml".into(),
+            yaml: yaml.into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_store_puts_back_what_the_apply_replaced_and_says_it_was_the_datastore() {
+        // The first write (a) goes through before the test; then an apply of
+        // a' (replacing a), b (new) and c fails on c, the 3rd write of the apply.
+        let ds = Flaky::new(3);
+        store(&ds, &[doc("a", "old a")]).unwrap();
+        let err = store(&ds, &[doc("a", "new a"), doc("b", "b"), doc("c", "c")]).unwrap_err();
+        match &err {
+            ApplyError::Store {
+                action, what, rollback, ..
+            } => {
+                assert_eq!(*action, "store");
+                assert!(what.contains("c"), "{what}");
+                assert_eq!(*rollback, Rollback::Complete { restored: 2 });
+            }
+            other => panic!("expected a store error, got {other}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("in the datastore") && text.contains("disk full"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("policy rejected"),
+            "a datastore failure is not a rejection: {text}"
+        );
+        // a is back as it was, b (new in this apply) is gone, c never landed.
+        assert_eq!(ds.yaml("a").as_deref(), Some("old a"));
+        assert_eq!(ds.yaml("b"), None);
+        assert_eq!(ds.yaml("c"), None);
+    }
+
+    #[test]
+    fn a_first_write_failure_has_nothing_to_put_back() {
+        let ds = Flaky::new(0);
+        let err = store(&ds, &[doc("a", "a")]).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ApplyError::Store {
+                    rollback: Rollback::Complete { restored: 0 },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("nothing of this apply was written"), "{err}");
+    }
+
+    #[test]
+    fn invalid_documents_are_rejected_before_anything_is_written() {
+        let err = prepare(
+            "kind: NetworkPolicy\nmetadata: {name: x}\nspec: {podSelector: {}, policyTypes: [Sideways]}\n",
+            "bad.yaml",
+        )
+        .unwrap_err();
+        assert!(matches!(err, ApplyError::Rejected(_)), "{err}");
+        let err = prepare("# no documents\n---\n", "empty.yaml").unwrap_err();
+        assert!(matches!(err, ApplyError::NoPolicies { .. }), "{err}");
+    }
 }
