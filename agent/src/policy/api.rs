@@ -661,10 +661,12 @@ mod tests {
         assert!(parse_port("300/icmp").unwrap_err().contains("ICMP"));
     }
 
+    type Key = (String, Option<String>, String);
+
     /// A datastore in memory whose `fail_at`-th policy write (0-based)
     /// fails, and whose later writes succeed.
     struct Flaky {
-        docs: std::sync::Mutex<BTreeMap<(String, Option<String>, String), String>>,
+        docs: std::sync::Mutex<BTreeMap<Key, String>>,
         writes: std::sync::atomic::AtomicUsize,
         fail_at: usize,
         tx: tokio::sync::watch::Sender<std::sync::Arc<Snapshot>>,
@@ -679,7 +681,7 @@ mod tests {
                 tx: tokio::sync::watch::channel(std::sync::Arc::new(Snapshot::default())).0,
             }
         }
-        fn key(kind: &str, ns: Option<&str>, name: &str) -> (String, Option<String>, String) {
+        fn key(kind: &str, ns: Option<&str>, name: &str) -> Key {
             (kind.into(), ns.map(Into::into), name.into())
         }
         fn yaml(&self, name: &str) -> Option<String> {
