@@ -320,7 +320,7 @@ pub fn lab_with_args(prefix: &str, nodes: u32, pods_per_node: u32, routing: Rout
 }
 
 async fn client(socket: &Path) -> sinew_proto::AgentClient<tonic::transport::Channel> {
-    sinew_proto::connect(socket, Duration::from_secs(2))
+    sinew_proto::connect(socket, Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("cannot reach the agent at {}: {e}", socket.display()))
 }
