@@ -64,17 +64,7 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                 }
             }
             backends.sort_by_key(|b| (b.addr, b.port));
-            let local_only = svc.internal_traffic_local;
-            let eligible = |b: &Backend| !local_only || b.node.as_deref() == Some(settings.local_node.as_str());
-            let any_ready = backends.iter().any(|b| eligible(b) && b.state == BackendState::Ready);
-            for b in &mut backends {
-                b.usable = eligible(b)
-                    && if any_ready {
-                        b.state == BackendState::Ready
-                    } else {
-                        b.state == BackendState::ServingTerminating
-                    };
-            }
+            mark_usable(&mut backends, svc.internal_traffic_local, &settings.local_node);
             let addrs = svc
                 .cluster_ips
                 .iter()
@@ -129,18 +119,7 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                 // only this node's backends, Cluster uses every node's.
                 let mut backends = backends.clone();
                 if external {
-                    let eligible = |b: &Backend| {
-                        !svc.external_traffic_local || b.node.as_deref() == Some(settings.local_node.as_str())
-                    };
-                    let any_ready = backends.iter().any(|b| eligible(b) && b.state == BackendState::Ready);
-                    for b in &mut backends {
-                        b.usable = eligible(b)
-                            && if any_ready {
-                                b.state == BackendState::Ready
-                            } else {
-                                b.state == BackendState::ServingTerminating
-                            };
-                    }
+                    mark_usable(&mut backends, svc.external_traffic_local, &settings.local_node);
                 }
                 if let Some(other) = out.get(&frontend) {
                     errors.push(format!(
@@ -163,7 +142,7 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
                         local_only: if external {
                             svc.external_traffic_local
                         } else {
-                            local_only
+                            svc.internal_traffic_local
                         },
                         backends,
                     },
@@ -172,6 +151,22 @@ pub fn desired(snapshot: &Snapshot, settings: &Settings) -> (BTreeMap<Frontend, 
         }
     }
     (out, errors)
+}
+
+/// Marks which backends take new connections: the ready ones among those
+/// eligible (this node's only when `local_only`), or, when none of those
+/// is ready, the eligible serving-terminating ones (as kube-proxy does).
+fn mark_usable(backends: &mut [Backend], local_only: bool, local_node: &str) {
+    let eligible = |b: &Backend| !local_only || b.node.as_deref() == Some(local_node);
+    let any_ready = backends.iter().any(|b| eligible(b) && b.state == BackendState::Ready);
+    for b in backends.iter_mut() {
+        let wanted = if any_ready {
+            BackendState::Ready
+        } else {
+            BackendState::ServingTerminating
+        };
+        b.usable = eligible(b) && b.state == wanted;
+    }
 }
 
 #[cfg(test)]
