@@ -21,9 +21,10 @@ use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::events::Events;
+use crate::h1guard::{Findings, GuardedIo};
 use crate::listener::canonical;
 use crate::metrics::{DropReason, Metrics, Verdict};
-use crate::rules::{normalize_path, PathError, RequestView};
+use crate::rules::{normalize_path, PathError, PeerId, RequestView};
 use crate::state::{Direction, SharedState};
 use crate::upstream::{Body, Pool, Proto, Sender};
 
@@ -41,6 +42,8 @@ struct Conn {
     orig: SocketAddr,
     dir: Direction,
     served: AtomicU64,
+    /// HTTP/1 heads the smuggling guard found ambiguous.
+    findings: Arc<Findings>,
 }
 
 enum Sniff {
@@ -116,13 +119,13 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         orig,
         dir,
         served: AtomicU64::new(0),
+        findings: Arc::new(Findings::default()),
     });
     let svc = {
         let ctx = ctx.clone();
         let conn = conn.clone();
         service_fn(move |req| handle(ctx.clone(), conn.clone(), req))
     };
-    let io = TokioIo::new(stream);
     let l = &ctx.limits;
     let result = match kind {
         Sniff::Eof => return,
@@ -138,6 +141,8 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
                 .max_buf_size(l.max_header_bytes)
                 .max_headers(l.max_headers)
                 .keep_alive(true);
+            // Room for a head hyper still accepts; a longer one is its 431.
+            let io = TokioIo::new(GuardedIo::new(stream, l.max_header_bytes, conn.findings.clone()));
             let c = b.serve_connection(io, svc).with_upgrades();
             tokio::pin!(c);
             // A connection accepted just before the drain may have its first
@@ -175,7 +180,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
                 .max_header_list_size(l.h2_max_header_list_size)
                 .keep_alive_interval(l.h2_keepalive_interval)
                 .keep_alive_timeout(l.h2_keepalive_timeout);
-            let c = b.serve_connection(io, svc);
+            let c = b.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(c);
             let mut draining = false;
             loop {
@@ -192,7 +197,13 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         }
     };
     if let Err(e) = result {
-        if let Some(reason) = classify(&e, matches!(kind, Sniff::H2)) {
+        let smuggling = conn.findings.any().filter(|_| e.is_parse());
+        if let Some(f) = smuggling {
+            // hyper refused the ambiguous head itself (two different
+            // Content-Lengths, obs-fold) and answered 400.
+            tracing::debug!(%peer, %orig, finding = f.name(), "request smuggling refused");
+            ctx.metrics.dropped(DropReason::Smuggling);
+        } else if let Some(reason) = classify(&e, matches!(kind, Sniff::H2)) {
             tracing::debug!(%peer, %orig, reason = reason.name(), error = %e, "connection refused");
             ctx.metrics.dropped(reason);
         }
@@ -335,7 +346,7 @@ struct Outcome {
 }
 
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    conn.served.fetch_add(1, Relaxed);
+    let ordinal = conn.served.fetch_add(1, Relaxed);
     let start = Instant::now();
     let snap = ctx.state.load();
     let grpc = is_grpc(req.headers());
@@ -407,6 +418,12 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
     };
 
     let (resp, outcome) = 'judge: {
+        // Content-Length with Transfer-Encoding, or two Content-Lengths:
+        // a hop that frames the body the other way would see another
+        // request in it. Refused, and the connection closes.
+        if is_h1 && conn.findings.at(ordinal).is_some() {
+            break 'judge refuse(StatusCode::BAD_REQUEST, DropReason::Smuggling, "Bad Request\n");
+        }
         // The target must be a path: origin form, or the absolute form of
         // HTTP/2 and proxies. Authority and asterisk forms are not ours.
         let uri = req.uri();
@@ -435,7 +452,11 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             headers: req.headers(),
             grpc,
         };
-        let Some(rule) = rules.judge(peer.identity, &view) else {
+        let who = PeerId {
+            identity: peer.identity,
+            cidr_class: snap.cidr_class(peer_ip),
+        };
+        let Some(rule) = rules.judge(who, &view) else {
             break 'judge deny(grpc, DropReason::PolicyDenied);
         };
         let Some(mark) = sinew_abi::proxy_upstream_mark(src_identity) else {

@@ -7,7 +7,7 @@ use http::HeaderMap;
 use sinew_l7 as l7;
 use sinew_proto::proxy_v1 as pb;
 
-pub use l7::PathError;
+pub use l7::{PathError, PeerId};
 
 /// What a rule sees of a request.
 pub struct RequestView<'a> {
@@ -68,10 +68,14 @@ fn rule_set(rs: &pb::RuleSet) -> l7::RuleSet {
             method: (!g.method.is_empty()).then(|| g.method.clone()),
         })
         .collect();
-    let peers = if rs.peers.is_empty() {
+    let peers = if rs.peers.is_empty() && rs.cidr_classes.is_empty() {
         vec![l7::Peer::Any]
     } else {
-        rs.peers.iter().map(|p| l7::Peer::Identity(*p)).collect()
+        rs.peers
+            .iter()
+            .map(|p| l7::Peer::Identity(*p))
+            .chain(rs.cidr_classes.iter().map(|c| l7::Peer::CidrClass(*c)))
+            .collect()
     };
     l7::RuleSet {
         peers,
@@ -87,14 +91,14 @@ impl CompiledRules {
     }
 
     /// The rule set (its policy rule) that allows the request, or `None`.
-    pub fn judge(&self, peer: u32, req: &RequestView<'_>) -> Option<String> {
+    pub fn judge(&self, peer: l7::PeerId, req: &RequestView<'_>) -> Option<String> {
         let r = l7::Request {
             method: req.method,
             path: req.path,
             host: (!req.host.is_empty()).then_some(req.host),
             headers: req.headers,
         };
-        match self.inner.check(l7::PeerId::identity(peer), &r) {
+        match self.inner.check(peer, &r) {
             l7::Verdict::Allowed(m) => Some(self.inner.describe(m)),
             l7::Verdict::Denied => None,
         }

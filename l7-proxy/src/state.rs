@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use ipnet::IpNet;
 use sinew_proto::proxy_v1 as pb;
 
-use crate::rules::{CompiledRules, RequestView};
+use crate::rules::{CompiledRules, PeerId, RequestView};
 
 /// Identity of addresses the snapshot does not know (the datapath's
 /// reserved "world").
@@ -53,8 +53,51 @@ pub struct EndpointRules {
 
 impl EndpointRules {
     /// The rule that allows the request from `peer`, or `None` (denied).
-    pub fn judge(&self, peer: u32, req: &RequestView<'_>) -> Option<String> {
+    pub fn judge(&self, peer: PeerId, req: &RequestView<'_>) -> Option<String> {
         self.rules.judge(peer, req)
+    }
+}
+
+/// A longest-prefix-match table: one hash map per prefix length, longest
+/// first, so a lookup costs one hash probe per distinct length (a handful)
+/// whatever the number of prefixes.
+#[derive(Debug)]
+pub struct Lpm<T> {
+    // (is IPv6, prefix length, network address -> value), longest first.
+    tables: Vec<(bool, u8, HashMap<IpAddr, T>)>,
+}
+
+impl<T> Default for Lpm<T> {
+    fn default() -> Self {
+        Self { tables: Vec::new() }
+    }
+}
+
+impl<T> Lpm<T> {
+    /// Adds `net`; a second value for the same prefix replaces the first.
+    pub fn insert(&mut self, net: IpNet, v: T) {
+        let key = (net.addr().is_ipv6(), net.prefix_len());
+        let i = match self.tables.iter().position(|(v6, len, _)| (*v6, *len) == key) {
+            Some(i) => i,
+            None => {
+                self.tables.push((key.0, key.1, HashMap::new()));
+                self.tables.sort_by_key(|(_, len, _)| std::cmp::Reverse(*len));
+                self.tables
+                    .iter()
+                    .position(|(v6, len, _)| (*v6, *len) == key)
+                    .unwrap_or_default()
+            }
+        };
+        self.tables[i].2.insert(net.trunc().addr(), v);
+    }
+
+    /// The value of the longest prefix that contains `ip`.
+    pub fn get(&self, ip: IpAddr) -> Option<&T> {
+        let v6 = ip.is_ipv6();
+        self.tables
+            .iter()
+            .filter(|(t6, _, _)| *t6 == v6)
+            .find_map(|(_, len, m)| IpNet::new(ip, *len).ok().and_then(|n| m.get(&n.trunc().addr())))
     }
 }
 
@@ -62,9 +105,8 @@ impl EndpointRules {
 pub struct Snapshot {
     pub version: u64,
     endpoints: HashMap<(IpAddr, Direction, u16), Arc<EndpointRules>>,
-    hosts: HashMap<IpAddr, Peer>,
-    // Longest prefix first.
-    prefixes: Vec<(IpNet, Peer)>,
+    identities: Lpm<Peer>,
+    cidr_classes: Lpm<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +115,12 @@ pub enum SnapshotError {
     Endpoint { index: usize, reason: String },
     #[error("identity {index}: {reason}")]
     Identity { index: usize, reason: String },
+    #[error("cidr class {index}: {reason}")]
+    CidrClass { index: usize, reason: String },
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 impl Snapshot {
@@ -105,34 +153,34 @@ impl Snapshot {
                 endpoints.insert((ip, dir, port), rules.clone());
             }
         }
-        let mut hosts = HashMap::new();
-        let mut prefixes = Vec::new();
+        let mut identities = Lpm::default();
         for (index, i) in s.identities.iter().enumerate() {
-            let net: IpNet = i
-                .prefix
-                .parse()
-                .or_else(|_| i.prefix.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| SnapshotError::Identity {
-                    index,
-                    reason: format!("prefix {:?} is not a CIDR", i.prefix),
-                })?;
-            let peer = Peer {
-                identity: i.identity,
-                namespace: i.namespace.clone(),
-                name: i.name.clone(),
-            };
-            if net.prefix_len() == net.max_prefix_len() {
-                hosts.insert(net.addr(), peer);
-            } else {
-                prefixes.push((net.trunc(), peer));
-            }
+            let net = parse_net(&i.prefix).ok_or_else(|| SnapshotError::Identity {
+                index,
+                reason: format!("prefix {:?} is not a CIDR", i.prefix),
+            })?;
+            identities.insert(
+                net,
+                Peer {
+                    identity: i.identity,
+                    namespace: i.namespace.clone(),
+                    name: i.name.clone(),
+                },
+            );
         }
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.prefix_len()));
+        let mut cidr_classes = Lpm::default();
+        for (index, c) in s.cidr_classes.iter().enumerate() {
+            let net = parse_net(&c.prefix).ok_or_else(|| SnapshotError::CidrClass {
+                index,
+                reason: format!("prefix {:?} is not a CIDR", c.prefix),
+            })?;
+            cidr_classes.insert(net, c.class);
+        }
         Ok(Snapshot {
             version: s.version,
             endpoints,
-            hosts,
-            prefixes,
+            identities,
+            cidr_classes,
         })
     }
 
@@ -140,19 +188,19 @@ impl Snapshot {
         self.endpoints.get(&(ip, dir, port))
     }
 
-    /// The identity of an address; world when nothing covers it.
+    /// The identity of an address (longest prefix); world when nothing
+    /// covers it.
     pub fn peer(&self, ip: IpAddr) -> Peer {
-        if let Some(p) = self.hosts.get(&ip) {
-            return p.clone();
-        }
-        self.prefixes
-            .iter()
-            .find(|(n, _)| n.contains(&ip))
-            .map(|(_, p)| p.clone())
-            .unwrap_or(Peer {
-                identity: IDENTITY_WORLD,
-                ..Peer::default()
-            })
+        self.identities.get(ip).cloned().unwrap_or(Peer {
+            identity: IDENTITY_WORLD,
+            ..Peer::default()
+        })
+    }
+
+    /// The CIDR class of an address: that of the longest policy prefix
+    /// containing it, as the datapath's `cidr_class` lookup finds it.
+    pub fn cidr_class(&self, ip: IpAddr) -> Option<u32> {
+        self.cidr_classes.get(ip).copied()
     }
 }
 
@@ -177,5 +225,136 @@ impl SharedState {
         let v = compiled.version;
         self.store(compiled);
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn lpm_finds_the_longest_prefix_of_the_right_family() {
+        let mut t = Lpm::default();
+        for (net, v) in [
+            ("0.0.0.0/0", 0),
+            ("10.0.0.0/8", 8),
+            ("10.1.0.0/16", 16),
+            ("10.1.2.3/32", 32),
+            ("::/0", 100),
+            ("fd00::/8", 108),
+        ] {
+            t.insert(net.parse().unwrap(), v);
+        }
+        assert_eq!(t.get(ip("10.1.2.3")), Some(&32));
+        assert_eq!(t.get(ip("10.1.2.4")), Some(&16));
+        assert_eq!(t.get(ip("10.2.0.1")), Some(&8));
+        assert_eq!(t.get(ip("192.0.2.1")), Some(&0));
+        assert_eq!(t.get(ip("fd00::1")), Some(&108));
+        assert_eq!(t.get(ip("2001:db8::1")), Some(&100));
+        assert_eq!(Lpm::<u8>::default().get(ip("10.0.0.1")), None);
+    }
+
+    /// A rule set whose peers are CIDR classes (policy fromCIDR with L7
+    /// rules) matches an address inside the prefix, whatever its identity,
+    /// and not one outside; a nested, more specific named prefix takes the
+    /// address into its own class.
+    #[test]
+    fn cidr_class_peers_match_addresses_inside_the_prefix() {
+        use pb::string_match::Kind;
+        let get = |p: &str| pb::HttpRule {
+            path: Some(pb::StringMatch {
+                kind: Some(Kind::Prefix(p.into())),
+            }),
+            ..Default::default()
+        };
+        let snap = pb::Snapshot {
+            version: 3,
+            endpoints: vec![pb::L7Endpoint {
+                addresses: vec!["10.0.1.5".into()],
+                identity: 1000,
+                direction: pb::Direction::Ingress as i32,
+                port: 80,
+                rule_sets: vec![
+                    pb::RuleSet {
+                        cidr_classes: vec![0x0100_0001],
+                        http: vec![get("/cidr")],
+                        rule: "fromCIDR".into(),
+                        ..Default::default()
+                    },
+                    pb::RuleSet {
+                        peers: vec![1001],
+                        http: vec![get("/pod")],
+                        rule: "fromEndpoints".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            identities: vec![
+                pb::IdentityEntry {
+                    prefix: "10.0.2.7/32".into(),
+                    identity: 1001,
+                    ..Default::default()
+                },
+                pb::IdentityEntry {
+                    prefix: "192.0.2.0/24".into(),
+                    identity: 0x0100_0001,
+                    ..Default::default()
+                },
+            ],
+            cidr_classes: vec![
+                pb::CidrClass {
+                    prefix: "192.0.2.0/24".into(),
+                    class: 0x0100_0001,
+                },
+                pb::CidrClass {
+                    prefix: "10.0.2.0/24".into(),
+                    class: 0x0100_0001,
+                },
+                pb::CidrClass {
+                    prefix: "192.0.2.128/25".into(),
+                    class: 0x0100_0002,
+                },
+            ],
+        };
+        let s = Snapshot::compile(&snap).unwrap();
+        let rules = s.endpoint(ip("10.0.1.5"), Direction::Ingress, 80).unwrap();
+        let h = http::HeaderMap::new();
+        let judge = |from: &str, path: &str| {
+            let a = ip(from);
+            let peer = PeerId {
+                identity: s.peer(a).identity,
+                cidr_class: s.cidr_class(a),
+            };
+            rules.judge(
+                peer,
+                &RequestView {
+                    method: "GET",
+                    path,
+                    host: "",
+                    headers: &h,
+                    grpc: false,
+                },
+            )
+        };
+        // Outside the cluster, inside the prefix.
+        assert_eq!(judge("192.0.2.9", "/cidr/x").as_deref(), Some("fromCIDR.rules.http[0]"));
+        assert_eq!(judge("192.0.2.9", "/pod"), None);
+        // The more specific named prefix is another class.
+        assert_eq!(judge("192.0.2.200", "/cidr/x"), None);
+        // Outside every prefix: world, no class.
+        assert_eq!(s.peer(ip("198.51.100.1")).identity, IDENTITY_WORLD);
+        assert_eq!(judge("198.51.100.1", "/cidr/x"), None);
+        // A pod inside a named prefix: its identity's rules and the CIDR's.
+        assert_eq!(
+            judge("10.0.2.7", "/pod").as_deref(),
+            Some("fromEndpoints.rules.http[0]")
+        );
+        assert_eq!(judge("10.0.2.7", "/cidr").as_deref(), Some("fromCIDR.rules.http[0]"));
+        assert_eq!(s.peer(ip("192.0.2.9")).identity, 0x0100_0001);
     }
 }

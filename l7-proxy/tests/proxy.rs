@@ -104,6 +104,7 @@ fn snapshot(version: u64, port: u16, http: Vec<pb::HttpRule>, grpc: Vec<pb::Grpc
                 http,
                 grpc,
                 rule: "SinewNetworkPolicy default/web ingress[0]".into(),
+                ..Default::default()
             }],
         }],
         identities: vec![pb::IdentityEntry {
@@ -112,6 +113,7 @@ fn snapshot(version: u64, port: u16, http: Vec<pb::HttpRule>, grpc: Vec<pb::Grpc
             namespace: "default".into(),
             name: "client".into(),
         }],
+        ..Default::default()
     }
 }
 
@@ -494,29 +496,43 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
         let out = raw(a, b"GET /a%2fb HTTP/1.1\r\nHost: web\r\n\r\n", "", 0);
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-        // Two different Content-Lengths: 400, nothing forwarded.
-        let out = raw(
-            a,
-            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc",
-            "",
-            0,
-        );
-        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-        // obs-fold: 400.
-        let out = raw(a, b"GET / HTTP/1.1\r\nHost: web\r\nx-a: b\r\n c\r\n\r\n", "", 0);
-        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-        // CL + TE: the body is read as chunked, the smuggled request after
-        // it never reaches the upstream, and the connection closes.
+        // Request smuggling: each refused with 400, nothing forwarded, the
+        // connection closed (nothing after the first answer), and counted.
         let before = hits.load(Relaxed);
+        let smuggling: [&[u8]; 5] = [
+            // Two different Content-Lengths.
+            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc",
+            // Two equal Content-Lengths.
+            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+            // obs-fold.
+            b"GET / HTTP/1.1\r\nHost: web\r\nx-a: b\r\n c\r\n\r\n",
+            // Content-Length then Transfer-Encoding: a hop that reads the
+            // length would see the request after the chunked body.
+            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+            // Transfer-Encoding first (hyper drops the Content-Length).
+            b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+        ];
+        for req in smuggling {
+            let out = raw(a, req, "", 0);
+            assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+            assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+            assert!(!out.contains("smuggled"), "{out}");
+        }
+        // After a good request on the same connection: the second head is
+        // the refused one.
         let out = raw(
             a,
-            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+            b"GET /first HTTP/1.1\r\nHost: web\r\n\r\nPOST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
             "",
             0,
         );
-        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
-        assert!(!out.contains("smuggled"), "{out}");
-        assert_eq!(hits.load(Relaxed), before, "{out}");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("GET /first"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1 400").count(), 1, "{out}");
+        assert_eq!(hits.load(Relaxed), before + 1, "only GET /first went upstream");
+        // A header line without a colon is malformed, not smuggling.
+        let out = raw(a, b"GET / HTTP/1.1\r\nHost: web\r\nnocolon\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
         // Slow headers: the connection is closed after the timeout.
         let mut s = TcpStream::connect(a).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -539,7 +555,8 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         assert_eq!(m.drops(DropReason::HeaderTooLarge), 2);
         assert_eq!(m.drops(DropReason::InvalidTarget), 2);
         assert_eq!(m.drops(DropReason::AmbiguousPath), 1, "{}", m.render());
-        assert!(m.drops(DropReason::MalformedRequest) >= 2, "{}", m.render());
+        assert_eq!(m.drops(DropReason::Smuggling), 6, "{}", m.render());
+        assert_eq!(m.drops(DropReason::MalformedRequest), 1, "{}", m.render());
         assert_eq!(m.drops(DropReason::HeaderTimeout), 2, "{}", m.render());
         assert!(t.elapsed() < Duration::from_secs(20));
         // Still serving.
@@ -894,4 +911,71 @@ fn a_bad_snapshot_is_refused_and_the_previous_rules_stay() {
     bad.endpoints[0].addresses = vec!["not-an-ip".into()];
     assert!(state.apply(&bad).is_err());
     assert_eq!(state.load().version, 1);
+}
+
+/// Sends `req` from source address `src` and reads until the server closes.
+fn raw_from(rt: &tokio::runtime::Runtime, src: &str, to: SocketAddr, req: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let mut c = s.connect(to).await.unwrap();
+        c.write_all(req).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+/// A rule set whose peers are CIDR classes (a policy's fromCIDR with L7
+/// rules) judges every client inside the prefix by those rules, by the
+/// longest named prefix, and no client outside it.
+#[test]
+fn cidr_peers_match_clients_inside_the_prefix() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        let mut snap = snapshot(1, up.port(), vec![], vec![]);
+        snap.endpoints[0].rule_sets = vec![pb::RuleSet {
+            cidr_classes: vec![0x0100_0007],
+            http: vec![get_prefix("/public")],
+            rule: "SinewNetworkPolicy default/web ingress[1]".into(),
+            ..Default::default()
+        }];
+        snap.identities = vec![pb::IdentityEntry {
+            prefix: "127.0.0.0/28".into(),
+            identity: 0x0100_0007,
+            ..Default::default()
+        }];
+        snap.cidr_classes = vec![
+            pb::CidrClass {
+                prefix: "127.0.0.0/28".into(),
+                class: 0x0100_0007,
+            },
+            // A more specific named prefix is its own class.
+            pb::CidrClass {
+                prefix: "127.0.0.8/29".into(),
+                class: 0x0100_0008,
+            },
+        ];
+        p.state.apply(&snap).unwrap();
+        let a = p.ingress[0];
+        let get = b"GET /public/x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n";
+        let out = raw_from(&rt, "127.0.0.5", a, get);
+        assert!(out.starts_with("HTTP/1.1 200"), "inside the /28: {out}");
+        let out = raw_from(
+            &rt,
+            "127.0.0.5",
+            a,
+            b"GET /admin HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+        );
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        let out = raw_from(&rt, "127.0.0.9", a, get);
+        assert!(out.starts_with("HTTP/1.1 403"), "inside the nested /29: {out}");
+        let out = raw_from(&rt, "127.0.0.20", a, get);
+        assert!(out.starts_with("HTTP/1.1 403"), "outside: {out}");
+        assert_eq!(hits.load(Relaxed), 1);
+        assert_eq!(p.metrics.drops(DropReason::PolicyDenied), 3, "{}", p.metrics.render());
+    });
 }
