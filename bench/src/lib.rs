@@ -16,6 +16,7 @@ pub mod envs;
 pub mod idle;
 pub mod iperf;
 pub mod l7;
+pub mod l7proxy;
 pub mod observe;
 pub mod policy;
 pub mod report;

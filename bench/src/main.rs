@@ -97,6 +97,20 @@ enum Command {
     /// 1,000 rules on a port (exact, prefix, regex paths and a mix). No
     /// lab, no root.
     L7Match,
+    /// sinew-proxy against haproxy, nginx and Envoy with the same
+    /// allow-by-path rule, and against no proxy: requests/s and added
+    /// p50/p99 for HTTP/1.1 keep-alive, h2c and a new connection per
+    /// request; RSS idle and at 1,000 connections; 1,000 path rules vs 1.
+    /// Root (a network namespace of its own); wrk, h2load, haproxy, nginx
+    /// and envoy from scripts/install-deps.sh. Use a release build.
+    L7Proxy {
+        /// The sinew-proxy binary; default: next to this program.
+        #[arg(long)]
+        proxy: Option<PathBuf>,
+        /// Config files and logs; default: a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// The client process of `services` (runs inside a pod; not for users).
     #[command(hide = true)]
     SvcClient(services::ClientArgs),
@@ -113,6 +127,9 @@ fn main() -> ExitCode {
     }
     if let Command::L7Match = &cli.command {
         return l7_match(&cli);
+    }
+    if let Command::L7Proxy { proxy, dir } = &cli.command {
+        return l7_proxy(&cli, proxy.as_deref(), dir.as_deref());
     }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +166,80 @@ fn l7_match(cli: &Cli) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn l7_proxy(cli: &Cli, proxy: Option<&std::path::Path>, dir: Option<&std::path::Path>) -> ExitCode {
+    let proxy_bin = match proxy {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::current_exe() {
+            Ok(e) => e.with_file_name("sinew-proxy"),
+            Err(e) => {
+                eprintln!("sinew-bench l7-proxy: cannot find this program ({e}); give --proxy");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    if !proxy_bin.exists() {
+        eprintln!(
+            "sinew-bench l7-proxy: {} does not exist: cargo build --release -p sinew-proxy, or give --proxy",
+            proxy_bin.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let (reps, rate_for, latency_for) = if cli.quick {
+        (1, Duration::from_secs(1), Duration::from_secs(1))
+    } else {
+        let d = cli.duration.clamp(1.0, 30.0);
+        (
+            cli.reps.max(1),
+            Duration::from_secs_f64(d),
+            Duration::from_secs_f64((d / 2.0).max(1.0)),
+        )
+    };
+    let opts = sinew_bench::l7proxy::Options {
+        reps,
+        rate_for,
+        latency_for,
+        proxy_bin,
+        dir: dir
+            .map(|d| d.to_path_buf())
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("sinew-bench-l7-{}", std::process::id()))),
+        idle_wait: Duration::from_secs(cli.idle_wait),
+        verbose: cli.verbose,
+    };
+    let cpus = cpu::parse_request(&cli.cpus).and_then(cpu::init);
+    if let Err(e) = cpus {
+        eprintln!("sinew-bench l7-proxy: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut report = Report {
+        reps,
+        duration_secs: rate_for.as_secs_f64(),
+        cpu: cpu::describe(),
+        ..Report::default()
+    };
+    eprintln!("cpu: {}", report.cpu);
+    let _ = idle::install_interrupt_handler();
+    let result = sinew_bench::l7proxy::run(&opts, &mut report);
+    if let Err(e) = &result {
+        report.notes.push(format!("stopped early: {e}"));
+    }
+    if !report.rows.is_empty() {
+        print!("{}", report.table());
+    }
+    if let Some(path) = &cli.json {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("sinew-bench: cannot write {}: {e}", path.display());
+        }
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sinew-bench l7-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn svc_client(args: &services::ClientArgs, duration: f64) -> ExitCode {
@@ -308,6 +399,6 @@ fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result
         ),
         Command::Policy => policy::all(opts, report),
         Command::Observe | Command::Services { .. } => unreachable!("handled in run"),
-        Command::SvcClient(_) | Command::L7Match => unreachable!("handled in main"),
+        Command::SvcClient(_) | Command::L7Match | Command::L7Proxy { .. } => unreachable!("handled in main"),
     }
 }

@@ -11,16 +11,15 @@ use sinew_proto::proxy_v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::events::{EventsRx, BATCH};
 use crate::metrics::Metrics;
 use crate::state::SharedState;
-
-const BATCH: usize = 256;
 
 pub async fn run(
     socket: PathBuf,
     state: Arc<SharedState>,
     metrics: Arc<Metrics>,
-    mut events: mpsc::Receiver<pb::L7Flow>,
+    mut events: EventsRx,
     ports: (Option<u16>, Option<u16>),
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -41,7 +40,7 @@ async fn session(
     socket: &std::path::Path,
     state: &SharedState,
     metrics: &Metrics,
-    events: &mut mpsc::Receiver<pb::L7Flow>,
+    events: &mut EventsRx,
     ports: (Option<u16>, Option<u16>),
 ) -> anyhow::Result<()> {
     let mut client = sinew_proto::connect_proxy_control(socket, Duration::from_secs(2)).await?;
@@ -80,10 +79,7 @@ async fn session(
                     .await?;
                 }
             }
-            n = events.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    std::future::pending::<()>().await;
-                }
+            _ = events.next_batch(&mut batch, BATCH) => {
                 let lost = metrics.events_lost.load(Relaxed);
                 let flows = std::mem::take(&mut batch);
                 tx.send(pb::ProxyMessage {

@@ -7,11 +7,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sinew_proto::proxy_v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::events::Events;
+use crate::events::{Events, EventsRx};
 use crate::inbound::{self, Ctx};
 use crate::listener;
 use crate::metrics::Metrics;
@@ -27,14 +26,14 @@ pub struct ProxyHandle {
     pub admin: Option<SocketAddr>,
     pub state: Arc<SharedState>,
     pub metrics: Arc<Metrics>,
-    events: Mutex<Option<mpsc::Receiver<pb::L7Flow>>>,
+    events: Mutex<Option<EventsRx>>,
     drain: watch::Sender<bool>,
     data: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ProxyHandle {
     /// The flow events, when no agent socket is configured (tests).
-    pub fn take_events(&self) -> Option<mpsc::Receiver<pb::L7Flow>> {
+    pub fn take_events(&self) -> Option<EventsRx> {
         self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
