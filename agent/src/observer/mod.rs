@@ -824,6 +824,17 @@ mod tests {
     }
 
     #[test]
+    fn a_short_record_is_a_decode_error_and_not_a_flow() {
+        let stats = ObserverStats::default();
+        let size = std::mem::size_of::<FlowEvent>();
+        assert_eq!(stats.decode(&vec![0; size - 1]), None);
+        // Longer than the layout (a newer producer): the known prefix.
+        assert_eq!(stats.decode(&vec![0; size + 8]), Some(FlowEvent::default()));
+        let s = stats.snapshot();
+        assert_eq!((s.decode_errors, s.flows_total(), s.flows_unknown_type), (1, 1, 1));
+    }
+
+    #[test]
     fn counts_by_type_verdict_protocol_and_drop_reason() {
         let stats = ObserverStats::default();
         let drop = FlowEvent {
