@@ -9,7 +9,7 @@ source scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "==> build (release)"
-cargo build --release --locked -p sinew-agent -p sinew-cni -p sinew-cli
+cargo build --release --locked -p sinew-agent -p sinew-cni -p sinew-cli -p sinew-proxy
 SINEW=target/release/sinew
 
 "$SINEW" lab down >/dev/null 2>&1 || true
@@ -59,6 +59,24 @@ if grep -q '^node2-pod1 ' <<< "$status"; then
   echo "==> flows seen by node2's agent (sinew observe), drops with their reason and rule"
   sleep 0.2
   "$SINEW" --node node2 observe --last 12 || true
+  echo
+  echo "==> L7: examples/lab-l7-policy.yaml (node1 pods may GET /public on node2-pod1:80; anything else there gets 403)"
+  web=/run/sinew-lab/sinew-lab/demo/l7
+  mkdir -p "$web/public" "$web/admin"
+  echo "public page" > "$web/public/index.html"
+  echo "admin page" > "$web/admin/index.html"
+  "$SINEW" lab exec node2-pod1 -- busybox httpd -p 80 -h "$web"
+  # Returns once node2's sinew-proxy has the rules in force.
+  "$SINEW" --node node2 policy apply -f examples/lab-l7-policy.yaml
+  for path in /public/ /admin/; do
+    r=$("$SINEW" lab exec node1-pod1 -- busybox wget -q -O - "http://${target%/*}$path" 2>&1 | tail -1 || true)
+    echo "  node1-pod1 GET http://${target%/*}$path: ${r:-FAILED}"
+  done
+  "$SINEW" --node node2 policy trace --from node1-pod1 --to node2-pod1 --port 80/tcp --http-method GET --http-path /admin/ || true
+  echo
+  echo "==> requests node2's proxy judged (sinew observe --type l7): the allowed one with its rule, the denied one with its reason"
+  sleep 0.2
+  "$SINEW" --node node2 observe --type l7 --last 4 || true
   echo
 fi
 if grep -q '^node2-pod1 ' <<< "$status"; then
@@ -110,6 +128,7 @@ echo "  $SINEW --node node2 policy trace --from node1-pod1 --to node2-pod1 --por
 echo "  $SINEW --node node2 identity list"
 echo "  $SINEW --node node2 observe -f            # live flows (Ctrl-C to stop)"
 echo "  $SINEW --node node2 observe --verdict DROPPED -o json"
+echo "  $SINEW --node node2 observe --type l7 -f  # HTTP requests node2's L7 proxy judges"
 echo "  $SINEW --node node1 service list         # services (datastore: /run/sinew-lab/sinew-lab/datastore/services)"
 echo "  $SINEW lab apply -f examples/netpol-xyz.yaml   # your own namespaces and pods (README: Your own pods)"
 echo "Remove it with:"

@@ -245,9 +245,30 @@ impl sinew_proto::Agent for AgentApi {
         req: Request<v1::ApplyPolicyRequest>,
     ) -> Result<Response<v1::ApplyPolicyResponse>, Status> {
         let r = req.into_inner();
-        let mut s = self.lock()?;
-        let applied = s.apply_policy_yaml(&r.yaml, &r.source).map_err(status)?;
+        let (applied, proxy) = {
+            let mut s = self.lock()?;
+            let applied = s.apply_policy_yaml(&r.yaml, &r.source).map_err(status)?;
+            (applied, s.policy.proxy.clone())
+        };
         tracing::info!(count = applied.len(), "policies applied");
+        // In force in the kernel now; L7 rules once the proxy says so.
+        if let Some(p) = proxy.filter(|p| p.must_wait()) {
+            let version = p.version();
+            if let Err(e) = p.wait_in_force(version, crate::proxy::APPLY_WAIT).await {
+                let names: Vec<String> = applied
+                    .iter()
+                    .map(|a| match a.namespace.as_str() {
+                        "" => format!("{} {}", a.kind, a.name),
+                        ns => format!("{} {ns}/{}", a.kind, a.name),
+                    })
+                    .collect();
+                tracing::warn!(version, error = %e, "applied policy's L7 rules not confirmed by the proxy");
+                return Err(Status::unavailable(format!(
+                    "{} applied and in force in the kernel, but its L7 rules are not: {e}. Connections an L7 rule covers fail closed until the proxy confirms them; the policy stays applied (apply again to wait again)",
+                    names.join(", ")
+                )));
+            }
+        }
         Ok(Response::new(v1::ApplyPolicyResponse { applied }))
     }
 

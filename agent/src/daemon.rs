@@ -79,6 +79,12 @@ pub struct AgentConfig {
     /// The proxy's transparent listeners for ingress and egress L7 rules
     /// (`--proxy-ports INGRESS,EGRESS`).
     pub proxy_ports: crate::proxy_redirect::ProxyPorts,
+    /// Where the agent serves the proxy's control stream (`--proxy-socket`).
+    pub proxy_socket: PathBuf,
+    /// `--proxy-binary`: the sinew-proxy the agent starts and supervises;
+    /// `None`: none (L7-covered connections fail closed unless a proxy
+    /// started otherwise connects to `proxy_socket`).
+    pub proxy_binary: Option<PathBuf>,
     /// Test hook: delays the background removal of a deleted endpoint's
     /// veth (see `NodeState::link_removal_delay`). Zero in production.
     pub test_link_removal_delay: Duration,
@@ -336,6 +342,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     state.policy.fail_open = cfg.policy_fail_open;
     state.policy.proxy_ports = cfg.proxy_ports;
+    let proxy = Arc::new(crate::proxy::Publisher::new(&cfg.proxy_socket));
+    state.policy.proxy = Some(proxy.clone());
     state.policy.persist = Some(policies_path);
     let adopted: Vec<(u32, u32, u32)> = state
         .registry
@@ -369,6 +377,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let flusher = state.datapath.take_flusher();
     let state = Arc::new(Mutex::new(state));
     let observer = start_observer(&cfg, ring, flusher, &state)?;
+    crate::proxy::start(&cfg, proxy, observer.l7_sink()).await?;
     if cfg.bpf_stats {
         crate::metrics::enable_bpf_stats();
     }

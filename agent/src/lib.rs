@@ -16,6 +16,7 @@ pub mod netutil;
 pub mod nodes;
 pub mod observer;
 pub mod policy;
+pub mod proxy;
 pub mod proxy_redirect;
 pub mod services;
 pub mod state;

@@ -447,6 +447,11 @@ impl NodeState {
     /// snapshot's policies (see [`PolicyState::apply`]).
     pub fn apply_policy(&mut self) -> Result<(), StateError> {
         self.policy.apply(&mut self.datapath, &self.snapshot, &self.registry)?;
+        // The proxy gets the rules the policy map now redirects to it.
+        if let Some(p) = self.policy.proxy.clone() {
+            let (endpoints, identities) = self.proxy_snapshot();
+            p.update(endpoints, identities);
+        }
         Ok(())
     }
 

@@ -87,8 +87,8 @@ struct ObserveArgs {
     /// FORWARDED or DROPPED.
     #[arg(long, value_parser = ["FORWARDED", "DROPPED", "forwarded", "dropped"])]
     verdict: Option<String>,
-    /// drop, trace or policy-verdict.
-    #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict"])]
+    /// drop, trace, policy-verdict or l7 (requests the L7 proxy judged).
+    #[arg(long = "type", value_parser = ["drop", "trace", "policy-verdict", "l7"])]
     event_type: Option<String>,
     /// A drop reason: its name (policy_denied) or code.
     #[arg(long)]
@@ -514,7 +514,11 @@ fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
         PolicyCmd::Apply { file } => {
             let yaml = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
             let r = rt.block_on(async {
-                let mut c = client(&socket).await?;
+                // The agent waits up to 10 s for the L7 proxy to have the
+                // rules in force before it answers.
+                let mut c = sinew_proto::connect(&socket, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| unreachable_agent(&socket, e))?;
                 c.apply_policy(v1::ApplyPolicyRequest {
                     yaml,
                     source: file.display().to_string(),
@@ -1070,6 +1074,7 @@ fn observe_request(a: &ObserveArgs) -> anyhow::Result<sinew_proto::observer_v1::
             Some("drop") => pb::EventType::Drop as i32,
             Some("trace") => pb::EventType::Trace as i32,
             Some("policy-verdict") => pb::EventType::PolicyVerdict as i32,
+            Some("l7") => pb::EventType::L7 as i32,
             _ => 0,
         },
     };

@@ -23,8 +23,11 @@ pub async fn run(
     ports: (Option<u16>, Option<u16>),
 ) {
     let mut backoff = Duration::from_millis(100);
+    // The proto counts lost events since the previous message (also those
+    // lost while the agent was away); the metric since the process started.
+    let mut lost_reported = 0;
     loop {
-        match session(&socket, &state, &metrics, &mut events, ports).await {
+        match session(&socket, &state, &metrics, &mut events, ports, &mut lost_reported).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::info!(socket = %socket.display(), error = %e, "agent stream down, keeping the last rules; retrying")
@@ -42,6 +45,7 @@ async fn session(
     metrics: &Metrics,
     events: &mut EventsRx,
     ports: (Option<u16>, Option<u16>),
+    lost_reported: &mut u64,
 ) -> anyhow::Result<()> {
     let mut client = sinew_proto::connect_proxy_control(socket, Duration::from_secs(2)).await?;
     let (tx, rx) = mpsc::channel::<pb::ProxyMessage>(64);
@@ -80,7 +84,9 @@ async fn session(
                 }
             }
             _ = events.next_batch(&mut batch, BATCH) => {
-                let lost = metrics.events_lost.load(Relaxed);
+                let now = metrics.events_lost.load(Relaxed);
+                let lost = now.saturating_sub(*lost_reported);
+                *lost_reported = now;
                 let flows = std::mem::take(&mut batch);
                 tx.send(pb::ProxyMessage {
                     kind: Some(pb::proxy_message::Kind::Events(pb::FlowEvents { flows, lost })),

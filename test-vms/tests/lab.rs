@@ -70,6 +70,7 @@ impl Fakes {
             agent: write("sinew-agent", FAKE_AGENT),
             cni: write("sinew-cni", FAKE_CNI),
             sinew: dir.join("sinew"),
+            proxy: None,
         };
         Self { dir, binaries }
     }

@@ -118,6 +118,15 @@ struct Args {
     /// the first (second).
     #[arg(long, default_value = "15006,15001")]
     proxy_ports: sinew_agent::proxy_redirect::ProxyPorts,
+    /// Where the agent serves the L7 proxy's control stream
+    /// (sinew.proxy.v1.ProxyControl).
+    #[arg(long, default_value = sinew_proto::DEFAULT_PROXY_SOCKET)]
+    proxy_socket: PathBuf,
+    /// The sinew-proxy binary to start and supervise (restarted when it
+    /// exits; it outlives agent restarts and is adopted again). Unset: no
+    /// proxy, and connections an L7 rule covers fail closed.
+    #[arg(long)]
+    proxy_binary: Option<PathBuf>,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -164,6 +173,8 @@ fn main() -> anyhow::Result<()> {
         maglev_table_size: a.maglev_table_size,
         maglev_services: a.maglev_services,
         proxy_ports: a.proxy_ports,
+        proxy_socket: a.proxy_socket,
+        proxy_binary: a.proxy_binary,
         test_link_removal_delay: std::time::Duration::from_millis(a.test_link_removal_delay_ms),
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.

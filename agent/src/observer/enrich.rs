@@ -70,6 +70,97 @@ fn endpoint(ip: Ipv4Addr, port: u16, peer: Option<&Peer>, fallback_identity: u32
     e
 }
 
+/// A request the L7 proxy judged, as a flow: both sides named from the
+/// index (labels, node) where it knows the address, else as the proxy
+/// named them; verdict DROPPED for what the proxy did not forward.
+pub fn enrich_l7(f: &sinew_proto::proxy_v1::L7Flow, idx: Names<'_>, sequence: u64) -> pb::Flow {
+    use sinew_proto::proxy_v1 as px;
+    let side = |ip: &str, port: u32, identity: u32, ns: &str, name: &str| {
+        let peer = ip.parse::<Ipv4Addr>().ok().and_then(|a| idx.peer(a));
+        let mut e = match (ip.parse::<Ipv4Addr>(), peer) {
+            (Ok(a), Some(p)) => endpoint(a, port as u16, Some(p), identity),
+            _ => pb::Endpoint {
+                ip: ip.to_string(),
+                port,
+                identity,
+                namespace: ns.to_string(),
+                pod_name: name.to_string(),
+                reserved: if name.is_empty() {
+                    reserved_name(identity).into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            },
+        };
+        // The proxy judged with this identity: show it.
+        if identity != 0 {
+            e.identity = identity;
+        }
+        e
+    };
+    let l7_verdict = px::L7Verdict::try_from(f.verdict).unwrap_or(px::L7Verdict::Unspecified);
+    let (verdict, l7v) = match l7_verdict {
+        px::L7Verdict::Forwarded => (pb::Verdict::Forwarded, pb::L7Verdict::Forwarded),
+        px::L7Verdict::Denied => (pb::Verdict::Dropped, pb::L7Verdict::Denied),
+        px::L7Verdict::Error => (pb::Verdict::Dropped, pb::L7Verdict::Error),
+        px::L7Verdict::Unspecified => (pb::Verdict::Unknown, pb::L7Verdict::Unknown),
+    };
+    let direction = match px::Direction::try_from(f.direction) {
+        Ok(px::Direction::Ingress) => pb::TrafficDirection::Ingress,
+        Ok(px::Direction::Egress) => pb::TrafficDirection::Egress,
+        _ => pb::TrafficDirection::Unknown,
+    };
+    let drop_reason = (verdict == pb::Verdict::Dropped).then(|| pb::DropReason {
+        // Not a datapath drop: no code of drop_reasons.h.
+        code: 0,
+        name: f.drop_reason.clone(),
+        description: match l7_verdict {
+            px::L7Verdict::Denied => format!("L7 policy denied ({})", f.drop_reason),
+            _ => format!("refused by the L7 proxy ({})", f.drop_reason),
+        },
+    });
+    pb::Flow {
+        time_unix_nanos: f.time_unix_nanos,
+        node_name: idx.node_name().to_string(),
+        sequence,
+        verdict: verdict as i32,
+        drop_reason,
+        r#type: pb::EventType::L7 as i32,
+        source: Some(side(
+            &f.src_ip,
+            f.src_port,
+            f.src_identity,
+            &f.src_namespace,
+            &f.src_name,
+        )),
+        destination: Some(side(
+            &f.dst_ip,
+            f.dst_port,
+            f.dst_identity,
+            &f.dst_namespace,
+            &f.dst_name,
+        )),
+        protocol: u32::from(PROTO_TCP),
+        protocol_name: protocol_name(PROTO_TCP),
+        direction: direction as i32,
+        packets: 1,
+        l7: Some(pb::L7 {
+            protocol: f.protocol.clone(),
+            method: f.method.clone(),
+            host: f.host.clone(),
+            path: f.path.clone(),
+            status: f.status,
+            grpc_status: f.grpc_status,
+            latency_micros: f.latency_micros,
+            verdict: l7v as i32,
+            rule: f.rule.clone(),
+            reason: f.drop_reason.clone(),
+        }),
+        ..Default::default()
+    }
+}
+
 /// Builds the enriched flow. `time_unix_nanos` is the event's time already
 /// converted to the wall clock; `interface` its device's name if known.
 pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u64, interface: &str) -> pb::Flow {
@@ -206,6 +297,7 @@ pub fn enrich(ev: &FlowEvent, idx: Names<'_>, time_unix_nanos: u64, sequence: u6
         is_reply: pb::IsReply::Unknown as i32,
         local_endpoint_id: ev.ep_id,
         isolated_by,
+        l7: None,
     }
 }
 

@@ -117,6 +117,9 @@ pub struct ObserverStats {
     buffered: AtomicU64,
     capacity: AtomicU64,
     followers: AtomicU64,
+    /// L7 requests the proxy reported, and events it could not send.
+    l7_seen: AtomicU64,
+    l7_lost: AtomicU64,
 }
 
 /// A consistent-enough copy of [`ObserverStats`] (each counter is read
@@ -164,6 +167,7 @@ impl ObserverStats {
             flows_by_type: EVENT_TYPES
                 .iter()
                 .map(|(t, n)| (*n, get(&self.seen_by_type[usize::from(*t)])))
+                .chain([("l7", get(&self.l7_seen))])
                 .collect(),
             flows_unknown_type: get(&self.seen_by_type[0]),
             flows_by_verdict: vec![
@@ -190,6 +194,7 @@ impl ObserverStats {
             events_lost: EVENT_TYPES
                 .iter()
                 .map(|(t, n)| (*n, get(&self.datapath_lost[usize::from(*t)])))
+                .chain([("l7", get(&self.l7_lost))])
                 .collect(),
             follower_dropped: get(&self.follower_dropped),
             decode_errors: get(&self.decode_errors),
@@ -244,6 +249,8 @@ impl ObserverStats {
 #[derive(Clone, Debug)]
 pub struct Record {
     pub ev: FlowEvent,
+    /// Set for a request the L7 proxy judged (then `ev` is empty).
+    pub l7: Option<Arc<sinew_proto::proxy_v1::L7Flow>>,
     pub time_unix_nanos: u64,
     pub sequence: u64,
     /// The index current when the event was read (see [`Names`]).
@@ -350,7 +357,6 @@ impl Observer {
             state,
             fingerprint,
             lost,
-            sequence: 0,
             last_refresh: Instant::now(),
             flusher,
             flush_failing_since: None,
@@ -398,6 +404,9 @@ impl Observer {
     /// for what that lacks, the newest one.
     pub fn flow(&self, r: &Record, now: &ObserverIndex) -> pb::Flow {
         let names = Names { then: &r.index, now };
+        if let Some(l7) = &r.l7 {
+            return enrich::enrich_l7(l7, names, r.sequence);
+        }
         let ifname = match names.interface(r.ev.ifindex) {
             Some(n) => n.to_string(),
             None => self.interface_name(r.ev.ifindex),
@@ -490,23 +499,55 @@ impl Observer {
         self.shared.stats.followers.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Appends records (their sequence numbers already assigned in order)
-    /// and wakes followers.
+    /// What the L7 proxy's control stream hands its flow events to.
+    pub fn l7_sink(&self) -> crate::proxy::control::FlowSink {
+        let obs = self.clone();
+        Arc::new(move |flows, lost| obs.publish_l7(flows, lost))
+    }
+
+    /// Stores the requests the L7 proxy judged, as flows like the
+    /// datapath's (same buffer, same sequence numbers, same followers),
+    /// and counts the events it could not send.
+    pub fn publish_l7(&self, flows: Vec<sinew_proto::proxy_v1::L7Flow>, lost: u64) {
+        let stats = &self.shared.stats;
+        stats.l7_lost.fetch_add(lost, Ordering::Relaxed);
+        if lost > 0 {
+            tracing::debug!(lost, "L7 flow events lost: the proxy's queue was full");
+        }
+        stats.l7_seen.fetch_add(flows.len() as u64, Ordering::Relaxed);
+        let index = self.current_index();
+        let records = flows
+            .into_iter()
+            .map(|f| Record {
+                ev: FlowEvent::default(),
+                time_unix_nanos: f.time_unix_nanos,
+                l7: Some(Arc::new(f)),
+                sequence: 0,
+                index: index.clone(),
+            })
+            .collect();
+        self.publish(records);
+    }
+
+    /// Appends records, numbering them in order (the datapath's consumer
+    /// thread and the proxy's stream both publish), and wakes followers.
     fn publish(&self, records: Vec<Record>) {
-        let Some(last) = records.last().map(|r| r.sequence) else {
+        if records.is_empty() {
             return;
-        };
+        }
         let keep = self.shared.cfg.buffer_size.max(FOLLOW_WINDOW);
+        let last;
         {
             let mut b = self.shared.buffer.lock().unwrap_or_else(|e| e.into_inner());
-            for r in records {
-                debug_assert_eq!(r.sequence, b.next_sequence);
+            for mut r in records {
+                r.sequence = b.next_sequence;
                 if b.records.len() >= keep {
                     b.records.pop_front();
                 }
                 b.records.push_back(r);
                 b.next_sequence += 1;
             }
+            last = b.next_sequence - 1;
             self.shared.stats.buffered.store(
                 b.records.len().min(self.shared.cfg.buffer_size) as u64,
                 Ordering::Relaxed,
@@ -524,7 +565,6 @@ struct Consumer {
     fingerprint: u64,
     /// The datapath's lost counters at the last read.
     lost: Vec<u64>,
-    sequence: u64,
     last_refresh: Instant,
     /// The flow flush; `None` when the datapath has none.
     flusher: Option<FlowFlusher>,
@@ -628,11 +668,11 @@ impl Consumer {
                 // even if the pod is gone by the time somebody reads it.
                 self.refresh_with(obs, true);
             }
-            self.sequence += 1;
             batch.push(Record {
                 ev,
+                l7: None,
                 time_unix_nanos: ev.ts_ns.wrapping_add(offset),
-                sequence: self.sequence,
+                sequence: 0,
                 index: self.index.clone(),
             });
             if batch.len() >= BATCH {
@@ -731,6 +771,7 @@ mod tests {
                 proto: sinew_flows::PROTO_TCP,
                 ..Default::default()
             },
+            l7: None,
             time_unix_nanos: sequence,
             sequence,
             index: index.clone(),
@@ -858,7 +899,10 @@ mod tests {
         let s = stats.snapshot();
         assert_eq!(s.flows_total(), 3, "unknown types count too: {s:?}");
         assert_eq!(s.flows_unknown_type, 1);
-        assert_eq!(s.flows_by_type, [("trace", 0), ("drop", 1), ("policy-verdict", 1)]);
+        assert_eq!(
+            s.flows_by_type,
+            [("trace", 0), ("drop", 1), ("policy-verdict", 1), ("l7", 0)]
+        );
         assert_eq!(s.flows_by_verdict, [("forwarded", 0), ("dropped", 2)]);
         assert_eq!(s.flows_by_protocol[1], ("udp", 2));
         assert_eq!(s.flows_by_protocol[4], ("other", 1));

@@ -53,6 +53,8 @@ pub struct PolicyState {
     /// the one for their direction, and the datapath hands their
     /// connections to it.
     pub proxy_ports: crate::proxy_redirect::ProxyPorts,
+    /// Where the proxy's snapshots go (the rules of every apply).
+    pub proxy: Option<std::sync::Arc<crate::proxy::Publisher>>,
     /// Map writes refused (table full), ever.
     pub overflows: u64,
     /// Where the policy documents in force are kept for the next start
@@ -77,6 +79,7 @@ impl Default for PolicyState {
             failed: BTreeSet::new(),
             fail_open: false,
             proxy_ports: crate::proxy_redirect::ProxyPorts::default(),
+            proxy: None,
             overflows: 0,
             persist: None,
             persisted: Vec::new(),

@@ -46,6 +46,7 @@ pub fn event_type_name(t: pb::EventType) -> &'static str {
         pb::EventType::Trace => "trace",
         pb::EventType::Drop => "drop",
         pb::EventType::PolicyVerdict => "policy-verdict",
+        pb::EventType::L7 => "l7",
         pb::EventType::Unknown => "unknown",
     }
 }

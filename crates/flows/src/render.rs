@@ -239,6 +239,9 @@ pub fn rule(r: &pb::PolicyRule) -> String {
 }
 
 fn protocol(f: &pb::Flow) -> String {
+    if let Some(l7) = &f.l7 {
+        return l7.protocol.clone();
+    }
     let flags = tcp_flags(f.tcp_flags.as_ref());
     if f.protocol == u32::from(crate::PROTO_ICMP) {
         format!("ICMP {}/{}", f.icmp_type, f.icmp_code)
@@ -288,6 +291,43 @@ fn default_deny(f: &pb::Flow) -> String {
     )
 }
 
+/// "1.2ms", "830us", "2.5s".
+fn latency(micros: u64) -> String {
+    match micros {
+        0..=999 => format!("{micros}us"),
+        1_000..=999_999 => format!("{:.1}ms", micros as f64 / 1000.0),
+        _ => format!("{:.2}s", micros as f64 / 1_000_000.0),
+    }
+}
+
+/// An L7 request: what was asked, what the client got, how long it took,
+/// and the rule that allowed it or why it was refused:
+/// "l7 INGRESS GET web.a/public/x 200 1.2ms by SinewNetworkPolicy a/web
+/// ingress[0].toPorts[0]", "l7 INGRESS GET /admin 403 1.0ms DENIED
+/// (no_rule_matched)".
+fn l7_summary(f: &pb::Flow, l7: &pb::L7) -> String {
+    let mut s = format!(
+        "l7 {} {} {}{} {}",
+        direction(f).to_ascii_uppercase(),
+        if l7.method.is_empty() { "-" } else { &l7.method },
+        l7.host,
+        l7.path,
+        l7.status
+    );
+    if l7.grpc_status != 0 {
+        s.push_str(&format!(" grpc-status={}", l7.grpc_status));
+    }
+    s.push_str(&format!(" {}", latency(l7.latency_micros)));
+    match l7.verdict() {
+        pb::L7Verdict::Forwarded if !l7.rule.is_empty() => s.push_str(&format!(" by {}", l7.rule)),
+        pb::L7Verdict::Forwarded => {}
+        pb::L7Verdict::Denied => s.push_str(&format!(" DENIED ({})", l7.reason)),
+        pb::L7Verdict::Error => s.push_str(&format!(" ERROR ({})", l7.reason)),
+        pb::L7Verdict::Unknown => {}
+    }
+    s
+}
+
 /// What the last column says, each thing once. As in Hubble, a packet a
 /// policy denies is two events: its policy verdict (the decision: match
 /// kind, direction, ALLOWED or DENIED, and the rule or the isolating
@@ -295,6 +335,9 @@ fn default_deny(f: &pb::Flow) -> String {
 /// where a forwarded packet went.
 pub fn summary(f: &pb::Flow) -> String {
     let default_deny_drop = |r: &pb::DropReason| r.code == u32::from(sinew_abi::DropReason::Policy.code());
+    if let Some(l7) = &f.l7 {
+        return l7_summary(f, l7);
+    }
     match f.r#type() {
         pb::EventType::PolicyVerdict => {
             let matched = match f.policy_match() {
@@ -420,6 +463,11 @@ pub fn json(f: &pb::Flow) -> serde_json::Value {
         "length": f.length,
         "isReply": f.is_reply().as_str_name(),
         "isolatedBy": f.isolated_by.iter().map(|p| serde_json::json!({"kind": p.kind, "namespace": p.namespace, "name": p.name})).collect::<Vec<_>>(),
+        "l7": f.l7.as_ref().map(|l| serde_json::json!({
+            "protocol": l.protocol, "method": l.method, "host": l.host, "path": l.path,
+            "status": l.status, "grpcStatus": l.grpc_status, "latencyMicros": l.latency_micros,
+            "verdict": l.verdict().as_str_name(), "rule": l.rule, "reason": l.reason,
+        })),
         "summary": summary(f),
     })
 }
@@ -529,6 +577,61 @@ mod tests {
         assert_eq!(row.find("node1"), TABLE_HEADER.find("NODE"), "{row}");
         assert_eq!(row.find("a/client"), TABLE_HEADER.find("SOURCE"), "{row}");
         assert!(compact(&f, &tz).starts_with("2026-11-22T14:11:09.123+01:00 [node1]"));
+    }
+
+    #[test]
+    fn l7_rows_show_the_request_status_latency_and_rule_or_reason() {
+        let pod = |ns: &str, name: &str, port| pb::Endpoint {
+            ip: "10.0.1.5".into(),
+            port,
+            namespace: ns.into(),
+            pod_name: name.into(),
+            ..Default::default()
+        };
+        let mut f = pb::Flow {
+            node_name: "node2".into(),
+            verdict: pb::Verdict::Forwarded as i32,
+            r#type: pb::EventType::L7 as i32,
+            direction: pb::TrafficDirection::Ingress as i32,
+            source: Some(pod("default", "client", 41000)),
+            destination: Some(pod("default", "web", 80)),
+            protocol: 6,
+            protocol_name: "TCP".into(),
+            l7: Some(pb::L7 {
+                protocol: "HTTP/1.1".into(),
+                method: "GET".into(),
+                host: "web".into(),
+                path: "/public/a".into(),
+                status: 200,
+                latency_micros: 1234,
+                verdict: pb::L7Verdict::Forwarded as i32,
+                rule: "SinewNetworkPolicy default/web ingress[0].toPorts[0]".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = compact(&f, &jiff::tz::TimeZone::UTC);
+        assert!(
+            c.contains("default/client:41000 -> default/web:80 HTTP/1.1 FORWARDED (l7 INGRESS GET web/public/a 200 1.2ms by SinewNetworkPolicy default/web ingress[0].toPorts[0])"),
+            "{c}"
+        );
+        let l7 = f.l7.as_mut().unwrap();
+        l7.path = "/admin".into();
+        l7.status = 403;
+        l7.latency_micros = 800;
+        l7.verdict = pb::L7Verdict::Denied as i32;
+        l7.rule.clear();
+        l7.reason = "no_rule_matched".into();
+        f.verdict = pb::Verdict::Dropped as i32;
+        assert!(
+            summary(&f).ends_with("GET web/admin 403 800us DENIED (no_rule_matched)"),
+            "{}",
+            summary(&f)
+        );
+        let j = json(&f);
+        assert_eq!(j["type"], "l7");
+        assert_eq!(j["l7"]["status"], 403);
+        assert_eq!(j["l7"]["verdict"], "L7_VERDICT_DENIED");
     }
 
     /// Pods without Kubernetes names are named by their container id.

@@ -175,8 +175,18 @@ impl Lab {
             self.state.spec.routing.to_string(),
             "--uplink".into(),
             UPLINK.into(),
+            // Each node's own: agents share the file system.
+            "--proxy-socket".into(),
+            rec.state_dir.join("proxy.sock").display().to_string(),
         ]
         .into_iter()
+        .chain(
+            self.state
+                .binaries
+                .proxy
+                .iter()
+                .flat_map(|p| ["--proxy-binary".to_string(), p.display().to_string()]),
+        )
         .chain(
             rec.cgroup
                 .iter()

@@ -146,6 +146,11 @@ pub struct Binaries {
     pub cni: PathBuf,
     /// `sinew` (the CLI).
     pub sinew: PathBuf,
+    /// `sinew-proxy`, which every node's agent starts and supervises
+    /// (`--proxy-binary`); `None`: no proxy, L7-covered connections fail
+    /// closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -155,6 +160,7 @@ impl Binaries {
             agent: dir.join("sinew-agent"),
             cni: dir.join("sinew-cni"),
             sinew: dir.join("sinew"),
+            proxy: Some(dir.join("sinew-proxy")),
         }
     }
 
@@ -175,12 +181,15 @@ impl Binaries {
         Ok(Self::in_dir(&dir))
     }
 
-    /// Fails with a build hint if the agent or the CNI plugin is missing.
+    /// Fails with a build hint if the agent, the CNI plugin or the proxy
+    /// is missing.
     pub fn check(&self) -> Result<(), LabError> {
         for (name, package, path) in [
-            ("sinew-agent", "sinew-agent", &self.agent),
-            ("sinew-cni", "sinew-cni", &self.cni),
+            ("sinew-agent", "sinew-agent", Some(&self.agent)),
+            ("sinew-cni", "sinew-cni", Some(&self.cni)),
+            ("sinew-proxy", "sinew-proxy", self.proxy.as_ref()),
         ] {
+            let Some(path) = path else { continue };
             if !path.is_file() {
                 return Err(LabError::MissingBinary {
                     name,
@@ -262,5 +271,6 @@ mod tests {
         assert_ne!(dir.file_name().unwrap(), "deps");
         assert_eq!(b.cni, dir.join("sinew-cni"));
         assert_eq!(b.sinew, dir.join("sinew"));
+        assert_eq!(b.proxy, Some(dir.join("sinew-proxy")));
     }
 }
