@@ -1,7 +1,8 @@
 //! `SinewNode`: Sinew's record of a Node, named after it. The operator
-//! allocates the node's pod CIDRs from the cluster pool into its spec (when
-//! Kubernetes itself does not, `Node.spec.podCIDRs` empty); the agent reads
-//! them and reports in its status.
+//! creates one for every Node: the pod CIDRs it allocated from the cluster
+//! pool, or the Node's own `spec.podCIDRs` when Kubernetes allocates. The
+//! agent reads them, and publishes what other nodes need from it in the
+//! status (its WireGuard public key) once the record exists.
 
 // Several `printcolumn(...)` entries read to clippy as one attribute repeated.
 #![allow(clippy::duplicated_attributes)]
@@ -50,6 +51,11 @@ fn pod_cidrs_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SinewNodeStatus {
+    /// The node's WireGuard public key (base64 of 32 bytes), published by
+    /// its agent with `--encryption wireguard`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"))]
+    pub wireguard_public_key: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub conditions: Vec<NodeCondition>,
