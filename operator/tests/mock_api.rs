@@ -35,7 +35,6 @@ struct Seen {
 #[derive(Clone, Debug)]
 struct Target {
     group: String,
-    version: String,
     namespace: Option<String>,
     resource: String,
     name: Option<String>,
@@ -44,9 +43,10 @@ struct Target {
 
 fn parse_path(path: &str) -> Target {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, version, rest) = match parts[0] {
-        "api" => (String::new(), parts[1].to_string(), &parts[2..]),
-        _ => (parts[1].to_string(), parts[2].to_string(), &parts[3..]),
+    // /api/v1/... (core) or /apis/GROUP/VERSION/...
+    let (group, rest) = match parts[0] {
+        "api" => (String::new(), &parts[2..]),
+        _ => (parts[1].to_string(), &parts[3..]),
     };
     let (namespace, rest) = match rest {
         ["namespaces", ns, more @ ..] if !more.is_empty() => (Some(ns.to_string()), more),
@@ -54,7 +54,6 @@ fn parse_path(path: &str) -> Target {
     };
     Target {
         group,
-        version,
         namespace,
         resource: rest[0].to_string(),
         name: rest.get(1).map(|s| s.to_string()),
