@@ -111,6 +111,12 @@ pub fn ip(args: &[&str]) -> Result<(), NetError> {
 /// Writes a sysctl of this network namespace (/proc/sys/net is per netns).
 pub fn sysctl(key: &str, value: &str) -> Result<(), NetError> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    // A value already in place is not written: in a container that is not
+    // privileged /proc/sys is read-only, and the DaemonSet's init container
+    // sets these on the host beforehand (deploy/).
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
     std::fs::write(&path, value).map_err(|source| NetError::Sysctl { path, source })
 }
 

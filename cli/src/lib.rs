@@ -51,6 +51,59 @@ enum Command {
     /// Flows the datapath saw: forwarded, dropped (with the reason),
     /// policy verdicts. `sinew observe status` shows the observer's counters.
     Observe(Box<ObserveArgs>),
+    /// Kubernetes manifests for a cluster (`sinew install --print | kubectl apply -f -`).
+    Install(InstallArgs),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// Print the manifests (CRDs, RBAC, the agent DaemonSet, the operator)
+    /// to stdout. Required: installing through the API is not built yet.
+    #[arg(long)]
+    print: bool,
+    /// Node-to-node encryption of pod traffic.
+    #[arg(long, default_value = "none")]
+    encryption: sinew_install::Encryption,
+    /// The image holding every Sinew binary (Containerfile).
+    #[arg(long, default_value = "sinew:latest")]
+    image: String,
+    /// Namespace of the agent and operator.
+    #[arg(long, default_value = "kube-system")]
+    namespace: String,
+    /// vxlan or native.
+    #[arg(long, default_value = "vxlan")]
+    routing: String,
+    /// The nodes' uplink device.
+    #[arg(long, default_value = "eth0")]
+    uplink: String,
+    /// The pod CIDR pool the operator carves node blocks from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pool_v4: ipnet::IpNet,
+    /// Prefix length of each node's block.
+    #[arg(long, default_value_t = 24)]
+    node_prefix_v4: u8,
+    #[arg(long, default_value_t = 2)]
+    operator_replicas: i32,
+}
+
+fn install(a: &InstallArgs) -> anyhow::Result<()> {
+    if !a.print {
+        anyhow::bail!(
+            "pass --print and pipe the manifests to `kubectl apply -f -`; installing through the API is not built yet"
+        );
+    }
+    let s = sinew_install::Settings {
+        namespace: a.namespace.clone(),
+        image: a.image.clone(),
+        encryption: a.encryption,
+        routing: a.routing.clone(),
+        uplink: a.uplink.clone(),
+        pool_v4: a.pool_v4,
+        node_prefix_v4: a.node_prefix_v4,
+        operator_replicas: a.operator_replicas,
+    };
+    print!("{}", sinew_install::render(&s)?);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -378,6 +431,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(cmd) => lab(&cli, cmd)?,
         Command::Policy(cmd) => policy(&cli, cmd)?,
         Command::Observe(args) => observe(&cli, args)?,
+        Command::Install(a) => install(a)?,
         Command::Service(ServiceCmd::List(o)) => {
             let socket = cli.socket()?;
             let r = runtime()?.block_on(async {

@@ -20,6 +20,8 @@ pub mod fuzz;
 pub mod matcher;
 pub mod path;
 pub mod rules;
+#[cfg(feature = "schema")]
+mod schema;
 
 pub use matcher::{CompileError, CompiledRules, Headers, Match, Peer, PeerId, Request, RuleKind, RuleSet, Verdict};
 pub use path::{normalize_path, normalize_target, PathError, Target};

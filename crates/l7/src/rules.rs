@@ -182,12 +182,13 @@ impl From<HeaderMatch> for HeaderRepr {
 
 /// One HTTP rule: a request matches when every field given matches.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<StringMatch>,
-    /// Matched against the normalised path ([`crate::normalize_path`]),
-    /// without the query.
+    /// Matched against the normalised path (see `normalize_path`), without
+    /// the query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<StringMatch>,
     /// Matched against the request's host (`:authority` or `Host`),
@@ -195,17 +196,28 @@ pub struct HttpRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<StringMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 16)))]
     pub headers: Vec<HeaderMatch>,
 }
 
 /// One gRPC rule: calls to `/service/method` (every method of the
 /// service when `method` is left out), which are HTTP POSTs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GrpcRule {
     /// The fully qualified service, `pkg.Greeter`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"))
+    )]
     pub service: String,
+    /// The method; every method of the service when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_]+$"))
+    )]
     pub method: Option<String>,
 }
 
@@ -222,11 +234,21 @@ impl GrpcRule {
 
 /// The `rules` of one `toPorts` entry: a whitelist of requests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "(has(self.http) && size(self.http) > 0) || (has(self.grpc) && size(self.grpc) > 0)",
+        "message": "empty L7 rules allow no request; list http or grpc rules, or remove `rules` to allow the whole port"
+    }]))
+)]
 #[serde(deny_unknown_fields)]
 pub struct L7Rules {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 32)))]
     pub http: Vec<HttpRule>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 32)))]
     pub grpc: Vec<GrpcRule>,
 }
 

@@ -762,13 +762,6 @@ fn k8s_port(ctx: &mut Ctx, path: &str, p: &NetworkPolicyPort) -> Option<PortSel>
     port_sel(ctx, path, Some(proto), port, p.end_port.map(i64::from), false)
 }
 
-/// A port number or name as written.
-#[derive(Clone, Debug)]
-enum PortValue {
-    Num(i64),
-    Name(String),
-}
-
 /// Validates one port entry. `numeric_strings`: Sinew accepts `"80"` as a
 /// number; Kubernetes treats a string as a port name.
 fn port_sel(
@@ -922,6 +915,13 @@ fn cidr_peer(ctx: &mut Ctx, path: &str, cidr: &str, except: &[String]) -> Option
 
 // --------------------------------------------------------------------- Sinew
 
+// The Sinew kinds are read into the shared CRD types (sinew-crd), so that
+// the schema the API server enforces and this parser cannot drift apart.
+use sinew_crd::{CidrSet as CidrSetSpec, EgressRule as EgressRuleSpec, EndpointSelector as SelectorSpec};
+use sinew_crd::{IngressRule as IngressRuleSpec, PortRule as PortRuleSpec, PortValue};
+
+/// The document around the spec: only these fields, so that a misspelt
+/// `spec` is an error rather than an empty policy.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SinewDoc {
@@ -931,126 +931,21 @@ struct SinewDoc {
     kind: String,
     #[serde(default)]
     metadata: ObjectMeta,
-    spec: SinewSpec,
+    spec: sinew_crd::SinewNetworkPolicySpec,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SinewSpec {
-    endpoint_selector: SelectorSpec,
-    ingress: Option<Vec<IngressRuleSpec>>,
-    egress: Option<Vec<EgressRuleSpec>>,
-    ingress_deny: Option<Vec<IngressRuleSpec>>,
-    egress_deny: Option<Vec<EgressRuleSpec>>,
-}
-
-/// A `LabelSelector` that rejects unknown fields: a misspelt `matchLabel`
-/// would otherwise select everything.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SelectorSpec {
-    match_labels: Option<BTreeMap<String, String>>,
-    match_expressions: Option<Vec<ExpressionSpec>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExpressionSpec {
-    key: String,
-    operator: String,
-    values: Option<Vec<String>>,
-}
-
-impl SelectorSpec {
-    fn to_k8s(&self) -> LabelSelector {
-        LabelSelector {
-            match_labels: self.match_labels.clone(),
-            match_expressions: self.match_expressions.as_ref().map(|v| {
-                v.iter()
-                    .map(|e| LabelSelectorRequirement {
-                        key: e.key.clone(),
-                        operator: e.operator.clone(),
-                        values: e.values.clone(),
-                    })
-                    .collect()
-            }),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct IngressRuleSpec {
-    from_endpoints: Option<Vec<SelectorSpec>>,
-    from_entities: Option<Vec<String>>,
-    #[serde(rename = "fromCIDR")]
-    from_cidr: Option<Vec<String>>,
-    #[serde(rename = "fromCIDRSet")]
-    from_cidr_set: Option<Vec<CidrSetSpec>>,
-    to_ports: Option<Vec<PortRuleSpec>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct EgressRuleSpec {
-    to_endpoints: Option<Vec<SelectorSpec>>,
-    to_entities: Option<Vec<String>>,
-    #[serde(rename = "toCIDR")]
-    to_cidr: Option<Vec<String>>,
-    #[serde(rename = "toCIDRSet")]
-    to_cidr_set: Option<Vec<CidrSetSpec>>,
-    to_ports: Option<Vec<PortRuleSpec>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CidrSetSpec {
-    cidr: String,
-    except: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PortRuleSpec {
-    ports: Option<Vec<PortSpec>>,
-    icmps: Option<Vec<IcmpSpec>>,
-    rules: Option<sinew_l7::L7Rules>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct PortSpec {
-    port: Option<PortValue>,
-    end_port: Option<i64>,
-    protocol: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IcmpSpec {
-    #[serde(rename = "type")]
-    icmp_type: i64,
-}
-
-impl<'de> Deserialize<'de> for PortValue {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = PortValue;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port number or name")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortValue, E> {
-                Ok(PortValue::Num(v))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortValue, E> {
-                Ok(PortValue::Num(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortValue, E> {
-                Ok(PortValue::Name(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
+fn selector_to_k8s(s: &SelectorSpec) -> LabelSelector {
+    LabelSelector {
+        match_labels: s.match_labels.clone(),
+        match_expressions: s.match_expressions.as_ref().map(|v| {
+            v.iter()
+                .map(|e| LabelSelectorRequirement {
+                    key: e.key.clone(),
+                    operator: e.operator.clone(),
+                    values: e.values.clone(),
+                })
+                .collect()
+        }),
     }
 }
 
@@ -1064,29 +959,25 @@ struct PeerFields<'a> {
     to_ports: Option<&'a [PortRuleSpec]>,
 }
 
-impl IngressRuleSpec {
-    fn fields(&self) -> PeerFields<'_> {
-        PeerFields {
-            prefix: "from",
-            endpoints: self.from_endpoints.as_deref(),
-            entities: self.from_entities.as_deref(),
-            cidr: self.from_cidr.as_deref(),
-            cidr_set: self.from_cidr_set.as_deref(),
-            to_ports: self.to_ports.as_deref(),
-        }
+fn ingress_fields(r: &IngressRuleSpec) -> PeerFields<'_> {
+    PeerFields {
+        prefix: "from",
+        endpoints: r.from_endpoints.as_deref(),
+        entities: r.from_entities.as_deref(),
+        cidr: r.from_cidr.as_deref(),
+        cidr_set: r.from_cidr_set.as_deref(),
+        to_ports: r.to_ports.as_deref(),
     }
 }
 
-impl EgressRuleSpec {
-    fn fields(&self) -> PeerFields<'_> {
-        PeerFields {
-            prefix: "to",
-            endpoints: self.to_endpoints.as_deref(),
-            entities: self.to_entities.as_deref(),
-            cidr: self.to_cidr.as_deref(),
-            cidr_set: self.to_cidr_set.as_deref(),
-            to_ports: self.to_ports.as_deref(),
-        }
+fn egress_fields(r: &EgressRuleSpec) -> PeerFields<'_> {
+    PeerFields {
+        prefix: "to",
+        endpoints: r.to_endpoints.as_deref(),
+        entities: r.to_entities.as_deref(),
+        cidr: r.to_cidr.as_deref(),
+        cidr_set: r.to_cidr_set.as_deref(),
+        to_ports: r.to_ports.as_deref(),
     }
 }
 
@@ -1113,7 +1004,7 @@ fn parse_sinew(ctx: &mut Ctx, file: &str, kind: PolicyKind, value: serde_yaml::V
     };
     let spec = &doc.spec;
     let subject = Subject::IdentityLabels(
-        selector_at(ctx, "spec.endpointSelector", &spec.endpoint_selector.to_k8s()).unwrap_or_default(),
+        selector_at(ctx, "spec.endpointSelector", &selector_to_k8s(&spec.endpoint_selector)).unwrap_or_default(),
     );
     let mut sections = Vec::new();
     let mut add = |ctx: &mut Ctx, section: Section, rules: Vec<PeerFields<'_>>| {
@@ -1133,20 +1024,16 @@ fn parse_sinew(ctx: &mut Ctx, file: &str, kind: PolicyKind, value: serde_yaml::V
         sections.push((section, rules));
     };
     if let Some(r) = &spec.ingress {
-        add(ctx, Section::Ingress, r.iter().map(IngressRuleSpec::fields).collect());
+        add(ctx, Section::Ingress, r.iter().map(ingress_fields).collect());
     }
     if let Some(r) = &spec.ingress_deny {
-        add(
-            ctx,
-            Section::IngressDeny,
-            r.iter().map(IngressRuleSpec::fields).collect(),
-        );
+        add(ctx, Section::IngressDeny, r.iter().map(ingress_fields).collect());
     }
     if let Some(r) = &spec.egress {
-        add(ctx, Section::Egress, r.iter().map(EgressRuleSpec::fields).collect());
+        add(ctx, Section::Egress, r.iter().map(egress_fields).collect());
     }
     if let Some(r) = &spec.egress_deny {
-        add(ctx, Section::EgressDeny, r.iter().map(EgressRuleSpec::fields).collect());
+        add(ctx, Section::EgressDeny, r.iter().map(egress_fields).collect());
     }
     Some(PolicyResource {
         kind,
@@ -1167,7 +1054,7 @@ fn sinew_rule(ctx: &mut Ctx, ns: Option<&str>, path: &str, deny: bool, f: PeerFi
     let any_peer_field = f.endpoints.is_some() || f.entities.is_some() || f.cidr.is_some() || f.cidr_set.is_some();
     let mut peers = Vec::new();
     for (j, s) in f.endpoints.unwrap_or_default().iter().enumerate() {
-        let Some(sel) = selector_at(ctx, &format!("{path}.{px}Endpoints[{j}]"), &s.to_k8s()) else {
+        let Some(sel) = selector_at(ctx, &format!("{path}.{px}Endpoints[{j}]"), &selector_to_k8s(s)) else {
             continue;
         };
         // In a namespaced policy a selector stays in the policy's namespace
