@@ -25,19 +25,20 @@ static __always_inline int encrypt_redirect(__u32 dst_flags)
 }
 
 /*
- * At the uplink's egress, what the node itself sends to another node: the
- * VXLAN device's packets (pod traffic the stack routed), packets to other
- * nodes' pods (node port SNAT, host to pod in native routing), and with
- * CFG_ENCRYPT_NODE everything else but WireGuard itself. Returns 0 to let
- * the packet go, else the verdict.
+ * At the uplink's egress, what leaves for another node through the stack:
+ * from a local pod (`from_pod`: to another node's address, e.g. a reply to
+ * that node), or from the node itself: the VXLAN device's packets (pod
+ * traffic the stack routed), packets to other nodes' pods (node port SNAT,
+ * host to pod in native routing), and with CFG_ENCRYPT_NODE everything else
+ * but WireGuard itself. Returns 0 to let the packet go, else the verdict.
  */
-static __always_inline int encrypt_from_node(struct __sk_buff *skb,
-					     struct iphdr *ip)
+static __always_inline int encrypt_to_node(struct __sk_buff *skb,
+					   struct iphdr *ip, int from_pod)
 {
 	struct ipcache_value *dst;
 	struct udphdr *udp = 0;
 
-	if (!CFG_ENCRYPT_IFINDEX || ip->saddr != CFG_NODE_IP)
+	if (!CFG_ENCRYPT_IFINDEX)
 		return 0;
 	dst = ipcache_lookup4(ip->daddr);
 	if (!dst || !dst->tunnel_endpoint)
@@ -46,6 +47,8 @@ static __always_inline int encrypt_from_node(struct __sk_buff *skb,
 		return encrypt_redirect(dst->flags);
 	if (!(dst->flags & IPCACHE_F_NODE))
 		return 0;
+	if (from_pod)
+		return encrypt_redirect(dst->flags);
 	if (ip->protocol == IPPROTO_UDP && ip->ihl == 5)
 		udp = PKT_PTR(skb, IP_OFF + sizeof(struct iphdr), struct udphdr);
 	if (udp && (udp->dest == bpf_htons(CFG_WIREGUARD_PORT) ||
