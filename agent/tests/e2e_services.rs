@@ -167,12 +167,12 @@ fn wait_frontend_on(lab: &Lab, nodes: &[String], frontend: &str, active: &[Ipv4A
                 .frontends
                 .iter()
                 .filter(|f| f.address_kind != "NodeIP")
-                .find(|f| format!("{}:{}/{}", f.address, f.port, f.protocol) == frontend)
+                .find(|f| f.to_string() == frontend)
                 .map(|f| {
                     f.backends
                         .iter()
                         .filter(|b| b.active)
-                        .map(|b| b.address.clone())
+                        .map(|b| sinew_proto::addr::text(b.address.as_ref()))
                         .collect()
                 });
             if got.as_ref() == Some(&want) {
@@ -352,7 +352,7 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
     let ids_before: Vec<(String, u32)> = list_services(&l.node("node1").unwrap().socket)
         .frontends
         .iter()
-        .map(|f| (format!("{}:{}/{}", f.address, f.port, f.protocol), f.id))
+        .map(|f| (f.to_string(), f.id))
         .collect();
     assert!(g.lab.stop_agent("node1").unwrap());
     let l = &g.lab;
@@ -368,7 +368,7 @@ fn cluster_ip_from_pods_and_nodes_affinity_hairpin_refusal_bad_input_and_restart
     let ids_after: Vec<(String, u32)> = list_services(&l.node("node1").unwrap().socket)
         .frontends
         .iter()
-        .map(|f| (format!("{}:{}/{}", f.address, f.port, f.protocol), f.id))
+        .map(|f| (f.to_string(), f.id))
         .collect();
     assert_eq!(ids_after, ids_before, "same frontends, same ids");
     let m = scrape(l, "node1").unwrap();

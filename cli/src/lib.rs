@@ -440,11 +440,11 @@ fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Resul
                 serde_json::json!({
                     "namespace": f.namespace, "name": f.name, "portName": f.port_name,
                     "type": f.r#type, "addressKind": f.address_kind,
-                    "frontend": format!("{}:{}/{}", f.address, f.port, f.protocol),
+                    "frontend": f.to_string(),
                     "id": f.id, "algorithm": f.algorithm, "affinityTimeout": f.affinity_timeout,
                     "localOnly": f.local_only,
                     "backends": f.backends.iter().map(|b| serde_json::json!({
-                        "address": format!("{}:{}", b.address, b.port), "state": b.state,
+                        "address": b.to_string(), "state": b.state,
                         "node": b.node, "active": b.active, "id": b.id,
                     })).collect::<Vec<_>>(),
                 })
@@ -478,7 +478,7 @@ fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Resul
         } else {
             format!("{}({})", f.r#type, f.address_kind)
         };
-        let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol);
+        let frontend = f.to_string();
         let backends: Vec<String> = f
             .backends
             .iter()
@@ -489,7 +489,7 @@ fn print_services(r: &v1::ListServicesResponse, output: Format) -> anyhow::Resul
                     format!(" {}", b.node)
                 };
                 let mark = if b.active { "" } else { " (unused)" };
-                format!("{}:{} {}{node}{mark}", b.address, b.port, b.state)
+                format!("{b} {}{node}{mark}", b.state)
             })
             .collect();
         let first = backends

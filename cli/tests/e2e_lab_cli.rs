@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use sinew_lab::{default_state_dir, Lab};
+use sinew_lab::{default_state_dir, Lab, LabGuard};
 
 const SINEW: &str = env!("CARGO_BIN_EXE_sinew");
 
@@ -22,17 +22,22 @@ fn require_root() {
     sinew_testvms::support::require_root("kernel integration tests");
 }
 
-/// Takes the lab down even when an assertion failed half-way.
-struct Down(String);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Lab::down(&default_state_dir(&self.0));
-    }
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(SINEW);
+    c.args(args).current_dir(repo());
+    c
 }
 
 fn sinew(args: &[&str]) -> Output {
-    Command::new(SINEW).args(args).current_dir(repo()).output().unwrap()
+    command(args).output().unwrap()
+}
+
+/// `sinew --lab LAB lab up ARGS...`, guarded: the lab goes down however
+/// the test ends. Returns the guard and the command's stdout.
+fn lab_up(lab: &str, args: &[&str]) -> (LabGuard, String) {
+    let mut all = vec!["--lab", lab, "lab", "up"];
+    all.extend_from_slice(args);
+    sinew_testvms::support::cli_lab_up(command(&all), lab)
 }
 
 fn text(out: &Output) -> String {
@@ -68,8 +73,7 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 fn lab_up_suggests_commands_for_this_lab_and_status_shows_each_socket() {
     require_root();
     let lab = format!("cli-hints-{}", std::process::id());
-    let _down = Down(lab.clone());
-    let up = ok(&lab, &["lab", "up", "--nodes", "2", "--pods-per-node", "1"]);
+    let (_guard, up) = lab_up(&lab, &["--nodes", "2", "--pods-per-node", "1"]);
 
     // Every suggested command names this lab and works as printed.
     let tries: Vec<&str> = up
@@ -187,8 +191,7 @@ fn known_endpoints(lab: &str, node: &str) -> u64 {
 fn netpol_xyz_example_gives_the_readme_reachability_and_follows_relabels() {
     require_root();
     let lab = format!("cli-xyz-{}", std::process::id());
-    let _down = Down(lab.clone());
-    ok(&lab, &["lab", "up", "--nodes", "2", "--pods-per-node", "0"]);
+    let (_guard, _) = lab_up(&lab, &["--nodes", "2", "--pods-per-node", "0"]);
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
 
     let applied = ok(&lab, &["lab", "apply", "-f", "examples/netpol-xyz.yaml"]);

@@ -1,10 +1,7 @@
 //! The network configuration a runtime writes to sinew-cni's stdin.
 #![no_main]
 
-// sinew-cni has no library target yet: its parser is compiled in by path.
-#[allow(dead_code)]
-#[path = "../../cni-plugin/src/config.rs"]
-mod config;
+use sinew_cni::config;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = config::sniff_version(data);

@@ -4,10 +4,7 @@
 
 use std::collections::HashMap;
 
-// sinew-cni has no library target yet: its parser is compiled in by path.
-#[allow(dead_code)]
-#[path = "../../cni-plugin/src/env.rs"]
-mod env;
+use sinew_cni::env;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -58,3 +58,33 @@ where
         .wait_with_output()
         .unwrap_or_else(|e| panic!("waiting for the CNI plugin {program}: {e}"))
 }
+
+/// Runs `sinew lab up` for lab `lab` in a child process (`up` carries the
+/// binary, its arguments and working directory) and guards the lab it
+/// made, so that the lab is taken down however the test ends. Returns the
+/// guard and what `up` printed on stdout.
+///
+/// Why not [`LabGuard::up_with`](crate::LabGuard::up_with): these tests
+/// prove the CLI, so the CLI must bring the lab up. The guard is loaded
+/// from the state directory before `up`'s exit status is checked: a
+/// failed `sinew lab up` leaves the partial lab for inspection, and a
+/// failing test must not leave it behind.
+///
+/// # Panics
+///
+/// When `up` cannot run or fails (its output is in the message).
+pub fn cli_lab_up(mut up: Command, lab: &str) -> (crate::LabGuard, String) {
+    let out = up
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", up.get_program()));
+    let guard = crate::LabGuard::load(&crate::lab::default_state_dir(lab));
+    assert!(
+        out.status.success(),
+        "{up:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let guard = guard.unwrap_or_else(|e| panic!("{up:?} succeeded but left no lab state: {e}"));
+    (guard, String::from_utf8_lossy(&out.stdout).into_owned())
+}

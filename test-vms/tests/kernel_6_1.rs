@@ -212,7 +212,7 @@ mod host {
 mod guest {
     use super::*;
 
-    use sinew_testvms::lab::{Lab, UpOptions};
+    use sinew_testvms::lab::{Lab, LabGuard, UpOptions};
 
     pub fn run(snapshot: &Path) {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -241,13 +241,26 @@ mod guest {
         println!("sctp took {:.0} s", t.elapsed().as_secs_f64());
     }
 
-    /// Takes the lab down however the checks end.
-    pub(super) struct LabDown<'a>(pub &'a Path, pub &'a str);
-
-    impl Drop for LabDown<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new(self.0).args(["--lab", self.1, "lab", "down"]).status();
-        }
+    /// `sinew lab up` of the two-node VXLAN lab `name` with `pods_per_node`
+    /// pods on each node, after taking down what an earlier run left. The
+    /// guard takes the lab down however the checks end.
+    pub(super) fn lab_up(bin: &Path, name: &str, pods_per_node: &str) -> LabGuard {
+        let _ = Command::new(bin).args(["--lab", name, "lab", "down"]).output();
+        let mut up = Command::new(bin);
+        up.args([
+            "lab",
+            "up",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            pods_per_node,
+            "--lab",
+            name,
+            "--routing",
+            "vxlan",
+        ])
+        .stderr(Stdio::inherit());
+        sinew_testvms::support::cli_lab_up(up, name).0
     }
 
     pub(super) fn sinew(bin: &Path, args: &[&str]) -> String {
@@ -370,23 +383,7 @@ mod guest {
 
     fn clsact_lab(snapshot: &Path) {
         let bin = snapshot.join("sinew");
-        let _ = Command::new(&bin).args(["--lab", LAB, "lab", "down"]).output();
-        sinew(
-            &bin,
-            &[
-                "lab",
-                "up",
-                "--nodes",
-                "2",
-                "--pods-per-node",
-                "1",
-                "--lab",
-                LAB,
-                "--routing",
-                "vxlan",
-            ],
-        );
-        let _down = LabDown(&bin, LAB);
+        let mut guard = lab_up(&bin, LAB, "1");
         for node in ["node1", "node2"] {
             let s = json(&bin, &["--lab", LAB, "--node", node, "status", "-o", "json"]);
             assert_eq!(s["attachMode"], "clsact", "{node} status: {s}");
@@ -403,8 +400,8 @@ mod guest {
         );
         let remote = eps2[0]["ip"].as_str().expect("node2 has an endpoint").to_string();
 
-        let mut lab = Lab::load(&sinew_testvms::lab::default_state_dir(LAB)).unwrap();
-        let before = check_filters(&lab, &lxc, "after lab up");
+        let lab = &mut guard.lab;
+        let before = check_filters(lab, &lxc, "after lab up");
         ping(&bin, "node1-pod1", &remote);
         report_step("clsact lab");
 
@@ -428,7 +425,7 @@ mod guest {
         let s = json(&bin, &["--lab", LAB, "--node", "node1", "status", "-o", "json"]);
         assert_eq!(s["attachMode"], "clsact", "restarted node1 status: {s}");
         assert_eq!(s["healthy"], true, "restarted node1 status: {s}");
-        let after = check_filters(&lab, &lxc, "after agent restart");
+        let after = check_filters(lab, &lxc, "after agent restart");
         for (a, b) in before.iter().zip(&after) {
             assert_ne!(
                 a, b,
@@ -450,7 +447,7 @@ mod guest {
 /// without policy, then with one that allows SCTP to one port from every
 /// pod and denies node1-pod2 that port with a deny rule.
 mod sctp {
-    use super::guest::{sinew, LabDown};
+    use super::guest::{lab_up, sinew};
     use super::*;
 
     use std::net::Ipv4Addr;
@@ -609,34 +606,18 @@ spec:
             loaded.lines().any(|l| l.starts_with("SCTP ")),
             "the guest kernel has no SCTP (run-in-vm.sh loads the sctp module):\n{loaded}"
         );
-        let _ = Command::new(&bin).args(["--lab", SCTP_LAB, "lab", "down"]).output();
-        sinew(
-            &bin,
-            &[
-                "lab",
-                "up",
-                "--nodes",
-                "2",
-                "--pods-per-node",
-                "2",
-                "--lab",
-                SCTP_LAB,
-                "--routing",
-                "vxlan",
-            ],
-        );
-        let _down = LabDown(&bin, SCTP_LAB);
-        let lab = Lab::load(&sinew_testvms::lab::default_state_dir(SCTP_LAB)).unwrap();
-        let server = pod_ip(&lab, "node2-pod1");
+        let guard = lab_up(&bin, SCTP_LAB, "2");
+        let lab = &guard.lab;
+        let server = pod_ip(lab, "node2-pod1");
         let _servers = Servers(vec![
-            serve(&lab, &probe, "node2-pod1", ALLOWED),
-            serve(&lab, &probe, "node2-pod1", OTHER),
+            serve(lab, &probe, "node2-pod1", ALLOWED),
+            serve(lab, &probe, "node2-pod1", OTHER),
         ]);
 
         // No policy: every pod reaches both ports, across nodes and on one.
         for from in ["node1-pod1", "node1-pod2", "node2-pod2"] {
             for port in [ALLOWED, OTHER] {
-                must_connect(&lab, &probe, from, server, port);
+                must_connect(lab, &probe, from, server, port);
             }
         }
         report_step("sctp connectivity");
@@ -657,18 +638,18 @@ spec:
                 file.to_str().unwrap(),
             ],
         );
-        must_connect(&lab, &probe, "node1-pod1", server, ALLOWED);
-        must_connect(&lab, &probe, "node2-pod2", server, ALLOWED);
+        must_connect(lab, &probe, "node1-pod1", server, ALLOWED);
+        must_connect(lab, &probe, "node2-pod2", server, ALLOWED);
         report_step("sctp policy allow");
 
         // Another port: no rule allows it. The allowed port from a pod a
         // deny rule names: the deny rule wins.
-        must_fail(&lab, &probe, "node1-pod1", server, OTHER);
-        must_fail(&lab, &probe, "node2-pod2", server, OTHER);
-        must_fail(&lab, &probe, "node1-pod2", server, ALLOWED);
+        must_fail(lab, &probe, "node1-pod1", server, OTHER);
+        must_fail(lab, &probe, "node2-pod2", server, OTHER);
+        must_fail(lab, &probe, "node1-pod2", server, ALLOWED);
         let flows = drops(&bin);
-        let n1p1 = pod_ip(&lab, "node1-pod1");
-        let n1p2 = pod_ip(&lab, "node1-pod2");
+        let n1p1 = pod_ip(lab, "node1-pod1");
+        let n1p2 = pod_ip(lab, "node1-pod2");
         assert!(
             dropped_with(&flows, n1p1, server, OTHER, "policy_denied"),
             "node2's agent shows no SCTP drop {n1p1} -> {server}:{OTHER} with reason policy_denied: {flows:#?}"
@@ -678,7 +659,7 @@ spec:
             "node2's agent shows no SCTP drop {n1p2} -> {server}:{ALLOWED} with reason policy_deny_rule: {flows:#?}"
         );
         // Still allowed after the drops.
-        must_connect(&lab, &probe, "node1-pod1", server, ALLOWED);
+        must_connect(lab, &probe, "node1-pod1", server, ALLOWED);
         report_step("sctp policy deny");
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::{prefix, require_root};
 use sinew_testvms::cni::CniError;
-use sinew_testvms::lab::{default_state_dir, Binaries, Lab, LabError, LabSpec, Routing};
+use sinew_testvms::lab::{default_state_dir, Binaries, Lab, LabError, LabGuard, LabSpec, Routing, UpOptions};
 use sinew_testvms::topology::Names;
 
 /// Stands in for sinew-agent: creates its socket path and pin dir, records
@@ -85,15 +85,6 @@ impl Drop for Fakes {
     }
 }
 
-/// Takes the lab down even when an assertion failed half-way.
-struct DownOnDrop(PathBuf);
-
-impl Drop for DownOnDrop {
-    fn drop(&mut self) {
-        let _ = Lab::down(&self.0);
-    }
-}
-
 fn same_netns(pid: u32, netns_path: &Path) -> bool {
     let a = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
     let b = std::fs::metadata(netns_path).unwrap();
@@ -113,9 +104,12 @@ fn up_exec_and_down_with_stand_in_binaries() {
         agent_args: Vec::new(),
     };
     let state_dir = default_state_dir(&spec.name_prefix);
-    let _down = DownOnDrop(state_dir.clone());
     let mut lines = Vec::new();
-    let mut lab = Lab::up(&spec, &fakes.binaries, &mut |l: &str| lines.push(l.to_owned())).unwrap();
+    let mut guard = LabGuard::up_with(&spec, &fakes.binaries, &UpOptions::default(), &mut |l: &str| {
+        lines.push(l.to_owned())
+    })
+    .unwrap();
+    let lab = &mut guard.lab;
     assert!(lines.contains(&"creating underlay".to_owned()), "{lines:?}");
     assert!(lines.contains(&"node1: starting agent".to_owned()), "{lines:?}");
     assert!(lines.contains(&"node2: pod 1/1 node2-pod1".to_owned()), "{lines:?}");
@@ -233,7 +227,7 @@ fn up_exec_and_down_with_stand_in_binaries() {
     assert!(lab.agent_running("node1").unwrap());
 
     // Something left running in a pod must not keep the lab alive.
-    let mut server = lab_bg(&lab, "node2-pod1");
+    let mut server = lab_bg(lab, "node2-pod1");
 
     let summary = Lab::down(&state_dir).unwrap();
     assert!(summary.is_clean(), "{summary:?}");
@@ -276,8 +270,10 @@ fn down_after_a_failed_up_leaves_nothing() {
         agent_args: Vec::new(),
     };
     let state_dir = spec.state_dir();
-    let _down = DownOnDrop(state_dir.clone());
-    let err = Lab::up(&spec, &binaries, &mut |_| {}).unwrap_err();
+    let up = Lab::up(&spec, &binaries, &mut |_| {});
+    // The state file comes first, so what the failed up left is guarded.
+    let _guard = LabGuard::load(&state_dir);
+    let err = up.unwrap_err();
     match &err {
         LabError::AgentExited { node, log, .. } => {
             assert_eq!(node, "node1");
@@ -309,8 +305,10 @@ fn underlay_only_lab_goes_down_cleanly() {
         agent_args: Vec::new(),
     };
     let state_dir = spec.state_dir();
-    let _down = DownOnDrop(state_dir.clone());
-    let lab = Lab::up_underlay_only(&spec, &fakes.binaries, &mut |_| {}).unwrap();
+    let up = Lab::up_underlay_only(&spec, &fakes.binaries, &mut |_| {});
+    // Whatever up made, also when it failed half-way.
+    let _guard = LabGuard::load(&state_dir);
+    let lab = up.unwrap();
     assert_eq!(lab.nodes().len(), 3);
     assert!(lab.nodes().iter().all(|n| n.agent_pid.is_none()));
     let names = Names::new(&spec.name_prefix).unwrap();
@@ -387,8 +385,8 @@ fn apply_label_and_delete_documents_with_stand_in_binaries() {
         agent_args: Vec::new(),
     };
     let state_dir = spec.state_dir();
-    let _down = DownOnDrop(state_dir.clone());
-    let mut lab = Lab::up(&spec, &fakes.binaries, &mut |_| {}).unwrap();
+    let mut guard = LabGuard::up_with(&spec, &fakes.binaries, &UpOptions::default(), &mut |_| {}).unwrap();
+    let lab = &mut guard.lab;
     let ds = lab.datastore_dir();
     let names = Names::new(&spec.name_prefix).unwrap();
     let netns_before = names.existing_netns();

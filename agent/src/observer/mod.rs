@@ -201,6 +201,20 @@ impl ObserverStats {
         }
     }
 
+    /// Decodes one ring record and counts it; `None`, counted as a
+    /// decode error, when it is too short (a newer or broken producer).
+    /// The record's bytes come from the datapath: whatever they are, this
+    /// must not panic (the `flow_record` fuzz target runs it, then
+    /// [`Observer::flow`], on arbitrary bytes).
+    pub fn decode(&self, record: &[u8]) -> Option<FlowEvent> {
+        let Some(ev) = FlowEvent::from_bytes(record) else {
+            self.decode_errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        self.count(&ev);
+        Some(ev)
+    }
+
     fn count(&self, ev: &FlowEvent) {
         let bump = |a: &AtomicU64| {
             a.fetch_add(1, Ordering::Relaxed);
@@ -604,14 +618,10 @@ impl Consumer {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             let ev = match ring.next() {
-                Some(item) => FlowEvent::from_bytes(&item),
+                Some(item) => self.shared.stats.decode(&item),
                 None => break,
             };
-            let Some(ev) = ev else {
-                self.shared.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            self.shared.stats.count(&ev);
+            let Some(ev) = ev else { continue };
             if self.stale(&ev) && self.last_refresh.elapsed() >= MIN_REFRESH_GAP {
                 // A pod that started a moment ago sends at once: refresh
                 // now (rate-limited) so that the record carries its name
@@ -811,6 +821,17 @@ mod tests {
             .map(|f| f.destination.as_ref().unwrap().pod_name.as_str())
             .collect();
         assert_eq!(names, ["web-new", "web-old"]);
+    }
+
+    #[test]
+    fn a_short_record_is_a_decode_error_and_not_a_flow() {
+        let stats = ObserverStats::default();
+        let size = std::mem::size_of::<FlowEvent>();
+        assert_eq!(stats.decode(&vec![0; size - 1]), None);
+        // Longer than the layout (a newer producer): the known prefix.
+        assert_eq!(stats.decode(&vec![0; size + 8]), Some(FlowEvent::default()));
+        let s = stats.snapshot();
+        assert_eq!((s.decode_errors, s.flows_total(), s.flows_unknown_type), (1, 1, 1));
     }
 
     #[test]

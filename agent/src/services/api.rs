@@ -19,7 +19,7 @@ pub fn list(st: &ServiceState, snapshot: &Snapshot) -> v1::ListServicesResponse 
                 port_name: s.port_name.clone().unwrap_or_default(),
                 r#type: s.service_type.name().into(),
                 address_kind: s.address_kind.into(),
-                address: s.frontend.addr.to_string(),
+                address: Some(s.frontend.addr.into()),
                 port: u32::from(s.frontend.port),
                 protocol: s.frontend.proto.name().into(),
                 id: svc_id,
@@ -33,7 +33,7 @@ pub fn list(st: &ServiceState, snapshot: &Snapshot) -> v1::ListServicesResponse 
                     .backends
                     .iter()
                     .map(|b| v1::ServiceBackend {
-                        address: b.addr.to_string(),
+                        address: Some(b.addr.into()),
                         port: u32::from(b.port),
                         state: b.state.name().into(),
                         node: b.node.clone().unwrap_or_default(),

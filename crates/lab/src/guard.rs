@@ -1,5 +1,7 @@
 //! [`LabGuard`]: a lab that is taken down when it goes out of scope, the
-//! one guard the lab's tests, the kernel tests and the benchmarks share.
+//! one guard the lab's tests, the kernel tests, the CLI's tests and the
+//! benchmarks share, whether the lab was brought up in-process or by
+//! `sinew lab up`.
 
 use std::path::Path;
 
@@ -24,6 +26,13 @@ impl LabGuard {
     /// Guards a lab that is up.
     pub fn new(lab: Lab) -> Self {
         Self { lab }
+    }
+
+    /// Guards the lab whose state is in `state_dir`: one that `sinew lab
+    /// up` brought up in another process, or what a failed [`Lab::up`]
+    /// left (its state file is written before anything else exists).
+    pub fn load(state_dir: &Path) -> Result<Self, LabError> {
+        Lab::load(state_dir).map(Self::new)
     }
 
     /// Brings a lab up with [`Lab::up_with`]. If that fails, the agents'

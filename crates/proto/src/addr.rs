@@ -8,7 +8,7 @@
 use std::fmt;
 use std::net::{self, Ipv4Addr, Ipv6Addr};
 
-use crate::v1::{IpAddr, IpPrefix, MacAddr};
+use crate::v1::{IpAddr, IpPrefix, MacAddr, ServiceBackend, ServiceFrontend};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
@@ -132,6 +132,20 @@ impl fmt::Display for MacAddr {
     }
 }
 
+/// `address:port/protocol`, as `sinew service list` names a frontend.
+impl fmt::Display for ServiceFrontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", text(self.address.as_ref()), self.port, self.protocol)
+    }
+}
+
+/// `address:port`, as `sinew service list` names a backend.
+impl fmt::Display for ServiceBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", text(self.address.as_ref()), self.port)
+    }
+}
+
 /// Formats a hardware address (any length; Ethernet is 6 bytes) as lower
 /// case hex bytes separated by colons.
 pub fn format_mac(b: &[u8]) -> String {
@@ -179,6 +193,29 @@ mod tests {
         assert!(AddrError::Missing { field: "ip" }
             .to_string()
             .contains("same Sinew version"));
+    }
+
+    #[test]
+    fn service_addresses_read_as_before_they_were_typed() {
+        let b = ServiceBackend {
+            address: Some(net::Ipv4Addr::new(10, 244, 1, 5).into()),
+            port: 8080,
+            ..Default::default()
+        };
+        let f = ServiceFrontend {
+            address: Some(net::Ipv4Addr::new(10, 96, 0, 10).into()),
+            port: 80,
+            protocol: "TCP".into(),
+            backends: vec![b.clone()],
+            ..Default::default()
+        };
+        assert_eq!(f.to_string(), "10.96.0.10:80/TCP");
+        assert_eq!(b.to_string(), "10.244.1.5:8080");
+        assert_eq!(
+            ServiceBackend::default().to_string(),
+            ":0",
+            "absent: empty, as the string was"
+        );
     }
 
     #[test]
