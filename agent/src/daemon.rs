@@ -266,7 +266,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     // Before the datapath: its programs send to the device's ifindex.
     let encryption = crate::encryption::Encryption::start(&cfg.encryption, &cfg.state_dir, uplink_mtu)?;
-    let pod_mtu = pod_mtu - if encryption.is_some() { sinew_wireguard::OVERHEAD } else { 0 };
+    let pod_mtu = pod_mtu
+        - if encryption.is_some() {
+            sinew_wireguard::OVERHEAD
+        } else {
+            0
+        };
     if let Some(e) = &encryption {
         e.publish(ds.as_ref(), &cfg.node_name)?;
     }

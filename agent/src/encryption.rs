@@ -356,6 +356,9 @@ mod tests {
             .err()
             .expect("ipsec must refuse")
             .to_string();
-        assert!(e.contains("does not start rather than send pod traffic in clear"), "{e}");
+        assert!(
+            e.contains("does not start rather than send pod traffic in clear"),
+            "{e}"
+        );
     }
 }

@@ -64,7 +64,10 @@ impl Capture {
             .arg(&self.file)
             .output()
             .expect("tcpdump -r");
-        let lines = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
         (lines, raw)
     }
 }
@@ -142,7 +145,9 @@ fn encrypted_lab(prefix: &str, routing: Routing) {
             agent_log_tail(lab, "node2")
         )
     };
-    eventually("first cross-node connection", || tcp_roundtrip(&ns_c, ip_c, 8079, &ns_a).map(|_| ()));
+    eventually("first cross-node connection", || {
+        tcp_roundtrip(&ns_c, ip_c, 8079, &ns_a).map(|_| ())
+    });
 
     // The capture: the marker crosses the underlay, in both directions,
     // over TCP and inside a bulk transfer; none of it is readable there.
@@ -178,7 +183,12 @@ fn encrypted_lab(prefix: &str, routing: Routing) {
     assert!(
         !contains(&raw, MARKER),
         "the marker crossed the underlay in clear; packets other than WireGuard:\n{}",
-        others.iter().take(20).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+        others
+            .iter()
+            .take(20)
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // The connectivity matrix, as without encryption.
@@ -226,7 +236,9 @@ fn a_node_without_a_key_gets_nothing_in_clear() {
     let lab = &g.lab;
     let (ns_a, ns_c) = (pod_ns(lab, "node1-pod1"), pod_ns(lab, "node2-pod1"));
     let ip_c = pod_ip(lab, "node2-pod1");
-    eventually("first cross-node connection", || tcp_roundtrip(&ns_c, ip_c, 8079, &ns_a).map(|_| ()));
+    eventually("first cross-node connection", || {
+        tcp_roundtrip(&ns_c, ip_c, 8079, &ns_a).map(|_| ())
+    });
 
     let key_file = lab.datastore_dir().join("sinewnodes").join("node2.yaml");
     std::fs::remove_file(&key_file).unwrap_or_else(|e| panic!("{}: {e}", key_file.display()));

@@ -50,7 +50,8 @@ static __always_inline int encrypt_to_node(struct __sk_buff *skb,
 	if (from_pod)
 		return encrypt_redirect(dst->flags);
 	if (ip->protocol == IPPROTO_UDP && ip->ihl == 5)
-		udp = PKT_PTR(skb, IP_OFF + sizeof(struct iphdr), struct udphdr);
+		udp =
+		    PKT_PTR(skb, IP_OFF + sizeof(struct iphdr), struct udphdr);
 	if (udp && (udp->dest == bpf_htons(CFG_WIREGUARD_PORT) ||
 		    udp->source == bpf_htons(CFG_WIREGUARD_PORT)))
 		return 0;

@@ -12,7 +12,10 @@ mod resources;
 pub mod services;
 
 pub use fsutil::write_atomic;
-pub use resources::{check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError, Snapshot};
+pub use resources::{
+    check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError,
+    Snapshot,
+};
 pub use services::{EndpointSliceInfo, LbAlgorithm, Protocol, ServiceInfo, ServiceType, SliceEndpoint};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -348,7 +348,12 @@ impl Snapshot {
                 |s| s.source == f,
                 || kind("EndpointSlice"),
             );
-            carry(&mut self.node_keys, &prev.node_keys, |s| s.source == f, || kind("SinewNode"));
+            carry(
+                &mut self.node_keys,
+                &prev.node_keys,
+                |s| s.source == f,
+                || kind("SinewNode"),
+            );
             let gone: Vec<String> = self
                 .namespace_sources
                 .iter()

@@ -23,7 +23,9 @@ const KEY_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("{what} {value:?} is not base64: {reason}; a WireGuard key is 44 characters of base64 (as `wg genkey` writes)")]
+    #[error(
+        "{what} {value:?} is not base64: {reason}; a WireGuard key is 44 characters of base64 (as `wg genkey` writes)"
+    )]
     NotBase64 {
         what: &'static str,
         value: String,

@@ -46,7 +46,9 @@ pub fn open(name: &str, queues: usize) -> io::Result<Vec<File>> {
                 let e = io::Error::last_os_error();
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("TUNSETIFF {name}: {e} (a device of that name that is not a multi-queue TUN exists? delete it)"),
+                    format!(
+                        "TUNSETIFF {name}: {e} (a device of that name that is not a multi-queue TUN exists? delete it)"
+                    ),
                 ));
             }
             Ok(f)

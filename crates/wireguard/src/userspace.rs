@@ -463,7 +463,10 @@ impl RecvBatch {
 }
 
 fn addr_of(a: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes()), u16::from_be(a.sin_port))
+    SocketAddrV4::new(
+        Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes()),
+        u16::from_be(a.sin_port),
+    )
 }
 
 fn decrypt_loop(s: &Shared, tun_w: &File) {

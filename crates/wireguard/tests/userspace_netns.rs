@@ -64,7 +64,10 @@ fn userspace_tunnel_between_two_namespaces() {
         endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 51871),
         allowed_ips: vec!["10.100.0.1/32".parse().unwrap()],
     }]);
-    for (ns, dev, me, peer) in [(a, "wga", "10.100.0.1", "10.100.0.2"), (b, "wgb", "10.100.0.2", "10.100.0.1")] {
+    for (ns, dev, me, peer) in [
+        (a, "wga", "10.100.0.1", "10.100.0.2"),
+        (b, "wgb", "10.100.0.2", "10.100.0.1"),
+    ] {
         ok(&format!(
             "ip -n {ns} addr add {me}/32 dev {dev} && ip -n {ns} link set {dev} mtu 1420 up && \
              ip -n {ns} route add {peer}/32 dev {dev}"
@@ -78,9 +81,17 @@ fn userspace_tunnel_between_two_namespaces() {
 
     // A source the peer does not allow: B's device refuses it.
     ok(&format!("ip -n {a} addr add 10.100.0.9/32 dev wga"));
-    let before = db.counters().disallowed_source.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = sh(&format!("ip netns exec {a} busybox ping -c 1 -W 1 -I 10.100.0.9 10.100.0.2"));
-    let after = db.counters().disallowed_source.load(std::sync::atomic::Ordering::Relaxed);
+    let before = db
+        .counters()
+        .disallowed_source
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let _ = sh(&format!(
+        "ip netns exec {a} busybox ping -c 1 -W 1 -I 10.100.0.9 10.100.0.2"
+    ));
+    let after = db
+        .counters()
+        .disallowed_source
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(after > before, "disallowed source not refused: {before} -> {after}");
 
     // A bulk TCP transfer through the tunnel arrives whole.
