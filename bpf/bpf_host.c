@@ -125,12 +125,22 @@ int to_netdev(struct __sk_buff *skb)
 		ret = -DROP_INVALID_PACKET;
 		goto out;
 	}
-	/* The node's own packets (tunnel packets too) are never translated. */
-	if (ip->saddr == CFG_NODE_IP)
+	/* The node's own packets (tunnel packets too) are never translated;
+	 * with encryption on, those for another node go into WireGuard. */
+	if (ip->saddr == CFG_NODE_IP) {
+		ret = encrypt_to_node(skb, ip, 0);
+		if (ret == 0)
+			ret = TC_ACT_OK;
 		goto out;
+	}
 	src = ipcache_lookup4(ip->saddr);
 	if (!src || !(src->flags & IPCACHE_F_LOCAL_EP))
 		goto out;
+	/* A pod's packet the stack routes to another node. */
+	ret = encrypt_to_node(skb, ip, 1);
+	if (ret != 0)
+		goto out;
+	ret = TC_ACT_OK;
 	/* Inside the cluster: keep the pod address. */
 	dst = ipcache_lookup4(ip->daddr);
 	if (dst && (dst->flags & IPCACHE_F_IN_CLUSTER))

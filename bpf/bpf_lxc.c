@@ -46,11 +46,12 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 		return local_deliver(skb, dst->ifindex, ep->identity);
 	if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
 	    (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
-		return encap_vxlan(skb, dst->tunnel_endpoint, ep->identity);
+		return encap_vxlan(skb, dst->tunnel_endpoint, ep->identity,
+				   dst->flags);
 	if (CFG_ROUTING_MODE == ROUTING_NATIVE && CFG_UPLINK_IFINDEX &&
 	    dst->tunnel_endpoint &&
 	    (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
-		return route_native(skb, dst->tunnel_endpoint);
+		return route_native(skb, dst->tunnel_endpoint, dst->flags);
 	/* Node addresses: routed by the node. */
 	return TC_ACT_OK;
 }

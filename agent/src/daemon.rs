@@ -88,6 +88,8 @@ pub struct AgentConfig {
     /// Test hook: delays the background removal of a deleted endpoint's
     /// veth (see `NodeState::link_removal_delay`). Zero in production.
     pub test_link_removal_delay: Duration,
+    /// `--encryption`, `--encrypt-node` and WireGuard's port and queues.
+    pub encryption: crate::encryption::Settings,
 }
 
 impl AgentConfig {
@@ -268,6 +270,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         RoutingMode::Native => (0, uplink_mtu),
     };
+    // Before the datapath: its programs send to the device's ifindex.
+    let encryption = crate::encryption::Encryption::start(&cfg.encryption, &cfg.state_dir, uplink_mtu)?;
+    let pod_mtu = pod_mtu
+        - if encryption.is_some() {
+            sinew_wireguard::OVERHEAD
+        } else {
+            0
+        };
+    if let Some(e) = &encryption {
+        e.publish(ds.as_ref(), &cfg.node_name)?;
+    }
     let attach_mode = cfg.attach_mode.unwrap_or_else(AttachMode::detect);
     let pod_attach_mode = cfg.pod_attach_mode.unwrap_or(AttachMode::Clsact);
     let dp_cfg = DatapathConfig {
@@ -289,6 +302,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         event_report_interval_ns: cfg.event_report_interval.as_nanos() as u64,
         maglev_table_size: cfg.maglev_table_size,
         maglev_services: cfg.maglev_services,
+        encrypt_ifindex: encryption.as_ref().map_or(0, |e| e.ifindex),
+        encrypt_node: cfg.encryption.encrypt_node,
+        wireguard_port: cfg.encryption.port,
     };
     let pin_dir = dp_cfg.pin_dir();
     let mut datapath = Datapath::load(dp_cfg)?;
@@ -339,6 +355,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         },
         health: Default::default(),
         link_removal_delay: cfg.test_link_removal_delay,
+        encryption,
     };
     state.policy.fail_open = cfg.policy_fail_open;
     state.policy.proxy_ports = cfg.proxy_ports;

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod daemon;
 pub mod datapath;
+pub mod encryption;
 pub mod endpoints;
 pub mod features;
 pub mod identity;

@@ -120,6 +120,8 @@ pub struct NodeState {
     /// removal of a deleted endpoint's veth waits first, so that a test can
     /// stop the agent inside that window. Zero in production.
     pub link_removal_delay: std::time::Duration,
+    /// `--encryption`: the device and its peers (None: off).
+    pub encryption: Option<crate::encryption::Encryption>,
 }
 
 pub struct CreateRequest {
@@ -149,12 +151,17 @@ impl NodeState {
     /// identities and policy, which callers that change policy report.
     pub fn resync(&mut self) -> Result<(), StateError> {
         let policy = self.refresh_identities().and_then(|_| self.apply_policy());
-        let want = nodes::desired(
+        let mut want = nodes::desired(
             &self.local,
             &self.snapshot,
             self.registry.iter(),
             &self.policy.cidr_identities(&self.snapshot),
         );
+        // Peers first: the ipcache flag sends traffic into the device.
+        if let Some(enc) = self.encryption.as_mut() {
+            let peers = enc.apply(&self.local, &self.snapshot);
+            crate::encryption::mark(&mut want, &peers);
+        }
         self.remote_nodes = want.remote_nodes;
         let ipcache = self.reconciler.apply(&mut self.datapath, &want);
         self.health.record("ipcache", ipcache.map_err(|e| e.to_string()));

@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define SINEW_ABI_VERSION 5
+#define SINEW_ABI_VERSION 6
 
 /* Reserved identities. Pod identities start at SINEW_IDENTITY_MIN_CLUSTER. */
 #define SINEW_IDENTITY_UNKNOWN	   0
@@ -43,6 +43,7 @@ struct ipcache_key {
 #define IPCACHE_F_NODE	    (1U << 1) /* a node's own address */
 #define IPCACHE_F_POD_CIDR  (1U << 2) /* another node's pod CIDR */
 #define IPCACHE_F_REMOTE_EP (1U << 3) /* a pod on another node */
+#define IPCACHE_F_ENCRYPT   (1U << 4) /* its node has a WireGuard peer */
 
 struct ipcache_value {
 	__u32 identity;

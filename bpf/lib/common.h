@@ -44,6 +44,14 @@ volatile const __u32 CFG_EVENTS_ENABLED = 1;
 volatile const __u64 CFG_EVENT_REPORT_INTERVAL_NS = 5000000000ULL;
 /* Entries of each service's Maglev table (a prime). */
 volatile const __u32 CFG_MAGLEV_TABLE_SIZE = 16381;
+/* Encryption between nodes (lib/encrypt.h). */
+/* The WireGuard device's ifindex; 0: encryption off. */
+volatile const __u32 CFG_ENCRYPT_IFINDEX = 0;
+/* 1: the node's own traffic to other nodes is encrypted too (always:
+ * VXLAN, which carries pods' traffic). */
+volatile const __u32 CFG_ENCRYPT_NODE = 0;
+/* WireGuard's UDP port: its own packets go on the underlay. */
+volatile const __u32 CFG_WIREGUARD_PORT = 51871;
 
 /*
  * A program's result for a packet it encapsulated in VXLAN and redirected:

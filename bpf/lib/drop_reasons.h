@@ -30,7 +30,8 @@
 #define DROP_ENCAP_FAILED	20 /* a tunnel header not added or removed */
 #define DROP_NO_LOCAL_BACKEND	21 /* Local policy, none here: times out */
 #define DROP_PROXY_UNAVAILABLE	22 /* L7 rule, no proxy listener: closed */
-#define DROP_REASON_MAX		23
+#define DROP_NO_ENCRYPTION_KEY	23 /* encryption on, peer key unknown */
+#define DROP_REASON_MAX		24
 /* clang-format on */
 
 #endif

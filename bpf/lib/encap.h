@@ -10,6 +10,7 @@
 #include "events.h"
 #include "ipcache.h"
 #include "local.h"
+#include "encrypt.h"
 
 /* The kernel's VXLAN device adds the headers: the tunnel key is metadata. */
 static __always_inline int
@@ -83,7 +84,8 @@ static __always_inline __u16 ipv4_header_csum(const struct iphdr *ip)
  * TC_ACT_REDIRECT (the device) or a negative drop reason.
  */
 static __always_inline int encap_vxlan(struct __sk_buff *skb,
-				       __u32 tunnel_endpoint, __u32 identity)
+				       __u32 tunnel_endpoint, __u32 identity,
+				       __u32 dst_flags)
 {
 	struct vxlan_encap h = {};
 	struct ethhdr *eth;
@@ -93,6 +95,9 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
 
 	if (!tunnel_endpoint)
 		return -DROP_NO_TUNNEL_ENDPOINT;
+	/* Fail closed before any work: no key, never in clear. */
+	if (CFG_ENCRYPT_IFINDEX && !(dst_flags & IPCACHE_F_ENCRYPT))
+		return -DROP_NO_ENCRYPTION_KEY;
 	note_obs(TRACE_TO_TUNNEL);
 	if (!CFG_UPLINK_IFINDEX || inner_len > 0xffff)
 		return encap_vxlan_dev(skb, tunnel_endpoint, identity);
@@ -123,7 +128,13 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
 		return -DROP_ENCAP_FAILED;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, VXLAN_ENCAP_LEN, 0) < 0)
 		return -DROP_ENCAP_FAILED;
-	ret = bpf_redirect_neigh(CFG_UPLINK_IFINDEX, 0, 0, 0);
+	/* VXLAN inside WireGuard: the VNI keeps the source identity. */
+	if (CFG_ENCRYPT_IFINDEX)
+		ret = encrypt_redirect(dst_flags);
+	else
+		ret = bpf_redirect_neigh(CFG_UPLINK_IFINDEX, 0, 0, 0);
+	if (ret < 0)
+		return ret;
 	if (ret != TC_ACT_REDIRECT)
 		return -DROP_REDIRECT_FAILED;
 	return RET_ENCAPSULATED;
@@ -170,14 +181,21 @@ static __always_inline int decap_vxlan_deliver(struct __sk_buff *skb)
  * neighbour subsystem fills in the MAC addresses (and resolves them first
  * when it has to).
  */
-static __always_inline int route_native(struct __sk_buff *skb, __u32 next_hop)
+static __always_inline int route_native(struct __sk_buff *skb, __u32 next_hop,
+					__u32 dst_flags)
 {
 	struct bpf_redir_neigh nh = {};
 	int ret;
 
+	if (CFG_ENCRYPT_IFINDEX && !(dst_flags & IPCACHE_F_ENCRYPT))
+		return -DROP_NO_ENCRYPTION_KEY;
 	ret = ipv4_dec_ttl(skb);
 	if (ret < 0)
 		return ret;
+	if (CFG_ENCRYPT_IFINDEX) {
+		note_obs(TRACE_TO_NETWORK);
+		return encrypt_redirect(dst_flags);
+	}
 	nh.nh_family = 2; /* AF_INET */
 	nh.ipv4_nh = next_hop;
 	note_obs(TRACE_TO_NETWORK);

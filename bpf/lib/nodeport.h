@@ -56,7 +56,7 @@ static __always_inline int lb_nat_forward(struct __sk_buff *skb,
 	if (e->dir == LB_NAT_TO_BACKEND && CFG_ROUTING_MODE == ROUTING_VXLAN) {
 		dst = ipcache_lookup4(e->daddr);
 		return encap_vxlan(skb, dst ? dst->tunnel_endpoint : 0,
-				   SINEW_IDENTITY_HOST);
+				   SINEW_IDENTITY_HOST, dst ? dst->flags : 0);
 	}
 	/* The underlay: the backend's node, or the client. */
 	ret = bpf_redirect_neigh(skb->ifindex, 0, 0, 0);

@@ -304,6 +304,13 @@ enum LabCmd {
         /// e.g. `--agent-arg=--policy-fail-open`.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// Encryption between nodes, passed to every agent: none,
+        /// wireguard or ipsec.
+        #[arg(long, default_value = "none")]
+        encryption: String,
+        /// Encrypt the nodes' own traffic to each other too.
+        #[arg(long)]
+        encrypt_node: bool,
     },
     /// Remove everything the lab made.
     Down,
@@ -743,15 +750,25 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
             pods_per_node,
             routing,
             agent_args,
+            encryption,
+            encrypt_node,
         } => {
             let routing: Routing = routing.parse().map_err(|e| anyhow::anyhow!("--routing: {e}"))?;
+            if !["none", "wireguard", "ipsec"].contains(&encryption.as_str()) {
+                anyhow::bail!("--encryption {encryption:?}: use none, wireguard or ipsec");
+            }
+            let mut agent_args = agent_args.clone();
+            agent_args.extend(["--encryption".to_string(), encryption.clone()]);
+            if *encrypt_node {
+                agent_args.push("--encrypt-node".into());
+            }
             let spec = LabSpec {
                 name_prefix: cli.lab.clone(),
                 nodes: *nodes,
                 pods_per_node: *pods_per_node,
                 routing,
                 state_dir: None,
-                agent_args: agent_args.clone(),
+                agent_args,
             };
             spec.validate()?;
             let bins = Binaries::from_current_exe()?;

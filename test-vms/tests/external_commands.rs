@@ -41,6 +41,7 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("iptables", Deb("iptables")),
     ("iptables-restore", Deb("iptables")),
     ("iperf3", Deb("iperf3")),
+    ("tcpdump", Deb("tcpdump")),
     ("busybox", Deb("busybox-static")),
     ("containerd", Deb("containerd")),
     ("containerd-shim-runc-v2", Deb("containerd")),

@@ -127,6 +127,22 @@ struct Args {
     /// proxy, and connections an L7 rule covers fail closed.
     #[arg(long)]
     proxy_binary: Option<PathBuf>,
+    /// Encryption of pod traffic between nodes: none, wireguard (the
+    /// kernel's where it has one, else the agent's userspace device) or
+    /// ipsec (not built yet: refuses to start). The same on every node.
+    #[arg(long, default_value = "none")]
+    encryption: sinew_agent::encryption::Mode,
+    /// Encrypt the nodes' own traffic to each other too (pod traffic is
+    /// always encrypted when --encryption is on).
+    #[arg(long)]
+    encrypt_node: bool,
+    /// WireGuard's UDP port, the same on every node.
+    #[arg(long, default_value_t = sinew_wireguard::DEFAULT_PORT)]
+    wireguard_port: u16,
+    /// Threads (and TUN queues) of the userspace WireGuard device that
+    /// encrypt.
+    #[arg(long, default_value_t = 2)]
+    wireguard_queues: usize,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -176,6 +192,12 @@ fn main() -> anyhow::Result<()> {
         proxy_socket: a.proxy_socket,
         proxy_binary: a.proxy_binary,
         test_link_removal_delay: std::time::Duration::from_millis(a.test_link_removal_delay_ms),
+        encryption: sinew_agent::encryption::Settings {
+            mode: a.encryption,
+            encrypt_node: a.encrypt_node,
+            port: a.wireguard_port,
+            queues: a.wireguard_queues,
+        },
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.
     let rt = tokio::runtime::Builder::new_multi_thread()

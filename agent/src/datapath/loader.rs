@@ -78,6 +78,11 @@ pub struct DatapathConfig {
     /// services the shared table map holds.
     pub maglev_table_size: u32,
     pub maglev_services: u32,
+    /// The WireGuard device (0: encryption off), whether the node's own
+    /// traffic to other nodes goes through it too, and WireGuard's port.
+    pub encrypt_ifindex: u32,
+    pub encrypt_node: bool,
+    pub wireguard_port: u16,
 }
 
 impl DatapathConfig {
@@ -170,6 +175,8 @@ impl Datapath {
         let (pmin, pmax) = (u32::from(cfg.nat_ports.0), u32::from(cfg.nat_ports.1));
         let ct_fail_open = u32::from(cfg.ct_fail_open);
         let events = u32::from(cfg.events);
+        let encrypt_node = u32::from(cfg.encrypt_node);
+        let wg_port = u32::from(cfg.wireguard_port);
         let maglev_entries = cfg.maglev_table_size.saturating_mul(cfg.maglev_services.max(1));
         let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
             EbpfLoader::new()
@@ -189,6 +196,9 @@ impl Datapath {
                 .override_global(config::EVENTS_ENABLED, &events, true)
                 .override_global(config::EVENT_REPORT_INTERVAL_NS, &cfg.event_report_interval_ns, true)
                 .override_global(config::MAGLEV_TABLE_SIZE, &cfg.maglev_table_size, true)
+                .override_global(config::ENCRYPT_IFINDEX, &cfg.encrypt_ifindex, true)
+                .override_global(config::ENCRYPT_NODE, &encrypt_node, true)
+                .override_global(config::WIREGUARD_PORT, &wg_port, true)
                 .load(bytes)
                 .map_err(|source| DatapathError::Load {
                     object,

@@ -707,6 +707,9 @@ mod tests {
         fn publish_endpoints(&self, _: &str, _: &[sinew_model::PublishedEndpoint]) -> Result<(), DatastoreError> {
             Ok(())
         }
+        fn publish_node_key(&self, _: &str, _: &str) -> Result<(), DatastoreError> {
+            Ok(())
+        }
         fn gc_identities(
             &self,
             _: &std::collections::BTreeSet<u32>,

@@ -184,6 +184,9 @@ impl Node {
             event_report_interval_ns: 5_000_000_000,
             maglev_table_size: 251,
             maglev_services: 4,
+            encrypt_ifindex: 0,
+            encrypt_node: false,
+            wireguard_port: 51871,
         };
         adjust(&mut cfg);
         let dp = Datapath::load(cfg).unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));

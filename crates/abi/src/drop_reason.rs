@@ -29,11 +29,12 @@ pub enum DropReason {
     EncapFailed = 20,
     NoLocalBackend = 21,
     ProxyUnavailable = 22,
+    NoEncryptionKey = 23,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -57,6 +58,7 @@ impl DropReason {
         Self::EncapFailed,
         Self::NoLocalBackend,
         Self::ProxyUnavailable,
+        Self::NoEncryptionKey,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -93,6 +95,7 @@ impl DropReason {
             Self::EncapFailed => "DROP_ENCAP_FAILED",
             Self::NoLocalBackend => "DROP_NO_LOCAL_BACKEND",
             Self::ProxyUnavailable => "DROP_PROXY_UNAVAILABLE",
+            Self::NoEncryptionKey => "DROP_NO_ENCRYPTION_KEY",
         }
     }
 
@@ -126,6 +129,9 @@ impl DropReason {
             Self::ProxyUnavailable => {
                 "an L7 rule covers it and the node's proxy is not listening (fail closed): is sinew-proxy running?"
             }
+            Self::NoEncryptionKey => {
+                "encryption is on and the destination node has no known key (fail closed, never sent in clear): has that node published its key?"
+            }
         }
     }
 
@@ -155,6 +161,7 @@ impl DropReason {
             Self::EncapFailed => "encap_failed",
             Self::NoLocalBackend => "no_local_backend",
             Self::ProxyUnavailable => "proxy_unavailable",
+            Self::NoEncryptionKey => "no_encryption_key",
         }
     }
 }

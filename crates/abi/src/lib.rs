@@ -17,7 +17,7 @@ pub use types::*;
 
 /// Bumped with any change to a shared layout; part of the pin path, so a new
 /// agent never reuses an old map of another shape.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// The compiled pod veth programs (`from_container`, `to_container`).
 #[cfg(feature = "bpf")]
@@ -75,4 +75,7 @@ pub mod config {
     pub const EVENTS_ENABLED: &str = "CFG_EVENTS_ENABLED";
     pub const EVENT_REPORT_INTERVAL_NS: &str = "CFG_EVENT_REPORT_INTERVAL_NS";
     pub const MAGLEV_TABLE_SIZE: &str = "CFG_MAGLEV_TABLE_SIZE";
+    pub const ENCRYPT_IFINDEX: &str = "CFG_ENCRYPT_IFINDEX";
+    pub const ENCRYPT_NODE: &str = "CFG_ENCRYPT_NODE";
+    pub const WIREGUARD_PORT: &str = "CFG_WIREGUARD_PORT";
 }

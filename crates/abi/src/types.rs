@@ -20,6 +20,9 @@ pub const IPCACHE_F_LOCAL_EP: u32 = 1 << 0;
 pub const IPCACHE_F_NODE: u32 = 1 << 1;
 pub const IPCACHE_F_POD_CIDR: u32 = 1 << 2;
 pub const IPCACHE_F_REMOTE_EP: u32 = 1 << 3;
+/// The entry's node has a WireGuard peer: with encryption on, traffic for
+/// it goes into the WireGuard device; without the flag it is dropped.
+pub const IPCACHE_F_ENCRYPT: u32 = 1 << 4;
 
 pub const EP_F_INGRESS_ENFORCED: u32 = 1 << 0;
 pub const EP_F_EGRESS_ENFORCED: u32 = 1 << 1;

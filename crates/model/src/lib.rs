@@ -12,7 +12,10 @@ mod resources;
 pub mod services;
 
 pub use fsutil::write_atomic;
-pub use resources::{IdentityInfo, NodeInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError, Snapshot};
+pub use resources::{
+    check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError,
+    Snapshot,
+};
 pub use services::{EndpointSliceInfo, LbAlgorithm, Protocol, ServiceInfo, ServiceType, SliceEndpoint};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,6 +53,9 @@ pub trait Datastore: Send + Sync {
     fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError>;
     /// Replaces everything `node` publishes about its endpoints.
     fn publish_endpoints(&self, node: &str, endpoints: &[PublishedEndpoint]) -> Result<(), DatastoreError>;
+    /// Publishes this node's WireGuard public key (SinewNode), replacing
+    /// what it published before.
+    fn publish_node_key(&self, node: &str, wireguard_public_key: &str) -> Result<(), DatastoreError>;
     /// Deletes identities outside `in_use` not allocated or reused within
     /// `grace`; returns them.
     fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError>;

@@ -343,6 +343,16 @@ impl Datastore for LocalDatastore {
         write_atomic(&path, &text)
     }
 
+    fn publish_node_key(&self, node: &str, wireguard_public_key: &str) -> Result<(), DatastoreError> {
+        let text = format!(
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewNode\nmetadata:\n  name: {}\nstatus:\n  wireguardPublicKey: {}\n",
+            serde_json::Value::from(node),
+            serde_json::Value::from(wireguard_public_key),
+        );
+        let path = self.dir.join("sinewnodes").join(format!("{node}.yaml"));
+        write_atomic(&path, &text)
+    }
+
     fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError> {
         let _lock = self.identity_lock()?;
         let mut removed = Vec::new();
@@ -523,6 +533,25 @@ mod write_tests {
         assert_eq!(snap.identities.keys().copied().collect::<Vec<_>>(), vec![used]);
         // A new label set never takes a live id.
         assert!(ds.allocate_identity(&labels(3)).unwrap() > used);
+    }
+
+    #[test]
+    fn node_keys_round_trip_and_bad_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_millis(50)).unwrap();
+        let key = "ZmFrZSBrZXkgb2YgZXhhY3RseSAzMiBieXRlcyEhISE=";
+        ds.publish_node_key("node1", key).unwrap();
+        let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        assert_eq!(snap.node_keys["node1"].wireguard_public_key, key);
+
+        for (bad, says) in [("AAAA", "3 bytes"), ("not*base64", "not base64")] {
+            ds.publish_node_key("node2", bad).unwrap();
+            let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+            assert!(!snap.node_keys.contains_key("node2"));
+            let e = snap.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+            assert!(e.contains("wireguardPublicKey") && e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -86,6 +86,16 @@ pub struct NodeInfo {
     pub source: String,
 }
 
+/// What a node publishes about itself (`sinew.io/v1alpha1 SinewNode`,
+/// named after the node): its WireGuard public key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeKeyInfo {
+    pub node: String,
+    /// Base64 of 32 bytes (checked when read).
+    pub wireguard_public_key: String,
+    pub source: String,
+}
+
 /// A pod as the agent needs it: what its identity is made of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
@@ -151,6 +161,8 @@ pub struct Snapshot {
     /// Services and EndpointSlices by (namespace, name).
     pub services: BTreeMap<(String, String), ServiceInfo>,
     pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
+    /// Node name -> what that node published about itself (SinewNode).
+    pub node_keys: BTreeMap<String, NodeKeyInfo>,
     pub errors: Vec<ResourceError>,
     /// Files whose update was refused, with the kinds of the objects they
     /// held that stay in force.
@@ -295,6 +307,7 @@ impl Snapshot {
             || self.policies.iter().any(|p| p.source == file)
             || self.services.values().any(|s| s.source == file)
             || self.endpoint_slices.values().any(|s| s.source == file)
+            || self.node_keys.values().any(|s| s.source == file)
     }
 
     /// For each invalid file that held objects in `prev`: drops what was
@@ -334,6 +347,12 @@ impl Snapshot {
                 &prev.endpoint_slices,
                 |s| s.source == f,
                 || kind("EndpointSlice"),
+            );
+            carry(
+                &mut self.node_keys,
+                &prev.node_keys,
+                |s| s.source == f,
+                || kind("SinewNode"),
             );
             let gone: Vec<String> = self
                 .namespace_sources
@@ -490,6 +509,37 @@ impl Snapshot {
                     source: source.into(),
                 });
             }
+            ("sinew.io/v1alpha1", "SinewNode") => {
+                let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
+                let key = str_at(&value, &["status", "wireguardPublicKey"])
+                    .ok_or_else(|| missing("status.wireguardPublicKey"))?;
+                if let Err(reason) = check_wireguard_key(&key) {
+                    return Err(ResourceError::Invalid {
+                        file: source.into(),
+                        kind: "SinewNode",
+                        name,
+                        field: "status.wireguardPublicKey",
+                        value: key,
+                        reason,
+                    });
+                }
+                if let Some(prev) = self.node_keys.get(&name) {
+                    return Err(ResourceError::Duplicate {
+                        file: source.into(),
+                        kind: "SinewNode",
+                        name,
+                        other: prev.source.clone(),
+                    });
+                }
+                self.node_keys.insert(
+                    name.clone(),
+                    NodeKeyInfo {
+                        node: name,
+                        wireguard_public_key: key,
+                        source: source.into(),
+                    },
+                );
+            }
             ("networking.k8s.io/v1", "NetworkPolicy")
             | ("sinew.io/v1alpha1", "SinewNetworkPolicy")
             | ("sinew.io/v1alpha1", "SinewClusterwideNetworkPolicy") => {
@@ -550,6 +600,19 @@ impl Snapshot {
 }
 
 /// Replaces the objects read from a file with those it held before.
+/// A WireGuard public key: base64 of exactly 32 bytes.
+pub fn check_wireguard_key(text: &str) -> Result<(), String> {
+    use base64::Engine;
+    match base64::engine::general_purpose::STANDARD.decode(text.trim()) {
+        Ok(b) if b.len() == 32 => Ok(()),
+        Ok(b) => Err(format!(
+            "decodes to {} bytes, a WireGuard key has 32: check that the whole key was copied",
+            b.len()
+        )),
+        Err(e) => Err(format!("not base64 ({e}): a WireGuard key is 44 characters of base64")),
+    }
+}
+
 fn carry<K: Ord + Clone, V: Clone>(
     now: &mut BTreeMap<K, V>,
     prev: &BTreeMap<K, V>,

@@ -1,0 +1,364 @@
+//! Transparent encryption between nodes (`--encryption`).
+//!
+//! WireGuard: the node's key pair lives in `--state-dir` (private key mode
+//! 0600, never logged); the public key is published as the node's
+//! SinewNode. Every other node that published a key is a peer, allowed its
+//! pod CIDR and address. The datapath sends traffic for another node into
+//! the device when that node's ipcache entries carry `IPCACHE_F_ENCRYPT`
+//! (set here, from the peers), and drops it otherwise
+//! (`DROP_NO_ENCRYPTION_KEY`): never in clear. Pod traffic stays VXLAN
+//! inside WireGuard, so the VNI still carries the source identity.
+//!
+//! The device is the agent's userspace one (boringtun's protocol over TUN,
+//! `sinew-wireguard`) on kernels without WireGuard.
+//!
+//! IPsec is not built: the agent refuses to start with it (never runs
+//! unencrypted), saying whether the kernel has ESP at all.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::time::SystemTime;
+
+use anyhow::{bail, Context};
+use ipnet::{IpNet, Ipv4Net};
+use sinew_model::{Datastore, Snapshot};
+use sinew_wireguard::userspace::{Config as UserspaceConfig, Userspace};
+use sinew_wireguard::{NodeKey, PeerConfig, PeerStatus, PublicKey};
+
+use crate::nodes::{Desired, LocalNode};
+
+/// The WireGuard device's name on every node.
+pub const WG_DEV: &str = "sinew_wg";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    None,
+    WireGuard,
+    Ipsec,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::WireGuard => "wireguard",
+            Mode::Ipsec => "ipsec",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Mode::None),
+            "wireguard" => Ok(Mode::WireGuard),
+            "ipsec" => Ok(Mode::Ipsec),
+            other => Err(format!("--encryption {other:?}: use none, wireguard or ipsec")),
+        }
+    }
+}
+
+/// `--encryption`, `--encrypt-node`, `--wireguard-port`, `--wireguard-queues`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub mode: Mode,
+    pub encrypt_node: bool,
+    pub port: u16,
+    pub queues: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mode: Mode::None,
+            encrypt_node: false,
+            port: sinew_wireguard::DEFAULT_PORT,
+            queues: 2,
+        }
+    }
+}
+
+/// Whether the running kernel has ESP (built in, loaded, or loadable).
+fn kernel_has_esp() -> bool {
+    if std::path::Path::new("/sys/module/esp4").exists() {
+        return true;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    ["modules.builtin", "modules.dep"].iter().any(|f| {
+        std::fs::read_to_string(format!("/lib/modules/{}/{f}", release.trim()))
+            .is_ok_and(|t| t.lines().any(|l| l.contains("/esp4.ko")))
+    })
+}
+
+/// The running encryption: mode, device, key, peers.
+pub struct Encryption {
+    pub settings: Settings,
+    key: NodeKey,
+    device: Userspace,
+    pub ifindex: u32,
+    /// Peers in force, by node name.
+    peers: Vec<(String, PeerConfig)>,
+}
+
+/// What `sinew encryption status` shows.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub mode: Mode,
+    pub implementation: &'static str,
+    pub device: String,
+    pub public_key: PublicKey,
+    pub key_created: SystemTime,
+    pub port: u16,
+    pub encrypt_node: bool,
+    /// (node name, peer as the device reports it).
+    pub peers: Vec<(String, PeerStatus)>,
+    /// Other nodes without a published key: their traffic is dropped.
+    pub nodes_without_key: Vec<String>,
+    pub no_peer_drops: u64,
+    pub decrypt_errors: u64,
+    pub disallowed_source: u64,
+    pub unknown_sender: u64,
+}
+
+impl Encryption {
+    /// Starts what `settings` asks for: None for no encryption; an error
+    /// (the agent does not start) for what cannot run here.
+    pub fn start(settings: &Settings, state_dir: &std::path::Path, uplink_mtu: u32) -> anyhow::Result<Option<Self>> {
+        match settings.mode {
+            Mode::None => return Ok(None),
+            Mode::Ipsec if !kernel_has_esp() => bail!(
+                "--encryption ipsec: this kernel has no ESP (esp4 is neither built in nor a module), so IPsec cannot run here; \
+                 the agent does not start rather than send pod traffic in clear. Use --encryption wireguard (works on any kernel: \
+                 the agent runs WireGuard in userspace where the kernel lacks it) or a kernel with CONFIG_INET_ESP"
+            ),
+            Mode::Ipsec => bail!(
+                "--encryption ipsec is not built yet (the kernel has ESP, but Sinew does not program XFRM states and policies yet); \
+                 the agent does not start rather than send pod traffic in clear. Use --encryption wireguard"
+            ),
+            Mode::WireGuard => {}
+        }
+        let key = sinew_wireguard::keys::load_or_create(state_dir).context("WireGuard node key")?;
+        // A device left by an agent that died: the name must be free.
+        let mut nl = sinew_netlink::Rtnl::open()?;
+        nl.delete_link(WG_DEV)?;
+        let device = Userspace::start(
+            &UserspaceConfig {
+                ifname: WG_DEV.into(),
+                listen_port: settings.port,
+                queues: settings.queues.max(1),
+            },
+            key.private.clone(),
+        )
+        .with_context(|| format!("start the userspace WireGuard device {WG_DEV}"))?;
+        let link = nl
+            .link_by_name(WG_DEV)?
+            .with_context(|| format!("{WG_DEV} vanished after it was created"))?;
+        nl.set_up(link.index, Some(uplink_mtu - sinew_wireguard::OVERHEAD))?;
+        // Decrypted packets arrive on this device from other nodes'
+        // addresses, whose route is the uplink: no reverse-path check here.
+        crate::netutil::sysctl(&format!("net.ipv4.conf.{WG_DEV}.rp_filter"), "0")?;
+        if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").is_ok_and(|v| v.trim() == "1") {
+            tracing::warn!(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): packets decrypted on {WG_DEV} fail the reverse-path check; set it to 0 or 2"
+            );
+        }
+        tracing::info!(
+            device = WG_DEV,
+            implementation = "userspace",
+            public_key = %key.public,
+            port = settings.port,
+            "WireGuard encryption between nodes"
+        );
+        Ok(Some(Encryption {
+            settings: settings.clone(),
+            ifindex: link.index,
+            key,
+            device,
+            peers: Vec::new(),
+        }))
+    }
+
+    pub fn implementation(&self) -> &'static str {
+        "userspace"
+    }
+
+    pub fn publish(&self, ds: &dyn Datastore, node: &str) -> anyhow::Result<()> {
+        ds.publish_node_key(node, &self.key.public.to_string())
+            .context("publish this node's WireGuard public key")
+    }
+
+    /// Brings the peers to the snapshot; returns the addresses of the
+    /// nodes that are peers now (their ipcache entries get the flag).
+    pub fn apply(&mut self, local: &LocalNode, snapshot: &Snapshot) -> BTreeSet<Ipv4Addr> {
+        let want = desired_peers(local, snapshot, self.settings.port);
+        if want != self.peers {
+            let configs: Vec<PeerConfig> = want.iter().map(|(_, p)| p.clone()).collect();
+            self.device.set_peers(&configs);
+            tracing::info!(peers = want.len(), "WireGuard peers updated");
+            self.peers = want;
+        }
+        self.peers.iter().map(|(_, p)| *p.endpoint.ip()).collect()
+    }
+
+    pub fn status(&self, snapshot: &Snapshot, local: &str) -> Status {
+        let by_key: Vec<(String, PublicKey)> = self.peers.iter().map(|(n, p)| (n.clone(), p.public_key)).collect();
+        let peers = self
+            .device
+            .status()
+            .into_iter()
+            .map(|s| {
+                let name = by_key
+                    .iter()
+                    .find(|(_, k)| *k == s.public_key)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default();
+                (name, s)
+            })
+            .collect();
+        let nodes_without_key = snapshot
+            .nodes
+            .keys()
+            .filter(|n| n.as_str() != local && !self.peers.iter().any(|(p, _)| p == *n))
+            .cloned()
+            .collect();
+        let c = self.device.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        Status {
+            mode: self.settings.mode,
+            implementation: self.implementation(),
+            device: WG_DEV.into(),
+            public_key: self.key.public,
+            key_created: self.key.created,
+            port: self.settings.port,
+            encrypt_node: self.settings.encrypt_node,
+            peers,
+            nodes_without_key,
+            no_peer_drops: get(&c.no_peer),
+            decrypt_errors: get(&c.decrypt_errors),
+            disallowed_source: get(&c.disallowed_source),
+            unknown_sender: get(&c.unknown_sender),
+        }
+    }
+}
+
+/// Every other node with an IPv4 address, a pod CIDR and a valid published
+/// key, as a peer: allowed its pod CIDR and its address. Sorted by node.
+pub fn desired_peers(local: &LocalNode, snapshot: &Snapshot, port: u16) -> Vec<(String, PeerConfig)> {
+    let mut out = Vec::new();
+    for node in snapshot.nodes.values() {
+        if node.name == local.name {
+            continue;
+        }
+        let IpAddr::V4(ip) = node.internal_ip else { continue };
+        let Some(key) = snapshot
+            .node_keys
+            .get(&node.name)
+            .and_then(|k| PublicKey::parse(&k.wireguard_public_key).ok())
+        else {
+            continue;
+        };
+        let mut allowed = vec![Ipv4Net::new(ip, 32).expect("/32")];
+        allowed.extend(node.pod_cidrs.iter().filter_map(|c| match c {
+            IpNet::V4(v) => Some(*v),
+            IpNet::V6(_) => None,
+        }));
+        out.push((
+            node.name.clone(),
+            PeerConfig {
+                public_key: key,
+                endpoint: SocketAddrV4::new(ip, port),
+                allowed_ips: allowed,
+            },
+        ));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Sets `IPCACHE_F_ENCRYPT` on every entry whose tunnel endpoint is a
+/// peer: the node's address, its pod CIDR, its pods.
+pub fn mark(want: &mut Desired, peers: &BTreeSet<Ipv4Addr>) {
+    for v in want.ipcache.values_mut() {
+        let te = Ipv4Addr::from(v.tunnel_endpoint.to_ne_bytes());
+        if v.tunnel_endpoint != 0 && peers.contains(&te) {
+            v.flags |= sinew_abi::IPCACHE_F_ENCRYPT;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sinew_model::{NodeInfo, NodeKeyInfo};
+
+    fn node(name: &str, ip: &str, cidr: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            internal_ip: ip.parse().unwrap(),
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn peers_are_the_other_nodes_with_valid_keys_and_only_their_entries_are_marked() {
+        let key = sinew_wireguard::PrivateKey::generate().public().to_string();
+        let mut snap = Snapshot::default();
+        for (n, ip, c) in [
+            ("node1", "172.30.0.11", "10.244.1.0/24"),
+            ("node2", "172.30.0.12", "10.244.2.0/24"),
+            ("node3", "172.30.0.13", "10.244.3.0/24"),
+            ("node4", "172.30.0.14", "10.244.4.0/24"),
+        ] {
+            snap.nodes.insert(n.into(), node(n, ip, c));
+        }
+        for (n, k) in [("node1", key.clone()), ("node2", key.clone()), ("node4", "AAAA".into())] {
+            snap.node_keys.insert(
+                n.into(),
+                NodeKeyInfo {
+                    node: n.into(),
+                    wireguard_public_key: k,
+                    source: String::new(),
+                },
+            );
+        }
+        let local = LocalNode {
+            name: "node1".into(),
+            ip: "172.30.0.11".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+        };
+        let peers = desired_peers(&local, &snap, 51871);
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        assert_eq!(peers[0].0, "node2");
+        assert_eq!(peers[0].1.endpoint.to_string(), "172.30.0.12:51871");
+        let allowed: Vec<String> = peers[0].1.allowed_ips.iter().map(|n| n.to_string()).collect();
+        assert_eq!(allowed, ["172.30.0.12/32", "10.244.2.0/24"]);
+
+        let mut want = crate::nodes::desired(&local, &snap, [], &Default::default());
+        mark(&mut want, &peers.iter().map(|(_, p)| *p.endpoint.ip()).collect());
+        for (k, v) in &want.ipcache {
+            let node2 = v.tunnel_endpoint == u32::from_ne_bytes([172, 30, 0, 12]);
+            assert_eq!(v.flags & sinew_abi::IPCACHE_F_ENCRYPT != 0, node2, "{k:?} {v:?}");
+        }
+    }
+
+    #[test]
+    fn modes_parse_and_ipsec_refuses_to_start() {
+        assert_eq!("wireguard".parse::<Mode>(), Ok(Mode::WireGuard));
+        assert!("wg".parse::<Mode>().unwrap_err().contains("none, wireguard or ipsec"));
+        let s = Settings {
+            mode: Mode::Ipsec,
+            ..Default::default()
+        };
+        let e = Encryption::start(&s, std::path::Path::new("/nonexistent"), 1500)
+            .err()
+            .expect("ipsec must refuse")
+            .to_string();
+        assert!(
+            e.contains("does not start rather than send pod traffic in clear"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Transparent encryption between nodes: with CFG_ENCRYPT_IFINDEX set, what
+ * leaves for another node goes into the WireGuard device (kernel or the
+ * agent's userspace one) instead of the uplink. A destination whose node
+ * has no known key (no IPCACHE_F_ENCRYPT) is dropped, never sent in clear.
+ */
+#ifndef SINEW_ENCRYPT_H
+#define SINEW_ENCRYPT_H
+
+#include "common.h"
+#include "ipcache.h"
+
+/* Into the WireGuard device, or dropped when the peer's key is unknown. */
+static __always_inline int encrypt_redirect(__u32 dst_flags)
+{
+	int ret;
+
+	if (!(dst_flags & IPCACHE_F_ENCRYPT))
+		return -DROP_NO_ENCRYPTION_KEY;
+	ret = bpf_redirect(CFG_ENCRYPT_IFINDEX, 0);
+	if (ret != TC_ACT_REDIRECT)
+		return -DROP_REDIRECT_FAILED;
+	return ret;
+}
+
+/*
+ * At the uplink's egress, what leaves for another node through the stack:
+ * from a local pod (`from_pod`: to another node's address, e.g. a reply to
+ * that node), or from the node itself: the VXLAN device's packets (pod
+ * traffic the stack routed), packets to other nodes' pods (node port SNAT,
+ * host to pod in native routing), and with CFG_ENCRYPT_NODE everything else
+ * but WireGuard itself. Returns 0 to let the packet go, else the verdict.
+ */
+static __always_inline int encrypt_to_node(struct __sk_buff *skb,
+					   struct iphdr *ip, int from_pod)
+{
+	struct ipcache_value *dst;
+	struct udphdr *udp = 0;
+
+	if (!CFG_ENCRYPT_IFINDEX)
+		return 0;
+	dst = ipcache_lookup4(ip->daddr);
+	if (!dst || !dst->tunnel_endpoint)
+		return 0;
+	if (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP))
+		return encrypt_redirect(dst->flags);
+	if (!(dst->flags & IPCACHE_F_NODE))
+		return 0;
+	if (from_pod)
+		return encrypt_redirect(dst->flags);
+	if (ip->protocol == IPPROTO_UDP && ip->ihl == 5)
+		udp =
+		    PKT_PTR(skb, IP_OFF + sizeof(struct iphdr), struct udphdr);
+	if (udp && (udp->dest == bpf_htons(CFG_WIREGUARD_PORT) ||
+		    udp->source == bpf_htons(CFG_WIREGUARD_PORT)))
+		return 0;
+	if (udp && udp->dest == bpf_htons(SINEW_VXLAN_PORT))
+		return encrypt_redirect(dst->flags);
+	if (CFG_ENCRYPT_NODE)
+		return encrypt_redirect(dst->flags);
+	return 0;
+}
+
+#endif
