@@ -456,8 +456,8 @@ impl NodeState {
         self.policy.apply(&mut self.datapath, &self.snapshot, &self.registry)?;
         // The proxy gets the rules the policy map now redirects to it.
         if let Some(p) = self.policy.proxy.clone() {
-            let (endpoints, identities) = self.proxy_snapshot();
-            p.update(endpoints, identities);
+            let (endpoints, identities, cidr_classes) = self.proxy_snapshot();
+            p.update(endpoints, identities, cidr_classes);
         }
         Ok(())
     }

@@ -516,8 +516,13 @@ fn h2_status_of(port: u16, path: &str) -> String {
             .arg(format!("http://127.0.0.1:{port}{path}"))
             .output()
     });
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    let codes = text.lines().find(|l| l.starts_with("status codes:")).unwrap_or("no answer");
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let codes = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or("no answer");
     // "status codes: 1 2xx, 0 3xx, 0 4xx, 0 5xx" -> " 200" or " 403" as
     // the HTTP/1.1 check reads them.
     if codes.contains(" 1 2xx") {

@@ -77,6 +77,12 @@ impl PolicyState {
         }
     }
 
+    /// The CIDR classes in force (what `sinew_cidr_class` holds): every
+    /// prefix a policy names as a CIDR peer, with its class.
+    pub fn cidr_classes(&self) -> impl Iterator<Item = (Ipv4Net, u32)> + '_ {
+        self.cidr_classes.iter().map(|(n, c)| (*n, *c))
+    }
+
     /// The CIDR numbers that are also identities, in the ipcache: prefixes
     /// outside every pod CIDR (pods and nodes keep their own identities;
     /// 0.0.0.0/0 would be World). Only the outside takes a CIDR identity;

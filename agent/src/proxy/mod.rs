@@ -92,14 +92,24 @@ impl Publisher {
 
     /// Publishes new contents (version ignored): a new version when they
     /// differ from the current ones. Returns the version in effect.
-    pub fn update(&self, endpoints: Vec<pb::L7Endpoint>, identities: Vec<pb::IdentityEntry>) -> u64 {
+    pub fn update(
+        &self,
+        endpoints: Vec<pb::L7Endpoint>,
+        identities: Vec<pb::IdentityEntry>,
+        cidr_classes: Vec<pb::CidrClass>,
+    ) -> u64 {
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if cur.version != 0 && cur.endpoints == endpoints && cur.identities == identities {
+        if cur.version != 0
+            && cur.endpoints == endpoints
+            && cur.identities == identities
+            && cur.cidr_classes == cidr_classes
+        {
             return cur.version;
         }
         cur.version += 1;
         cur.endpoints = endpoints;
         cur.identities = identities;
+        cur.cidr_classes = cidr_classes;
         tracing::debug!(
             version = cur.version,
             endpoints = cur.endpoints.len(),
@@ -266,9 +276,9 @@ mod tests {
     #[test]
     fn versions_grow_on_change_only_and_restart_above_the_proxy() {
         let p = Publisher::new(Path::new("/x/proxy.sock"));
-        assert_eq!(p.update(vec![], vec![]), 1, "the first snapshot is version 1");
-        assert_eq!(p.update(vec![], vec![]), 1, "same contents, same version");
-        assert_eq!(p.update(vec![ep(80)], vec![]), 2);
+        assert_eq!(p.update(vec![], vec![], vec![]), 1, "the first snapshot is version 1");
+        assert_eq!(p.update(vec![], vec![], vec![]), 1, "same contents, same version");
+        assert_eq!(p.update(vec![ep(80)], vec![], vec![]), 2);
         assert!(p.has_rules());
         // A proxy that ran under an earlier agent has version 7.
         p.hello(7);
@@ -282,7 +292,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn waiting_ends_with_the_ack_a_refusal_or_a_clear_timeout() {
         let p = Arc::new(Publisher::new(Path::new("/x/proxy.sock")));
-        let v = p.update(vec![ep(80)], vec![]);
+        let v = p.update(vec![ep(80)], vec![], vec![]);
         let err = p.wait_in_force(v, Duration::from_millis(20)).await.unwrap_err();
         assert!(matches!(err, ProxyWaitError::NotConnected { .. }), "{err}");
         assert!(err.to_string().contains("--proxy-binary"), "{err}");
@@ -297,7 +307,7 @@ mod tests {
             error: String::new(),
         });
         waiter.await.unwrap().unwrap();
-        let v = p.update(vec![ep(81)], vec![]);
+        let v = p.update(vec![ep(81)], vec![], vec![]);
         p.ack(&pb::Ack {
             version: v,
             error: "endpoint 0: bad regex".into(),

@@ -48,25 +48,28 @@ fn http_rule(r: &l7::HttpRule) -> pb::HttpRule {
     }
 }
 
-/// One rule set on the wire, or `None` when it names only CIDR peers,
-/// which the proto cannot carry yet: leaving the set out denies those
-/// peers' requests (fail closed), where an empty peer list would allow
-/// every peer.
+/// One rule set on the wire. Identity peers go in `peers`, CIDR peers in
+/// `cidr_classes` (the proxy finds an address's class from
+/// `Snapshot.cidr_classes`); both empty means every peer, so a set that
+/// names peers never goes out with both lists empty. `None` for a set
+/// without any peer (nothing to allow).
 pub fn rule_set(s: &l7::RuleSet) -> Option<pb::RuleSet> {
     let mut peers = Vec::new();
+    let mut classes = Vec::new();
     let mut any = false;
     for p in &s.peers {
         match p {
             l7::Peer::Any => any = true,
             l7::Peer::Identity(id) => peers.push(*id),
-            l7::Peer::CidrClass(_) => {}
+            l7::Peer::CidrClass(c) => classes.push(*c),
         }
     }
-    if !any && peers.is_empty() {
+    if !any && peers.is_empty() && classes.is_empty() {
         return None;
     }
     Some(pb::RuleSet {
         peers: if any { Vec::new() } else { peers },
+        cidr_classes: if any { Vec::new() } else { classes },
         http: s.rules.http.iter().map(http_rule).collect(),
         grpc: s
             .rules
@@ -86,8 +89,7 @@ pub fn endpoint_entries(ep: &Endpoint, r: &Resolved) -> Vec<pb::L7Endpoint> {
     r.l7_ports()
         .into_iter()
         .map(|(dir, port)| {
-            // No set at all (only CIDR peers): the proxy denies every
-            // request on the port.
+            // No set at all: the proxy denies every request on the port.
             let sets: Vec<pb::RuleSet> = r.l7_rule_sets(dir, port).iter().filter_map(rule_set).collect();
             pb::L7Endpoint {
                 addresses: vec![ep.ip.to_string()],
@@ -107,8 +109,9 @@ pub fn endpoint_entries(ep: &Endpoint, r: &Resolved) -> Vec<pb::L7Endpoint> {
 
 impl NodeState {
     /// The proxy's snapshot contents for the state now (its version is
-    /// the [`super::Publisher`]'s business).
-    pub fn proxy_snapshot(&self) -> (Vec<pb::L7Endpoint>, Vec<pb::IdentityEntry>) {
+    /// the [`super::Publisher`]'s business): endpoints, identities and the
+    /// CIDR classes of the policies' CIDR peers.
+    pub fn proxy_snapshot(&self) -> (Vec<pb::L7Endpoint>, Vec<pb::IdentityEntry>, Vec<pb::CidrClass>) {
         let mut endpoints = Vec::new();
         for ep in self.registry.iter() {
             if let Some(r) = self.policy.resolved.get(&ep.id) {
@@ -148,7 +151,15 @@ impl NodeState {
                 },
             );
         }
-        (endpoints, identities.into_values().collect())
+        let classes = self
+            .policy
+            .cidr_classes()
+            .map(|(net, class)| pb::CidrClass {
+                prefix: net.to_string(),
+                class,
+            })
+            .collect();
+        (endpoints, identities.into_values().collect(), classes)
     }
 }
 
@@ -193,11 +204,15 @@ mod tests {
         assert_eq!(s.grpc[0].method, "", "every method");
         assert_eq!(s.rule, "SinewNetworkPolicy default/web ingress[0].toPorts[0]");
         let s = rule_set(&set(vec![l7::Peer::Identity(300), l7::Peer::CidrClass(0x0100_0001)])).unwrap();
-        assert_eq!(s.peers, [300], "CIDR classes are not on the wire");
+        assert_eq!(s.peers, [300]);
+        assert_eq!(s.cidr_classes, [0x0100_0001]);
     }
 
     #[test]
-    fn a_set_of_cidr_peers_only_is_left_out_never_widened_to_any_peer() {
-        assert_eq!(rule_set(&set(vec![l7::Peer::CidrClass(0x0100_0001)])), None);
+    fn a_set_of_cidr_peers_only_names_its_classes_never_every_peer() {
+        let s = rule_set(&set(vec![l7::Peer::CidrClass(0x0100_0001)])).unwrap();
+        assert!(s.peers.is_empty());
+        assert_eq!(s.cidr_classes, [0x0100_0001], "both lists empty would mean every peer");
+        assert_eq!(rule_set(&set(vec![])), None, "a set without peers allows nothing");
     }
 }
