@@ -107,6 +107,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         time_unix_nanos: ev.ts_ns,
         sequence: 1,
         index: fx.then.clone(),
+        l7: None,
     };
     let flow = fx.observer.flow(&record, &fx.now);
     let _ = render::summary(&flow);
