@@ -178,7 +178,14 @@ fn allow_deny_matrix(routing: Routing, prefix: &str) {
         // The path judged is the path forwarded: this is /admin.
         assert_eq!(get(lab, client, l7, "/public/../admin").0, 403, "{client}");
     }
-    let flows = l7_flows(&s2);
+    // The proxy sends its flow events in batches (at most 50 ms late):
+    // wait for the six requests' flows.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut flows = l7_flows(&s2);
+    while flows.len() < 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        flows = l7_flows(&s2);
+    }
     let find = |client: &str, path: &str| {
         flows
             .iter()

@@ -835,7 +835,11 @@ fn dpkg_owner(path: &Path) -> Option<String> {
             .ok()?;
         if out.status.success() {
             let text = String::from_utf8_lossy(&out.stdout);
-            let line = text.lines().next()?;
+            // dpkg-divert adds "diversion by PKG from: /path" lines; the
+            // owner is on a line of its own.
+            let Some(line) = text.lines().find(|l| !l.starts_with("diversion by ")) else {
+                continue;
+            };
             // "pkg[:arch][, pkg2]: /path"
             let pkg = line.split(": ").next()?.split(',').next()?.trim();
             return Some(pkg.split(':').next().unwrap().to_owned());

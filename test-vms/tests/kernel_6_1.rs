@@ -75,7 +75,7 @@ mod host {
         // over 9p and an executable replaced under it crashes. A private
         // copy keeps the run consistent.
         let snap = Snapshot::new();
-        for bin in ["sinew", "sinew-agent", "sinew-cni", "sinew-probe"] {
+        for bin in ["sinew", "sinew-agent", "sinew-cni", "sinew-probe", "sinew-proxy"] {
             let src = debug.join(bin);
             assert!(
                 src.is_file(),
