@@ -337,7 +337,7 @@ fn a_killed_proxy_fails_closed_and_the_supervisor_brings_it_back() {
 }
 
 #[test]
-#[ignore = "known gap: 4 of ~3800 new connections timed out across two agent restarts (SYNs lost while the agent starts; not diagnosed yet); run with --ignored"]
+#[ignore = "known gap, not the restart: in a tight new-connection loop through the proxy 2-4 of ~6,000 connects time out (3 s) with or without agent restarts, and no datapath drop is counted; see the issue 12 note; run with --ignored"]
 fn agent_restart_fails_no_l7_request_and_keeps_the_proxy() {
     let mut g = lab("e2e-l7r", 2, 2, Routing::Vxlan);
     let web = pod_ip(&g.lab, "node2-pod1");
@@ -385,6 +385,42 @@ fn agent_restart_fails_no_l7_request_and_keeps_the_proxy() {
     let errors: Vec<String> = loops.into_iter().flat_map(|t| t.join().unwrap()).collect();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("requests through two agent restarts: {ok} as expected, {failed} failed");
+    if failed > 0 {
+        for node in ["node1", "node2"] {
+            let sock = g.lab.node(node).unwrap().socket.clone();
+            let drops = get_flows(
+                &sock,
+                ob::GetFlowsRequest {
+                    filters: vec![ob::FlowFilter {
+                        event_type: ob::EventType::Drop as i32,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_default();
+            if let Ok(m) = scrape(&g.lab, node) {
+                for x in m
+                    .samples
+                    .iter()
+                    .filter(|x| x.name.starts_with("sinew_drop") && x.value > 0.0)
+                {
+                    eprintln!("{node} counter: {} {:?} {}", x.name, x.labels, x.value);
+                }
+            }
+            for f in drops.iter().rev().take(10) {
+                let pod = |e: &Option<ob::Endpoint>| e.as_ref().map(|e| e.pod_name.clone()).unwrap_or_default();
+                eprintln!(
+                    "{node} drop: {} -> {} {:?} at {} ({})",
+                    pod(&f.source),
+                    pod(&f.destination),
+                    f.drop_reason.as_ref().map(|d| d.name.clone()),
+                    f.interface,
+                    f.protocol_name
+                );
+            }
+        }
+    }
     assert_eq!(failed, 0, "{errors:?}");
     assert!(ok > 50, "only {ok} requests");
     assert_eq!(proxy_pid(&g.lab, "node2"), pid, "the proxy was replaced");
