@@ -399,6 +399,27 @@ fn agent_restart_fails_no_l7_request_and_keeps_the_proxy() {
                 },
             )
             .unwrap_or_default();
+            // The kernel's own TCP counters in the node (listen drops,
+            // request-queue drops, TIME_WAIT recycling).
+            let netstat = g
+                .lab
+                .node(node)
+                .unwrap()
+                .netns
+                .run(|| std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap_or_default())
+                .unwrap_or_default();
+            let lines: Vec<&str> = netstat.lines().collect();
+            for pair in lines.chunks(2) {
+                if let [names, values] = pair {
+                    for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
+                        if v != "0"
+                            && (n.contains("Listen") || n.contains("Drop") || n.contains("TW") || n.contains("Req"))
+                        {
+                            eprintln!("{node} netstat: {n} {v}");
+                        }
+                    }
+                }
+            }
             if let Ok(m) = scrape(&g.lab, node) {
                 for x in m
                     .samples
