@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sinew_proto::proxy_v1 as pb;
+use sinew_proto::standin::StandInAgent;
 
 use crate::cpu::{self, Role};
 use crate::report::{Better, Report, Row};
@@ -372,46 +373,15 @@ pub fn snapshot(port: u16, n: usize) -> pb::Snapshot {
     }
 }
 
-/// The stand-in agent: sends the snapshot to every proxy that subscribes
-/// and takes its ACKs and flow events.
-struct Agent {
-    snap: std::sync::Arc<std::sync::Mutex<pb::Snapshot>>,
-}
-
-#[tonic::async_trait]
-impl pb::proxy_control_server::ProxyControl for Agent {
-    type SubscribeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AgentMessage, tonic::Status>>;
-    async fn subscribe(
-        &self,
-        r: tonic::Request<tonic::Streaming<pb::ProxyMessage>>,
-    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut inb = r.into_inner();
-        let snap = self.snap.lock().map(|s| s.clone()).unwrap_or_default();
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = inb.message().await {
-                if let Some(pb::proxy_message::Kind::Hello(_)) = m.kind {
-                    let msg = pb::AgentMessage {
-                        kind: Some(pb::agent_message::Kind::Snapshot(snap.clone())),
-                    };
-                    let _ = tx.send(Ok(msg)).await;
-                }
-            }
-        });
-        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
-    }
-}
-
+/// The stand-in agent (`sinew_proto::standin`) on a runtime of its own.
 struct AgentHandle {
     socket: PathBuf,
-    snap: std::sync::Arc<std::sync::Mutex<pb::Snapshot>>,
+    agent: StandInAgent,
     _rt: tokio::runtime::Runtime,
 }
 
 fn start_agent(dir: &Path) -> Result<AgentHandle, L7ProxyError> {
     let socket = dir.join("proxy.sock");
-    let _ = std::fs::remove_file(&socket);
-    let snap = std::sync::Arc::new(std::sync::Mutex::new(pb::Snapshot::default()));
     // The agent's thread shares the client's CPU: the proxy's stays its own.
     let rt = cpu::on(Role::Client, || {
         tokio::runtime::Builder::new_multi_thread()
@@ -419,15 +389,9 @@ fn start_agent(dir: &Path) -> Result<AgentHandle, L7ProxyError> {
             .enable_all()
             .build()
     })?;
-    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&socket) })?;
-    let svc = pb::proxy_control_server::ProxyControlServer::new(Agent { snap: snap.clone() });
-    rt.spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await;
-    });
-    Ok(AgentHandle { socket, snap, _rt: rt })
+    let agent = StandInAgent::default();
+    rt.block_on(async { agent.serve(&socket) })?;
+    Ok(AgentHandle { socket, agent, _rt: rt })
 }
 
 /// Starts one arm's proxy for `p` (None for the direct arm).
@@ -437,7 +401,7 @@ fn start_arm(arm: Arm, p: Proto, rules: usize, o: &Options, agent: &AgentHandle)
     let mut proc = match arm {
         Arm::Direct => return Ok(None),
         Arm::Sinew => {
-            if let Ok(mut s) = agent.snap.lock() {
+            if let Ok(mut s) = agent.agent.snapshot.lock() {
                 *s = snapshot(p.upstream(), rules);
             }
             let mut c = Command::new(&o.proxy_bin);

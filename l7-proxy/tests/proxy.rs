@@ -565,43 +565,6 @@ fn bad_input_is_refused_counted_and_never_hangs() {
     });
 }
 
-/// A stand-in agent: serves ProxyControl on a unix socket, sends `snap` to
-/// every subscriber and records the ACKs.
-struct FakeAgent {
-    snap: pb::Snapshot,
-    acks: Arc<std::sync::Mutex<Vec<pb::Ack>>>,
-}
-
-#[tonic::async_trait]
-impl pb::proxy_control_server::ProxyControl for FakeAgent {
-    type SubscribeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AgentMessage, tonic::Status>>;
-    async fn subscribe(
-        &self,
-        r: tonic::Request<tonic::Streaming<pb::ProxyMessage>>,
-    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut inb = r.into_inner();
-        let snap = self.snap.clone();
-        let acks = self.acks.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = inb.message().await {
-                match m.kind {
-                    Some(pb::proxy_message::Kind::Hello(_)) => {
-                        let _ = tx
-                            .send(Ok(pb::AgentMessage {
-                                kind: Some(pb::agent_message::Kind::Snapshot(snap.clone())),
-                            }))
-                            .await;
-                    }
-                    Some(pb::proxy_message::Kind::Ack(a)) => acks.lock().unwrap().push(a),
-                    _ => {}
-                }
-            }
-        });
-        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
-    }
-}
-
 /// Kills the child proxy when a test fails half-way.
 struct Child(std::process::Child);
 
@@ -654,22 +617,10 @@ fn restart_hands_over_the_listener_without_failing_a_request() {
         let dir = std::env::temp_dir().join(format!("sinew-proxy-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("proxy.sock");
-        let _ = std::fs::remove_file(&sock);
-        let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
-        {
-            let uds = tokio_stream::wrappers::UnixListenerStream::new(
-                rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() }),
-            );
-            let svc = pb::proxy_control_server::ProxyControlServer::new(FakeAgent {
-                snap: snapshot(7, up.port(), vec![get_prefix("/public")], vec![]),
-                acks: acks.clone(),
-            });
-            rt.spawn(
-                tonic::transport::Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming(uds),
-            );
-        }
+        let agent =
+            sinew_proto::standin::StandInAgent::new(snapshot(7, up.port(), vec![get_prefix("/public")], vec![]));
+        rt.block_on(async { agent.serve(&sock) }).unwrap();
+        let acks = agent.acks.clone();
         let mut a = spawn_proxy(15090, up, &sock);
         wait_ready(15090);
         assert!(acks

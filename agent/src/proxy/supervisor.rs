@@ -20,6 +20,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sinew_model::procfs::{cmdline, running};
+
 use crate::proxy_redirect::ProxyPorts;
 
 /// The first restart waits this long, each following one twice as long
@@ -70,25 +72,6 @@ impl SupervisorConfig {
         cmdline.first().and_then(|a| name(a)) == self.binary.file_name().map(|n| n.to_os_string())
             && cmdline.windows(2).any(|w| w[0] == "--agent-socket" && w[1] == socket)
     }
-}
-
-fn cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
-}
-
-/// Alive and not a zombie.
-fn running(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// The running proxy the pid file names, if this agent may adopt it.

@@ -12,16 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
-/// The command line of `pid`, split at NULs; `None` when it is gone.
-pub fn cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
-}
+pub use sinew_model::procfs::cmdline;
 
 /// Whether `pid` exists and is not a zombie. Reaps it first when it is our
 /// own exited child, so a zombie does not look alive.
@@ -31,12 +22,7 @@ pub fn is_running(pid: u32) -> bool {
     };
     // ECHILD (not our child) is the normal case; nothing to do then.
     let _ = waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG));
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the last ')', since the command name may contain one.
-    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
+    sinew_model::procfs::running(pid)
 }
 
 /// Pids whose command line has an argument containing `needle`.

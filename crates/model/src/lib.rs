@@ -8,6 +8,7 @@
 
 mod fsutil;
 pub mod local;
+pub mod procfs;
 mod resources;
 pub mod services;
 

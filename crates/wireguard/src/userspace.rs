@@ -304,6 +304,33 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// Points the first `n` message headers of a `sendmmsg`/`recvmmsg` batch
+/// at buffer i (its first `lens[i]` bytes, or all of it without `lens`)
+/// and address i. The headers hold raw pointers into `bufs`, `addrs` and
+/// `iov`: use them before any of those moves.
+fn point_headers(
+    bufs: &mut [Box<[u8]>],
+    lens: Option<&[usize; BATCH]>,
+    addrs: &mut [libc::sockaddr_in; BATCH],
+    n: usize,
+    iov: &mut [MaybeUninit<libc::iovec>; BATCH],
+    msgs: &mut [MaybeUninit<libc::mmsghdr>; BATCH],
+) {
+    for i in 0..n {
+        iov[i].write(libc::iovec {
+            iov_base: bufs[i].as_mut_ptr().cast(),
+            iov_len: lens.map_or(bufs[i].len(), |l| l[i]),
+        });
+        // SAFETY: mmsghdr is plain data; zero is a valid value.
+        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+        m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        m.msg_hdr.msg_iov = iov[i].as_mut_ptr();
+        m.msg_hdr.msg_iovlen = 1;
+        msgs[i].write(m);
+    }
+}
+
 /// Datagrams waiting to go out with one `sendmmsg`.
 struct SendBatch {
     bufs: Vec<Box<[u8]>>,
@@ -325,19 +352,14 @@ impl SendBatch {
     fn flush(&mut self, sock: &UdpSocket) {
         let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
         let mut msgs: [MaybeUninit<libc::mmsghdr>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
-        for i in 0..self.n {
-            iov[i].write(libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
-            });
-            // SAFETY: mmsghdr is plain data; zero is a valid value.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            m.msg_hdr.msg_iov = iov[i].as_mut_ptr();
-            m.msg_hdr.msg_iovlen = 1;
-            msgs[i].write(m);
-        }
+        point_headers(
+            &mut self.bufs,
+            Some(&self.lens),
+            &mut self.addrs,
+            self.n,
+            &mut iov,
+            &mut msgs,
+        );
         let mut sent = 0;
         while sent < self.n {
             // SAFETY: entries sent..n were initialised above and point at
@@ -426,19 +448,7 @@ impl RecvBatch {
     fn recv(&mut self, sock: &UdpSocket) -> usize {
         let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
         let mut msgs: [MaybeUninit<libc::mmsghdr>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
-        for i in 0..BATCH {
-            iov[i].write(libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.bufs[i].len(),
-            });
-            // SAFETY: mmsghdr is plain data; zero is a valid value.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            m.msg_hdr.msg_iov = iov[i].as_mut_ptr();
-            m.msg_hdr.msg_iovlen = 1;
-            msgs[i].write(m);
-        }
+        point_headers(&mut self.bufs, None, &mut self.addrs, BATCH, &mut iov, &mut msgs);
         // Block for the first datagram (up to the socket's read timeout),
         // then take whatever else is already there.
         // SAFETY: BATCH initialised entries pointing at live buffers.
