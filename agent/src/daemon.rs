@@ -3,7 +3,7 @@
 //! datapath, restore endpoints, then serve the API and follow the datastore.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -319,6 +319,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     check_cgroup2(&cgroup_root)?;
     let services = crate::services::ServiceState::adopt(datapath.lb_entries());
     datapath.attach_cgroup(&cgroup_root)?;
+    datapath.attach_netns(Path::new("/proc/self/ns/net"))?;
     let reused = datapath.maps_reused();
     let (ipam, dropped) = Ipam::open(cfg.state_dir.join("ipam.json"), &[IpNet::V4(local.pod_cidr)])?;
     for d in dropped {
@@ -394,7 +395,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let flusher = state.datapath.take_flusher();
     let state = Arc::new(Mutex::new(state));
     let observer = start_observer(&cfg, ring, flusher, &state)?;
-    crate::proxy::start(&cfg, proxy, observer.l7_sink()).await?;
+    let listener_map = pin_dir.join("maps").join(sinew_abi::maps::PROXY_LISTENERS);
+    crate::proxy::start(&cfg, proxy, observer.l7_sink(), listener_map).await?;
     if cfg.bpf_stats {
         crate::metrics::enable_bpf_stats();
     }

@@ -353,8 +353,119 @@ fn a_killed_proxy_fails_closed_and_the_supervisor_brings_it_back() {
     assert!(log.contains("sinew-proxy exited"), "the exit is logged");
 }
 
+/// A client that reuses its source port while the node still holds the
+/// TIME_WAIT of its previous proxied connection (the proxy closed first:
+/// `Connection: close`) reaches the proxy at once. Without help the kernel
+/// refuses a connection that TC hands to the listener past that TIME_WAIT,
+/// and the client waits for SYN retries; with it, TC gives the SYN to the
+/// TIME_WAIT (RFC 9293 3.6.1: a new SYN may reopen a connection in
+/// TIME-WAIT), the kernel retires it, and bpf_proxy.c's sk_lookup program
+/// names the proxy's listener.
 #[test]
-#[ignore = "known gap, not the restart: a SYN whose tuple has a TIME_WAIT socket of an earlier proxied connection in the node is steered past it to the listener, and the kernel drops the new request as a duplicate of that TIME_WAIT (2-4 of ~6,000 connects time out; none with tcp_max_tw_buckets=0); see the issue 12 note; run with --ignored"]
+fn a_client_reusing_its_port_reaches_the_proxy_past_the_time_wait() {
+    let g = lab("e2e-l7t", 2, 2, Routing::Vxlan);
+    let lab = &g.lab;
+    let web = pod_ip(lab, "node2-pod1");
+    http_server(&pod_ns(lab, "node2-pod1"), web, 80);
+    let s2 = lab.node("node2").unwrap().socket.clone();
+    let applied = apply_policy(&s2, POLICY).unwrap_or_else(|e| panic!("apply: {e}"));
+    wait_policies_everywhere(lab, &applied);
+    let l7 = SocketAddr::new(IpAddr::V4(web), 80);
+    let node_ns = lab.node("node2").unwrap().netns.clone();
+    for (client, port) in [("node2-pod2", 40123u16), ("node1-pod1", 40124)] {
+        let ns = pod_ns(lab, client);
+        let src = SocketAddr::new(IpAddr::V4(pod_ip(lab, client)), port);
+        let resets = out_resets(&ns);
+        for round in 0..4 {
+            let path = if round % 2 == 0 { "/public/a" } else { "/admin" };
+            let (code, waited) = ns
+                .run(move || get_from(src, l7, path))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
+            assert_eq!(code, if round % 2 == 0 { 200 } else { 403 }, "{client} round {round}");
+            // The kernel's first SYN retry comes after 1 s: a connect that
+            // took that long had its first SYN dropped.
+            assert!(
+                waited < Duration::from_millis(900),
+                "{client} round {round}: connect took {waited:?} (a SYN was lost)"
+            );
+            // The proxy closed first, so the node holds the TIME_WAIT the
+            // next round's SYN must get past.
+            assert!(
+                time_wait(&node_ns, src, l7),
+                "{client} round {round}: no TIME_WAIT for {src} -> {l7} in the node"
+            );
+        }
+        // Answered by the proxy's SYN-ACK every time: had the TIME_WAIT
+        // answered (an ACK for the old connection) the client would have
+        // reset it and sent its SYN again.
+        assert_eq!(
+            out_resets(&ns),
+            resets,
+            "{client} sent resets: a SYN met the TIME_WAIT instead of the proxy"
+        );
+    }
+}
+
+/// One `Connection: close` GET from a fixed source address (SO_REUSEADDR);
+/// the status and how long the connect took.
+fn get_from(src: SocketAddr, dst: SocketAddr, path: &str) -> Result<(u16, Duration), String> {
+    use std::io::Read;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+    s.set_reuse_address(true).map_err(|e| e.to_string())?;
+    s.bind(&src.into()).map_err(|e| format!("bind {src}: {e}"))?;
+    let start = Instant::now();
+    s.connect_timeout(&dst.into(), Duration::from_secs(5))
+        .map_err(|e| format!("connect {src} -> {dst}: {e}"))?;
+    let waited = start.elapsed();
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad response {out:?}"))?;
+    Ok((code, waited))
+}
+
+/// The TCP resets `ns` has sent (Tcp: OutRsts in /proc/net/snmp).
+fn out_resets(ns: &NetNs) -> u64 {
+    let snmp = ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
+        .unwrap()
+        .unwrap();
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "OutRsts")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("Tcp: OutRsts in /proc/net/snmp")
+}
+
+/// Whether `ns` holds a TIME_WAIT socket whose local end is `local` and
+/// remote end `remote` (/proc/net/tcp, state 06).
+fn time_wait(ns: &NetNs, remote: SocketAddr, local: SocketAddr) -> bool {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port()),
+        SocketAddr::V6(_) => unreachable!("IPv4 only"),
+    };
+    let (l, r) = (hex(local), hex(remote));
+    let table = ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/tcp"))
+        .unwrap()
+        .unwrap();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() > 3 && f[1] == l && f[2] == r && f[3] == "06"
+    })
+}
+
+#[test]
 fn agent_restart_fails_no_l7_request_and_keeps_the_proxy() {
     let mut g = lab("e2e-l7r", 2, 2, Routing::Vxlan);
     let web = pod_ip(&g.lab, "node2-pod1");

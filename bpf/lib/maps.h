@@ -102,6 +102,39 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sinew_flow_agg SEC(".maps");
 
+/* A new SYN whose tuple still has a TIME_WAIT socket of an earlier proxied
+ * connection is handed to that socket, as the kernel would do itself: the
+ * kernel then retires the TIME_WAIT and looks for a listener for the
+ * original destination, which is where bpf_proxy.c's sk_lookup program
+ * answers with the proxy listener this entry names. Client to original
+ * destination, addresses and ports in network order. */
+struct proxy_tw_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+#define PROXY_TW_MAX_ENTRIES 4096
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct proxy_tw_key);
+	__type(value, __u32); /* the proxy listener's port, host order */
+	__uint(max_entries, PROXY_TW_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_proxy_tw SEC(".maps");
+
+/* The proxy's listeners by port (host order), put there by the agent. A
+ * listener that closes leaves the map by itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 16);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_proxy_listeners SEC(".maps");
+
 /* Never read or written: it carries struct flow_event (the ring buffer's
  * record, which a ring buffer map cannot name) into BTF, where the layout
  * test compares it with the Rust mirror. */

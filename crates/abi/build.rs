@@ -3,7 +3,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["bpf_lxc", "bpf_host", "bpf_overlay", "bpf_sock", "bpf_flush"];
+const PROGRAMS: &[&str] = &[
+    "bpf_lxc",
+    "bpf_host",
+    "bpf_overlay",
+    "bpf_sock",
+    "bpf_flush",
+    "bpf_proxy",
+];
 
 fn main() {
     // Without the `bpf` feature nothing embeds the objects: skip clang.

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkLookup, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use sinew_abi::{
     config, maps, CtEntry, CtKey, EndpointInfo, IpcacheKey, IpcacheValue, LbBackend, LbMaglevKey, LbSlotKey, LbSvcKey,
@@ -103,6 +103,7 @@ pub struct Datapath {
     host: Ebpf,
     overlay: Ebpf,
     sock: Ebpf,
+    proxy: Ebpf,
     lb: LbMaps,
     ipcache: PinnedLpm<IpcacheKey, IpcacheValue>,
     endpoints: PinnedHash<u32, EndpointInfo>,
@@ -210,6 +211,22 @@ impl Datapath {
         let mut overlay = load("bpf_overlay.o", sinew_abi::BPF_OVERLAY)?;
         let mut sock = load("bpf_sock.o", sinew_abi::BPF_SOCK)?;
         let mut flush = load("bpf_flush.o", sinew_abi::BPF_FLUSH)?;
+        let mut proxy = load("bpf_proxy.o", sinew_abi::BPF_PROXY)?;
+        {
+            let program = PROXY_LOOKUP;
+            let prog: &mut SkLookup = proxy
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                .and_then(|p| p.try_into())
+                .map_err(|source| DatapathError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        }
         for &program in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = sock
                 .program_mut(program)
@@ -266,6 +283,7 @@ impl Datapath {
             host,
             overlay,
             sock,
+            proxy,
             lb,
             ipcache,
             endpoints,
@@ -501,6 +519,41 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the proxy's listener lookup (`proxy_lookup`) to the
+    /// network namespace at `netns` (the node's: where the proxy listens).
+    /// The link is pinned; a restarted agent attaches its program before it
+    /// detaches the earlier agent's, as with the cgroup programs.
+    pub fn attach_netns(&mut self, netns: &Path) -> Result<(), DatapathError> {
+        let program = PROXY_LOOKUP;
+        let ns = std::fs::File::open(netns).map_err(|source| DatapathError::Io {
+            path: netns.to_path_buf(),
+            source,
+        })?;
+        let pin = self.cfg.link_dir().join(format!("netns-{program}"));
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            ifname: netns.display().to_string(),
+            hook: program,
+            source,
+        };
+        let prog: &mut SkLookup = self
+            .proxy
+            .program_mut(program)
+            .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+            .and_then(|p| p.try_into())
+            .map_err(|source| DatapathError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        let id = prog.attach(&ns).map_err(|e| err(e.into()))?;
+        let link: aya::programs::links::FdLink = prog.take_link(id).map_err(|e| err(e.into()))?.into();
+        detach_pinned(&pin);
+        link.pin(&pin).map_err(|source| DatapathError::Pin {
+            path: pin.clone(),
+            source: Box::new(source),
+        })?;
+        Ok(())
+    }
+
     pub fn upsert_lb_backend(&mut self, id: u32, be: LbBackend) -> Result<(), DatapathError> {
         self.lb.backends.upsert(id, be)
     }
@@ -589,6 +642,9 @@ impl Datapath {
         Ok(())
     }
 }
+
+/// The proxy's listener lookup, as named in bpf_proxy.c.
+const PROXY_LOOKUP: &str = "proxy_lookup";
 
 /// The socket programs, as named in bpf_sock.c.
 const SOCK_PROGRAMS: &[&str] = &[

@@ -26,6 +26,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ProxyControlService {
     pub publisher: Arc<Publisher>,
     pub flows: FlowSink,
+    /// The pinned sockhash the proxy's listeners go into (see
+    /// [`super::listeners`]).
+    pub listener_map: std::path::PathBuf,
 }
 
 type AgentStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::AgentMessage, Status>> + Send>>;
@@ -42,6 +45,8 @@ impl Drop for Connected {
 async fn run_stream(
     publisher: Arc<Publisher>,
     flows: FlowSink,
+    listener_map: std::path::PathBuf,
+    peer_pid: Option<u32>,
     mut inbound: Streaming<pb::ProxyMessage>,
     tx: mpsc::Sender<Result<pb::AgentMessage, Status>>,
 ) {
@@ -77,6 +82,13 @@ async fn run_stream(
         egress_port = hello.egress_port,
         "L7 proxy connected"
     );
+    // The kernel's word for who is on the other end, when it has one.
+    let pid = peer_pid.unwrap_or(hello.pid);
+    let ports: Vec<u16> = [hello.ingress_port, hello.egress_port]
+        .into_iter()
+        .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0))
+        .collect();
+    tokio::spawn(register_listeners(listener_map, pid, ports));
     let mut snapshots = publisher.subscribe();
     loop {
         let snap = snapshots.borrow_and_update().clone();
@@ -118,6 +130,27 @@ async fn run_stream(
     tracing::info!(pid = hello.pid, "L7 proxy disconnected; it keeps its last rules");
 }
 
+/// Puts the proxy's listeners into the datapath's sockhash, retrying while
+/// the proxy may still be binding them. Without them only a connection
+/// that meets a TIME_WAIT is affected (its SYN is answered as if nobody
+/// listened, and the client retries), so a failure is logged, not fatal.
+async fn register_listeners(map: std::path::PathBuf, pid: u32, ports: Vec<u16>) {
+    let mut last = None;
+    for _ in 0..20 {
+        let (m, p) = (map.clone(), ports.clone());
+        match tokio::task::spawn_blocking(move || super::listeners::register(&m, pid, &p)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(pid, ?ports, "proxy listeners registered with the datapath");
+                return;
+            }
+            Ok(Err(e)) => last = Some(e.to_string()),
+            Err(e) => last = Some(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!(pid, ?ports, error = last.as_deref().unwrap_or(""), "cannot register the proxy's listeners with the datapath; a new connection that meets an earlier one's TIME_WAIT waits for the client's SYN retry");
+}
+
 #[tonic::async_trait]
 impl pb::proxy_control_server::ProxyControl for ProxyControlService {
     type SubscribeStream = AgentStream;
@@ -127,9 +160,17 @@ impl pb::proxy_control_server::ProxyControl for ProxyControlService {
         req: Request<Streaming<pb::ProxyMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
+        let peer_pid = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         tokio::spawn(run_stream(
             self.publisher.clone(),
             self.flows.clone(),
+            self.listener_map.clone(),
+            peer_pid,
             req.into_inner(),
             tx,
         ));

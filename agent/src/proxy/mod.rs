@@ -13,6 +13,7 @@
 //! connections fail closed (`proxy_unavailable`) while no proxy listens.
 
 pub mod control;
+pub mod listeners;
 pub mod snapshot;
 pub mod supervisor;
 
@@ -232,12 +233,14 @@ pub async fn start(
     cfg: &crate::daemon::AgentConfig,
     publisher: Arc<Publisher>,
     flows: control::FlowSink,
+    listener_map: PathBuf,
 ) -> anyhow::Result<()> {
     control::serve(
         &cfg.proxy_socket,
         control::ProxyControlService {
             publisher: publisher.clone(),
             flows,
+            listener_map,
         },
     )
     .await?;

@@ -40,6 +40,11 @@ pub const BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[cfg(feature = "bpf")]
 pub const BPF_FLUSH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_flush.o"));
 
+/// The proxy's listener lookup (`proxy_lookup`, BPF_SK_LOOKUP), attached to
+/// the node's network namespace.
+#[cfg(feature = "bpf")]
+pub const BPF_PROXY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_proxy.o"));
+
 /// Map names, as pinned under the agent's pin directory.
 pub mod maps {
     pub const IPCACHE: &str = "sinew_ipcache";
@@ -60,6 +65,11 @@ pub mod maps {
     pub const LB_AFFINITY: &str = "sinew_lb_affinity";
     pub const LB_REVNAT: &str = "sinew_lb_revnat";
     pub const LB_NAT: &str = "sinew_lb_nat";
+    /// LRU hash, a new SYN's tuple that met a TIME_WAIT → the proxy
+    /// listener's port (written by TC, consumed by `proxy_lookup`).
+    pub const PROXY_TW: &str = "sinew_proxy_tw";
+    /// Sockhash, port (`u32`) → the proxy's listener on it.
+    pub const PROXY_LISTENERS: &str = "sinew_proxy_listeners";
 }
 
 /// Names of the load-time constants (`volatile const` in `lib/common.h`).
