@@ -157,6 +157,8 @@ pub struct Sample {
     /// applies since start.
     pub reconcile_failing: u64,
     pub reconcile_failures: u64,
+    /// Encryption between nodes, when on.
+    pub encryption: Option<crate::encryption::Status>,
 }
 
 /// The kinds `sinew_datastore_invalid_documents` always reports; "unknown"
@@ -261,6 +263,7 @@ impl Sample {
             datastore_rejected_updates: s.snapshot.rejected_updates,
             reconcile_failing: u64::from(s.health.is_failing()),
             reconcile_failures: s.health.failures,
+            encryption: s.encryption.as_ref().map(|e| e.status(&s.snapshot, &s.local.name)),
         }
     }
 
@@ -273,6 +276,76 @@ impl Sample {
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
+}
+
+/// Encryption between nodes: mode and implementation, the key's age, and
+/// per peer its handshake age and bytes (`sinew encryption status`).
+fn encode_encryption(enc: &mut DescriptorEncoder<'_>, e: &crate::encryption::Status) -> Result<(), std::fmt::Error> {
+    family(
+        enc,
+        "encryption_info",
+        "Encryption between nodes in force: mode and implementation (kernel or userspace)",
+        MetricType::Gauge,
+        [(
+            vec![
+                ("mode", e.mode.name().to_string()),
+                ("implementation", e.implementation.to_string()),
+            ],
+            1u64,
+        )],
+    )?;
+    gauge(enc, "encryption_key_age_seconds", "Age of this node's key", e.key_age())?;
+    gauge(
+        enc,
+        "encryption_peers",
+        "Other nodes that are peers (published a valid key)",
+        e.peers.len() as u64,
+    )?;
+    gauge(
+        enc,
+        "encryption_nodes_without_key",
+        "Other nodes without a published key: traffic to them is dropped (no_encryption_key)",
+        e.nodes_without_key.len() as u64,
+    )?;
+    let peer = |n: &str, p: &sinew_wireguard::PeerStatus| -> Labels {
+        vec![("node", n.to_string()), ("endpoint", p.endpoint.to_string())]
+    };
+    family(
+        enc,
+        "encryption_peer_rx_bytes",
+        "Bytes received from the peer, WireGuard overhead included",
+        MetricType::Counter,
+        e.peers.iter().map(|(n, p)| (peer(n, p), p.rx_bytes)),
+    )?;
+    family(
+        enc,
+        "encryption_peer_tx_bytes",
+        "Bytes sent to the peer, WireGuard overhead included",
+        MetricType::Counter,
+        e.peers.iter().map(|(n, p)| (peer(n, p), p.tx_bytes)),
+    )?;
+    family(
+        enc,
+        "encryption_peer_last_handshake_seconds",
+        "Age of the peer's current session (absent before the first handshake)",
+        MetricType::Gauge,
+        e.peers
+            .iter()
+            .filter_map(|(n, p)| p.last_handshake.map(|d| (peer(n, p), d.as_secs()))),
+    )?;
+    family(
+        enc,
+        "encryption_device_drops",
+        "Packets the WireGuard device did not pass, by reason",
+        MetricType::Counter,
+        [
+            ("no_peer", e.no_peer_drops),
+            ("decrypt_error", e.decrypt_errors),
+            ("disallowed_source", e.disallowed_source),
+            ("unknown_sender", e.unknown_sender),
+        ]
+        .map(|(r, v)| (vec![("reason", r.to_string())], v)),
+    )
 }
 
 /// Writes one metric family: `labels` pairs each label set with a value.
@@ -546,6 +619,9 @@ impl Collector for Sample {
             "Failed applies of the desired state to the datapath",
             self.reconcile_failures,
         )?;
+        if let Some(e) = &self.encryption {
+            encode_encryption(&mut enc, e)?;
+        }
         family(
             &mut enc,
             "identities",

@@ -204,6 +204,8 @@ fn encrypted_lab(prefix: &str, routing: Routing) {
     tcp_bulk(&ns_a, ip_a, 8091, &ns_c, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk c->a", e)));
     tcp_roundtrip(&ns_c, ip_c, 8083, &n1).unwrap_or_else(|e| panic!("{}", ctx("node1 -> remote pod", e)));
 
+    encryption_is_observable(lab, 2 * BULK);
+
     // Policy by identity across the tunnel: node2-pod1 admits app=pod2 only.
     let refs = apply_policy(
         &lab.node("node1").unwrap().socket,
@@ -228,6 +230,87 @@ fn encrypted_lab(prefix: &str, routing: Routing) {
     );
     // The tunnel still carries what the policy allows from the same node.
     tcp_roundtrip(&ns_c, ip_c, 8086, &ns_b).unwrap_or_else(|e| panic!("{}", ctx("allowed after a denial", e)));
+}
+
+/// `sinew encryption status`, `sinew status` and the metrics say what runs
+/// and count what crossed: node1's one peer is node2, handshaken, with at
+/// least `bytes` each way (two bulk transfers of half that).
+fn encryption_is_observable(lab: &sinew_testvms::lab::Lab, bytes: u64) {
+    let socket = &lab.node("node1").unwrap().socket;
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new(sinew_cli())
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sinew {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let st: serde_json::Value = serde_json::from_str(&cli(&["encryption", "status", "-o", "json"])).unwrap();
+    assert_eq!(st["mode"], "wireguard", "{st}");
+    assert_eq!(st["implementation"], "userspace", "{st}");
+    assert_eq!(st["device"], "sinew_wg", "{st}");
+    assert_eq!(st["port"], WG_PORT, "{st}");
+    assert_eq!(st["publicKey"].as_str().map(str::len), Some(44), "a base64 key: {st}");
+    assert!(st["keyAgeSeconds"].as_u64().is_some(), "{st}");
+    assert_eq!(st["nodesWithoutKey"].as_array().map(Vec::len), Some(0), "{st}");
+    let peers = st["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 1, "{st}");
+    let p = &peers[0];
+    let node2 = lab.node("node2").unwrap().address;
+    assert_eq!(p["node"], "node2", "{st}");
+    assert_eq!(p["endpoint"], format!("{node2}:{WG_PORT}"), "{st}");
+    assert_eq!(p["handshakeDone"], true, "{st}");
+    assert!(
+        p["lastHandshakeSecondsAgo"].as_u64().unwrap() < 180,
+        "a session expires after 180 s: {st}"
+    );
+    for dir in ["rxBytes", "txBytes"] {
+        assert!(p[dir].as_u64().unwrap() >= bytes / 2, "{dir} under {}: {st}", bytes / 2);
+    }
+    let table = cli(&["encryption", "status"]);
+    assert!(
+        table.contains("wireguard (userspace)") && table.contains("node2"),
+        "{table}"
+    );
+    let status = cli(&["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Encryption:") && l.contains("wireguard (userspace)")),
+        "{status}"
+    );
+
+    let m = scrape(lab, "node1").unwrap();
+    assert_eq!(
+        m.get(
+            "sinew_encryption_info",
+            &[("mode", "wireguard"), ("implementation", "userspace")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(m.get("sinew_encryption_peers", &[]), Some(1.0));
+    assert_eq!(m.get("sinew_encryption_nodes_without_key", &[]), Some(0.0));
+    assert!(m.get("sinew_encryption_key_age_seconds", &[]).is_some());
+    for fam in [
+        "sinew_encryption_peer_rx_bytes_total",
+        "sinew_encryption_peer_tx_bytes_total",
+    ] {
+        let v = m.get(fam, &[("node", "node2")]).unwrap_or_else(|| panic!("no {fam}"));
+        assert!(v >= (bytes / 2) as f64, "{fam} = {v}");
+    }
+    assert!(m
+        .get("sinew_encryption_peer_last_handshake_seconds", &[("node", "node2")])
+        .is_some());
+    assert_eq!(
+        m.get("sinew_encryption_device_drops_total", &[("reason", "decrypt_error")]),
+        Some(0.0)
+    );
 }
 
 #[test]
