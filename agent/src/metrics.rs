@@ -871,6 +871,56 @@ mod tests {
     }
 
     #[test]
+    fn encryption_families_say_what_runs_and_count_per_peer() {
+        let key = sinew_wireguard::PublicKey([7; 32]);
+        let peer = |hs: Option<u64>| sinew_wireguard::PeerStatus {
+            public_key: key,
+            endpoint: "172.30.0.12:51871".parse().unwrap(),
+            allowed_ips: vec!["10.244.2.0/24".parse().unwrap()],
+            last_handshake: hs.map(std::time::Duration::from_secs),
+            tx_bytes: 100,
+            rx_bytes: 200,
+        };
+        let mut s = Sample {
+            encryption: Some(crate::encryption::Status {
+                mode: crate::encryption::Mode::WireGuard,
+                implementation: "userspace",
+                device: "sinew_wg".into(),
+                public_key: key,
+                key_created: std::time::SystemTime::now(),
+                port: 51871,
+                encrypt_node: false,
+                peers: vec![("node2".into(), peer(Some(5))), ("node3".into(), peer(None))],
+                nodes_without_key: vec!["node4".into()],
+                no_peer_drops: 1,
+                decrypt_errors: 2,
+                disallowed_source: 3,
+                unknown_sender: 4,
+            }),
+            ..Default::default()
+        };
+        let text = s.clone().render();
+        for line in [
+            "sinew_encryption_info{mode=\"wireguard\",implementation=\"userspace\"} 1",
+            "sinew_encryption_key_age_seconds 0",
+            "sinew_encryption_peers 2",
+            "sinew_encryption_nodes_without_key 1",
+            "sinew_encryption_peer_rx_bytes_total{node=\"node2\",endpoint=\"172.30.0.12:51871\"} 200",
+            "sinew_encryption_peer_tx_bytes_total{node=\"node3\",endpoint=\"172.30.0.12:51871\"} 100",
+            "sinew_encryption_peer_last_handshake_seconds{node=\"node2\",endpoint=\"172.30.0.12:51871\"} 5",
+            "sinew_encryption_device_drops_total{reason=\"decrypt_error\"} 2",
+            "sinew_encryption_device_drops_total{reason=\"unknown_sender\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // No handshake yet: no age, rather than a misleading 0.
+        assert!(!text.contains("sinew_encryption_peer_last_handshake_seconds{node=\"node3\""));
+        // Encryption off: no encryption families at all.
+        s.encryption = None;
+        assert!(!s.render().contains("sinew_encryption_"));
+    }
+
+    #[test]
     fn without_an_observer_no_flow_families() {
         let mut s = sample();
         s.flows = None;
