@@ -107,7 +107,26 @@ impl sinew_proto::Agent for AgentApi {
             bpf_pin_path: self.bpf_pin_path.clone(),
             uptime_seconds: s.started.elapsed().as_secs(),
             maps_reused: s.datapath.maps_reused(),
+            encryption: s.encryption.as_ref().map_or_else(
+                || "none".to_string(),
+                |e| format!("{} ({})", e.settings.mode.name(), e.implementation()),
+            ),
         }))
+    }
+
+    async fn encryption_status(
+        &self,
+        _: Request<v1::EncryptionStatusRequest>,
+    ) -> Result<Response<v1::EncryptionStatusResponse>, Status> {
+        let s = self.lock()?;
+        let Some(enc) = s.encryption.as_ref() else {
+            return Ok(Response::new(v1::EncryptionStatusResponse {
+                mode: "none".into(),
+                ..Default::default()
+            }));
+        };
+        let st = enc.status(&s.snapshot, &s.local.name);
+        Ok(Response::new(crate::encryption::to_proto(&st)))
     }
 
     async fn allocate_ip(

@@ -243,6 +243,45 @@ impl Encryption {
     }
 }
 
+impl Status {
+    /// Seconds since the node's key was created.
+    pub fn key_age(&self) -> u64 {
+        self.key_created.elapsed().map_or(0, |d| d.as_secs())
+    }
+}
+
+/// The API's view of a status.
+pub fn to_proto(st: &Status) -> sinew_proto::v1::EncryptionStatusResponse {
+    sinew_proto::v1::EncryptionStatusResponse {
+        mode: st.mode.name().into(),
+        implementation: st.implementation.into(),
+        device: st.device.clone(),
+        public_key: st.public_key.to_string(),
+        key_age_seconds: st.key_age(),
+        port: u32::from(st.port),
+        encrypt_node: st.encrypt_node,
+        peers: st
+            .peers
+            .iter()
+            .map(|(node, p)| sinew_proto::v1::EncryptionPeer {
+                node: node.clone(),
+                public_key: p.public_key.to_string(),
+                endpoint: p.endpoint.to_string(),
+                allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                handshake_done: p.last_handshake.is_some(),
+                last_handshake_seconds_ago: p.last_handshake.map_or(0, |d| d.as_secs()),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect(),
+        nodes_without_key: st.nodes_without_key.clone(),
+        no_peer_drops: st.no_peer_drops,
+        decrypt_errors: st.decrypt_errors,
+        disallowed_source: st.disallowed_source,
+        unknown_sender: st.unknown_sender,
+    }
+}
+
 /// Every other node with an IPv4 address, a pod CIDR and a valid published
 /// key, as a peer: allowed its pod CIDR and its address. Sorted by node.
 pub fn desired_peers(local: &LocalNode, snapshot: &Snapshot, port: u16) -> Vec<(String, PeerConfig)> {

@@ -45,6 +45,9 @@ enum Command {
     /// Security identities.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// Encryption between nodes: mode, implementation, peers.
+    #[command(subcommand)]
+    Encryption(EncryptionCmd),
     /// Services this node load-balances.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -264,6 +267,14 @@ enum IdentityCmd {
 }
 
 #[derive(Subcommand)]
+enum EncryptionCmd {
+    /// Mode, implementation (kernel or userspace), this node's public key
+    /// and its age, and every peer with its endpoint, last handshake and
+    /// bytes.
+    Status(OutputArg),
+}
+
+#[derive(Subcommand)]
 enum ServiceCmd {
     /// Every frontend (address:port/protocol, type) with its backends and
     /// their state, and the services that were not applied.
@@ -439,6 +450,20 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => policy(&cli, cmd)?,
         Command::Observe(args) => observe(&cli, args)?,
         Command::Install(a) => install(a)?,
+        Command::Encryption(EncryptionCmd::Status(o)) => {
+            let socket = cli.socket()?;
+            let r = runtime()?.block_on(async {
+                anyhow::Ok(
+                    client(&socket)
+                        .await?
+                        .encryption_status(v1::EncryptionStatusRequest {})
+                        .await
+                        .map_err(rpc_error)?
+                        .into_inner(),
+                )
+            })?;
+            print_encryption(&r, o.output);
+        }
         Command::Service(ServiceCmd::List(o)) => {
             let socket = cli.socket()?;
             let r = runtime()?.block_on(async {
@@ -938,6 +963,79 @@ fn print_lab(lab: &Lab) {
     }
 }
 
+fn print_encryption(r: &v1::EncryptionStatusResponse, f: Format) {
+    if f == Format::Json {
+        let peers: Vec<_> = r
+            .peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "node": p.node, "publicKey": p.public_key, "endpoint": p.endpoint,
+                    "allowedIPs": p.allowed_ips, "handshakeDone": p.handshake_done,
+                    "lastHandshakeSecondsAgo": p.last_handshake_seconds_ago,
+                    "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "mode": r.mode, "implementation": r.implementation, "device": r.device,
+            "publicKey": r.public_key, "keyAgeSeconds": r.key_age_seconds, "port": r.port,
+            "encryptNode": r.encrypt_node, "peers": peers, "nodesWithoutKey": r.nodes_without_key,
+            "deviceDrops": {"noPeer": r.no_peer_drops, "decryptErrors": r.decrypt_errors,
+                "disallowedSource": r.disallowed_source, "unknownSender": r.unknown_sender},
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return;
+    }
+    if r.mode == "none" {
+        println!(
+            "Mode:           none (pod traffic between nodes is not encrypted; agent flag --encryption wireguard)"
+        );
+        return;
+    }
+    println!("Mode:           {} ({})", r.mode, r.implementation);
+    println!("Device:         {} port {}", r.device, r.port);
+    println!("Public key:     {} (age {}s)", r.public_key, r.key_age_seconds);
+    println!(
+        "Node traffic:   {}",
+        if r.encrypt_node {
+            "encrypted"
+        } else {
+            "pod traffic only"
+        }
+    );
+    println!(
+        "Device drops:   no peer {}, decrypt errors {}, disallowed source {}, unknown sender {}",
+        r.no_peer_drops, r.decrypt_errors, r.disallowed_source, r.unknown_sender
+    );
+    if !r.nodes_without_key.is_empty() {
+        println!(
+            "Without key:    {} (their traffic is dropped as no_encryption_key)",
+            r.nodes_without_key.join(", ")
+        );
+    }
+    println!(
+        "{:<12} {:<22} {:<16} {:>12} {:>12}  ALLOWED",
+        "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+    );
+    for p in &r.peers {
+        let hs = if p.handshake_done {
+            format!("{}s ago", p.last_handshake_seconds_ago)
+        } else {
+            "none yet".to_string()
+        };
+        println!(
+            "{:<12} {:<22} {:<16} {:>12} {:>12}  {}",
+            p.node,
+            p.endpoint,
+            hs,
+            p.rx_bytes,
+            p.tx_bytes,
+            p.allowed_ips.join(",")
+        );
+    }
+}
+
 fn print_status(s: &v1::StatusResponse, f: Format) {
     if f == Format::Json {
         let features: Vec<_> = s
@@ -952,6 +1050,7 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
             "remoteNodes": s.remote_nodes, "bpfPinPath": s.bpf_pin_path, "uptimeSeconds": s.uptime_seconds,
             "mapsReused": s.maps_reused, "features": features,
             "datastoreErrors": s.datastore_errors, "reconcileError": s.reconcile_error,
+            "encryption": s.encryption,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
@@ -996,6 +1095,14 @@ fn print_status(s: &v1::StatusResponse, f: Format) {
         s.pod_attach_mode,
         s.bpf_pin_path,
         if s.maps_reused { " (re-adopted)" } else { "" }
+    );
+    println!(
+        "Encryption:   {}",
+        if s.encryption.is_empty() {
+            "unknown (agent too old to say)"
+        } else {
+            &s.encryption
+        }
     );
     println!("Uptime:       {}s", s.uptime_seconds);
     println!("Kernel features:");

@@ -111,14 +111,37 @@ fn tcp_listen(server: &NetNs, addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("bind {addr}: {e}"))
 }
 
+/// Accepts one connection, waiting at most `within`: a server thread of a
+/// test never blocks forever. (A client whose connection is dropped, e.g.
+/// denied by policy, may not be able to reach the listener at all, so no
+/// "unblocking" connection from it can be relied on.)
+pub fn accept_within(listener: &TcpListener, within: Duration) -> Result<(TcpStream, SocketAddr), String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok((s, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("no connection accepted within {within:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+}
+
 /// TCP: connect from `client` to a listener in `server`; returns the peer
 /// address the server saw.
 pub fn tcp_roundtrip(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs) -> Result<SocketAddr, String> {
     let addr = SocketAddr::new(IpAddr::V4(ip), port);
     let listener = tcp_listen(server, addr)?;
     let srv = std::thread::spawn(move || -> Result<SocketAddr, String> {
-        listener.set_nonblocking(false).ok();
-        let (mut s, peer) = listener.accept().map_err(|e| e.to_string())?;
+        let (mut s, peer) = accept_within(&listener, Duration::from_secs(5))?;
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).map_err(|e| e.to_string())?;
         s.write_all(&buf).map_err(|e| e.to_string())?;
@@ -138,8 +161,7 @@ pub fn tcp_roundtrip(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs) ->
         })
         .map_err(|e| e.to_string())?;
     if let Err(e) = client_res {
-        // Unblock the server thread.
-        let _ = client.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)));
+        // The server thread gives up on its own (accept_within).
         let _ = srv.join();
         return Err(e);
     }
@@ -159,7 +181,7 @@ pub fn tcp_bulk(server: &NetNs, ip: Ipv4Addr, port: u16, client: &NetNs, bytes: 
     let addr = SocketAddr::new(IpAddr::V4(ip), port);
     let listener = tcp_listen(server, addr)?;
     let srv = std::thread::spawn(move || -> Result<u64, String> {
-        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let (mut s, _) = accept_within(&listener, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(20))).ok();
         let mut buf = vec![0u8; 1 << 16];
         let mut at = 0u64;

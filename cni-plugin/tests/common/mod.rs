@@ -361,6 +361,13 @@ impl Agent for Fake {
     ) -> Result<Response<sinew_proto::v1::ListServicesResponse>, Status> {
         Err(Status::unimplemented("fake agent"))
     }
+
+    async fn encryption_status(
+        &self,
+        _: Request<sinew_proto::v1::EncryptionStatusRequest>,
+    ) -> Result<Response<sinew_proto::v1::EncryptionStatusResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
 }
 
 /// A fake sinew-agent serving on a unix socket in a temp dir until dropped.
