@@ -68,6 +68,13 @@ impl sinew_proto::Agent for AgentApi {
         if !reconcile_error.is_empty() {
             reason.push(format!("applying the desired state fails ({reconcile_error})"));
         }
+        if let sinew_model::Connection::Disconnected { since, reason: why } = s.ds.connection() {
+            let secs = since.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+            reason.push(format!(
+                "datastore {} disconnected for {secs}s ({why}); enforcing the last state it read until it is back",
+                s.ds.describe()
+            ));
+        }
         if !errors.is_empty() {
             reason.push(format!(
                 "{} invalid datastore documents, what their files held stays in force until they are fixed or removed: {}",

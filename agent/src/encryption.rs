@@ -185,7 +185,7 @@ impl Encryption {
     }
 
     pub fn publish(&self, ds: &dyn Datastore, node: &str) -> anyhow::Result<()> {
-        ds.publish_node_key(node, &self.key.public.to_string())
+        sinew_model::retry_conflicts(|| ds.publish_node_key(node, &self.key.public.to_string()))
             .context("publish this node's WireGuard public key")
     }
 

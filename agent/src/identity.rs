@@ -67,7 +67,7 @@ pub fn assign(ds: &dyn Datastore, snap: &Snapshot, ep: &mut Endpoint) -> Result<
     if labels == ep.identity_labels && ep.identity >= sinew_model::FIRST_POD_IDENTITY {
         return Ok(false);
     }
-    let id = ds.allocate_identity(&labels)?;
+    let id = sinew_model::retry_conflicts(|| ds.allocate_identity(&labels))?;
     let changed = id != ep.identity;
     ep.identity = id;
     ep.identity_labels = labels;
@@ -88,7 +88,7 @@ pub fn publish_endpoints(ds: &dyn Datastore, node: &str, snap: &Snapshot, regist
             source: String::new(),
         })
         .collect();
-    if let Err(e) = ds.publish_endpoints(node, &eps) {
+    if let Err(e) = sinew_model::retry_conflicts(|| ds.publish_endpoints(node, &eps)) {
         tracing::error!(error = %e, "cannot publish endpoints; other nodes will not know them");
     }
 }

@@ -132,7 +132,7 @@ pub fn store(ds: &dyn Datastore, docs: &[PolicyDoc]) -> Result<(), ApplyError> {
             Ok(b) => b,
             Err(e) => return Err(fail("read the stored version of", e, &written)),
         };
-        if let Err(e) = ds.apply_policy(d) {
+        if let Err(e) = sinew_model::retry_conflicts(|| ds.apply_policy(d)) {
             return Err(fail("store", e, &written));
         }
         written.push((d, before));
@@ -700,7 +700,6 @@ mod tests {
         fn describe(&self) -> String {
             "flaky".into()
         }
-        fn refresh(&self) {}
         fn allocate_identity(&self, _: &BTreeMap<String, String>) -> Result<u32, DatastoreError> {
             Ok(256)
         }

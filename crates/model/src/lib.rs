@@ -36,19 +36,80 @@ pub enum DatastoreError {
     },
     #[error("identity space exhausted (last id {0}); delete unused identities")]
     IdentitiesExhausted(u32),
+    /// Another writer changed `what` between this writer's read and its
+    /// write (Kubernetes: 409 Conflict). Nothing was written; the caller
+    /// reads again and retries (see [`retry_conflicts`]).
+    #[error("{what} was changed by another writer at the same time; retry the operation")]
+    Conflict { what: String },
+    /// The store cannot be reached now. Nothing was written; the snapshot
+    /// in force stays as it was.
+    #[error("the datastore {backend} is unreachable: {reason}; check the connection to it, the agent keeps enforcing the last state it read")]
+    Unavailable { backend: String, reason: String },
+}
+
+impl DatastoreError {
+    /// Whether the same operation may succeed when repeated now.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DatastoreError::Conflict { .. })
+    }
+}
+
+/// How many times [`retry_conflicts`] tries an operation.
+pub const CONFLICT_ATTEMPTS: usize = 5;
+
+/// Runs `op` until it returns anything but a conflict, at most
+/// [`CONFLICT_ATTEMPTS`] times; returns the last result. Every write of a
+/// backend that can conflict is retried this way by its callers.
+pub fn retry_conflicts<T>(mut op: impl FnMut() -> Result<T, DatastoreError>) -> Result<T, DatastoreError> {
+    let mut attempt = 1;
+    loop {
+        match op() {
+            Err(e) if e.is_conflict() && attempt < CONFLICT_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "datastore write conflicted; retrying");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether a backend can reach its store, for `sinew status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// Reads and writes reach the store.
+    Connected,
+    /// The store is unreachable since `since`; the last snapshot stays in
+    /// force (a backend never publishes an empty one for an outage).
+    Disconnected {
+        since: std::time::SystemTime,
+        reason: String,
+    },
 }
 
 /// A source of desired state. Implementations publish a complete, validated
 /// snapshot each time anything changes; consumers diff against what they
 /// last applied, so a missed intermediate state is never a problem.
+///
+/// Writes may fail with [`DatastoreError::Conflict`] when another writer
+/// got there first; callers retry them with [`retry_conflicts`]. Writes
+/// may take a network round trip: they are bounded by the backend's own
+/// timeout and fail with [`DatastoreError::Unavailable`] rather than hang.
 pub trait Datastore: Send + Sync {
     /// The latest snapshot and every later one.
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
     /// What the backend is, for status output ("local:/path", "kubernetes").
     fn describe(&self) -> String;
-    /// Makes the latest snapshot reflect the store now (the local backend
-    /// otherwise sees changes on its next poll).
-    fn refresh(&self);
+    /// Whether the store is reachable now. Backends that cannot lose their
+    /// store (the local directory) keep the default.
+    fn connection(&self) -> Connection {
+        Connection::Connected
+    }
+    /// A hint that the caller has just written, or expects a change, and
+    /// would like the snapshot to catch up sooner than the backend's own
+    /// schedule. Not part of the contract: a backend that follows the store
+    /// by watching (Kubernetes) ignores it, and no caller may depend on
+    /// the snapshot changing because of it.
+    fn refresh(&self) {}
     /// The cluster-wide identity of a label set, allocated if new. Safe
     /// when several agents allocate at once.
     fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError>;
@@ -74,3 +135,44 @@ pub trait Datastore: Send + Sync {
 pub const FIRST_POD_IDENTITY: u32 = 256;
 /// Pod identities stay below this; node-local CIDR identities start here.
 pub const FIRST_LOCAL_IDENTITY: u32 = 0x0100_0000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflict() -> DatastoreError {
+        DatastoreError::Conflict {
+            what: "identity".into(),
+        }
+    }
+
+    #[test]
+    fn conflicts_are_retried_and_other_errors_are_not() {
+        let mut calls = 0;
+        let r = retry_conflicts(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(conflict())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+
+        let mut calls = 0;
+        let r: Result<(), _> = retry_conflicts(|| {
+            calls += 1;
+            Err(DatastoreError::IdentitiesExhausted(7))
+        });
+        assert!(matches!(r, Err(DatastoreError::IdentitiesExhausted(7))));
+        assert_eq!(calls, 1, "only conflicts are retried");
+
+        let mut calls = 0;
+        let r: Result<(), _> = retry_conflicts(|| {
+            calls += 1;
+            Err(conflict())
+        });
+        assert!(r.unwrap_err().is_conflict());
+        assert_eq!(calls, CONFLICT_ATTEMPTS, "bounded");
+    }
+}
