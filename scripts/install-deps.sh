@@ -16,6 +16,9 @@ PACKAGES=(
   # The L7 proxy benchmark's load generators and peers
   # (bench/src/l7proxy.rs; Envoy comes from pip below).
   wrk nghttp2-client haproxy nginx
+  # The userspace WireGuard benchmark's peers (bench/src/wguserspace.rs;
+  # boringtun-cli is `cargo install boringtun-cli`, not installed here).
+  wireguard-tools wireguard-go
   containerd runc podman conmon containernetworking-plugins busybox-static
   # The 6.1 VM tier (test-vms/vm/run-in-vm.sh): qemu and Debian 12's own
   # kernel, installed beside the running one without changing it; python3
@@ -86,6 +89,19 @@ if ! command -v vng >/dev/null 2>&1 \
   echo "==> installing virtme-ng (pip)"
   python3 -m pip install -q virtme-ng >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages virtme-ng >/dev/null
+fi
+
+# The 6.12 VM tier (kernel WireGuard, test-vms/tests/kernel_6_12.rs):
+# Debian 12's 6.12 kernel from bookworm-security, beside the running one
+# (about 30 MB to download, 120 MB installed). Its package name carries the
+# version, so the newest one apt knows is taken.
+if ! ls /boot/vmlinuz-6.12.* >/dev/null 2>&1; then
+  k612() { apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' | awk '{print $1}' | sort -V | tail -n1; }
+  pkg=$(k612)
+  if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(k612); fi
+  [ -n "$pkg" ] || { echo "error: no linux-image-6.12.*+deb12-amd64-unsigned in apt: add bookworm-security to the sources" >&2; exit 1; }
+  echo "==> installing $pkg (the 6.12 VM tier's kernel)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
 fi
 
 # bpffs: pins live there; the agent mounts it too, but tests read it first.

@@ -27,11 +27,41 @@ pub const VXLAN_DEV: &str = "sinew_vxlan";
 pub const VXLAN_PORT: u16 = sinew_abi::VXLAN_PORT;
 const VXLAN_OVERHEAD: u32 = 50;
 
+/// `--datastore-kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatastoreKind {
+    /// `--datastore DIR`: Kubernetes-shaped YAML files (the lab).
+    Local,
+    /// The Kubernetes API (`--kubeconfig`, or the ServiceAccount).
+    Kubernetes,
+}
+
+impl std::str::FromStr for DatastoreKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(Self::Local),
+            "kubernetes" => Ok(Self::Kubernetes),
+            other => Err(format!("unknown datastore kind {other:?}: use local or kubernetes")),
+        }
+    }
+}
+
+/// How long a datastore call the agent waits for (an identity allocation
+/// on CNI ADD, under the state lock) may take on the kubernetes backend
+/// before it fails as unavailable.
+pub const KUBE_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Everything the agent is told at start; names are the CLI flags.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
+    /// Where desired state comes from: a directory of YAML, or the
+    /// Kubernetes API.
+    pub datastore_kind: DatastoreKind,
     pub datastore: PathBuf,
+    /// For `kubernetes`: the kubeconfig; None: the pod's ServiceAccount.
+    pub kubeconfig: Option<PathBuf>,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpf_root: PathBuf,
@@ -234,11 +264,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         policies: crate::policy::policies_in_force(&policies_path),
         ..Default::default()
     };
-    let ds: Arc<dyn Datastore> = Arc::new(LocalDatastore::start_after(
-        &cfg.datastore,
-        Duration::from_millis(50),
-        Some(&before),
-    )?);
+    let ds: Arc<dyn Datastore> = match cfg.datastore_kind {
+        DatastoreKind::Local => Arc::new(LocalDatastore::start_after(
+            &cfg.datastore,
+            Duration::from_millis(50),
+            Some(&before),
+        )?),
+        #[cfg(feature = "kubernetes")]
+        DatastoreKind::Kubernetes => {
+            let source = match &cfg.kubeconfig {
+                Some(path) => sinew_kubestore::Source::Kubeconfig(path.clone()),
+                None => sinew_kubestore::Source::Infer,
+            };
+            Arc::new(sinew_kubestore::KubeDatastore::start(
+                source,
+                &cfg.node_name,
+                Some(before),
+                KUBE_CALL_TIMEOUT,
+            )?)
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        DatastoreKind::Kubernetes => anyhow::bail!(
+            "this sinew-agent was built without the Kubernetes backend (cargo feature `kubernetes`): rebuild with it, or pass --datastore-kind local"
+        ),
+    };
+    tracing::info!(datastore = %ds.describe(), "datastore");
     let (local, snapshot) = local_node(ds.as_ref(), &cfg.node_name).await?;
     tracing::info!(node = %local.name, ip = %local.ip, pod_cidr = %local.pod_cidr, "node facts");
 
@@ -396,7 +446,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let state = Arc::new(Mutex::new(state));
     let observer = start_observer(&cfg, ring, flusher, &state)?;
     let listener_map = pin_dir.join("maps").join(sinew_abi::maps::PROXY_LISTENERS);
-    crate::proxy::start(&cfg, proxy, observer.l7_sink(), listener_map).await?;
+    let launch = crate::proxy::Launch {
+        proxy_socket: cfg.proxy_socket.clone(),
+        proxy_binary: cfg.proxy_binary.clone(),
+        proxy_ports: cfg.proxy_ports,
+        state_dir: cfg.state_dir.clone(),
+        source_map: Some(pin_dir.join("maps").join(sinew_abi::maps::PROXY_SRC)),
+    };
+    crate::proxy::start(&launch, proxy, observer.l7_sink(), listener_map).await?;
     if cfg.bpf_stats {
         crate::metrics::enable_bpf_stats();
     }

@@ -9,8 +9,13 @@
 //! (`DROP_NO_ENCRYPTION_KEY`): never in clear. Pod traffic stays VXLAN
 //! inside WireGuard, so the VNI still carries the source identity.
 //!
-//! The device is the agent's userspace one (boringtun's protocol over TUN,
-//! `sinew-wireguard`) on kernels without WireGuard.
+//! The device (`--wireguard-implementation`): the kernel's where it has
+//! WireGuard (`auto`, the default, tries it first; `kernel` insists), else
+//! the agent's userspace one (boringtun's protocol over TUN,
+//! `sinew-wireguard`). The kernel device outlives the agent: a restarted
+//! agent finds it with its peers and sessions (same ifindex, no gap), sets
+//! the key again (a new key file is a rotation) and changes only the peers
+//! that differ. The datapath only needs the device's ifindex either way.
 //!
 //! IPsec is not built: the agent refuses to start with it (never runs
 //! unencrypted), saying whether the kernel has ESP at all.
@@ -22,6 +27,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context};
 use ipnet::{IpNet, Ipv4Net};
 use sinew_model::{Datastore, Snapshot};
+use sinew_wireguard::kernel::{Kernel, Origin};
 use sinew_wireguard::userspace::{Config as UserspaceConfig, Userspace};
 use sinew_wireguard::{NodeKey, PeerConfig, PeerStatus, PublicKey};
 
@@ -60,13 +66,41 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// `--encryption`, `--encrypt-node`, `--wireguard-port`, `--wireguard-queues`.
+/// `--wireguard-implementation`: which WireGuard device runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Implementation {
+    /// The kernel's when it has WireGuard, else userspace.
+    #[default]
+    Auto,
+    /// The kernel's, or the agent does not start.
+    Kernel,
+    /// The agent's own (boringtun over TUN), even where the kernel has one.
+    Userspace,
+}
+
+impl std::str::FromStr for Implementation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Implementation::Auto),
+            "kernel" => Ok(Implementation::Kernel),
+            "userspace" => Ok(Implementation::Userspace),
+            other => Err(format!(
+                "--wireguard-implementation {other:?}: use auto, kernel or userspace"
+            )),
+        }
+    }
+}
+
+/// `--encryption`, `--encrypt-node`, `--wireguard-port`,
+/// `--wireguard-queues`, `--wireguard-implementation`.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub mode: Mode,
     pub encrypt_node: bool,
     pub port: u16,
     pub queues: usize,
+    pub implementation: Implementation,
 }
 
 impl Default for Settings {
@@ -76,6 +110,7 @@ impl Default for Settings {
             encrypt_node: false,
             port: sinew_wireguard::DEFAULT_PORT,
             queues: 2,
+            implementation: Implementation::Auto,
         }
     }
 }
@@ -92,11 +127,17 @@ fn kernel_has_esp() -> bool {
     })
 }
 
+/// The WireGuard device that runs.
+enum Device {
+    Kernel(Kernel),
+    Userspace(Userspace),
+}
+
 /// The running encryption: mode, device, key, peers.
 pub struct Encryption {
     pub settings: Settings,
     key: NodeKey,
-    device: Userspace,
+    device: Device,
     pub ifindex: u32,
     /// Peers in force, by node name.
     peers: Vec<(String, PeerConfig)>,
@@ -127,7 +168,16 @@ impl Encryption {
     /// (the agent does not start) for what cannot run here.
     pub fn start(settings: &Settings, state_dir: &std::path::Path, uplink_mtu: u32) -> anyhow::Result<Option<Self>> {
         match settings.mode {
-            Mode::None => return Ok(None),
+            Mode::None => {
+                // A kernel device an earlier run with encryption left: gone,
+                // so that nothing routes into it.
+                if let Ok(mut nl) = sinew_netlink::Rtnl::open() {
+                    if nl.delete_link(WG_DEV).unwrap_or(false) {
+                        tracing::info!(device = WG_DEV, "encryption is off: removed the WireGuard device left by an earlier run");
+                    }
+                }
+                return Ok(None);
+            }
             Mode::Ipsec if !kernel_has_esp() => bail!(
                 "--encryption ipsec: this kernel has no ESP (esp4 is neither built in nor a module), so IPsec cannot run here; \
                  the agent does not start rather than send pod traffic in clear. Use --encryption wireguard (works on any kernel: \
@@ -140,18 +190,36 @@ impl Encryption {
             Mode::WireGuard => {}
         }
         let key = sinew_wireguard::keys::load_or_create(state_dir).context("WireGuard node key")?;
-        // A device left by an agent that died: the name must be free.
         let mut nl = sinew_netlink::Rtnl::open()?;
-        nl.delete_link(WG_DEV)?;
-        let device = Userspace::start(
-            &UserspaceConfig {
-                ifname: WG_DEV.into(),
-                listen_port: settings.port,
-                queues: settings.queues.max(1),
-            },
-            key.private.clone(),
-        )
-        .with_context(|| format!("start the userspace WireGuard device {WG_DEV}"))?;
+        let kernel = match settings.implementation {
+            Implementation::Userspace => None,
+            Implementation::Auto | Implementation::Kernel => {
+                Kernel::open(WG_DEV, &key.private, settings.port).context("the kernel's WireGuard device")?
+            }
+        };
+        let device = match kernel {
+            Some(k) => Device::Kernel(k),
+            None if settings.implementation == Implementation::Kernel => bail!(
+                "--wireguard-implementation kernel: this kernel has no WireGuard (creating a link of kind wireguard \
+                 said EOPNOTSUPP: no wireguard module); load it (modprobe wireguard, CONFIG_WIREGUARD), or use \
+                 --wireguard-implementation auto to run the agent's userspace WireGuard where the kernel has none"
+            ),
+            None => {
+                // A device left by an agent that died: the name must be free.
+                nl.delete_link(WG_DEV)?;
+                Device::Userspace(
+                    Userspace::start(
+                        &UserspaceConfig {
+                            ifname: WG_DEV.into(),
+                            listen_port: settings.port,
+                            queues: settings.queues.max(1),
+                        },
+                        key.private.clone(),
+                    )
+                    .with_context(|| format!("start the userspace WireGuard device {WG_DEV}"))?,
+                )
+            }
+        };
         let link = nl
             .link_by_name(WG_DEV)?
             .with_context(|| format!("{WG_DEV} vanished after it was created"))?;
@@ -164,24 +232,31 @@ impl Encryption {
                 "net.ipv4.conf.all.rp_filter is 1 (strict): packets decrypted on {WG_DEV} fail the reverse-path check; set it to 0 or 2"
             );
         }
-        tracing::info!(
-            device = WG_DEV,
-            implementation = "userspace",
-            public_key = %key.public,
-            port = settings.port,
-            "WireGuard encryption between nodes"
-        );
-        Ok(Some(Encryption {
+        let enc = Encryption {
             settings: settings.clone(),
             ifindex: link.index,
             key,
             device,
             peers: Vec::new(),
-        }))
+        };
+        tracing::info!(
+            device = WG_DEV,
+            ifindex = link.index,
+            implementation = enc.implementation(),
+            reused = matches!(&enc.device, Device::Kernel(k) if k.origin() == Origin::Reused),
+            public_key = %enc.key.public,
+            port = settings.port,
+            "WireGuard encryption between nodes"
+        );
+        Ok(Some(enc))
     }
 
+    /// "kernel" or "userspace".
     pub fn implementation(&self) -> &'static str {
-        "userspace"
+        match self.device {
+            Device::Kernel(_) => "kernel",
+            Device::Userspace(_) => "userspace",
+        }
     }
 
     pub fn publish(&self, ds: &dyn Datastore, node: &str) -> anyhow::Result<()> {
@@ -195,18 +270,36 @@ impl Encryption {
         let want = desired_peers(local, snapshot, self.settings.port);
         if want != self.peers {
             let configs: Vec<PeerConfig> = want.iter().map(|(_, p)| p.clone()).collect();
-            self.device.set_peers(&configs);
-            tracing::info!(peers = want.len(), "WireGuard peers updated");
-            self.peers = want;
+            match &mut self.device {
+                Device::Userspace(u) => {
+                    u.set_peers(&configs);
+                    tracing::info!(peers = want.len(), "WireGuard peers updated");
+                    self.peers = want;
+                }
+                Device::Kernel(k) => match k.set_peers(&configs) {
+                    Ok(changed) => {
+                        tracing::info!(peers = want.len(), changed, "WireGuard peers updated");
+                        self.peers = want;
+                    }
+                    // The nodes whose peers did not change stay encrypted;
+                    // the rest are retried at the next apply (and dropped
+                    // until then: not marked).
+                    Err(e) => tracing::warn!("cannot update the WireGuard peers, retrying: {e:#}"),
+                },
+            }
         }
         self.peers.iter().map(|(_, p)| *p.endpoint.ip()).collect()
     }
 
     pub fn status(&self, snapshot: &Snapshot, local: &str) -> Status {
         let by_key: Vec<(String, PublicKey)> = self.peers.iter().map(|(n, p)| (n.clone(), p.public_key)).collect();
-        let peers = self
-            .device
-            .status()
+        // The kernel device does not count its drops by reason (its
+        // interface's error counters hold them); the userspace one does.
+        let (device_peers, counters) = match &self.device {
+            Device::Userspace(u) => (u.status(), Some(u.counters())),
+            Device::Kernel(_) => (self.kernel_status(), None),
+        };
+        let peers = device_peers
             .into_iter()
             .map(|s| {
                 let name = by_key
@@ -223,8 +316,10 @@ impl Encryption {
             .filter(|n| n.as_str() != local && !self.peers.iter().any(|(p, _)| p == *n))
             .cloned()
             .collect();
-        let c = self.device.counters();
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let count = |f: fn(&sinew_wireguard::userspace::Counters) -> &std::sync::atomic::AtomicU64| {
+            counters.map_or(0, |c| get(f(c)))
+        };
         Status {
             mode: self.settings.mode,
             implementation: self.implementation(),
@@ -235,10 +330,34 @@ impl Encryption {
             encrypt_node: self.settings.encrypt_node,
             peers,
             nodes_without_key,
-            no_peer_drops: get(&c.no_peer),
-            decrypt_errors: get(&c.decrypt_errors),
-            disallowed_source: get(&c.disallowed_source),
-            unknown_sender: get(&c.unknown_sender),
+            no_peer_drops: count(|c| &c.no_peer),
+            decrypt_errors: count(|c| &c.decrypt_errors),
+            disallowed_source: count(|c| &c.disallowed_source),
+            unknown_sender: count(|c| &c.unknown_sender),
+        }
+    }
+
+    /// The kernel device's peers (its own socket: a status read never
+    /// waits on a peer update).
+    fn kernel_status(&self) -> Vec<PeerStatus> {
+        let Device::Kernel(_) = &self.device else {
+            return Vec::new();
+        };
+        match sinew_netlink::Genl::open()
+            .and_then(sinew_netlink::genl::wireguard::WireGuard::new)
+            .map_err(|e| e.to_string())
+            .and_then(|wg| wg.ok_or_else(|| "no wireguard family".to_string()))
+            .and_then(|mut wg| wg.get_device(WG_DEV).map_err(|e| e.to_string()))
+        {
+            Ok(Some(d)) => sinew_wireguard::kernel::peer_status(&d),
+            Ok(None) => {
+                tracing::warn!("{WG_DEV} is gone: restart the agent");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!("cannot read {WG_DEV}'s peers: {e}");
+                Vec::new()
+            }
         }
     }
 }
@@ -387,6 +506,12 @@ mod tests {
     fn modes_parse_and_ipsec_refuses_to_start() {
         assert_eq!("wireguard".parse::<Mode>(), Ok(Mode::WireGuard));
         assert!("wg".parse::<Mode>().unwrap_err().contains("none, wireguard or ipsec"));
+        assert_eq!("kernel".parse::<Implementation>(), Ok(Implementation::Kernel));
+        assert_eq!("auto".parse::<Implementation>(), Ok(Implementation::Auto));
+        assert!("boringtun"
+            .parse::<Implementation>()
+            .unwrap_err()
+            .contains("auto, kernel or userspace"));
         let s = Settings {
             mode: Mode::Ipsec,
             ..Default::default()

@@ -12,6 +12,7 @@ pub mod endpoints;
 pub mod features;
 pub mod identity;
 pub mod ipam;
+pub mod ipsec;
 pub mod metrics;
 pub mod netutil;
 pub mod nodes;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use sinew_bench::report::Report;
 use sinew_bench::scenarios::{self, CniParts, Options};
-use sinew_bench::{cpu, idle, observe, policy, services};
+use sinew_bench::{cpu, idle, kube, observe, policy, services};
 use sinew_testvms::lab::{Binaries, Routing};
 
 /// Benchmarks Sinew against plain-kernel baselines measured in the same run.
@@ -81,6 +81,10 @@ enum Command {
     /// Identity-based policy: data path with 0/1,000/10,000 rules,
     /// ApplyPolicy-to-enforcement latency, memory per endpoint and identity.
     Policy,
+    /// Flows the L7 proxy must not touch: TCP_RR and TCP_CRR to a pod
+    /// with L7 rules on another port vs a pod without L7 rules (VXLAN,
+    /// the node's proxy running with the rules in force).
+    L7Untouched,
     /// Flow observability: events per second the agent reads without loss
     /// (CPU, memory), and TCP_RR/CRR/iperf3 with events on vs off.
     Observe,
@@ -93,6 +97,11 @@ enum Command {
         #[arg(long = "services")]
         sizes: Option<String>,
     },
+    /// The kubernetes datastore backend at scale (issue 14): one agent
+    /// against the fake API with 1,000 pods, 100 namespaces, 500 policies
+    /// and 1,000 services: its RSS and watch event to ipcache p50/p99.
+    /// Use a release build.
+    Kube,
     /// The L7 matcher alone: nanoseconds per request with 1, 100 and
     /// 1,000 rules on a port (exact, prefix, regex paths and a mix). No
     /// lab, no root.
@@ -111,6 +120,12 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Sinew's userspace WireGuard (the agent's device where the kernel
+    /// has none) against boringtun-cli and wireguard-go, and the bare veth
+    /// under them: iperf3 through each, between two namespaces, in one run.
+    /// Root; iperf3, wireguard-tools, wireguard-go (apt) and boringtun-cli
+    /// (`cargo install boringtun-cli`). Use a release build.
+    WireguardUserspace,
     /// The client process of `services` (runs inside a pod; not for users).
     #[command(hide = true)]
     SvcClient(services::ClientArgs),
@@ -131,6 +146,9 @@ fn main() -> ExitCode {
     if let Command::L7Proxy { proxy, dir } = &cli.command {
         return l7_proxy(&cli, proxy.as_deref(), dir.as_deref());
     }
+    if let Command::WireguardUserspace = &cli.command {
+        return wireguard_userspace(&cli);
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -138,6 +156,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn wireguard_userspace(cli: &Cli) -> ExitCode {
+    let (reps, secs) = if cli.quick {
+        (1, 1)
+    } else {
+        (cli.reps.max(1), cli.duration.round().max(1.0) as u32)
+    };
+    if let Err(e) = cpu::parse_request(&cli.cpus).and_then(cpu::init) {
+        eprintln!("sinew-bench wireguard-userspace: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut report = Report {
+        reps,
+        duration_secs: f64::from(secs),
+        cpu: cpu::describe(),
+        ..Default::default()
+    };
+    eprintln!("cpu: {}", report.cpu);
+    let _ = idle::install_interrupt_handler();
+    let result = sinew_bench::wguserspace::run(reps, secs, Duration::from_secs(cli.idle_wait), &mut report);
+    print!("{}", report.table());
+    if let Err(e) = result {
+        eprintln!("sinew-bench wireguard-userspace: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(path) = &cli.json {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("sinew-bench: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn l7_match(cli: &Cli) -> ExitCode {
@@ -312,6 +364,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 .and_then(|sizes| services::run(&sizes, &opts, &mut report))
                 .map_err(Into::into)
         }
+        Command::Kube => kube::run(&opts, cli.quick, &mut report).map_err(Into::into),
         c => run_command(c, &opts, &mut report).map_err(Into::into),
     };
     if let Err(e) = &result {
@@ -398,7 +451,10 @@ fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result
             report,
         ),
         Command::Policy => policy::all(opts, report),
-        Command::Observe | Command::Services { .. } => unreachable!("handled in run"),
-        Command::SvcClient(_) | Command::L7Match | Command::L7Proxy { .. } => unreachable!("handled in main"),
+        Command::L7Untouched => policy::l7_untouched(opts, report),
+        Command::Observe | Command::Services { .. } | Command::Kube => unreachable!("handled in run"),
+        Command::SvcClient(_) | Command::L7Match | Command::L7Proxy { .. } | Command::WireguardUserspace => {
+            unreachable!("handled in main")
+        }
     }
 }

@@ -836,6 +836,130 @@ pub fn memory(opts: &Options, report: &mut Report) -> Result<(), ScenarioError> 
     Ok(())
 }
 
+/// The port of the L7 rule in [`l7_untouched`]: the proxy covers it, and
+/// no benchmark traffic uses it.
+const L7_PORT: u16 = 80;
+
+/// The ingress rules of a server with L7 rules on [`L7_PORT`] next to the
+/// plain rules of [`rules_policy_yaml`] (no extra rules).
+fn l7_policy_yaml(name: &str, selector: &str, client_app: &str) -> String {
+    let mut y = rules_policy_yaml(name, selector, client_app, &ALLOWED_PORTS, 0);
+    let _ = write!(
+        y,
+        "  - fromEndpoints:\n    - matchLabels:\n        app: {client_app}\n    toPorts:\n    - ports:\n      - port: {L7_PORT}\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path:\n            prefix: /public\n"
+    );
+    y
+}
+
+/// `sinew_proxy_connections_total` of a node's proxy (its admin port in
+/// the node's namespace), or why not.
+fn proxy_connections(node: &NetNs) -> Result<f64, String> {
+    let text = node
+        .run(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&"127.0.0.1:15090".parse().unwrap(), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("sinew_proxy_connections_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Flows the proxy must not touch (issue 12): TCP_RR and TCP_CRR to a
+/// port of a pod that has L7 rules on another port, against the same to a
+/// pod with the same L3/L4 rules and no L7 rule, measured in turn in each
+/// repetition (VXLAN, client and servers on different nodes). The proxy of
+/// the servers' node runs with the L7 rules in force; its connection
+/// counter must not move during the measurements.
+pub fn l7_untouched(opts: &Options, report: &mut Report) -> Result<(), ScenarioError> {
+    const NAME: &str = "l7 untouched vxlan";
+    scenario_start(NAME, opts, report)?;
+    let spec = lab_spec(opts, 2, 0, Routing::Vxlan);
+    let mut guard = lab_up(&spec, &opts.binaries, opts.verbose)?;
+    let (n1, n2, socket1, node1_ns) = {
+        let nodes = guard.lab().nodes();
+        (
+            nodes[0].name.clone(),
+            nodes[1].name.clone(),
+            nodes[0].socket.clone(),
+            nodes[0].netns.clone(),
+        )
+    };
+    let (client, _) = add_pod(&mut guard, &n2, "client", &[("app", "bench-client")])?;
+    let (plain_ns, plain_ip) = add_pod(
+        &mut guard,
+        &n1,
+        "srv-plain",
+        &[("app", "bench-server"), ("bench-policy", "plain")],
+    )?;
+    let (l7_ns, l7_ip) = add_pod(
+        &mut guard,
+        &n1,
+        "srv-l7",
+        &[("app", "bench-server"), ("bench-policy", "l7")],
+    )?;
+    let mut agent = Agent::connect(&socket1)?;
+    agent.apply(
+        &rules_policy_yaml("bench-plain", "plain", "bench-client", &ALLOWED_PORTS, 0),
+        "bench-plain.yaml",
+    )?;
+    // Returns once node1's proxy has acked the L7 rules.
+    agent.apply(&l7_policy_yaml("bench-l7", "l7", "bench-client"), "bench-l7.yaml")?;
+    let sides = [
+        ("no L7 rules", plain_ns, plain_ip),
+        ("L7 rules on port 80", l7_ns, l7_ip),
+    ]
+    .into_iter()
+    .map(|(label, server, server_ip)| {
+        Side::start(Endpoints {
+            label: label.to_owned(),
+            server,
+            server_ip,
+            client: client.clone(),
+        })
+    })
+    .collect::<Result<Vec<_>, _>>()?;
+    let before = proxy_connections(&node1_ns);
+    let tests = [Test::Rr, Test::Crr];
+    let m = run_tests(NAME, &sides, &tests, opts, report)?;
+    let after = proxy_connections(&node1_ns);
+    match (before, after) {
+        (Ok(b), Ok(a)) if a == b => report.notes.push(format!(
+            "{NAME}: node1's proxy took no connection during the runs ({a} in total), its L7 rules in force"
+        )),
+        (Ok(b), Ok(a)) => report.notes.push(format!(
+            "{NAME}: node1's proxy took {} connections during the runs: flows without L7 rules went through it",
+            a - b
+        )),
+        (b, a) => report.notes.push(format!(
+            "{NAME}: cannot read node1's proxy metrics ({b:?}, {a:?}); is the lab's sinew-proxy running?"
+        )),
+    }
+    let metrics = [
+        Metric::RrRate,
+        Metric::RrP50,
+        Metric::RrP99,
+        Metric::CrrRate,
+        Metric::CrrP50,
+        Metric::CrrP99,
+    ];
+    report
+        .rows
+        .extend(metric_rows(&metrics, NAME, "no L7 rules", &m[0], &m[1]));
+    drop(sides);
+    drop(guard);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,8 +30,10 @@ static __always_inline int local_deliver(struct __sk_buff *skb, __u32 ifindex,
 	if (ret < 0)
 		return ret;
 	/* An ingress L7 rule: this node's proxy, not the pod, takes it. */
-	if (proxy_port)
+	if (proxy_port) {
+		proxy_note_source(skb, src_identity);
 		return proxy_redirect(skb, proxy_port);
+	}
 	ret = eth_rewrite(skb, ep->pod_mac, ep->host_mac);
 	if (ret < 0)
 		return ret;

@@ -125,6 +125,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sinew_proxy_tw SEC(".maps");
 
+/* Who a connection handed to the ingress proxy comes from, as this
+ * node's datapath judged it: tuple (client to original destination, as in
+ * sinew_proxy_tw) -> source identity, written for each SYN local_deliver
+ * hands to the proxy. The proxy reads it for its accepted socket: across
+ * nodes the client is another node's proxy, whose address names the node,
+ * while the VNI named the pod it speaks for. */
+#define PROXY_SRC_MAX_ENTRIES 16384
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct proxy_tw_key);
+	__type(value, __u32); /* source identity */
+	__uint(max_entries, PROXY_SRC_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sinew_proxy_src SEC(".maps");
+
 /* The proxy's listeners by port (host order), put there by the agent. A
  * listener that closes leaves the map by itself. */
 struct {

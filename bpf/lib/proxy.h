@@ -97,6 +97,34 @@ static __always_inline int proxy_via_time_wait(struct __sk_buff *skb,
 }
 
 /*
+ * For a SYN to the ingress proxy, records tuple -> src_identity in
+ * sinew_proxy_src: the identity this node judged the client as (the VNI's
+ * across nodes), which the proxy cannot tell from the client's address
+ * when the client is another node's proxy. Best effort: a failed update
+ * leaves the proxy with the address's identity, which fails closed.
+ */
+static __always_inline void proxy_note_source(struct __sk_buff *skb,
+					      __u32 src_identity)
+{
+	struct proxy_tw_key key = {};
+	struct l4_tuple t = {};
+	struct iphdr *ip;
+
+	ip = PKT_PTR(skb, IP_OFF, struct iphdr);
+	if (!ip || ip->protocol != IPPROTO_TCP || ipv4_is_fragment(ip))
+		return;
+	key.saddr = ip->saddr;
+	key.daddr = ip->daddr;
+	if (l4_parse(skb, IP_OFF + ip->ihl * 4, IPPROTO_TCP, &t) < 0)
+		return;
+	if ((t.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return;
+	key.sport = t.sport;
+	key.dport = t.dport;
+	bpf_map_update_elem(&sinew_proxy_src, &key, &src_identity, BPF_ANY);
+}
+
+/*
  * Assigns the packet to the proxy: to the connection's own socket when the
  * proxy has one for it (the handshake under way or done), else to the
  * listener on port. No listener: dropped as DROP_PROXY_UNAVAILABLE (fail

@@ -74,6 +74,10 @@ pub struct Config {
     /// Test hook: treat every accepted connection as addressed to this
     /// original destination instead of the socket's local address.
     pub original_dst_override: Option<SocketAddr>,
+    /// The datapath's pinned `sinew_proxy_src` map (ingress connections'
+    /// source identities); without it the client's address names the
+    /// client.
+    pub source_map: Option<PathBuf>,
     /// One line per request on stdout.
     pub access_log: bool,
     /// How long a draining process (SIGTERM) waits for requests in flight.
@@ -92,6 +96,7 @@ impl Default for Config {
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 15090))),
             agent_socket: Some(PathBuf::from(sinew_proto::DEFAULT_PROXY_SOCKET)),
             original_dst_override: None,
+            source_map: None,
             access_log: false,
             drain_timeout: Duration::from_secs(30),
             data_threads: 2,

@@ -2,6 +2,10 @@
 //! what does not fit is counted as lost) and optionally written as an
 //! access log line.
 //!
+//! The data plane records a [`Flow`] (shared peers and rule names, no
+//! formatting); the control runtime turns it into the proto it sends, so
+//! the per-request cost of an event is a few moves, not a dozen strings.
+//!
 //! The queue is drained in batches: the data plane wakes the control
 //! runtime for the first event after a drain and when a batch is full,
 //! never per event (a wake-up per request cost a context switch per
@@ -10,13 +14,98 @@
 
 use std::collections::VecDeque;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sinew_proto::proxy_v1 as pb;
 use tokio::sync::Notify;
 
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics, Verdict};
+use crate::state::{Direction, Peer};
+
+/// One judged request as the data plane records it.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub time: SystemTime,
+    pub direction: Direction,
+    /// The client (ingress: the remote peer; egress: the local endpoint).
+    pub src: SocketAddr,
+    /// The original destination.
+    pub dst: SocketAddr,
+    pub src_peer: Arc<Peer>,
+    pub dst_peer: Arc<Peer>,
+    pub protocol: &'static str,
+    pub method: http::Method,
+    pub host: String,
+    /// Normalised; empty when the target was refused before.
+    pub path: String,
+    pub status: u16,
+    pub latency: Duration,
+    pub verdict: Verdict,
+    pub rule: Option<Arc<str>>,
+    pub drop_reason: Option<DropReason>,
+    pub grpc_status: u32,
+}
+
+impl Flow {
+    pub fn to_proto(&self) -> pb::L7Flow {
+        pb::L7Flow {
+            time_unix_nanos: self
+                .time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            direction: self.direction.to_proto() as i32,
+            src_ip: self.src.ip().to_string(),
+            src_port: self.src.port().into(),
+            src_identity: self.src_peer.identity,
+            src_namespace: self.src_peer.namespace.clone(),
+            src_name: self.src_peer.name.clone(),
+            dst_ip: self.dst.ip().to_string(),
+            dst_port: self.dst.port().into(),
+            dst_identity: self.dst_peer.identity,
+            dst_namespace: self.dst_peer.namespace.clone(),
+            dst_name: self.dst_peer.name.clone(),
+            protocol: self.protocol.into(),
+            method: self.method.as_str().into(),
+            host: self.host.clone(),
+            path: self.path.clone(),
+            status: self.status.into(),
+            latency_micros: u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
+            verdict: match self.verdict {
+                Verdict::Forwarded => pb::L7Verdict::Forwarded,
+                Verdict::Denied => pb::L7Verdict::Denied,
+                Verdict::Error => pb::L7Verdict::Error,
+            } as i32,
+            rule: self.rule.as_deref().unwrap_or_default().into(),
+            drop_reason: self.drop_reason.map(|r| r.name()).unwrap_or_default().into(),
+            grpc_status: self.grpc_status,
+        }
+    }
+
+    fn access_log_line(&self) -> String {
+        format!(
+            "{} {} {} -> {} {} {} {}{} {} {}us {} rule={:?} reason={}\n",
+            self.time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            self.direction.to_proto().as_str_name(),
+            self.src,
+            self.dst,
+            self.protocol,
+            self.method,
+            self.host,
+            self.path,
+            self.status,
+            self.latency.as_micros(),
+            self.verdict.proto_name(),
+            self.rule.as_deref().unwrap_or_default(),
+            self.drop_reason.map(|r| r.name()).unwrap_or("-"),
+        )
+    }
+}
 
 pub const QUEUE: usize = 4096;
 /// Events per message to the agent; a full batch is sent at once.
@@ -25,7 +114,7 @@ pub const BATCH: usize = 256;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 struct Queue {
-    items: Mutex<VecDeque<pb::L7Flow>>,
+    items: Mutex<VecDeque<Flow>>,
     notify: Notify,
 }
 
@@ -50,6 +139,7 @@ impl EventsRx {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
+            .map(|f| f.to_proto())
             .ok_or(())
     }
 
@@ -71,9 +161,12 @@ impl EventsRx {
                     _ = tokio::time::sleep(FLUSH_EVERY) => {}
                 }
             }
-            let mut g = self.q.items.lock().unwrap_or_else(|e| e.into_inner());
-            let k = g.len().min(max);
-            out.extend(g.drain(..k));
+            let taken: Vec<Flow> = {
+                let mut g = self.q.items.lock().unwrap_or_else(|e| e.into_inner());
+                let k = g.len().min(max);
+                g.drain(..k).collect()
+            };
+            out.extend(taken.iter().map(Flow::to_proto));
             if !out.is_empty() {
                 return;
             }
@@ -97,29 +190,9 @@ impl Events {
         )
     }
 
-    pub fn emit(&self, f: pb::L7Flow) {
+    pub fn emit(&self, f: Flow) {
         if self.access_log {
-            let verdict = pb::L7Verdict::try_from(f.verdict).unwrap_or(pb::L7Verdict::Unspecified);
-            let line = format!(
-                "{} {} {}:{} -> {}:{} {} {} {}{} {} {}us {} rule={:?} reason={}\n",
-                f.time_unix_nanos,
-                pb::Direction::try_from(f.direction)
-                    .map(|d| d.as_str_name())
-                    .unwrap_or("?"),
-                f.src_ip,
-                f.src_port,
-                f.dst_ip,
-                f.dst_port,
-                f.protocol,
-                f.method,
-                f.host,
-                f.path,
-                f.status,
-                f.latency_micros,
-                verdict.as_str_name(),
-                f.rule,
-                if f.drop_reason.is_empty() { "-" } else { &f.drop_reason },
-            );
+            let line = f.access_log_line();
             let _ = std::io::stdout().lock().write_all(line.as_bytes());
         }
         let mut g = self.q.items.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,16 +15,17 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use sinew_proto::proxy_v1 as pb;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Limits;
-use crate::events::Events;
+use crate::events::{Events, Flow};
 use crate::h1guard::{Findings, GuardedIo};
+use crate::h2guard::{GuardVerdict, H2Guard};
 use crate::listener::canonical;
 use crate::metrics::{DropReason, Metrics, Verdict};
 use crate::rules::{normalize_path, PathError, PeerId, RequestView};
+use crate::srcmap::SourceMap;
 use crate::state::{Direction, SharedState};
 use crate::upstream::{Body, Pool, Proto, Sender};
 
@@ -35,12 +36,17 @@ pub struct Ctx {
     pub events: Events,
     pub limits: Limits,
     pub original_dst_override: Option<SocketAddr>,
+    /// The datapath's record of ingress clients' identities.
+    pub source_map: Option<SourceMap>,
 }
 
 struct Conn {
     peer: SocketAddr,
     orig: SocketAddr,
     dir: Direction,
+    /// The identity the datapath judged an ingress client as, when its
+    /// address names a node (another node's proxy speaking for a pod).
+    src_identity: Option<u32>,
     served: AtomicU64,
     /// HTTP/1 heads the smuggling guard found ambiguous.
     findings: Arc<Findings>,
@@ -89,6 +95,13 @@ async fn sniff(s: &TcpStream) -> io::Result<Sniff> {
     }
 }
 
+/// Whether an address's identity is a reserved one (a node's, or world
+/// when the snapshot lacks the node): the clients whose datapath identity
+/// may differ from their address's. A pod's address names the pod.
+fn is_reserved(identity: u32) -> bool {
+    identity < sinew_abi::IDENTITY_MIN_CLUSTER
+}
+
 /// Serves one accepted connection until it ends or the drain completes.
 pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: watch::Receiver<bool>) {
     let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
@@ -114,10 +127,19 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
             return;
         }
     };
+    let src_identity = match (dir, &ctx.source_map, peer, orig) {
+        (Direction::Ingress, Some(m), SocketAddr::V4(p), SocketAddr::V4(o))
+            if is_reserved(ctx.state.load().peer(std::net::IpAddr::V4(*p.ip())).identity) =>
+        {
+            m.lookup(p, o)
+        }
+        _ => None,
+    };
     let conn = Arc::new(Conn {
         peer,
         orig,
         dir,
+        src_identity,
         served: AtomicU64::new(0),
         findings: Arc::new(Findings::default()),
     });
@@ -127,6 +149,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         service_fn(move |req| handle(ctx.clone(), conn.clone(), req))
     };
     let l = &ctx.limits;
+    let h2_verdict = Arc::new(GuardVerdict::default());
     let result = match kind {
         Sniff::Eof => return,
         Sniff::NotHttp => {
@@ -140,7 +163,12 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
                 .header_read_timeout(l.header_read_timeout)
                 .max_buf_size(l.max_header_bytes)
                 .max_headers(l.max_headers)
-                .keep_alive(true);
+                .keep_alive(true)
+                // A client may shut down its sending side once the request
+                // is out and wait for the answer (RFC 9112 9.6; HTTP/1.0
+                // clients, `nc -N`): an EOF after a complete request is not
+                // a reason to drop it.
+                .half_close(true);
             // Room for a head hyper still accepts; a longer one is its 431.
             let io = TokioIo::new(GuardedIo::new(stream, l.max_header_bytes, conn.findings.clone()));
             let c = b.serve_connection(io, svc).with_upgrades();
@@ -180,7 +208,8 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
                 .max_header_list_size(l.h2_max_header_list_size)
                 .keep_alive_interval(l.h2_keepalive_interval)
                 .keep_alive_timeout(l.h2_keepalive_timeout);
-            let c = b.serve_connection(TokioIo::new(stream), svc);
+            let io = H2Guard::new(stream, h2_verdict.clone(), ctx.metrics.clone());
+            let c = b.serve_connection(TokioIo::new(io), svc);
             tokio::pin!(c);
             let mut draining = false;
             loop {
@@ -196,6 +225,14 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
             }
         }
     };
+    if let Some((frame_type, code)) = h2_verdict.get() {
+        // The guard answered a frame h2 would have refused with another
+        // code (h2guard.rs); the connection ended with an I/O error that
+        // `classify` does not count.
+        tracing::debug!(%peer, %orig, frame_type, code, "HTTP/2 connection error, GOAWAY sent");
+        ctx.metrics.dropped(DropReason::H2Protocol);
+        return;
+    }
     if let Err(e) = result {
         let smuggling = conn.findings.any().filter(|_| e.is_parse());
         if let Some(f) = smuggling {
@@ -340,7 +377,7 @@ fn host_of(req: &Request<Incoming>) -> String {
 struct Outcome {
     status: u16,
     verdict: Verdict,
-    rule: String,
+    rule: Option<Arc<str>>,
     reason: Option<DropReason>,
     grpc_status: u32,
 }
@@ -363,40 +400,40 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         Direction::Ingress => (conn.orig.ip(), conn.peer.ip()),
         Direction::Egress => (conn.peer.ip(), conn.orig.ip()),
     };
-    let peer = snap.peer(peer_ip);
+    let peer = match conn.src_identity {
+        Some(id) => snap.peer_of_identity(id),
+        None => snap.peer(peer_ip),
+    };
     let rules = snap.endpoint(ep_ip, conn.dir, conn.orig.port()).cloned();
     let endpoint = rules
         .as_ref()
         .map(|r| r.endpoint.clone())
         .unwrap_or_else(|| snap.peer(ep_ip));
-    let (src, dst) = match conn.dir {
-        Direction::Ingress => (&peer, &endpoint),
-        Direction::Egress => (&endpoint, &peer),
+    let (src_peer, dst_peer) = match conn.dir {
+        Direction::Ingress => (peer.clone(), endpoint),
+        Direction::Egress => (endpoint, peer.clone()),
     };
-    let method = req.method().as_str().to_owned();
+    let method = req.method().clone();
     let host = host_of(&req);
-    let mut flow = pb::L7Flow {
-        time_unix_nanos: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
-        direction: conn.dir.to_proto() as i32,
-        src_ip: conn.peer.ip().to_string(),
-        src_port: conn.peer.port().into(),
-        src_identity: src.identity,
-        src_namespace: src.namespace.clone(),
-        src_name: src.name.clone(),
-        dst_ip: conn.orig.ip().to_string(),
-        dst_port: conn.orig.port().into(),
-        dst_identity: dst.identity,
-        dst_namespace: dst.namespace.clone(),
-        dst_name: dst.name.clone(),
-        protocol: protocol.into(),
-        method: method.clone(),
-        host: host.clone(),
-        ..Default::default()
+    let mut flow = Flow {
+        time: SystemTime::now(),
+        direction: conn.dir,
+        src: conn.peer,
+        dst: conn.orig,
+        src_peer,
+        dst_peer,
+        protocol,
+        method,
+        host,
+        path: String::new(),
+        status: 0,
+        latency: Duration::ZERO,
+        verdict: Verdict::Error,
+        rule: None,
+        drop_reason: None,
+        grpc_status: 0,
     };
-    let src_identity = src.identity;
+    let src_identity = flow.src_peer.identity;
     let is_h1 = req.version() != Version::HTTP_2;
 
     let refuse = |status: StatusCode, reason: DropReason, body: &'static str| {
@@ -410,13 +447,16 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             Outcome {
                 status: status.as_u16(),
                 verdict: Verdict::Error,
-                rule: String::new(),
+                rule: None,
                 reason: Some(reason),
                 grpc_status: 0,
             },
         )
     };
 
+    // The destination's own ingress judgement, when this proxy makes it
+    // (egress to a pod of this node): its rule and drop reason.
+    let mut local_ingress: Option<(Option<Arc<str>>, Option<DropReason>)> = None;
     let (resp, outcome) = 'judge: {
         // Content-Length with Transfer-Encoding, or two Content-Lengths:
         // a hop that frames the body the other way would see another
@@ -441,14 +481,14 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             }
             Err(_) => break 'judge refuse(StatusCode::BAD_REQUEST, DropReason::AmbiguousPath, "Bad Request\n"),
         };
-        flow.path = path.clone();
+        flow.path.clone_from(&path);
         let Some(rules) = rules else {
             break 'judge deny(grpc, DropReason::NoRules);
         };
         let view = RequestView {
-            method: &method,
+            method: flow.method.as_str(),
             path: &path,
-            host: &host,
+            host: &flow.host,
             headers: req.headers(),
             grpc,
         };
@@ -459,37 +499,77 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         let Some(rule) = rules.judge(who, &view) else {
             break 'judge deny(grpc, DropReason::PolicyDenied);
         };
+        // Egress to a pod of this node whose ingress rules cover the port:
+        // the upstream connection is not redirected again (the datapath
+        // passes the proxy's marked packets, bpf_lxc.c to_container), so
+        // those rules are judged here, as the destination's node would
+        // judge them, with the client as the peer.
+        if conn.dir == Direction::Egress {
+            if let Some(ingress) = snap.endpoint(conn.orig.ip(), Direction::Ingress, conn.orig.port()) {
+                let client = PeerId {
+                    identity: src_identity,
+                    cidr_class: snap.cidr_class(conn.peer.ip()),
+                };
+                match ingress.judge(client, &view) {
+                    Some(r) => local_ingress = Some((Some(r), None)),
+                    None => {
+                        local_ingress = Some((None, Some(DropReason::PolicyDenied)));
+                        // Egress forwarded it; the destination refused it.
+                        let (r, mut o) = deny(grpc, DropReason::PolicyDenied);
+                        o.verdict = Verdict::Forwarded;
+                        o.reason = None;
+                        o.rule = Some(rule);
+                        break 'judge (r, o);
+                    }
+                }
+            }
+        }
         let Some(mark) = sinew_abi::proxy_upstream_mark(src_identity) else {
             let (r, mut o) = refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 DropReason::UnmarkableIdentity,
                 "Service Unavailable\n",
             );
-            o.rule = rule;
+            o.rule = Some(rule);
             break 'judge (r, o);
         };
         let pq = match uri.query() {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        forward(&ctx, &conn, req, pq, &host, mark, rule).await
+        forward(&ctx, &conn, req, pq, mark, rule).await
     };
 
     let latency = start.elapsed();
     if let Some(r) = outcome.reason {
         ctx.metrics.dropped(r);
-        flow.drop_reason = r.name().into();
     }
     ctx.metrics.request(conn.dir, outcome.verdict, outcome.status, latency);
-    flow.status = outcome.status.into();
-    flow.latency_micros = latency.as_micros() as u64;
-    flow.verdict = match outcome.verdict {
-        Verdict::Forwarded => pb::L7Verdict::Forwarded,
-        Verdict::Denied => pb::L7Verdict::Denied,
-        Verdict::Error => pb::L7Verdict::Error,
-    } as i32;
+    flow.drop_reason = outcome.reason;
+    flow.status = outcome.status;
+    flow.latency = latency;
+    flow.verdict = outcome.verdict;
     flow.rule = outcome.rule;
     flow.grpc_status = outcome.grpc_status;
+    if let Some((rule, reason)) = local_ingress {
+        let verdict = match (reason, outcome.verdict) {
+            (Some(_), _) => Verdict::Denied,
+            (None, v) => v,
+        };
+        if let Some(r) = reason {
+            ctx.metrics.dropped(r);
+        }
+        ctx.metrics
+            .request(Direction::Ingress, verdict, outcome.status, latency);
+        let mut second = flow.clone();
+        second.direction = Direction::Ingress;
+        second.verdict = verdict;
+        second.rule = rule;
+        second.drop_reason = reason;
+        ctx.events.emit(flow);
+        ctx.events.emit(second);
+        return Ok(resp);
+    }
     ctx.events.emit(flow);
     Ok(resp)
 }
@@ -501,7 +581,7 @@ fn deny(grpc: bool, reason: DropReason) -> (Response<Body>, Outcome) {
             Outcome {
                 status: 200,
                 verdict: Verdict::Denied,
-                rule: String::new(),
+                rule: None,
                 reason: Some(reason),
                 grpc_status: 7,
             },
@@ -512,7 +592,7 @@ fn deny(grpc: bool, reason: DropReason) -> (Response<Body>, Outcome) {
             Outcome {
                 status: 403,
                 verdict: Verdict::Denied,
-                rule: String::new(),
+                rule: None,
                 reason: Some(reason),
                 grpc_status: 0,
             },
@@ -525,14 +605,13 @@ async fn forward(
     conn: &Conn,
     req: Request<Incoming>,
     pq: String,
-    host: &str,
     mark: u32,
-    rule: String,
+    rule: Arc<str>,
 ) -> (Response<Body>, Outcome) {
     let grpc = is_grpc(req.headers());
     let h2 = req.version() == Version::HTTP_2;
     let websocket = is_websocket(&req);
-    let upstream_err = |e: crate::metrics::UpstreamError, rule: String| {
+    let upstream_err = |e: crate::metrics::UpstreamError, rule: Arc<str>| {
         ctx.metrics.upstream_error(e);
         let timeout = e == crate::metrics::UpstreamError::ConnectTimeout;
         if grpc {
@@ -542,7 +621,7 @@ async fn forward(
                 Outcome {
                     status: 200,
                     verdict: Verdict::Error,
-                    rule,
+                    rule: Some(rule),
                     reason: None,
                     grpc_status: 14,
                 },
@@ -558,7 +637,7 @@ async fn forward(
                 Outcome {
                     status: s.as_u16(),
                     verdict: Verdict::Error,
-                    rule,
+                    rule: Some(rule),
                     reason: None,
                     grpc_status: 0,
                 },
@@ -569,7 +648,6 @@ async fn forward(
     let mut req = req;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let _ = host;
     strip_hop_by_hop(&mut parts.headers, websocket, h2);
     parts.uri = if h2 {
         let authority = parts
@@ -647,7 +725,7 @@ async fn forward(
                 Outcome {
                     status: 101,
                     verdict: Verdict::Forwarded,
-                    rule,
+                    rule: Some(rule),
                     reason: None,
                     grpc_status: 0,
                 },
@@ -661,7 +739,7 @@ async fn forward(
         Outcome {
             status: status.as_u16(),
             verdict: Verdict::Forwarded,
-            rule,
+            rule: Some(rule),
             reason: None,
             grpc_status: 0,
         },

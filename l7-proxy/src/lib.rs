@@ -14,11 +14,13 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod h1guard;
+pub mod h2guard;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod rules;
+pub mod srcmap;
 pub mod state;
 pub mod upstream;
 

@@ -30,6 +30,10 @@ struct Args {
     /// Test hook: the original destination of every connection.
     #[arg(long, hide = true)]
     original_dst: Option<SocketAddr>,
+    /// The datapath's pinned sinew_proxy_src map (the agent passes it):
+    /// who an ingress connection from another node's proxy speaks for.
+    #[arg(long)]
+    source_map: Option<PathBuf>,
     /// Write one line per request to stdout.
     #[arg(long)]
     access_log: bool,
@@ -67,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         agent_socket: (a.agent_socket != "none").then(|| PathBuf::from(&a.agent_socket)),
         original_dst_override: a.original_dst,
         access_log: a.access_log,
+        source_map: a.source_map,
         drain_timeout: Duration::from_secs(a.drain_timeout),
         data_threads: a.data_threads,
         ..Config::default()

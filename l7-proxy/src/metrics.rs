@@ -35,8 +35,10 @@ pub enum DropReason {
     /// The proxy has no rules for this endpoint, direction and port (no
     /// snapshot yet, or the datapath and the proxy disagree): fail closed.
     NoRules,
-    /// HTTP/2 protocol abuse or error (rapid reset, flood, too many
-    /// streams, bad frames): the connection ended with an error.
+    /// HTTP/2 protocol abuse or error (rapid reset, flood, bad frames):
+    /// the connection ended with GOAWAY or an error; or one stream was
+    /// reset for the client's error (malformed headers, content-length
+    /// mismatch, a stream past the concurrency limit).
     H2Protocol,
     /// The source identity does not fit the upstream mark.
     UnmarkableIdentity,
@@ -117,6 +119,15 @@ impl Verdict {
             Verdict::Error => "error",
         }
     }
+
+    /// The name the flow proto gives this verdict.
+    pub fn proto_name(self) -> &'static str {
+        match self {
+            Verdict::Forwarded => sinew_proto::proxy_v1::L7Verdict::Forwarded.as_str_name(),
+            Verdict::Denied => sinew_proto::proxy_v1::L7Verdict::Denied.as_str_name(),
+            Verdict::Error => sinew_proto::proxy_v1::L7Verdict::Error.as_str_name(),
+        }
+    }
 }
 
 const BUCKETS: [f64; 14] = [
@@ -127,8 +138,9 @@ const BUCKETS: [f64; 14] = [
 pub struct Metrics {
     // [direction][verdict][status class 1..=5 -> 0..=4]
     requests: [[[AtomicU64; 5]; 3]; 2],
-    latency_buckets: [AtomicU64; BUCKETS.len()],
-    latency_count: AtomicU64,
+    /// Requests per latency bucket, not cumulative (the last is +Inf):
+    /// one add per request; `render` sums them up.
+    latency_buckets: [AtomicU64; BUCKETS.len() + 1],
     latency_sum_micros: AtomicU64,
     active_connections: [AtomicI64; 2],
     connections: [AtomicU64; 2],
@@ -156,12 +168,8 @@ impl Metrics {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.requests[dir_index(dir)][v][class].fetch_add(1, Relaxed);
         let secs = latency.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Relaxed);
+        let bucket = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        self.latency_buckets[bucket].fetch_add(1, Relaxed);
         self.latency_sum_micros
             .fetch_add(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
@@ -234,14 +242,12 @@ impl Metrics {
             "# HELP sinew_proxy_request_duration_seconds Time from request head to response head."
         );
         let _ = writeln!(s, "# TYPE sinew_proxy_request_duration_seconds histogram");
+        let mut count = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "sinew_proxy_request_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                self.latency_buckets[i].load(Relaxed)
-            );
+            count += self.latency_buckets[i].load(Relaxed);
+            let _ = writeln!(s, "sinew_proxy_request_duration_seconds_bucket{{le=\"{b}\"}} {count}");
         }
-        let count = self.latency_count.load(Relaxed);
+        count += self.latency_buckets[BUCKETS.len()].load(Relaxed);
         let _ = writeln!(s, "sinew_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(
             s,
@@ -336,5 +342,53 @@ impl Metrics {
             let _ = writeln!(s, "{name} {}", v.load(Relaxed));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix} in\n{text}"))
+    }
+
+    /// Each request adds to one bucket; the rendered histogram is
+    /// cumulative, as Prometheus reads it (`le` counts everything at or
+    /// below the bound), and +Inf equals the count.
+    #[test]
+    fn the_latency_histogram_renders_cumulative_buckets() {
+        let m = Metrics::default();
+        for micros in [300, 400, 3_000, 20_000_000] {
+            m.request(
+                Direction::Ingress,
+                Verdict::Forwarded,
+                200,
+                Duration::from_micros(micros),
+            );
+        }
+        let t = m.render();
+        let b = |le: &str| {
+            line(
+                &t,
+                &format!("sinew_proxy_request_duration_seconds_bucket{{le=\"{le}\"}} "),
+            )
+            .to_owned()
+        };
+        assert!(b("0.0005").ends_with(" 2"), "{}", b("0.0005"));
+        assert!(b("0.0025").ends_with(" 2"), "{}", b("0.0025"));
+        assert!(b("0.005").ends_with(" 3"), "{}", b("0.005"));
+        assert!(b("10").ends_with(" 3"), "{}", b("10"));
+        assert!(b("+Inf").ends_with(" 4"), "{}", b("+Inf"));
+        assert_eq!(
+            line(&t, "sinew_proxy_request_duration_seconds_count "),
+            "sinew_proxy_request_duration_seconds_count 4"
+        );
+        assert_eq!(
+            line(&t, "sinew_proxy_request_duration_seconds_sum "),
+            "sinew_proxy_request_duration_seconds_sum 20.0037"
+        );
     }
 }

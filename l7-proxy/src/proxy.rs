@@ -14,6 +14,7 @@ use crate::events::{Events, EventsRx};
 use crate::inbound::{self, Ctx};
 use crate::listener;
 use crate::metrics::Metrics;
+use crate::srcmap::SourceMap;
 use crate::state::{Direction, SharedState};
 use crate::upstream::Pool;
 
@@ -99,6 +100,17 @@ impl Proxy {
             events,
             limits: config.limits.clone(),
             original_dst_override: config.original_dst_override,
+            source_map: config.source_map.as_deref().and_then(|p| match SourceMap::open(p) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(
+                        path = %p.display(),
+                        error = %e,
+                        "cannot open the datapath's source map: ingress clients from another node's proxy are judged as that node (fails closed); check that the agent's BPF filesystem is mounted here and that the proxy runs as root"
+                    );
+                    None
+                }
+            }),
         });
         let (drain_tx, drain_rx) = watch::channel(false);
 
@@ -164,11 +176,17 @@ impl Proxy {
             let metrics = metrics.clone();
             let state = state.clone();
             let drain_timeout = config.drain_timeout;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.data_threads)
-                .thread_name("sinew-proxy-data")
-                .enable_all()
-                .build()?;
+            // One worker: a current-thread runtime on the data thread
+            // itself: no work-stealing queues, no wake-ups across threads.
+            let rt = if config.data_threads <= 1 {
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(config.data_threads)
+                    .thread_name("sinew-proxy-data")
+                    .enable_all()
+                    .build()?
+            };
             std::thread::Builder::new()
                 .name("sinew-proxy-data-main".into())
                 .spawn(move || {

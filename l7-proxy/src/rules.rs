@@ -3,6 +3,8 @@
 //! The matcher and the path normalisation are sinew-l7's, the same code
 //! `sinew policy trace` uses.
 
+use std::sync::Arc;
+
 use http::HeaderMap;
 use sinew_l7 as l7;
 use sinew_proto::proxy_v1 as pb;
@@ -25,7 +27,13 @@ pub struct RequestView<'a> {
 #[derive(Debug)]
 pub struct CompiledRules {
     inner: l7::CompiledRules,
+    /// The name of every rule (`describe`), made once per snapshot rather
+    /// than formatted per request: `[set] -> (http names, grpc names)`.
+    names: Vec<SetNames>,
 }
+
+/// The names of one rule set's HTTP and gRPC rules, by index.
+type SetNames = (Vec<Arc<str>>, Vec<Arc<str>>);
 
 fn string_match(m: Option<&pb::StringMatch>) -> Option<l7::StringMatch> {
     use pb::string_match::Kind;
@@ -87,11 +95,24 @@ fn rule_set(rs: &pb::RuleSet) -> l7::RuleSet {
 impl CompiledRules {
     pub fn compile(sets: &[pb::RuleSet]) -> Result<Self, String> {
         let inner = l7::CompiledRules::new(sets.iter().map(rule_set).collect()).map_err(|e| e.to_string())?;
-        Ok(Self { inner })
+        let name = |set: usize, kind: l7::RuleKind, index: usize| -> Arc<str> {
+            inner.describe(l7::Match { set, kind, index }).into()
+        };
+        let names = sets
+            .iter()
+            .enumerate()
+            .map(|(set, rs)| {
+                (
+                    (0..rs.http.len()).map(|i| name(set, l7::RuleKind::Http, i)).collect(),
+                    (0..rs.grpc.len()).map(|i| name(set, l7::RuleKind::Grpc, i)).collect(),
+                )
+            })
+            .collect();
+        Ok(Self { inner, names })
     }
 
     /// The rule set (its policy rule) that allows the request, or `None`.
-    pub fn judge(&self, peer: l7::PeerId, req: &RequestView<'_>) -> Option<String> {
+    pub fn judge(&self, peer: l7::PeerId, req: &RequestView<'_>) -> Option<Arc<str>> {
         let r = l7::Request {
             method: req.method,
             path: req.path,
@@ -99,9 +120,22 @@ impl CompiledRules {
             headers: req.headers,
         };
         match self.inner.check(peer, &r) {
-            l7::Verdict::Allowed(m) => Some(self.inner.describe(m)),
+            l7::Verdict::Allowed(m) => Some(self.name(m)),
             l7::Verdict::Denied => None,
         }
+    }
+}
+
+impl CompiledRules {
+    fn name(&self, m: l7::Match) -> Arc<str> {
+        self.names
+            .get(m.set)
+            .and_then(|(http, grpc)| match m.kind {
+                l7::RuleKind::Http => http.get(m.index),
+                l7::RuleKind::Grpc => grpc.get(m.index),
+            })
+            .cloned()
+            .unwrap_or_else(|| self.inner.describe(m).into())
     }
 }
 

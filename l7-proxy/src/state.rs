@@ -47,13 +47,13 @@ pub struct Peer {
 /// The rules of one local endpoint, direction and port.
 #[derive(Debug)]
 pub struct EndpointRules {
-    pub endpoint: Peer,
+    pub endpoint: Arc<Peer>,
     pub rules: CompiledRules,
 }
 
 impl EndpointRules {
     /// The rule that allows the request from `peer`, or `None` (denied).
-    pub fn judge(&self, peer: PeerId, req: &RequestView<'_>) -> Option<String> {
+    pub fn judge(&self, peer: PeerId, req: &RequestView<'_>) -> Option<Arc<str>> {
         self.rules.judge(peer, req)
     }
 }
@@ -101,12 +101,24 @@ impl<T> Lpm<T> {
     }
 }
 
-#[derive(Debug, Default)]
+fn world() -> Arc<Peer> {
+    Arc::new(Peer {
+        identity: IDENTITY_WORLD,
+        ..Peer::default()
+    })
+}
+
+#[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
     endpoints: HashMap<(IpAddr, Direction, u16), Arc<EndpointRules>>,
-    identities: Lpm<Peer>,
+    identities: Lpm<Arc<Peer>>,
+    /// Pod identities by number: the namespace, and the pod's name when
+    /// one pod has it.
+    by_identity: HashMap<u32, Arc<Peer>>,
     cidr_classes: Lpm<u32>,
+    /// Who an address no prefix covers is.
+    world: Arc<Peer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +133,19 @@ pub enum SnapshotError {
 
 fn parse_net(s: &str) -> Option<IpNet> {
     s.parse().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            endpoints: HashMap::new(),
+            identities: Lpm::default(),
+            by_identity: HashMap::new(),
+            cidr_classes: Lpm::default(),
+            world: world(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -139,11 +164,11 @@ impl Snapshot {
                 .ok_or_else(|| err(format!("port {}", e.port)))?;
             let rules = CompiledRules::compile(&e.rule_sets).map_err(err)?;
             let rules = Arc::new(EndpointRules {
-                endpoint: Peer {
+                endpoint: Arc::new(Peer {
                     identity: e.identity,
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
-                },
+                }),
                 rules,
             });
             for a in &e.addresses {
@@ -154,18 +179,36 @@ impl Snapshot {
             }
         }
         let mut identities = Lpm::default();
+        let mut by_identity: HashMap<u32, Arc<Peer>> = HashMap::new();
         for (index, i) in s.identities.iter().enumerate() {
+            by_identity
+                .entry(i.identity)
+                .and_modify(|p| {
+                    if p.name != i.name {
+                        *p = Arc::new(Peer {
+                            name: String::new(),
+                            ..Peer::clone(p)
+                        });
+                    }
+                })
+                .or_insert_with(|| {
+                    Arc::new(Peer {
+                        identity: i.identity,
+                        namespace: i.namespace.clone(),
+                        name: i.name.clone(),
+                    })
+                });
             let net = parse_net(&i.prefix).ok_or_else(|| SnapshotError::Identity {
                 index,
                 reason: format!("prefix {:?} is not a CIDR", i.prefix),
             })?;
             identities.insert(
                 net,
-                Peer {
+                Arc::new(Peer {
                     identity: i.identity,
                     namespace: i.namespace.clone(),
                     name: i.name.clone(),
-                },
+                }),
             );
         }
         let mut cidr_classes = Lpm::default();
@@ -180,7 +223,9 @@ impl Snapshot {
             version: s.version,
             endpoints,
             identities,
+            by_identity,
             cidr_classes,
+            world: world(),
         })
     }
 
@@ -190,10 +235,18 @@ impl Snapshot {
 
     /// The identity of an address (longest prefix); world when nothing
     /// covers it.
-    pub fn peer(&self, ip: IpAddr) -> Peer {
-        self.identities.get(ip).cloned().unwrap_or(Peer {
-            identity: IDENTITY_WORLD,
-            ..Peer::default()
+    pub fn peer(&self, ip: IpAddr) -> Arc<Peer> {
+        self.identities.get(ip).unwrap_or(&self.world).clone()
+    }
+
+    /// Who an identity the datapath names is: the namespace, and the pod
+    /// when only one has it.
+    pub fn peer_of_identity(&self, identity: u32) -> Arc<Peer> {
+        self.by_identity.get(&identity).cloned().unwrap_or_else(|| {
+            Arc::new(Peer {
+                identity,
+                ..Peer::default()
+            })
         })
     }
 
@@ -356,5 +409,42 @@ mod tests {
         );
         assert_eq!(judge("10.0.2.7", "/cidr").as_deref(), Some("fromCIDR.rules.http[0]"));
         assert_eq!(s.peer(ip("192.0.2.9")).identity, 0x0100_0001);
+    }
+
+    #[test]
+    fn an_identity_names_its_pod_only_when_one_pod_has_it() {
+        let entry = |prefix: &str, identity: u32, name: &str| pb::IdentityEntry {
+            prefix: prefix.into(),
+            identity,
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let s = Snapshot::compile(&pb::Snapshot {
+            identities: vec![
+                entry("10.0.1.5/32", 300, "client"),
+                entry("10.0.2.5/32", 301, "web-a"),
+                entry("10.0.2.6/32", 301, "web-b"),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let p = s.peer_of_identity(300);
+        assert_eq!(
+            (p.identity, p.namespace.as_str(), p.name.as_str()),
+            (300, "default", "client")
+        );
+        let p = s.peer_of_identity(301);
+        assert_eq!(
+            (p.identity, p.namespace.as_str(), p.name.as_str()),
+            (301, "default", "")
+        );
+        // An identity the snapshot has not seen yet is still that identity.
+        assert_eq!(
+            *s.peer_of_identity(999),
+            Peer {
+                identity: 999,
+                ..Peer::default()
+            }
+        );
     }
 }

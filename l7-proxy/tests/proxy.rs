@@ -930,3 +930,144 @@ fn cidr_peers_match_clients_inside_the_prefix() {
         assert_eq!(p.metrics.drops(DropReason::PolicyDenied), 3, "{}", p.metrics.render());
     });
 }
+
+/// Sends `req`, shuts down the write side (a half-close, as `nc -N` and
+/// many HTTP/1.0 clients do) and reads the answer until the server closes.
+fn raw_half_close(addr: SocketAddr, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 9112 section 9.6: a client that has sent its request may close its
+/// sending side and still wait for the response ("half-close"); HTTP/1.0
+/// clients without keep-alive do this. The proxy answers every such
+/// request, allowed or denied, HTTP/1.0 and 1.1, and the connection closes
+/// after the answer.
+#[test]
+fn a_half_closed_client_still_gets_its_response() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        let t = Instant::now();
+        let out = raw_half_close(a, b"GET /public/a HTTP/1.0\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.0 200"), "HTTP/1.0 allowed: {out:?}");
+        assert!(out.ends_with("GET /public/a"), "{out:?}");
+        let out = raw_half_close(a, b"GET /admin HTTP/1.0\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.0 403"), "HTTP/1.0 denied: {out:?}");
+        let out = raw_half_close(a, b"GET /public/b HTTP/1.1\r\nHost: web\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.1 200"), "HTTP/1.1 allowed: {out:?}");
+        // Two pipelined requests, then the half-close: both answered.
+        let out = raw_half_close(
+            a,
+            b"GET /public/c HTTP/1.1\r\nHost: web\r\n\r\nGET /public/d HTTP/1.1\r\nHost: web\r\n\r\n",
+        );
+        assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out:?}");
+        assert!(
+            out.contains("GET /public/c") && out.ends_with("GET /public/d"),
+            "{out:?}"
+        );
+        // A POST whose body is complete before the half-close.
+        let out = raw_half_close(a, b"POST /public/e HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc");
+        assert!(out.starts_with("HTTP/1.0 403"), "POST is not allowed: {out:?}");
+        assert_eq!(hits.load(Relaxed), 4);
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "a half-closed client waited for a timeout"
+        );
+        // A half-close in the middle of a head is not a request: closed
+        // without an answer, no hang.
+        let out = raw_half_close(a, b"GET /public/f HTTP/1.1\r\nHost: w");
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(hits.load(Relaxed), 4);
+    });
+}
+
+/// A client with egress L7 rules calls a pod of the same node that has
+/// ingress L7 rules on that port. The proxy's upstream is not redirected
+/// again (the datapath lets its marked packets pass), so the proxy judges
+/// the destination's ingress rules too, as the destination's node would:
+/// what egress allows and ingress refuses is 403 and never reaches the
+/// server. Each judgement is its own flow event, as on two nodes.
+#[test]
+fn egress_to_a_local_pod_also_meets_its_ingress_rules() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start_with(up, Duration::from_secs(5), |c| {
+            c.ingress = vec![];
+            c.egress = vec!["127.0.0.1:0".parse().unwrap()];
+        });
+        let mut snap = snapshot(1, up.port(), vec![get_prefix("/public")], vec![]);
+        let exact = |p: &str| pb::HttpRule {
+            path: Some(pb::StringMatch {
+                kind: Some(pb::string_match::Kind::Exact(p.into())),
+            }),
+            ..Default::default()
+        };
+        snap.endpoints.push(pb::L7Endpoint {
+            addresses: vec!["127.0.0.1".into()],
+            identity: 1000,
+            namespace: "default".into(),
+            name: "client".into(),
+            direction: pb::Direction::Egress as i32,
+            port: up.port().into(),
+            rule_sets: vec![pb::RuleSet {
+                http: vec![get_prefix("/public"), exact("/admin")],
+                rule: "SinewNetworkPolicy default/clients egress[0]".into(),
+                ..Default::default()
+            }],
+        });
+        p.state.apply(&snap).unwrap();
+        let mut events = p.take_events().unwrap();
+        let a = p.egress[0];
+        let get = |path: &str| {
+            raw(
+                a,
+                format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").as_bytes(),
+                "",
+                0,
+            )
+        };
+        let out = get("/public/a");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let out = get("/admin");
+        assert!(
+            out.starts_with("HTTP/1.1 403"),
+            "egress allows /admin, ingress does not: {out}"
+        );
+        let out = get("/secret");
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert_eq!(hits.load(Relaxed), 1, "only /public/a reached the server");
+
+        std::thread::sleep(Duration::from_millis(100));
+        let mut got = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            got.push((e.direction, e.path.clone(), e.status, e.verdict, e.rule.clone()));
+        }
+        let (eg, ing) = (pb::Direction::Egress as i32, pb::Direction::Ingress as i32);
+        let (fwd, den) = (pb::L7Verdict::Forwarded as i32, pb::L7Verdict::Denied as i32);
+        let web = "SinewNetworkPolicy default/web ingress[0].rules.http[0]".to_string();
+        let clients = |i: u32| format!("SinewNetworkPolicy default/clients egress[0].rules.http[{i}]");
+        assert_eq!(
+            got,
+            [
+                (eg, "/public/a".into(), 200, fwd, clients(0)),
+                (ing, "/public/a".into(), 200, fwd, web.clone()),
+                (eg, "/admin".into(), 403, fwd, clients(1)),
+                (ing, "/admin".into(), 403, den, String::new()),
+                (eg, "/secret".into(), 403, den, String::new()),
+            ]
+        );
+        assert_eq!(p.metrics.drops(DropReason::PolicyDenied), 2, "{}", p.metrics.render());
+    });
+}

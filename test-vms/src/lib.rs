@@ -12,7 +12,7 @@ pub mod probe;
 pub mod support;
 
 pub use sinew_lab as lab;
-pub use sinew_lab::{bpffs, cgroup, cni, datastore, manifest, netns, process, topology};
+pub use sinew_lab::{bpffs, cgroup, cni, datastore, kube, manifest, netns, process, topology};
 pub use sinew_lab::{
     command_in, sh, Binaries, DownSummary, Lab, LabError, LabGuard, LabSpec, NetNs, NodeRecord, PodRecord, Routing,
     Topology, UpOptions,

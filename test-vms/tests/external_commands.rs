@@ -70,6 +70,7 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("rustc", Rustup),
     ("cargo-deny", Cargo("cargo-deny")),
     ("wc", Deb("coreutils")),
+    ("ls", Deb("coreutils")),
     ("tr", Deb("coreutils")),
     // Debian's required base.
     ("bash", Deb("bash")),
@@ -107,6 +108,7 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("unshare", Deb("util-linux")),
     ("dpkg-query", Deb("dpkg")),
     ("apt-get", Deb("apt")),
+    ("apt-cache", Deb("apt")),
 ];
 
 /// Commands that the tools the project runs run in turn, with the tool:

@@ -7,14 +7,17 @@
 //! kernel has no SCTP, so SCTP is tested here too: associations between
 //! pods on one node and across nodes, and a policy that allows one SCTP
 //! port, drops another with the policy reason, and lets a deny rule win.
+//! The host kernel has no WireGuard either: the kernel device test
+//! (sinew-wireguard's `kernel_netns`) runs here as a smoke test.
 //!
 //! The same test binary runs twice: on the host it snapshots the already
 //! built binaries and boots the VM; inside the VM (`SINEW_K61_GUEST` set) it
 //! runs the tests against that snapshot. It fails, never skips, when qemu or
 //! the kernel cannot be had.
 
+mod vm_tier;
+
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,8 +25,10 @@ use std::time::{Duration, Instant};
 /// Set (to the snapshot directory) in the guest's environment.
 const GUEST_ENV: &str = "SINEW_K61_GUEST";
 const TEST_NAME: &str = "privileged_tests_pass_on_linux_6_1_with_clsact";
-/// Test binaries the guest runs, by cargo target name.
-const SUITES: [&str; 3] = ["bpf_programs", "e2e_connectivity", "e2e_services"];
+/// Test binaries the guest runs, by cargo target name. `kernel_netns`
+/// (sinew-wireguard) is the kernel WireGuard smoke on 6.1 (about 10 s);
+/// the lab's encryption tests with it run in the 6.12 tier.
+const SUITES: [&str; 4] = ["bpf_programs", "e2e_connectivity", "e2e_services", "kernel_netns"];
 const LAB: &str = "vmtest";
 const SCTP_LAB: &str = "vmsctp";
 
@@ -47,11 +52,12 @@ fn report_step(step: &str) {
     println!("\n{}", step_done(step));
 }
 
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "kernel",
     "bpf_programs",
     "e2e_connectivity",
     "e2e_services",
+    "kernel_netns",
     "clsact lab",
     "clsact restart",
     "sctp connectivity",
@@ -61,6 +67,7 @@ const STEPS: [&str; 9] = [
 
 mod host {
     use super::*;
+    use vm_tier::{run_in_vm, Snapshot};
 
     pub fn run() {
         // It also installs qemu and the kernel when they are missing.
@@ -68,13 +75,8 @@ mod host {
         let exe = std::env::current_exe().expect("cannot find the running test executable");
         let deps = exe.parent().expect("test executable has a parent directory");
         let debug = deps.parent().expect("deps has a parent directory");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/run-in-vm.sh");
 
-        // Others rebuild target/ while the VM runs; the guest reads binaries
-        // over 9p and an executable replaced under it crashes. A private
-        // copy keeps the run consistent.
-        let snap = Snapshot::new();
+        let snap = Snapshot::new("k61");
         for bin in ["sinew", "sinew-agent", "sinew-cni", "sinew-probe", "sinew-proxy"] {
             let src = debug.join(bin);
             assert!(
@@ -84,67 +86,35 @@ mod host {
             );
             snap.copy(&src, Path::new(bin));
         }
-        let mut suite_args = Vec::new();
+        let mut env = vec![
+            format!("{GUEST_ENV}={}", snap.0.display()),
+            // An agent loads its BPF programs in 20 s on an idle host under
+            // TCG, and took over 30 s while the host compiled.
+            "SINEW_LAB_AGENT_TIMEOUT=300".into(),
+        ];
         for suite in SUITES {
-            let src = newest_test_binary(deps, suite).unwrap_or_else(|| {
-                panic!(
-                    "no {suite}-* test executable in {}: run `cargo test --workspace --no-run` first",
-                    deps.display()
-                )
-            });
-            let name = src.file_name().unwrap();
-            snap.copy(&src, &Path::new("deps").join(name));
-            suite_args.push(format!(
-                "SINEW_K61_{}={}",
-                suite.to_uppercase(),
-                snap.0.join("deps").join(name).display()
-            ));
+            let copied = snap.copy_test(deps, suite);
+            env.push(format!("SINEW_K61_{}={}", suite.to_uppercase(), copied.display()));
         }
         let me = Path::new("deps").join(exe.file_name().unwrap());
         snap.copy(&exe, &me);
 
         let started = Instant::now();
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script)
-            .arg("env")
-            .arg(format!("{GUEST_ENV}={}", snap.0.display()))
-            .args(&suite_args)
-            .arg(snap.0.join(&me))
-            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-            .current_dir(&root)
-            // TCG runs this in 9 to 14 minutes on a busy 2-core machine
-            // (SCTP's lab is 45-85 s of it); a hung guest ends at 20.
-            .env(
-                "SINEW_VM_TIMEOUT",
-                std::env::var("SINEW_VM_TIMEOUT").unwrap_or_else(|_| "1200".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        let stderr = child.stderr.take().unwrap();
-        let err_reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                lines.push(line);
-            }
-            lines
-        });
-        let mut log = Vec::new();
-        for line in BufReader::new(child.stdout.take().unwrap())
-            .lines()
-            .map_while(Result::ok)
-        {
-            println!("{line}");
-            log.push(line);
-        }
-        let status = child.wait().expect("wait for run-in-vm.sh");
-        log.extend(err_reader.join().unwrap());
-        let elapsed = started.elapsed();
-        println!("kernel-6.1 VM tier took {:.0} s", elapsed.as_secs_f64());
+        // TCG runs this in 9 to 14 minutes on a busy 2-core machine (SCTP's
+        // lab is 45-85 s of it); a hung guest ends at 20.
+        let (status, log) = run_in_vm(
+            "6.1",
+            &env,
+            &[
+                snap.0.join(&me).display().to_string(),
+                "--exact".into(),
+                TEST_NAME.into(),
+                "--nocapture".into(),
+                "--test-threads=1".into(),
+            ],
+            1200,
+        );
+        println!("kernel-6.1 VM tier took {:.0} s", started.elapsed().as_secs_f64());
 
         let tail = log[log.len().saturating_sub(60)..].join("\n");
         assert!(
@@ -160,51 +130,6 @@ mod host {
                 log.iter().any(|l| l.trim_end() == step_done(step)),
                 "step {step:?} did not report success in the VM:\n{tail}"
             );
-        }
-    }
-
-    /// The newest `NAME-<hash>` executable in `deps`.
-    fn newest_test_binary(deps: &Path, name: &str) -> Option<PathBuf> {
-        let prefix = format!("{name}-");
-        std::fs::read_dir(deps)
-            .ok()?
-            .filter_map(Result::ok)
-            .filter(|e| {
-                let n = e.file_name();
-                let n = n.to_string_lossy();
-                n.strip_prefix(&prefix)
-                    .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            })
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                let runnable = m.is_file() && m.permissions().mode() & 0o111 != 0;
-                runnable.then_some((m.modified().ok()?, e.path()))
-            })
-            .max()
-            .map(|(_, p)| p)
-    }
-
-    /// A private copy of the binaries, laid out like `target/debug` so the
-    /// test binaries find the agent next to them; removed on drop.
-    struct Snapshot(PathBuf);
-
-    impl Snapshot {
-        fn new() -> Self {
-            let dir = std::env::temp_dir().join(format!("sinew-k61-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(dir.join("deps")).expect("create the binary snapshot directory");
-            Self(dir)
-        }
-
-        fn copy(&self, src: &Path, rel: &Path) {
-            std::fs::copy(src, self.0.join(rel))
-                .unwrap_or_else(|e| panic!("cannot copy {} into the VM snapshot: {e}", src.display()));
-        }
-    }
-
-    impl Drop for Snapshot {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 }
@@ -418,7 +343,7 @@ mod guest {
             "node1",
             &UpOptions {
                 ready: Some(&ready),
-                agent_timeout: Duration::from_secs(120),
+                agent_timeout: sinew_testvms::lab::default_agent_timeout().max(Duration::from_secs(120)),
             },
         )
         .unwrap_or_else(|e| panic!("node1's agent did not come back: {e}"));

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs a command as root inside a qemu VM that boots Debian 12's 6.1 kernel
-# with this machine's userspace (virtme-ng over 9p), and exits with the
-# command's exit code. The 6.1 kernel has no TCX, so the agent's clsact
-# attach path is what runs there.
+# Runs a command as root inside a qemu VM that boots one of Debian 12's
+# kernels (6.1 by default, or 6.12 from bookworm-security) with this
+# machine's userspace (virtme-ng over 9p), and exits with the command's exit
+# code. The 6.1 kernel has no TCX, so the agent's clsact attach path is what
+# runs there; both have WireGuard, which this machine's kernel lacks.
 #
 #   test-vms/vm/run-in-vm.sh [--] COMMAND [ARG...]
 #
@@ -11,7 +12,8 @@
 # kernel is not changed), virtme-ng (pip). Needs root.
 #
 # Environment:
-#   SINEW_VM_KERNEL   vmlinuz to boot (default: newest /boot/vmlinuz-6.1.*)
+#   SINEW_VM_SERIES   kernel series to boot: 6.1 (default) or 6.12
+#   SINEW_VM_KERNEL   vmlinuz to boot (default: newest /boot/vmlinuz-SERIES.*)
 #   SINEW_VM_MEMORY   guest memory (default 2G)
 #   SINEW_VM_CPUS     guest CPUs (default 2)
 #   SINEW_VM_TIMEOUT  seconds before the VM is killed (default 900)
@@ -28,11 +30,16 @@ if [ "${1:-}" = "--in-guest" ]; then
   # The serial console mangles long output; the host streams this file.
   exec >"$share/out" 2>&1
   echo "run-in-vm: guest kernel $(uname -r)"
+  # Memory over time, for the host to show when the guest dies.
+  (while :; do
+    echo "$(cut -d' ' -f1 /proc/uptime) s: $(awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo) MiB available"
+    sleep 5
+  done) >"$share/mem" 2>&1 &
   mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
   # /run must be a private tmpfs: /run/netns bind mounts and agent sockets.
   if [ "$(stat -f -c %T /run)" != "tmpfs" ]; then mount -t tmpfs tmpfs /run; fi
   mkdir -p /run/netns
-  for m in veth vxlan bridge sch_ingress cls_bpf act_bpf sctp; do
+  for m in veth vxlan bridge sch_ingress cls_bpf act_bpf sctp wireguard xfrm_user esp4 xfrm_interface; do
     modprobe -q "$m" 2>/dev/null || echo "run-in-vm: module $m not loaded (built in or missing)"
   done
   ip link set lo up || true
@@ -67,9 +74,10 @@ apt_install() {
 
 # The newest 6.1 kernel whose modules are installed too (the guest loads
 # veth, vxlan, cls_bpf... from the host's /lib/modules over 9p).
+series=${SINEW_VM_SERIES:-6.1}
 find_kernel() {
   local k
-  for k in /boot/vmlinuz-6.1.*; do
+  for k in /boot/vmlinuz-"$series".*; do
     [ -f "$k" ] && [ -d "/lib/modules/${k#/boot/vmlinuz-}" ] && printf '%s\n' "$k"
   done | sort -V | tail -n1 | grep .
 }
@@ -83,11 +91,11 @@ find_vng() {
 
 apt_install qemu-system-x86 kmod iproute2 python3
 kernel=${SINEW_VM_KERNEL:-$(find_kernel || true)}
-if [ -z "$kernel" ]; then
+if [ -z "$kernel" ] && [ "$series" = 6.1 ]; then
   apt_install linux-image-amd64
   kernel=$(find_kernel || true)
 fi
-[ -n "$kernel" ] && [ -f "$kernel" ] || die "no Debian 6.1 kernel in /boot with modules in /lib/modules (apt-get install linux-image-amd64 on Debian 12)"
+[ -n "$kernel" ] && [ -f "$kernel" ] || die "no Debian $series kernel in /boot with modules in /lib/modules (6.1: apt-get install linux-image-amd64 on Debian 12; 6.12: scripts/install-deps.sh installs linux-image-6.12.*+deb12-amd64-unsigned from bookworm-security)"
 kver=${kernel#/boot/vmlinuz-}
 [ -r "$kernel" ] || die "cannot read $kernel"
 [ -d "/lib/modules/$kver" ] || die "no /lib/modules/$kver for $kernel: install its linux-image package"
@@ -124,7 +132,7 @@ timeout --kill-after=10 "${SINEW_VM_TIMEOUT:-900}" \
   "$vng" --run "$kernel" "${accel[@]}" --force-9p \
     --memory "${SINEW_VM_MEMORY:-2G}" --cpus "${SINEW_VM_CPUS:-2}" \
     --rwdir "$share" --cwd "$PWD" \
-    --exec "bash $share/cmd" </dev/null >"$share/console" 2>&1
+    --verbose --exec "bash $share/cmd" </dev/null >"$share/console" 2>&1
 vng_rc=$?
 set -e
 sleep 1
@@ -132,9 +140,13 @@ kill "$tailer" 2>/dev/null || true
 wait "$tailer" 2>/dev/null || true
 echo "run-in-vm: VM exited after $((SECONDS - start)) s" >&2
 if [ ! -s "$share/rc" ]; then
-  echo "run-in-vm: last lines of the VM console:" >&2
-  tail -n 30 "$share/console" >&2 || true
+  echo "run-in-vm: last lines of the VM console (kernel messages):" >&2
+  tail -n 60 "$share/console" >&2 || true
+  echo "run-in-vm: guest memory, last samples:" >&2
+  tail -n 6 "$share/mem" >&2 || true
   [ $vng_rc -eq 124 ] && die "the VM did not finish within ${SINEW_VM_TIMEOUT:-900} s"
   die "the command left no exit code: the VM failed to boot or crashed (vng exit $vng_rc)"
 fi
+low=$(awk '{print $(NF-2)}' "$share/mem" 2>/dev/null | sort -n | head -n1)
+[ -n "$low" ] && echo "run-in-vm: guest memory low point: $low MiB available of ${SINEW_VM_MEMORY:-2G}" >&2
 exit "$(cat "$share/rc")"

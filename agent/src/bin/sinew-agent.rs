@@ -15,9 +15,17 @@ struct Args {
     /// This node's name, as in its Node resource.
     #[arg(long, env = "SINEW_NODE_NAME")]
     node_name: String,
+    /// Where desired state comes from: local (the --datastore directory)
+    /// or kubernetes (the API server).
+    #[arg(long, default_value = "local")]
+    datastore_kind: daemon::DatastoreKind,
     /// Directory of the local datastore (Kubernetes-shaped YAML).
     #[arg(long, default_value = "/etc/sinew/datastore")]
     datastore: PathBuf,
+    /// With --datastore-kind kubernetes: the kubeconfig to reach the API
+    /// (default: the pod's ServiceAccount, or $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Unix socket of the agent API.
     #[arg(long, default_value = sinew_proto::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -143,6 +151,11 @@ struct Args {
     /// encrypt.
     #[arg(long, default_value_t = 2)]
     wireguard_queues: usize,
+    /// Which WireGuard device: auto (the kernel's where it has WireGuard,
+    /// else the agent's userspace one), kernel (or refuse to start), or
+    /// userspace.
+    #[arg(long, default_value = "auto")]
+    wireguard_implementation: sinew_agent::encryption::Implementation,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -162,7 +175,9 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let cfg = AgentConfig {
         node_name: a.node_name,
+        datastore_kind: a.datastore_kind,
         datastore: a.datastore,
+        kubeconfig: a.kubeconfig,
         socket: a.socket,
         state_dir: a.state_dir,
         bpf_root: a.bpf_root,
@@ -197,6 +212,7 @@ fn main() -> anyhow::Result<()> {
             encrypt_node: a.encrypt_node,
             port: a.wireguard_port,
             queues: a.wireguard_queues,
+            implementation: a.wireguard_implementation,
         },
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.

@@ -76,7 +76,14 @@ fn endpoint(ip: Ipv4Addr, port: u16, peer: Option<&Peer>, fallback_identity: u32
 pub fn enrich_l7(f: &sinew_proto::proxy_v1::L7Flow, idx: Names<'_>, sequence: u64) -> pb::Flow {
     use sinew_proto::proxy_v1 as px;
     let side = |ip: &str, port: u32, identity: u32, ns: &str, name: &str| {
-        let peer = ip.parse::<Ipv4Addr>().ok().and_then(|a| idx.peer(a));
+        // An address that names another identity than the proxy judged
+        // (another node's proxy speaking for a pod): named as the proxy
+        // named it.
+        let peer = ip
+            .parse::<Ipv4Addr>()
+            .ok()
+            .and_then(|a| idx.peer(a))
+            .filter(|p| identity == 0 || p.identity == identity);
         let mut e = match (ip.parse::<Ipv4Addr>(), peer) {
             (Ok(a), Some(p)) => endpoint(a, port as u16, Some(p), identity),
             _ => pb::Endpoint {

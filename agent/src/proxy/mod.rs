@@ -227,10 +227,26 @@ impl Publisher {
     }
 }
 
+/// Where the proxy's control stream is served and what starts the proxy:
+/// the part of the agent's settings the proxy side needs.
+pub struct Launch {
+    /// The control socket (`--proxy-socket`).
+    pub proxy_socket: PathBuf,
+    /// The proxy binary to supervise (`--proxy-binary`); none: the agent
+    /// starts no proxy and waits for one to connect.
+    pub proxy_binary: Option<PathBuf>,
+    /// The proxy's listener ports (`--proxy-ports`).
+    pub proxy_ports: crate::proxy_redirect::ProxyPorts,
+    /// The agent's state directory (the proxy's log lives there).
+    pub state_dir: PathBuf,
+    /// The datapath's pinned `sinew_proxy_src` map, passed to the proxy.
+    pub source_map: Option<PathBuf>,
+}
+
 /// Serves the proxy's control stream and, with `--proxy-binary`, starts
 /// the supervisor.
 pub async fn start(
-    cfg: &crate::daemon::AgentConfig,
+    cfg: &Launch,
     publisher: Arc<Publisher>,
     flows: control::FlowSink,
     listener_map: PathBuf,
@@ -251,6 +267,7 @@ pub async fn start(
                 socket: cfg.proxy_socket.clone(),
                 ports: cfg.proxy_ports,
                 state_dir: cfg.state_dir.clone(),
+                source_map: cfg.source_map.clone(),
             };
             publisher.set_proxy_log(Some(sup.log_file()));
             tokio::spawn(supervisor::supervise(sup));

@@ -41,6 +41,8 @@ pub struct SupervisorConfig {
     pub socket: PathBuf,
     pub ports: ProxyPorts,
     pub state_dir: PathBuf,
+    /// The pinned `sinew_proxy_src` map (`--source-map` of the proxy).
+    pub source_map: Option<PathBuf>,
 }
 
 impl SupervisorConfig {
@@ -62,6 +64,13 @@ impl SupervisorConfig {
             "--egress".into(),
             format!("0.0.0.0:{}", self.ports.egress),
         ]
+        .into_iter()
+        .chain(
+            self.source_map
+                .iter()
+                .flat_map(|m| ["--source-map".into(), m.display().to_string()]),
+        )
+        .collect()
     }
 
     /// Whether `cmdline` is a proxy this agent may adopt: the same
@@ -160,6 +169,7 @@ mod tests {
                 egress: 15001,
             },
             state_dir: "/var/lib/sinew".into(),
+            source_map: Some("/sys/fs/bpf/sinew/maps/sinew_proxy_src".into()),
         }
     }
 
@@ -174,6 +184,10 @@ mod tests {
         assert!(!c.is_our_proxy(&line), "another agent's proxy");
         assert!(!c.is_our_proxy(&["sleep".into(), "--agent-socket".into(), "/run/sinew/proxy.sock".into()]));
         assert_eq!(c.args()[3], "0.0.0.0:15006");
+        assert_eq!(
+            c.args()[6..],
+            ["--source-map", "/sys/fs/bpf/sinew/maps/sinew_proxy_src"]
+        );
     }
 
     #[test]

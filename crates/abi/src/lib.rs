@@ -68,6 +68,10 @@ pub mod maps {
     /// LRU hash, a new SYN's tuple that met a TIME_WAIT → the proxy
     /// listener's port (written by TC, consumed by `proxy_lookup`).
     pub const PROXY_TW: &str = "sinew_proxy_tw";
+    /// LRU hash, the tuple of a SYN handed to the ingress proxy (as in
+    /// `PROXY_TW`) → the source identity the datapath judged it as (`u32`;
+    /// written by TC, read by the proxy).
+    pub const PROXY_SRC: &str = "sinew_proxy_src";
     /// Sockhash, port (`u32`) → the proxy's listener on it.
     pub const PROXY_LISTENERS: &str = "sinew_proxy_listeners";
 }

@@ -23,12 +23,24 @@
 //! - every request recorded as RBAC sees it ([`Seen`]), and
 //!   [`rbac::check`] to fail on one the RBAC in deploy/ would deny.
 //!
+//! - custom resources validated against the schemas of the CRDs given to
+//!   [`FakeApi::install_crds`] (422 `Invalid`, see [`schema`]), and their
+//!   status subresource: a write to the object keeps its status, a write
+//!   to `/status` changes only the status (404 when there is no object);
+//!   Once any CRD is installed, a custom resource without one is 404, as
+//!   on a cluster where it is not installed;
+//! - [`FakeApi::start_with`] serves on a listener the caller binds (in
+//!   another network namespace, say), bound again by [`FakeApi::restore`].
+//!
 //! Simplifications: server-side apply merges the applied configuration
 //! into the object (maps merged, lists replaced) and records the manager,
 //! but does not track field ownership (a field dropped from a later apply
 //! stays); label selectors are refused with 400 rather than ignored.
 
+pub mod mirror;
 pub mod rbac;
+pub mod scale;
+pub mod schema;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -192,6 +204,7 @@ struct Store {
     seen: Vec<Seen>,
     /// Accept loop and connections, aborted by a cut.
     tasks: Vec<AbortHandle>,
+    crds: schema::Crds,
 }
 
 fn status(code: StatusCode, reason: &str, msg: &str) -> (StatusCode, Value) {
@@ -276,6 +289,16 @@ impl Store {
             namespace: t.namespace.clone(),
             name: t.name.clone(),
         });
+        if !self.serves(&t) {
+            return Reply::Json(status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!(
+                    "the server could not find the requested resource ({}.{})",
+                    t.resource, t.group
+                ),
+            ));
+        }
         if query.contains_key("labelSelector") {
             return Reply::Json(status(
                 StatusCode::BAD_REQUEST,
@@ -354,6 +377,16 @@ impl Store {
                 obj["metadata"]["namespace"] = t.namespace.clone().map(Value::from).unwrap_or(Value::Null);
                 obj["apiVersion"] = json!(api_version(&t));
                 obj["kind"] = json!(kind);
+                if let Some(crd) = self.crd(&t) {
+                    if crd.status {
+                        if let Some(o) = obj.as_object_mut() {
+                            o.remove("status");
+                        }
+                    }
+                }
+                if let Err(r) = self.validate(&t, &name, &obj) {
+                    return r;
+                }
                 let stored = self.write(key(&name), Some(obj));
                 Reply::Json((StatusCode::CREATED, stored.unwrap_or_default()))
             }
@@ -406,6 +439,25 @@ impl Store {
                 let mut new = new;
                 new["apiVersion"] = json!(api_version(&t));
                 new["kind"] = json!(kind);
+                if self.crd(&t).is_some_and(|c| c.status) {
+                    let old = self.objects.get(&key(&name));
+                    if t.sub.as_deref() == Some("status") {
+                        let Some(old) = old else {
+                            return Reply::Json(not_found(&t));
+                        };
+                        let status = new["status"].clone();
+                        new = old.clone();
+                        new["status"] = status;
+                    } else if let Some(o) = new.as_object_mut() {
+                        match old.map(|o| &o["status"]).filter(|s| !s.is_null()) {
+                            Some(st) => o.insert("status".into(), st.clone()),
+                            None => o.remove("status"),
+                        };
+                    }
+                }
+                if let Err(r) = self.validate(&t, &name, &new) {
+                    return r;
+                }
                 let stored = self.write(key(&name), Some(new));
                 Reply::Json((StatusCode::OK, stored.unwrap_or_default()))
             }
@@ -426,6 +478,34 @@ impl Store {
                 "unsupported",
             )),
         }
+    }
+
+    /// Built-in groups always; custom ones once their CRD is installed
+    /// (every resource while none is, for tests that need no schemas).
+    fn serves(&self, t: &Target) -> bool {
+        const BUILTIN: [&str; 5] = [
+            "",
+            "discovery.k8s.io",
+            "networking.k8s.io",
+            "coordination.k8s.io",
+            "rbac.authorization.k8s.io",
+        ];
+        self.crds.is_empty() || BUILTIN.contains(&t.group.as_str()) || self.crd(t).is_some()
+    }
+
+    fn crd(&self, t: &Target) -> Option<&schema::Crd> {
+        self.crds.get(&(t.group.clone(), t.resource.clone()))
+    }
+
+    /// 422 when `obj` breaks its CRD's schema.
+    fn validate(&self, t: &Target, name: &str, obj: &Value) -> Result<(), Reply> {
+        let Some(crd) = self.crd(t) else { return Ok(()) };
+        let errs = schema::validate(&crd.schema, obj);
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let msg = format!("{}.{} \"{name}\" is invalid: {}", crd.kind, t.group, errs.join(", "));
+        Err(Reply::Json(status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &msg)))
     }
 
     fn watch(&mut self, t: &Target, filter: Filter, query: &BTreeMap<String, String>) -> Reply {
@@ -511,12 +591,29 @@ pub struct FakeApi {
     addr: SocketAddr,
     store: Arc<Mutex<Store>>,
     bookmarks: AbortHandle,
+    bind: Option<Bind>,
 }
+
+/// Binds the listener of [`FakeApi::start_with`], each time it is called.
+pub type Bind = Box<dyn Fn() -> std::io::Result<std::net::TcpListener> + Send + Sync>;
 
 impl FakeApi {
     /// Starts on a free port of 127.0.0.1. Needs a Tokio runtime.
     pub async fn start() -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve_on(listener, None)
+    }
+
+    /// Starts on the listener `bind` returns (one bound in another network
+    /// namespace, say), and calls it again to listen after a cut. It must
+    /// bind the same address each time.
+    pub async fn start_with(bind: Bind) -> anyhow::Result<Self> {
+        let listener = bind()?;
+        listener.set_nonblocking(true)?;
+        Self::serve_on(TcpListener::from_std(listener)?, Some(bind))
+    }
+
+    fn serve_on(listener: TcpListener, bind: Option<Bind>) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let store = Arc::new(Mutex::new(Store::default()));
         serve(listener, store.clone());
@@ -528,7 +625,12 @@ impl FakeApi {
             }
         })
         .abort_handle();
-        Ok(FakeApi { addr, store, bookmarks })
+        Ok(FakeApi {
+            addr,
+            store,
+            bookmarks,
+            bind,
+        })
     }
 
     /// `http://127.0.0.1:PORT`
@@ -598,6 +700,15 @@ impl FakeApi {
         s.log.clear();
     }
 
+    /// Serves the custom resources of the CRDs in `yaml` (e.g.
+    /// deploy/crds/sinew.io.yaml): their writes are validated against the
+    /// schema and honour the status subresource.
+    pub fn install_crds(&self, yaml: &str) -> anyhow::Result<()> {
+        let crds = schema::parse(yaml)?;
+        self.store.lock().unwrap().crds.extend(crds);
+        Ok(())
+    }
+
     /// Sends a BOOKMARK to every watch that allowed them.
     pub fn bookmark(&self) {
         self.store.lock().unwrap().bookmark();
@@ -627,7 +738,14 @@ impl FakeApi {
 
     /// Listens again on the same port after [`FakeApi::cut`].
     pub async fn restore(&self) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(self.addr).await?;
+        let listener = match &self.bind {
+            Some(bind) => {
+                let l = bind()?;
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)?
+            }
+            None => TcpListener::bind(self.addr).await?,
+        };
         serve(listener, self.store.clone());
         Ok(())
     }

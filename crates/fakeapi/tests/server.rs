@@ -178,3 +178,68 @@ async fn requests_are_recorded_and_checked_against_deploy_rbac() {
     // The agent may list pods but never delete one.
     assert_eq!(rbac::denied(&agent, &seen), seen[1..]);
 }
+
+/// Custom resources are validated against deploy/crds' schemas (422 with
+/// the field in the message) and honour the status subresource
+/// (<https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#status-subresource>).
+#[tokio::test]
+async fn custom_resources_are_validated_and_have_a_status_subresource() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let fake = FakeApi::start().await.unwrap();
+    let crds =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/crds/sinew.io.yaml")).unwrap();
+    fake.install_crds(&crds).unwrap();
+    let ar = |kind: &str| ApiResource::from_gvk(&GroupVersionKind::gvk("sinew.io", "v1alpha1", kind));
+    let ids: Api<DynamicObject> = Api::all_with(client(&fake), &ar("SinewIdentity"));
+    let obj = |name: &str, value: &str| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "sinew.io/v1alpha1", "kind": "SinewIdentity",
+            "metadata": {"name": name}, "spec": {"securityLabels": {"app": value}}}))
+        .unwrap()
+    };
+    ids.create(&PostParams::default(), &obj("300", "web")).await.unwrap();
+    match ids.create(&PostParams::default(), &obj("301", &"x".repeat(64))).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+            assert!(
+                s.message
+                    .contains("spec.securityLabels.app in body should be at most 63 chars long"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("a 64-character label value: expected 422, got {other:?}"),
+    }
+
+    let eps: Api<DynamicObject> = Api::namespaced_with(client(&fake), "default", &ar("SinewEndpoint"));
+    let status = json!({"apiVersion": "sinew.io/v1alpha1", "kind": "SinewEndpoint", "metadata": {"name": "p"}, "spec": {},
+                        "status": {"node": "a", "ipv4": "10.0.0.1", "identity": 300}});
+    match eps
+        .patch_status("p", &PatchParams::apply("t"), &Patch::Apply(&status))
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 404, "status of no object"),
+        other => panic!("expected 404, got {other:?}"),
+    }
+    let created = eps
+        .patch("p", &PatchParams::apply("t"), &Patch::Apply(&status))
+        .await
+        .unwrap();
+    assert!(
+        created.data.get("status").is_none(),
+        "a write to the object ignores its status"
+    );
+    let with = eps
+        .patch_status("p", &PatchParams::apply("t"), &Patch::Apply(&status))
+        .await
+        .unwrap();
+    assert_eq!(with.data["status"]["ipv4"], "10.0.0.1");
+    let mut bad = status.clone();
+    bad["status"]["ipv4"] = json!("10.0.0");
+    match eps
+        .patch_status("p", &PatchParams::apply("t"), &Patch::Apply(&bad))
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(s.message.contains("status.ipv4 in body should match"), "{}", s.message),
+        other => panic!("expected 422, got {other:?}"),
+    }
+}

@@ -22,14 +22,17 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 
 const READ: &[&str] = &["get", "list", "watch"];
 
-/// The agent reads the cluster's desired state, creates identities (never
-/// deletes them: GC is the operator's), publishes its endpoints and its
-/// node's status.
+/// The agent watches the cluster's desired state (list and watch, no
+/// get), creates identities (and reads back one whose create conflicted;
+/// it never deletes them: GC is the operator's), server-side applies and
+/// deletes its endpoints, and patches its endpoints' and node's status:
+/// exactly the requests of crates/kubestore, which its tests check.
 pub fn agent_rules() -> Vec<PolicyRule> {
+    const WATCH: &[&str] = &["list", "watch"];
     vec![
-        rule(&[""], &["pods", "namespaces", "nodes", "services"], READ),
-        rule(&["discovery.k8s.io"], &["endpointslices"], READ),
-        rule(&["networking.k8s.io"], &["networkpolicies"], READ),
+        rule(&[""], &["pods", "namespaces", "nodes", "services"], WATCH),
+        rule(&["discovery.k8s.io"], &["endpointslices"], WATCH),
+        rule(&["networking.k8s.io"], &["networkpolicies"], WATCH),
         rule(
             &["sinew.io"],
             &[
@@ -39,18 +42,14 @@ pub fn agent_rules() -> Vec<PolicyRule> {
                 "sinewidentities",
                 "sinewendpoints",
             ],
-            READ,
+            WATCH,
         ),
-        rule(&["sinew.io"], &["sinewidentities"], &["create"]),
-        rule(
-            &["sinew.io"],
-            &["sinewendpoints"],
-            &["create", "patch", "update", "delete"],
-        ),
+        rule(&["sinew.io"], &["sinewidentities"], &["get", "create"]),
+        rule(&["sinew.io"], &["sinewendpoints"], &["patch", "delete"]),
         rule(
             &["sinew.io"],
             &["sinewendpoints/status", "sinewnodes/status"],
-            &["patch", "update"],
+            &["patch"],
         ),
     ]
 }

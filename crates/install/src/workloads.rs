@@ -108,6 +108,8 @@ pub fn conflist() -> serde_json::Value {
 pub fn agent_args(s: &Settings) -> Vec<String> {
     let mut args = vec![
         "--node-name=$(SINEW_NODE_NAME)".to_string(),
+        // The API through the pod's ServiceAccount (deploy/rbac.yaml).
+        "--datastore-kind=kubernetes".into(),
         format!("--routing={}", s.routing),
         format!("--uplink={}", s.uplink),
         "--bpf-root=/sys/fs/bpf/sinew".into(),

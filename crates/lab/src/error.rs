@@ -41,6 +41,12 @@ pub enum LabError {
     /// bpffs could not be mounted or pins removed.
     #[error(transparent)]
     Bpffs(#[from] BpffsError),
+    /// The fake Kubernetes API server of a lab could not start.
+    #[error("the lab's Kubernetes API server (sinew-fakeapi): {reason}")]
+    KubeApi {
+        /// What went wrong.
+        reason: String,
+    },
     /// `up` found an existing state file.
     #[error("a lab is already up with state in {0}: run `sinew lab down` first")]
     AlreadyUp(PathBuf),

@@ -1,6 +1,7 @@
 //! The simulated cluster behind `sinew lab`, kernel integration tests and
 //! benchmarks: node and pod network namespaces on one machine, connected by
-//! veths and a bridge ([`topology`]), a `local` datastore, one
+//! veths and a bridge ([`topology`]), a `local` datastore (or the fake
+//! Kubernetes API of `sinew-fakeapi`, [`kube`]), one
 //! `sinew-agent` per node and pods wired by `sinew-cni`; users' own
 //! Namespace and Pod documents ([`manifest`]).
 //!
@@ -20,6 +21,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
 pub mod datastore;
+pub mod kube;
 pub mod manifest;
 pub mod netns;
 pub mod process;
@@ -42,8 +44,8 @@ pub use guard::{tail, LabGuard};
 pub use lab::Lab;
 pub use netns::{command_in, sh, NetNs};
 pub use spec::{
-    default_state_dir, Binaries, LabSpec, Routing, UpOptions, DEFAULT_AGENT_TIMEOUT, DEFAULT_STATE_ROOT, POD_IFNAME,
-    POD_NAMESPACE, SOCKET_ROOT,
+    default_agent_timeout, default_state_dir, Binaries, LabSpec, Routing, UpOptions, DEFAULT_AGENT_TIMEOUT,
+    DEFAULT_STATE_ROOT, POD_IFNAME, POD_NAMESPACE, SOCKET_ROOT,
 };
 pub use state::{NodeRecord, PodRecord, STATE_FILE};
 pub use teardown::DownSummary;

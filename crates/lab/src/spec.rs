@@ -212,11 +212,22 @@ pub struct UpOptions<'a> {
     pub agent_timeout: Duration,
 }
 
+/// The agent timeout: `SINEW_LAB_AGENT_TIMEOUT` seconds when set (slow
+/// machines, such as a VM under TCG, where an agent's start takes longer),
+/// else [`DEFAULT_AGENT_TIMEOUT`].
+pub fn default_agent_timeout() -> Duration {
+    std::env::var("SINEW_LAB_AGENT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(DEFAULT_AGENT_TIMEOUT, Duration::from_secs)
+}
+
 impl Default for UpOptions<'_> {
     fn default() -> Self {
         Self {
             ready: None,
-            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            agent_timeout: default_agent_timeout(),
         }
     }
 }

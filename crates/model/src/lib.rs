@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod fsutil;
+pub mod ipsec;
 pub mod local;
 pub mod procfs;
 mod resources;
@@ -45,6 +46,11 @@ pub enum DatastoreError {
     /// in force stays as it was.
     #[error("the datastore {backend} is unreachable: {reason}; check the connection to it, the agent keeps enforcing the last state it read")]
     Unavailable { backend: String, reason: String },
+    /// The store refused the write as invalid or not permitted
+    /// (Kubernetes: 422 Invalid, 403 Forbidden), with its message.
+    /// Nothing was written; repeating the same write fails the same way.
+    #[error("the datastore refused to write {what}: {message}")]
+    Rejected { what: String, message: String },
 }
 
 impl DatastoreError {

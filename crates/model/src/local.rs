@@ -544,6 +544,18 @@ mod write_tests {
         let snap = read_dir_snapshot(dir.path(), 0).unwrap();
         assert!(snap.errors.is_empty(), "{:?}", snap.errors);
         assert_eq!(snap.node_keys["node1"].wireguard_public_key, key);
+        // As the operator creates it, before the agent publishes a key.
+        std::fs::write(
+            dir.path().join("sinewnodes/node3.yaml"),
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewNode\nmetadata:\n  name: node3\nspec:\n  podCIDRs: [10.0.3.0/24]\n",
+        )
+        .unwrap();
+        let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert!(
+            snap.errors.is_empty() && !snap.node_keys.contains_key("node3"),
+            "{:?}",
+            snap.errors
+        );
 
         for (bad, says) in [("AAAA", "3 bytes"), ("not*base64", "not base64")] {
             ds.publish_node_key("node2", bad).unwrap();

@@ -297,6 +297,61 @@ impl Snapshot {
         snap
     }
 
+    /// [`Snapshot::from_documents_after`] from sources parsed one at a
+    /// time: each part is `Snapshot::from_documents` of one source with at
+    /// least one document (a store that keeps its objects parsed, as the
+    /// kubernetes backend does, re-parses only what changed). The same
+    /// documents give the same snapshot either way: a key two sources
+    /// define is a `Duplicate` for the later one, an invalid source keeps
+    /// what it held in `previous`, NodePorts stay with their services.
+    pub fn from_parts_after<'a>(parts: impl IntoIterator<Item = &'a Snapshot>, previous: Option<&Snapshot>) -> Self {
+        let mut snap = Snapshot::default();
+        for p in parts {
+            let e = &mut snap.errors;
+            e.extend(p.errors.iter().cloned());
+            unique(&mut snap.nodes, &p.nodes, e, "Node", |k| k.clone(), |v| &v.source);
+            unique(
+                &mut snap.pods,
+                &p.pods,
+                e,
+                "Pod",
+                |k| format!("{}/{}", k.0, k.1),
+                |v| &v.source,
+            );
+            let services = |k: &(String, String)| format!("{}/{}", k.0, k.1);
+            unique(&mut snap.services, &p.services, e, "Service", services, |v| &v.source);
+            unique(
+                &mut snap.endpoint_slices,
+                &p.endpoint_slices,
+                e,
+                "EndpointSlice",
+                services,
+                |v| &v.source,
+            );
+            unique(
+                &mut snap.node_keys,
+                &p.node_keys,
+                e,
+                "SinewNode",
+                |k| k.clone(),
+                |v| &v.source,
+            );
+            snap.namespaces
+                .extend(p.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+            snap.namespace_sources
+                .extend(p.namespace_sources.iter().map(|(k, v)| (k.clone(), v.clone())));
+            snap.identities
+                .extend(p.identities.iter().map(|(k, v)| (*k, v.clone())));
+            snap.endpoints.extend(p.endpoints.iter().cloned());
+            snap.policies.extend(p.policies.iter().cloned());
+        }
+        if let Some(prev) = previous {
+            snap.keep_in_force(prev, &[]);
+        }
+        snap.finish_services(previous);
+        snap
+    }
+
     /// Whether any object in force came from `file`.
     fn holds(&self, file: &str) -> bool {
         self.nodes.values().any(|n| n.source == file)
@@ -511,8 +566,11 @@ impl Snapshot {
             }
             ("sinew.io/v1alpha1", "SinewNode") => {
                 let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
-                let key = str_at(&value, &["status", "wireguardPublicKey"])
-                    .ok_or_else(|| missing("status.wireguardPublicKey"))?;
+                // The operator creates every node's SinewNode; a node
+                // without encryption never publishes a key.
+                let Some(key) = str_at(&value, &["status", "wireguardPublicKey"]) else {
+                    return Ok(());
+                };
                 if let Err(reason) = check_wireguard_key(&key) {
                     return Err(ResourceError::Invalid {
                         file: source.into(),
@@ -610,6 +668,30 @@ pub fn check_wireguard_key(text: &str) -> Result<(), String> {
             b.len()
         )),
         Err(e) => Err(format!("not base64 ({e}): a WireGuard key is 44 characters of base64")),
+    }
+}
+
+/// Adds `from` to `into`; a key `into` has is a `Duplicate` of `from`'s.
+fn unique<K: Ord + Clone, V: Clone>(
+    into: &mut BTreeMap<K, V>,
+    from: &BTreeMap<K, V>,
+    errors: &mut Vec<ResourceError>,
+    kind: &'static str,
+    name: impl Fn(&K) -> String,
+    source: impl Fn(&V) -> &String,
+) {
+    for (k, v) in from {
+        match into.get(k) {
+            Some(prev) => errors.push(ResourceError::Duplicate {
+                file: source(v).clone(),
+                kind,
+                name: name(k),
+                other: source(prev).clone(),
+            }),
+            None => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
     }
 }
 
@@ -1035,5 +1117,54 @@ mod invalid_update_tests {
                 "{what}: reported: {msgs:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::*;
+
+    fn docs(svc_ip: &str, node_port: u16) -> Vec<(String, String)> {
+        [
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.0.11}]}\n".to_string(),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.9.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.0.19}]}\n".to_string(),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n".to_string(),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: prod, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c}]}\n".to_string(),
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewIdentity\nmetadata: {name: \"300\"}\nspec: {securityLabels: {app: web}}\n".to_string(),
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewEndpoint\nmetadata: {name: p, namespace: prod}\nstatus: {node: n1, ipv4: 10.244.1.5, identity: 300}\n".to_string(),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec: {podSelector: {}}\n".to_string(),
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: prod}}\nspec: {{type: NodePort, clusterIP: {svc_ip}, ports: [{{port: 80, nodePort: {node_port}}}]}}\n"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: aaa, namespace: prod}\nspec: {type: NodePort, clusterIP: 10.96.0.11, ports: [{port: 80, nodePort: 30081}]}\n".to_string(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.1.5]}]\n".to_string(),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| (format!("kubernetes:{i}"), d))
+        .collect()
+    }
+
+    fn both(docs: &[(String, String)], prev: Option<&Snapshot>) -> (Snapshot, Snapshot) {
+        let whole = Snapshot::from_documents_after(docs.iter().map(|(s, t)| (s.clone(), t.as_str())), prev);
+        let parts: Vec<Snapshot> = docs
+            .iter()
+            .map(|(s, t)| Snapshot::from_documents([(s.clone(), t.as_str())]))
+            .collect();
+        (whole, Snapshot::from_parts_after(&parts, prev))
+    }
+
+    #[test]
+    fn parts_assemble_to_what_the_whole_gives() {
+        let (whole, parts) = both(&docs("10.96.0.10", 30080), None);
+        assert_eq!(whole.errors.len(), 1, "the second Node n1: {:?}", whole.errors);
+        assert_eq!(parts, whole);
+        // An invalid update keeps the service in force; a NodePort taken
+        // by another service stays with the one in force.
+        let (whole2, parts2) = both(&docs("10.96.0.999", 30081), Some(&whole));
+        assert!(
+            !whole2.kept.is_empty() && whole2.errors.len() >= 2,
+            "{:?}",
+            whole2.errors
+        );
+        assert_eq!(parts2, whole2);
     }
 }

@@ -39,6 +39,14 @@ pub fn read_u32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
+pub fn read_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+pub fn read_i64(b: &[u8], at: usize) -> Option<i64> {
+    Some(i64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
 pub fn read_i32(b: &[u8], at: usize) -> Option<i32> {
     Some(i32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
@@ -102,6 +110,10 @@ impl MsgBuilder {
         self.attr(ty, &[v]);
     }
 
+    pub fn attr_u16(&mut self, ty: u16, v: u16) {
+        self.attr(ty, &v.to_ne_bytes());
+    }
+
     pub fn attr_u32(&mut self, ty: u16, v: u32) {
         self.attr(ty, &v.to_ne_bytes());
     }
@@ -123,6 +135,16 @@ impl MsgBuilder {
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         Nest(at)
+    }
+
+    /// The length of the message so far (to split long requests).
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Never true: a message always has its header.
+    pub fn is_empty(&self) -> bool {
+        false
     }
 
     pub fn nest_end(&mut self, nest: Nest) {

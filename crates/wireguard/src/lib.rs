@@ -1,12 +1,14 @@
 //! WireGuard for Sinew: the node's key pair ([`keys`]), and the userspace
 //! implementation ([`userspace`]: boringtun's protocol over a multi-queue
-//! TUN device) the agent runs where the kernel has no WireGuard. The kernel
-//! device is configured through `sinew-netlink`'s generic netlink instead;
-//! both take the same [`PeerConfig`]s and report the same [`PeerStatus`].
+//! TUN device) the agent runs where the kernel has no WireGuard, and the
+//! kernel's device ([`kernel`], configured through `sinew-netlink`'s
+//! generic netlink). Both take the same [`PeerConfig`]s and report the same
+//! [`PeerStatus`].
 //!
 //! Never logs or returns a private key: [`keys::PrivateKey`] prints only
 //! its public half.
 
+pub mod kernel;
 pub mod keys;
 mod tun;
 pub mod userspace;

@@ -10,6 +10,7 @@
 //! sinew-probe sctp ADDR:PORT [--count N] [--timeout-ms T]
 //! sinew-probe sctp-serve ADDR:PORT   # prints `listening`, then answers each
 //!                                    # association with `sctp LOCAL`
+//! sinew-probe http ADDR:PORT [--path P] [--http10] [--count N] [--timeout-ms T]
 //! ```
 //!
 //! SCTP uses one-to-one style sockets (SOCK_STREAM, IPPROTO_SCTP); the
@@ -20,6 +21,14 @@
 //! port P+i first and closes with a reset (no TIME_WAIT), so the same ports
 //! can be used again. `--v6` uses an IPv6 socket and the IPv4-mapped
 //! address (::ffff:ADDR), as dual-stack runtimes do.
+//!
+//! `http` sends `GET P` (default `/`) and reads the answer until the server
+//! closes: `ok status=N peer=A:P local=A:P body=TEXT` (TEXT is the rest of
+//! the line, the body's first line). HTTP/1.1 with `Connection: close` by
+//! default; `--http10` sends an HTTP/1.0 request without Host and shuts
+//! down its sending side right after it (a half-close, as `nc -N` and
+//! HTTP/1.0 clients do), so the answer must come over a half-closed
+//! connection.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -34,6 +43,8 @@ struct Opts {
     bind_port: Option<u16>,
     timeout: Duration,
     v6: bool,
+    path: String,
+    http10: bool,
 }
 
 impl Opts {
@@ -64,6 +75,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         bind_port: None,
         timeout: Duration::from_secs(3),
         v6: false,
+        path: "/".into(),
+        http10: false,
     };
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
@@ -71,10 +84,15 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             o.v6 = true;
             continue;
         }
+        if flag == "--http10" {
+            o.http10 = true;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--count" => o.count = v.parse().map_err(|_| "--count: a number")?,
             "--bind-port" => o.bind_port = Some(v.parse().map_err(|_| "--bind-port: a port")?),
+            "--path" => o.path = v.clone(),
             "--timeout-ms" => o.timeout = Duration::from_millis(v.parse().map_err(|_| "--timeout-ms: a number")?),
             other => return Err(format!("unknown flag {other}")),
         }
@@ -196,6 +214,53 @@ fn tcp_hold(o: &Opts) -> bool {
     }
 }
 
+/// One HTTP GET per connection; see the module documentation.
+fn http(o: &Opts) -> bool {
+    let mut all_ok = true;
+    for _ in 0..o.count {
+        let line = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&o.target(), o.timeout)?;
+            s.set_read_timeout(Some(o.timeout))?;
+            let peer = s.peer_addr()?;
+            let local = s.local_addr()?;
+            if o.http10 {
+                s.write_all(format!("GET {} HTTP/1.0\r\n\r\n", o.path).as_bytes())?;
+                s.shutdown(std::net::Shutdown::Write)?;
+            } else {
+                s.write_all(
+                    format!(
+                        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                        o.path, o.addr
+                    )
+                    .as_bytes(),
+                )?;
+            }
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw)?;
+            let text = String::from_utf8_lossy(&raw);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("no complete response head in {} bytes", raw.len()),
+                ));
+            };
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no status code"))?;
+            let first = body.lines().next().unwrap_or_default();
+            Ok(format!("ok status={status} peer={peer} local={local} body={first}"))
+        })()
+        .unwrap_or_else(|e| {
+            all_ok = false;
+            err_line(&e)
+        });
+        println!("{line}");
+    }
+    all_ok
+}
+
 /// A one-to-one style SCTP socket.
 fn sctp_socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) takes no pointers; the result is checked below.
@@ -284,7 +349,7 @@ fn sctp_serve(o: &Opts) -> bool {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        eprintln!("usage: sinew-probe tcp|udp|tcp-hold|sctp|sctp-serve ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T]");
+        eprintln!("usage: sinew-probe tcp|udp|tcp-hold|sctp|sctp-serve|http ADDR:PORT [--count N] [--bind-port P] [--timeout-ms T] [--path P] [--http10]");
         std::process::exit(2);
     };
     let o = match parse(rest) {
@@ -300,8 +365,9 @@ fn main() {
         "tcp-hold" => tcp_hold(&o),
         "sctp" => sctp(&o),
         "sctp-serve" => sctp_serve(&o),
+        "http" => http(&o),
         other => {
-            eprintln!("sinew-probe: unknown mode {other}: use tcp, udp, tcp-hold, sctp or sctp-serve");
+            eprintln!("sinew-probe: unknown mode {other}: use tcp, udp, tcp-hold, sctp, sctp-serve or http");
             std::process::exit(2);
         }
     };
