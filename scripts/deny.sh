@@ -17,6 +17,11 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
   exit 1
 fi
 
+# cargo-deny reads the crates' metadata offline: on a machine that has
+# never built this tree the registry cache is empty, so fetch the locked
+# crates first (a no-op when they are already here).
+cargo fetch --locked
+
 if ! timeout 60 cargo deny fetch db >/dev/null 2>&1; then
   echo "note: cannot refresh the advisory database (offline?); using the last fetched copy" >&2
 fi
