@@ -186,10 +186,19 @@ fn spawn_device(ns: &NetNs, arm: Arm, ifname: &str) -> anyhow::Result<Child> {
     Ok(child)
 }
 
+/// Runs `a && b && ...` in `ns`: each step a command line for [`sh`],
+/// which has no shell; the first failure stops it.
+fn steps(ns: &NetNs, line: &str) -> anyhow::Result<()> {
+    for step in line.split("&&").map(str::trim).filter(|s| !s.is_empty()) {
+        sh(ns, step)?;
+    }
+    Ok(())
+}
+
 /// Addresses, MTU and route of one side's tunnel device.
 fn address(ns: &NetNs, arm: Arm, ifname: &str, me: u8, peer: u8) -> anyhow::Result<()> {
     let i = arm.index();
-    sh(
+    steps(
         ns,
         &format!(
             "ip addr add 10.100.{i}.{me}/32 dev {ifname} && ip link set {ifname} mtu {MTU} up && \
@@ -209,7 +218,7 @@ fn setup(dir: PathBuf) -> anyhow::Result<Setup> {
         dir,
     };
     std::fs::create_dir_all(&s.dir)?;
-    sh(
+    steps(
         &s.a,
         &format!(
             "ip link add ua type veth peer name ub netns {b} && ip addr add {UNDERLAY_A}/24 dev ua && \
@@ -217,7 +226,7 @@ fn setup(dir: PathBuf) -> anyhow::Result<Setup> {
             b = s.b.name()
         ),
     )?;
-    sh(
+    steps(
         &s.b,
         &format!("ip addr add {UNDERLAY_B}/24 dev ub && ip link set ub up"),
     )?;
@@ -272,7 +281,7 @@ fn setup(dir: PathBuf) -> anyhow::Result<Setup> {
         address(&s.a, arm, &ia, 1, 2)?;
         address(&s.b, arm, &ib, 2, 1)?;
         // A first packet through, so the handshake is not in the timing.
-        let ping = format!("ping -c1 -W5 {}", arm.server_addr());
+        let ping = format!("busybox ping -c1 -W5 {}", arm.server_addr());
         sh(&s.a, &ping).with_context(|| format!("no ping through {} after 5 s", arm.name()))?;
     }
     Ok(s)
