@@ -13,6 +13,8 @@
 //!
 //! Both ends derive the same key for a direction (the receiver learns the
 //! sender's epoch from what the sender publishes); A→B differs from B→A.
+//! The SPI on the wire is derived the same way ([`derive_spi`]), so that a
+//! node can hold one inbound SA per peer and key.
 //!
 //! The epoch changes whenever the sender's outbound SAs are created afresh
 //! (a node reboot, a new network namespace): a new key goes with the
@@ -58,10 +60,19 @@ fn push_addr(info: &mut Vec<u8>, a: IpAddr) {
     info.extend_from_slice(&v6.octets());
 }
 
+/// `info` labels: what is derived (a key, a wire SPI), so that the two
+/// never come from the same HKDF output.
+const KEY_LABEL: &[u8] = b"sinew ipsec sa key";
+const SPI_LABEL: &[u8] = b"sinew ipsec sa spi";
+
 /// The `info` of a direction: every field length-prefixed or fixed-size,
 /// so two different inputs never encode alike.
 fn info(spi: u32, from: End<'_>, epoch: u64, to: End<'_>) -> Vec<u8> {
-    let mut info = b"sinew ipsec sa key".to_vec();
+    info_for(KEY_LABEL, spi, from, epoch, to)
+}
+
+fn info_for(label: &[u8], spi: u32, from: End<'_>, epoch: u64, to: End<'_>) -> Vec<u8> {
+    let mut info = label.to_vec();
     info.extend_from_slice(&spi.to_be_bytes());
     push_str(&mut info, from.name);
     push_addr(&mut info, from.addr);
@@ -84,6 +95,31 @@ pub fn derive_key(cluster_key: &[u8], spi: u32, from: End<'_>, epoch: u64, to: E
     let mut out = vec![0u8; cluster_key.len()];
     okm.fill(&mut out).expect("the output buffer has the length asked for");
     out
+}
+
+/// The SPI on the wire of the SA from `from` (epoch `epoch`) to `to` for
+/// the cluster key `spi`. The kernel finds an inbound SA by destination,
+/// SPI and protocol only, not by source: if every sender used the cluster
+/// key's SPI, a node could hold one inbound SA per key, not one per peer
+/// and direction. So each direction gets its own SPI, derived like its key
+/// (both ends compute it), never below 256 (RFC 4303 §2.1). Two senders to
+/// one node collide with odds of about 2^-32 per pair; the agent's add
+/// then fails with EEXIST and that peer stays dropped, never in clear.
+pub fn derive_spi(cluster_key: &[u8], spi: u32, from: End<'_>, epoch: u64, to: End<'_>) -> u32 {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(cluster_key);
+    let info = info_for(SPI_LABEL, spi, from, epoch, to);
+    let parts = [info.as_slice()];
+    let mut out = [0u8; 4];
+    prk.expand(&parts, Len(4))
+        .expect("HKDF-SHA256 gives 4 bytes")
+        .fill(&mut out)
+        .expect("the output buffer has the length asked for");
+    let v = u32::from_be_bytes(out);
+    if v < sinew_model::ipsec::MIN_SPI {
+        v + sinew_model::ipsec::MIN_SPI
+    } else {
+        v
+    }
 }
 
 /// A fresh random epoch (never 0, so that 0 can mean "none published").
@@ -174,6 +210,26 @@ mod tests {
         assert_ne!(derive_key(&cluster, 0x100, b(), 42, a())[32..], ab[32..]);
         // AES-128 keys stay 20 bytes.
         assert_eq!(derive_key(&[7u8; 20], 0x100, a(), 42, b()).len(), 20);
+    }
+
+    #[test]
+    fn wire_spis_are_per_direction_and_never_reserved() {
+        let cluster = [7u8; 36];
+        let ab = derive_spi(&cluster, 0x100, a(), 42, b());
+        assert_eq!(derive_spi(&cluster, 0x100, a(), 42, b()), ab, "both ends agree");
+        assert!(ab >= 256);
+        assert_ne!(derive_spi(&cluster, 0x100, b(), 42, a()), ab, "B→A differs");
+        assert_ne!(derive_spi(&cluster, 0x100, a(), 43, b()), ab, "a new epoch");
+        assert_ne!(derive_spi(&cluster, 0x101, a(), 42, b()), ab, "another cluster key");
+        // Three senders to one node: three inbound SPIs.
+        let c = End {
+            name: "node3",
+            addr: "172.30.0.13".parse().unwrap(),
+        };
+        assert_ne!(derive_spi(&cluster, 0x100, c, 42, b()), ab);
+        // The SPI is not the first bytes of the key (separate labels).
+        let key = derive_key(&cluster, 0x100, a(), 42, b());
+        assert_ne!(u32::from_be_bytes(key[..4].try_into().unwrap()), ab);
     }
 
     #[test]

@@ -195,7 +195,7 @@ fn kernel_has_esp() -> bool {
 /// this asserts the kernel's refusal and the hint instead (never skips).
 #[test]
 fn xfrm_policies_states_and_interface() {
-    use sinew_netlink::xfrm::{Dir, Policy, Prefix, Sa, Selector, Template};
+    use sinew_netlink::xfrm::{Dir, Mode, Policy, Prefix, Sa, Selector, Template};
     use sinew_netlink::Xfrm;
     let has_esp = kernel_has_esp();
     println!("xfrm test: kernel has ESP: {has_esp}");
@@ -203,10 +203,7 @@ fn xfrm_policies_states_and_interface() {
         let mut x = Xfrm::open().unwrap();
         assert_eq!(x.policies().unwrap(), vec![]);
         let (a, b) = (ip("172.30.0.11"), ip("172.30.0.12"));
-        let sel = Selector {
-            src: Prefix::any_like(a),
-            dst: Prefix::new(ip("10.244.2.0"), 24),
-        };
+        let sel = Selector::prefixes(Prefix::any_like(a), Prefix::new(ip("10.244.2.0"), 24));
         let out = Policy {
             sel,
             dir: Dir::Out,
@@ -214,6 +211,7 @@ fn xfrm_policies_states_and_interface() {
             tmpl: Template {
                 src: a,
                 dst: b,
+                mode: Mode::Tunnel,
                 spi: 0x100,
                 reqid: 1,
             },
@@ -229,14 +227,12 @@ fn xfrm_policies_states_and_interface() {
         })
         .unwrap();
         let inbound = Policy {
-            sel: Selector {
-                src: Prefix::new(ip("10.244.2.0"), 24),
-                dst: Prefix::any_like(a),
-            },
+            sel: Selector::prefixes(Prefix::new(ip("10.244.2.0"), 24), Prefix::any_like(a)),
             dir: Dir::In,
             tmpl: Template {
                 src: b,
                 dst: a,
+                mode: Mode::Tunnel,
                 spi: 0,
                 reqid: 0,
             },
@@ -270,9 +266,49 @@ fn xfrm_policies_states_and_interface() {
         assert!(x.delete_policy(&inbound.sel, Dir::In, 0x51).unwrap());
         assert_eq!(x.policies().unwrap(), vec![]);
 
+        // Transport mode between two node addresses, for one UDP port (the
+        // agent's IPsec policy for VXLAN): protocol, port and mode survive
+        // the kernel's round trip; the same pair on another port is
+        // another policy.
+        let vxlan = Policy {
+            sel: Selector {
+                src: Prefix::host(a),
+                dst: Prefix::host(b),
+                proto: 17,
+                dport: 8472,
+            },
+            dir: Dir::Out,
+            priority: 100,
+            tmpl: Template {
+                src: a,
+                dst: b,
+                mode: Mode::Transport,
+                spi: 0x1234,
+                reqid: 9,
+            },
+            if_id: 0,
+        };
+        x.add_policy(&vxlan).unwrap();
+        let other_port = Policy {
+            sel: Selector {
+                dport: 4789,
+                ..vxlan.sel
+            },
+            ..vxlan.clone()
+        };
+        x.add_policy(&other_port).unwrap();
+        let got = x.policies().unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        let p = got.iter().find(|p| p.sel.dport == 8472).expect("the VXLAN policy");
+        assert_eq!((p.sel, p.tmpls.clone(), p.if_id), (vxlan.sel, vec![vxlan.tmpl], 0));
+        assert!(x.delete_policy(&vxlan.sel, Dir::Out, 0).unwrap());
+        assert!(x.delete_policy(&other_port.sel, Dir::Out, 0).unwrap());
+        assert_eq!(x.policies().unwrap(), vec![]);
+
         let sa = Sa {
             src: a,
             dst: b,
+            mode: Mode::Tunnel,
             spi: 0x100,
             reqid: 1,
             key: (1..=20).collect(),
@@ -321,6 +357,14 @@ fn xfrm_policies_states_and_interface() {
         assert_eq!(x.get_sa(a, b, 0x100).unwrap(), None);
         assert!(x.delete_sa(b, a, 0x100).unwrap());
         assert_eq!(x.sas().unwrap(), vec![]);
+        // Transport mode, as the agent's SAs between nodes.
+        let transport = Sa {
+            mode: Mode::Transport,
+            ..sa.clone()
+        };
+        x.add_sa(&transport).unwrap();
+        assert_eq!(x.get_sa(a, b, 0x100).unwrap().expect("transport SA").mode, 0);
+        assert!(x.delete_sa(a, b, 0x100).unwrap());
 
         nl.create_xfrm("sn-xfrm0", 0x51, None).unwrap();
         let l = nl.link_by_name("sn-xfrm0").unwrap().expect("xfrm link");

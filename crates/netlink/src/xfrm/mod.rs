@@ -1,7 +1,7 @@
 //! XFRM (NETLINK_XFRM): IPsec security associations (states) and policies,
-//! as `ip xfrm state` / `ip xfrm policy` make them, for ESP in tunnel mode
-//! with one AEAD (rfc4106(gcm(aes))) and an XFRM interface id (`if_id`) that
-//! ties states and policies to one `xfrm` link.
+//! as `ip xfrm state` / `ip xfrm policy` make them, for ESP in tunnel or
+//! transport mode with one AEAD (rfc4106(gcm(aes))) and an XFRM interface
+//! id (`if_id`) that ties states and policies to one `xfrm` link.
 //!
 //! Every request is a fixed uapi struct (linux/xfrm.h) followed by
 //! attributes. The structs are written byte by byte at the offsets the
@@ -38,6 +38,7 @@ pub const XFRM_POLICY_IN: u8 = 0;
 pub const XFRM_POLICY_OUT: u8 = 1;
 pub const XFRM_POLICY_FWD: u8 = 2;
 pub const XFRM_POLICY_ALLOW: u8 = 0;
+pub const XFRM_MODE_TRANSPORT: u8 = 0;
 pub const XFRM_MODE_TUNNEL: u8 = 1;
 pub const XFRM_STATE_ESN: u8 = 128;
 /// No limit, in a `xfrm_lifetime_cfg` (XFRM_INF).
@@ -97,26 +98,70 @@ impl std::fmt::Display for Prefix {
     }
 }
 
-/// What a policy matches: source and destination prefixes, any protocol
-/// and port. Both prefixes are of one family.
+/// What a policy matches: source and destination prefixes, an IP
+/// protocol (0: any) and a destination port of it (0: any). Both prefixes
+/// are of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selector {
     pub src: Prefix,
     pub dst: Prefix,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+impl Selector {
+    /// Any protocol, any port.
+    pub fn prefixes(src: Prefix, dst: Prefix) -> Self {
+        Selector {
+            src,
+            dst,
+            proto: 0,
+            dport: 0,
+        }
+    }
 }
 
 impl std::fmt::Display for Selector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} -> {}", self.src, self.dst)
+        write!(f, "{} -> {}", self.src, self.dst)?;
+        if self.proto != 0 {
+            write!(f, " proto {}", self.proto)?;
+        }
+        if self.dport != 0 {
+            write!(f, " dport {}", self.dport)?;
+        }
+        Ok(())
     }
 }
 
-/// An ESP state in tunnel mode with rfc4106(gcm(aes)).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How an SA wraps packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// A new outer IP header between the SA's addresses (RFC 4303 §3.1.2).
+    #[default]
+    Tunnel,
+    /// The ESP header after the packet's own IP header: for traffic whose
+    /// addresses are the SA's (RFC 4303 §3.1.1).
+    Transport,
+}
+
+impl Mode {
+    pub fn raw(self) -> u8 {
+        match self {
+            Mode::Tunnel => XFRM_MODE_TUNNEL,
+            Mode::Transport => XFRM_MODE_TRANSPORT,
+        }
+    }
+}
+
+/// An ESP state with rfc4106(gcm(aes)). `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Sa {
-    /// The outer (tunnel) source and destination: the node addresses.
+    /// The outer (tunnel) source and destination, or in transport mode the
+    /// packets' own: the node addresses.
     pub src: IpAddr,
     pub dst: IpAddr,
+    pub mode: Mode,
     /// The SPI (host order here, big-endian on the wire). Not 0.
     pub spi: u32,
     /// The request id policies' templates may ask for (0: any).
@@ -126,6 +171,20 @@ pub struct Sa {
     pub key: Vec<u8>,
     /// The XFRM interface id (0: none).
     pub if_id: u32,
+}
+
+impl std::fmt::Debug for Sa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sa")
+            .field("src", &self.src)
+            .field("dst", &self.dst)
+            .field("mode", &self.mode)
+            .field("spi", &format_args!("{:#x}", self.spi))
+            .field("reqid", &self.reqid)
+            .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .field("if_id", &self.if_id)
+            .finish()
+    }
 }
 
 /// An SA as a dump or a get reports it, with its counters.
@@ -151,12 +210,13 @@ pub struct SaInfo {
     pub integrity_failed: u32,
 }
 
-/// The tunnel-mode ESP template of a policy: packets it matches must go
-/// through (out) or have come through (in, fwd) an SA from `src` to `dst`.
+/// The ESP template of a policy: packets it matches must go through (out)
+/// or have come through (in, fwd) an SA from `src` to `dst` in `mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Template {
     pub src: IpAddr,
     pub dst: IpAddr,
+    pub mode: Mode,
     /// 0: any SPI.
     pub spi: u32,
     /// 0: any request id.
@@ -248,11 +308,16 @@ pub fn selector(sel: &Selector) -> [u8; SELECTOR_LEN] {
     let mut b = [0u8; SELECTOR_LEN];
     put(&mut b, 0, &xfrm_address(sel.dst.addr));
     put(&mut b, 16, &xfrm_address(sel.src.addr));
-    // Ports and their masks (32..40) stay 0: any port.
+    // dport, dport_mask (both big-endian), sport, sport_mask: 0 is any.
+    if sel.dport != 0 {
+        put(&mut b, 32, &sel.dport.to_be_bytes());
+        put(&mut b, 34, &u16::MAX.to_be_bytes());
+    }
     put(&mut b, 40, &u16::from(family(sel.dst.addr)).to_ne_bytes());
     b[42] = sel.dst.len;
     b[43] = sel.src.len;
-    // proto 0 (any), ifindex 0, user 0.
+    b[44] = sel.proto;
+    // ifindex 0, user 0.
     b
 }
 
@@ -269,9 +334,13 @@ fn parse_selector(b: &[u8]) -> Option<Selector> {
         )
     };
     let _ = fam;
+    let dport = u16::from_be_bytes(b.get(32..34)?.try_into().ok()?);
+    let mask = u16::from_be_bytes(b.get(34..36)?.try_into().ok()?);
     Some(Selector {
         dst: Prefix::new(dst, *b.get(42)?),
         src: Prefix::new(src, *b.get(43)?),
+        proto: *b.get(44)?,
+        dport: dport & mask,
     })
 }
 
@@ -294,9 +363,9 @@ fn lifetime_unlimited() -> [u8; LIFETIME_CFG_LEN] {
     b
 }
 
-/// `struct xfrm_usersa_info` (224 bytes) for `sa`: ESP, tunnel mode, ESN
+/// `struct xfrm_usersa_info` (224 bytes) for `sa`: ESP, its mode, ESN
 /// (its replay window then travels in XFRMA_REPLAY_ESN_VAL and this one's
-/// is 0), selector left empty (tunnel mode: the policies choose traffic).
+/// is 0), selector left empty (the policies choose traffic).
 pub fn usersa_info(sa: &Sa) -> [u8; USERSA_INFO_LEN] {
     let mut b = [0u8; USERSA_INFO_LEN];
     // sel (0..56): zero, but of the SA's family.
@@ -307,7 +376,7 @@ pub fn usersa_info(sa: &Sa) -> [u8; USERSA_INFO_LEN] {
     // curlft (160..192), stats (192..204), seq (204): 0.
     put(&mut b, 208, &sa.reqid.to_ne_bytes());
     put(&mut b, 212, &u16::from(family(sa.dst)).to_ne_bytes());
-    b[214] = XFRM_MODE_TUNNEL;
+    b[214] = sa.mode.raw();
     b[215] = 0; // replay_window: in the ESN attribute
     b[216] = XFRM_STATE_ESN;
     b
@@ -345,7 +414,7 @@ pub fn usersa_id(dst: IpAddr, spi: u32) -> [u8; USERSA_ID_LEN] {
     b
 }
 
-/// `struct xfrm_user_tmpl` (64 bytes): ESP in tunnel mode from `t.src` to
+/// `struct xfrm_user_tmpl` (64 bytes): ESP in `t.mode` from `t.src` to
 /// `t.dst`, every algorithm allowed (as iproute2 sends it).
 pub fn user_tmpl(t: &Template) -> [u8; USER_TMPL_LEN] {
     let mut b = [0u8; USER_TMPL_LEN];
@@ -353,7 +422,7 @@ pub fn user_tmpl(t: &Template) -> [u8; USER_TMPL_LEN] {
     put(&mut b, 24, &u16::from(family(t.dst)).to_ne_bytes());
     put(&mut b, 28, &xfrm_address(t.src));
     put(&mut b, 44, &t.reqid.to_ne_bytes());
-    b[48] = XFRM_MODE_TUNNEL;
+    b[48] = t.mode.raw();
     // share 0, optional 0.
     for at in [52, 56, 60] {
         put(&mut b, at, &u32::MAX.to_ne_bytes());
@@ -448,6 +517,11 @@ fn parse_tmpl(b: &[u8]) -> Option<Template> {
         spi: u32::from_be_bytes(b.get(16..20)?.try_into().ok()?),
         src: parse_xfrm_address(fam, b.get(28..44)?)?,
         reqid: read_u32(b, 44)?,
+        mode: if *b.get(48)? == XFRM_MODE_TRANSPORT {
+            Mode::Transport
+        } else {
+            Mode::Tunnel
+        },
     })
 }
 

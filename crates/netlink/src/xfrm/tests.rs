@@ -27,6 +27,7 @@ fn sa() -> Sa {
     Sa {
         src: ip("172.30.0.11"),
         dst: ip("172.30.0.12"),
+        mode: Mode::Tunnel,
         spi: 0x0102_0304,
         reqid: 7,
         key: (1..=20).collect(),
@@ -36,15 +37,13 @@ fn sa() -> Sa {
 
 fn policy() -> Policy {
     Policy {
-        sel: Selector {
-            src: Prefix::new(ip("10.244.1.0"), 24),
-            dst: Prefix::new(ip("10.244.2.0"), 24),
-        },
+        sel: Selector::prefixes(Prefix::new(ip("10.244.1.0"), 24), Prefix::new(ip("10.244.2.0"), 24)),
         dir: Dir::Out,
         priority: 100,
         tmpl: Template {
             src: ip("172.30.0.11"),
             dst: ip("172.30.0.12"),
+            mode: Mode::Tunnel,
             spi: 0x0102_0304,
             reqid: 7,
         },
@@ -89,10 +88,7 @@ fn selector_layout() {
     assert_eq!(parse_selector(&b), Some(policy().sel));
 
     // IPv6 fills the whole xfrm_address_t.
-    let v6 = Selector {
-        src: Prefix::any_like(ip("fd00::1")),
-        dst: Prefix::host(ip("fd00::2")),
-    };
+    let v6 = Selector::prefixes(Prefix::any_like(ip("fd00::1")), Prefix::host(ip("fd00::2")));
     let b = selector(&v6);
     assert_eq!(&b[0..16], &ip6_octets("fd00::2"));
     assert_eq!(read_u16(&b, 40), Some(10));
@@ -247,4 +243,36 @@ fn policy_layouts_and_parse_round_trip() {
         }
     );
     assert_eq!(Dir::from_raw(3), None, "XFRM_POLICY_MASK is no direction");
+}
+
+#[test]
+fn transport_mode_protocol_and_port_and_no_key_in_debug() {
+    let sel = Selector {
+        src: Prefix::host(ip("172.30.0.11")),
+        dst: Prefix::host(ip("172.30.0.12")),
+        proto: 17,
+        dport: 8472,
+    };
+    let b = selector(&sel);
+    assert_eq!(&b[32..34], &8472u16.to_be_bytes(), "dport at 32, big-endian");
+    assert_eq!(&b[34..36], &[0xff, 0xff], "dport_mask at 34: this port only");
+    assert_eq!(&b[36..40], &[0; 4], "any source port");
+    assert_eq!(b[44], 17, "proto at 44");
+    assert_eq!(parse_selector(&b), Some(sel));
+    assert_eq!(sel.to_string(), "172.30.0.11/32 -> 172.30.0.12/32 proto 17 dport 8472");
+
+    let t = Sa {
+        mode: Mode::Transport,
+        ..sa()
+    };
+    assert_eq!(usersa_info(&t)[214], XFRM_MODE_TRANSPORT);
+    let tmpl = Template {
+        mode: Mode::Transport,
+        ..policy().tmpl
+    };
+    let raw = user_tmpl(&tmpl);
+    assert_eq!(raw[48], 0, "transport mode at 48");
+    assert_eq!(parse_tmpl(&raw), Some(tmpl));
+    let shown = format!("{t:?}");
+    assert!(shown.contains("<20 bytes>") && !shown.contains("[1, 2, 3"), "{shown}");
 }
