@@ -44,23 +44,62 @@ type IdentityCache = BTreeMap<PathBuf, (u64, SystemTime, Vec<(u32, BTreeMap<Stri
 struct Watcher {
     dir: PathBuf,
     tx: watch::Sender<Arc<Snapshot>>,
-    /// Last fingerprint and generation published.
-    last: std::sync::Mutex<(Option<Fingerprint>, u64)>,
+    /// Last fingerprint and generation published, and the change held back.
+    last: std::sync::Mutex<Published>,
+}
+
+/// How long a background poll holds back a change that makes a file invalid
+/// while the tree keeps changing (see [`Watcher::poll`]).
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+
+struct Published {
+    fingerprint: Option<Fingerprint>,
+    generation: u64,
+    /// A tree that read with a new error, held back: the fingerprint it had
+    /// and when the first such read was.
+    pending: Option<(Option<Fingerprint>, std::time::Instant)>,
 }
 
 impl Watcher {
     /// Publishes a new snapshot if the tree changed since the last one.
-    fn poll(&self) {
+    ///
+    /// A file written in place (`open(O_TRUNC)` then `write`) can be read
+    /// between the two, empty or half written. What it held stays in force
+    /// either way, but reporting that passing state would log a warning and
+    /// count a rejected update for a file nobody broke. So a background poll
+    /// (`settle`) that reads a new error holds the change back until the tree
+    /// reads the same on the next poll, or for at most [`SETTLE_MAX`] while
+    /// it keeps changing. A change without new errors is published at once,
+    /// and [`Datastore::refresh`] (the agent after its own writes) never
+    /// waits.
+    fn poll(&self, settle: bool) {
         let Ok(mut last) = self.last.lock() else { return };
         let now = fingerprint(&self.dir).ok();
-        if now == last.0 {
+        if now == last.fingerprint {
+            last.pending = None;
             return;
         }
         let previous = self.tx.borrow().clone();
-        match read_dir_snapshot_after(&self.dir, last.1 + 1, Some(&previous)) {
+        match read_dir_snapshot_after(&self.dir, last.generation + 1, Some(&previous)) {
             Ok(mut s) => {
+                if settle && s.error_changes(&previous).files > 0 {
+                    match &last.pending {
+                        Some((fp, since)) if *fp != now && since.elapsed() < SETTLE_MAX => {
+                            let since = *since;
+                            last.pending = Some((now, since));
+                            return;
+                        }
+                        None => {
+                            last.pending = Some((now, std::time::Instant::now()));
+                            return;
+                        }
+                        Some(_) => {}
+                    }
+                }
                 s.rejected_updates = previous.rejected_updates + log_error_changes(&s, &previous);
-                *last = (now, last.1 + 1);
+                last.fingerprint = now;
+                last.generation += 1;
+                last.pending = None;
                 let _ = self.tx.send(Arc::new(s));
             }
             Err(e) => tracing::warn!(error = %e, "datastore unreadable; keeping the last state"),
@@ -170,7 +209,11 @@ impl LocalDatastore {
         let inner = Arc::new(Watcher {
             dir: dir.clone(),
             tx,
-            last: std::sync::Mutex::new((last.take(), 1)),
+            last: std::sync::Mutex::new(Published {
+                fingerprint: last.take(),
+                generation: 1,
+                pending: None,
+            }),
         });
         let watcher = inner.clone();
         std::thread::Builder::new()
@@ -178,7 +221,7 @@ impl LocalDatastore {
             .spawn(move || {
                 while !watcher.tx.is_closed() {
                     std::thread::sleep(interval);
-                    watcher.poll();
+                    watcher.poll(true);
                 }
             })
             .map_err(|source| LocalError::Dir {
@@ -285,7 +328,7 @@ impl Datastore for LocalDatastore {
     }
 
     fn refresh(&self) {
-        self.inner.poll();
+        self.inner.poll(false);
     }
 
     fn allocate_identity(&self, labels: &BTreeMap<String, String>) -> Result<u32, DatastoreError> {
@@ -714,6 +757,56 @@ mod change_tests {
         ds.refresh();
         assert_eq!(rx.borrow().rejected_updates, 2);
         assert!(rx.borrow().namespaces.contains_key("a"));
+    }
+
+    /// A background poll that reads a file mid-write (truncated, then
+    /// written invalid) reports the error once, for what the file holds
+    /// when it stops changing, not for the empty file it passed through.
+    #[test]
+    fn a_background_poll_reports_an_invalid_file_once_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ns.yaml");
+        std::fs::write(&path, NS).unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_secs(3600)).unwrap();
+        let rx = ds.subscribe();
+        // Read between open(O_TRUNC) and write(): held back.
+        std::fs::File::create(&path).unwrap();
+        ds.inner.poll(true);
+        assert!(rx.borrow().errors.is_empty(), "an empty read is held back");
+        assert_eq!(rx.borrow().rejected_updates, 0);
+        // Written: still changing, still held back.
+        std::fs::write(&path, "kind: [").unwrap();
+        ds.inner.poll(true);
+        assert!(rx.borrow().errors.is_empty());
+        // The same on the next poll: reported, once, with its real error.
+        ds.inner.poll(true);
+        assert_eq!(rx.borrow().rejected_updates, 1);
+        assert_eq!(rx.borrow().errors.len(), 1);
+        assert!(
+            !rx.borrow().errors[0].to_string().contains("empty"),
+            "{:?}",
+            rx.borrow().errors
+        );
+        assert!(rx.borrow().namespaces.contains_key("a"), "kept in force throughout");
+        ds.inner.poll(true);
+        assert_eq!(rx.borrow().rejected_updates, 1, "not again while unchanged");
+        // A valid change is published at once.
+        std::fs::write(dir.path().join("b.yaml"), NS.replace("name: a", "name: b")).unwrap();
+        ds.inner.poll(true);
+        assert!(rx.borrow().namespaces.contains_key("b"));
+        // A file that never stops changing is reported after SETTLE_MAX.
+        std::fs::write(&path, "kind: [[").unwrap();
+        ds.inner.poll(true);
+        let start = std::time::Instant::now();
+        let mut n = 0;
+        while rx.borrow().rejected_updates == 1 {
+            assert!(start.elapsed() < SETTLE_MAX * 3, "never reported");
+            n += 1;
+            std::fs::write(&path, format!("kind: [[{}", "x".repeat(n))).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            ds.inner.poll(true);
+        }
+        assert!(start.elapsed() >= SETTLE_MAX - Duration::from_millis(100));
     }
 
     /// A node without endpoints has no endpoints file (an empty one would
