@@ -94,10 +94,41 @@ pub struct Options {
     pub dir: PathBuf,
     pub idle_wait: Duration,
     pub verbose: bool,
+    pub only: Only,
+}
+
+/// A part of the comparison, for quick A/B runs while working on the
+/// proxy (the full run is the default).
+#[derive(Clone, Debug, Default)]
+pub struct Only {
+    /// The peers to run (Sinew and the direct baseline always run): all
+    /// when empty.
+    pub arms: Vec<Arm>,
+    /// The protocols to run: all when empty.
+    pub protos: Vec<Proto>,
+    /// Skip the memory figures and the many-rules comparison.
+    pub speed_only: bool,
+}
+
+impl Options {
+    fn arms(&self) -> Vec<Arm> {
+        Arm::ALL
+            .into_iter()
+            .filter(|a| {
+                matches!(a, Arm::Direct | Arm::Sinew) || self.only.arms.is_empty() || self.only.arms.contains(a)
+            })
+            .collect()
+    }
+    fn protos(&self) -> Vec<Proto> {
+        Proto::ALL
+            .into_iter()
+            .filter(|p| self.only.protos.is_empty() || self.only.protos.contains(p))
+            .collect()
+    }
 }
 
 /// The proxies compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arm {
     Direct,
     Sinew,
@@ -121,7 +152,7 @@ impl Arm {
 }
 
 /// How the client talks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
     /// HTTP/1.1, one connection carrying many requests.
     KeepAlive,
@@ -753,15 +784,18 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
         if let Some(n) = w.note(&format!("l7-proxy rep {}", rep + 1)) {
             report.notes.push(n);
         }
-        for p in Proto::ALL {
+        for p in o.protos() {
             let mut direct = Run::default();
             for (ai, a) in Arm::ALL.into_iter().enumerate() {
+                if !o.arms().contains(&a) {
+                    continue;
+                }
                 crate::idle::check_interrupted()?;
                 let proc = start_arm(a, p, 1, o, &agent)?;
                 if a != Arm::Direct {
                     check_rule(a, p)?;
                 }
-                if p == Proto::KeepAlive {
+                if p == Proto::KeepAlive && !o.only.speed_only {
                     if let Some(pr) = &proc {
                         rss_idle[ai].push(pr.rss_kib() as f64 / 1024.0);
                     }
@@ -790,7 +824,7 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                 s.p99.push(lat.p99_us);
                 s.added50.push(lat.p50_us - direct.p50_us);
                 s.added99.push(lat.p99_us - direct.p99_us);
-                if p == Proto::KeepAlive {
+                if p == Proto::KeepAlive && !o.only.speed_only {
                     if let Some(pr) = &proc {
                         let conns = open_conns(MEM_CONNS)?;
                         std::thread::sleep(Duration::from_millis(500));
@@ -805,6 +839,9 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
         }
         // Many rules: Sinew with 1 rule and with 1,000, keep-alive.
         for (n, into) in [(1usize, 0usize), (1_000, 1)] {
+            if o.only.speed_only {
+                break;
+            }
             let proc = start_arm(Arm::Sinew, Proto::KeepAlive, n, o, &agent)?;
             check_rule(Arm::Sinew, Proto::KeepAlive)?;
             let _ = drive(Arm::Sinew, Proto::KeepAlive, CONNS, Duration::from_secs(1), o);
@@ -820,7 +857,8 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
     }
     drop(upstream);
 
-    for p in Proto::ALL {
+    let peers: Vec<Arm> = Arm::PEERS.into_iter().filter(|a| o.arms().contains(a)).collect();
+    for p in o.protos() {
         let sc = format!("l7-proxy {}", p.name());
         let sinew = &series[idx(Arm::Sinew, p)].1;
         let direct = &series[idx(Arm::Direct, p)].1;
@@ -833,7 +871,7 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
             &direct.rate,
             &sinew.rate,
         ));
-        for peer in Arm::PEERS {
+        for &peer in &peers {
             let s = &series[idx(peer, p)].1;
             report.rows.push(row(
                 &sc,
@@ -863,7 +901,7 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
             &direct.p99,
             &sinew.p99,
         ));
-        for peer in Arm::PEERS {
+        for &peer in &peers {
             let s = &series[idx(peer, p)].1;
             report.rows.push(row(
                 &sc,
@@ -885,8 +923,11 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
             ));
         }
     }
+    if o.only.speed_only {
+        return Ok(());
+    }
     let si = Arm::ALL.iter().position(|a| *a == Arm::Sinew).unwrap_or(1);
-    for peer in Arm::PEERS {
+    for &peer in &peers {
         let pi = Arm::ALL.iter().position(|a| *a == peer).unwrap_or(0);
         report.rows.push(row(
             "l7-proxy memory",
@@ -898,7 +939,7 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
             &rss_idle[si],
         ));
     }
-    for peer in Arm::PEERS {
+    for &peer in &peers {
         let pi = Arm::ALL.iter().position(|a| *a == peer).unwrap_or(0);
         report.rows.push(row(
             "l7-proxy memory",

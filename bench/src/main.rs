@@ -119,6 +119,18 @@ enum Command {
         /// Config files and logs; default: a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Only these peers (comma-separated: haproxy, nginx, envoy);
+        /// Sinew and the direct baseline always run. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        arms: Vec<sinew_bench::l7proxy::Arm>,
+        /// Only these protocols (comma-separated: keep-alive, h2c,
+        /// new-conn). Default: all.
+        #[arg(long, value_delimiter = ',')]
+        protos: Vec<sinew_bench::l7proxy::Proto>,
+        /// Requests/s and latency only: no memory figures, no many-rules
+        /// comparison.
+        #[arg(long)]
+        speed_only: bool,
     },
     /// Sinew's userspace WireGuard (the agent's device where the kernel
     /// has none) against boringtun-cli and wireguard-go, and the bare veth
@@ -143,8 +155,20 @@ fn main() -> ExitCode {
     if let Command::L7Match = &cli.command {
         return l7_match(&cli);
     }
-    if let Command::L7Proxy { proxy, dir } = &cli.command {
-        return l7_proxy(&cli, proxy.as_deref(), dir.as_deref());
+    if let Command::L7Proxy {
+        proxy,
+        dir,
+        arms,
+        protos,
+        speed_only,
+    } = &cli.command
+    {
+        let only = sinew_bench::l7proxy::Only {
+            arms: arms.clone(),
+            protos: protos.clone(),
+            speed_only: *speed_only,
+        };
+        return l7_proxy(&cli, proxy.as_deref(), dir.as_deref(), only);
     }
     if let Command::WireguardUserspace = &cli.command {
         return wireguard_userspace(&cli);
@@ -220,7 +244,12 @@ fn l7_match(cli: &Cli) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn l7_proxy(cli: &Cli, proxy: Option<&std::path::Path>, dir: Option<&std::path::Path>) -> ExitCode {
+fn l7_proxy(
+    cli: &Cli,
+    proxy: Option<&std::path::Path>,
+    dir: Option<&std::path::Path>,
+    only: sinew_bench::l7proxy::Only,
+) -> ExitCode {
     let proxy_bin = match proxy {
         Some(p) => p.to_path_buf(),
         None => match std::env::current_exe() {
@@ -258,6 +287,7 @@ fn l7_proxy(cli: &Cli, proxy: Option<&std::path::Path>, dir: Option<&std::path::
             .unwrap_or_else(|| std::env::temp_dir().join(format!("sinew-bench-l7-{}", std::process::id()))),
         idle_wait: Duration::from_secs(cli.idle_wait),
         verbose: cli.verbose,
+        only,
     };
     let cpus = cpu::parse_request(&cli.cpus).and_then(cpu::init);
     if let Err(e) = cpus {

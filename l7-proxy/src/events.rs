@@ -49,7 +49,8 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn to_proto(&self) -> pb::L7Flow {
+    /// The event as the agent takes it; its strings move, not copied.
+    pub fn into_proto(self) -> pb::L7Flow {
         pb::L7Flow {
             time_unix_nanos: self
                 .time
@@ -69,8 +70,8 @@ impl Flow {
             dst_name: self.dst_peer.name.clone(),
             protocol: self.protocol.into(),
             method: self.method.as_str().into(),
-            host: self.host.clone(),
-            path: self.path.clone(),
+            host: self.host,
+            path: self.path,
             status: self.status.into(),
             latency_micros: u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
             verdict: match self.verdict {
@@ -139,7 +140,7 @@ impl EventsRx {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
-            .map(|f| f.to_proto())
+            .map(Flow::into_proto)
             .ok_or(())
     }
 
@@ -166,7 +167,7 @@ impl EventsRx {
                 let k = g.len().min(max);
                 g.drain(..k).collect()
             };
-            out.extend(taken.iter().map(Flow::to_proto));
+            out.extend(taken.into_iter().map(Flow::into_proto));
             if !out.is_empty() {
                 return;
             }

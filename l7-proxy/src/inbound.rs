@@ -27,7 +27,8 @@ use crate::metrics::{DropReason, Metrics, Verdict};
 use crate::rules::{normalize_path, PathError, PeerId, RequestView};
 use crate::srcmap::SourceMap;
 use crate::state::{Direction, SharedState};
-use crate::upstream::{Body, Pool, Proto, Sender};
+use crate::upstream::{ready_h1, Body, Pool, Proto, Sender};
+use hyper::client::conn::http1;
 
 pub struct Ctx {
     pub state: Arc<SharedState>,
@@ -50,6 +51,84 @@ struct Conn {
     served: AtomicU64,
     /// HTTP/1 heads the smuggling guard found ambiguous.
     findings: Arc<Findings>,
+    /// This client connection's own upstream HTTP/1 connection, with the
+    /// mark it was opened with. An HTTP/1 client sends one request at a
+    /// time, so it keeps one upstream connection for its life instead of
+    /// going through the shared pool per request (a lock, a lookup and a
+    /// task per request, and connections churned when the pool's idle
+    /// list overflowed). Back to the pool when the client leaves.
+    upstream: std::sync::Mutex<Option<(u32, http1::SendRequest<Body>)>>,
+    pool: Arc<Pool>,
+}
+
+impl Conn {
+    /// Keeps `s` for this connection's next request, or gives it to the
+    /// pool when this connection already has one.
+    fn keep_upstream(&self, mark: u32, s: http1::SendRequest<Body>) {
+        let mut slot = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((mark, s));
+        } else {
+            drop(slot);
+            self.pool.give_back_h1(self.orig, mark, s);
+        }
+    }
+
+    /// This connection's upstream connection for `mark`, ready for a
+    /// request; None when it has none (or it closed, or the client's
+    /// identity, hence the mark, changed).
+    async fn own_upstream(&self, mark: u32) -> Option<http1::SendRequest<Body>> {
+        let (m, mut s) = self.upstream.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        if m != mark {
+            self.pool.give_back_h1(self.orig, m, s);
+            return None;
+        }
+        ready_h1(&mut s).await.then_some(s)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some((mark, s)) = self.upstream.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            self.pool.give_back_h1(self.orig, mark, s);
+        }
+    }
+}
+
+/// An upstream HTTP/1 response body that gives its connection back when
+/// it is done with (read to the end, or dropped), to the client
+/// connection it served.
+struct GiveBack {
+    body: Incoming,
+    back: Option<(Arc<Conn>, u32, http1::SendRequest<Body>)>,
+}
+
+impl hyper::body::Body for GiveBack {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Some((conn, mark, s)) = self.back.take() {
+            conn.keep_upstream(mark, s);
+        }
+    }
 }
 
 enum Sniff {
@@ -142,6 +221,8 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         src_identity,
         served: AtomicU64::new(0),
         findings: Arc::new(Findings::default()),
+        upstream: std::sync::Mutex::new(None),
+        pool: ctx.pool.clone(),
     });
     let svc = {
         let ctx = ctx.clone();
@@ -309,7 +390,16 @@ const HOP_BY_HOP: [&str; 8] = [
     "trailer",
 ];
 
+fn is_hop_by_hop(n: &header::HeaderName) -> bool {
+    HOP_BY_HOP.contains(&n.as_str())
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    // Most messages carry none: one pass over the names finds out, where
+    // removing each listed name would hash it whether present or not.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<String> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -533,11 +623,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             o.rule = Some(rule);
             break 'judge (r, o);
         };
-        let pq = match uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        forward(&ctx, &conn, req, pq, mark, rule).await
+        forward(&ctx, &conn, req, path, mark, rule).await
     };
 
     let latency = start.elapsed();
@@ -602,9 +688,9 @@ fn deny(grpc: bool, reason: DropReason) -> (Response<Body>, Outcome) {
 
 async fn forward(
     ctx: &Ctx,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     req: Request<Incoming>,
-    pq: String,
+    path: String,
     mark: u32,
     rule: Arc<str>,
 ) -> (Response<Body>, Outcome) {
@@ -649,7 +735,11 @@ async fn forward(
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, websocket, h2);
-    parts.uri = if h2 {
+    let pq = || match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    if h2 {
         let authority = parts
             .uri
             .authority()
@@ -658,18 +748,21 @@ async fn forward(
         match Uri::builder()
             .scheme("http")
             .authority(authority)
-            .path_and_query(pq)
+            .path_and_query(pq())
             .build()
         {
-            Ok(u) => u,
+            Ok(u) => parts.uri = u,
             Err(_) => return upstream_err(crate::metrics::UpstreamError::Request, rule),
         }
-    } else {
-        match pq.parse() {
-            Ok(u) => u,
+    } else if parts.uri.authority().is_some() || parts.uri.path() != path {
+        // The absolute form, or a path that normalising changed: the
+        // upstream gets the origin form of what was judged. Otherwise the
+        // target is already exactly that, and is forwarded as it came.
+        match pq().parse() {
+            Ok(u) => parts.uri = u,
             Err(_) => return upstream_err(crate::metrics::UpstreamError::Request, rule),
         }
-    };
+    }
     let up_req = Request::from_parts(parts, body.boxed());
     let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
     let sender = if websocket {
@@ -686,21 +779,23 @@ async fn forward(
             },
             Err(e) => return upstream_err(e, rule),
         }
+    } else if let Some(s) = match proto {
+        Proto::Http1 => conn.own_upstream(mark).await,
+        Proto::Http2 => None,
+    } {
+        Sender::H1(s)
     } else {
         match ctx.pool.checkout(conn.orig, mark, proto).await {
             Ok(s) => s,
             Err(e) => return upstream_err(e, rule),
         }
     };
-    let res = match sender {
+    let (res, give_back) = match sender {
         Sender::H1(mut s) => {
             let r = s.send_request(up_req).await;
-            if !websocket {
-                ctx.pool.release_h1(conn.orig, mark, s);
-            }
-            r
+            (r, (!websocket).then_some(s))
         }
-        Sender::H2(mut s) => s.send_request(up_req).await,
+        Sender::H2(mut s) => (s.send_request(up_req).await, None),
     };
     let mut resp = match res {
         Ok(r) => r,
@@ -733,7 +828,16 @@ async fn forward(
         }
     }
     strip_hop_by_hop(resp.headers_mut(), false, false);
-    let r = resp.map(|b| b.boxed());
+    let r = match give_back {
+        Some(s) => resp.map(|body| {
+            GiveBack {
+                body,
+                back: Some((conn.clone(), mark, s)),
+            }
+            .boxed()
+        }),
+        None => resp.map(|b| b.boxed()),
+    };
     (
         r,
         Outcome {

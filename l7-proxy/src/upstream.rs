@@ -83,23 +83,32 @@ impl Pool {
         }
     }
 
+    /// A new HTTP/1 connection to `dst`, its connection task spawned.
+    pub async fn connect_h1(&self, dst: SocketAddr, mark: u32) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let io = TokioIo::new(self.connect(dst, mark).await?);
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|_| UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(send)
+    }
+
     /// A sender ready for one request, pooled or new.
     pub async fn checkout(self: &Arc<Self>, dst: SocketAddr, mark: u32, proto: Proto) -> Result<Sender, UpstreamError> {
         let key = Key { dst, mark, proto };
         match proto {
             Proto::Http1 => {
-                if let Some(s) = self.take_h1(&key) {
-                    return Ok(Sender::H1(s));
+                while let Some(mut s) = self.take_h1(&key) {
+                    // Ready at once, or shortly after the exchange it was
+                    // given back from has settled; closed means try another.
+                    if ready_h1(&mut s).await {
+                        return Ok(Sender::H1(s));
+                    }
                 }
-                let io = TokioIo::new(self.connect(dst, mark).await?);
-                let (send, conn) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(|_| UpstreamError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = conn.with_upgrades().await;
-                });
-                Ok(Sender::H1(send))
+                self.connect_h1(dst, mark).await.map(Sender::H1)
             }
             Proto::Http2 => {
                 if let Some(s) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
@@ -126,39 +135,64 @@ impl Pool {
         }
     }
 
+    /// An idle HTTP/1 sender for `key`, newest first (the warmest
+    /// connection). Only closed ones are skipped here: one given back the
+    /// moment its exchange ended may not have seen its connection turn
+    /// ready yet, so the caller waits for that ([`Sender::ready`]).
     fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
         while let Some((at, s)) = list.pop() {
-            if at.elapsed() < self.idle_timeout && !s.is_closed() && s.is_ready() {
+            if !s.is_closed() && at.elapsed() < self.idle_timeout {
                 return Some(s);
             }
         }
         None
     }
 
-    /// Puts an HTTP/1 sender back once its exchange has finished.
-    pub fn release_h1(self: &Arc<Self>, dst: SocketAddr, mark: u32, mut s: http1::SendRequest<Body>) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if s.ready().await.is_err() {
-                return;
-            }
-            let key = Key {
-                dst,
-                mark,
-                proto: Proto::Http1,
-            };
-            let mut idle = pool.h1.lock().unwrap_or_else(|e| e.into_inner());
-            let list = idle.entry(key).or_default();
-            list.retain(|(at, s)| at.elapsed() < pool.idle_timeout && !s.is_closed());
-            if list.len() < pool.idle_per_key {
-                list.push((Instant::now(), s));
-            }
-        });
+    /// Gives back an HTTP/1 sender whose exchange has ended (its response
+    /// body finished or was dropped). Synchronous, no task: the next
+    /// checkout waits for the connection to be ready, and finds out then
+    /// if it closed. Idle connections past `idle_per_key`, or idle longer
+    /// than `idle_timeout`, are closed.
+    pub fn give_back_h1(&self, dst: SocketAddr, mark: u32, s: http1::SendRequest<Body>) {
+        if s.is_closed() {
+            return;
+        }
+        let key = Key {
+            dst,
+            mark,
+            proto: Proto::Http1,
+        };
+        let now = Instant::now();
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        // The oldest sit at the front: expire from there, stopping at the
+        // first one still fresh, so a give-back costs one clock read.
+        let stale = list
+            .iter()
+            .position(|(at, s)| now.duration_since(*at) < self.idle_timeout && !s.is_closed())
+            .unwrap_or(list.len());
+        list.drain(..stale);
+        if list.len() < self.idle_per_key {
+            list.push((now, s));
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+}
+
+/// Waits until an HTTP/1 connection given back after an exchange can take
+/// the next request: true when it can, false when it closed (or has not
+/// settled within a second, which a finished exchange never takes).
+pub async fn ready_h1(s: &mut http1::SendRequest<Body>) -> bool {
+    if s.is_ready() {
+        return true;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), s.ready()).await,
+        Ok(Ok(()))
+    )
 }

@@ -262,6 +262,94 @@ fn http1_allow_deny_keepalive_pipelining_and_events() {
     });
 }
 
+/// An HTTP/1.1 upstream answering "ok" that counts the connections it
+/// accepts.
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// One request on an open keep-alive connection; its status code.
+fn get_on(s: &mut TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !out.ends_with(b"\r\n\r\nok") && !out.ends_with(b"denied\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the proxy closed: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out[9..12]).into_owned()
+}
+
+/// An HTTP/1.1 client connection keeps one upstream connection for all its
+/// requests (RFC 9112 section 9.3: persistent connections), a second client
+/// at the same time gets its own, and a client that leaves gives its
+/// upstream connection to the next client rather than closing it.
+#[test]
+fn http1_clients_keep_one_upstream_connection_each_and_the_pool_reuses_it() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, accepted) = rt.block_on(counting_upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        let mut first = TcpStream::connect(a).unwrap();
+        first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..5 {
+            assert_eq!(get_on(&mut first, &format!("/public/{i}")), "200");
+        }
+        // A denied request goes nowhere and changes nothing.
+        assert_eq!(get_on(&mut first, "/admin"), "403");
+        assert_eq!(get_on(&mut first, "/public/again"), "200");
+        assert_eq!(accepted.load(Relaxed), 1, "one upstream connection for one client");
+        let mut second = TcpStream::connect(a).unwrap();
+        second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..3 {
+            assert_eq!(get_on(&mut second, &format!("/public/b{i}")), "200");
+            assert_eq!(get_on(&mut first, &format!("/public/a{i}")), "200");
+        }
+        assert_eq!(accepted.load(Relaxed), 2, "a client at the same time has its own");
+        drop(first);
+        let t = Instant::now();
+        while p.metrics.active_connections() > 1 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut third = TcpStream::connect(a).unwrap();
+        third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..3 {
+            assert_eq!(get_on(&mut third, &format!("/public/c{i}")), "200");
+        }
+        assert_eq!(
+            accepted.load(Relaxed),
+            2,
+            "the client that left gave its upstream connection to the next"
+        );
+        p.drain();
+        p.join();
+    });
+}
+
 #[test]
 fn no_snapshot_fails_closed() {
     in_netns(|| {
