@@ -465,7 +465,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         };
         tokio::spawn(crate::metrics::serve(listener, source));
     }
-    tokio::spawn(follow_datastore(ds, state.clone()));
+    let trimmer = crate::memory::Trimmer::default();
+    tokio::spawn(trimmer.clone().run(TRIM_EVERY));
+    tokio::spawn(follow_datastore(ds, state.clone(), trimmer));
     tokio::spawn(housekeeping(
         state.clone(),
         cfg.housekeeping_interval,
@@ -522,13 +524,17 @@ async fn housekeeping(state: Arc<Mutex<NodeState>>, every: Duration, grace: Dura
     }
 }
 
+/// How often freed heap is handed back after snapshots change
+/// ([`crate::memory`]).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
 /// How soon a failed apply is retried without a new snapshot.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
 
 /// Applies every new snapshot, and retries while an apply is failing;
 /// keeps the datastore alive for its lifetime. Failures are logged and
 /// counted by [`NodeState::resync`].
-async fn follow_datastore(ds: Arc<dyn Datastore>, state: Arc<Mutex<NodeState>>) {
+async fn follow_datastore(ds: Arc<dyn Datastore>, state: Arc<Mutex<NodeState>>, trimmer: crate::memory::Trimmer) {
     let mut rx = ds.subscribe();
     loop {
         let failing = state.lock().map(|s| s.health.is_failing()).unwrap_or(false);
@@ -547,6 +553,9 @@ async fn follow_datastore(ds: Arc<dyn Datastore>, state: Arc<Mutex<NodeState>>) 
         let Ok(mut s) = state.lock() else { return };
         s.snapshot = snap;
         let _ = s.resync();
+        // The snapshot replaced, and what resync built from the old one,
+        // are freed now.
+        trimmer.freed();
     }
 }
 

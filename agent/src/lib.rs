@@ -13,6 +13,7 @@ pub mod features;
 pub mod identity;
 pub mod ipam;
 pub mod ipsec;
+pub mod memory;
 pub mod metrics;
 pub mod netutil;
 pub mod nodes;

@@ -157,7 +157,10 @@ pub fn run(opts: &Options, quick: bool, report: &mut Report) -> Result<(), Scena
     let loaded = start.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let rss_loaded = vm_rss_kib(pid)? as f64 / 1024.0;
-    eprintln!("  {name}: all in the maps {loaded:?} after the agent was ready; RSS {rss_loaded:.1} MiB");
+    eprintln!(
+        "  {name}: all in the maps {loaded:?} after the agent was ready; RSS {rss_loaded:.1} MiB ({})",
+        rss_parts(pid)
+    );
 
     let events = if quick { 20 } else { EVENTS };
     let mut lat_us: Vec<u64> = Vec::new();
@@ -181,10 +184,11 @@ pub fn run(opts: &Options, quick: bool, report: &mut Report) -> Result<(), Scena
     lat_us.sort_unstable();
     let ms = |q: f64| percentile(&lat_us, q).unwrap_or(0) as f64 / 1000.0;
     eprintln!(
-        "  {name}: event to ipcache p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; RSS after {events} events {rss_after:.1} MiB",
+        "  {name}: event to ipcache p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; RSS after {events} events {rss_after:.1} MiB ({})",
         ms(0.5),
         ms(0.99),
-        ms(1.0)
+        ms(1.0),
+        rss_parts(pid)
     );
     report.rows.extend([
         row(
@@ -202,4 +206,25 @@ pub fn run(opts: &Options, quick: bool, report: &mut Report) -> Result<(), Scena
     drop(guard);
     drop(api);
     Ok(())
+}
+
+/// Where a process's resident memory is, from `/proc/PID/status`: anonymous
+/// (heap, stacks, mmapped maps), file-backed (the binary's code) and
+/// shared.
+fn rss_parts(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ["RssAnon", "RssFile", "RssShmem"]
+        .iter()
+        .filter_map(|k| {
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()?;
+            Some(format!("{} {:.1}", &k[3..].to_lowercase(), v / 1024.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

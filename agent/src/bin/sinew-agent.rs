@@ -168,6 +168,7 @@ fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    sinew_agent::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
