@@ -56,7 +56,9 @@ struct Conn {
     /// time, so it keeps one upstream connection for its life instead of
     /// going through the shared pool per request (a lock, a lookup and a
     /// task per request, and connections churned when the pool's idle
-    /// list overflowed). Back to the pool when the client leaves.
+    /// list overflowed). Back to the pool when the client leaves, and
+    /// after every exchange while too many clients hold one
+    /// ([`Pool::hold`]).
     upstream: std::sync::Mutex<Option<(u32, http1::SendRequest<Body>)>>,
     pool: Arc<Pool>,
 }
@@ -66,7 +68,7 @@ impl Conn {
     /// pool when this connection already has one.
     fn keep_upstream(&self, mark: u32, s: http1::SendRequest<Body>) {
         let mut slot = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
+        if slot.is_none() && self.pool.hold() {
             *slot = Some((mark, s));
         } else {
             drop(slot);
@@ -79,6 +81,7 @@ impl Conn {
     /// identity, hence the mark, changed).
     async fn own_upstream(&self, mark: u32) -> Option<http1::SendRequest<Body>> {
         let (m, mut s) = self.upstream.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        self.pool.unhold();
         if m != mark {
             self.pool.give_back_h1(self.orig, m, s);
             return None;
@@ -90,6 +93,7 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         if let Some((mark, s)) = self.upstream.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            self.pool.unhold();
             self.pool.give_back_h1(self.orig, mark, s);
         }
     }

@@ -45,6 +45,10 @@ pub struct Pool {
     idle_per_key: usize,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Upstream connections client connections hold between their
+    /// requests ([`Pool::hold`]), and how many may be held.
+    held: std::sync::atomic::AtomicUsize,
+    max_held: usize,
 }
 
 impl Pool {
@@ -56,7 +60,26 @@ impl Pool {
             idle_per_key,
             idle_timeout,
             metrics,
+            held: Default::default(),
+            max_held: idle_per_key.saturating_mul(4),
         }
+    }
+
+    /// Whether a client connection may hold an upstream connection of its
+    /// own between requests. A few hundred busy clients each keep theirs;
+    /// past the cap (four times the idle pool) they give it back after each
+    /// exchange, so a thousand idle clients do not hold a thousand upstream
+    /// connections and their buffers. Pair with [`Pool::unhold`].
+    pub fn hold(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.held
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.max_held).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// A held upstream connection is no longer held.
+    pub fn unhold(&self) {
+        self.held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Opens a marked TCP connection to `dst`.

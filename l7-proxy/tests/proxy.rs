@@ -350,6 +350,37 @@ fn http1_clients_keep_one_upstream_connection_each_and_the_pool_reuses_it() {
     });
 }
 
+/// Many idle keep-alive clients do not each hold an upstream connection:
+/// past four times the idle pool, a client gives its upstream connection
+/// back after each exchange, and the next client reuses it.
+#[test]
+fn idle_clients_hold_a_bounded_number_of_upstream_connections() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, accepted) = rt.block_on(counting_upstream());
+        let p = start_with(up, Duration::from_secs(5), |c| c.limits.upstream_idle_per_key = 2);
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
+        let mut clients = Vec::new();
+        for i in 0..30 {
+            let mut c = TcpStream::connect(p.ingress[0]).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(get_on(&mut c, &format!("/public/{i}")), "200");
+            clients.push(c);
+        }
+        // 8 held by their clients, then one shared through the pool.
+        let n = accepted.load(Relaxed);
+        assert!(n <= 2 * 4 + 2, "{n} upstream connections for 30 idle clients");
+        // Every client still works.
+        for c in &mut clients {
+            assert_eq!(get_on(c, "/public/again"), "200");
+        }
+        p.drain();
+        p.join();
+    });
+}
+
 #[test]
 fn no_snapshot_fails_closed() {
     in_netns(|| {
