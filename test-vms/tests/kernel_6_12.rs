@@ -11,7 +11,11 @@
 //!   holds, policy by identity allows and denies, a key rotation during a
 //!   steady connection and a request loop loses nothing (and the restarted
 //!   agent keeps its device), and a node without a key gets nothing in
-//!   clear (dropped as no_encryption_key, counted).
+//!   clear (dropped as no_encryption_key, counted);
+//! - the same with IPsec (this host's kernel has no ESP; 6.12 has): only
+//!   ESP on the underlay, the matrix, policy by identity, a new cluster key
+//!   during a steady connection and a request loop with nothing lost, and a
+//!   node whose IPsec state is gone gets nothing in clear.
 //!
 //! The native-routing variant of the lab test runs on the host only (the
 //! datapath is the same; under TCG it would cost another minute).
@@ -32,8 +36,8 @@ const GUEST_ENV: &str = "SINEW_K612_GUEST";
 const TEST_NAME: &str = "kernel_wireguard_on_linux_6_12";
 const STEPS: [&str; 3] = ["kernel", "kernel wireguard device", "encryption lab"];
 /// The lab tests the guest runs (all of e2e_encryption but the native
-/// variant).
-const LAB_TESTS: usize = 3;
+/// variant: three WireGuard, two IPsec).
+const LAB_TESTS: usize = 5;
 
 #[test]
 fn kernel_wireguard_on_linux_6_12() {
@@ -93,7 +97,7 @@ mod host {
                 "--nocapture".into(),
                 "--test-threads=1".into(),
             ],
-            900,
+            1200,
         );
         println!("kernel-6.12 VM tier took {:.0} s", started.elapsed().as_secs_f64());
         let tail = log[log.len().saturating_sub(80)..].join("\n");
@@ -175,6 +179,10 @@ mod guest {
         assert!(
             out.contains("rotation (kernel)"),
             "the rotation test did not run with the kernel device"
+        );
+        assert!(
+            out.contains("rotation (ipsec)"),
+            "the IPsec rotation did not run (did the IPsec lab take the no-ESP path?)"
         );
         report_step("encryption lab");
     }
