@@ -705,6 +705,8 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
     let cap = Capture::start(lab, "e2e-ips");
     marker_exchange(&ns_c, ip_c, 7001, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("marker a->c", e)));
     marker_exchange(&ns_b, ip_b, 7002, &ns_c).unwrap_or_else(|e| panic!("{}", ctx("marker c->b", e)));
+    let n1 = node_ns(lab, "node1");
+    marker_exchange(&ns_c, ip_c, 7003, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->c", e)));
     const BULK: u64 = 4 << 20;
     tcp_bulk(&ns_c, ip_c, 8090, &ns_a, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk a->c", e)));
     let (lines, raw) = cap.finish();
@@ -735,6 +737,7 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
     ping(lab, a, ip_c).unwrap();
     ping(lab, c, ip_b).unwrap();
     tcp_bulk(&ns_a, ip_a, 8091, &ns_c, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk c->a", e)));
+    tcp_roundtrip(&ns_c, ip_c, 8083, &n1).unwrap_or_else(|e| panic!("{}", ctx("node1 -> remote pod", e)));
 
     // Status and metrics.
     let st = encryption_status(lab, "node1");

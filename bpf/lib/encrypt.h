@@ -31,11 +31,12 @@ static __always_inline int encrypt_redirect(__u32 dst_flags)
  * of what they cover by now, so a packet still in clear that should have
  * been encrypted means a policy is missing (a peer being set up, an agent
  * gone wrong): dropped, never sent. That is pod traffic for another node
- * (to its pod CIDR or pods), the VXLAN packets that carry it, and with
- * CFG_ENCRYPT_NODE all node traffic for another node. ESP itself passes.
+ * (to its pod CIDR or pods, or a pod's packet to its address), the VXLAN
+ * packets that carry it, and with CFG_ENCRYPT_NODE all node traffic for
+ * another node. ESP itself passes.
  */
 static __always_inline int ipsec_to_node(struct __sk_buff *skb,
-					 struct iphdr *ip)
+					 struct iphdr *ip, int from_pod)
 {
 	struct ipcache_value *dst;
 	struct udphdr *udp;
@@ -49,7 +50,8 @@ static __always_inline int ipsec_to_node(struct __sk_buff *skb,
 		return -DROP_NO_ENCRYPTION_KEY;
 	if (!(dst->flags & IPCACHE_F_NODE))
 		return 0;
-	if (CFG_ENCRYPT_NODE)
+	/* A pod's packet for another node goes in VXLAN (from_container). */
+	if (from_pod || CFG_ENCRYPT_NODE)
 		return -DROP_NO_ENCRYPTION_KEY;
 	if (ip->protocol != IPPROTO_UDP || ip->ihl != 5)
 		return 0;
@@ -74,7 +76,7 @@ static __always_inline int encrypt_to_node(struct __sk_buff *skb,
 	struct udphdr *udp = 0;
 
 	if (CFG_ENCRYPT_IPSEC)
-		return ipsec_to_node(skb, ip);
+		return ipsec_to_node(skb, ip, from_pod);
 	if (!CFG_ENCRYPT_IFINDEX)
 		return 0;
 	dst = ipcache_lookup4(ip->daddr);

@@ -306,3 +306,15 @@ impl Lab {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ipsec_is_requested_by_either_spelling_only() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(super::ipsec_requested(&args(&["--events", "--encryption", "ipsec"])));
+        assert!(super::ipsec_requested(&args(&["--encryption=ipsec"])));
+        assert!(!super::ipsec_requested(&args(&["--encryption", "wireguard"])));
+        assert!(!super::ipsec_requested(&args(&["ipsec"])));
+    }
+}
