@@ -519,8 +519,9 @@ async fn housekeeping(state: Arc<Mutex<NodeState>>, every: Duration, grace: Dura
         for k in &expired {
             s.datapath.remove_ct(k);
         }
-        // IPsec: a rotation's grace period ends, a peer is retried.
-        if s.encryption.as_ref().is_some_and(|e| e.wants_resync()) {
+        // IPsec: a rotation's grace period ends, a peer is retried, what
+        // the kernel lost is put back.
+        if s.encryption.as_mut().is_some_and(|e| e.wants_resync()) {
             let _ = s.resync();
         }
         let gone = s.gc_identities(grace);

@@ -353,8 +353,8 @@ impl Encryption {
 
     /// Whether an apply is due without a new snapshot (IPsec: a rotation's
     /// grace period ends, a peer not in place yet is retried).
-    pub fn wants_resync(&self) -> bool {
-        match &self.backend {
+    pub fn wants_resync(&mut self) -> bool {
+        match &mut self.backend {
             Backend::WireGuard(_) => false,
             Backend::Ipsec(i) => i.wants_resync(),
         }

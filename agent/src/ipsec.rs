@@ -477,6 +477,8 @@ pub struct PeerStatus {
 /// The node's IPsec: its SAs and policies in the kernel, kept to the plan.
 pub struct Ipsec {
     pub epoch: u64,
+    local_addr: Ipv4Addr,
+    state_dir: std::path::PathBuf,
     pub encrypt_node: bool,
     xfrm: sinew_netlink::Xfrm,
     rotation: Rotation,
@@ -542,6 +544,8 @@ impl Ipsec {
         );
         Ok(Ipsec {
             epoch,
+            local_addr,
+            state_dir: state_dir.to_path_buf(),
             encrypt_node,
             xfrm,
             rotation: Rotation::new(grace),
@@ -571,6 +575,7 @@ impl Ipsec {
                 sinew_model::ipsec::KEYS_FILE
             );
         }
+        self.forget_what_the_kernel_lost();
         let active = self.rotation.active(keys, Instant::now());
         let peers = peers_of(snapshot, &local.name);
         let plan = plan(
@@ -692,6 +697,66 @@ impl Ipsec {
         self.ready.values().map(|(a, _)| *a).collect()
     }
 
+    /// Forgets the SAs and policies this agent installed that the kernel
+    /// no longer has (`ip xfrm state flush`, another program), so that the
+    /// next apply puts them back; true when there were any. Until then the
+    /// traffic they carried is dropped: by the kernel (a policy without its
+    /// SA) or by the uplink guard (no policy: VXLAN in clear), never sent.
+    fn forget_what_the_kernel_lost(&mut self) -> bool {
+        let mut lost = false;
+        match self.xfrm.sas() {
+            Ok(list) => {
+                let present: BTreeSet<SaId> = list
+                    .iter()
+                    .filter(|s| s.reqid == REQID && s.proto == sinew_netlink::xfrm::IPPROTO_ESP)
+                    .map(|s| (s.src, s.dst, s.spi))
+                    .collect();
+                let missing: Vec<SaId> = self.sas.keys().filter(|k| !present.contains(*k)).copied().collect();
+                let mut outbound_lost = false;
+                for (src, dst, spi) in missing {
+                    tracing::warn!(%src, %dst, spi = format_args!("{spi:#x}"), "an IPsec SA is gone from the kernel: putting it back");
+                    self.sas.remove(&(src, dst, spi));
+                    outbound_lost |= src == std::net::IpAddr::V4(self.local_addr);
+                    lost = true;
+                }
+                // An outbound SA made again would count from 1 under the
+                // same key: repeated GCM nonces, and the peer's replay
+                // window refuses them. A new epoch gives new keys and SPIs
+                // (published; the old outbound SAs go as unwanted).
+                if outbound_lost {
+                    self.epoch = new_epoch();
+                    if let Err(e) = write_epoch(&self.state_dir, self.epoch) {
+                        tracing::warn!("cannot store the new IPsec epoch: {e}");
+                    }
+                    tracing::warn!(epoch = self.epoch, "outbound IPsec SAs were lost: new epoch, new keys");
+                }
+            }
+            Err(e) => tracing::warn!("cannot list the XFRM states: {e}"),
+        }
+        match self.xfrm.policies() {
+            Ok(list) => {
+                let present: BTreeSet<(String, u8)> = list
+                    .iter()
+                    .filter(|p| p.tmpls.iter().any(|t| t.reqid == REQID))
+                    .map(|p| policy_key(&p.sel, p.dir))
+                    .collect();
+                let missing: Vec<(String, u8)> = self
+                    .policies
+                    .keys()
+                    .filter(|k| !present.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in missing {
+                    tracing::warn!(policy = %k.0, "an IPsec policy is gone from the kernel: putting it back");
+                    self.policies.remove(&k);
+                    lost = true;
+                }
+            }
+            Err(e) => tracing::warn!("cannot list the XFRM policies: {e}"),
+        }
+        lost
+    }
+
     /// Adds `sa` unless it is in the kernel already (its key is derived
     /// from what identifies it, so one there is the same). True when it is
     /// in place.
@@ -771,11 +836,13 @@ impl Ipsec {
             .collect()
     }
 
-    /// Whether an apply is due without a new snapshot: older keys are
-    /// kept (their grace period ends), a peer is not in place yet, or what
-    /// this node publishes is not published yet.
-    pub fn wants_resync(&self) -> bool {
-        self.plan.receive_spis.len() > 1
+    /// Whether an apply is due without a new snapshot: an SA or policy of
+    /// Sinew's is gone from the kernel (someone flushed them: put back),
+    /// older keys are kept (their grace period ends), a peer is not in
+    /// place yet, or what this node publishes is not published yet.
+    pub fn wants_resync(&mut self) -> bool {
+        self.forget_what_the_kernel_lost()
+            || self.plan.receive_spis.len() > 1
             || self.plan.peers.iter().any(|p| !self.ready.contains_key(&p.name))
             || self.published.as_ref().map(|p| &p.1) != Some(&self.plan.receive_spis)
     }

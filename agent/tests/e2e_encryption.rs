@@ -798,7 +798,59 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
     });
 
     ipsec_rotation_loses_nothing(lab);
+    ipsec_state_the_kernel_lost_is_put_back(lab);
     ipsec_a_node_without_state_gets_nothing_in_clear(lab);
+}
+
+/// node1's SAs and policies flushed behind the agent's back (as `ip xfrm
+/// state flush; ip xfrm policy flush` would): nothing crosses in clear
+/// meanwhile, and the agent puts them back (its housekeeping tick checks
+/// the kernel), after which pod traffic flows again.
+fn ipsec_state_the_kernel_lost_is_put_back(lab: &sinew_testvms::lab::Lab) {
+    let (ns_a, ns_c) = (pod_ns(lab, "node1-pod1"), pod_ns(lab, "node2-pod1"));
+    let ip_c = pod_ip(lab, "node2-pod1");
+    let cap = Capture::start(lab, "e2e-ipf");
+    node_ns(lab, "node1")
+        .run(|| {
+            let mut x = sinew_netlink::Xfrm::open().unwrap();
+            for p in x.policies().unwrap() {
+                x.delete_policy(&p.sel, p.dir, p.if_id).unwrap();
+            }
+            for s in x.sas().unwrap() {
+                x.delete_sa(s.src, s.dst, s.spi).unwrap();
+            }
+        })
+        .unwrap();
+    assert!(xfrm_sas(lab, "node1").is_empty());
+    let flushed = Instant::now();
+    let deadline = flushed + Duration::from_secs(60);
+    loop {
+        match marker_exchange(&ns_c, ip_c, 7020, &ns_a) {
+            Ok(()) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "pod traffic never came back after the flush: {e}\n{}",
+                agent_log_tail(lab, "node1")
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (lines, raw) = cap.finish();
+    eprintln!(
+        "ipsec: node1's SAs and policies flushed, put back and carrying pod traffic {:?} later",
+        flushed.elapsed()
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.address.to_string()).collect();
+    let clear: Vec<&String> = lines
+        .iter()
+        .filter(|l| nodes.iter().filter(|n| l.contains(n.as_str())).count() == 2 && !l.contains(": ESP(spi="))
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "packets between the nodes that are not ESP:\n{clear:?}"
+    );
+    assert!(!xfrm_sas(lab, "node1").is_empty(), "the SAs are back");
 }
 
 /// A new cluster key (SPI 257) while node1-pod2 keeps a connection echoing
