@@ -685,7 +685,7 @@ fn wait_out_spi(lab: &sinew_testvms::lab::Lab, node: &str, spi: u64) -> serde_js
 /// for all of it: under TCG a lab costs a minute.
 #[test]
 fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
-    let Some(g) = ipsec_lab("e2e-ips", 2) else { return };
+    let Some(mut g) = ipsec_lab("e2e-ips", 2) else { return };
     let lab = &g.lab;
     let (a, b, c) = ("node1-pod1", "node1-pod2", "node2-pod1");
     let (ns_a, ns_b, ns_c) = (pod_ns(lab, a), pod_ns(lab, b), pod_ns(lab, c));
@@ -797,9 +797,9 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
         tcp_roundtrip(&ns_c, ip_c, 8087, &ns_a).map(|_| ())
     });
 
-    ipsec_rotation_loses_nothing(lab);
-    ipsec_state_the_kernel_lost_is_put_back(lab);
-    ipsec_a_node_without_state_gets_nothing_in_clear(lab);
+    ipsec_rotation_loses_nothing(&mut g.lab);
+    ipsec_state_the_kernel_lost_is_put_back(&g.lab);
+    ipsec_a_node_without_state_gets_nothing_in_clear(&g.lab);
 }
 
 /// node1's SAs and policies flushed behind the agent's back (as `ip xfrm
@@ -855,9 +855,10 @@ fn ipsec_state_the_kernel_lost_is_put_back(lab: &sinew_testvms::lab::Lab) {
 
 /// A new cluster key (SPI 257) while node1-pod2 keeps a connection echoing
 /// and opens one per request to node2-pod1: both nodes install it, switch
-/// to it, and drop the old one after the grace period (5 s); nothing is
-/// lost.
-fn ipsec_rotation_loses_nothing(lab: &sinew_testvms::lab::Lab) {
+/// to it, and drop the old one after the grace period (5 s); then node2's
+/// agent restarts and keeps its SAs (same epoch: the kernel still held
+/// them); nothing is lost throughout.
+fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
     let (ns_b, ns_c) = (pod_ns(lab, "node1-pod2"), pod_ns(lab, "node2-pod1"));
     let ip_c = pod_ip(lab, "node2-pod1");
     let steady_addr = SocketAddr::new(IpAddr::V4(ip_c), 9100);
@@ -950,6 +951,28 @@ fn ipsec_rotation_loses_nothing(lab: &sinew_testvms::lab::Lab) {
         std::thread::sleep(Duration::from_millis(250));
     }
     let retired = rotated.elapsed();
+
+    // An agent restart keeps the SAs and their epoch: the counters go on.
+    let epoch = encryption_status(lab, "node2")["ipsec"]["epoch"].as_u64();
+    let sas_before = xfrm_sas(lab, "node2");
+    let restart = Instant::now();
+    assert!(lab.stop_agent("node2").unwrap(), "node2's agent was running");
+    lab.start_agent("node2").expect("node2's agent restarts");
+    let restarted = restart.elapsed();
+    let st = encryption_status(lab, "node2");
+    assert!(
+        epoch.is_some() && st["ipsec"]["epoch"].as_u64() == epoch,
+        "{epoch:?} then {st}"
+    );
+    wait_out_spi(lab, "node2", 257);
+    // (It may add the older key's again: still in the datastore, it gets
+    // another grace period from the restarted agent.)
+    let after = xfrm_sas(lab, "node2");
+    assert!(
+        sas_before.iter().all(|s| after.contains(s)),
+        "the restarted agent did not keep its SAs: before {sas_before:?}, after {after:?}"
+    );
+
     let before = ok.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
@@ -965,7 +988,8 @@ fn ipsec_rotation_loses_nothing(lab: &sinew_testvms::lab::Lab) {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!(
         "rotation (ipsec): both nodes on the new key {switched:?} after it was written, old key gone after \
-         {retired:?}; steady connection {echoes} echoes, 0 lost; requests {ok} answered, {failed} failed"
+         {retired:?}, node2's agent restarted in {restarted:?} keeping its SAs; steady connection {echoes} echoes, \
+         0 lost; requests {ok} answered, {failed} failed"
     );
     assert_eq!(failed, 0, "requests failed across the rotation: {errors:?}");
     assert!(
