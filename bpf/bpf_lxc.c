@@ -52,6 +52,12 @@ static __always_inline int from_container_ipv4(struct __sk_buff *skb,
 	    dst->tunnel_endpoint &&
 	    (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
 		return route_native(skb, dst->tunnel_endpoint, dst->flags);
+	/* IPsec: another node's address in VXLAN too, since the XFRM
+	 * policies cover the node pair's VXLAN, not pod addresses. */
+	if (CFG_ENCRYPT_IPSEC && CFG_ROUTING_MODE == ROUTING_VXLAN &&
+	    dst->tunnel_endpoint && (dst->flags & IPCACHE_F_NODE))
+		return encap_vxlan(skb, dst->tunnel_endpoint, ep->identity,
+				   dst->flags);
 	/* Node addresses: routed by the node. */
 	return TC_ACT_OK;
 }

@@ -39,6 +39,12 @@ int from_overlay(struct __sk_buff *skb)
 			goto out;
 		}
 		ret = local_deliver(skb, dst->ifindex, key.tunnel_id);
+	} else if (ip->daddr == CFG_NODE_IP && skb->pkt_type != PACKET_HOST) {
+		/* A remote pod's packet for this node (IPsec sends those in
+		 * VXLAN): the inner frame carries the sender's MACs, which the
+		 * stack would drop as meant for another host. */
+		if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
+			ret = -DROP_INVALID_PACKET;
 	}
 out:
 	return finish(skb, ret, METRIC_DIR_INGRESS, HOOK_FROM_OVERLAY);

@@ -321,13 +321,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         RoutingMode::Native => (0, uplink_mtu),
     };
     // Before the datapath: its programs send to the device's ifindex.
-    let encryption = crate::encryption::Encryption::start(&cfg.encryption, &cfg.state_dir, uplink_mtu)?;
-    let pod_mtu = pod_mtu
-        - if encryption.is_some() {
-            sinew_wireguard::OVERHEAD
-        } else {
-            0
-        };
+    let encryption = match cfg.encryption.mode {
+        crate::encryption::Mode::Ipsec => Some(crate::encryption::Encryption::start_ipsec(
+            &cfg.encryption,
+            &cfg.state_dir,
+            local.ip,
+            cfg.routing == RoutingMode::Vxlan,
+        )?),
+        _ => crate::encryption::Encryption::start(&cfg.encryption, &cfg.state_dir, uplink_mtu)?,
+    };
+    let pod_mtu = pod_mtu - encryption.as_ref().map_or(0, |e| e.overhead());
     if let Some(e) = &encryption {
         e.publish(ds.as_ref(), &cfg.node_name)?;
     }
@@ -353,6 +356,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         maglev_table_size: cfg.maglev_table_size,
         maglev_services: cfg.maglev_services,
         encrypt_ifindex: encryption.as_ref().map_or(0, |e| e.ifindex),
+        encrypt_ipsec: encryption.as_ref().is_some_and(|e| e.is_ipsec()),
         encrypt_node: cfg.encryption.encrypt_node,
         wireguard_port: cfg.encryption.port,
     };
@@ -516,6 +520,11 @@ async fn housekeeping(state: Arc<Mutex<NodeState>>, every: Duration, grace: Dura
             .collect();
         for k in &expired {
             s.datapath.remove_ct(k);
+        }
+        // IPsec: a rotation's grace period ends, a peer is retried, what
+        // the kernel lost is put back.
+        if s.encryption.as_mut().is_some_and(|e| e.wants_resync()) {
+            let _ = s.resync();
         }
         let gone = s.gc_identities(grace);
         if !gone.is_empty() {

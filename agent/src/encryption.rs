@@ -17,8 +17,13 @@
 //! the key again (a new key file is a rotation) and changes only the peers
 //! that differ. The datapath only needs the device's ifindex either way.
 //!
-//! IPsec is not built: the agent refuses to start with it (never runs
-//! unencrypted), saying whether the kernel has ESP at all.
+//! IPsec (`--encryption ipsec`, the [`crate::ipsec`] module): the kernel's
+//! ESP in transport mode between node addresses, with SAs derived per
+//! direction from the cluster keys of the datastore. The datapath sends
+//! VXLAN through the VXLAN device (the stack's XFRM policy makes ESP of
+//! it) for peers whose SAs and policies are in place (`IPCACHE_F_ENCRYPT`),
+//! drops the rest, and the uplink lets nothing for another node leave in
+//! clear. Where the kernel has no ESP the agent refuses to start.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -101,6 +106,8 @@ pub struct Settings {
     pub port: u16,
     pub queues: usize,
     pub implementation: Implementation,
+    /// IPsec: how long older cluster keys stay after a newer one appears.
+    pub ipsec_grace: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -111,9 +118,16 @@ impl Default for Settings {
             port: sinew_wireguard::DEFAULT_PORT,
             queues: 2,
             implementation: Implementation::Auto,
+            ipsec_grace: crate::ipsec::DEFAULT_GRACE,
         }
     }
 }
+
+/// Why IPsec cannot run on a kernel without ESP.
+const NO_ESP: &str =
+    "--encryption ipsec: this kernel has no ESP (esp4 is neither built in nor a module), so IPsec cannot run here; \
+     the agent does not start rather than send pod traffic in clear. Use --encryption wireguard (works on any kernel: \
+     the agent runs WireGuard in userspace where the kernel lacks it) or a kernel with CONFIG_INET_ESP";
 
 /// Whether the running kernel has ESP (built in, loaded, or loadable).
 fn kernel_has_esp() -> bool {
@@ -133,12 +147,23 @@ enum Device {
     Userspace(Userspace),
 }
 
-/// The running encryption: mode, device, key, peers.
+/// The running encryption: mode and what runs it.
 pub struct Encryption {
     pub settings: Settings,
+    /// The WireGuard device (0 with IPsec: the stack encrypts).
+    pub ifindex: u32,
+    backend: Backend,
+}
+
+enum Backend {
+    WireGuard(Box<WgState>),
+    Ipsec(Box<crate::ipsec::Ipsec>),
+}
+
+/// WireGuard: key, device, peers.
+struct WgState {
     key: NodeKey,
     device: Device,
-    pub ifindex: u32,
     /// Peers in force, by node name.
     peers: Vec<(String, PeerConfig)>,
 }
@@ -149,7 +174,10 @@ pub struct Status {
     pub mode: Mode,
     pub implementation: &'static str,
     pub device: String,
-    pub public_key: PublicKey,
+    /// WireGuard's public key (None with IPsec).
+    pub public_key: Option<PublicKey>,
+    /// WireGuard: when the node's key was made; IPsec: when this agent
+    /// first saw the newest cluster key.
     pub key_created: SystemTime,
     pub port: u16,
     pub encrypt_node: bool,
@@ -161,6 +189,20 @@ pub struct Status {
     pub decrypt_errors: u64,
     pub disallowed_source: u64,
     pub unknown_sender: u64,
+    /// IPsec only.
+    pub ipsec: Option<IpsecStatus>,
+}
+
+/// What IPsec adds to the status.
+#[derive(Clone, Debug, Default)]
+pub struct IpsecStatus {
+    pub epoch: u64,
+    /// The cluster SPIs this node receives with (as published).
+    pub spis: Vec<u32>,
+    pub last_rotation: Option<SystemTime>,
+    /// Older keys are still installed (a rotation's grace period).
+    pub rotating: bool,
+    pub peers: Vec<crate::ipsec::PeerStatus>,
 }
 
 impl Encryption {
@@ -173,20 +215,16 @@ impl Encryption {
                 // so that nothing routes into it.
                 if let Ok(mut nl) = sinew_netlink::Rtnl::open() {
                     if nl.delete_link(WG_DEV).unwrap_or(false) {
-                        tracing::info!(device = WG_DEV, "encryption is off: removed the WireGuard device left by an earlier run");
+                        tracing::info!(
+                            device = WG_DEV,
+                            "encryption is off: removed the WireGuard device left by an earlier run"
+                        );
                     }
                 }
                 return Ok(None);
             }
-            Mode::Ipsec if !kernel_has_esp() => bail!(
-                "--encryption ipsec: this kernel has no ESP (esp4 is neither built in nor a module), so IPsec cannot run here; \
-                 the agent does not start rather than send pod traffic in clear. Use --encryption wireguard (works on any kernel: \
-                 the agent runs WireGuard in userspace where the kernel lacks it) or a kernel with CONFIG_INET_ESP"
-            ),
-            Mode::Ipsec => bail!(
-                "--encryption ipsec is not built yet (the kernel has ESP, but Sinew does not program XFRM states and policies yet); \
-                 the agent does not start rather than send pod traffic in clear. Use --encryption wireguard"
-            ),
+            Mode::Ipsec if !kernel_has_esp() => bail!(NO_ESP),
+            Mode::Ipsec => bail!("IPsec starts with Encryption::start_ipsec (it needs the node's address)"),
             Mode::WireGuard => {}
         }
         let key = sinew_wireguard::keys::load_or_create(state_dir).context("WireGuard node key")?;
@@ -232,9 +270,7 @@ impl Encryption {
                 "net.ipv4.conf.all.rp_filter is 1 (strict): packets decrypted on {WG_DEV} fail the reverse-path check; set it to 0 or 2"
             );
         }
-        let enc = Encryption {
-            settings: settings.clone(),
-            ifindex: link.index,
+        let wg = WgState {
             key,
             device,
             peers: Vec::new(),
@@ -242,32 +278,148 @@ impl Encryption {
         tracing::info!(
             device = WG_DEV,
             ifindex = link.index,
-            implementation = enc.implementation(),
-            reused = matches!(&enc.device, Device::Kernel(k) if k.origin() == Origin::Reused),
-            public_key = %enc.key.public,
+            implementation = wg.implementation(),
+            reused = matches!(&wg.device, Device::Kernel(k) if k.origin() == Origin::Reused),
+            public_key = %wg.key.public,
             port = settings.port,
             "WireGuard encryption between nodes"
         );
-        Ok(Some(enc))
+        Ok(Some(Encryption {
+            settings: settings.clone(),
+            ifindex: link.index,
+            backend: Backend::WireGuard(Box::new(wg)),
+        }))
     }
 
-    /// "kernel" or "userspace".
+    /// IPsec for the node at `node_ip` (`--encryption ipsec`), on VXLAN
+    /// routing only: native routing sends pod addresses on the underlay,
+    /// which the policies between node addresses do not cover.
+    pub fn start_ipsec(
+        settings: &Settings,
+        state_dir: &std::path::Path,
+        node_ip: Ipv4Addr,
+        vxlan: bool,
+    ) -> anyhow::Result<Self> {
+        if !kernel_has_esp() {
+            bail!(NO_ESP);
+        }
+        if !vxlan {
+            bail!(
+                "--encryption ipsec needs --routing vxlan: the XFRM policies cover the VXLAN packets between node \
+                 addresses, and native routing would send pod addresses in clear (the agent does not start rather \
+                 than do that); use --routing vxlan or --encryption wireguard"
+            );
+        }
+        let ipsec = crate::ipsec::Ipsec::start(state_dir, node_ip, settings.encrypt_node, settings.ipsec_grace)?;
+        Ok(Encryption {
+            settings: settings.clone(),
+            ifindex: 0,
+            backend: Backend::Ipsec(Box::new(ipsec)),
+        })
+    }
+
+    /// Whether this is IPsec (the datapath's CFG_ENCRYPT_IPSEC).
+    pub fn is_ipsec(&self) -> bool {
+        matches!(self.backend, Backend::Ipsec(_))
+    }
+
+    /// What encryption takes from the pod MTU.
+    pub fn overhead(&self) -> u32 {
+        match self.backend {
+            Backend::WireGuard(_) => sinew_wireguard::OVERHEAD,
+            Backend::Ipsec(_) => crate::ipsec::OVERHEAD,
+        }
+    }
+
+    /// "kernel" or "userspace" (IPsec: "kernel xfrm").
     pub fn implementation(&self) -> &'static str {
+        match &self.backend {
+            Backend::WireGuard(wg) => wg.implementation(),
+            Backend::Ipsec(_) => "kernel xfrm",
+        }
+    }
+
+    /// WireGuard: publishes the public key. IPsec publishes with each
+    /// apply (what it receives with changes with the keys).
+    pub fn publish(&self, ds: &dyn Datastore, node: &str) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::WireGuard(wg) => {
+                sinew_model::retry_conflicts(|| ds.publish_node_key(node, &wg.key.public.to_string()))
+                    .context("publish this node's WireGuard public key")
+            }
+            Backend::Ipsec(_) => Ok(()),
+        }
+    }
+
+    /// Whether an apply is due without a new snapshot (IPsec: a rotation's
+    /// grace period ends, a peer not in place yet is retried).
+    pub fn wants_resync(&mut self) -> bool {
+        match &mut self.backend {
+            Backend::WireGuard(_) => false,
+            Backend::Ipsec(i) => i.wants_resync(),
+        }
+    }
+
+    /// Brings the peers to the snapshot; returns the addresses of the
+    /// nodes that are peers now (their ipcache entries get the flag).
+    pub fn apply(&mut self, local: &LocalNode, snapshot: &Snapshot, ds: &dyn Datastore) -> BTreeSet<Ipv4Addr> {
+        let port = self.settings.port;
+        match &mut self.backend {
+            Backend::WireGuard(wg) => wg.apply(local, snapshot, port),
+            Backend::Ipsec(i) => i.apply(local, snapshot, ds),
+        }
+    }
+
+    pub fn status(&self, snapshot: &Snapshot, local: &str) -> Status {
+        match &self.backend {
+            Backend::WireGuard(wg) => wg.status(&self.settings, snapshot, local),
+            Backend::Ipsec(i) => {
+                let peers = i.peer_status();
+                let (seen, last_rotation) = i.key_times();
+                let nodes_without_key = snapshot
+                    .nodes
+                    .keys()
+                    .filter(|n| n.as_str() != local && !peers.iter().any(|p| p.node == **n && p.ready))
+                    .cloned()
+                    .collect();
+                Status {
+                    mode: self.settings.mode,
+                    implementation: self.implementation(),
+                    device: String::new(),
+                    public_key: None,
+                    key_created: seen.unwrap_or_else(SystemTime::now),
+                    port: 0,
+                    encrypt_node: self.settings.encrypt_node,
+                    peers: Vec::new(),
+                    nodes_without_key,
+                    no_peer_drops: 0,
+                    decrypt_errors: peers.iter().map(|p| p.integrity_failed).sum(),
+                    disallowed_source: 0,
+                    unknown_sender: peers.iter().map(|p| p.replay_drops).sum(),
+                    ipsec: Some(IpsecStatus {
+                        epoch: i.epoch,
+                        spis: i.published_spis(),
+                        last_rotation,
+                        rotating: i.rotating(),
+                        peers,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+impl WgState {
+    /// "kernel" or "userspace".
+    fn implementation(&self) -> &'static str {
         match self.device {
             Device::Kernel(_) => "kernel",
             Device::Userspace(_) => "userspace",
         }
     }
 
-    pub fn publish(&self, ds: &dyn Datastore, node: &str) -> anyhow::Result<()> {
-        sinew_model::retry_conflicts(|| ds.publish_node_key(node, &self.key.public.to_string()))
-            .context("publish this node's WireGuard public key")
-    }
-
-    /// Brings the peers to the snapshot; returns the addresses of the
-    /// nodes that are peers now (their ipcache entries get the flag).
-    pub fn apply(&mut self, local: &LocalNode, snapshot: &Snapshot) -> BTreeSet<Ipv4Addr> {
-        let want = desired_peers(local, snapshot, self.settings.port);
+    fn apply(&mut self, local: &LocalNode, snapshot: &Snapshot, port: u16) -> BTreeSet<Ipv4Addr> {
+        let want = desired_peers(local, snapshot, port);
         if want != self.peers {
             let configs: Vec<PeerConfig> = want.iter().map(|(_, p)| p.clone()).collect();
             match &mut self.device {
@@ -291,7 +443,7 @@ impl Encryption {
         self.peers.iter().map(|(_, p)| *p.endpoint.ip()).collect()
     }
 
-    pub fn status(&self, snapshot: &Snapshot, local: &str) -> Status {
+    fn status(&self, settings: &Settings, snapshot: &Snapshot, local: &str) -> Status {
         let by_key: Vec<(String, PublicKey)> = self.peers.iter().map(|(n, p)| (n.clone(), p.public_key)).collect();
         // The kernel device does not count its drops by reason (its
         // interface's error counters hold them); the userspace one does.
@@ -321,19 +473,20 @@ impl Encryption {
             counters.map_or(0, |c| get(f(c)))
         };
         Status {
-            mode: self.settings.mode,
+            mode: settings.mode,
             implementation: self.implementation(),
             device: WG_DEV.into(),
-            public_key: self.key.public,
+            public_key: Some(self.key.public),
             key_created: self.key.created,
-            port: self.settings.port,
-            encrypt_node: self.settings.encrypt_node,
+            port: settings.port,
+            encrypt_node: settings.encrypt_node,
             peers,
             nodes_without_key,
             no_peer_drops: count(|c| &c.no_peer),
             decrypt_errors: count(|c| &c.decrypt_errors),
             disallowed_source: count(|c| &c.disallowed_source),
             unknown_sender: count(|c| &c.unknown_sender),
+            ipsec: None,
         }
     }
 
@@ -375,7 +528,7 @@ pub fn to_proto(st: &Status) -> sinew_proto::v1::EncryptionStatusResponse {
         mode: st.mode.name().into(),
         implementation: st.implementation.into(),
         device: st.device.clone(),
-        public_key: st.public_key.to_string(),
+        public_key: st.public_key.map(|k| k.to_string()).unwrap_or_default(),
         key_age_seconds: st.key_age(),
         port: u32::from(st.port),
         encrypt_node: st.encrypt_node,
@@ -398,6 +551,33 @@ pub fn to_proto(st: &Status) -> sinew_proto::v1::EncryptionStatusResponse {
         decrypt_errors: st.decrypt_errors,
         disallowed_source: st.disallowed_source,
         unknown_sender: st.unknown_sender,
+        ipsec: st.ipsec.as_ref().map(|i| sinew_proto::v1::IpsecStatus {
+            epoch: i.epoch,
+            spis: i.spis.clone(),
+            rotated: i.last_rotation.is_some(),
+            last_rotation_seconds_ago: i
+                .last_rotation
+                .and_then(|t| t.elapsed().ok())
+                .map_or(0, |d| d.as_secs()),
+            rotating: i.rotating,
+            peers: i
+                .peers
+                .iter()
+                .map(|p| sinew_proto::v1::IpsecPeer {
+                    node: p.node.clone(),
+                    address: p.addr.clone(),
+                    ready: p.ready,
+                    out_spi: p.out_spi,
+                    out_wire_spi: p.out_wire_spi,
+                    in_spis: p.in_spis.iter().map(|s| s.0).collect(),
+                    in_wire_spis: p.in_spis.iter().map(|s| s.1).collect(),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    rx_packets: p.rx_packets,
+                    tx_packets: p.tx_packets,
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -478,7 +658,7 @@ mod tests {
                 NodeKeyInfo {
                     node: n.into(),
                     wireguard_public_key: k,
-                    source: String::new(),
+                    ..Default::default()
                 },
             );
         }

@@ -294,7 +294,15 @@ fn encode_encryption(enc: &mut DescriptorEncoder<'_>, e: &crate::encryption::Sta
             1u64,
         )],
     )?;
-    gauge(enc, "encryption_key_age_seconds", "Age of this node's key", e.key_age())?;
+    gauge(
+        enc,
+        "encryption_key_age_seconds",
+        "Age of this node's key (IPsec: since this agent first saw the newest cluster key)",
+        e.key_age(),
+    )?;
+    if let Some(i) = &e.ipsec {
+        return encode_ipsec(enc, e, i);
+    }
     gauge(
         enc,
         "encryption_peers",
@@ -345,6 +353,75 @@ fn encode_encryption(enc: &mut DescriptorEncoder<'_>, e: &crate::encryption::Sta
             ("unknown_sender", e.unknown_sender),
         ]
         .map(|(r, v)| (vec![("reason", r.to_string())], v)),
+    )
+}
+
+/// IPsec: peers in place, per peer the SPI in use and its SAs' bytes and
+/// packets, the SAs' drops, the last rotation.
+fn encode_ipsec(
+    enc: &mut DescriptorEncoder<'_>,
+    e: &crate::encryption::Status,
+    i: &crate::encryption::IpsecStatus,
+) -> Result<(), std::fmt::Error> {
+    gauge(
+        enc,
+        "encryption_peers",
+        "Other nodes whose SAs and policies are in place (their traffic is encrypted)",
+        i.peers.iter().filter(|p| p.ready).count() as u64,
+    )?;
+    gauge(
+        enc,
+        "encryption_nodes_without_key",
+        "Other nodes without SAs in place: traffic to them is dropped (no_encryption_key)",
+        e.nodes_without_key.len() as u64,
+    )?;
+    let peer =
+        |p: &crate::ipsec::PeerStatus| -> Labels { vec![("node", p.node.clone()), ("endpoint", p.addr.clone())] };
+    family(
+        enc,
+        "encryption_peer_rx_bytes",
+        "Bytes received from the peer through its inbound SAs",
+        MetricType::Counter,
+        i.peers.iter().map(|p| (peer(p), p.rx_bytes)),
+    )?;
+    family(
+        enc,
+        "encryption_peer_tx_bytes",
+        "Bytes sent to the peer through its outbound SAs",
+        MetricType::Counter,
+        i.peers.iter().map(|p| (peer(p), p.tx_bytes)),
+    )?;
+    family(
+        enc,
+        "encryption_ipsec_peer_spi",
+        "The cluster-key SPI traffic to the peer uses (absent: none, dropped)",
+        MetricType::Gauge,
+        i.peers
+            .iter()
+            .filter(|p| p.ready)
+            .map(|p| (peer(p), u64::from(p.out_spi))),
+    )?;
+    gauge(
+        enc,
+        "encryption_ipsec_epoch",
+        "The epoch of this node's outbound SAs",
+        i.epoch,
+    )?;
+    if let Some(age) = i.last_rotation.and_then(|t| t.elapsed().ok()) {
+        gauge(
+            enc,
+            "encryption_last_rotation_seconds",
+            "Time since traffic last moved to a newer cluster key",
+            age.as_secs(),
+        )?;
+    }
+    family(
+        enc,
+        "encryption_device_drops",
+        "Packets the kernel's SAs did not pass, by reason",
+        MetricType::Counter,
+        [("integrity_failed", e.decrypt_errors), ("replay", e.unknown_sender)]
+            .map(|(r, v)| (vec![("reason", r.to_string())], v)),
     )
 }
 
@@ -886,7 +963,7 @@ mod tests {
                 mode: crate::encryption::Mode::WireGuard,
                 implementation: "userspace",
                 device: "sinew_wg".into(),
-                public_key: key,
+                public_key: Some(key),
                 key_created: std::time::SystemTime::now(),
                 port: 51871,
                 encrypt_node: false,
@@ -896,6 +973,7 @@ mod tests {
                 decrypt_errors: 2,
                 disallowed_source: 3,
                 unknown_sender: 4,
+                ipsec: None,
             }),
             ..Default::default()
         };
@@ -918,6 +996,70 @@ mod tests {
         // Encryption off: no encryption families at all.
         s.encryption = None;
         assert!(!s.render().contains("sinew_encryption_"));
+    }
+
+    #[test]
+    fn ipsec_families_say_which_key_each_peer_uses() {
+        let peer = |node: &str, ready: bool| crate::ipsec::PeerStatus {
+            node: node.into(),
+            addr: "172.30.0.12".into(),
+            ready,
+            out_spi: if ready { 257 } else { 0 },
+            out_wire_spi: 0x1234,
+            in_spis: vec![(256, 0x99), (257, 0x98)],
+            tx_bytes: 100,
+            rx_bytes: 200,
+            integrity_failed: 1,
+            replay_drops: 2,
+            ..Default::default()
+        };
+        let s = Sample {
+            encryption: Some(crate::encryption::Status {
+                mode: crate::encryption::Mode::Ipsec,
+                implementation: "kernel xfrm",
+                device: String::new(),
+                public_key: None,
+                key_created: std::time::SystemTime::now(),
+                port: 0,
+                encrypt_node: false,
+                peers: Vec::new(),
+                nodes_without_key: vec!["node3".into()],
+                no_peer_drops: 0,
+                decrypt_errors: 1,
+                disallowed_source: 0,
+                unknown_sender: 2,
+                ipsec: Some(crate::encryption::IpsecStatus {
+                    epoch: 42,
+                    spis: vec![256, 257],
+                    last_rotation: Some(std::time::SystemTime::now()),
+                    rotating: true,
+                    peers: vec![peer("node2", true), peer("node3", false)],
+                }),
+            }),
+            ..Default::default()
+        };
+        let text = s.render();
+        for line in [
+            "sinew_encryption_info{mode=\"ipsec\",implementation=\"kernel xfrm\"} 1",
+            "sinew_encryption_peers 1",
+            "sinew_encryption_nodes_without_key 1",
+            "sinew_encryption_ipsec_peer_spi{node=\"node2\",endpoint=\"172.30.0.12\"} 257",
+            "sinew_encryption_peer_tx_bytes_total{node=\"node2\",endpoint=\"172.30.0.12\"} 100",
+            "sinew_encryption_peer_rx_bytes_total{node=\"node3\",endpoint=\"172.30.0.12\"} 200",
+            "sinew_encryption_ipsec_epoch 42",
+            "sinew_encryption_last_rotation_seconds 0",
+            "sinew_encryption_device_drops_total{reason=\"integrity_failed\"} 1",
+            "sinew_encryption_device_drops_total{reason=\"replay\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // A peer not in place has no SPI in use.
+        assert!(
+            !text.contains("sinew_encryption_ipsec_peer_spi{node=\"node3\""),
+            "{text}"
+        );
+        // No WireGuard families.
+        assert!(!text.contains("handshake"), "{text}");
     }
 
     #[test]

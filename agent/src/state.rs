@@ -159,7 +159,7 @@ impl NodeState {
         );
         // Peers first: the ipcache flag sends traffic into the device.
         if let Some(enc) = self.encryption.as_mut() {
-            let peers = enc.apply(&self.local, &self.snapshot);
+            let peers = enc.apply(&self.local, &self.snapshot, self.ds.as_ref());
             crate::encryption::mark(&mut want, &peers);
         }
         self.remote_nodes = want.remote_nodes;

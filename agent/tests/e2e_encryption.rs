@@ -597,3 +597,471 @@ fn the_kernel_implementation_runs_or_refuses_to_start() {
         );
     }
 }
+
+// ------------------------------------------------------------------ IPsec
+
+/// Whether this kernel has ESP (as the agent decides).
+fn kernel_has_esp() -> bool {
+    if std::path::Path::new("/sys/module/esp4").exists() {
+        return true;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    ["modules.builtin", "modules.dep"].iter().any(|f| {
+        std::fs::read_to_string(format!("/lib/modules/{}/{f}", release.trim()))
+            .is_ok_and(|t| t.lines().any(|l| l.contains("/esp4.ko")))
+    })
+}
+
+/// A lab whose agents run `--encryption ipsec`; on a kernel without ESP
+/// (this host), asserts that the agents refuse to start, saying why, and
+/// returns None.
+fn ipsec_lab(prefix: &str, pods_per_node: u32) -> Option<LabGuard> {
+    let args = ["--encryption", "ipsec", "--ipsec-key-grace", "5"];
+    if kernel_has_esp() {
+        return Some(lab_with_args(prefix, 2, pods_per_node, Routing::Vxlan, &args));
+    }
+    sinew_testvms::support::require_root("kernel integration tests");
+    use sinew_testvms::lab::{Binaries, Lab, LabSpec, UpOptions};
+    let spec = LabSpec {
+        name_prefix: format!("{prefix}-{}", std::process::id()),
+        nodes: 2,
+        pods_per_node,
+        routing: Routing::Vxlan,
+        state_dir: None,
+        agent_args: args.iter().map(|a| a.to_string()).collect(),
+    };
+    let bins = Binaries::from_current_exe().expect("binaries next to the test");
+    let _ = Lab::down(&spec.state_dir());
+    let r = Lab::up_with(&spec, &bins, &UpOptions::default(), &mut |_| {});
+    // The agent's whole log (the error shows only its tail).
+    let log = std::fs::read_to_string(spec.state_dir().join("node1").join("agent.log")).unwrap_or_default();
+    let _ = Lab::down(&spec.state_dir());
+    let e = match r {
+        Ok(_) => panic!("IPsec agents started on a kernel without ESP"),
+        Err(e) => format!("{e}\n{log}"),
+    };
+    assert!(
+        e.contains("this kernel has no ESP") && e.contains("does not start rather than send pod traffic in clear"),
+        "{e}"
+    );
+    None
+}
+
+/// node1's and node2's IPsec SAs (src, dst, spi) in their namespaces.
+fn xfrm_sas(lab: &sinew_testvms::lab::Lab, node: &str) -> Vec<(IpAddr, IpAddr, u32)> {
+    node_ns(lab, node)
+        .run(|| sinew_netlink::Xfrm::open().unwrap().sas().unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.src, s.dst, s.spi))
+        .collect()
+}
+
+/// Waits (up to 60 s) until `node` sends to its one peer with the
+/// cluster-key SPI `spi`; returns the status then.
+fn wait_out_spi(lab: &sinew_testvms::lab::Lab, node: &str, spi: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = encryption_status(lab, node);
+        let p = &st["ipsec"]["peers"][0];
+        if p["ready"] == true && p["outSpi"].as_u64() == Some(spi) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} never sent with SPI {spi}: {st}\n{}",
+            agent_log_tail(lab, node)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// IPsec in the lab (ESP in the VM tiers): the underlay carries only ESP
+/// between the nodes and never the marker; the matrix holds; policy by
+/// identity allows and denies; status and metrics say what runs; a new
+/// cluster key during a steady connection and a request loop loses
+/// nothing (the old key goes after its grace period); and a node whose
+/// IPsec state is gone gets nothing in clear (no_encryption_key). One lab
+/// for all of it: under TCG a lab costs a minute.
+#[test]
+fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
+    let Some(mut g) = ipsec_lab("e2e-ips", 2) else { return };
+    let lab = &g.lab;
+    let (a, b, c) = ("node1-pod1", "node1-pod2", "node2-pod1");
+    let (ns_a, ns_b, ns_c) = (pod_ns(lab, a), pod_ns(lab, b), pod_ns(lab, c));
+    let (ip_a, ip_b, ip_c) = (pod_ip(lab, a), pod_ip(lab, b), pod_ip(lab, c));
+    let ctx = |what: &str, e: String| {
+        format!(
+            "{what}: {e}\nagent log node1:\n{}\nagent log node2:\n{}",
+            agent_log_tail(lab, "node1"),
+            agent_log_tail(lab, "node2")
+        )
+    };
+    eventually("first cross-node connection", || {
+        tcp_roundtrip(&ns_c, ip_c, 8079, &ns_a).map(|_| ())
+    });
+
+    // The capture: only ESP between the nodes, never the marker.
+    let cap = Capture::start(lab, "e2e-ips");
+    marker_exchange(&ns_c, ip_c, 7001, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("marker a->c", e)));
+    marker_exchange(&ns_b, ip_b, 7002, &ns_c).unwrap_or_else(|e| panic!("{}", ctx("marker c->b", e)));
+    let n1 = node_ns(lab, "node1");
+    marker_exchange(&ns_c, ip_c, 7003, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->c", e)));
+    const BULK: u64 = 4 << 20;
+    tcp_bulk(&ns_c, ip_c, 8090, &ns_a, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk a->c", e)));
+    let (lines, raw) = cap.finish();
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.address.to_string()).collect();
+    let between_nodes: Vec<&String> = lines
+        .iter()
+        .filter(|l| nodes.iter().filter(|n| l.contains(n.as_str())).count() == 2)
+        .collect();
+    assert!(
+        between_nodes.len() > 50,
+        "too few packets between the nodes captured: {}",
+        between_nodes.len()
+    );
+    let clear: Vec<&&String> = between_nodes.iter().filter(|l| !l.contains(": ESP(spi=")).collect();
+    assert!(
+        clear.is_empty(),
+        "packets between the nodes that are not ESP:\n{}",
+        clear.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+
+    // The matrix, as without encryption.
+    tcp_roundtrip(&ns_b, ip_b, 8080, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("tcp same node", e)));
+    let peer = tcp_roundtrip(&ns_c, ip_c, 8081, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("tcp cross node", e)));
+    assert_eq!(peer.ip(), ip_a, "the server sees the pod address");
+    tcp_roundtrip(&ns_a, ip_a, 8082, &ns_c).unwrap_or_else(|e| panic!("{}", ctx("tcp cross node reverse", e)));
+    udp_roundtrip(&ns_c, ip_c, 5353, &ns_b).unwrap_or_else(|e| panic!("{}", ctx("udp cross node", e)));
+    ping(lab, a, ip_c).unwrap();
+    ping(lab, c, ip_b).unwrap();
+    tcp_bulk(&ns_a, ip_a, 8091, &ns_c, BULK).unwrap_or_else(|e| panic!("{}", ctx("bulk c->a", e)));
+    tcp_roundtrip(&ns_c, ip_c, 8083, &n1).unwrap_or_else(|e| panic!("{}", ctx("node1 -> remote pod", e)));
+
+    // Status and metrics.
+    let st = encryption_status(lab, "node1");
+    assert_eq!(st["mode"], "ipsec", "{st}");
+    assert_eq!(st["implementation"], "kernel xfrm", "{st}");
+    assert_eq!(st["ipsec"]["spis"], serde_json::json!([256]), "{st}");
+    assert_eq!(st["nodesWithoutKey"].as_array().map(Vec::len), Some(0), "{st}");
+    let p = &st["ipsec"]["peers"][0];
+    assert_eq!(p["node"], "node2", "{st}");
+    assert_eq!(p["ready"], true, "{st}");
+    assert_eq!(p["outSpi"], 256, "{st}");
+    for dir in ["rxBytes", "txBytes"] {
+        assert!(p[dir].as_u64().unwrap() >= BULK / 2, "{dir}: {st}");
+    }
+    let m = scrape(lab, "node1").unwrap();
+    assert_eq!(
+        m.get(
+            "sinew_encryption_info",
+            &[("mode", "ipsec"), ("implementation", "kernel xfrm")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(m.get("sinew_encryption_peers", &[]), Some(1.0));
+    assert_eq!(
+        m.get("sinew_encryption_ipsec_peer_spi", &[("node", "node2")]),
+        Some(256.0)
+    );
+    let v = m
+        .get("sinew_encryption_peer_tx_bytes_total", &[("node", "node2")])
+        .expect("tx bytes");
+    assert!(v >= (BULK / 2) as f64, "tx bytes {v}");
+
+    // Policy by identity: node2-pod1 admits app=pod2 only.
+    let refs = apply_policy(
+        &lab.node("node1").unwrap().socket,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-pod2, namespace: default}\n\
+         spec:\n  podSelector: {matchLabels: {app: pod1, node: node2}}\n  policyTypes: [Ingress]\n\
+         \x20 ingress:\n  - from:\n    - podSelector: {matchLabels: {app: pod2}}\n",
+    )
+    .expect("apply policy");
+    wait_policies_everywhere(lab, &refs);
+    tcp_roundtrip(&ns_c, ip_c, 8084, &ns_b).unwrap_or_else(|e| panic!("{}", ctx("allowed by identity", e)));
+    let denied_before = drop_count(lab, "node2", "policy_denied", "ingress");
+    assert!(
+        tcp_roundtrip(&ns_c, ip_c, 8085, &ns_a).is_err(),
+        "node1-pod1 (app=pod1) reached node2-pod1 through ESP despite the policy"
+    );
+    let denied_after = drop_count(lab, "node2", "policy_denied", "ingress");
+    assert!(
+        denied_after > denied_before,
+        "node2's policy_denied drops {denied_before} -> {denied_after}: the denied SYNs were lost elsewhere"
+    );
+    for r in &refs {
+        assert!(delete_policy(&lab.node("node1").unwrap().socket, r));
+    }
+    eventually("the policy is gone", || {
+        tcp_roundtrip(&ns_c, ip_c, 8087, &ns_a).map(|_| ())
+    });
+
+    ipsec_rotation_loses_nothing(&mut g.lab);
+    ipsec_state_the_kernel_lost_is_put_back(&g.lab);
+    ipsec_a_node_without_state_gets_nothing_in_clear(&g.lab);
+}
+
+/// node1's SAs and policies flushed behind the agent's back (as `ip xfrm
+/// state flush; ip xfrm policy flush` would): nothing crosses in clear
+/// meanwhile, and the agent puts them back (its housekeeping tick checks
+/// the kernel), after which pod traffic flows again.
+fn ipsec_state_the_kernel_lost_is_put_back(lab: &sinew_testvms::lab::Lab) {
+    let (ns_a, ns_c) = (pod_ns(lab, "node1-pod1"), pod_ns(lab, "node2-pod1"));
+    let ip_c = pod_ip(lab, "node2-pod1");
+    let cap = Capture::start(lab, "e2e-ipf");
+    node_ns(lab, "node1")
+        .run(|| {
+            let mut x = sinew_netlink::Xfrm::open().unwrap();
+            for p in x.policies().unwrap() {
+                x.delete_policy(&p.sel, p.dir, p.if_id).unwrap();
+            }
+            for s in x.sas().unwrap() {
+                x.delete_sa(s.src, s.dst, s.spi).unwrap();
+            }
+        })
+        .unwrap();
+    assert!(xfrm_sas(lab, "node1").is_empty());
+    let flushed = Instant::now();
+    let deadline = flushed + Duration::from_secs(60);
+    loop {
+        match marker_exchange(&ns_c, ip_c, 7020, &ns_a) {
+            Ok(()) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "pod traffic never came back after the flush: {e}\n{}",
+                agent_log_tail(lab, "node1")
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (lines, raw) = cap.finish();
+    eprintln!(
+        "ipsec: node1's SAs and policies flushed, put back and carrying pod traffic {:?} later",
+        flushed.elapsed()
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.address.to_string()).collect();
+    let clear: Vec<&String> = lines
+        .iter()
+        .filter(|l| nodes.iter().filter(|n| l.contains(n.as_str())).count() == 2 && !l.contains(": ESP(spi="))
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "packets between the nodes that are not ESP:\n{clear:?}"
+    );
+    assert!(!xfrm_sas(lab, "node1").is_empty(), "the SAs are back");
+}
+
+/// A new cluster key (SPI 257) while node1-pod2 keeps a connection echoing
+/// and opens one per request to node2-pod1: both nodes install it, switch
+/// to it, and drop the old one after the grace period (5 s); then node2's
+/// agent restarts and keeps its SAs (same epoch: the kernel still held
+/// them); nothing is lost throughout.
+fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
+    let (ns_b, ns_c) = (pod_ns(lab, "node1-pod2"), pod_ns(lab, "node2-pod1"));
+    let ip_c = pod_ip(lab, "node2-pod1");
+    let steady_addr = SocketAddr::new(IpAddr::V4(ip_c), 9100);
+    let req_addr = SocketAddr::new(IpAddr::V4(ip_c), 9101);
+    echo_server(&ns_c, steady_addr);
+    echo_server(&ns_c, req_addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = ns_b
+        .run(move || TcpStream::connect_timeout(&steady_addr, Duration::from_secs(3)))
+        .unwrap()
+        .expect("steady connection");
+    let stop1 = stop.clone();
+    let steady = std::thread::spawn(move || -> Result<u64, String> {
+        let mut s = stream;
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut n = 0u64;
+        let (msg, mut buf) = ([0x5au8; 256], [0u8; 256]);
+        while !stop1.load(Ordering::Relaxed) {
+            s.write_all(&msg).map_err(|e| format!("write after {n} echoes: {e}"))?;
+            s.read_exact(&mut buf)
+                .map_err(|e| format!("read after {n} echoes: {e}"))?;
+            if buf != msg {
+                return Err(format!("echo {n} differs"));
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(n)
+    });
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (ok2, failed2, stop2) = (ok.clone(), failed.clone(), stop.clone());
+    let requests = std::thread::spawn(move || -> Vec<String> {
+        let mut errors = Vec::new();
+        while !stop2.load(Ordering::Relaxed) {
+            let r = ns_b
+                .run(move || -> Result<(), String> {
+                    let mut s = TcpStream::connect_timeout(&req_addr, Duration::from_secs(20))
+                        .map_err(|e| format!("connect: {e}"))?;
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    s.write_all(b"request").map_err(|e| format!("write: {e}"))?;
+                    let mut buf = [0u8; 7];
+                    s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+                    (&buf == b"request")
+                        .then_some(())
+                        .ok_or_else(|| "bad answer".to_string())
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            match r {
+                Ok(()) => ok2.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    errors.push(e);
+                    failed2.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        errors
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The rotation: a second key, newest last.
+    let rotated = Instant::now();
+    let file = lab.datastore_dir().join(sinew_model::ipsec::KEYS_FILE);
+    let mut keys = sinew_model::ipsec::read_keys(&lab.datastore_dir())
+        .unwrap()
+        .expect("the lab made a key");
+    let old: Vec<(IpAddr, IpAddr, u32)> = xfrm_sas(lab, "node1");
+    keys.keys.push(sinew_model::ipsec::random_key(257).unwrap());
+    sinew_model::write_atomic(&file, sinew_model::ipsec::render_keys(&keys).as_bytes()).unwrap();
+    wait_out_spi(lab, "node1", 257);
+    wait_out_spi(lab, "node2", 257);
+    let switched = rotated.elapsed();
+    // The old key goes after the grace period: the SAs of before are gone
+    // and each node receives with 257 only.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = xfrm_sas(lab, "node1");
+        let st = encryption_status(lab, "node1");
+        if !now.iter().any(|s| old.contains(s)) && st["ipsec"]["spis"] == serde_json::json!([257]) {
+            assert_eq!(st["ipsec"]["rotated"], true, "{st}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old key stayed: SAs before {old:?}, now {now:?}; {st}\n{}",
+            agent_log_tail(lab, "node1")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let retired = rotated.elapsed();
+
+    // An agent restart keeps the SAs and their epoch: the counters go on.
+    let epoch = encryption_status(lab, "node2")["ipsec"]["epoch"].as_u64();
+    let sas_before = xfrm_sas(lab, "node2");
+    let restart = Instant::now();
+    assert!(lab.stop_agent("node2").unwrap(), "node2's agent was running");
+    lab.start_agent("node2").expect("node2's agent restarts");
+    let restarted = restart.elapsed();
+    let st = encryption_status(lab, "node2");
+    assert!(
+        epoch.is_some() && st["ipsec"]["epoch"].as_u64() == epoch,
+        "{epoch:?} then {st}"
+    );
+    wait_out_spi(lab, "node2", 257);
+    // (It may add the older key's again: still in the datastore, it gets
+    // another grace period from the restarted agent.)
+    let after = xfrm_sas(lab, "node2");
+    assert!(
+        sas_before.iter().all(|s| after.contains(s)),
+        "the restarted agent did not keep its SAs: before {sas_before:?}, after {after:?}"
+    );
+
+    let before = ok.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        ok.load(Ordering::Relaxed) > before,
+        "no request answered after the rotation"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let echoes = steady
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the steady connection broke: {e}"));
+    let errors = requests.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "rotation (ipsec): both nodes on the new key {switched:?} after it was written, old key gone after \
+         {retired:?}, node2's agent restarted in {restarted:?} keeping its SAs; steady connection {echoes} echoes, \
+         0 lost; requests {ok} answered, {failed} failed"
+    );
+    assert_eq!(failed, 0, "requests failed across the rotation: {errors:?}");
+    assert!(
+        echoes > 100 && ok > 20,
+        "too little traffic: {echoes} echoes, {ok} requests"
+    );
+}
+
+/// node2's IPsec state (its SinewNode) gone from the datastore: node1
+/// removes its SAs and policies to node2 and sends it nothing, dropped as
+/// no_encryption_key, never on the underlay in clear.
+fn ipsec_a_node_without_state_gets_nothing_in_clear(lab: &sinew_testvms::lab::Lab) {
+    let (ns_a, ns_c) = (pod_ns(lab, "node1-pod1"), pod_ns(lab, "node2-pod1"));
+    let ip_c = pod_ip(lab, "node2-pod1");
+    let node2: IpAddr = lab.node("node2").unwrap().address.into();
+    let file = lab.datastore_dir().join("sinewnodes").join("node2.yaml");
+    std::fs::remove_file(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let before = drop_count(lab, "node1", "no_encryption_key", "egress");
+    let cap = Capture::start(lab, "e2e-ipk");
+    eventually("node1 drops traffic for node2", || {
+        match marker_exchange(&ns_c, ip_c, 7010, &ns_a) {
+            Ok(()) => Err("still reaches node2".into()),
+            Err(_) => Ok(()),
+        }
+    });
+    let (_, raw) = cap.finish();
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+    let after = drop_count(lab, "node1", "no_encryption_key", "egress");
+    assert!(after > before, "no_encryption_key drops {before} -> {after}");
+    let sas = xfrm_sas(lab, "node1");
+    assert!(
+        !sas.iter().any(|(src, dst, _)| *src == node2 || *dst == node2),
+        "node1 kept SAs with node2: {sas:?}"
+    );
+    let st = encryption_status(lab, "node1");
+    assert_eq!(st["nodesWithoutKey"], serde_json::json!(["node2"]), "{st}");
+}
+
+/// `--encryption ipsec` starts where the kernel has ESP (keeping its epoch
+/// in the state directory) and refuses native routing; without ESP it
+/// refuses to start, saying why. In a network namespace of its own.
+#[test]
+fn ipsec_runs_or_refuses_to_start() {
+    sinew_testvms::support::require_root("XFRM in a network namespace");
+    use sinew_agent::encryption::{Encryption, Mode, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_owned();
+    let settings = Settings {
+        mode: Mode::Ipsec,
+        ..Default::default()
+    };
+    let (vxlan, native) = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare a network namespace");
+        let ip = Ipv4Addr::new(172, 30, 0, 11);
+        let vxlan = Encryption::start_ipsec(&settings, &state, ip, true).map(|e| (e.is_ipsec(), e.ifindex));
+        let native = Encryption::start_ipsec(&settings, &state, ip, false).map(|_| ());
+        (vxlan, native)
+    })
+    .join()
+    .unwrap();
+    if kernel_has_esp() {
+        assert_eq!(vxlan.expect("IPsec starts"), (true, 0));
+        assert!(sinew_agent::ipsec::read_epoch(dir.path()).is_some_and(|e| e != 0));
+        let e = format!("{:#}", native.expect_err("native routing is refused"));
+        assert!(e.contains("--routing vxlan"), "{e}");
+    } else {
+        for r in [vxlan.map(|_| ()), native] {
+            let e = format!("{:#}", r.expect_err("refused without ESP"));
+            assert!(
+                e.contains("this kernel has no ESP") && e.contains("CONFIG_INET_ESP"),
+                "{e}"
+            );
+        }
+    }
+}

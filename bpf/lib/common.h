@@ -52,6 +52,10 @@ volatile const __u32 CFG_ENCRYPT_IFINDEX = 0;
 volatile const __u32 CFG_ENCRYPT_NODE = 0;
 /* WireGuard's UDP port: its own packets go on the underlay. */
 volatile const __u32 CFG_WIREGUARD_PORT = 51871;
+/* 1: IPsec (ESP by the kernel's XFRM policies, which the stack applies):
+ * what leaves for another node goes through the stack, never straight to
+ * the uplink, and nothing for another node leaves the uplink but ESP. */
+volatile const __u32 CFG_ENCRYPT_IPSEC = 0;
 
 /*
  * A program's result for a packet it encapsulated in VXLAN and redirected:

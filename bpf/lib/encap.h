@@ -96,10 +96,14 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb,
 	if (!tunnel_endpoint)
 		return -DROP_NO_TUNNEL_ENDPOINT;
 	/* Fail closed before any work: no key, never in clear. */
-	if (CFG_ENCRYPT_IFINDEX && !(dst_flags & IPCACHE_F_ENCRYPT))
+	if ((CFG_ENCRYPT_IFINDEX || CFG_ENCRYPT_IPSEC) &&
+	    !(dst_flags & IPCACHE_F_ENCRYPT))
 		return -DROP_NO_ENCRYPTION_KEY;
 	note_obs(TRACE_TO_TUNNEL);
-	if (!CFG_UPLINK_IFINDEX || inner_len > 0xffff)
+	/* IPsec: the VXLAN device's packets pass the stack's XFRM policy for
+	 * the node pair, which makes them ESP; a packet built here would skip
+	 * it. */
+	if (!CFG_UPLINK_IFINDEX || inner_len > 0xffff || CFG_ENCRYPT_IPSEC)
 		return encap_vxlan_dev(skb, tunnel_endpoint, identity);
 	eth = PKT_PTR(skb, ETH_OFF, struct ethhdr);
 	if (!eth)
@@ -187,7 +191,8 @@ static __always_inline int route_native(struct __sk_buff *skb, __u32 next_hop,
 	struct bpf_redir_neigh nh = {};
 	int ret;
 
-	if (CFG_ENCRYPT_IFINDEX && !(dst_flags & IPCACHE_F_ENCRYPT))
+	if ((CFG_ENCRYPT_IFINDEX || CFG_ENCRYPT_IPSEC) &&
+	    !(dst_flags & IPCACHE_F_ENCRYPT))
 		return -DROP_NO_ENCRYPTION_KEY;
 	ret = ipv4_dec_ttl(skb);
 	if (ret < 0)

@@ -2,7 +2,9 @@
 /*
  * Transparent encryption between nodes: with CFG_ENCRYPT_IFINDEX set, what
  * leaves for another node goes into the WireGuard device (kernel or the
- * agent's userspace one) instead of the uplink. A destination whose node
+ * agent's userspace one) instead of the uplink. With CFG_ENCRYPT_IPSEC it
+ * goes through the stack, whose XFRM policies make ESP of it, and the
+ * uplink lets nothing else out for another node. A destination whose node
  * has no known key (no IPCACHE_F_ENCRYPT) is dropped, never sent in clear.
  */
 #ifndef SINEW_ENCRYPT_H
@@ -25,6 +27,41 @@ static __always_inline int encrypt_redirect(__u32 dst_flags)
 }
 
 /*
+ * IPsec, at the uplink's egress: the kernel's XFRM policies have made ESP
+ * of what they cover by now, so a packet still in clear that should have
+ * been encrypted means a policy is missing (a peer being set up, an agent
+ * gone wrong): dropped, never sent. That is pod traffic for another node
+ * (to its pod CIDR or pods, or a pod's packet to its address), the VXLAN
+ * packets that carry it, and with CFG_ENCRYPT_NODE all node traffic for
+ * another node. ESP itself passes.
+ */
+static __always_inline int ipsec_to_node(struct __sk_buff *skb,
+					 struct iphdr *ip, int from_pod)
+{
+	struct ipcache_value *dst;
+	struct udphdr *udp;
+
+	if (ip->protocol == IPPROTO_ESP)
+		return 0;
+	dst = ipcache_lookup4(ip->daddr);
+	if (!dst || !dst->tunnel_endpoint)
+		return 0;
+	if (dst->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP))
+		return -DROP_NO_ENCRYPTION_KEY;
+	if (!(dst->flags & IPCACHE_F_NODE))
+		return 0;
+	/* A pod's packet for another node goes in VXLAN (from_container). */
+	if (from_pod || CFG_ENCRYPT_NODE)
+		return -DROP_NO_ENCRYPTION_KEY;
+	if (ip->protocol != IPPROTO_UDP || ip->ihl != 5)
+		return 0;
+	udp = PKT_PTR(skb, IP_OFF + sizeof(struct iphdr), struct udphdr);
+	if (udp && udp->dest == bpf_htons(SINEW_VXLAN_PORT))
+		return -DROP_NO_ENCRYPTION_KEY;
+	return 0;
+}
+
+/*
  * At the uplink's egress, what leaves for another node through the stack:
  * from a local pod (`from_pod`: to another node's address, e.g. a reply to
  * that node), or from the node itself: the VXLAN device's packets (pod
@@ -38,6 +75,8 @@ static __always_inline int encrypt_to_node(struct __sk_buff *skb,
 	struct ipcache_value *dst;
 	struct udphdr *udp = 0;
 
+	if (CFG_ENCRYPT_IPSEC)
+		return ipsec_to_node(skb, ip, from_pod);
 	if (!CFG_ENCRYPT_IFINDEX)
 		return 0;
 	dst = ipcache_lookup4(ip->daddr);

@@ -977,7 +977,28 @@ fn print_encryption(r: &v1::EncryptionStatusResponse, f: Format) {
                 })
             })
             .collect();
+        let ipsec = r.ipsec.as_ref().map(|i| {
+            let peers: Vec<_> = i
+                .peers
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "node": p.node, "address": p.address, "ready": p.ready,
+                        "outSpi": p.out_spi, "outWireSpi": p.out_wire_spi,
+                        "inSpis": p.in_spis, "inWireSpis": p.in_wire_spis,
+                        "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes,
+                        "rxPackets": p.rx_packets, "txPackets": p.tx_packets,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "epoch": i.epoch, "spis": i.spis, "rotated": i.rotated,
+                "lastRotationSecondsAgo": i.last_rotation_seconds_ago, "rotating": i.rotating,
+                "peers": peers,
+            })
+        });
         let v = serde_json::json!({
+            "ipsec": ipsec,
             "mode": r.mode, "implementation": r.implementation, "device": r.device,
             "publicKey": r.public_key, "keyAgeSeconds": r.key_age_seconds, "port": r.port,
             "encryptNode": r.encrypt_node, "peers": peers, "nodesWithoutKey": r.nodes_without_key,
@@ -994,6 +1015,10 @@ fn print_encryption(r: &v1::EncryptionStatusResponse, f: Format) {
         return;
     }
     println!("Mode:           {} ({})", r.mode, r.implementation);
+    if let Some(i) = &r.ipsec {
+        print_ipsec(r, i);
+        return;
+    }
     println!("Device:         {} port {}", r.device, r.port);
     println!("Public key:     {} (age {}s)", r.public_key, r.key_age_seconds);
     println!(
@@ -1032,6 +1057,71 @@ fn print_encryption(r: &v1::EncryptionStatusResponse, f: Format) {
             p.rx_bytes,
             p.tx_bytes,
             p.allowed_ips.join(",")
+        );
+    }
+}
+
+fn print_ipsec(r: &v1::EncryptionStatusResponse, i: &v1::IpsecStatus) {
+    let spis: Vec<String> = i.spis.iter().map(|s| s.to_string()).collect();
+    println!("Epoch:          {:#018x}", i.epoch);
+    println!(
+        "Cluster keys:   SPIs [{}] received with; newest seen {}s ago{}",
+        spis.join(", "),
+        r.key_age_seconds,
+        if i.rotating {
+            " (rotating: older keys kept for their grace period)"
+        } else {
+            ""
+        }
+    );
+    if i.rotated {
+        println!("Last rotation:  {}s ago", i.last_rotation_seconds_ago);
+    } else {
+        println!("Last rotation:  none since the agent started");
+    }
+    println!(
+        "Node traffic:   {}",
+        if r.encrypt_node {
+            "encrypted"
+        } else {
+            "pod traffic only (VXLAN)"
+        }
+    );
+    println!(
+        "SA drops:       integrity failures {}, replay {}",
+        r.decrypt_errors, r.unknown_sender
+    );
+    if !r.nodes_without_key.is_empty() {
+        println!(
+            "Without SAs:    {} (their traffic is dropped as no_encryption_key)",
+            r.nodes_without_key.join(", ")
+        );
+    }
+    println!(
+        "{:<12} {:<16} {:<6} {:<22} {:<30} {:>12} {:>12}",
+        "PEER", "ADDRESS", "READY", "OUT SPI (WIRE)", "IN SPIS (WIRE)", "RX", "TX"
+    );
+    for p in &i.peers {
+        let ins: Vec<String> = p
+            .in_spis
+            .iter()
+            .zip(&p.in_wire_spis)
+            .map(|(c, w)| format!("{c} ({w:#x})"))
+            .collect();
+        let out = if p.ready {
+            format!("{} ({:#x})", p.out_spi, p.out_wire_spi)
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "{:<12} {:<16} {:<6} {:<22} {:<30} {:>12} {:>12}",
+            p.node,
+            p.address,
+            if p.ready { "yes" } else { "no" },
+            out,
+            ins.join(","),
+            p.rx_bytes,
+            p.tx_bytes
         );
     }
 }

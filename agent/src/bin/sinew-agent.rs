@@ -137,7 +137,8 @@ struct Args {
     proxy_binary: Option<PathBuf>,
     /// Encryption of pod traffic between nodes: none, wireguard (the
     /// kernel's where it has one, else the agent's userspace device) or
-    /// ipsec (not built yet: refuses to start). The same on every node.
+    /// ipsec (the kernel's ESP, with the cluster keys of the datastore;
+    /// refuses to start where the kernel has no ESP). The same on every node.
     #[arg(long, default_value = "none")]
     encryption: sinew_agent::encryption::Mode,
     /// Encrypt the nodes' own traffic to each other too (pod traffic is
@@ -156,6 +157,10 @@ struct Args {
     /// userspace.
     #[arg(long, default_value = "auto")]
     wireguard_implementation: sinew_agent::encryption::Implementation,
+    /// IPsec: seconds an older cluster key stays installed after a newer
+    /// one appears (every peer has switched to the newer one by then).
+    #[arg(long, default_value_t = 60)]
+    ipsec_key_grace: u64,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -214,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             port: a.wireguard_port,
             queues: a.wireguard_queues,
             implementation: a.wireguard_implementation,
+            ipsec_grace: std::time::Duration::from_secs(a.ipsec_key_grace),
         },
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.

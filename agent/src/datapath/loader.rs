@@ -83,6 +83,10 @@ pub struct DatapathConfig {
     pub encrypt_ifindex: u32,
     pub encrypt_node: bool,
     pub wireguard_port: u16,
+    /// IPsec: VXLAN leaves through the VXLAN device (the stack's XFRM
+    /// policies encrypt it), and the uplink lets nothing for another node
+    /// out in clear.
+    pub encrypt_ipsec: bool,
 }
 
 impl DatapathConfig {
@@ -178,6 +182,7 @@ impl Datapath {
         let events = u32::from(cfg.events);
         let encrypt_node = u32::from(cfg.encrypt_node);
         let wg_port = u32::from(cfg.wireguard_port);
+        let encrypt_ipsec = u32::from(cfg.encrypt_ipsec);
         let maglev_entries = cfg.maglev_table_size.saturating_mul(cfg.maglev_services.max(1));
         let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, DatapathError> {
             EbpfLoader::new()
@@ -200,6 +205,7 @@ impl Datapath {
                 .override_global(config::ENCRYPT_IFINDEX, &cfg.encrypt_ifindex, true)
                 .override_global(config::ENCRYPT_NODE, &encrypt_node, true)
                 .override_global(config::WIREGUARD_PORT, &wg_port, true)
+                .override_global(config::ENCRYPT_IPSEC, &encrypt_ipsec, true)
                 .load(bytes)
                 .map_err(|source| DatapathError::Load {
                     object,

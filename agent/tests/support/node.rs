@@ -187,6 +187,7 @@ impl Node {
             encrypt_ifindex: 0,
             encrypt_node: false,
             wireguard_port: 51871,
+            encrypt_ipsec: false,
         };
         adjust(&mut cfg);
         let dp = Datapath::load(cfg).unwrap_or_else(|e| panic!("cannot load the datapath: {e} ({e:?})"));

@@ -92,4 +92,7 @@ pub mod config {
     pub const ENCRYPT_IFINDEX: &str = "CFG_ENCRYPT_IFINDEX";
     pub const ENCRYPT_NODE: &str = "CFG_ENCRYPT_NODE";
     pub const WIREGUARD_PORT: &str = "CFG_WIREGUARD_PORT";
+    /// 1: IPsec (the stack's XFRM policies encrypt what leaves for another
+    /// node; see bpf/lib/encrypt.h).
+    pub const ENCRYPT_IPSEC: &str = "CFG_ENCRYPT_IPSEC";
 }

@@ -42,6 +42,13 @@ pub(crate) fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
+/// Whether the agents run `--encryption ipsec` (the lab then makes the
+/// cluster's IPsec key).
+pub fn ipsec_requested(agent_args: &[String]) -> bool {
+    agent_args.windows(2).any(|w| w[0] == "--encryption" && w[1] == "ipsec")
+        || agent_args.iter().any(|a| a == "--encryption=ipsec")
+}
+
 impl Lab {
     /// Brings a lab up: topology, datastore, agents, pods. Progress lines go
     /// to `progress`. On failure the partial lab stays for inspection;
@@ -154,6 +161,18 @@ impl Lab {
             )?;
         }
         create_dir(&lab.datastore_dir().join("pods"))?;
+        if ipsec_requested(&spec.agent_args) {
+            // The cluster's IPsec key, made here: every node reads it.
+            let path = lab.datastore_dir().join(sinew_model::ipsec::KEYS_FILE);
+            let key = sinew_model::ipsec::random_key(sinew_model::ipsec::MIN_SPI).map_err(|source| {
+                crate::datastore::DatastoreError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            let keys = sinew_model::ipsec::IpsecKeys { keys: vec![key] };
+            datastore::write_atomic(&path, &sinew_model::ipsec::render_keys(&keys))?;
+        }
         Ok(lab)
     }
 
@@ -285,5 +304,17 @@ impl Lab {
         let json = serde_json::to_string_pretty(&self.state).expect("state always serialises");
         datastore::write_atomic(&self.dir.join(STATE_FILE), &json)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ipsec_is_requested_by_either_spelling_only() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(super::ipsec_requested(&args(&["--events", "--encryption", "ipsec"])));
+        assert!(super::ipsec_requested(&args(&["--encryption=ipsec"])));
+        assert!(!super::ipsec_requested(&args(&["--encryption", "wireguard"])));
+        assert!(!super::ipsec_requested(&args(&["ipsec"])));
     }
 }

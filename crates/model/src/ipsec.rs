@@ -178,6 +178,15 @@ pub fn render_keys(keys: &IpsecKeys) -> String {
     out
 }
 
+/// A fresh random AES-256 key and salt (36 bytes) from the kernel's
+/// random source, with `spi`.
+pub fn random_key(spi: u32) -> std::io::Result<IpsecKey> {
+    use std::io::Read;
+    let mut key = vec![0u8; 36];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(IpsecKey { spi, key })
+}
+
 /// Reads the keys from the local datastore directory `dir`; None when the
 /// file does not exist.
 pub fn read_keys(dir: &std::path::Path) -> Result<Option<IpsecKeys>, KeyError> {
@@ -304,8 +313,13 @@ mod tests {
         std::fs::write(dir.path().join(KEYS_FILE), doc("  - spi: 1\n    key: x\n")).unwrap();
         let e = read_keys(dir.path()).unwrap_err();
         assert!(e.file.ends_with(KEYS_FILE) && e.field == "spec.keys[0].spi", "{e}");
-        // The snapshot reader ignores the document (not a resource kind).
+        // The local snapshot reads it too, saying why it refuses it.
         let snap = crate::local::read_dir_snapshot(dir.path(), 0).unwrap();
-        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        assert_eq!(snap.ipsec_keys, None);
+        assert!(
+            snap.errors.len() == 1 && snap.errors[0].to_string().contains("spec.keys[0].spi"),
+            "{:?}",
+            snap.errors
+        );
     }
 }

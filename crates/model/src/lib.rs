@@ -124,6 +124,21 @@ pub trait Datastore: Send + Sync {
     /// Publishes this node's WireGuard public key (SinewNode), replacing
     /// what it published before.
     fn publish_node_key(&self, node: &str, wireguard_public_key: &str) -> Result<(), DatastoreError>;
+    /// Publishes this node's IPsec epoch and the cluster-key SPIs it
+    /// receives with (SinewNode `status.ipsecEpoch`, `status.ipsecSpis`),
+    /// replacing what it published before. Backends that cannot store it
+    /// refuse (the agent then reaches no peer: traffic to other nodes is
+    /// dropped, never sent in clear).
+    fn publish_node_ipsec(&self, node: &str, epoch: u64, spis: &[u32]) -> Result<(), DatastoreError> {
+        let _ = (epoch, spis);
+        Err(DatastoreError::Rejected {
+            what: format!("SinewNode {node} IPsec status"),
+            message: format!(
+                "the {} datastore does not keep IPsec keys or states yet; use the local datastore for --encryption ipsec",
+                self.describe()
+            ),
+        })
+    }
     /// Deletes identities outside `in_use` not allocated or reused within
     /// `grace`; returns them.
     fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError>;

@@ -183,6 +183,29 @@ pub fn read_dir_snapshot_after(
         previous,
     );
     snap.generation = generation;
+    // The cluster's IPsec keys: a refused update keeps the keys in force
+    // (like any other invalid file), and says why.
+    let keys_file = dir.join(crate::ipsec::KEYS_FILE).display().to_string();
+    match texts.iter().find(|(s, _)| *s == keys_file) {
+        None => {}
+        Some((file, Ok(text))) => match crate::ipsec::parse_keys(file, text) {
+            Ok(k) => snap.ipsec_keys = Some(k),
+            Err(e) => {
+                snap.errors.push(crate::ResourceError::IpsecKeys {
+                    file: file.clone(),
+                    message: e.to_string(),
+                });
+                snap.ipsec_keys = previous.and_then(|p| p.ipsec_keys.clone());
+            }
+        },
+        Some((file, Err(reason))) => {
+            snap.errors.push(crate::ResourceError::Unreadable {
+                file: file.clone(),
+                reason: reason.clone(),
+            });
+            snap.ipsec_keys = previous.and_then(|p| p.ipsec_keys.clone());
+        }
+    }
     Ok(snap)
 }
 
@@ -396,6 +419,17 @@ impl Datastore for LocalDatastore {
         write_atomic(&path, &text)
     }
 
+    fn publish_node_ipsec(&self, node: &str, epoch: u64, spis: &[u32]) -> Result<(), DatastoreError> {
+        let spis: Vec<String> = spis.iter().map(|s| s.to_string()).collect();
+        let text = format!(
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewNode\nmetadata:\n  name: {}\nstatus:\n  ipsecEpoch: {epoch}\n  ipsecSpis: [{}]\n",
+            serde_json::Value::from(node),
+            spis.join(", "),
+        );
+        let path = self.dir.join("sinewnodes").join(format!("{node}.yaml"));
+        write_atomic(&path, &text)
+    }
+
     fn gc_identities(&self, in_use: &BTreeSet<u32>, grace: Duration) -> Result<Vec<u32>, DatastoreError> {
         let _lock = self.identity_lock()?;
         let mut removed = Vec::new();
@@ -576,6 +610,61 @@ mod write_tests {
         assert_eq!(snap.identities.keys().copied().collect::<Vec<_>>(), vec![used]);
         // A new label set never takes a live id.
         assert!(ds.allocate_identity(&labels(3)).unwrap() > used);
+    }
+
+    #[test]
+    fn ipsec_node_state_and_cluster_keys_round_trip_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = LocalDatastore::start(dir.path(), Duration::from_millis(50)).unwrap();
+        ds.publish_node_ipsec("node1", 42, &[256, 300]).unwrap();
+        let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        let k = &snap.node_keys["node1"];
+        assert_eq!((k.ipsec_epoch, k.ipsec_spis.clone()), (42, vec![256, 300]));
+        assert_eq!(k.wireguard_public_key, "");
+        assert_eq!(snap.ipsec_keys, None, "no key file: no keys");
+        for (status, field, says) in [
+            ("ipsecEpoch: 0", "status.ipsecEpoch", "positive"),
+            ("ipsecEpoch: x", "status.ipsecEpoch", "positive"),
+            ("ipsecEpoch: 1\n  ipsecSpis: [5]", "status.ipsecSpis", "reserved"),
+            ("ipsecEpoch: 1\n  ipsecSpis: 300", "status.ipsecSpis", "not a list"),
+        ] {
+            std::fs::write(
+                dir.path().join("sinewnodes/node2.yaml"),
+                format!(
+                    "apiVersion: sinew.io/v1alpha1\nkind: SinewNode\nmetadata:\n  name: node2\nstatus:\n  {status}\n"
+                ),
+            )
+            .unwrap();
+            let snap = read_dir_snapshot(dir.path(), 0).unwrap();
+            assert!(!snap.node_keys.contains_key("node2"), "{status}");
+            let e = snap.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+            assert!(e.contains(field) && e.contains(says), "{status}: {e}");
+        }
+        std::fs::remove_file(dir.path().join("sinewnodes/node2.yaml")).unwrap();
+
+        // The cluster keys: read, and a bad update keeps the ones in force.
+        let keys = crate::ipsec::IpsecKeys {
+            keys: vec![crate::ipsec::IpsecKey {
+                spi: 256,
+                key: vec![1; 36],
+            }],
+        };
+        std::fs::write(
+            dir.path().join(crate::ipsec::KEYS_FILE),
+            crate::ipsec::render_keys(&keys),
+        )
+        .unwrap();
+        let good = read_dir_snapshot(dir.path(), 0).unwrap();
+        assert!(good.errors.is_empty(), "{:?}", good.errors);
+        assert_eq!(good.ipsec_keys.as_ref(), Some(&keys));
+        let bad = crate::ipsec::render_keys(&keys).replace("spi: 256", "spi: 7");
+        std::fs::write(dir.path().join(crate::ipsec::KEYS_FILE), bad).unwrap();
+        let snap = read_dir_snapshot_after(dir.path(), 0, Some(&good)).unwrap();
+        assert_eq!(snap.ipsec_keys.as_ref(), Some(&keys), "kept in force");
+        let e = snap.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(e.contains("spec.keys[0].spi") && e.contains("7 is reserved"), "{e}");
+        assert_eq!(snap.errors[0].kind(), Some("SinewIPsecKeys"));
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum ResourceError {
     Empty { file: String },
     #[error("{file}: cannot be read: {reason}; check its permissions and that it is UTF-8 text")]
     Unreadable { file: String, reason: String },
+    /// The cluster's IPsec keys were refused ([`crate::ipsec::KeyError`]).
+    #[error("{message}")]
+    IpsecKeys { file: String, message: String },
 }
 
 impl ResourceError {
@@ -62,7 +65,8 @@ impl ResourceError {
             | ResourceError::Duplicate { file, .. }
             | ResourceError::Policy { file, .. }
             | ResourceError::Empty { file }
-            | ResourceError::Unreadable { file, .. } => file,
+            | ResourceError::Unreadable { file, .. }
+            | ResourceError::IpsecKeys { file, .. } => file,
         }
     }
 
@@ -71,6 +75,7 @@ impl ResourceError {
         match self {
             ResourceError::Invalid { kind, .. } | ResourceError::Duplicate { kind, .. } => Some(kind),
             ResourceError::Policy { kind, .. } if !kind.is_empty() => Some(kind),
+            ResourceError::IpsecKeys { .. } => Some(crate::ipsec::KIND),
             _ => None,
         }
     }
@@ -87,12 +92,19 @@ pub struct NodeInfo {
 }
 
 /// What a node publishes about itself (`sinew.io/v1alpha1 SinewNode`,
-/// named after the node): its WireGuard public key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// named after the node): its WireGuard public key, or its IPsec epoch and
+/// the cluster-key SPIs it receives with.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct NodeKeyInfo {
     pub node: String,
-    /// Base64 of 32 bytes (checked when read).
+    /// Base64 of 32 bytes (checked when read); empty when not published.
     pub wireguard_public_key: String,
+    /// `status.ipsecEpoch`: the epoch the node's outbound SAs were made
+    /// with (0: none published).
+    pub ipsec_epoch: u64,
+    /// `status.ipsecSpis`: the cluster-key SPIs whose inbound SAs the node
+    /// has installed, so that peers may send with them.
+    pub ipsec_spis: Vec<u32>,
     pub source: String,
 }
 
@@ -163,6 +175,9 @@ pub struct Snapshot {
     pub endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
     /// Node name -> what that node published about itself (SinewNode).
     pub node_keys: BTreeMap<String, NodeKeyInfo>,
+    /// The cluster's IPsec keys (`SinewIPsecKeys`), when the backend has
+    /// them (the local one reads `ipsec-keys.yaml`).
+    pub ipsec_keys: Option<crate::ipsec::IpsecKeys>,
     pub errors: Vec<ResourceError>,
     /// Files whose update was refused, with the kinds of the objects they
     /// held that stay in force.
@@ -568,18 +583,53 @@ impl Snapshot {
                 let name = str_at(&value, &["metadata", "name"]).ok_or_else(|| missing("metadata.name"))?;
                 // The operator creates every node's SinewNode; a node
                 // without encryption never publishes a key.
-                let Some(key) = str_at(&value, &["status", "wireguardPublicKey"]) else {
+                let key = str_at(&value, &["status", "wireguardPublicKey"]);
+                let status = value.get("status");
+                let epoch = status.and_then(|s| s.get("ipsecEpoch"));
+                let spis = status.and_then(|s| s.get("ipsecSpis"));
+                if key.is_none() && epoch.is_none() && spis.is_none() {
                     return Ok(());
+                }
+                let invalid = |field: &'static str, value: String, reason: String| ResourceError::Invalid {
+                    file: source.into(),
+                    kind: "SinewNode",
+                    name: name.clone(),
+                    field,
+                    value,
+                    reason,
                 };
-                if let Err(reason) = check_wireguard_key(&key) {
-                    return Err(ResourceError::Invalid {
-                        file: source.into(),
-                        kind: "SinewNode",
-                        name,
-                        field: "status.wireguardPublicKey",
-                        value: key,
-                        reason,
-                    });
+                if let Some(key) = &key {
+                    if let Err(reason) = check_wireguard_key(key) {
+                        return Err(invalid("status.wireguardPublicKey", key.clone(), reason));
+                    }
+                }
+                let shown = |v: &serde_yaml::Value| serde_yaml::to_string(v).unwrap_or_default().trim().to_string();
+                let ipsec_epoch = match epoch {
+                    None => 0,
+                    Some(v) => match v.as_u64() {
+                        Some(e) if e != 0 => e,
+                        _ => {
+                            return Err(invalid(
+                                "status.ipsecEpoch",
+                                shown(v),
+                                "not a positive 64-bit integer".into(),
+                            ))
+                        }
+                    },
+                };
+                let mut ipsec_spis = Vec::new();
+                if let Some(v) = spis {
+                    let list = v
+                        .as_sequence()
+                        .ok_or_else(|| invalid("status.ipsecSpis", shown(v), "not a list of SPIs".into()))?;
+                    for item in list {
+                        let spi = item
+                            .as_u64()
+                            .ok_or_else(|| "not a non-negative integer".to_string())
+                            .and_then(crate::ipsec::check_spi)
+                            .map_err(|r| invalid("status.ipsecSpis", shown(item), r))?;
+                        ipsec_spis.push(spi);
+                    }
                 }
                 if let Some(prev) = self.node_keys.get(&name) {
                     return Err(ResourceError::Duplicate {
@@ -593,7 +643,9 @@ impl Snapshot {
                     name.clone(),
                     NodeKeyInfo {
                         node: name,
-                        wireguard_public_key: key,
+                        wireguard_public_key: key.unwrap_or_default(),
+                        ipsec_epoch,
+                        ipsec_spis,
                         source: source.into(),
                     },
                 );
