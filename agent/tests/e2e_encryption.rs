@@ -407,6 +407,113 @@ fn echo_server(ns: &NetNs, addr: SocketAddr) {
     });
 }
 
+/// Traffic that must survive a rotation: one connection echoing 256 bytes
+/// every 5 ms to `steady`, and a loop opening one connection per request to
+/// `requests` every 20 ms, both from `client`, until [`Traffic::finish`].
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    steady: std::thread::JoinHandle<Result<(u64, Duration), String>>,
+    requests: std::thread::JoinHandle<Vec<String>>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl Traffic {
+    /// Starts both and lets them run for a second.
+    fn start(client: NetNs, steady: SocketAddr, requests: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stream = client
+            .run(move || TcpStream::connect_timeout(&steady, Duration::from_secs(3)))
+            .unwrap()
+            .expect("steady connection");
+        let stop1 = stop.clone();
+        let steady = std::thread::spawn(move || -> Result<(u64, Duration), String> {
+            let mut s = stream;
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.set_nodelay(true).unwrap();
+            let (mut n, mut worst) = (0u64, Duration::ZERO);
+            let (msg, mut buf) = ([0x5au8; 256], [0u8; 256]);
+            while !stop1.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                s.write_all(&msg).map_err(|e| format!("write after {n} echoes: {e}"))?;
+                s.read_exact(&mut buf)
+                    .map_err(|e| format!("read after {n} echoes: {e}"))?;
+                if buf != msg {
+                    return Err(format!("echo {n} differs"));
+                }
+                worst = worst.max(t.elapsed());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok((n, worst))
+        });
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (ok2, failed2, stop2) = (ok.clone(), failed.clone(), stop.clone());
+        let requests = std::thread::spawn(move || -> Vec<String> {
+            let mut errors = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let r = client
+                    .run(move || -> Result<(), String> {
+                        let mut s = TcpStream::connect_timeout(&requests, Duration::from_secs(20))
+                            .map_err(|e| format!("connect: {e}"))?;
+                        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                        s.write_all(b"request").map_err(|e| format!("write: {e}"))?;
+                        let mut buf = [0u8; 7];
+                        s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+                        (&buf == b"request")
+                            .then_some(())
+                            .ok_or_else(|| "bad answer".to_string())
+                    })
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                match r {
+                    Ok(()) => ok2.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e);
+                        failed2.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            errors
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        Traffic {
+            stop,
+            steady,
+            requests,
+            ok,
+            failed,
+        }
+    }
+
+    /// Asserts that requests are still answered (over 2 s).
+    fn assert_flowing(&self) {
+        let before = self.ok.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            self.ok.load(Ordering::Relaxed) > before,
+            "no request answered after the rotation"
+        );
+    }
+
+    /// Stops both: (echoes, worst echo, requests answered, failed, their
+    /// errors). Panics if the steady connection broke.
+    fn finish(self) -> (u64, Duration, u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let steady = self.steady.join().unwrap();
+        let errors = self.requests.join().unwrap();
+        let (echoes, worst) = steady.unwrap_or_else(|e| panic!("the steady connection broke: {e}"));
+        (
+            echoes,
+            worst,
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
 fn wg_ifindex(lab: &sinew_testvms::lab::Lab, node: &str) -> Option<u32> {
     node_ns(lab, node)
         .run(|| sinew_netlink::Rtnl::open().unwrap().link_by_name("sinew_wg").unwrap())
@@ -441,63 +548,7 @@ fn key_rotation_loses_nothing_and_a_node_without_a_key_gets_nothing() {
         .to_string();
     let index_before = wg_ifindex(&g.lab, "node2");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = ns_a
-        .run(move || TcpStream::connect_timeout(&steady_addr, Duration::from_secs(3)))
-        .unwrap()
-        .expect("steady connection");
-    let stop1 = stop.clone();
-    let steady = std::thread::spawn(move || -> Result<(u64, Duration), String> {
-        let mut s = stream;
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_nodelay(true).unwrap();
-        let (mut n, mut worst) = (0u64, Duration::ZERO);
-        let (msg, mut buf) = ([0x5au8; 256], [0u8; 256]);
-        while !stop1.load(Ordering::Relaxed) {
-            let t = Instant::now();
-            s.write_all(&msg).map_err(|e| format!("write after {n} echoes: {e}"))?;
-            s.read_exact(&mut buf)
-                .map_err(|e| format!("read after {n} echoes: {e}"))?;
-            if buf != msg {
-                return Err(format!("echo {n} differs"));
-            }
-            worst = worst.max(t.elapsed());
-            n += 1;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok((n, worst))
-    });
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (ok2, failed2, stop2) = (ok.clone(), failed.clone(), stop.clone());
-    let requests = std::thread::spawn(move || -> Vec<String> {
-        let mut errors = Vec::new();
-        while !stop2.load(Ordering::Relaxed) {
-            let r = ns_a
-                .run(move || -> Result<(), String> {
-                    let mut s = TcpStream::connect_timeout(&req_addr, Duration::from_secs(20))
-                        .map_err(|e| format!("connect: {e}"))?;
-                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                    s.write_all(b"request").map_err(|e| format!("write: {e}"))?;
-                    let mut buf = [0u8; 7];
-                    s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
-                    (&buf == b"request")
-                        .then_some(())
-                        .ok_or_else(|| "bad answer".to_string())
-                })
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            match r {
-                Ok(()) => ok2.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    errors.push(e);
-                    failed2.fetch_add(1, Ordering::Relaxed)
-                }
-            };
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        errors
-    });
-    std::thread::sleep(Duration::from_secs(1));
+    let traffic = Traffic::start(ns_a, steady_addr, req_addr);
 
     // The rotation.
     let rotated = Instant::now();
@@ -532,17 +583,8 @@ fn key_rotation_loses_nothing_and_a_node_without_a_key_gets_nothing() {
         std::thread::sleep(Duration::from_millis(250));
     };
     // Traffic under the new key for a while.
-    let before = ok.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        ok.load(Ordering::Relaxed) > before,
-        "no request answered after the rotation"
-    );
-    stop.store(true, Ordering::Relaxed);
-    let steady = steady.join().unwrap();
-    let errors = requests.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    let (echoes, worst) = steady.unwrap_or_else(|e| panic!("the steady connection broke: {e}"));
+    traffic.assert_flowing();
+    let (echoes, worst, ok, failed, errors) = traffic.finish();
     eprintln!(
         "rotation ({}): new key handshaken {handshake:?} after the rotation began; steady connection {echoes} echoes, \
          0 lost, worst {worst:?}; requests {ok} answered, {failed} failed",
@@ -865,61 +907,7 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
     let req_addr = SocketAddr::new(IpAddr::V4(ip_c), 9101);
     echo_server(&ns_c, steady_addr);
     echo_server(&ns_c, req_addr);
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = ns_b
-        .run(move || TcpStream::connect_timeout(&steady_addr, Duration::from_secs(3)))
-        .unwrap()
-        .expect("steady connection");
-    let stop1 = stop.clone();
-    let steady = std::thread::spawn(move || -> Result<u64, String> {
-        let mut s = stream;
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut n = 0u64;
-        let (msg, mut buf) = ([0x5au8; 256], [0u8; 256]);
-        while !stop1.load(Ordering::Relaxed) {
-            s.write_all(&msg).map_err(|e| format!("write after {n} echoes: {e}"))?;
-            s.read_exact(&mut buf)
-                .map_err(|e| format!("read after {n} echoes: {e}"))?;
-            if buf != msg {
-                return Err(format!("echo {n} differs"));
-            }
-            n += 1;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(n)
-    });
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (ok2, failed2, stop2) = (ok.clone(), failed.clone(), stop.clone());
-    let requests = std::thread::spawn(move || -> Vec<String> {
-        let mut errors = Vec::new();
-        while !stop2.load(Ordering::Relaxed) {
-            let r = ns_b
-                .run(move || -> Result<(), String> {
-                    let mut s = TcpStream::connect_timeout(&req_addr, Duration::from_secs(20))
-                        .map_err(|e| format!("connect: {e}"))?;
-                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                    s.write_all(b"request").map_err(|e| format!("write: {e}"))?;
-                    let mut buf = [0u8; 7];
-                    s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
-                    (&buf == b"request")
-                        .then_some(())
-                        .ok_or_else(|| "bad answer".to_string())
-                })
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            match r {
-                Ok(()) => ok2.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    errors.push(e);
-                    failed2.fetch_add(1, Ordering::Relaxed)
-                }
-            };
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        errors
-    });
-    std::thread::sleep(Duration::from_secs(1));
+    let traffic = Traffic::start(ns_b, steady_addr, req_addr);
 
     // The rotation: a second key, newest last.
     let rotated = Instant::now();
@@ -973,19 +961,8 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         "the restarted agent did not keep its SAs: before {sas_before:?}, after {after:?}"
     );
 
-    let before = ok.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        ok.load(Ordering::Relaxed) > before,
-        "no request answered after the rotation"
-    );
-    stop.store(true, Ordering::Relaxed);
-    let echoes = steady
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("the steady connection broke: {e}"));
-    let errors = requests.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    traffic.assert_flowing();
+    let (echoes, _, ok, failed, errors) = traffic.finish();
     eprintln!(
         "rotation (ipsec): both nodes on the new key {switched:?} after it was written, old key gone after \
          {retired:?}, node2's agent restarted in {restarted:?} keeping its SAs; steady connection {echoes} echoes, \
