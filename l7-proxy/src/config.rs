@@ -17,6 +17,9 @@ pub struct Limits {
     /// Time for a client to send the first bytes and a complete HTTP/1
     /// request head.
     pub header_read_timeout: Duration,
+    /// How long an HTTP/1 client connection may sit idle between requests
+    /// before the proxy closes it (quietly: not a drop).
+    pub keepalive_timeout: Duration,
     /// Largest decoded HTTP/2 header list.
     pub h2_max_header_list_size: u32,
     /// Concurrent streams per HTTP/2 connection.
@@ -44,6 +47,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
             h2_max_header_list_size: 16 * 1024,
             h2_max_concurrent_streams: 100,
             h2_max_pending_accept_reset_streams: 20,

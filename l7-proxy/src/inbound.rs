@@ -1,6 +1,7 @@
-//! One client connection: sniff the protocol, serve HTTP/1.1 or HTTP/2
-//! with hyper under the configured limits, judge every request, forward
-//! the allowed ones and answer the rest.
+//! One client connection: sniff the protocol, serve HTTP/1.1 (the proxy's
+//! own forwarding path, [`crate::h1`]) or HTTP/2 (hyper) under the
+//! configured limits, judge every request ([`judge`], the same for both),
+//! forward the allowed ones and answer the rest.
 
 use std::convert::Infallible;
 use std::io;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -20,15 +21,13 @@ use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::events::{Events, Flow};
-use crate::h1guard::{Findings, GuardedIo};
 use crate::h2guard::{GuardVerdict, H2Guard};
 use crate::listener::canonical;
 use crate::metrics::{DropReason, Metrics, Verdict};
 use crate::rules::{normalize_path, PathError, PeerId, RequestView};
 use crate::srcmap::SourceMap;
 use crate::state::{Direction, SharedState};
-use crate::upstream::{ready_h1, Body, Pool, Proto, Sender};
-use hyper::client::conn::http1;
+use crate::upstream::{Body, Pool};
 
 pub struct Ctx {
     pub state: Arc<SharedState>,
@@ -41,98 +40,15 @@ pub struct Ctx {
     pub source_map: Option<SourceMap>,
 }
 
-struct Conn {
-    peer: SocketAddr,
-    orig: SocketAddr,
-    dir: Direction,
+/// One accepted client connection.
+pub(crate) struct Conn {
+    pub(crate) peer: SocketAddr,
+    pub(crate) orig: SocketAddr,
+    pub(crate) dir: Direction,
     /// The identity the datapath judged an ingress client as, when its
     /// address names a node (another node's proxy speaking for a pod).
     src_identity: Option<u32>,
-    served: AtomicU64,
-    /// HTTP/1 heads the smuggling guard found ambiguous.
-    findings: Arc<Findings>,
-    /// This client connection's own upstream HTTP/1 connection, with the
-    /// mark it was opened with. An HTTP/1 client sends one request at a
-    /// time, so it keeps one upstream connection for its life instead of
-    /// going through the shared pool per request (a lock, a lookup and a
-    /// task per request, and connections churned when the pool's idle
-    /// list overflowed). Back to the pool when the client leaves, and
-    /// after every exchange while too many clients hold one
-    /// ([`Pool::hold`]).
-    upstream: std::sync::Mutex<Option<(u32, http1::SendRequest<Body>)>>,
-    pool: Arc<Pool>,
-}
-
-impl Conn {
-    /// Keeps `s` for this connection's next request, or gives it to the
-    /// pool when this connection already has one.
-    fn keep_upstream(&self, mark: u32, s: http1::SendRequest<Body>) {
-        let mut slot = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() && self.pool.hold() {
-            *slot = Some((mark, s));
-        } else {
-            drop(slot);
-            self.pool.give_back_h1(self.orig, mark, s);
-        }
-    }
-
-    /// This connection's upstream connection for `mark`, ready for a
-    /// request; None when it has none (or it closed, or the client's
-    /// identity, hence the mark, changed).
-    async fn own_upstream(&self, mark: u32) -> Option<http1::SendRequest<Body>> {
-        let (m, mut s) = self.upstream.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        self.pool.unhold();
-        if m != mark {
-            self.pool.give_back_h1(self.orig, m, s);
-            return None;
-        }
-        ready_h1(&mut s).await.then_some(s)
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Some((mark, s)) = self.upstream.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            self.pool.unhold();
-            self.pool.give_back_h1(self.orig, mark, s);
-        }
-    }
-}
-
-/// An upstream HTTP/1 response body that gives its connection back when
-/// it is done with (read to the end, or dropped), to the client
-/// connection it served.
-struct GiveBack {
-    body: Incoming,
-    back: Option<(Arc<Conn>, u32, http1::SendRequest<Body>)>,
-}
-
-impl hyper::body::Body for GiveBack {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for GiveBack {
-    fn drop(&mut self) {
-        if let Some((conn, mark, s)) = self.back.take() {
-            conn.keep_upstream(mark, s);
-        }
-    }
+    pub(crate) served: AtomicU64,
 }
 
 enum Sniff {
@@ -202,6 +118,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
     let _guard = Guard(&ctx.metrics, dir);
     let _ = stream.set_nodelay(true);
 
+    let accepted = Instant::now();
     let kind = match tokio::time::timeout(ctx.limits.header_read_timeout, sniff(&stream)).await {
         Ok(Ok(k)) => k,
         Ok(Err(_)) => return,
@@ -224,15 +141,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         dir,
         src_identity,
         served: AtomicU64::new(0),
-        findings: Arc::new(Findings::default()),
-        upstream: std::sync::Mutex::new(None),
-        pool: ctx.pool.clone(),
     });
-    let svc = {
-        let ctx = ctx.clone();
-        let conn = conn.clone();
-        service_fn(move |req| handle(ctx.clone(), conn.clone(), req))
-    };
     let l = &ctx.limits;
     let h2_verdict = Arc::new(GuardVerdict::default());
     let result = match kind {
@@ -243,48 +152,15 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
             return;
         }
         Sniff::H1 => {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(l.header_read_timeout)
-                .max_buf_size(l.max_header_bytes)
-                .max_headers(l.max_headers)
-                .keep_alive(true)
-                // A client may shut down its sending side once the request
-                // is out and wait for the answer (RFC 9112 9.6; HTTP/1.0
-                // clients, `nc -N`): an EOF after a complete request is not
-                // a reason to drop it.
-                .half_close(true);
-            // Room for a head hyper still accepts; a longer one is its 431.
-            let io = TokioIo::new(GuardedIo::new(stream, l.max_header_bytes, conn.findings.clone()));
-            let c = b.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(c);
-            // A connection accepted just before the drain may have its first
-            // request on the way: closing it idle would fail that request,
-            // so the shutdown waits for the first request (or the header
-            // timeout) and then makes it the last.
-            let mut state = 0u8; // 0 serving, 1 drain pending, 2 shut down
-            let pending_since = std::cell::Cell::new(None::<Instant>);
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            loop {
-                tokio::select! {
-                    r = c.as_mut() => break r,
-                    r = drain.changed(), if state == 0 => {
-                        if r.is_err() || *drain.borrow() {
-                            state = 1;
-                            pending_since.set(Some(Instant::now()));
-                        }
-                    }
-                    _ = tick.tick(), if state == 1 => {
-                        let waited = pending_since.get().map(|t| t.elapsed()).unwrap_or_default();
-                        if conn.served.load(Relaxed) > 0 || waited >= l.header_read_timeout {
-                            state = 2;
-                            c.as_mut().graceful_shutdown();
-                        }
-                    }
-                }
-            }
+            crate::h1::serve(&ctx, &conn, stream, accepted, drain).await;
+            return;
         }
         Sniff::H2 => {
+            let svc = {
+                let ctx = ctx.clone();
+                let conn = conn.clone();
+                service_fn(move |req| handle(ctx.clone(), conn.clone(), req))
+            };
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .max_concurrent_streams(l.h2_max_concurrent_streams)
@@ -319,13 +195,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
         return;
     }
     if let Err(e) = result {
-        let smuggling = conn.findings.any().filter(|_| e.is_parse());
-        if let Some(f) = smuggling {
-            // hyper refused the ambiguous head itself (two different
-            // Content-Lengths, obs-fold) and answered 400.
-            tracing::debug!(%peer, %orig, finding = f.name(), "request smuggling refused");
-            ctx.metrics.dropped(DropReason::Smuggling);
-        } else if let Some(reason) = classify(&e, matches!(kind, Sniff::H2)) {
+        if let Some(reason) = classify(&e) {
             tracing::debug!(%peer, %orig, reason = reason.name(), error = %e, "connection refused");
             ctx.metrics.dropped(reason);
         }
@@ -343,21 +213,13 @@ fn has_io_source(e: &hyper::Error) -> bool {
     false
 }
 
-fn classify(e: &hyper::Error, h2: bool) -> Option<DropReason> {
+fn classify(e: &hyper::Error) -> Option<DropReason> {
     if e.is_canceled() || e.is_closed() || e.is_incomplete_message() || has_io_source(e) {
         None
-    } else if h2 {
+    } else {
         // GOAWAY for rapid reset or a flood, a client that stopped
         // answering keep-alive PINGs, or a protocol error.
         Some(DropReason::H2Protocol)
-    } else if e.is_parse_too_large() {
-        Some(DropReason::HeaderTooLarge)
-    } else if e.is_timeout() {
-        Some(DropReason::HeaderTimeout)
-    } else if e.is_parse() {
-        Some(DropReason::MalformedRequest)
-    } else {
-        None
     }
 }
 
@@ -437,59 +299,154 @@ fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn is_websocket(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-}
-
 fn host_of(req: &Request<Incoming>) -> String {
     let raw = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
         .unwrap_or_default();
-    let h = match raw.rsplit_once(':') {
-        Some((h, p))
-            if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') || h.starts_with('[') && h.ends_with(']') =>
-        {
-            h.to_owned()
+    crate::h1::codec::host_name(raw)
+}
+
+pub(crate) struct Outcome {
+    pub(crate) status: u16,
+    pub(crate) verdict: Verdict,
+    pub(crate) rule: Option<Arc<str>>,
+    pub(crate) reason: Option<DropReason>,
+    pub(crate) grpc_status: u32,
+}
+
+/// An answer the proxy gives itself: a refusal, a denial, or an upstream
+/// that failed.
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) body: &'static str,
+    /// HTTP/1: the connection ends after it.
+    pub(crate) close: bool,
+    /// gRPC: a trailers-only answer with this status and message instead.
+    pub(crate) grpc: Option<(u32, &'static str)>,
+    pub(crate) outcome: Outcome,
+}
+
+impl Answer {
+    fn refuse(status: StatusCode, reason: DropReason, body: &'static str) -> Self {
+        Answer {
+            status,
+            body,
+            close: true,
+            grpc: None,
+            outcome: Outcome {
+                status: status.as_u16(),
+                verdict: Verdict::Error,
+                rule: None,
+                reason: Some(reason),
+                grpc_status: 0,
+            },
         }
-        _ => raw,
-    };
-    h.to_ascii_lowercase()
+    }
+
+    /// A refusal of a head that was never judged (no flow, no outcome
+    /// counted): 400 or 431.
+    pub(crate) fn refuse_plain(status: StatusCode) -> Self {
+        let body = if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+            "Request Header Fields Too Large\n"
+        } else {
+            "Bad Request\n"
+        };
+        let mut a = Answer::refuse(status, DropReason::MalformedRequest, body);
+        a.outcome.reason = None;
+        a
+    }
+
+    fn deny(grpc: bool, reason: DropReason) -> Self {
+        Answer {
+            status: if grpc { StatusCode::OK } else { StatusCode::FORBIDDEN },
+            body: "Access denied\n",
+            close: false,
+            grpc: grpc.then_some((7, "permission denied")),
+            outcome: Outcome {
+                status: if grpc { 200 } else { 403 },
+                verdict: Verdict::Denied,
+                rule: None,
+                reason: Some(reason),
+                grpc_status: if grpc { 7 } else { 0 },
+            },
+        }
+    }
+
+    /// The allowed request could not be forwarded: 502, 504 on a connect
+    /// timeout, gRPC UNAVAILABLE (14). Counted as an upstream error.
+    pub(crate) fn upstream(metrics: &Metrics, e: crate::metrics::UpstreamError, grpc: bool, rule: Arc<str>) -> Self {
+        metrics.upstream_error(e);
+        let status = if grpc {
+            StatusCode::OK
+        } else if e == crate::metrics::UpstreamError::ConnectTimeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        Answer {
+            status,
+            body: "Bad Gateway\n",
+            close: false,
+            grpc: grpc.then_some((14, "unavailable")),
+            outcome: Outcome {
+                status: status.as_u16(),
+                verdict: Verdict::Error,
+                rule: Some(rule),
+                reason: None,
+                grpc_status: if grpc { 14 } else { 0 },
+            },
+        }
+    }
+
+    /// As a hyper response (HTTP/2).
+    fn response(&self) -> Response<Body> {
+        match self.grpc {
+            Some((code, message)) => grpc_status(code, message),
+            None => full(self.status, self.body),
+        }
+    }
 }
 
-struct Outcome {
-    status: u16,
-    verdict: Verdict,
-    rule: Option<Arc<str>>,
-    reason: Option<DropReason>,
-    grpc_status: u32,
+/// What is asked of the rules about one request.
+pub(crate) struct Ask<'a> {
+    pub(crate) protocol: &'static str,
+    pub(crate) method: http::Method,
+    /// As rules match it ([`crate::h1::codec::host_name`]).
+    pub(crate) host: String,
+    /// The target's path as received; None when the target names no path
+    /// (authority or asterisk form, CONNECT).
+    pub(crate) path: Option<&'a str>,
+    pub(crate) headers: &'a dyn sinew_l7::Headers,
+    pub(crate) grpc: bool,
 }
 
-async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let ordinal = conn.served.fetch_add(1, Relaxed);
+pub(crate) enum Decision {
+    Answer(Answer),
+    /// Allowed: forward with the normalised path, as the client's identity.
+    Forward {
+        path: String,
+        mark: u32,
+        rule: Arc<str>,
+    },
+}
+
+/// One request being judged and then answered: its flow event so far.
+pub(crate) struct Judged {
+    pub(crate) flow: Flow,
+    start: Instant,
+    /// The destination's own ingress judgement, when this proxy makes it
+    /// (egress to a pod of this node): its rule and drop reason.
+    local_ingress: Option<(Option<Arc<str>>, Option<DropReason>)>,
+}
+
+/// Judges a request against the snapshot in force.
+pub(crate) fn judge(ctx: &Ctx, conn: &Conn, ask: Ask<'_>) -> (Judged, Decision) {
+    conn.served.fetch_add(1, Relaxed);
     let start = Instant::now();
     let snap = ctx.state.load();
-    let grpc = is_grpc(req.headers());
-    let protocol = if grpc {
-        "gRPC"
-    } else if req.version() == Version::HTTP_2 {
-        "HTTP/2"
-    } else if req.version() == Version::HTTP_10 {
-        "HTTP/1.0"
-    } else {
-        "HTTP/1.1"
-    };
     let (ep_ip, peer_ip) = match conn.dir {
         Direction::Ingress => (conn.orig.ip(), conn.peer.ip()),
         Direction::Egress => (conn.peer.ip(), conn.orig.ip()),
@@ -498,17 +455,12 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         Some(id) => snap.peer_of_identity(id),
         None => snap.peer(peer_ip),
     };
-    let rules = snap.endpoint(ep_ip, conn.dir, conn.orig.port()).cloned();
-    let endpoint = rules
-        .as_ref()
-        .map(|r| r.endpoint.clone())
-        .unwrap_or_else(|| snap.peer(ep_ip));
+    let rules = snap.endpoint(ep_ip, conn.dir, conn.orig.port());
+    let endpoint = rules.map(|r| r.endpoint.clone()).unwrap_or_else(|| snap.peer(ep_ip));
     let (src_peer, dst_peer) = match conn.dir {
         Direction::Ingress => (peer.clone(), endpoint),
         Direction::Egress => (endpoint, peer.clone()),
     };
-    let method = req.method().clone();
-    let host = host_of(&req);
     let mut flow = Flow {
         time: SystemTime::now(),
         direction: conn.dir,
@@ -516,9 +468,9 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         dst: conn.orig,
         src_peer,
         dst_peer,
-        protocol,
-        method,
-        host,
+        protocol: ask.protocol,
+        method: ask.method,
+        host: ask.host,
         path: String::new(),
         status: 0,
         latency: Duration::ZERO,
@@ -528,62 +480,42 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         grpc_status: 0,
     };
     let src_identity = flow.src_peer.identity;
-    let is_h1 = req.version() != Version::HTTP_2;
-
-    let refuse = |status: StatusCode, reason: DropReason, body: &'static str| {
-        let mut r = full(status, body);
-        if is_h1 {
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        (
-            r,
-            Outcome {
-                status: status.as_u16(),
-                verdict: Verdict::Error,
-                rule: None,
-                reason: Some(reason),
-                grpc_status: 0,
-            },
-        )
-    };
-
-    // The destination's own ingress judgement, when this proxy makes it
-    // (egress to a pod of this node): its rule and drop reason.
-    let mut local_ingress: Option<(Option<Arc<str>>, Option<DropReason>)> = None;
-    let (resp, outcome) = 'judge: {
-        // Content-Length with Transfer-Encoding, or two Content-Lengths:
-        // a hop that frames the body the other way would see another
-        // request in it. Refused, and the connection closes.
-        if is_h1 && conn.findings.at(ordinal).is_some() {
-            break 'judge refuse(StatusCode::BAD_REQUEST, DropReason::Smuggling, "Bad Request\n");
-        }
-        // The target must be a path: origin form, or the absolute form of
-        // HTTP/2 and proxies. Authority and asterisk forms are not ours.
-        let uri = req.uri();
-        let targets_path = match uri.scheme_str() {
-            None => uri.authority().is_none(),
-            Some(s) => s == "http" || s == "https",
+    let grpc = ask.grpc;
+    let mut local_ingress = None;
+    let decision = 'judge: {
+        let Some(raw) = ask.path else {
+            break 'judge Decision::Answer(Answer::refuse(
+                StatusCode::BAD_REQUEST,
+                DropReason::InvalidTarget,
+                "Bad Request\n",
+            ));
         };
-        if !targets_path || req.method() == http::Method::CONNECT {
-            break 'judge refuse(StatusCode::BAD_REQUEST, DropReason::InvalidTarget, "Bad Request\n");
-        }
-        let path = match normalize_path(uri.path()) {
+        let path = match normalize_path(raw) {
             Ok(p) => p,
             Err(PathError::NotAbsolute) => {
-                break 'judge refuse(StatusCode::BAD_REQUEST, DropReason::InvalidTarget, "Bad Request\n")
+                break 'judge Decision::Answer(Answer::refuse(
+                    StatusCode::BAD_REQUEST,
+                    DropReason::InvalidTarget,
+                    "Bad Request\n",
+                ))
             }
-            Err(_) => break 'judge refuse(StatusCode::BAD_REQUEST, DropReason::AmbiguousPath, "Bad Request\n"),
+            Err(_) => {
+                break 'judge Decision::Answer(Answer::refuse(
+                    StatusCode::BAD_REQUEST,
+                    DropReason::AmbiguousPath,
+                    "Bad Request\n",
+                ))
+            }
         };
         flow.path.clone_from(&path);
         let Some(rules) = rules else {
-            break 'judge deny(grpc, DropReason::NoRules);
+            break 'judge Decision::Answer(Answer::deny(grpc, DropReason::NoRules));
         };
         let view = RequestView {
             method: flow.method.as_str(),
             path: &path,
             host: &flow.host,
-            headers: req.headers(),
+            headers: ask.headers,
             grpc,
         };
         let who = PeerId {
@@ -591,7 +523,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             cidr_class: snap.cidr_class(peer_ip),
         };
         let Some(rule) = rules.judge(who, &view) else {
-            break 'judge deny(grpc, DropReason::PolicyDenied);
+            break 'judge Decision::Answer(Answer::deny(grpc, DropReason::PolicyDenied));
         };
         // Egress to a pod of this node whose ingress rules cover the port:
         // the upstream connection is not redirected again (the datapath
@@ -609,32 +541,49 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
                     None => {
                         local_ingress = Some((None, Some(DropReason::PolicyDenied)));
                         // Egress forwarded it; the destination refused it.
-                        let (r, mut o) = deny(grpc, DropReason::PolicyDenied);
-                        o.verdict = Verdict::Forwarded;
-                        o.reason = None;
-                        o.rule = Some(rule);
-                        break 'judge (r, o);
+                        let mut a = Answer::deny(grpc, DropReason::PolicyDenied);
+                        a.outcome.verdict = Verdict::Forwarded;
+                        a.outcome.reason = None;
+                        a.outcome.rule = Some(rule);
+                        break 'judge Decision::Answer(a);
                     }
                 }
             }
         }
         let Some(mark) = sinew_abi::proxy_upstream_mark(src_identity) else {
-            let (r, mut o) = refuse(
+            let mut a = Answer::refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 DropReason::UnmarkableIdentity,
                 "Service Unavailable\n",
             );
-            o.rule = Some(rule);
-            break 'judge (r, o);
+            a.outcome.rule = Some(rule);
+            break 'judge Decision::Answer(a);
         };
-        forward(&ctx, &conn, req, path, mark, rule).await
+        Decision::Forward { path, mark, rule }
     };
+    (
+        Judged {
+            flow,
+            start,
+            local_ingress,
+        },
+        decision,
+    )
+}
 
+/// Counts a judged request and emits its flow event(s), once its answer
+/// (or the upstream's response head) is known.
+pub(crate) fn record(ctx: &Ctx, dir: Direction, j: Judged, outcome: Outcome) {
+    let Judged {
+        mut flow,
+        start,
+        local_ingress,
+    } = j;
     let latency = start.elapsed();
     if let Some(r) = outcome.reason {
         ctx.metrics.dropped(r);
     }
-    ctx.metrics.request(conn.dir, outcome.verdict, outcome.status, latency);
+    ctx.metrics.request(dir, outcome.verdict, outcome.status, latency);
     flow.drop_reason = outcome.reason;
     flow.status = outcome.status;
     flow.latency = latency;
@@ -658,38 +607,44 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
         second.drop_reason = reason;
         ctx.events.emit(flow);
         ctx.events.emit(second);
-        return Ok(resp);
+        return;
     }
     ctx.events.emit(flow);
+}
+
+/// One HTTP/2 request (hyper's server): judged, then forwarded or answered.
+async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let grpc = is_grpc(req.headers());
+    // The target must be a path: origin form, or the absolute form of
+    // HTTP/2 and proxies. Authority and asterisk forms are not ours.
+    let uri = req.uri();
+    let targets_path = match uri.scheme_str() {
+        None => uri.authority().is_none(),
+        Some(s) => s == "http" || s == "https",
+    } && req.method() != http::Method::CONNECT;
+    let host = host_of(&req);
+    let ask = Ask {
+        protocol: if grpc { "gRPC" } else { "HTTP/2" },
+        method: req.method().clone(),
+        host,
+        path: targets_path.then(|| uri.path()),
+        headers: req.headers(),
+        grpc,
+    };
+    let (judged, decision) = judge(&ctx, &conn, ask);
+    let (resp, outcome) = match decision {
+        Decision::Answer(a) => {
+            let r = a.response();
+            (r, a.outcome)
+        }
+        Decision::Forward { path, mark, rule } => forward(&ctx, &conn, req, path, mark, rule, grpc).await,
+    };
+    record(&ctx, conn.dir, judged, outcome);
     Ok(resp)
 }
 
-fn deny(grpc: bool, reason: DropReason) -> (Response<Body>, Outcome) {
-    if grpc {
-        (
-            grpc_status(7, "permission denied"),
-            Outcome {
-                status: 200,
-                verdict: Verdict::Denied,
-                rule: None,
-                reason: Some(reason),
-                grpc_status: 7,
-            },
-        )
-    } else {
-        (
-            full(StatusCode::FORBIDDEN, "Access denied\n"),
-            Outcome {
-                status: 403,
-                verdict: Verdict::Denied,
-                rule: None,
-                reason: Some(reason),
-                grpc_status: 0,
-            },
-        )
-    }
-}
-
+/// Forwards an allowed HTTP/2 request on the pooled HTTP/2 connection to
+/// its original destination, with the normalised path.
 async fn forward(
     ctx: &Ctx,
     conn: &Arc<Conn>,
@@ -697,153 +652,48 @@ async fn forward(
     path: String,
     mark: u32,
     rule: Arc<str>,
+    grpc: bool,
 ) -> (Response<Body>, Outcome) {
-    let grpc = is_grpc(req.headers());
-    let h2 = req.version() == Version::HTTP_2;
-    let websocket = is_websocket(&req);
-    let upstream_err = |e: crate::metrics::UpstreamError, rule: Arc<str>| {
-        ctx.metrics.upstream_error(e);
-        let timeout = e == crate::metrics::UpstreamError::ConnectTimeout;
-        if grpc {
-            let r = grpc_status(14, "unavailable");
-            (
-                r,
-                Outcome {
-                    status: 200,
-                    verdict: Verdict::Error,
-                    rule: Some(rule),
-                    reason: None,
-                    grpc_status: 14,
-                },
-            )
-        } else {
-            let s = if timeout {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            (
-                full(s, "Bad Gateway\n"),
-                Outcome {
-                    status: s.as_u16(),
-                    verdict: Verdict::Error,
-                    rule: Some(rule),
-                    reason: None,
-                    grpc_status: 0,
-                },
-            )
-        }
+    let fail = |e, rule| {
+        let a = Answer::upstream(&ctx.metrics, e, grpc, rule);
+        (a.response(), a.outcome)
     };
-
-    let mut req = req;
-    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, websocket, h2);
-    let pq = || match parts.uri.query() {
+    strip_hop_by_hop(&mut parts.headers, false, true);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_else(|| conn.orig.to_string());
+    let pq = match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
-        None => path.clone(),
+        None => path,
     };
-    if h2 {
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_else(|| conn.orig.to_string());
-        match Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(pq())
-            .build()
-        {
-            Ok(u) => parts.uri = u,
-            Err(_) => return upstream_err(crate::metrics::UpstreamError::Request, rule),
-        }
-    } else if parts.uri.authority().is_some() || parts.uri.path() != path {
-        // The absolute form, or a path that normalising changed: the
-        // upstream gets the origin form of what was judged. Otherwise the
-        // target is already exactly that, and is forwarded as it came.
-        match pq().parse() {
-            Ok(u) => parts.uri = u,
-            Err(_) => return upstream_err(crate::metrics::UpstreamError::Request, rule),
-        }
+    match Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => parts.uri = u,
+        Err(_) => return fail(crate::metrics::UpstreamError::Request, rule),
     }
     let up_req = Request::from_parts(parts, body.boxed());
-    let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
-    let sender = if websocket {
-        // An upgraded connection is never pooled.
-        match ctx.pool.connect(conn.orig, mark).await {
-            Ok(s) => match hyper::client::conn::http1::handshake(TokioIo::new(s)).await {
-                Ok((send, c)) => {
-                    tokio::spawn(async move {
-                        let _ = c.with_upgrades().await;
-                    });
-                    Sender::H1(send)
-                }
-                Err(_) => return upstream_err(crate::metrics::UpstreamError::Handshake, rule),
-            },
-            Err(e) => return upstream_err(e, rule),
-        }
-    } else if let Some(s) = match proto {
-        Proto::Http1 => conn.own_upstream(mark).await,
-        Proto::Http2 => None,
-    } {
-        Sender::H1(s)
-    } else {
-        match ctx.pool.checkout(conn.orig, mark, proto).await {
-            Ok(s) => s,
-            Err(e) => return upstream_err(e, rule),
-        }
+    let mut sender = match ctx.pool.checkout_h2(conn.orig, mark).await {
+        Ok(s) => s,
+        Err(e) => return fail(e, rule),
     };
-    let (res, give_back) = match sender {
-        Sender::H1(mut s) => {
-            let r = s.send_request(up_req).await;
-            (r, (!websocket).then_some(s))
-        }
-        Sender::H2(mut s) => (s.send_request(up_req).await, None),
-    };
-    let mut resp = match res {
+    let mut resp = match sender.send_request(up_req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(orig = %conn.orig, error = %e, "upstream request failed");
-            return upstream_err(crate::metrics::UpstreamError::Request, rule);
+            return fail(crate::metrics::UpstreamError::Request, rule);
         }
     };
     let status = resp.status();
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-                }
-            });
-            let (parts, _) = resp.into_parts();
-            let r = Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
-            return (
-                r,
-                Outcome {
-                    status: 101,
-                    verdict: Verdict::Forwarded,
-                    rule: Some(rule),
-                    reason: None,
-                    grpc_status: 0,
-                },
-            );
-        }
-    }
     strip_hop_by_hop(resp.headers_mut(), false, false);
-    let r = match give_back {
-        Some(s) => resp.map(|body| {
-            GiveBack {
-                body,
-                back: Some((conn.clone(), mark, s)),
-            }
-            .boxed()
-        }),
-        None => resp.map(|b| b.boxed()),
-    };
     (
-        r,
+        resp.map(|b| b.boxed()),
         Outcome {
             status: status.as_u16(),
             verdict: Verdict::Forwarded,

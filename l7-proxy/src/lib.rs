@@ -13,7 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod events;
-pub mod h1guard;
+pub mod h1;
 pub mod h2guard;
 pub mod inbound;
 pub mod listener;

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use http::HeaderMap;
 use sinew_l7 as l7;
 use sinew_proto::proxy_v1 as pb;
 
@@ -18,7 +17,7 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     /// As received (`:authority` or Host); empty when the request named none.
     pub host: &'a str,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a dyn l7::Headers,
     /// The request is gRPC (content-type application/grpc*).
     pub grpc: bool,
 }

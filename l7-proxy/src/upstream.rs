@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -19,27 +19,54 @@ use crate::metrics::{Metrics, UpstreamError};
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Proto {
-    Http1,
-    Http2,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     dst: SocketAddr,
     mark: u32,
-    proto: Proto,
 }
 
-pub enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+/// An HTTP/1 connection to an original destination, between exchanges:
+/// the socket, the bytes read past the last response (none, when the
+/// upstream keeps to the protocol), and when its last exchange ended.
+pub struct H1Conn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    pub mark: u32,
+    pub idle_since: Instant,
+    /// It carried an exchange before: the upstream may have closed it
+    /// while it sat idle.
+    pub reused: bool,
 }
 
-type Idle = Vec<(Instant, http1::SendRequest<Body>)>;
+impl H1Conn {
+    fn new(stream: TcpStream, mark: u32) -> Self {
+        H1Conn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+            mark,
+            idle_since: Instant::now(),
+            reused: false,
+        }
+    }
+
+    /// Whether it can take a request. One idle for a moment is taken as
+    /// is (a close that races the request is caught when the response
+    /// fails to come); one idle longer is asked first, with a read that
+    /// does not wait: the upstream's FIN, or bytes it had no reason to
+    /// send, mean it cannot.
+    pub fn usable(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        if self.idle_since.elapsed() < Duration::from_millis(100) {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
 
 pub struct Pool {
-    h1: Mutex<HashMap<Key, Idle>>,
+    h1: Mutex<HashMap<Key, Vec<H1Conn>>>,
     h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
     connect_timeout: Duration,
     idle_per_key: usize,
@@ -106,116 +133,79 @@ impl Pool {
         }
     }
 
-    /// A new HTTP/1 connection to `dst`, its connection task spawned.
-    pub async fn connect_h1(&self, dst: SocketAddr, mark: u32) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let io = TokioIo::new(self.connect(dst, mark).await?);
-        let (send, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|_| UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(send)
+    /// A new HTTP/1 connection to `dst`.
+    pub async fn connect_h1(&self, dst: SocketAddr, mark: u32) -> Result<H1Conn, UpstreamError> {
+        Ok(H1Conn::new(self.connect(dst, mark).await?, mark))
     }
 
-    /// A sender ready for one request, pooled or new.
-    pub async fn checkout(self: &Arc<Self>, dst: SocketAddr, mark: u32, proto: Proto) -> Result<Sender, UpstreamError> {
-        let key = Key { dst, mark, proto };
-        match proto {
-            Proto::Http1 => {
-                while let Some(mut s) = self.take_h1(&key) {
-                    // Ready at once, or shortly after the exchange it was
-                    // given back from has settled; closed means try another.
-                    if ready_h1(&mut s).await {
-                        return Ok(Sender::H1(s));
-                    }
-                }
-                self.connect_h1(dst, mark).await.map(Sender::H1)
-            }
-            Proto::Http2 => {
-                if let Some(s) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-                    if !s.is_closed() && s.is_ready() {
-                        return Ok(Sender::H2(s.clone()));
-                    }
-                }
-                let io = TokioIo::new(self.connect(dst, mark).await?);
-                let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .handshake(io)
-                    .await
-                    .map_err(|_| UpstreamError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                self.h2
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, send.clone());
-                Ok(Sender::H2(send))
-            }
+    /// An idle HTTP/1 connection to `dst` for `mark`, newest first (the
+    /// warmest), or a new one.
+    pub async fn checkout_h1(&self, dst: SocketAddr, mark: u32) -> Result<H1Conn, UpstreamError> {
+        if let Some(c) = self.take_h1(dst, mark) {
+            return Ok(c);
         }
+        self.connect_h1(dst, mark).await
     }
 
-    /// An idle HTTP/1 sender for `key`, newest first (the warmest
-    /// connection). Only closed ones are skipped here: one given back the
-    /// moment its exchange ended may not have seen its connection turn
-    /// ready yet, so the caller waits for that ([`Sender::ready`]).
-    fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    fn take_h1(&self, dst: SocketAddr, mark: u32) -> Option<H1Conn> {
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(key)?;
-        while let Some((at, s)) = list.pop() {
-            if !s.is_closed() && at.elapsed() < self.idle_timeout {
-                return Some(s);
+        let list = idle.get_mut(&Key { dst, mark })?;
+        while let Some(c) = list.pop() {
+            if c.idle_since.elapsed() < self.idle_timeout && c.usable() {
+                return Some(c);
             }
         }
         None
     }
 
-    /// Gives back an HTTP/1 sender whose exchange has ended (its response
-    /// body finished or was dropped). Synchronous, no task: the next
-    /// checkout waits for the connection to be ready, and finds out then
-    /// if it closed. Idle connections past `idle_per_key`, or idle longer
-    /// than `idle_timeout`, are closed.
-    pub fn give_back_h1(&self, dst: SocketAddr, mark: u32, s: http1::SendRequest<Body>) {
-        if s.is_closed() {
-            return;
-        }
-        let key = Key {
-            dst,
-            mark,
-            proto: Proto::Http1,
-        };
+    /// Gives back an HTTP/1 connection whose exchange ended cleanly.
+    /// Synchronous, no task. Idle connections past `idle_per_key`, or idle
+    /// longer than `idle_timeout`, are closed.
+    pub fn give_back_h1(&self, dst: SocketAddr, mut c: H1Conn) {
         let now = Instant::now();
+        c.idle_since = now;
+        c.reused = true;
+        let key = Key { dst, mark: c.mark };
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
         // The oldest sit at the front: expire from there, stopping at the
         // first one still fresh, so a give-back costs one clock read.
         let stale = list
             .iter()
-            .position(|(at, s)| now.duration_since(*at) < self.idle_timeout && !s.is_closed())
+            .position(|c| now.duration_since(c.idle_since) < self.idle_timeout)
             .unwrap_or(list.len());
         list.drain(..stale);
         if list.len() < self.idle_per_key {
-            list.push((now, s));
+            list.push(c);
         }
+    }
+
+    /// The pooled HTTP/2 connection to `dst` for `mark`, or a new one.
+    pub async fn checkout_h2(&self, dst: SocketAddr, mark: u32) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let key = Key { dst, mark };
+        if let Some(s) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            if !s.is_closed() && s.is_ready() {
+                return Ok(s.clone());
+            }
+        }
+        let io = TokioIo::new(self.connect(dst, mark).await?);
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(io)
+            .await
+            .map_err(|_| UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, send.clone());
+        Ok(send)
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-}
-
-/// Waits until an HTTP/1 connection given back after an exchange can take
-/// the next request: true when it can, false when it closed (or has not
-/// settled within a second, which a finished exchange never takes).
-pub async fn ready_h1(s: &mut http1::SendRequest<Body>) -> bool {
-    if s.is_ready() {
-        return true;
-    }
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), s.ready()).await,
-        Ok(Ok(()))
-    )
 }
