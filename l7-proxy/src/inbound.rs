@@ -425,9 +425,9 @@ pub(crate) struct Ask<'a> {
 
 pub(crate) enum Decision {
     Answer(Answer),
-    /// Allowed: forward with the normalised path, as the client's identity.
+    /// Allowed: forward with the normalised path (the flow's), as the
+    /// client's identity.
     Forward {
-        path: String,
         mark: u32,
         rule: Arc<str>,
     },
@@ -507,13 +507,14 @@ pub(crate) fn judge(ctx: &Ctx, conn: &Conn, ask: Ask<'_>) -> (Judged, Decision) 
                 ))
             }
         };
-        flow.path.clone_from(&path);
+        flow.path = path;
+        let path = flow.path.as_str();
         let Some(rules) = rules else {
             break 'judge Decision::Answer(Answer::deny(grpc, DropReason::NoRules));
         };
         let view = RequestView {
             method: flow.method.as_str(),
-            path: &path,
+            path,
             host: &flow.host,
             headers: ask.headers,
             grpc,
@@ -559,7 +560,7 @@ pub(crate) fn judge(ctx: &Ctx, conn: &Conn, ask: Ask<'_>) -> (Judged, Decision) 
             a.outcome.rule = Some(rule);
             break 'judge Decision::Answer(a);
         };
-        Decision::Forward { path, mark, rule }
+        Decision::Forward { mark, rule }
     };
     (
         Judged {
@@ -637,7 +638,10 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Resul
             let r = a.response();
             (r, a.outcome)
         }
-        Decision::Forward { path, mark, rule } => forward(&ctx, &conn, req, path, mark, rule, grpc).await,
+        Decision::Forward { mark, rule } => {
+            let path = judged.flow.path.clone();
+            forward(&ctx, &conn, req, path, mark, rule, grpc).await
+        }
     };
     record(&ctx, conn.dir, judged, outcome);
     Ok(resp)

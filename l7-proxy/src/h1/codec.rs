@@ -8,6 +8,7 @@
 //! was judged, then the client's header lines in their order and spelling,
 //! less the hop-by-hop ones.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// What makes a request head ambiguous about where its body ends: a hop
@@ -225,14 +226,35 @@ fn fields(buf: &[u8], headers: &[HeaderAt]) -> Fields {
     f
 }
 
+/// Header slots on the stack: a head with up to this many lines is parsed
+/// without touching the heap (a larger limit takes a vector).
+const STACK_HEADERS: usize = 128;
+
+type Slot<'b> = MaybeUninit<httparse::Header<'b>>;
+
+fn header_storage<'s, 'b>(
+    stack: &'s mut [Slot<'b>; STACK_HEADERS],
+    heap: &'s mut Vec<Slot<'b>>,
+    max_headers: usize,
+) -> &'s mut [Slot<'b>] {
+    if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        heap
+    }
+}
+
 /// Parses the request head at the start of `buf`. `Ok(None)`: incomplete,
 /// read more (the caller enforces the size limit on what it buffers).
 /// Empty lines before the request line are skipped (RFC 9112 2.2) and
 /// counted in `len`.
 pub fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<RequestHead>, HeadError> {
-    let mut storage = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut storage);
-    let len = match req.parse(buf) {
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let storage = header_storage(&mut stack, &mut heap, max_headers);
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             // A continuation line in what has come so far is refused now,
@@ -316,9 +338,11 @@ pub fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<RequestHea
 /// Parses the response head at the start of `buf`, for a request with
 /// `method` (a HEAD request's response has no body).
 pub fn parse_response(buf: &[u8], max_headers: usize, method: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
-    let mut storage = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut res = httparse::Response::new(&mut storage);
-    let len = match res.parse(buf) {
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let storage = header_storage(&mut stack, &mut heap, max_headers);
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut res, buf, storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),

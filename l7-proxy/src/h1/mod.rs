@@ -422,11 +422,8 @@ pub(crate) async fn serve(
                 }
                 buf.advance(head.len + body_here.unwrap_or(0));
             }
-            Decision::Forward {
-                path: judged_path,
-                mark,
-                rule,
-            } => {
+            Decision::Forward { mark, rule } => {
+                let judged_path = &judged.flow.path;
                 // What was judged is what goes: the origin form of the
                 // normalised path, or the target as it came when that is
                 // already exactly it.
@@ -435,7 +432,7 @@ pub(crate) async fn serve(
                 } else {
                     Some(match query {
                         Some(q) => format!("{judged_path}?{q}"),
-                        None => judged_path,
+                        None => judged_path.clone(),
                     })
                 };
                 let ex = exchange(
