@@ -64,33 +64,81 @@ fn is_tchar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
-async fn sniff(s: &TcpStream) -> io::Result<Sniff> {
-    let mut buf = [0u8; 24];
+/// Reads the first bytes of a connection into `buf` until they tell which
+/// protocol it speaks. The bytes are read, not peeked: they stay in `buf`
+/// for the protocol's parser, and a first line that arrives in pieces is
+/// read as it comes instead of polled for.
+async fn sniff(s: &mut TcpStream, buf: &mut bytes::BytesMut) -> io::Result<Sniff> {
+    use tokio::io::AsyncReadExt as _;
     loop {
-        let n = s.peek(&mut buf).await?;
-        if n == 0 {
+        if s.read_buf(buf).await? == 0 {
             return Ok(Sniff::Eof);
         }
-        let b = &buf[..n];
+        let b = &buf[..buf.len().min(PREFACE.len())];
         if b == PREFACE {
             return Ok(Sniff::H2);
         }
-        let partial = if PREFACE.starts_with(b) {
-            true
-        } else {
-            match b.iter().position(|c| *c == b' ') {
-                Some(0) => return Ok(Sniff::NotHttp),
-                Some(i) if b[..i].iter().all(|c| is_tchar(*c)) => return Ok(Sniff::H1),
-                Some(_) => return Ok(Sniff::NotHttp),
-                None if n < buf.len() && b.iter().all(|c| is_tchar(*c)) => true,
-                None => return Ok(Sniff::NotHttp),
-            }
-        };
-        if partial {
-            // More of the first line is on its way; peek returns at once
-            // while bytes are queued, so wait a little between looks.
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        if PREFACE.starts_with(b) {
+            continue;
         }
+        match b.iter().position(|c| *c == b' ') {
+            Some(0) => return Ok(Sniff::NotHttp),
+            Some(i) if b[..i].iter().all(|c| is_tchar(*c)) => return Ok(Sniff::H1),
+            Some(_) => return Ok(Sniff::NotHttp),
+            None if b.len() < PREFACE.len() && b.iter().all(|c| is_tchar(*c)) => {}
+            None => return Ok(Sniff::NotHttp),
+        }
+    }
+}
+
+/// A connection whose first bytes were already read: they come first.
+struct Prefixed {
+    head: bytes::BytesMut,
+    inner: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.head.is_empty() {
+            let n = this.head.len().min(out.remaining());
+            out.put_slice(&this.head.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -102,8 +150,15 @@ fn is_reserved(identity: u32) -> bool {
 }
 
 /// Serves one accepted connection until it ends or the drain completes.
-pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: watch::Receiver<bool>) {
-    let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+/// `peer` is the address `accept` returned.
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    dir: Direction,
+    mut drain: watch::Receiver<bool>,
+) {
+    let Ok(local) = stream.local_addr() else {
         return;
     };
     let peer = canonical(peer);
@@ -119,7 +174,8 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
     let _ = stream.set_nodelay(true);
 
     let accepted = Instant::now();
-    let kind = match tokio::time::timeout(ctx.limits.header_read_timeout, sniff(&stream)).await {
+    let mut first = bytes::BytesMut::with_capacity(8 * 1024);
+    let kind = match tokio::time::timeout(ctx.limits.header_read_timeout, sniff(&mut stream, &mut first)).await {
         Ok(Ok(k)) => k,
         Ok(Err(_)) => return,
         Err(_) => {
@@ -152,7 +208,7 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
             return;
         }
         Sniff::H1 => {
-            crate::h1::serve(&ctx, &conn, stream, accepted, drain).await;
+            crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await;
             return;
         }
         Sniff::H2 => {
@@ -169,7 +225,14 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, dir: Direction, mut drain: 
                 .max_header_list_size(l.h2_max_header_list_size)
                 .keep_alive_interval(l.h2_keepalive_interval)
                 .keep_alive_timeout(l.h2_keepalive_timeout);
-            let io = H2Guard::new(stream, h2_verdict.clone(), ctx.metrics.clone());
+            let io = H2Guard::new(
+                Prefixed {
+                    head: first,
+                    inner: stream,
+                },
+                h2_verdict.clone(),
+                ctx.metrics.clone(),
+            );
             let c = b.serve_connection(TokioIo::new(io), svc);
             tokio::pin!(c);
             let mut draining = false;

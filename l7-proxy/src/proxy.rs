@@ -215,8 +215,8 @@ impl Proxy {
                             accepts.push(tokio::spawn(async move {
                                 loop {
                                     match l.accept().await {
-                                        Ok((s, _)) => {
-                                            tokio::spawn(inbound::serve(ctx.clone(), s, dir, drain.clone()));
+                                        Ok((s, peer)) => {
+                                            tokio::spawn(inbound::serve(ctx.clone(), s, peer, dir, drain.clone()));
                                         }
                                         Err(e) => {
                                             tracing::warn!(error = %e, "accept");

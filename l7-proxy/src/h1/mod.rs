@@ -182,8 +182,8 @@ fn write_answer(out: &mut Vec<u8>, a: &Answer, minor: u8, close: bool) {
 /// the answer just written before the client reads it: the sending side is
 /// shut first and what still comes is read and dropped, for a moment.
 async fn close_client(mut s: TcpStream, unread: bool) {
-    let _ = s.shutdown().await;
     if unread {
+        let _ = s.shutdown().await;
         let mut sink = [0u8; 4096];
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Ok(n) = s.read(&mut sink).await {
@@ -256,16 +256,16 @@ enum Exchange {
 }
 
 /// Serves one HTTP/1 client connection until it closes, idles out or the
-/// drain ends it.
+/// drain ends it. `buf` holds what was read of it so far.
 pub(crate) async fn serve(
     ctx: &Ctx,
     conn: &Conn,
     mut client: TcpStream,
+    mut buf: BytesMut,
     accepted: Instant,
     mut drain: watch::Receiver<bool>,
 ) {
     let l = &ctx.limits;
-    let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(2 * 1024);
     let mut held = Held {
         pool: &ctx.pool,
