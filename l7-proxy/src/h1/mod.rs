@@ -415,8 +415,9 @@ pub(crate) async fn serve(
                 let close = a.close || head.closes() || body_here.is_none() || draining;
                 out.clear();
                 write_answer(&mut out, &a, head.minor, close);
-                let written = client.write_all(&out).await;
+                // Counted before the client can read the answer.
                 record(ctx, conn.dir, judged, a.outcome);
+                let written = client.write_all(&out).await;
                 if close || written.is_err() {
                     return close_client(client, true).await;
                 }
@@ -627,8 +628,6 @@ async fn exchange(
         codec::write_response(out, &upc.buf, &resp, minor, false);
         out.extend_from_slice(&upc.buf[resp.len..]);
         upc.buf.clear();
-        let ok = client.write_all(out).await.is_ok() && upc.stream.write_all(buf).await.is_ok();
-        buf.clear();
         record(
             ctx,
             conn.dir,
@@ -641,6 +640,8 @@ async fn exchange(
                 grpc_status: 0,
             },
         );
+        let ok = client.write_all(out).await.is_ok() && upc.stream.write_all(buf).await.is_ok();
+        buf.clear();
         if ok {
             let _ = tokio::io::copy_bidirectional(client, &mut upc.stream).await;
         }
@@ -671,7 +672,6 @@ async fn exchange(
     };
     out.extend_from_slice(&upc.buf[resp.len..resp.len + rk]);
     upc.buf.advance(resp.len + rk);
-    let written = client.write_all(out).await;
     record(
         ctx,
         conn.dir,
@@ -684,6 +684,7 @@ async fn exchange(
             grpc_status: 0,
         },
     );
+    let written = client.write_all(out).await;
     if written.is_err() {
         return Exchange::Gone;
     }
@@ -722,8 +723,8 @@ async fn fail(
     let a = Answer::upstream(&ctx.metrics, e, grpc, rule);
     out.clear();
     write_answer(out, &a, minor, true);
-    let _ = client.write_all(out).await;
     record(ctx, conn.dir, judged, a.outcome);
+    let _ = client.write_all(out).await;
 }
 
 /// Reads the final response head from the upstream, passing interim (1xx)
