@@ -158,24 +158,24 @@ impl Pool {
         None
     }
 
-    /// Gives back an HTTP/1 connection whose exchange ended cleanly.
-    /// Synchronous, no task. Idle connections past `idle_per_key`, or idle
-    /// longer than `idle_timeout`, are closed.
-    pub fn give_back_h1(&self, dst: SocketAddr, mut c: H1Conn) {
+    /// Gives back an HTTP/1 connection whose last exchange ended cleanly
+    /// (at its `idle_since`). Synchronous, no task. Idle connections past
+    /// `idle_per_key`, or idle longer than `idle_timeout`, are closed.
+    pub fn give_back_h1(&self, dst: SocketAddr, c: H1Conn) {
         let now = Instant::now();
-        c.idle_since = now;
-        c.reused = true;
         let key = Key { dst, mark: c.mark };
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
         // The oldest sit at the front: expire from there, stopping at the
-        // first one still fresh, so a give-back costs one clock read.
+        // first one still fresh, so a give-back costs a clock read or two.
+        // (One a client held for long comes back with its own, older
+        // time; `take_h1` checks each one it pops as well.)
         let stale = list
             .iter()
             .position(|c| now.duration_since(c.idle_since) < self.idle_timeout)
             .unwrap_or(list.len());
         list.drain(..stale);
-        if list.len() < self.idle_per_key {
+        if list.len() < self.idle_per_key && now.duration_since(c.idle_since) < self.idle_timeout {
             list.push(c);
         }
     }

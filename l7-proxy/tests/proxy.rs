@@ -1190,3 +1190,346 @@ fn egress_to_a_local_pod_also_meets_its_ingress_rules() {
         assert_eq!(p.metrics.drops(DropReason::PolicyDenied), 2, "{}", p.metrics.render());
     });
 }
+
+fn any_method_prefix(p: &str) -> pb::HttpRule {
+    use pb::string_match::Kind;
+    pb::HttpRule {
+        path: Some(pb::StringMatch {
+            kind: Some(Kind::Prefix(p.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A plain-socket HTTP/1.1 upstream for exact control of what it sends:
+/// reads each request head and its body (Content-Length or chunked), and
+/// answers with `answer(method, path)`: the bytes to write and whether to
+/// close after them. Counts the connections it accepts.
+fn raw_upstream(answer: fn(&str, &str) -> (Vec<u8>, bool)) -> (SocketAddr, Arc<AtomicU64>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicU64::new(0));
+    let c = conns.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            c.fetch_add(1, Relaxed);
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        match std::io::BufRead::read_line(&mut r, &mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let end = line == "\r\n";
+                        head.push_str(&line);
+                        if end {
+                            break;
+                        }
+                    }
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (
+                        words.next().unwrap_or("").to_owned(),
+                        words.next().unwrap_or("").to_owned(),
+                    );
+                    let lower = head.to_ascii_lowercase();
+                    if let Some(n) = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                    {
+                        let mut body = vec![0u8; n];
+                        if r.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                    } else if lower.contains("transfer-encoding: chunked") {
+                        loop {
+                            let mut line = String::new();
+                            if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let size = usize::from_str_radix(line.trim(), 16).unwrap();
+                            let mut data = vec![0u8; size + 2];
+                            r.read_exact(&mut data).unwrap();
+                            if size == 0 {
+                                break;
+                            }
+                        }
+                    }
+                    let (bytes, close) = answer(&method, &path);
+                    if w.write_all(&bytes).is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// Reads one response from `s`: its head and, by Content-Length or until
+/// the close, its body. Returns (head, body).
+fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            1,
+            "closed in a head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.push(b[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let lower = head.to_ascii_lowercase();
+    let body = match lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        Some(n) => {
+            let mut body = vec![0u8; n];
+            s.read_exact(&mut body).unwrap();
+            body
+        }
+        None => {
+            let mut body = Vec::new();
+            s.read_to_end(&mut body).unwrap();
+            body
+        }
+    };
+    (head, body)
+}
+
+/// RFC 9110 15.2 (interim responses are forwarded), 9.3.2 (a response to
+/// HEAD has no body whatever its Content-Length says) and RFC 9112 6.3
+/// (a response without a length ends at the close, and the proxy then
+/// closes the client's connection too): the framing the proxy follows to
+/// keep one client connection correct across those responses.
+#[test]
+fn interim_head_and_close_delimited_responses_keep_the_connection_framed() {
+    in_netns(|| {
+        let (up, _) = raw_upstream(|method, path| {
+            match (method, path) {
+            ("HEAD", _) => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec(), false),
+            (_, "/public/early") => (
+                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+                    .to_vec(),
+                false,
+            ),
+            (_, "/public/eof") => (b"HTTP/1.1 200 OK\r\n\r\nuntil the close".to_vec(), true),
+            _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(), false),
+        }
+        });
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let mut s = TcpStream::connect(p.ingress[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"HEAD /public/h HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1);
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 200") && head.contains("Content-Length: 10"),
+            "{head}"
+        );
+        // No body followed the HEAD response: the next bytes are the next
+        // response's.
+        s.write_all(b"GET /public/early HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+        let (interim, _) = {
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut b).unwrap(), 1);
+                got.push(b[0]);
+            }
+            (String::from_utf8(got).unwrap(), ())
+        };
+        assert!(interim.starts_with("HTTP/1.1 103"), "{interim}");
+        assert!(interim.contains("Link: </style.css>; rel=preload"), "{interim}");
+        let (final_head, body) = read_response(&mut s);
+        assert!(final_head.starts_with("HTTP/1.1 200"), "{final_head}");
+        assert_eq!(body, b"x");
+        s.write_all(b"GET /public/eof HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+        let (h, body) = read_response(&mut s);
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+        assert!(h.to_ascii_lowercase().contains("connection: close"), "{h}");
+        assert_eq!(body, b"until the close", "the body ends at the upstream's close");
+    });
+}
+
+/// RFC 9110 9.2.2 and RFC 9112 9.3.1: a proxy may send a request again on
+/// a new connection when the one it used closed under it, only if the
+/// method is idempotent. An upstream that closes after every response
+/// without saying so: a GET sent on the closed connection gets through on
+/// a new one; a POST is answered 502 and counted; a POST after the
+/// connection sat idle long enough to be checked goes on a new one.
+#[test]
+fn a_reused_upstream_closed_while_idle_is_retried_only_for_idempotent_requests() {
+    in_netns(|| {
+        let (up, conns) = raw_upstream(|_, _| (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(), true));
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let mut s = TcpStream::connect(p.ingress[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut ask = |req: &[u8]| {
+            s.write_all(req).unwrap();
+            read_response(&mut s).0
+        };
+        assert!(ask(b"GET /public/1 HTTP/1.1\r\nHost: web\r\n\r\n").starts_with("HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_millis(20));
+        let h = ask(b"GET /public/2 HTTP/1.1\r\nHost: web\r\n\r\n");
+        assert!(h.starts_with("HTTP/1.1 200"), "a GET is sent again: {h}");
+        assert_eq!(conns.load(Relaxed), 2);
+        std::thread::sleep(Duration::from_millis(20));
+        let h = ask(b"POST /public/3 HTTP/1.1\r\nHost: web\r\nContent-Length: 1\r\n\r\nz");
+        assert!(h.starts_with("HTTP/1.1 502"), "a POST is not sent twice: {h}");
+        assert_eq!(
+            p.metrics.upstream_errors(sinew_proxy::metrics::UpstreamError::Request),
+            1
+        );
+        // The 502 closed the client's connection; a new one, after the
+        // upstream connection sat idle past the check.
+        let mut s = TcpStream::connect(p.ingress[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /public/4 HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+        assert!(read_response(&mut s).0.starts_with("HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(b"POST /public/5 HTTP/1.1\r\nHost: web\r\nContent-Length: 1\r\n\r\nz")
+            .unwrap();
+        let h = read_response(&mut s).0;
+        assert!(
+            h.starts_with("HTTP/1.1 200"),
+            "an idle connection is checked first: {h}"
+        );
+        assert_eq!(
+            p.metrics.upstream_errors(sinew_proxy::metrics::UpstreamError::Request),
+            1
+        );
+    });
+}
+
+/// An upstream that echoes request bodies back (hyper: a body of known
+/// length goes back with Content-Length, a chunked one chunked).
+async fn echo_upstream() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(http::Response::new(req.into_body()))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().split(';').next().unwrap(), 16).unwrap();
+        b = &b[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// Bodies larger than any buffer, both framings, both ways, on one
+/// keep-alive connection, and RFC 9110 10.1.1: `Expect: 100-continue` gets
+/// its 100 before the client sends the body.
+#[test]
+fn large_bodies_stream_through_with_their_framing_and_expect_continue() {
+    in_netns(|| {
+        let rt = rt();
+        let up = rt.block_on(echo_upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let mut s = TcpStream::connect(p.ingress[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut req = format!(
+            "POST /public/len HTTP/1.1\r\nHost: web\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        let writer = {
+            let mut w = s.try_clone().unwrap();
+            std::thread::spawn(move || w.write_all(&req).unwrap())
+        };
+        let (h, got) = read_response(&mut s);
+        writer.join().unwrap();
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+        assert!(
+            got == body,
+            "Content-Length body: {} bytes back of {}",
+            got.len(),
+            body.len()
+        );
+
+        // Chunked, in chunks of odd sizes with an extension and a trailer.
+        let mut req = b"POST /public/chunked HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for c in body.chunks(70_001) {
+            req.extend_from_slice(format!("{:x};n=1\r\n", c.len()).as_bytes());
+            req.extend_from_slice(c);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\nX-Sum: 1\r\n\r\n");
+        let writer = {
+            let mut w = s.try_clone().unwrap();
+            std::thread::spawn(move || w.write_all(&req).unwrap())
+        };
+        let mut raw = Vec::new();
+        let mut b = [0u8; 65536];
+        while !raw.ends_with(b"\r\n0\r\n\r\n") {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "closed before the last chunk");
+            raw.extend_from_slice(&b[..n]);
+        }
+        writer.join().unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let h = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        assert!(
+            h.starts_with("http/1.1 200") && h.contains("transfer-encoding: chunked"),
+            "{h}"
+        );
+        assert!(dechunk(&raw[split..]) == body, "chunked body differs");
+
+        // Expect: 100-continue on the same connection.
+        s.write_all(b"POST /public/expect HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap();
+        let mut cont = [0u8; 25];
+        s.read_exact(&mut cont).unwrap();
+        assert_eq!(&cont, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"hello").unwrap();
+        let (h, got) = read_response(&mut s);
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+        assert_eq!(got, b"hello");
+        assert_eq!(p.metrics.requests(Verdict::Forwarded), 3);
+    });
+}

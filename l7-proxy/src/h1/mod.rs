@@ -211,18 +211,24 @@ impl Held<'_> {
     fn take(&mut self, mark: u32) -> Option<H1Conn> {
         let c = self.conn.take()?;
         self.pool.unhold();
-        if c.mark == mark && c.usable() {
+        if c.mark != mark {
+            // The client's identity changed: another key's connection.
+            self.pool.give_back_h1(self.dst, c);
+            None
+        } else if c.usable() {
             Some(c)
         } else {
-            self.pool.give_back_h1(self.dst, c);
+            // Closed by the upstream (or misbehaving): dropped here, never
+            // pooled, where it would look fresh again.
             None
         }
     }
 
+    /// Keeps (or pools) a connection whose exchange just ended cleanly.
     fn keep(&mut self, mut c: H1Conn) {
+        c.idle_since = Instant::now();
+        c.reused = true;
         if self.conn.is_none() && self.pool.hold() {
-            c.idle_since = Instant::now();
-            c.reused = true;
             self.conn = Some(c);
         } else {
             self.pool.give_back_h1(self.dst, c);
