@@ -87,6 +87,12 @@ struct InstallArgs {
     node_prefix_v4: u8,
     #[arg(long, default_value_t = 2)]
     operator_replicas: i32,
+    /// With --encryption ipsec: also render the Secret with the cluster's
+    /// IPsec keys, holding one new random key. For the first install only:
+    /// applied again, it replaces every key at once (rotate instead with
+    /// `sinew encryption rotate-ipsec-key`).
+    #[arg(long)]
+    generate_ipsec_key: bool,
 }
 
 fn install(a: &InstallArgs) -> anyhow::Result<()> {
@@ -105,7 +111,17 @@ fn install(a: &InstallArgs) -> anyhow::Result<()> {
         node_prefix_v4: a.node_prefix_v4,
         operator_replicas: a.operator_replicas,
     };
-    print!("{}", sinew_install::render(&s)?);
+    if a.generate_ipsec_key && a.encryption != sinew_install::Encryption::Ipsec {
+        anyhow::bail!("--generate-ipsec-key makes the IPsec keys' Secret: it needs --encryption ipsec");
+    }
+    let mut out = sinew_install::render(&s)?;
+    if a.generate_ipsec_key {
+        let (keys, _) = sinew_model::ipsec::with_new_key(&Default::default()).map_err(anyhow::Error::msg)?;
+        let secret = sinew_install::ipsec_keys_secret(&s.namespace, &sinew_model::ipsec::render_keys(&keys));
+        out.push_str("# ---- the IPsec keys' Secret (a new random key: apply it once) ----\n---\n");
+        out.push_str(&serde_yaml::to_string(&secret)?);
+    }
+    print!("{out}");
     Ok(())
 }
 
