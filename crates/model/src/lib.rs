@@ -13,7 +13,7 @@ pub mod procfs;
 mod resources;
 pub mod services;
 
-pub use fsutil::write_atomic;
+pub use fsutil::{write_atomic, write_atomic_private};
 pub use resources::{
     check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError,
     Snapshot,
