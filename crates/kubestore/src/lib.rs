@@ -93,30 +93,25 @@ pub struct SecretRef {
 impl SecretRef {
     /// `NAMESPACE/NAME`, or `NAME` (in the client's default namespace).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (namespace, name) = match text.split_once('/') {
-            Some((ns, name)) => (ns, name),
-            None => {
-                return Self::parse(&format!("default/{text}")).map(|r| SecretRef {
-                    namespace: String::new(),
-                    ..r
-                })
-            }
-        };
-        let dns = |s: &str, max: usize| {
+        let (namespace, name) = text.split_once('/').unwrap_or(("", text));
+        // DNS labels (namespaces) and subdomains (Secret names).
+        let dns = |s: &str, max: usize, dots: bool| {
             !s.is_empty()
                 && s.len() <= max
                 && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
                 && !s.starts_with(['-', '.'])
                 && !s.ends_with(['-', '.'])
         };
-        if !dns(namespace, 63) || namespace.contains('.') {
+        if text.contains('/') && !dns(namespace, 63, false) {
             return Err(format!(
-                "{text:?}: {namespace:?} is not a namespace name; give NAMESPACE/NAME"
+                "{text:?}: {namespace:?} is not a namespace name; give NAMESPACE/NAME or NAME"
             ));
         }
-        if !dns(name, 253) {
-            return Err(format!("{text:?}: {name:?} is not a Secret name; give NAMESPACE/NAME"));
+        if !dns(name, 253, true) {
+            return Err(format!(
+                "{text:?}: {name:?} is not a Secret name; give NAMESPACE/NAME or NAME"
+            ));
         }
         Ok(SecretRef {
             namespace: namespace.to_string(),
@@ -592,6 +587,22 @@ mod tests {
         assert_eq!(s.docs[&key()].rv, Some(14));
         s.relist("SinewIdentity", BTreeMap::new());
         assert!(s.docs.is_empty(), "a relist without the object removes it");
+    }
+
+    #[test]
+    fn secret_refs_parse_with_or_without_a_namespace() {
+        let r = SecretRef::parse("kube-system/sinew-ipsec-keys").unwrap();
+        assert_eq!(
+            (r.namespace.as_str(), r.name.as_str()),
+            ("kube-system", "sinew-ipsec-keys")
+        );
+        assert_eq!(r.to_string(), "kube-system/sinew-ipsec-keys");
+        let r = SecretRef::parse("keys.v2").unwrap();
+        assert_eq!((r.namespace.as_str(), r.name.as_str()), ("", "keys.v2"));
+        assert_eq!(r.to_string(), "keys.v2");
+        for bad in ["", "/x", "ns/", "a.b/x", "ns/X", "ns/a/b", "-x"] {
+            assert!(SecretRef::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
