@@ -895,11 +895,13 @@ fn ipsec_state_the_kernel_lost_is_put_back(lab: &sinew_testvms::lab::Lab) {
     assert!(!xfrm_sas(lab, "node1").is_empty(), "the SAs are back");
 }
 
-/// A new cluster key (SPI 257) while node1-pod2 keeps a connection echoing
-/// and opens one per request to node2-pod1: both nodes install it, switch
-/// to it, and drop the old one after the grace period (5 s); then node2's
-/// agent restarts and keeps its SAs (same epoch: the kernel still held
-/// them); nothing is lost throughout.
+/// A new cluster key (SPI 257, added by `sinew encryption
+/// rotate-ipsec-key`) while node1-pod2 keeps a connection echoing and
+/// opens one per request to node2-pod1: both nodes install it, switch to
+/// it, and drop the old one after the grace period (5 s), and `sinew
+/// encryption retire-ipsec-keys` takes it from the list; then node2's
+/// agent restarts, keeps its SAs (same epoch: the kernel still held them)
+/// and does not bring the old key back; nothing is lost throughout.
 fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
     let (ns_b, ns_c) = (pod_ns(lab, "node1-pod2"), pod_ns(lab, "node2-pod1"));
     let ip_c = pod_ip(lab, "node2-pod1");
@@ -909,15 +911,12 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
     echo_server(&ns_c, req_addr);
     let traffic = Traffic::start(ns_b, steady_addr, req_addr);
 
-    // The rotation: a second key, newest last.
+    // The rotation, as a person makes it: a second key, newest last.
     let rotated = Instant::now();
-    let file = lab.datastore_dir().join(sinew_model::ipsec::KEYS_FILE);
-    let mut keys = sinew_model::ipsec::read_keys(&lab.datastore_dir())
-        .unwrap()
-        .expect("the lab made a key");
+    let datastore = lab.datastore_dir();
     let old: Vec<(IpAddr, IpAddr, u32)> = xfrm_sas(lab, "node1");
-    keys.keys.push(sinew_model::ipsec::random_key(257).unwrap());
-    sinew_model::write_atomic(&file, sinew_model::ipsec::render_keys(&keys).as_bytes()).unwrap();
+    let said = keys_cli(&["rotate-ipsec-key", "--datastore", datastore.to_str().unwrap()]);
+    assert!(said.contains("Added IPsec key SPI 257"), "{said}");
     wait_out_spi(lab, "node1", 257);
     wait_out_spi(lab, "node2", 257);
     let switched = rotated.elapsed();
@@ -939,6 +938,24 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         std::thread::sleep(Duration::from_millis(250));
     }
     let retired = rotated.elapsed();
+    // The old key retired from the list too (every node lists 257 and the
+    // file is older than the agents' grace of 5 s).
+    let said = keys_cli(&[
+        "retire-ipsec-keys",
+        "--datastore",
+        datastore.to_str().unwrap(),
+        "--grace",
+        "5",
+    ]);
+    assert!(said.contains("SPI 257 is the only key"), "{said}");
+    let spis: Vec<u32> = sinew_model::ipsec::read_keys(&datastore)
+        .unwrap()
+        .expect("the key list")
+        .keys
+        .iter()
+        .map(|k| k.spi)
+        .collect();
+    assert_eq!(spis, [257]);
 
     // An agent restart keeps the SAs and their epoch: the counters go on.
     let epoch = encryption_status(lab, "node2")["ipsec"]["epoch"].as_u64();
@@ -952,9 +969,9 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         epoch.is_some() && st["ipsec"]["epoch"].as_u64() == epoch,
         "{epoch:?} then {st}"
     );
-    wait_out_spi(lab, "node2", 257);
-    // (It may add the older key's again: still in the datastore, it gets
-    // another grace period from the restarted agent.)
+    let st = wait_out_spi(lab, "node2", 257);
+    // The retired key does not come back with the restarted agent.
+    assert_eq!(st["ipsec"]["spis"], serde_json::json!([257]), "{st}");
     let after = xfrm_sas(lab, "node2");
     assert!(
         sas_before.iter().all(|s| after.contains(s)),
@@ -973,6 +990,21 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         echoes > 100 && ok > 20,
         "too little traffic: {echoes} echoes, {ok} requests"
     );
+}
+
+/// `sinew encryption ARGS...`; its output (it must succeed).
+fn keys_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(sinew_cli())
+        .arg("encryption")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sinew encryption {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// node2's IPsec state (its SinewNode) gone from the datastore: node1
