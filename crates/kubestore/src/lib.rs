@@ -485,12 +485,22 @@ where
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut events = watcher(api, cfg).backoff(Retry::default()).boxed();
+        // A 403 is reported once until the kind lists: a permission to
+        // fix, not an outage (the other kinds may well be reachable).
+        let mut refused = false;
         // A relist in progress: swapped in at InitDone.
         let mut relist: Option<BTreeMap<DocKey, Entry>> = None;
         while let Some(ev) = events.next().await {
             let mut s = shared.lock().expect("not poisoned");
             let ev = match ev {
                 Ok(ev) => ev,
+                Err(e) if forbidden(&e) => {
+                    if !refused {
+                        tracing::error!(kind, error = %e, "the Kubernetes API refuses this agent {kind}: its ServiceAccount needs list and watch on it; apply the RBAC of this version (`sinew install --print`, with --encryption ipsec for the IPsec keys' Secret). Nothing is published until every kind lists");
+                        refused = true;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if s.connection == Connection::Connected {
                         tracing::warn!(kind, error = %e, "the Kubernetes API is unreachable; the last state stays in force");
@@ -502,6 +512,7 @@ where
                     continue;
                 }
             };
+            refused = false;
             if s.connection != Connection::Connected {
                 tracing::info!(kind, "the Kubernetes API is reachable again");
                 s.connection = Connection::Connected;
@@ -539,9 +550,37 @@ where
     .abort_handle()
 }
 
+/// Whether a watcher error is the API refusing the request (403).
+fn forbidden(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => 0,
+    };
+    code == 403
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_list_is_told_apart_from_an_outage() {
+        let status = |code: u16| -> Box<kube::core::Status> {
+            Box::new(serde_json::from_value(serde_json::json!({"code": code, "message": "m"})).unwrap())
+        };
+        assert!(forbidden(&watcher::Error::InitialListFailed(kube::Error::Api(status(
+            403
+        )))));
+        assert!(forbidden(&watcher::Error::WatchError(status(403))));
+        assert!(!forbidden(&watcher::Error::InitialListFailed(kube::Error::Api(
+            status(503)
+        ))));
+        assert!(!forbidden(&watcher::Error::WatchError(status(410))));
+        assert!(!forbidden(&watcher::Error::NoResourceVersion));
+    }
 
     fn shared() -> Shared {
         Shared {
