@@ -276,11 +276,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 Some(path) => sinew_kubestore::Source::Kubeconfig(path.clone()),
                 None => sinew_kubestore::Source::Infer,
             };
+            let mut options = sinew_kubestore::Options::default();
+            if cfg.encryption.mode == crate::encryption::Mode::Ipsec {
+                // Only an agent that needs the keys reads the Secret (the
+                // RBAC `sinew install --encryption ipsec` renders).
+                let secret = sinew_kubestore::SecretRef::parse(&cfg.encryption.ipsec_keys_secret)
+                    .map_err(|e| anyhow::anyhow!("--ipsec-keys-secret {e}"))?;
+                options.ipsec_keys = Some(secret);
+            }
             Arc::new(sinew_kubestore::KubeDatastore::start(
                 source,
                 &cfg.node_name,
                 Some(before),
                 KUBE_CALL_TIMEOUT,
+                options,
             )?)
         }
         #[cfg(not(feature = "kubernetes"))]

@@ -108,6 +108,9 @@ pub struct Settings {
     pub implementation: Implementation,
     /// IPsec: how long older cluster keys stay after a newer one appears.
     pub ipsec_grace: std::time::Duration,
+    /// IPsec on the kubernetes datastore: the Secret with the cluster keys,
+    /// `[NAMESPACE/]NAME` (no namespace: the agent's own).
+    pub ipsec_keys_secret: String,
 }
 
 impl Default for Settings {
@@ -119,6 +122,7 @@ impl Default for Settings {
             queues: 2,
             implementation: Implementation::Auto,
             ipsec_grace: crate::ipsec::DEFAULT_GRACE,
+            ipsec_keys_secret: sinew_model::ipsec::SECRET_NAME.to_string(),
         }
     }
 }

@@ -122,7 +122,9 @@ pub fn derive_spi(cluster_key: &[u8], spi: u32, from: End<'_>, epoch: u64, to: E
     }
 }
 
-/// A fresh random epoch (never 0, so that 0 can mean "none published").
+/// A fresh random epoch: never 0 (so that 0 can mean "none published"),
+/// and below 2^63 (Kubernetes keeps integers as int64; 63 random bits
+/// still make a repeat as unlikely as ever).
 pub fn new_epoch() -> u64 {
     use ring::rand::SecureRandom;
     let rng = ring::rand::SystemRandom::new();
@@ -130,7 +132,7 @@ pub fn new_epoch() -> u64 {
         let mut b = [0u8; 8];
         rng.fill(&mut b)
             .expect("the system random source failed: the kernel's getrandom must work for IPsec keys");
-        let e = u64::from_be_bytes(b);
+        let e = u64::from_be_bytes(b) & sinew_model::ipsec::MAX_EPOCH;
         if e != 0 {
             return e;
         }
@@ -140,10 +142,11 @@ pub fn new_epoch() -> u64 {
 /// The epoch this node sends with: the stored one when the kernel still
 /// holds outbound SAs made with it (an agent restart keeps them and their
 /// counters), else a new one (the SAs are made afresh: new keys for the new
-/// counters).
+/// counters). A stored epoch no datastore can hold (2^63 or more, from an
+/// earlier version) is replaced too.
 pub fn choose_epoch(stored: Option<u64>, kernel_has_outbound_sas: bool) -> u64 {
     match stored {
-        Some(e) if kernel_has_outbound_sas && e != 0 => e,
+        Some(e) if kernel_has_outbound_sas && e != 0 && e <= sinew_model::ipsec::MAX_EPOCH => e,
         _ => new_epoch(),
     }
 }
@@ -951,6 +954,14 @@ mod tests {
         assert_ne!(choose_epoch(None, true), 0);
         assert_ne!(choose_epoch(Some(0), true), 0);
         assert_ne!(new_epoch(), new_epoch());
+        // Every datastore can hold it (Kubernetes: int64).
+        assert!((0..64).all(|_| (1..=sinew_model::ipsec::MAX_EPOCH).contains(&new_epoch())));
+        let big = sinew_model::ipsec::MAX_EPOCH + 1;
+        assert_ne!(
+            choose_epoch(Some(big), true),
+            big,
+            "an epoch no datastore holds is replaced"
+        );
     }
 
     fn keys(spis: &[u32]) -> IpsecKeys {

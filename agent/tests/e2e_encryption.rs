@@ -895,11 +895,13 @@ fn ipsec_state_the_kernel_lost_is_put_back(lab: &sinew_testvms::lab::Lab) {
     assert!(!xfrm_sas(lab, "node1").is_empty(), "the SAs are back");
 }
 
-/// A new cluster key (SPI 257) while node1-pod2 keeps a connection echoing
-/// and opens one per request to node2-pod1: both nodes install it, switch
-/// to it, and drop the old one after the grace period (5 s); then node2's
-/// agent restarts and keeps its SAs (same epoch: the kernel still held
-/// them); nothing is lost throughout.
+/// A new cluster key (SPI 257, added by `sinew encryption
+/// rotate-ipsec-key`) while node1-pod2 keeps a connection echoing and
+/// opens one per request to node2-pod1: both nodes install it, switch to
+/// it, and drop the old one after the grace period (5 s), and `sinew
+/// encryption retire-ipsec-keys` takes it from the list; then node2's
+/// agent restarts, keeps its SAs (same epoch: the kernel still held them)
+/// and does not bring the old key back; nothing is lost throughout.
 fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
     let (ns_b, ns_c) = (pod_ns(lab, "node1-pod2"), pod_ns(lab, "node2-pod1"));
     let ip_c = pod_ip(lab, "node2-pod1");
@@ -909,15 +911,12 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
     echo_server(&ns_c, req_addr);
     let traffic = Traffic::start(ns_b, steady_addr, req_addr);
 
-    // The rotation: a second key, newest last.
+    // The rotation, as a person makes it: a second key, newest last.
     let rotated = Instant::now();
-    let file = lab.datastore_dir().join(sinew_model::ipsec::KEYS_FILE);
-    let mut keys = sinew_model::ipsec::read_keys(&lab.datastore_dir())
-        .unwrap()
-        .expect("the lab made a key");
+    let datastore = lab.datastore_dir();
     let old: Vec<(IpAddr, IpAddr, u32)> = xfrm_sas(lab, "node1");
-    keys.keys.push(sinew_model::ipsec::random_key(257).unwrap());
-    sinew_model::write_atomic(&file, sinew_model::ipsec::render_keys(&keys).as_bytes()).unwrap();
+    let said = keys_cli(&["rotate-ipsec-key", "--datastore", datastore.to_str().unwrap()]);
+    assert!(said.contains("Added IPsec key SPI 257"), "{said}");
     wait_out_spi(lab, "node1", 257);
     wait_out_spi(lab, "node2", 257);
     let switched = rotated.elapsed();
@@ -939,6 +938,24 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         std::thread::sleep(Duration::from_millis(250));
     }
     let retired = rotated.elapsed();
+    // The old key retired from the list too (every node lists 257 and the
+    // file is older than the agents' grace of 5 s).
+    let said = keys_cli(&[
+        "retire-ipsec-keys",
+        "--datastore",
+        datastore.to_str().unwrap(),
+        "--grace",
+        "5",
+    ]);
+    assert!(said.contains("SPI 257 is the only key"), "{said}");
+    let spis: Vec<u32> = sinew_model::ipsec::read_keys(&datastore)
+        .unwrap()
+        .expect("the key list")
+        .keys
+        .iter()
+        .map(|k| k.spi)
+        .collect();
+    assert_eq!(spis, [257]);
 
     // An agent restart keeps the SAs and their epoch: the counters go on.
     let epoch = encryption_status(lab, "node2")["ipsec"]["epoch"].as_u64();
@@ -952,9 +969,9 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         epoch.is_some() && st["ipsec"]["epoch"].as_u64() == epoch,
         "{epoch:?} then {st}"
     );
-    wait_out_spi(lab, "node2", 257);
-    // (It may add the older key's again: still in the datastore, it gets
-    // another grace period from the restarted agent.)
+    let st = wait_out_spi(lab, "node2", 257);
+    // The retired key does not come back with the restarted agent.
+    assert_eq!(st["ipsec"]["spis"], serde_json::json!([257]), "{st}");
     let after = xfrm_sas(lab, "node2");
     assert!(
         sas_before.iter().all(|s| after.contains(s)),
@@ -973,6 +990,21 @@ fn ipsec_rotation_loses_nothing(lab: &mut sinew_testvms::lab::Lab) {
         echoes > 100 && ok > 20,
         "too little traffic: {echoes} echoes, {ok} requests"
     );
+}
+
+/// `sinew encryption ARGS...`; its output (it must succeed).
+fn keys_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(sinew_cli())
+        .arg("encryption")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sinew encryption {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// node2's IPsec state (its SinewNode) gone from the datastore: node1
@@ -1003,6 +1035,159 @@ fn ipsec_a_node_without_state_gets_nothing_in_clear(lab: &sinew_testvms::lab::La
     );
     let st = encryption_status(lab, "node1");
     assert_eq!(st["nodesWithoutKey"], serde_json::json!(["node2"]), "{st}");
+}
+
+/// IPsec with the agents on the kubernetes backend: the fake API on the
+/// lab's external host, the lab's datastore mirrored into it (its key file
+/// as the Secret kube-system/sinew-ipsec-keys, as `kubectl create secret
+/// generic --from-file` stores it), SinewNodes created as the operator
+/// would. The agents read the keys from the Secret and publish their epoch
+/// and SPIs in their SinewNodes' status; pod traffic between the nodes
+/// crosses the underlay only as ESP and never shows the marker; a key added
+/// with `sinew encryption rotate-ipsec-key` reaches both agents through the
+/// Secret and both switch to it; every request the agents made is one the
+/// RBAC of `sinew install --encryption ipsec` allows. Where the kernel has
+/// no ESP (this host), the agents refuse to start, saying why.
+#[test]
+fn ipsec_on_the_kubernetes_backend() {
+    use sinew_testvms::kube;
+    use sinew_testvms::lab::{Binaries, Lab, LabSpec, UpOptions};
+    sinew_testvms::support::require_root("kernel integration tests");
+    let prefix = format!("e2e-ipk8s-{}", std::process::id());
+    let spec = LabSpec {
+        name_prefix: prefix.clone(),
+        nodes: 2,
+        pods_per_node: 0,
+        routing: Routing::Vxlan,
+        state_dir: None,
+        agent_args: ["--encryption", "ipsec", "--ipsec-key-grace", "5"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+    };
+    let bins = Binaries::from_current_exe().expect("binaries next to the test");
+    let _ = Lab::down(&spec.state_dir());
+    // As the operator creates them: the agents publish into their status.
+    let populate = |fake: &sinew_fakeapi::FakeApi| {
+        for node in ["node1", "node2"] {
+            fake.put(
+                "/apis/sinew.io/v1alpha1/sinewnodes",
+                serde_json::json!({"metadata": {"name": node}, "spec": {}}),
+            );
+        }
+    };
+    let progress = &mut |l: &str| eprintln!("[{prefix}] {l}");
+    if !kernel_has_esp() {
+        // kube::up's steps, keeping the lab until the agent's whole log is
+        // read (its error is above the backtrace the error shows the end of).
+        let kubeconfig = kube::kubeconfig_path(&spec.state_dir());
+        let mut with_kube = spec.clone();
+        with_kube.agent_args.extend(kube::agent_args(&kubeconfig));
+        let mut guard = sinew_testvms::lab::LabGuard::new(
+            Lab::up_underlay_only(&with_kube, &bins, progress).unwrap_or_else(|e| panic!("lab up: {e}")),
+        );
+        sinew_testvms::bpffs::ensure_mounted().unwrap();
+        let _api = kube::KubeApi::start(guard.lab(), &kubeconfig, &populate).unwrap_or_else(|e| panic!("{e}"));
+        let r = guard.lab_mut().start_agent_with("node1", &UpOptions::default());
+        let log = std::fs::read_to_string(&guard.lab().node("node1").unwrap().agent_log).unwrap_or_default();
+        assert!(r.is_err(), "an IPsec agent started on a kernel without ESP");
+        assert!(
+            log.contains("this kernel has no ESP")
+                && log.contains("does not start rather than send pod traffic in clear"),
+            "{log}"
+        );
+        return;
+    }
+    let up = kube::up(&spec, &bins, &UpOptions::default(), &populate, progress);
+    let (mut g, api) = up.unwrap_or_else(|e| panic!("lab up: {e}"));
+    let fake = api.fake().clone();
+    let labels = |app: &str| std::collections::BTreeMap::from([("app".to_string(), app.to_string())]);
+    g.lab
+        .add_pod("node1", "k1", labels("k1"))
+        .unwrap_or_else(|e| panic!("add pod: {e}"));
+    g.lab
+        .add_pod("node2", "k2", labels("k2"))
+        .unwrap_or_else(|e| panic!("add pod: {e}"));
+    let lab = &g.lab;
+    let (ns_a, ns_c) = (pod_ns(lab, "k1"), pod_ns(lab, "k2"));
+    let ip_c = pod_ip(lab, "k2");
+    wait_out_spi(lab, "node1", 256);
+    wait_out_spi(lab, "node2", 256);
+    eventually("a cross-node connection", || {
+        tcp_roundtrip(&ns_c, ip_c, 8079, &ns_a).map(|_| ())
+    });
+
+    // Only ESP between the nodes, never the marker.
+    let cap = Capture::start(lab, "e2e-ipk8s");
+    marker_exchange(&ns_c, ip_c, 7001, &ns_a)
+        .unwrap_or_else(|e| panic!("marker: {e}\n{}", agent_log_tail(lab, "node1")));
+    tcp_bulk(&ns_c, ip_c, 8090, &ns_a, 1 << 20).unwrap_or_else(|e| panic!("bulk: {e}"));
+    let (lines, raw) = cap.finish();
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.address.to_string()).collect();
+    let between: Vec<&String> = lines
+        .iter()
+        .filter(|l| nodes.iter().filter(|n| l.contains(n.as_str())).count() == 2)
+        .collect();
+    assert!(
+        between.len() > 20,
+        "too few packets between the nodes: {}",
+        between.len()
+    );
+    let clear: Vec<&&String> = between.iter().filter(|l| !l.contains(": ESP(spi=")).collect();
+    assert!(
+        clear.is_empty(),
+        "packets between the nodes that are not ESP:\n{clear:?}"
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+
+    // Each agent's epoch and SPIs are in its SinewNode's status.
+    let published = |spi: u64| {
+        fake.objects("/apis/sinew.io/v1alpha1/sinewnodes").iter().all(|o| {
+            o["status"]["ipsecEpoch"].as_u64().is_some_and(|e| e > 0)
+                && o["status"]["ipsecSpis"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|s| s.as_u64() == Some(spi)))
+        })
+    };
+    assert!(
+        published(256),
+        "{:?}",
+        fake.objects("/apis/sinew.io/v1alpha1/sinewnodes")
+    );
+
+    // A rotation through the Secret.
+    let datastore = lab.datastore_dir();
+    let said = keys_cli(&["rotate-ipsec-key", "--datastore", datastore.to_str().unwrap()]);
+    assert!(said.contains("Added IPsec key SPI 257"), "{said}");
+    wait_out_spi(lab, "node1", 257);
+    wait_out_spi(lab, "node2", 257);
+    assert!(published(257));
+    tcp_roundtrip(&ns_a, pod_ip(lab, "k1"), 8082, &ns_c).unwrap_or_else(|e| panic!("after the rotation: {e}"));
+
+    // Least privilege: every request the agents made is allowed by the
+    // RBAC `sinew install --encryption ipsec` renders; the Secret only by
+    // the Role that names it.
+    let yaml = sinew_install::render(&sinew_install::Settings {
+        encryption: sinew_install::Encryption::Ipsec,
+        ..Default::default()
+    })
+    .unwrap();
+    let rules: Vec<_> = sinew_fakeapi::rbac::rules(&yaml, "ClusterRole", "sinew-agent")
+        .unwrap()
+        .into_iter()
+        .chain(sinew_fakeapi::rbac::rules(&yaml, "Role", "sinew-agent-ipsec-keys").unwrap())
+        .collect();
+    let seen = fake.requests();
+    assert!(seen.iter().any(|r| r.resource == "secrets" && r.verb == "watch"));
+    assert!(seen
+        .iter()
+        .any(|r| r.resource == "sinewnodes/status" && r.verb == "patch"));
+    assert!(seen
+        .iter()
+        .filter(|r| r.resource == "secrets")
+        .all(|r| r.namespace.as_deref() == Some("kube-system")));
+    assert_eq!(sinew_fakeapi::rbac::denied(&rules, &seen), []);
+    eprintln!("ipsec on kubernetes: {} requests, all allowed", seen.len());
 }
 
 /// `--encryption ipsec` starts where the kernel has ESP (keeping its epoch

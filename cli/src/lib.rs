@@ -10,6 +10,8 @@ use sinew_lab::manifest::LabelEdit;
 use sinew_lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
 use sinew_proto::v1;
 
+pub mod ipsec_keys;
+
 /// The lab name `--lab` defaults to.
 const DEFAULT_LAB: &str = sinew_lab::topology::DEFAULT_PREFIX;
 
@@ -87,9 +89,15 @@ struct InstallArgs {
     node_prefix_v4: u8,
     #[arg(long, default_value_t = 2)]
     operator_replicas: i32,
+    /// With --encryption ipsec: also render the Secret with the cluster's
+    /// IPsec keys, holding one new random key. For the first install only:
+    /// applied again, it replaces every key at once (rotate instead with
+    /// `sinew encryption rotate-ipsec-key`).
+    #[arg(long)]
+    generate_ipsec_key: bool,
 }
 
-fn install(a: &InstallArgs) -> anyhow::Result<()> {
+fn install(a: &InstallArgs) -> anyhow::Result<String> {
     if !a.print {
         anyhow::bail!(
             "pass --print and pipe the manifests to `kubectl apply -f -`; installing through the API is not built yet"
@@ -105,8 +113,17 @@ fn install(a: &InstallArgs) -> anyhow::Result<()> {
         node_prefix_v4: a.node_prefix_v4,
         operator_replicas: a.operator_replicas,
     };
-    print!("{}", sinew_install::render(&s)?);
-    Ok(())
+    if a.generate_ipsec_key && a.encryption != sinew_install::Encryption::Ipsec {
+        anyhow::bail!("--generate-ipsec-key makes the IPsec keys' Secret: it needs --encryption ipsec");
+    }
+    let mut out = sinew_install::render(&s)?;
+    if a.generate_ipsec_key {
+        let (keys, _) = sinew_model::ipsec::with_new_key(&Default::default()).map_err(anyhow::Error::msg)?;
+        let secret = sinew_install::ipsec_keys_secret(&s.namespace, &sinew_model::ipsec::render_keys(&keys));
+        out.push_str("# ---- the IPsec keys' Secret (a new random key: apply it once) ----\n---\n");
+        out.push_str(&serde_yaml::to_string(&secret)?);
+    }
+    Ok(out)
 }
 
 #[derive(Args)]
@@ -272,6 +289,58 @@ enum EncryptionCmd {
     /// and its age, and every peer with its endpoint, last handshake and
     /// bytes.
     Status(OutputArg),
+    /// IPsec: add a new random cluster key with the next SPI (the agents
+    /// switch to it without loss). Edits the local datastore's
+    /// ipsec-keys.yaml, or a file exported from the Kubernetes Secret.
+    RotateIpsecKey(IpsecKeysArgs),
+    /// IPsec: remove every cluster key but the newest, once every node
+    /// receives with it and the grace period has passed.
+    RetireIpsecKeys {
+        #[command(flatten)]
+        keys: IpsecKeysArgs,
+        /// The agents' --ipsec-key-grace, in seconds: the key list must be
+        /// at least this old.
+        #[arg(long, default_value_t = 60)]
+        grace: u64,
+        /// Skip the checks (required with --keys-file: the CLI cannot see
+        /// the cluster's nodes).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct IpsecKeysArgs {
+    /// The local datastore directory the agents read (its ipsec-keys.yaml).
+    /// Default: the datastore of the lab named by --lab, when it is up.
+    #[arg(long, conflicts_with = "keys_file")]
+    datastore: Option<PathBuf>,
+    /// A key file exported from the Kubernetes Secret sinew-ipsec-keys
+    /// (this CLI has no Kubernetes client: it prints the kubectl commands).
+    #[arg(long)]
+    keys_file: Option<PathBuf>,
+    /// The Secret's namespace, for the kubectl commands printed with
+    /// --keys-file.
+    #[arg(long, default_value = "kube-system")]
+    namespace: String,
+}
+
+impl IpsecKeysArgs {
+    fn target(&self, lab: &str) -> anyhow::Result<ipsec_keys::Target> {
+        if let Some(path) = &self.keys_file {
+            return Ok(ipsec_keys::Target::File {
+                path: path.clone(),
+                namespace: self.namespace.clone(),
+            });
+        }
+        if let Some(dir) = &self.datastore {
+            return Ok(ipsec_keys::Target::Datastore(dir.clone()));
+        }
+        match Lab::load(&lab_dir(lab)) {
+            Ok(l) => Ok(ipsec_keys::Target::Datastore(l.datastore_dir())),
+            Err(_) => Err(ipsec_keys::no_target(lab)),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -449,7 +518,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(cmd) => lab(&cli, cmd)?,
         Command::Policy(cmd) => policy(&cli, cmd)?,
         Command::Observe(args) => observe(&cli, args)?,
-        Command::Install(a) => install(a)?,
+        Command::Install(a) => print!("{}", install(a)?),
         Command::Encryption(EncryptionCmd::Status(o)) => {
             let socket = cli.socket()?;
             let r = runtime()?.block_on(async {
@@ -463,6 +532,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             print_encryption(&r, o.output);
+        }
+        Command::Encryption(EncryptionCmd::RotateIpsecKey(k)) => {
+            print!("{}", ipsec_keys::rotate(&k.target(&cli.lab)?)?);
+        }
+        Command::Encryption(EncryptionCmd::RetireIpsecKeys { keys, grace, force }) => {
+            let target = keys.target(&cli.lab)?;
+            print!("{}", ipsec_keys::retire(&target, Duration::from_secs(*grace), *force)?);
         }
         Command::Service(ServiceCmd::List(o)) => {
             let socket = cli.socket()?;
@@ -1490,6 +1566,40 @@ fn print_observer_status(s: &sinew_proto::observer_v1::ServerStatusResponse, jso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn install_args(args: &[&str]) -> InstallArgs {
+        let cli = Cli::try_parse_from([&["sinew", "install", "--print"][..], args].concat()).unwrap();
+        match cli.cmd {
+            Command::Install(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    /// A key is rendered only when asked, fresh each time, and only with
+    /// IPsec.
+    #[test]
+    fn install_renders_the_ipsec_secret_only_when_asked() {
+        let plain = install(&install_args(&["--encryption", "ipsec"])).unwrap();
+        assert!(plain.contains("--ipsec-keys-secret=kube-system/sinew-ipsec-keys"));
+        assert!(!plain.contains("kind: Secret"));
+        let a = install(&install_args(&["--encryption", "ipsec", "--generate-ipsec-key"])).unwrap();
+        let b = install(&install_args(&["--encryption", "ipsec", "--generate-ipsec-key"])).unwrap();
+        let secret = |out: &str| -> serde_json::Value {
+            let doc = out.rsplit("\n---\n").next().unwrap();
+            serde_yaml::from_str(doc).unwrap()
+        };
+        let (sa, sb) = (secret(&a), secret(&b));
+        assert_eq!(sa["kind"], "Secret");
+        assert_eq!(sa["metadata"]["namespace"], "kube-system");
+        let keys = |s: &serde_json::Value| {
+            sinew_model::ipsec::parse_keys("secret", s["stringData"]["ipsec-keys.yaml"].as_str().unwrap()).unwrap()
+        };
+        let (ka, kb) = (keys(&sa), keys(&sb));
+        assert_eq!((ka.keys.len(), ka.keys[0].spi, ka.keys[0].key.len()), (1, 256, 36));
+        assert_ne!(ka.keys[0].key, kb.keys[0].key, "never a fixed key");
+        let e = install(&install_args(&["--generate-ipsec-key"])).unwrap_err();
+        assert!(e.to_string().contains("--encryption ipsec"), "{e}");
+    }
 
     fn ep(ns: &str, name: &str, container_id: &str) -> v1::Endpoint {
         v1::Endpoint {

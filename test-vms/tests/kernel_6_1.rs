@@ -8,7 +8,13 @@
 //! pods on one node and across nodes, and a policy that allows one SCTP
 //! port, drops another with the policy reason, and lets a deny rule win.
 //! The host kernel has no WireGuard either: the kernel device test
-//! (sinew-wireguard's `kernel_netns`) runs here as a smoke test.
+//! (sinew-wireguard's `kernel_netns`) runs here as a smoke test. Nor ESP:
+//! the lab's IPsec test (agent `e2e_encryption`'s
+//! `ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed`) runs here
+//! on 6.1's clsact path as it does on 6.12: only ESP on the underlay, the
+//! matrix, policy by identity, a key rotated and retired with `sinew
+//! encryption` during a steady connection and a request loop with nothing
+//! lost, and a node whose IPsec state is gone gets nothing in clear.
 //!
 //! The same test binary runs twice: on the host it snapshots the already
 //! built binaries and boots the VM; inside the VM (`SINEW_K61_GUEST` set) it
@@ -29,6 +35,8 @@ const TEST_NAME: &str = "privileged_tests_pass_on_linux_6_1_with_clsact";
 /// (sinew-wireguard) is the kernel WireGuard smoke on 6.1 (about 10 s);
 /// the lab's encryption tests with it run in the 6.12 tier.
 const SUITES: [&str; 4] = ["bpf_programs", "e2e_connectivity", "e2e_services", "kernel_netns"];
+/// The lab's IPsec test, run from the e2e_encryption binary.
+const IPSEC_TEST: &str = "ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed";
 const LAB: &str = "vmtest";
 const SCTP_LAB: &str = "vmsctp";
 
@@ -52,7 +60,7 @@ fn report_step(step: &str) {
     println!("\n{}", step_done(step));
 }
 
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 11] = [
     "kernel",
     "bpf_programs",
     "e2e_connectivity",
@@ -63,6 +71,7 @@ const STEPS: [&str; 10] = [
     "sctp connectivity",
     "sctp policy allow",
     "sctp policy deny",
+    "ipsec lab",
 ];
 
 mod host {
@@ -96,6 +105,8 @@ mod host {
             let copied = snap.copy_test(deps, suite);
             env.push(format!("SINEW_K61_{}={}", suite.to_uppercase(), copied.display()));
         }
+        let ipsec = snap.copy_test(deps, "e2e_encryption");
+        env.push(format!("SINEW_K61_E2E_ENCRYPTION={}", ipsec.display()));
         let me = Path::new("deps").join(exe.file_name().unwrap());
         snap.copy(&exe, &me);
 
@@ -164,6 +175,38 @@ mod guest {
         let t = Instant::now();
         sctp::run(snapshot);
         println!("sctp took {:.0} s", t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        ipsec_lab();
+        println!("ipsec lab took {:.0} s", t.elapsed().as_secs_f64());
+    }
+
+    /// The lab's IPsec test on 6.1 (ESP, clsact), echoing its output; it
+    /// must have run with ESP (not the no-ESP refusal) and rotated.
+    fn ipsec_lab() {
+        let var = "SINEW_K61_E2E_ENCRYPTION";
+        let bin = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set by the host side"));
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let mut child = Command::new(&bin)
+            .args(["--exact", IPSEC_TEST, "--nocapture", "--test-threads=1"])
+            .stdout(writer.try_clone().expect("pipe"))
+            .stderr(writer)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+        let mut out = String::new();
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            println!("{line}");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let status = child.wait().expect("wait for the test executable");
+        assert!(status.success(), "{IPSEC_TEST} failed on 6.1 ({status})");
+        assert!(out.contains("test result: ok. 1 passed"), "{IPSEC_TEST} did not run");
+        assert!(
+            out.contains("rotation (ipsec)"),
+            "the IPsec rotation did not run (did the lab take the no-ESP path?)"
+        );
+        report_step("ipsec lab");
     }
 
     /// `sinew lab up` of the two-node VXLAN lab `name` with `pods_per_node`

@@ -14,8 +14,12 @@
 //!   clear (dropped as no_encryption_key, counted);
 //! - the same with IPsec (this host's kernel has no ESP; 6.12 has): only
 //!   ESP on the underlay, the matrix, policy by identity, a new cluster key
-//!   during a steady connection and a request loop with nothing lost, and a
-//!   node whose IPsec state is gone gets nothing in clear.
+//!   (`sinew encryption rotate-ipsec-key`, then `retire-ipsec-keys`) during
+//!   a steady connection and a request loop with nothing lost, and a node
+//!   whose IPsec state is gone gets nothing in clear;
+//! - IPsec with the agents on the kubernetes backend (the fake API, the
+//!   keys from the Secret): only ESP on the underlay, a rotation through
+//!   the Secret, every request allowed by the rendered RBAC.
 //!
 //! The native-routing variant of the lab test runs on the host only (the
 //! datapath is the same; under TCG it would cost another minute).
@@ -37,8 +41,8 @@ const GUEST_ENV: &str = "SINEW_K612_GUEST";
 const TEST_NAME: &str = "kernel_wireguard_on_linux_6_12";
 const STEPS: [&str; 3] = ["kernel", "kernel wireguard device", "encryption lab"];
 /// The lab tests the guest runs (all of e2e_encryption but the native
-/// variant: three WireGuard, two IPsec).
-const LAB_TESTS: usize = 5;
+/// variant: three WireGuard, three IPsec).
+const LAB_TESTS: usize = 6;
 
 #[test]
 fn kernel_wireguard_on_linux_6_12() {

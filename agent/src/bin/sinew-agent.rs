@@ -161,6 +161,11 @@ struct Args {
     /// one appears (every peer has switched to the newer one by then).
     #[arg(long, default_value_t = 60)]
     ipsec_key_grace: u64,
+    /// IPsec with --datastore-kind kubernetes: the Secret holding the
+    /// cluster keys (data key ipsec-keys.yaml, the SinewIPsecKeys document),
+    /// as NAMESPACE/NAME or NAME in the agent's own namespace.
+    #[arg(long, default_value = sinew_model::ipsec::SECRET_NAME)]
+    ipsec_keys_secret: String,
 }
 
 fn parse_mode(flag: &str, v: &str) -> anyhow::Result<Option<AttachMode>> {
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
             queues: a.wireguard_queues,
             implementation: a.wireguard_implementation,
             ipsec_grace: std::time::Duration::from_secs(a.ipsec_key_grace),
+            ipsec_keys_secret: a.ipsec_keys_secret,
         },
     };
     // The control plane is small; two workers keep it off the datapath's CPUs.

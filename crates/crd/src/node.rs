@@ -2,7 +2,8 @@
 //! creates one for every Node: the pod CIDRs it allocated from the cluster
 //! pool, or the Node's own `spec.podCIDRs` when Kubernetes allocates. The
 //! agent reads them, and publishes what other nodes need from it in the
-//! status (its WireGuard public key) once the record exists.
+//! status (its WireGuard public key, or its IPsec epoch and SPIs) once the
+//! record exists.
 
 // Several `printcolumn(...)` entries read to clippy as one attribute repeated.
 #![allow(clippy::duplicated_attributes)]
@@ -56,9 +57,44 @@ pub struct SinewNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"))]
     pub wireguard_public_key: Option<String>,
+    /// The epoch the node's outbound IPsec SAs were derived with,
+    /// published by its agent with `--encryption ipsec`: peers derive the
+    /// keys they receive with from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "ipsec_epoch_schema")]
+    pub ipsec_epoch: Option<i64>,
+    /// The cluster-key SPIs whose inbound SAs the node has installed: a
+    /// peer sends with a key only once the node lists its SPI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "ipsec_spis_schema")]
+    pub ipsec_spis: Vec<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub conditions: Vec<NodeCondition>,
+}
+
+/// Epochs are positive and below 2^63 (agents make them so; the API keeps
+/// integers as int64). The maximum is stored as a float in a CRD, so the
+/// int64 format is what holds the upper bound exactly.
+fn ipsec_epoch_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "integer",
+        "format": "int64",
+        "minimum": 1,
+        "maximum": i64::MAX,
+        "nullable": true
+    })
+}
+
+/// SPIs 1 to 255 are reserved (RFC 4303 §2.1); a handful are active at
+/// once (the newest key, and older ones during a rotation's grace period).
+fn ipsec_spis_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 64,
+        "items": {"type": "integer", "format": "int64", "minimum": 256, "maximum": u32::MAX},
+        "x-kubernetes-list-type": "atomic"
+    })
 }
 
 /// A condition in the Kubernetes shape (`type`, `status`, `reason`,

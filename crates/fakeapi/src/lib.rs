@@ -20,7 +20,8 @@
 //! - [`FakeApi::cut`]: the listener closes (connections are refused) and
 //!   open connections and watches drop; [`FakeApi::restore`] listens on the
 //!   same port again;
-//! - every request recorded as RBAC sees it ([`Seen`]), and
+//! - every request recorded as RBAC sees it ([`Seen`]: a list or watch
+//!   with a `metadata.name` field selector names that object), and
 //!   [`rbac::check`] to fail on one the RBAC in deploy/ would deny.
 //!
 //! - custom resources validated against the schemas of the CRDs given to
@@ -113,6 +114,7 @@ fn kind_of(resource: &str) -> String {
         ("endpointslices", "EndpointSlice"),
         ("networkpolicies", "NetworkPolicy"),
         ("leases", "Lease"),
+        ("secrets", "Secret"),
         ("sinewidentities", "SinewIdentity"),
         ("sinewendpoints", "SinewEndpoint"),
         ("sinewnodes", "SinewNode"),
@@ -279,6 +281,21 @@ impl Store {
             ("DELETE", _) => "delete",
             _ => "unknown",
         };
+        // As the API server's RequestInfo (since Kubernetes 1.11): a list
+        // or watch narrowed to one name by a `metadata.name` field selector
+        // is authorized as a request for that name, so a rule's
+        // resourceNames can allow it.
+        let selected = query.get("fieldSelector").and_then(|sel| {
+            sel.split(',').find_map(|f| {
+                f.strip_prefix("metadata.name==")
+                    .or_else(|| f.strip_prefix("metadata.name="))
+                    .map(str::to_string)
+            })
+        });
+        let name = match verb {
+            "list" | "watch" => selected,
+            _ => t.name.clone(),
+        };
         self.seen.push(Seen {
             verb: verb.into(),
             group: t.group.clone(),
@@ -287,7 +304,7 @@ impl Store {
                 None => t.resource.clone(),
             },
             namespace: t.namespace.clone(),
-            name: t.name.clone(),
+            name,
         });
         if !self.serves(&t) {
             return Reply::Json(status(
@@ -446,8 +463,21 @@ impl Store {
                             return Reply::Json(not_found(&t));
                         };
                         let status = new["status"].clone();
+                        let applied_by = ctype
+                            .starts_with("application/apply-patch")
+                            .then(|| query.get("fieldManager").cloned())
+                            .flatten();
                         new = old.clone();
                         new["status"] = status;
+                        // The manager of a status apply is recorded for the
+                        // status subresource, beside the object's own.
+                        if let Some(manager) = applied_by {
+                            let mut fields: Vec<Value> =
+                                new["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+                            fields.retain(|f| !(f["manager"] == manager.as_str() && f["subresource"] == "status"));
+                            fields.push(json!({"manager": manager, "operation": "Apply", "subresource": "status"}));
+                            new["metadata"]["managedFields"] = json!(fields);
+                        }
                     } else if let Some(o) = new.as_object_mut() {
                         match old.map(|o| &o["status"]).filter(|s| !s.is_null()) {
                             Some(st) => o.insert("status".into(), st.clone()),

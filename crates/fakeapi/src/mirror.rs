@@ -4,7 +4,10 @@
 //! The same scenario then drives both backends: the lab writes files, the
 //! local backend reads them, the kubernetes backend watches the mirror.
 //! Writes through the mirror are the cluster admin's, not recorded as
-//! requests.
+//! requests. The cluster's IPsec key list (a `SinewIPsecKeys` document,
+//! the local backend's `ipsec-keys.yaml`) becomes the Secret
+//! [`IPSEC_KEYS_SECRET`], as `kubectl create secret generic
+//! --from-file=ipsec-keys.yaml` stores it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +49,22 @@ pub fn collection(api_version: &str, kind: &str, namespace: Option<&str>) -> Opt
     })
 }
 
+/// Where the IPsec key list goes: (namespace, name) of the Secret.
+pub const IPSEC_KEYS_SECRET: (&str, &str) = ("kube-system", "sinew-ipsec-keys");
+
+/// The Secret holding a `SinewIPsecKeys` document under `ipsec-keys.yaml`.
+fn ipsec_keys_secret(doc: &Value) -> ((String, String), Value) {
+    use base64::Engine;
+    let (ns, name) = IPSEC_KEYS_SECRET;
+    let text = serde_yaml::to_string(doc).unwrap_or_default();
+    let data = base64::engine::general_purpose::STANDARD.encode(text);
+    (
+        (format!("/api/v1/namespaces/{ns}/secrets"), name.to_string()),
+        serde_json::json!({"metadata": {"name": name, "namespace": ns}, "type": "Opaque",
+                           "data": {"ipsec-keys.yaml": data}}),
+    )
+}
+
 /// (collection, name) -> the object as last stored.
 type Mirrored = BTreeMap<(String, String), Value>;
 
@@ -79,6 +98,11 @@ fn objects(dir: &Path) -> Mirrored {
             ) else {
                 continue;
             };
+            if kind == "SinewIPsecKeys" {
+                let (k, secret) = ipsec_keys_secret(&v);
+                out.insert(k, secret);
+                continue;
+            }
             if let Some(c) = collection(api, kind, v["metadata"]["namespace"].as_str()) {
                 out.insert((c, name.to_string()), v.clone());
             }
@@ -173,6 +197,21 @@ mod tests {
         let rv = fake.resource_version();
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(fake.resource_version(), rv, "an unchanged file is not stored again");
+        // The IPsec key list becomes its Secret.
+        std::fs::write(
+            dir.join("ipsec-keys.yaml"),
+            "apiVersion: sinew.io/v1alpha1\nkind: SinewIPsecKeys\nmetadata:\n  name: cluster\nspec:\n  keys: []\n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let secrets = fake.objects("/api/v1/namespaces/kube-system/secrets");
+        assert_eq!(secrets.len(), 1);
+        use base64::Engine;
+        let text = base64::engine::general_purpose::STANDARD
+            .decode(secrets[0]["data"]["ipsec-keys.yaml"].as_str().unwrap())
+            .unwrap();
+        assert!(String::from_utf8(text).unwrap().contains("kind: SinewIPsecKeys"));
+        std::fs::remove_file(dir.join("ipsec-keys.yaml")).unwrap();
         std::fs::remove_file(dir.join("sub/a.yaml")).unwrap();
         std::thread::sleep(Duration::from_millis(150));
         assert!(fake.objects("/api/v1/namespaces").is_empty());

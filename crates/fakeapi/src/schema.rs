@@ -84,7 +84,8 @@ fn check(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             "object" => v.is_object(),
             "array" => v.is_array(),
             "string" => v.is_string(),
-            "integer" => v.is_i64() || v.is_u64(),
+            // The API server holds integers as int64.
+            "integer" => v.is_i64(),
             "number" => v.is_number(),
             "boolean" => v.is_boolean(),
             _ => true,
@@ -115,7 +116,15 @@ fn check(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             }
         }
     }
-    if let Some(n) = v.as_f64() {
+    if let Some(n) = v.as_i64().map(i128::from) {
+        // Exact for integers: a bound near 2^63 must not round them.
+        if let Some(max) = s["maximum"].as_f64().filter(|m| n > m.floor() as i128) {
+            bad(format!("{path} in body should be less than or equal to {max}"));
+        }
+        if let Some(min) = s["minimum"].as_f64().filter(|m| n < m.ceil() as i128) {
+            bad(format!("{path} in body should be greater than or equal to {min}"));
+        }
+    } else if let Some(n) = v.as_f64() {
         if let Some(max) = s["maximum"].as_f64().filter(|m| n > *m) {
             bad(format!("{path} in body should be less than or equal to {max}"));
         }
@@ -190,5 +199,17 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(validate(&s, &json!({"spec": "x"})).len(), 1, "wrong type");
+    }
+
+    #[test]
+    fn integers_are_int64_and_compared_exactly() {
+        let s = json!({"type": "integer", "minimum": 1, "maximum": 9.223372036854776e18});
+        assert!(validate(&s, &json!(i64::MAX)).is_empty());
+        assert_eq!(validate(&s, &json!(u64::MAX)).len(), 1, "beyond int64");
+        assert_eq!(validate(&s, &json!(0)).len(), 1);
+        let s = json!({"type": "integer", "minimum": 256, "maximum": 4294967295u32});
+        assert!(validate(&s, &json!(4294967295u32)).is_empty());
+        assert_eq!(validate(&s, &json!(4294967296u64)).len(), 1);
+        assert_eq!(validate(&s, &json!(255)).len(), 1);
     }
 }

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-pub use rbac::{agent_rules, operator_lease_rules, operator_rules};
+pub use rbac::{agent_ipsec_rules, agent_rules, operator_lease_rules, operator_rules, IPSEC_KEYS_SECRET};
 
 /// How nodes encrypt pod traffic between them (the agent's `--encryption`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -190,6 +190,8 @@ pub fn file_yaml(f: &File) -> String {
 }
 
 /// Everything as one stream, for `sinew install --print | kubectl apply -f -`.
+/// With IPsec, a closing comment says how to create the Secret with the
+/// cluster keys (the manifests never hold a key: see [`ipsec_keys_secret`]).
 pub fn render(s: &Settings) -> Result<String, SettingsError> {
     s.validate()?;
     let mut out = String::new();
@@ -197,5 +199,51 @@ pub fn render(s: &Settings) -> Result<String, SettingsError> {
         out.push_str(&format!("# ---- {} ----\n", f.name));
         out.push_str(&file_yaml(&f));
     }
+    if s.encryption == Encryption::Ipsec {
+        out.push_str(&ipsec_keys_howto(&s.namespace));
+    }
     Ok(out)
+}
+
+/// How a user creates the Secret the agents read the IPsec keys from.
+pub fn ipsec_keys_howto(namespace: &str) -> String {
+    let text = r#"# ---- IPsec cluster keys ----
+# The agents read the cluster's IPsec keys from the Secret NS/SECRET
+# (data key ipsec-keys.yaml: a SinewIPsecKeys document). Until it exists,
+# traffic between nodes is dropped, never sent in clear. Create it once,
+# with a random key:
+#   cat > ipsec-keys.yaml <<EOF
+#   apiVersion: sinew.io/v1alpha1
+#   kind: SinewIPsecKeys
+#   metadata: {name: cluster}
+#   spec:
+#     keys:
+#     - spi: 256
+#       key: $(head -c 36 /dev/urandom | base64 -w0)
+#   EOF
+#   kubectl -n NS create secret generic SECRET --from-file=ipsec-keys.yaml
+# or render it with `sinew install --print --encryption ipsec --generate-ipsec-key`
+# the first time only: a new list replaces every key at once. Rotate with
+# `sinew encryption rotate-ipsec-key --keys-file ipsec-keys.yaml` (it prints
+# the kubectl command that puts the file back into the Secret).
+"#;
+    text.replace("NS", namespace).replace("SECRET", IPSEC_KEYS_SECRET)
+}
+
+/// The Secret with the cluster's IPsec keys: `document` is the
+/// `SinewIPsecKeys` YAML (made by the caller: rendering has no random
+/// source, and manifests never hold a fixed key).
+pub fn ipsec_keys_secret(namespace: &str, document: &str) -> serde_json::Value {
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(IPSEC_KEYS_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some([("app.kubernetes.io/part-of".to_string(), "sinew".to_string())].into()),
+            ..Default::default()
+        },
+        string_data: Some([("ipsec-keys.yaml".to_string(), document.to_string())].into()),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    value(&secret)
 }

@@ -54,6 +54,24 @@ pub fn agent_rules() -> Vec<PolicyRule> {
     ]
 }
 
+/// The Role an agent with `--encryption ipsec` needs on top of
+/// [`agent_rules`], in the agents' namespace: reading the one Secret with
+/// the cluster's IPsec keys. `get`, `list` and `watch` restricted by name:
+/// the agent lists and watches it with a `metadata.name` field selector,
+/// which the API server authorizes as a request for that name (Kubernetes
+/// 1.11 and later), so no other Secret of the namespace is readable.
+pub fn agent_ipsec_rules() -> Vec<PolicyRule> {
+    let mut r = rule(&[""], &["secrets"], READ);
+    r.resource_names = Some(vec![IPSEC_KEYS_SECRET.to_string()]);
+    vec![r]
+}
+
+/// The Secret with the cluster's IPsec keys (data key `ipsec-keys.yaml`,
+/// the `SinewIPsecKeys` document the local datastore keeps in that file).
+pub const IPSEC_KEYS_SECRET: &str = "sinew-ipsec-keys";
+/// The Role and RoleBinding that let the agent read it.
+pub const AGENT_IPSEC_ROLE: &str = "sinew-agent-ipsec-keys";
+
 /// The operator reads Nodes, Pods and Namespaces, owns SinewNodes, and
 /// deletes unused identities.
 pub fn operator_rules() -> Vec<PolicyRule> {
@@ -123,6 +141,21 @@ pub(crate) fn objects(s: &Settings) -> Vec<serde_json::Value> {
                 name: name.into(),
             },
             subjects: Some(vec![subject(name, s)]),
+        }));
+    }
+    if s.encryption == crate::Encryption::Ipsec {
+        out.push(value(&Role {
+            metadata: meta(AGENT_IPSEC_ROLE, ns),
+            rules: Some(agent_ipsec_rules()),
+        }));
+        out.push(value(&RoleBinding {
+            metadata: meta(AGENT_IPSEC_ROLE, ns),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: AGENT_IPSEC_ROLE.into(),
+            },
+            subjects: Some(vec![subject(AGENT, s)]),
         }));
     }
     out.push(value(&Role {

@@ -120,6 +120,13 @@ pub fn agent_args(s: &Settings) -> Vec<String> {
     if s.encryption != Encryption::None {
         args.push(format!("--encryption={}", s.encryption));
     }
+    if s.encryption == Encryption::Ipsec {
+        args.push(format!(
+            "--ipsec-keys-secret={}/{}",
+            s.namespace,
+            crate::rbac::IPSEC_KEYS_SECRET
+        ));
+    }
     args
 }
 

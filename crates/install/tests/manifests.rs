@@ -158,3 +158,56 @@ fn settings_reach_the_manifests_and_bad_ones_are_refused() {
         .unwrap_err()
         .contains("none, wireguard or ipsec"));
 }
+
+/// `--encryption ipsec`: the agent's flag naming the Secret, a Role that
+/// reads only that Secret (bound to the agent), how to create it, and no
+/// key anywhere; a Secret is rendered only from a document the caller
+/// made.
+#[test]
+fn ipsec_renders_the_secret_role_the_flag_and_never_a_key() {
+    let s = Settings {
+        encryption: Encryption::Ipsec,
+        namespace: "sinew".into(),
+        ..Settings::default()
+    };
+    let out = render(&s).unwrap();
+    assert!(out.contains("--encryption=ipsec"), "{out}");
+    assert!(out.contains("--ipsec-keys-secret=sinew/sinew-ipsec-keys"));
+    assert!(out.contains("kubectl -n sinew create secret generic sinew-ipsec-keys --from-file=ipsec-keys.yaml"));
+    assert!(!out.contains("kind: Secret"), "no Secret, hence no fixed key");
+    let docs = documents(&out);
+    let role: Role = typed(
+        docs.iter()
+            .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "sinew-agent-ipsec-keys")
+            .unwrap(),
+    );
+    assert_eq!(role.metadata.namespace.as_deref(), Some("sinew"));
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].resources.as_deref(), Some(&["secrets".to_string()][..]));
+    assert_eq!(
+        rules[0].resource_names.as_deref(),
+        Some(&["sinew-ipsec-keys".to_string()][..])
+    );
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    let binding: RoleBinding = typed(
+        docs.iter()
+            .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["name"] == "sinew-agent-ipsec-keys")
+            .unwrap(),
+    );
+    assert_eq!(binding.role_ref.name, "sinew-agent-ipsec-keys");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("sinew-agent", Some("sinew"))
+    );
+    // Without IPsec the agent reads no Secret at all.
+    let plain = render(&Settings::default()).unwrap();
+    assert!(!plain.contains("secrets") && !plain.contains("ipsec-keys"), "{plain}");
+
+    let secret = sinew_install::ipsec_keys_secret("sinew", "kind: SinewIPsecKeys\n");
+    let secret: k8s_openapi::api::core::v1::Secret = typed(&secret);
+    assert_eq!(secret.metadata.name.as_deref(), Some("sinew-ipsec-keys"));
+    assert_eq!(secret.metadata.namespace.as_deref(), Some("sinew"));
+    assert_eq!(secret.string_data.unwrap()["ipsec-keys.yaml"], "kind: SinewIPsecKeys\n");
+}

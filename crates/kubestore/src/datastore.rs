@@ -7,7 +7,7 @@
 //!   fails with [`DatastoreError::Unavailable`]: a hung API never blocks
 //!   the agent, which holds its state lock across the call;
 //! - writes nobody waits for (this node's endpoints on every CNI ADD and
-//!   DEL, its WireGuard key) are handed to the background writer and
+//!   DEL, its WireGuard key, its IPsec epoch and SPIs) are handed to the background writer and
 //!   return at once. The writer keeps only the latest of each, and
 //!   retries with backoff while the API is cut off or the object it
 //!   writes to does not exist yet; a refused write (422) is logged and
@@ -24,7 +24,7 @@ use sinew_model::{Connection, Datastore, DatastoreError, PolicyDoc, PublishedEnd
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::writes::BACKEND;
-use crate::KubeView;
+use crate::{KubeView, Options};
 
 /// Where the API is.
 #[derive(Clone, Debug)]
@@ -64,6 +64,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 enum Job {
     Endpoints(String, Vec<PublishedEndpoint>),
     NodeKey(String, String),
+    NodeIpsec(String, u64, Vec<u32>),
 }
 
 /// The Kubernetes backend of the agent.
@@ -88,8 +89,14 @@ impl KubeDatastore {
     /// Connects (lazily: an unreachable API is retried by the watchers)
     /// and starts watching for `node`. `before` is what the agent had in
     /// force before a restart; `timeout` bounds every call that waits
-    /// for the API.
-    pub fn start(source: Source, node: &str, before: Option<Snapshot>, timeout: Duration) -> anyhow::Result<Self> {
+    /// for the API; `options` says what else to watch.
+    pub fn start(
+        source: Source,
+        node: &str,
+        before: Option<Snapshot>,
+        timeout: Duration,
+        options: Options,
+    ) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<Ready>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let node = node.to_string();
@@ -108,7 +115,7 @@ impl KubeDatastore {
                         let config = source.config().await?;
                         let server = config.cluster_url.to_string();
                         let client = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
-                        let view = Arc::new(KubeView::start_after(client, &node, before));
+                        let view = Arc::new(KubeView::start_with(client, &node, before, &options));
                         let (jobs, queue) = mpsc::unbounded_channel();
                         tokio::spawn(writer(view.clone(), queue));
                         anyhow::Ok((view, tokio::runtime::Handle::current(), jobs, server))
@@ -218,6 +225,11 @@ impl Datastore for KubeDatastore {
         Ok(())
     }
 
+    fn publish_node_ipsec(&self, node: &str, epoch: u64, spis: &[u32]) -> Result<(), DatastoreError> {
+        let _ = self.jobs.send(Job::NodeIpsec(node.to_string(), epoch, spis.to_vec()));
+        Ok(())
+    }
+
     /// The operator alone deletes identities on this backend.
     fn gc_identities(&self, _in_use: &BTreeSet<u32>, _grace: Duration) -> Result<Vec<u32>, DatastoreError> {
         Ok(Vec::new())
@@ -242,43 +254,71 @@ impl Datastore for KubeDatastore {
     }
 }
 
-/// Publishes the latest endpoints and key, retrying with backoff.
+/// The latest of each write the background writer has not made yet.
+#[derive(Default)]
+struct Pending {
+    endpoints: Option<(String, Vec<PublishedEndpoint>)>,
+    key: Option<(String, String)>,
+    ipsec: Option<(String, u64, Vec<u32>)>,
+}
+
+impl Pending {
+    fn take(&mut self, j: Job) {
+        match j {
+            Job::Endpoints(n, e) => self.endpoints = Some((n, e)),
+            Job::NodeKey(n, k) => self.key = Some((n, k)),
+            Job::NodeIpsec(n, e, s) => self.ipsec = Some((n, e, s)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.endpoints.is_none() && self.key.is_none() && self.ipsec.is_none()
+    }
+}
+
+/// Publishes the latest endpoints, WireGuard key and IPsec state,
+/// retrying with backoff.
 async fn writer(view: Arc<KubeView>, mut queue: mpsc::UnboundedReceiver<Job>) {
-    let mut endpoints: Option<(String, Vec<PublishedEndpoint>)> = None;
-    let mut key: Option<(String, String)> = None;
-    let take = |j: Job, endpoints: &mut Option<_>, key: &mut Option<_>| match j {
-        Job::Endpoints(n, e) => *endpoints = Some((n, e)),
-        Job::NodeKey(n, k) => *key = Some((n, k)),
-    };
+    let mut p = Pending::default();
     let mut backoff = WRITE_BACKOFF.0;
     let mut failing = false;
     loop {
-        if endpoints.is_none() && key.is_none() {
+        if p.is_empty() {
             match queue.recv().await {
-                Some(j) => take(j, &mut endpoints, &mut key),
+                Some(j) => p.take(j),
                 None => return,
             }
         }
         while let Ok(j) = queue.try_recv() {
-            take(j, &mut endpoints, &mut key);
+            p.take(j);
         }
         let mut failed = None;
-        if let Some((node, eps)) = &endpoints {
+        if let Some((node, eps)) = &p.endpoints {
             match bounded(view.publish_endpoints(node, eps)).await {
-                Ok(()) => endpoints = None,
+                Ok(()) => p.endpoints = None,
                 Err(e @ DatastoreError::Rejected { .. }) => {
                     tracing::error!(error = %e, "the API refused this node's endpoints; other nodes will not know them");
-                    endpoints = None;
+                    p.endpoints = None;
                 }
                 Err(e) => failed = Some(e),
             }
         }
-        if let Some((node, k)) = &key {
+        if let Some((node, k)) = &p.key {
             match bounded(view.publish_node_key(node, k)).await {
-                Ok(()) => key = None,
+                Ok(()) => p.key = None,
                 Err(e @ DatastoreError::Rejected { .. }) => {
                     tracing::error!(error = %e, "the API refused this node's WireGuard key; peers cannot encrypt to it");
-                    key = None;
+                    p.key = None;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some((node, epoch, spis)) = &p.ipsec {
+            match bounded(view.publish_node_ipsec(node, *epoch, spis)).await {
+                Ok(()) => p.ipsec = None,
+                Err(e @ DatastoreError::Rejected { .. }) => {
+                    tracing::error!(error = %e, "the API refused this node's IPsec epoch and SPIs; peers cannot encrypt to it");
+                    p.ipsec = None;
                 }
                 Err(e) => failed = Some(e),
             }
@@ -299,7 +339,7 @@ async fn writer(view: Arc<KubeView>, mut queue: mpsc::UnboundedReceiver<Job>) {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     j = queue.recv() => match j {
-                        Some(j) => take(j, &mut endpoints, &mut key),
+                        Some(j) => p.take(j),
                         None => return,
                     },
                 }

@@ -6,7 +6,10 @@
 //! cluster-wide), each object rendered to the YAML document the local
 //! backend would read and the [`Snapshot`] built by the same conversion
 //! ([`Snapshot::from_documents_after`]), so both backends give the same
-//! snapshot for the same objects.
+//! snapshot for the same objects. With [`Options::ipsec_keys`], one more:
+//! the Secret holding the cluster's IPsec keys (the document the local
+//! backend reads from `ipsec-keys.yaml`, under that data key), watched by
+//! name alone.
 //! - No snapshot is published until every kind has listed once: an agent
 //!   never enforces nodes without their policies.
 //! - Every object keeps its `resourceVersion`; an event older than what
@@ -40,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
@@ -78,6 +81,89 @@ pub fn sinew_resource(kind: &str) -> ApiResource {
 
 /// (kind, namespace, name)
 pub type DocKey = (&'static str, String, String);
+
+/// A Secret by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRef {
+    /// Empty: the client's default namespace (in a pod, its own).
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SecretRef {
+    /// `NAMESPACE/NAME`, or `NAME` (in the client's default namespace).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (namespace, name) = text.split_once('/').unwrap_or(("", text));
+        // DNS labels (namespaces) and subdomains (Secret names).
+        let dns = |s: &str, max: usize, dots: bool| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+                && !s.starts_with(['-', '.'])
+                && !s.ends_with(['-', '.'])
+        };
+        if text.contains('/') && !dns(namespace, 63, false) {
+            return Err(format!(
+                "{text:?}: {namespace:?} is not a namespace name; give NAMESPACE/NAME or NAME"
+            ));
+        }
+        if !dns(name, 253, true) {
+            return Err(format!(
+                "{text:?}: {name:?} is not a Secret name; give NAMESPACE/NAME or NAME"
+            ));
+        }
+        Ok(SecretRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.namespace.as_str() {
+            "" => f.write_str(&self.name),
+            ns => write!(f, "{ns}/{}", self.name),
+        }
+    }
+}
+
+/// What the view watches beyond the kinds every agent needs.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The Secret with the cluster's IPsec keys (`--encryption ipsec`):
+    /// its data key [`sinew_model::ipsec::KEYS_FILE`] holds the
+    /// `SinewIPsecKeys` document. Watched with a `metadata.name` field
+    /// selector, so that RBAC can allow this one Secret by name.
+    pub ipsec_keys: Option<SecretRef>,
+}
+
+/// The snapshot part of the IPsec keys Secret: the keys, or why they are
+/// refused (then the keys in force stay, see
+/// [`Snapshot::read_ipsec_keys`]).
+fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Snapshot> {
+    let (k, ns, n) = key;
+    let source = format!("kubernetes:{k}/{ns}/{n}");
+    let mut snap = Snapshot::default();
+    let data_key = sinew_model::ipsec::KEYS_FILE;
+    match secret.data.as_ref().and_then(|d| d.get(data_key)) {
+        Some(bytes) => match std::str::from_utf8(&bytes.0) {
+            Ok(text) => snap.read_ipsec_keys(&format!("{source} data.{data_key}"), Ok(text), None),
+            Err(_) => snap.errors.push(sinew_model::ResourceError::IpsecKeys {
+                file: source.clone(),
+                message: format!("{source}: data.{data_key}: not UTF-8 text; it holds the SinewIPsecKeys YAML document"),
+            }),
+        },
+        None => snap.errors.push(sinew_model::ResourceError::IpsecKeys {
+            file: source.clone(),
+            message: format!(
+                "{source}: data.{data_key}: missing; create the Secret from the key file: kubectl -n {ns} create secret generic {n} --from-file={data_key}"
+            ),
+        }),
+    }
+    Arc::new(snap)
+}
 
 /// One object as the view holds it.
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +246,15 @@ impl Shared {
         true
     }
 
+    /// [`Shared::upsert`] of an object already converted.
+    fn upsert_part(&mut self, key: DocKey, rv: Option<u64>, part: Arc<Snapshot>) -> bool {
+        if !newer(rv, self.docs.get(&key)) {
+            return false;
+        }
+        self.docs.insert(key, Entry { rv, part: Some(part) });
+        true
+    }
+
     /// Takes an object out (leaving a tombstone at `rv`), unless the view
     /// holds a newer version.
     fn remove(&mut self, key: DocKey, rv: Option<u64>) -> bool {
@@ -206,11 +301,16 @@ impl KubeView {
     /// [`KubeView::start`] for an agent that had `before` in force before
     /// it restarted: an invalid object keeps what it held there.
     pub fn start_after(client: Client, node: &str, before: Option<Snapshot>) -> Self {
+        Self::start_with(client, node, before, &Options::default())
+    }
+
+    /// [`KubeView::start_after`] watching what `options` asks for too.
+    pub fn start_with(client: Client, node: &str, before: Option<Snapshot>, options: &Options) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let shared = Arc::new(Mutex::new(Shared {
             docs: BTreeMap::new(),
             listed: BTreeSet::new(),
-            kinds: 6 + SINEW_KINDS.len(),
+            kinds: 6 + SINEW_KINDS.len() + usize::from(options.ipsec_keys.is_some()),
             connection: Connection::Connected,
             generation: 0,
             before: before.map(Arc::new),
@@ -241,6 +341,19 @@ impl KubeView {
         for (kind, _) in SINEW_KINDS {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &sinew_resource(kind));
             tasks.push(follow(api, all(), SINEW_API, kind, &shared));
+        }
+        if let Some(secret) = &options.ipsec_keys {
+            // One Secret, by name: list and watch carry a metadata.name
+            // field selector, which the API server authorizes as a request
+            // for that name (Kubernetes 1.11+), so the agent's Role names
+            // this Secret in resourceNames and can read no other.
+            let namespace = match secret.namespace.as_str() {
+                "" => client.default_namespace(),
+                ns => ns,
+            };
+            let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={}", secret.name));
+            tasks.push(follow_with(api, cfg, "Secret", &shared, keys_part));
         }
         KubeView {
             client,
@@ -352,15 +465,42 @@ fn follow<K>(
 where
     K: Resource + Clone + Debug + DeserializeOwned + Serialize + Send + 'static,
 {
+    follow_with(api, cfg, kind, shared, move |k, o| {
+        part(k, &document(o, api_version, kind))
+    })
+}
+
+/// [`follow`] with the conversion of an object to its snapshot part.
+fn follow_with<K, F>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    kind: &'static str,
+    shared: &Arc<Mutex<Shared>>,
+    convert: F,
+) -> AbortHandle
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Serialize + Send + 'static,
+    F: Fn(&DocKey, &K) -> Arc<Snapshot> + Send + 'static,
+{
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut events = watcher(api, cfg).backoff(Retry::default()).boxed();
+        // A 403 is reported once until the kind lists: a permission to
+        // fix, not an outage (the other kinds may well be reachable).
+        let mut refused = false;
         // A relist in progress: swapped in at InitDone.
         let mut relist: Option<BTreeMap<DocKey, Entry>> = None;
         while let Some(ev) = events.next().await {
             let mut s = shared.lock().expect("not poisoned");
             let ev = match ev {
                 Ok(ev) => ev,
+                Err(e) if forbidden(&e) => {
+                    if !refused {
+                        tracing::error!(kind, error = %e, "the Kubernetes API refuses this agent {kind}: its ServiceAccount needs list and watch on it; apply the RBAC of this version (`sinew install --print`, with --encryption ipsec for the IPsec keys' Secret). Nothing is published until every kind lists");
+                        refused = true;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if s.connection == Connection::Connected {
                         tracing::warn!(kind, error = %e, "the Kubernetes API is unreachable; the last state stays in force");
@@ -372,6 +512,7 @@ where
                     continue;
                 }
             };
+            refused = false;
             if s.connection != Connection::Connected {
                 tracing::info!(kind, "the Kubernetes API is reachable again");
                 s.connection = Connection::Connected;
@@ -383,7 +524,7 @@ where
                     let k = key(&o);
                     let e = Entry {
                         rv: resource_version(&o),
-                        part: Some(part(&k, &document(&o, api_version, kind))),
+                        part: Some(convert(&k, &o)),
                     };
                     relist.get_or_insert_with(BTreeMap::new).insert(k, e);
                 }
@@ -392,7 +533,9 @@ where
                     s.publish();
                 }
                 watcher::Event::Apply(o) => {
-                    if s.upsert(key(&o), resource_version(&o), document(&o, api_version, kind)) {
+                    let k = key(&o);
+                    let p = convert(&k, &o);
+                    if s.upsert_part(k, resource_version(&o), p) {
                         s.publish();
                     }
                 }
@@ -407,9 +550,37 @@ where
     .abort_handle()
 }
 
+/// Whether a watcher error is the API refusing the request (403).
+fn forbidden(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => 0,
+    };
+    code == 403
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_list_is_told_apart_from_an_outage() {
+        let status = |code: u16| -> Box<kube::core::Status> {
+            Box::new(serde_json::from_value(serde_json::json!({"code": code, "message": "m"})).unwrap())
+        };
+        assert!(forbidden(&watcher::Error::InitialListFailed(kube::Error::Api(status(
+            403
+        )))));
+        assert!(forbidden(&watcher::Error::WatchError(status(403))));
+        assert!(!forbidden(&watcher::Error::InitialListFailed(kube::Error::Api(
+            status(503)
+        ))));
+        assert!(!forbidden(&watcher::Error::WatchError(status(410))));
+        assert!(!forbidden(&watcher::Error::NoResourceVersion));
+    }
 
     fn shared() -> Shared {
         Shared {
@@ -455,6 +626,22 @@ mod tests {
         assert_eq!(s.docs[&key()].rv, Some(14));
         s.relist("SinewIdentity", BTreeMap::new());
         assert!(s.docs.is_empty(), "a relist without the object removes it");
+    }
+
+    #[test]
+    fn secret_refs_parse_with_or_without_a_namespace() {
+        let r = SecretRef::parse("kube-system/sinew-ipsec-keys").unwrap();
+        assert_eq!(
+            (r.namespace.as_str(), r.name.as_str()),
+            ("kube-system", "sinew-ipsec-keys")
+        );
+        assert_eq!(r.to_string(), "kube-system/sinew-ipsec-keys");
+        let r = SecretRef::parse("keys.v2").unwrap();
+        assert_eq!((r.namespace.as_str(), r.name.as_str()), ("", "keys.v2"));
+        assert_eq!(r.to_string(), "keys.v2");
+        for bad in ["", "/x", "ns/", "a.b/x", "ns/X", "ns/a/b", "-x"] {
+            assert!(SecretRef::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

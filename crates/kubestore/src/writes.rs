@@ -1,6 +1,6 @@
 //! What the agent writes to the API: identities (see [`crate::identity`]),
-//! its node's endpoints (`SinewEndpoint` status) and its WireGuard key
-//! (`SinewNode` status), all by server-side apply as
+//! its node's endpoints (`SinewEndpoint` status) and its WireGuard key or
+//! IPsec epoch and SPIs (`SinewNode` status), all by server-side apply as
 //! [`crate::FIELD_MANAGER`]. A write the view already shows is not sent
 //! again. Each successful write is in the view before the call returns.
 
@@ -185,6 +185,39 @@ impl KubeView {
             .patch_status(node, &apply_params(), &Patch::Apply(&status))
             .await
             .map_err(|e| error(&format!("SinewNode {node}"), e))?;
+        self.wrote("SinewNode", &o);
+        Ok(())
+    }
+
+    /// Publishes `node`'s IPsec epoch and the cluster-key SPIs it receives
+    /// with in its `SinewNode`'s status (`ipsecEpoch`, `ipsecSpis`). As
+    /// for the WireGuard key, the operator creates the SinewNode: until it
+    /// has, this is [`DatastoreError::Unavailable`].
+    pub async fn publish_node_ipsec(&self, node: &str, epoch: u64, spis: &[u32]) -> Result<(), DatastoreError> {
+        if self
+            .snapshot()
+            .node_keys
+            .get(node)
+            .is_some_and(|k| k.ipsec_epoch == epoch && k.ipsec_spis == spis)
+        {
+            return Ok(());
+        }
+        let what = format!("SinewNode {node} IPsec status");
+        // The API keeps integers as int64: an epoch past it is refused here,
+        // by the same rule the reading side applies.
+        if epoch == 0 || epoch > sinew_model::ipsec::MAX_EPOCH {
+            return Err(DatastoreError::Rejected {
+                what,
+                message: format!("epoch {epoch} is not in 1..2^63"),
+            });
+        }
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &sinew_resource("SinewNode"));
+        let status = json!({"apiVersion": SINEW_API, "kind": "SinewNode", "metadata": {"name": node},
+            "status": {"ipsecEpoch": epoch, "ipsecSpis": spis}});
+        let o = api
+            .patch_status(node, &apply_params(), &Patch::Apply(&status))
+            .await
+            .map_err(|e| error(&what, e))?;
         self.wrote("SinewNode", &o);
         Ok(())
     }

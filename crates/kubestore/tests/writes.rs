@@ -112,7 +112,16 @@ async fn writes_are_read_back_refused_ones_are_typed_and_cut_off_ones_retry() {
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, fake.kubeconfig()).unwrap();
-    let ds = Arc::new(KubeDatastore::start(Source::Kubeconfig(kubeconfig), "a", None, Duration::from_secs(2)).unwrap());
+    let ds = Arc::new(
+        KubeDatastore::start(
+            Source::Kubeconfig(kubeconfig),
+            "a",
+            None,
+            Duration::from_secs(2),
+            Default::default(),
+        )
+        .unwrap(),
+    );
     let rx = ds.subscribe();
     until("listed", || rx.borrow().nodes.contains_key("a")).await;
     assert!(

@@ -29,13 +29,17 @@ pub const MIRROR_EVERY: Duration = Duration::from_millis(50);
 /// The CRDs the API serves (the same file `kubectl apply` installs).
 pub const CRDS: &str = include_str!("../../../deploy/crds/sinew.io.yaml");
 
-/// The flags that put an agent on the kubernetes backend with `kubeconfig`.
+/// The flags that put an agent on the kubernetes backend with `kubeconfig`
+/// (and, for `--encryption ipsec`, name the Secret the mirror makes of the
+/// lab's key file).
 pub fn agent_args(kubeconfig: &Path) -> Vec<String> {
+    let (ns, name) = sinew_fakeapi::mirror::IPSEC_KEYS_SECRET;
     vec![
         "--datastore-kind".into(),
         "kubernetes".into(),
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
+        format!("--ipsec-keys-secret={ns}/{name}"),
     ]
 }
 

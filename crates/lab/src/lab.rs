@@ -171,7 +171,9 @@ impl Lab {
                 }
             })?;
             let keys = sinew_model::ipsec::IpsecKeys { keys: vec![key] };
-            datastore::write_atomic(&path, &sinew_model::ipsec::render_keys(&keys))?;
+            let text = sinew_model::ipsec::render_keys(&keys);
+            sinew_model::write_atomic_private(&path, text.as_bytes())
+                .map_err(|source| crate::datastore::DatastoreError::Io { path, source })?;
         }
         Ok(lab)
     }

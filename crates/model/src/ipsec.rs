@@ -13,6 +13,13 @@
 //!     key: <base64 of 20 or 36 bytes: an AES-128 or AES-256 key and a 4-byte salt>
 //! ```
 //!
+//! On the Kubernetes backend the same document is the value of the key
+//! `ipsec-keys.yaml` in the Secret [`SECRET_NAME`] (in Sinew's namespace):
+//!
+//! ```sh
+//! kubectl -n kube-system create secret generic sinew-ipsec-keys --from-file=ipsec-keys.yaml
+//! ```
+//!
 //! These are cluster keys: no SA uses one as it is. Each node derives a key
 //! per direction and peer from one (see the agent's `ipsec` module), so
 //! that no two senders ever share a GCM key and nonce space.
@@ -27,6 +34,12 @@ pub const KIND: &str = "SinewIPsecKeys";
 /// Key lengths rfc4106(gcm(aes)) takes: the AES key plus a 4-byte salt
 /// (RFC 4106 §8.1).
 pub const KEY_LENGTHS: [usize; 2] = [20, 36];
+/// The Secret that holds the document on the Kubernetes backend, and its
+/// data key ([`KEYS_FILE`]).
+pub const SECRET_NAME: &str = "sinew-ipsec-keys";
+/// The largest epoch a node publishes: Kubernetes keeps integers as int64,
+/// so epochs stay below 2^63 on every backend.
+pub const MAX_EPOCH: u64 = i64::MAX as u64;
 /// SPIs 1 to 255 are reserved by IANA and 0 is never sent (RFC 4303 §2.1).
 pub const MIN_SPI: u32 = 256;
 
@@ -185,6 +198,28 @@ pub fn random_key(spi: u32) -> std::io::Result<IpsecKey> {
     let mut key = vec![0u8; 36];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
     Ok(IpsecKey { spi, key })
+}
+
+/// The SPI a new key gets: one past the largest in use, so that SPIs never
+/// repeat while older keys are listed (an SPI reused for another key would
+/// let a peer that still holds the old one fail every packet's integrity
+/// check). None when the largest is `u32::MAX`.
+pub fn next_spi(keys: &IpsecKeys) -> Option<u32> {
+    match keys.keys.iter().map(|k| k.spi).max() {
+        None => Some(MIN_SPI),
+        Some(max) => max.checked_add(1).map(|s| s.max(MIN_SPI)),
+    }
+}
+
+/// `keys` with a fresh random key appended (the newest); the new key.
+pub fn with_new_key(keys: &IpsecKeys) -> Result<(IpsecKeys, IpsecKey), String> {
+    let spi = next_spi(keys).ok_or_else(|| {
+        format!("no SPI is left above the largest in use ({}); retire the old keys and start again from {MIN_SPI} with a new key list", u32::MAX)
+    })?;
+    let key = random_key(spi).map_err(|e| format!("cannot read the kernel's random source: {e}"))?;
+    let mut out = keys.clone();
+    out.keys.push(key.clone());
+    Ok((out, key))
 }
 
 /// Reads the keys from the local datastore directory `dir`; None when the

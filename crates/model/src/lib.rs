@@ -13,7 +13,7 @@ pub mod procfs;
 mod resources;
 pub mod services;
 
-pub use fsutil::write_atomic;
+pub use fsutil::{write_atomic, write_atomic_private};
 pub use resources::{
     check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError,
     Snapshot,
@@ -134,7 +134,7 @@ pub trait Datastore: Send + Sync {
         Err(DatastoreError::Rejected {
             what: format!("SinewNode {node} IPsec status"),
             message: format!(
-                "the {} datastore does not keep IPsec keys or states yet; use the local datastore for --encryption ipsec",
+                "the {} datastore cannot keep a node's IPsec state; use the local or kubernetes datastore for --encryption ipsec",
                 self.describe()
             ),
         })

@@ -186,25 +186,8 @@ pub fn read_dir_snapshot_after(
     // The cluster's IPsec keys: a refused update keeps the keys in force
     // (like any other invalid file), and says why.
     let keys_file = dir.join(crate::ipsec::KEYS_FILE).display().to_string();
-    match texts.iter().find(|(s, _)| *s == keys_file) {
-        None => {}
-        Some((file, Ok(text))) => match crate::ipsec::parse_keys(file, text) {
-            Ok(k) => snap.ipsec_keys = Some(k),
-            Err(e) => {
-                snap.errors.push(crate::ResourceError::IpsecKeys {
-                    file: file.clone(),
-                    message: e.to_string(),
-                });
-                snap.ipsec_keys = previous.and_then(|p| p.ipsec_keys.clone());
-            }
-        },
-        Some((file, Err(reason))) => {
-            snap.errors.push(crate::ResourceError::Unreadable {
-                file: file.clone(),
-                reason: reason.clone(),
-            });
-            snap.ipsec_keys = previous.and_then(|p| p.ipsec_keys.clone());
-        }
+    if let Some((file, text)) = texts.iter().find(|(s, _)| *s == keys_file) {
+        snap.read_ipsec_keys(file, text.as_deref().map_err(String::clone), previous);
     }
     Ok(snap)
 }

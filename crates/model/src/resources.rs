@@ -359,12 +359,46 @@ impl Snapshot {
                 .extend(p.identities.iter().map(|(k, v)| (*k, v.clone())));
             snap.endpoints.extend(p.endpoints.iter().cloned());
             snap.policies.extend(p.policies.iter().cloned());
+            if p.ipsec_keys.is_some() {
+                snap.ipsec_keys = p.ipsec_keys.clone();
+            }
         }
         if let Some(prev) = previous {
             snap.keep_in_force(prev, &[]);
         }
+        // A refused key document keeps the keys in force, as
+        // [`Snapshot::read_ipsec_keys`] does for one source.
+        if snap.ipsec_keys.is_none() && snap.errors.iter().any(|e| matches!(e, ResourceError::IpsecKeys { .. })) {
+            snap.ipsec_keys = previous.and_then(|p| p.ipsec_keys.clone());
+        }
         snap.finish_services(previous);
         snap
+    }
+
+    /// Sets the cluster's IPsec keys from their document, read from
+    /// `source` as `text` (`Err`: unreadable, why). Valid keys replace the
+    /// ones in force; a refused document is reported in `errors` and the
+    /// keys of `previous` stay in force, like any other invalid update.
+    /// Both backends read the keys through this.
+    pub fn read_ipsec_keys(&mut self, source: &str, text: Result<&str, String>, previous: Option<&Snapshot>) {
+        let error = match text {
+            Ok(text) => match crate::ipsec::parse_keys(source, text) {
+                Ok(k) => {
+                    self.ipsec_keys = Some(k);
+                    return;
+                }
+                Err(e) => ResourceError::IpsecKeys {
+                    file: source.to_string(),
+                    message: e.to_string(),
+                },
+            },
+            Err(reason) => ResourceError::Unreadable {
+                file: source.to_string(),
+                reason,
+            },
+        };
+        self.errors.push(error);
+        self.ipsec_keys = previous.and_then(|p| p.ipsec_keys.clone());
     }
 
     /// Whether any object in force came from `file`.
@@ -607,12 +641,12 @@ impl Snapshot {
                 let ipsec_epoch = match epoch {
                     None => 0,
                     Some(v) => match v.as_u64() {
-                        Some(e) if e != 0 => e,
+                        Some(e) if e != 0 && e <= crate::ipsec::MAX_EPOCH => e,
                         _ => {
                             return Err(invalid(
                                 "status.ipsecEpoch",
                                 shown(v),
-                                "not a positive 64-bit integer".into(),
+                                "not a positive integer below 2^63".into(),
                             ))
                         }
                     },
