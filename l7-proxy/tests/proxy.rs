@@ -1533,3 +1533,32 @@ fn large_bodies_stream_through_with_their_framing_and_expect_continue() {
         assert_eq!(p.metrics.requests(Verdict::Forwarded), 3);
     });
 }
+
+/// RFC 9112 9.3 and its appendix C.2.2: an HTTP/1.0 client that sends
+/// `Connection: keep-alive` keeps its connection only if the answer says
+/// `keep-alive`; without it, it waits for the close. Both requests on one
+/// connection, allowed and denied.
+#[test]
+fn an_http_1_0_keep_alive_client_is_told_the_connection_stays_open() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, hits) = rt.block_on(upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![get_prefix("/public")], vec![]))
+            .unwrap();
+        let mut s = TcpStream::connect(p.ingress[0]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for (path, status) in [("/public/a", "200"), ("/admin", "403"), ("/public/b", "200")] {
+            s.write_all(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes())
+                .unwrap();
+            let (head, body) = read_response(&mut s);
+            assert!(head.starts_with(&format!("HTTP/1.0 {status}")), "{head}");
+            assert!(head.to_ascii_lowercase().contains("connection: keep-alive"), "{head}");
+            if status == "200" {
+                assert_eq!(body, format!("GET {path}").as_bytes());
+            }
+        }
+        assert_eq!(hits.load(Relaxed), 2);
+    });
+}

@@ -458,7 +458,8 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, target: 
 
 /// Writes the response head sent to the client, in the client's HTTP
 /// version, with the upstream's status line and fields less the
-/// hop-by-hop ones; `close` adds `Connection: close`.
+/// hop-by-hop ones; `close` adds `Connection: close`, and an HTTP/1.0
+/// client whose connection stays open gets `Connection: keep-alive`.
 pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, client_minor: u8, close: bool) {
     out.extend_from_slice(if client_minor == 0 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     out.extend_from_slice(&buf[head.status_line.clone()]);
@@ -469,6 +470,10 @@ pub fn write_response(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, client
         out.extend_from_slice(b"connection: upgrade\r\n");
     } else if close {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if client_minor == 0 {
+        // An HTTP/1.0 client that asked to keep the connection open
+        // keeps it only when the answer says so (RFC 9112 9.3).
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -813,6 +818,12 @@ mod tests {
         assert_eq!(
             out,
             b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        write_response(&mut out, b, &h, 0, false);
+        assert_eq!(
+            out,
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\n"
         );
         assert_eq!(r(b, b"HEAD").body, BodyKind::None);
         assert_eq!(r(b"HTTP/1.1 204 No Content\r\n\r\n", b"GET").body, BodyKind::None);

@@ -170,6 +170,8 @@ fn write_answer(out: &mut Vec<u8>, a: &Answer, minor: u8, close: bool) {
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if minor == 0 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
     if a.grpc.is_none() {
