@@ -1271,9 +1271,8 @@ fn raw_upstream(answer: fn(&str, &str) -> (Vec<u8>, bool)) -> (SocketAddr, Arc<A
     (addr, conns)
 }
 
-/// Reads one response from `s`: its head and, by Content-Length or until
-/// the close, its body. Returns (head, body).
-fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+/// Reads one response head from `s`, byte by byte (nothing past it).
+fn read_head(s: &mut TcpStream) -> String {
     let mut got = Vec::new();
     let mut b = [0u8; 1];
     while !got.ends_with(b"\r\n\r\n") {
@@ -1285,7 +1284,13 @@ fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
         );
         got.push(b[0]);
     }
-    let head = String::from_utf8(got).unwrap();
+    String::from_utf8(got).unwrap()
+}
+
+/// Reads one response from `s`: its head and, by Content-Length or until
+/// the close, its body. Returns (head, body).
+fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let head = read_head(s);
     let lower = head.to_ascii_lowercase();
     let body = match lower
         .lines()
@@ -1333,13 +1338,7 @@ fn interim_head_and_close_delimited_responses_keep_the_connection_framed() {
         let mut s = TcpStream::connect(p.ingress[0]).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(b"HEAD /public/h HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut b).unwrap(), 1);
-            head.push(b[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
+        let head = read_head(&mut s);
         assert!(
             head.starts_with("HTTP/1.1 200") && head.contains("Content-Length: 10"),
             "{head}"
@@ -1347,14 +1346,7 @@ fn interim_head_and_close_delimited_responses_keep_the_connection_framed() {
         // No body followed the HEAD response: the next bytes are the next
         // response's.
         s.write_all(b"GET /public/early HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
-        let (interim, _) = {
-            let mut got = Vec::new();
-            while !got.ends_with(b"\r\n\r\n") {
-                assert_eq!(s.read(&mut b).unwrap(), 1);
-                got.push(b[0]);
-            }
-            (String::from_utf8(got).unwrap(), ())
-        };
+        let interim = read_head(&mut s);
         assert!(interim.starts_with("HTTP/1.1 103"), "{interim}");
         assert!(interim.contains("Link: </style.css>; rel=preload"), "{interim}");
         let (final_head, body) = read_response(&mut s);

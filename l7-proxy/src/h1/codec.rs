@@ -153,6 +153,17 @@ fn range(buf: &[u8], s: &[u8]) -> Range<usize> {
     a as usize..b as usize
 }
 
+/// The parsed header lines as offsets into `buf`.
+fn header_offsets(buf: &[u8], parsed: &[httparse::Header<'_>]) -> Vec<HeaderAt> {
+    parsed
+        .iter()
+        .map(|h| HeaderAt {
+            name: at(buf, h.name.as_bytes()),
+            value: at(buf, h.value),
+        })
+        .collect()
+}
+
 /// A header line that starts with a space or tab continues the one before
 /// it (obs-fold, RFC 9112 5.2).
 fn has_obs_fold(head: &[u8]) -> bool {
@@ -272,14 +283,7 @@ pub fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<RequestHea
     let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed);
     };
-    let headers: Vec<HeaderAt> = req
-        .headers
-        .iter()
-        .map(|h| HeaderAt {
-            name: at(buf, h.name.as_bytes()),
-            value: at(buf, h.value),
-        })
-        .collect();
+    let headers = header_offsets(buf, req.headers);
     let f = fields(buf, &headers);
     if f.lengths > 1 {
         return Err(HeadError::Smuggling(Finding::DuplicateContentLength));
@@ -351,14 +355,7 @@ pub fn parse_response(buf: &[u8], max_headers: usize, method: &[u8]) -> Result<O
     let (Some(status), Some(minor)) = (res.code, res.version) else {
         return Err(HeadError::Malformed);
     };
-    let headers: Vec<HeaderAt> = res
-        .headers
-        .iter()
-        .map(|h| HeaderAt {
-            name: at(buf, h.name.as_bytes()),
-            value: at(buf, h.value),
-        })
-        .collect();
+    let headers = header_offsets(buf, res.headers);
     // "HTTP/1.x " is 9 bytes; the code and reason run to the line's end.
     let line_end = buf[..len].iter().position(|c| *c == b'\n').unwrap_or(len);
     let line_end = if line_end > 0 && buf[line_end - 1] == b'\r' {

@@ -358,11 +358,7 @@ pub(crate) async fn serve(
                         (http::StatusCode::BAD_REQUEST, DropReason::MalformedRequest)
                     }
                 };
-                ctx.metrics.dropped(reason);
-                out.clear();
-                let a = Answer::refuse_plain(status);
-                write_answer(&mut out, &a, 1, true);
-                let _ = client.write_all(&out).await;
+                refuse_head(ctx, &mut client, &mut out, status, reason, 1).await;
                 return close_client(client, true).await;
             }
         };
@@ -506,11 +502,7 @@ async fn exchange(
     let k = match framer.take(&buf[head.len..]) {
         Ok(k) => k,
         Err(_) => {
-            ctx.metrics.dropped(DropReason::MalformedRequest);
-            let a = Answer::refuse_plain(http::StatusCode::BAD_REQUEST);
-            out.clear();
-            write_answer(out, &a, minor, true);
-            let _ = client.write_all(out).await;
+            refuse_malformed(ctx, client, out, minor).await;
             return Exchange::End { unread: true };
         }
     };
@@ -549,11 +541,7 @@ async fn exchange(
             match relay(client, buf, &mut c.stream, &mut framer).await {
                 Ok(()) => {}
                 Err(RelayError::Malformed) => {
-                    ctx.metrics.dropped(DropReason::MalformedRequest);
-                    let a = Answer::refuse_plain(http::StatusCode::BAD_REQUEST);
-                    out.clear();
-                    write_answer(out, &a, minor, true);
-                    let _ = client.write_all(out).await;
+                    refuse_malformed(ctx, client, out, minor).await;
                     return Exchange::End { unread: true };
                 }
                 Err(RelayError::SrcClosed | RelayError::Src) => return Exchange::Gone,
@@ -712,6 +700,35 @@ async fn exchange(
         held.keep(upc);
     }
     Exchange::Done { close }
+}
+
+/// Refuses a request before or without judging it (400 or 431, then the
+/// connection closes), counted as `reason`.
+async fn refuse_head(
+    ctx: &Ctx,
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: http::StatusCode,
+    reason: DropReason,
+    minor: u8,
+) {
+    ctx.metrics.dropped(reason);
+    out.clear();
+    write_answer(out, &Answer::refuse_plain(status), minor, true);
+    let _ = client.write_all(out).await;
+}
+
+/// A body whose framing broke after the head was judged: 400.
+async fn refuse_malformed(ctx: &Ctx, client: &mut TcpStream, out: &mut Vec<u8>, minor: u8) {
+    refuse_head(
+        ctx,
+        client,
+        out,
+        http::StatusCode::BAD_REQUEST,
+        DropReason::MalformedRequest,
+        minor,
+    )
+    .await;
 }
 
 /// Answers an allowed request that could not be forwarded (502, 504 on a
