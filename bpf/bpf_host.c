@@ -2,7 +2,10 @@
 /*
  * Uplink device programs (the node's interface to the underlay).
  *
- * from_netdev: TC ingress. Replies to masqueraded flows are translated back;
+ * from_netdev: TC ingress. With encryption on, VXLAN and another node's
+ *              traffic for a local pod that arrive in clear are dropped
+ *              (only decrypted traffic may carry another node's pods).
+ *              Replies to masqueraded flows are translated back;
  *              node ports go to a backend (on this node with the
  *              client's address kept, or on another node from this node's
  *              address); packets for a local pod (native routing) are
@@ -55,6 +58,14 @@ int from_netdev(struct __sk_buff *skb)
 		 * network routes here: a service's ExternalIP or LoadBalancer
 		 * IP. Not every such packet is NATed: errors mean "not
 		 * ours". */
+		/* With encryption on, VXLAN comes only through decryption:
+		 * in clear, fragmented or not, it goes no further (not even
+		 * to the kernel's VXLAN socket). */
+		if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
+		    vxlan_in_clear(skb, ip)) {
+			ret = -DROP_UNENCRYPTED_FROM_PEER;
+			goto out;
+		}
 		if (nat_key_from_packet(skb, ip, &key) < 0)
 			goto out;
 		/* Tunnel packets: for a pod here, unwrapped and delivered;
@@ -94,6 +105,12 @@ deliver:
 	if (dst && (dst->flags & IPCACHE_F_LOCAL_EP)) {
 		/* Native routing: the sender is known by its address. */
 		src = ipcache_lookup4(saddr);
+		/* Another node's pods and the node itself send to pods here
+		 * only through encryption when it is on. */
+		if (!translated && from_peer_in_clear(skb, src)) {
+			ret = -DROP_UNENCRYPTED_FROM_PEER;
+			goto out;
+		}
 		ret = local_deliver(skb, dst->ifindex,
 				    src ? src->identity : SINEW_IDENTITY_WORLD);
 		if (CFG_ENABLE_MASQ && ret >= 0 && !translated &&

@@ -17,6 +17,10 @@
 //! - `proxy_unavailable`: needs a policy entry with a proxy port, which
 //!   policy compilation does not write yet; `bpf_redirect.rs` provokes it
 //!   with real sockets on a node whose proxy does not listen.
+//! - `no_encryption_key` and `unencrypted_from_peer`: need a lab with
+//!   encryption on; `e2e_encryption.rs` provokes both there (a node whose
+//!   key is gone; clear traffic forged on the underlay), and
+//!   `bpf_programs.rs` has the receive side's packet cases.
 
 mod e2e;
 

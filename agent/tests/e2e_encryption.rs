@@ -6,8 +6,13 @@
 //! the marker; the connectivity matrix holds; policy by identity still
 //! allows and denies (the VNI inside WireGuard carries the identity); a
 //! node's key rotated during a steady connection and a request loop loses
-//! neither; and a node whose key is unknown gets nothing, dropped with its
-//! own reason, never sent in clear.
+//! neither; a node whose key is unknown gets nothing, dropped with its
+//! own reason, never sent in clear; and pod traffic forged in clear on the
+//! underlay (VXLAN, or the pod packet itself with native routing) is
+//! dropped as `unencrypted_from_peer`, never delivered. The IPsec tests
+//! (ESP: the VM tiers) check the same, and that decrypted VXLAN passes on
+//! both of the kernel's receive paths (straight to the VXLAN socket, and
+//! back through the uplink with XFRM GRO).
 
 mod e2e;
 
@@ -88,6 +93,39 @@ impl Capture {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(300));
+        Capture { child, file }
+    }
+
+    /// tcpdump of what `iface` in `ns` receives, returned once it says it
+    /// listens (under TCG that can take seconds), each packet written at
+    /// once (`--immediate-mode`: none waits in a ring block when tcpdump
+    /// stops). For captures whose packets are counted.
+    fn listening(ns: &NetNs, iface: &str, filter: &str, name: &str) -> Capture {
+        use std::io::BufRead;
+        let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let mut child = sinew_testvms::lab::netns::command_in(ns, "tcpdump")
+            .expect("tcpdump in a lab namespace")
+            .args(["--immediate-mode", "-Q", "in", "-i", iface, "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (package tcpdump) must be installed");
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        loop {
+            let mut line = String::new();
+            let n = err.read_line(&mut line).expect("tcpdump's stderr");
+            said.push_str(&line);
+            if line.contains("listening on") {
+                break;
+            }
+            assert!(n > 0, "tcpdump on {iface} stopped before listening: {said}");
+        }
+        // Keeps reading, so that tcpdump never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
         Capture { child, file }
     }
 
@@ -235,7 +273,9 @@ fn encrypted_lab(prefix: &str, routing: Routing) {
             .join("\n")
     );
 
-    // The connectivity matrix, as without encryption.
+    // Clear traffic forged on the underlay reaches no pod; the matrix,
+    // as without encryption, still holds.
+    forged_clear_traffic_is_dropped(lab, routing == Routing::Vxlan);
     tcp_roundtrip(&ns_b, ip_b, 8080, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("tcp same node", e)));
     let peer = tcp_roundtrip(&ns_c, ip_c, 8081, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("tcp cross node", e)));
     assert_eq!(peer.ip(), ip_a, "the server sees the pod address");
@@ -354,6 +394,107 @@ fn encryption_is_observable(lab: &sinew_testvms::lab::Lab, bytes: u64) {
             Some(0.0)
         );
     }
+}
+
+/// An attacker on the underlay (the lab's external host) sends
+/// node1-pod1 UDP datagrams carrying the marker as if from node2-pod1: in
+/// VXLAN from node2's address with node2-pod1's identity in the VNI (with
+/// `vxlan`), or as the pod packet itself, routed to node1 (native routing).
+/// With encryption on, node1 delivers none of it: each is dropped at the
+/// uplink as `unencrypted_from_peer`, counted and shown by the observer;
+/// a datagram node2-pod1 really sends, through encryption, to the same
+/// socket afterwards is the first and only one it reads.
+fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
+    use sinew_proto::observer_v1 as pb;
+    const FORGED: u64 = 3;
+    let (a, c) = ("node1-pod1", "node2-pod1");
+    let (ns_a, ns_c) = (pod_ns(lab, a), pod_ns(lab, c));
+    let (ip_a, ip_c) = (pod_ip(lab, a), pod_ip(lab, c));
+    let node1 = lab.node("node1").unwrap().address;
+    let node2 = lab.node("node2").unwrap().address;
+    let identity = endpoints(&lab.node("node2").unwrap().socket)
+        .into_iter()
+        .find(|e| e.pod_name == c)
+        .map(|e| e.identity)
+        .unwrap_or_else(|| panic!("node2 has no endpoint for {c}"));
+    let port = 7100;
+    let addr = SocketAddr::new(IpAddr::V4(ip_a), port);
+    let sock = ns_a
+        .run(move || std::net::UdpSocket::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+    let inner_ip = ipv4_packet(ip_c, ip_a, 17, 64, 0x4000, &[], &udp_datagram(40000, port, MARKER));
+    let (packet, how) = if vxlan {
+        let mut frame = vec![0x08, 0, 0, 0];
+        frame.extend_from_slice(&(identity << 8).to_be_bytes());
+        frame.extend_from_slice(&[0x0a, 0x58, 0, 0, 0, 1, 0x02, 0x5e, 0, 0, 0, 2, 0x08, 0x00]);
+        frame.extend_from_slice(&inner_ip);
+        let outer = ipv4_packet(node2, node1, 17, 64, 0x4000, &[], &udp_datagram(40001, 8472, &frame));
+        (outer, "VXLAN from node2's address")
+    } else {
+        (inner_ip, "the pod packet, routed to node1")
+    };
+    let topo = lab.topology().expect("topology");
+    let ext = topo.external();
+    if !vxlan {
+        let out = sinew_testvms::lab::netns::command_in(ext, "ip")
+            .expect("ip in the external host")
+            .args(["route", "replace", &format!("{ip_a}/32"), "via", &node1.to_string()])
+            .output()
+            .expect("ip route");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let before = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+    for _ in 0..FORGED {
+        send_raw_ipv4(ext, packet.clone()).unwrap_or_else(|e| panic!("forged {how}: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+        if now >= before + FORGED {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forged {how}: node1's unencrypted_from_peer drops {before} -> {now}, not {FORGED} more\n{}",
+            agent_log_tail(lab, "node1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let socket = &lab.node("node1").unwrap().socket;
+    let req = pb::GetFlowsRequest {
+        filters: vec![pb::FlowFilter {
+            drop_reason: Some(u32::from(sinew_abi::DropReason::UnencryptedFromPeer.code())),
+            verdict: pb::Verdict::Dropped as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    wait_flows(socket, &req, "dropped as unencrypted_from_peer", |_| true);
+
+    // The real node2-pod1, through encryption: the first datagram read.
+    ns_c.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"through encryption", addr).unwrap();
+    })
+    .unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .expect("node2-pod1's datagram through encryption");
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"through encryption"[..], IpAddr::V4(ip_c)),
+        "node1-pod1 read something else first: the forged {how} was delivered"
+    );
+    sock.set_nonblocking(true).unwrap();
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "node1-pod1 read more than the one datagram node2-pod1 sent"
+    );
+    eprintln!("forged clear {how}: {FORGED} sent, unencrypted_from_peer {before} -> {after}, none delivered");
 }
 
 #[test]
@@ -770,7 +911,9 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
     );
     assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
 
-    // The matrix, as without encryption.
+    // Clear VXLAN forged on the underlay reaches no pod; the matrix, as
+    // without encryption, still holds.
+    forged_clear_traffic_is_dropped(lab, true);
     tcp_roundtrip(&ns_b, ip_b, 8080, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("tcp same node", e)));
     let peer = tcp_roundtrip(&ns_c, ip_c, 8081, &ns_a).unwrap_or_else(|e| panic!("{}", ctx("tcp cross node", e)));
     assert_eq!(peer.ip(), ip_a, "the server sees the pod address");
@@ -839,9 +982,97 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
         tcp_roundtrip(&ns_c, ip_c, 8087, &ns_a).map(|_| ())
     });
 
+    ipsec_decrypted_vxlan_passes_on_both_receive_paths(&g.lab);
     ipsec_rotation_loses_nothing(&mut g.lab);
     ipsec_state_the_kernel_lost_is_put_back(&g.lab);
     ipsec_a_node_without_state_gets_nothing_in_clear(&g.lab);
+}
+
+/// Pod traffic node1 receives while node2-pod1 and node1-pod1 talk (marker
+/// both ways, a request each way), none of it dropped as
+/// unencrypted_from_peer; returns the VXLAN packets node1's eth0 received
+/// (decrypted ones coming back through it) and the ESP ones.
+fn vxlan_and_esp_into_node1(lab: &sinew_testvms::lab::Lab, port: u16) -> (usize, usize) {
+    let (ns_a, ns_c) = (pod_ns(lab, "node1-pod1"), pod_ns(lab, "node2-pod1"));
+    let (ip_a, ip_c) = (pod_ip(lab, "node1-pod1"), pod_ip(lab, "node2-pod1"));
+    let n1 = node_ns(lab, "node1");
+    let dropped = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+    let cap = Capture::listening(&n1, "eth0", "udp port 8472 or esp", "e2e-ipin");
+    marker_exchange(&ns_a, ip_a, port, &ns_c).unwrap_or_else(|e| panic!("marker c->a: {e}"));
+    tcp_roundtrip(&ns_a, ip_a, port + 1, &ns_c).unwrap_or_else(|e| panic!("tcp c->a: {e}"));
+    tcp_roundtrip(&ns_c, ip_c, port + 2, &ns_a).unwrap_or_else(|e| panic!("tcp a->c: {e}"));
+    let (lines, _) = cap.finish();
+    assert_eq!(
+        drop_count(lab, "node1", "unencrypted_from_peer", "ingress"),
+        dropped,
+        "decrypted traffic was dropped as unencrypted_from_peer"
+    );
+    let vxlan = lines.iter().filter(|l| l.contains(".8472: ")).count();
+    let esp = lines.iter().filter(|l| l.contains(": ESP(spi=")).count();
+    (vxlan, esp)
+}
+
+fn node1_sh(lab: &sinew_testvms::lab::Lab, argv: &[&str]) -> String {
+    let out = lab.node_exec_output("node1", argv).unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} in node1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Where decrypted VXLAN goes, on both of the kernel's paths. Transport-mode
+/// ESP is decrypted in the stack, and the inner VXLAN packet goes straight
+/// to the VXLAN socket: node1's eth0 receives ESP and no VXLAN. With
+/// esp4_offload loaded and GRO on eth0 (its peer without TSO), XFRM decrypts in GRO and hands the
+/// inner packet back to eth0's receive path (gro_cells), so from_netdev sees
+/// VXLAN: it carries the secpath XFRM attached and must pass (unwrapped for
+/// the pod as before), while forged clear VXLAN is still dropped.
+fn ipsec_decrypted_vxlan_passes_on_both_receive_paths(lab: &sinew_testvms::lab::Lab) {
+    let (vxlan, esp) = vxlan_and_esp_into_node1(lab, 7030);
+    let gro = node1_sh(lab, &["ethtool", "-k", "eth0"]);
+    let gro = gro
+        .lines()
+        .find(|l| l.starts_with("generic-receive-offload"))
+        .unwrap_or("?");
+    eprintln!("ipsec receive, stack path ({gro}): node1's eth0 took {esp} ESP and {vxlan} VXLAN packets");
+    assert!(esp > 0, "no ESP reached node1's eth0");
+    assert_eq!(vxlan, 0, "VXLAN came into node1's eth0 without XFRM GRO");
+
+    let modprobe = std::process::Command::new("modprobe")
+        .arg("esp4_offload")
+        .status()
+        .unwrap();
+    assert!(modprobe.success(), "modprobe esp4_offload: {modprobe}");
+    // A veth takes the receiving side's NAPI (and so GRO) only for packets
+    // from a peer without TSO: node1's bridge port in the underlay.
+    let topo = lab.topology().expect("topology");
+    let underlay_tso = |on: &str| {
+        let out = sinew_testvms::lab::netns::command_in(topo.underlay(), "ethtool")
+            .expect("ethtool in the underlay")
+            .args(["-K", "n1", "tso", on])
+            .output()
+            .expect("ethtool");
+        assert!(
+            out.status.success(),
+            "ethtool -K n1 tso {on}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    underlay_tso("off");
+    node1_sh(lab, &["ethtool", "-K", "eth0", "gro", "on"]);
+    let (vxlan, esp) = vxlan_and_esp_into_node1(lab, 7040);
+    eprintln!("ipsec receive, XFRM GRO path: node1's eth0 took {esp} ESP and {vxlan} decrypted VXLAN packets");
+    // GRO takes ESP before the packet taps (and TC) see it; what they see
+    // is the decrypted packet.
+    assert!(
+        vxlan > 0 && esp == 0,
+        "with esp4_offload and GRO, decrypted VXLAN did not come back through eth0 instead of ESP ({esp} ESP, {vxlan} VXLAN)"
+    );
+    forged_clear_traffic_is_dropped(lab, true);
+    node1_sh(lab, &["ethtool", "-K", "eth0", "gro", "off"]);
+    underlay_tso("on");
 }
 
 /// node1's SAs and policies flushed behind the agent's back (as `ip xfrm

@@ -31,7 +31,8 @@
 #define DROP_NO_LOCAL_BACKEND	21 /* Local policy, none here: times out */
 #define DROP_PROXY_UNAVAILABLE	22 /* L7 rule, no proxy listener: closed */
 #define DROP_NO_ENCRYPTION_KEY	23 /* encryption on, peer key unknown */
-#define DROP_REASON_MAX		24
+#define DROP_UNENCRYPTED_FROM_PEER 24 /* encryption on, clear from a node */
+#define DROP_REASON_MAX		25
 /* clang-format on */
 
 #endif

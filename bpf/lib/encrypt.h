@@ -101,4 +101,62 @@ static __always_inline int encrypt_to_node(struct __sk_buff *skb,
 	return 0;
 }
 
+/*
+ * The receive side, at the uplink's ingress. With encryption on, what
+ * another node sends this node's pods reaches it only through decryption:
+ * WireGuard hands it to the stack from its own device, never through the
+ * uplink. IPsec decrypts ESP in the stack; the inner VXLAN packet then goes
+ * to the VXLAN socket directly, or (XFRM GRO, with esp4_offload loaded)
+ * comes through the uplink's ingress once more, carrying the secpath that
+ * XFRM attached. So a VXLAN packet, or another node's pod or node address
+ * sending to a pod here, in clear on the uplink was forged on the underlay
+ * (or sent by a node that skipped encryption): dropped as
+ * DROP_UNENCRYPTED_FROM_PEER, never delivered.
+ */
+static __always_inline int encrypt_enabled(void)
+{
+	return CFG_ENCRYPT_IPSEC || CFG_ENCRYPT_IFINDEX;
+}
+
+/* Whether XFRM decrypted this packet (it has a secpath with a state). */
+static __always_inline int ipsec_decrypted(struct __sk_buff *skb)
+{
+	struct bpf_xfrm_state xs = {};
+
+	if (!CFG_ENCRYPT_IPSEC)
+		return 0;
+	return bpf_skb_get_xfrm_state(skb, 0, &xs, sizeof(xs), 0) == 0;
+}
+
+/*
+ * A VXLAN packet (or the first fragment of one; IP options or not) that
+ * arrived in clear: what the kernel's VXLAN socket would otherwise take.
+ */
+static __always_inline int vxlan_in_clear(struct __sk_buff *skb,
+					  struct iphdr *ip)
+{
+	__be16 dport;
+
+	if (!encrypt_enabled() || ip->protocol != IPPROTO_UDP ||
+	    (ip->frag_off & bpf_htons(0x1fff)))
+		return 0;
+	if (bpf_skb_load_bytes(
+		skb, IP_OFF + ip->ihl * 4 + offsetof(struct udphdr, dest),
+		&dport, sizeof(dport)) < 0)
+		return 0;
+	return dport == bpf_htons(SINEW_VXLAN_PORT) && !ipsec_decrypted(skb);
+}
+
+/* A packet for a pod here from another node's pod or address, in clear. */
+static __always_inline int from_peer_in_clear(struct __sk_buff *skb,
+					      const struct ipcache_value *src)
+{
+	if (!encrypt_enabled() || !src || !src->tunnel_endpoint)
+		return 0;
+	if (!(src->flags &
+	      (IPCACHE_F_NODE | IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
+		return 0;
+	return !ipsec_decrypted(skb);
+}
+
 #endif

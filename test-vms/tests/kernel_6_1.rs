@@ -14,7 +14,11 @@
 //! on 6.1's clsact path as it does on 6.12: only ESP on the underlay, the
 //! matrix, policy by identity, a key rotated and retired with `sinew
 //! encryption` during a steady connection and a request loop with nothing
-//! lost, and a node whose IPsec state is gone gets nothing in clear.
+//! lost, a node whose IPsec state is gone gets nothing in clear, VXLAN
+//! forged in clear on the underlay is dropped as `unencrypted_from_peer`
+//! and never delivered, and decrypted VXLAN passes on both of the
+//! kernel's receive paths (straight to the VXLAN socket; with esp4_offload
+//! and GRO, back through the uplink's TC ingress with a secpath).
 //!
 //! The same test binary runs twice: on the host it snapshots the already
 //! built binaries and boots the VM; inside the VM (`SINEW_K61_GUEST` set) it

@@ -10,13 +10,17 @@
 //!   capture shows only WireGuard UDP and never the marker, the matrix
 //!   holds, policy by identity allows and denies, a key rotation during a
 //!   steady connection and a request loop loses nothing (and the restarted
-//!   agent keeps its device), and a node without a key gets nothing in
-//!   clear (dropped as no_encryption_key, counted);
+//!   agent keeps its device), a node without a key gets nothing in
+//!   clear (dropped as no_encryption_key, counted), and VXLAN forged in
+//!   clear on the underlay is dropped as unencrypted_from_peer, never
+//!   delivered;
 //! - the same with IPsec (this host's kernel has no ESP; 6.12 has): only
 //!   ESP on the underlay, the matrix, policy by identity, a new cluster key
 //!   (`sinew encryption rotate-ipsec-key`, then `retire-ipsec-keys`) during
 //!   a steady connection and a request loop with nothing lost, and a node
-//!   whose IPsec state is gone gets nothing in clear;
+//!   whose IPsec state is gone gets nothing in clear, forged clear VXLAN
+//!   is dropped and decrypted VXLAN passes on both receive paths (with and
+//!   without XFRM GRO);
 //! - IPsec with the agents on the kubernetes backend (the fake API, the
 //!   keys from the Secret): only ESP on the underlay, a rotation through
 //!   the Secret, every request allowed by the rendered RBAC.

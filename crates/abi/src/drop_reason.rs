@@ -30,11 +30,12 @@ pub enum DropReason {
     NoLocalBackend = 21,
     ProxyUnavailable = 22,
     NoEncryptionKey = 23,
+    UnencryptedFromPeer = 24,
 }
 
 impl DropReason {
     /// Every reason, in code order; `DROP_REASON_MAX` in C is its length.
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 25] = [
         Self::Forwarded,
         Self::InvalidPacket,
         Self::UnsupportedL3,
@@ -59,6 +60,7 @@ impl DropReason {
         Self::NoLocalBackend,
         Self::ProxyUnavailable,
         Self::NoEncryptionKey,
+        Self::UnencryptedFromPeer,
     ];
 
     pub fn from_code(code: u8) -> Option<Self> {
@@ -96,6 +98,7 @@ impl DropReason {
             Self::NoLocalBackend => "DROP_NO_LOCAL_BACKEND",
             Self::ProxyUnavailable => "DROP_PROXY_UNAVAILABLE",
             Self::NoEncryptionKey => "DROP_NO_ENCRYPTION_KEY",
+            Self::UnencryptedFromPeer => "DROP_UNENCRYPTED_FROM_PEER",
         }
     }
 
@@ -132,6 +135,9 @@ impl DropReason {
             Self::NoEncryptionKey => {
                 "encryption is on and the destination node has no known key (fail closed, never sent in clear): has that node published its key?"
             }
+            Self::UnencryptedFromPeer => {
+                "encryption is on and this arrived in clear from another node's address or pods, or as VXLAN (fail closed: only decrypted traffic is delivered): forged on the underlay, or a node that does not encrypt?"
+            }
         }
     }
 
@@ -162,6 +168,7 @@ impl DropReason {
             Self::NoLocalBackend => "no_local_backend",
             Self::ProxyUnavailable => "proxy_unavailable",
             Self::NoEncryptionKey => "no_encryption_key",
+            Self::UnencryptedFromPeer => "unencrypted_from_peer",
         }
     }
 }
