@@ -51,7 +51,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sinew_model::{Connection, Snapshot};
+use sinew_model::{Connection, Part, Snapshot};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -142,7 +142,7 @@ pub struct Options {
 /// The snapshot part of the IPsec keys Secret: the keys, or why they are
 /// refused (then the keys in force stay, see
 /// [`Snapshot::read_ipsec_keys`]).
-fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Snapshot> {
+fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Part> {
     let (k, ns, n) = key;
     let source = format!("kubernetes:{k}/{ns}/{n}");
     let mut snap = Snapshot::default();
@@ -162,7 +162,7 @@ fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Snapshot> {
             ),
         }),
     }
-    Arc::new(snap)
+    Arc::new(snap.into())
 }
 
 /// One object as the view holds it.
@@ -174,13 +174,13 @@ struct Entry {
     /// The object converted as the local backend converts its document,
     /// parsed once when it arrives; `None` for a deleted object (a
     /// tombstone).
-    part: Option<Arc<Snapshot>>,
+    part: Option<Arc<Part>>,
 }
 
 /// The snapshot of one object alone, under its source name.
-fn part(key: &DocKey, yaml: &str) -> Arc<Snapshot> {
+fn part(key: &DocKey, yaml: &str) -> Arc<Part> {
     let (k, ns, n) = key;
-    Arc::new(Snapshot::from_documents([(format!("kubernetes:{k}/{ns}/{n}"), yaml)]))
+    Arc::new(Snapshot::from_documents([(format!("kubernetes:{k}/{ns}/{n}"), yaml)]).into())
 }
 
 /// Whether an event at `rv` may replace `old`: only a newer version does
@@ -247,7 +247,7 @@ impl Shared {
     }
 
     /// [`Shared::upsert`] of an object already converted.
-    fn upsert_part(&mut self, key: DocKey, rv: Option<u64>, part: Arc<Snapshot>) -> bool {
+    fn upsert_part(&mut self, key: DocKey, rv: Option<u64>, part: Arc<Part>) -> bool {
         if !newer(rv, self.docs.get(&key)) {
             return false;
         }
@@ -480,7 +480,7 @@ fn follow_with<K, F>(
 ) -> AbortHandle
 where
     K: Resource + Clone + Debug + DeserializeOwned + Serialize + Send + 'static,
-    F: Fn(&DocKey, &K) -> Arc<Snapshot> + Send + 'static,
+    F: Fn(&DocKey, &K) -> Arc<Part> + Send + 'static,
 {
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -619,7 +619,7 @@ mod tests {
             key(),
             Entry {
                 rv: Some(12),
-                part: Some(Arc::new(Snapshot::default())),
+                part: Some(Arc::new(Part::default())),
             },
         )]);
         s.relist("SinewIdentity", fresh);
