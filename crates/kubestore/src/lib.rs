@@ -193,9 +193,15 @@ fn newer(rv: Option<u64>, old: Option<&Entry>) -> bool {
     }
 }
 
-/// The object as the document the local backend would read.
+/// The object as the document the local backend would read, less its
+/// `metadata.managedFields` (the API server's record of who set which
+/// field, often larger than the object; nothing reads it, and a policy's
+/// document is kept whole).
 fn document<K: Serialize>(o: &K, api_version: &str, kind: &str) -> String {
     let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
     v["apiVersion"] = api_version.into();
     v["kind"] = kind.into();
     serde_yaml::to_string(&v).unwrap_or_default()
@@ -318,20 +324,38 @@ impl KubeView {
         }));
         let own = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let all = watcher::Config::default;
+        // Every kind as the API serves it (a DynamicObject): its document
+        // keeps every field the API sent, as the local backend's file
+        // would, and no typed decoder and encoder per kind is linked in
+        // beside the one sinew-model parses the document with (the agent's
+        // code is resident: each such pair was hundreds of kilobytes).
+        let dynamic = |r: ApiResource| -> Api<DynamicObject> { Api::all_with(client.clone(), &r) };
         let mut tasks = vec![
-            follow::<Pod>(Api::all(client.clone()), own, "v1", "Pod", &shared),
-            follow::<Namespace>(Api::all(client.clone()), all(), "v1", "Namespace", &shared),
-            follow::<Node>(Api::all(client.clone()), all(), "v1", "Node", &shared),
-            follow::<Service>(Api::all(client.clone()), all(), "v1", "Service", &shared),
-            follow::<EndpointSlice>(
-                Api::all(client.clone()),
+            follow(dynamic(ApiResource::erase::<Pod>(&())), own, "v1", "Pod", &shared),
+            follow(
+                dynamic(ApiResource::erase::<Namespace>(&())),
+                all(),
+                "v1",
+                "Namespace",
+                &shared,
+            ),
+            follow(dynamic(ApiResource::erase::<Node>(&())), all(), "v1", "Node", &shared),
+            follow(
+                dynamic(ApiResource::erase::<Service>(&())),
+                all(),
+                "v1",
+                "Service",
+                &shared,
+            ),
+            follow(
+                dynamic(ApiResource::erase::<EndpointSlice>(&())),
                 all(),
                 "discovery.k8s.io/v1",
                 "EndpointSlice",
                 &shared,
             ),
-            follow::<NetworkPolicy>(
-                Api::all(client.clone()),
+            follow(
+                dynamic(ApiResource::erase::<NetworkPolicy>(&())),
                 all(),
                 "networking.k8s.io/v1",
                 "NetworkPolicy",
