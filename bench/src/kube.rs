@@ -14,7 +14,10 @@
 //! passes (node CIDRs, identity GC) over that cluster, and again after
 //! the events. Goals from the issue: agent RSS < 40 MB, operator RSS <
 //! 60 MB, p99 < 100 ms. No baseline: the figures stand alone. Use a
-//! release build.
+//! release build. Beside each agent RSS, where it is (by mapping, from
+//! `/proc/PID/smaps`: the binary's code and data, libraries, malloc's
+//! heap and arenas, thread stacks, BPF maps mapped in) and, once, the
+//! agent's threads.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -186,6 +189,8 @@ pub fn run(opts: &Options, quick: bool, report: &mut Report) -> Result<(), Scena
         "  {name}: all in the maps {loaded:?} after the agent was ready; RSS {rss_loaded:.1} MiB ({})",
         rss_parts(pid)
     );
+    eprintln!("  {name}: agent RSS by mapping: {}", rss_by_mapping(pid));
+    eprintln!("  {name}: agent threads: {}", threads(pid));
 
     let events = if quick { 20 } else { EVENTS };
     let mut lat_us: Vec<u64> = Vec::new();
@@ -215,6 +220,7 @@ pub fn run(opts: &Options, quick: bool, report: &mut Report) -> Result<(), Scena
         ms(1.0),
         rss_parts(pid)
     );
+    eprintln!("  {name}: agent RSS by mapping: {}", rss_by_mapping(pid));
     let op_after = operator.rss()?;
     eprintln!(
         "  {name}: operator RSS after {events} events {op_after:.1} MiB ({})",
@@ -344,4 +350,98 @@ fn rss_parts(pid: u32) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Where a process's resident memory is, from `/proc/PID/smaps`, in MiB:
+/// its own binary's code (r-x), read-only data (r--) and writable data;
+/// shared libraries; the main heap (brk); glibc's other malloc arenas
+/// (64 MiB reservations, read-write at the start and inaccessible after);
+/// thread stacks (read-write after an inaccessible guard page); BPF maps
+/// mapped into it; and other anonymous memory (large allocations malloc
+/// maps directly).
+fn rss_by_mapping(pid: u32) -> String {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    // (perms, path, rss KiB) per mapping, in address order.
+    let mut maps: Vec<(String, String, u64)> = Vec::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            let perms = f.next().unwrap_or_default().to_string();
+            let path = f.nth(3).unwrap_or_default().to_string();
+            maps.push((perms, path, 0));
+        } else if first == "Rss:" {
+            if let (Some(m), Some(kib)) = (maps.last_mut(), f.next().and_then(|v| v.parse().ok())) {
+                m.2 = kib;
+            }
+        }
+    }
+    let exe = exe.display().to_string();
+    let mut parts: Vec<(&str, u64)> = [
+        "binary r-x",
+        "binary r--",
+        "binary rw-",
+        "libraries",
+        "heap",
+        "arenas",
+        "thread stacks",
+        "bpf",
+        "other anon",
+    ]
+    .iter()
+    .map(|k| (*k, 0))
+    .collect();
+    let mut add = |k: &str, v: u64| {
+        if let Some(p) = parts.iter_mut().find(|p| p.0 == k) {
+            p.1 += v;
+        }
+    };
+    for (i, (perms, path, rss)) in maps.iter().enumerate() {
+        let guard_before = i > 0 && maps[i - 1].0.starts_with("---") && maps[i - 1].1.is_empty();
+        let none_after = maps
+            .get(i + 1)
+            .is_some_and(|m| m.0.starts_with("---") && m.1.is_empty());
+        let k = if *path == exe {
+            match &perms[..3] {
+                "r-x" => "binary r-x",
+                "r--" => "binary r--",
+                _ => "binary rw-",
+            }
+        } else if path.starts_with('/') {
+            "libraries"
+        } else if path == "[heap]" {
+            "heap"
+        } else if path.contains("bpf") {
+            "bpf"
+        } else if path.is_empty() && guard_before {
+            "thread stacks"
+        } else if path.is_empty() && none_after {
+            "arenas"
+        } else {
+            "other anon"
+        };
+        add(k, *rss);
+    }
+    parts
+        .iter()
+        .map(|(k, v)| format!("{k} {:.1}", *v as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A process's threads by name, with counts.
+fn threads(pid: u32) -> String {
+    let mut names: std::collections::BTreeMap<String, u32> = Default::default();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        *names.entry(comm.trim().to_string()).or_default() += 1;
+    }
+    let total: u32 = names.values().sum();
+    let list: Vec<String> = names.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+    format!("{total} ({})", list.join(", "))
 }

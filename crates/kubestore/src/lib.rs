@@ -51,7 +51,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sinew_model::{Connection, Snapshot};
+use sinew_model::{Connection, Part, Snapshot};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -142,7 +142,7 @@ pub struct Options {
 /// The snapshot part of the IPsec keys Secret: the keys, or why they are
 /// refused (then the keys in force stay, see
 /// [`Snapshot::read_ipsec_keys`]).
-fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Snapshot> {
+fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Part> {
     let (k, ns, n) = key;
     let source = format!("kubernetes:{k}/{ns}/{n}");
     let mut snap = Snapshot::default();
@@ -162,7 +162,7 @@ fn keys_part(key: &DocKey, secret: &Secret) -> Arc<Snapshot> {
             ),
         }),
     }
-    Arc::new(snap)
+    Arc::new(snap.into())
 }
 
 /// One object as the view holds it.
@@ -174,13 +174,13 @@ struct Entry {
     /// The object converted as the local backend converts its document,
     /// parsed once when it arrives; `None` for a deleted object (a
     /// tombstone).
-    part: Option<Arc<Snapshot>>,
+    part: Option<Arc<Part>>,
 }
 
 /// The snapshot of one object alone, under its source name.
-fn part(key: &DocKey, yaml: &str) -> Arc<Snapshot> {
+fn part(key: &DocKey, yaml: &str) -> Arc<Part> {
     let (k, ns, n) = key;
-    Arc::new(Snapshot::from_documents([(format!("kubernetes:{k}/{ns}/{n}"), yaml)]))
+    Arc::new(Snapshot::from_documents([(format!("kubernetes:{k}/{ns}/{n}"), yaml)]).into())
 }
 
 /// Whether an event at `rv` may replace `old`: only a newer version does
@@ -193,9 +193,15 @@ fn newer(rv: Option<u64>, old: Option<&Entry>) -> bool {
     }
 }
 
-/// The object as the document the local backend would read.
+/// The object as the document the local backend would read, less its
+/// `metadata.managedFields` (the API server's record of who set which
+/// field, often larger than the object; nothing reads it, and a policy's
+/// document is kept whole).
 fn document<K: Serialize>(o: &K, api_version: &str, kind: &str) -> String {
     let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
     v["apiVersion"] = api_version.into();
     v["kind"] = kind.into();
     serde_yaml::to_string(&v).unwrap_or_default()
@@ -247,7 +253,7 @@ impl Shared {
     }
 
     /// [`Shared::upsert`] of an object already converted.
-    fn upsert_part(&mut self, key: DocKey, rv: Option<u64>, part: Arc<Snapshot>) -> bool {
+    fn upsert_part(&mut self, key: DocKey, rv: Option<u64>, part: Arc<Part>) -> bool {
         if !newer(rv, self.docs.get(&key)) {
             return false;
         }
@@ -318,20 +324,38 @@ impl KubeView {
         }));
         let own = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let all = watcher::Config::default;
+        // Every kind as the API serves it (a DynamicObject): its document
+        // keeps every field the API sent, as the local backend's file
+        // would, and no typed decoder and encoder per kind is linked in
+        // beside the one sinew-model parses the document with (the agent's
+        // code is resident: each such pair was hundreds of kilobytes).
+        let dynamic = |r: ApiResource| -> Api<DynamicObject> { Api::all_with(client.clone(), &r) };
         let mut tasks = vec![
-            follow::<Pod>(Api::all(client.clone()), own, "v1", "Pod", &shared),
-            follow::<Namespace>(Api::all(client.clone()), all(), "v1", "Namespace", &shared),
-            follow::<Node>(Api::all(client.clone()), all(), "v1", "Node", &shared),
-            follow::<Service>(Api::all(client.clone()), all(), "v1", "Service", &shared),
-            follow::<EndpointSlice>(
-                Api::all(client.clone()),
+            follow(dynamic(ApiResource::erase::<Pod>(&())), own, "v1", "Pod", &shared),
+            follow(
+                dynamic(ApiResource::erase::<Namespace>(&())),
+                all(),
+                "v1",
+                "Namespace",
+                &shared,
+            ),
+            follow(dynamic(ApiResource::erase::<Node>(&())), all(), "v1", "Node", &shared),
+            follow(
+                dynamic(ApiResource::erase::<Service>(&())),
+                all(),
+                "v1",
+                "Service",
+                &shared,
+            ),
+            follow(
+                dynamic(ApiResource::erase::<EndpointSlice>(&())),
                 all(),
                 "discovery.k8s.io/v1",
                 "EndpointSlice",
                 &shared,
             ),
-            follow::<NetworkPolicy>(
-                Api::all(client.clone()),
+            follow(
+                dynamic(ApiResource::erase::<NetworkPolicy>(&())),
                 all(),
                 "networking.k8s.io/v1",
                 "NetworkPolicy",
@@ -480,7 +504,7 @@ fn follow_with<K, F>(
 ) -> AbortHandle
 where
     K: Resource + Clone + Debug + DeserializeOwned + Serialize + Send + 'static,
-    F: Fn(&DocKey, &K) -> Arc<Snapshot> + Send + 'static,
+    F: Fn(&DocKey, &K) -> Arc<Part> + Send + 'static,
 {
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -619,7 +643,7 @@ mod tests {
             key(),
             Entry {
                 rv: Some(12),
-                part: Some(Arc::new(Snapshot::default())),
+                part: Some(Arc::new(Part::default())),
             },
         )]);
         s.relist("SinewIdentity", fresh);

@@ -15,8 +15,8 @@ pub mod services;
 
 pub use fsutil::{write_atomic, write_atomic_private};
 pub use resources::{
-    check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, PodInfo, PolicyDoc, PublishedEndpoint, ResourceError,
-    Snapshot,
+    check_wireguard_key, IdentityInfo, NodeInfo, NodeKeyInfo, Part, PodInfo, PolicyDoc, PublishedEndpoint,
+    ResourceError, Snapshot,
 };
 pub use services::{EndpointSliceInfo, LbAlgorithm, Protocol, ServiceInfo, ServiceType, SliceEndpoint};
 

@@ -187,6 +187,49 @@ pub struct Snapshot {
     pub rejected_updates: u64,
 }
 
+/// One source's objects, as [`Snapshot::from_documents`] of that source
+/// alone reads them, kept for [`Snapshot::from_parts_after`]. A store
+/// keeps one per object (the kubernetes backend: thousands), so each
+/// collection is a slice of exactly its length: a map or vector of one
+/// entry would reserve room for 11 (a B-tree leaf) or 4 (a vector's
+/// first growth), which at 1,000 services and slices cost megabytes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Part {
+    nodes: Box<[(String, NodeInfo)]>,
+    pods: Box<[((String, String), PodInfo)]>,
+    namespaces: Box<[(String, BTreeMap<String, String>)]>,
+    namespace_sources: Box<[(String, String)]>,
+    identities: Box<[(u32, IdentityInfo)]>,
+    endpoints: Box<[PublishedEndpoint]>,
+    policies: Box<[PolicyDoc]>,
+    services: Box<[((String, String), ServiceInfo)]>,
+    endpoint_slices: Box<[((String, String), EndpointSliceInfo)]>,
+    node_keys: Box<[(String, NodeKeyInfo)]>,
+    ipsec_keys: Option<Box<crate::ipsec::IpsecKeys>>,
+    errors: Box<[ResourceError]>,
+}
+
+impl From<Snapshot> for Part {
+    /// The snapshot of one source (its generation, `kept` and
+    /// `rejected_updates` are the assembler's, not the part's).
+    fn from(s: Snapshot) -> Self {
+        Part {
+            nodes: s.nodes.into_iter().collect(),
+            pods: s.pods.into_iter().collect(),
+            namespaces: s.namespaces.into_iter().collect(),
+            namespace_sources: s.namespace_sources.into_iter().collect(),
+            identities: s.identities.into_iter().collect(),
+            endpoints: s.endpoints.into_boxed_slice(),
+            policies: s.policies.into_boxed_slice(),
+            services: s.services.into_iter().collect(),
+            endpoint_slices: s.endpoint_slices.into_iter().collect(),
+            node_keys: s.node_keys.into_iter().collect(),
+            ipsec_keys: s.ipsec_keys.map(Box::new),
+            errors: s.errors.into_boxed_slice(),
+        }
+    }
+}
+
 /// How the errors of a snapshot differ from those of the one before, per
 /// file: what to log once, and what to count.
 #[derive(Debug, Default, PartialEq)]
@@ -314,12 +357,13 @@ impl Snapshot {
 
     /// [`Snapshot::from_documents_after`] from sources parsed one at a
     /// time: each part is `Snapshot::from_documents` of one source with at
-    /// least one document (a store that keeps its objects parsed, as the
-    /// kubernetes backend does, re-parses only what changed). The same
-    /// documents give the same snapshot either way: a key two sources
-    /// define is a `Duplicate` for the later one, an invalid source keeps
-    /// what it held in `previous`, NodePorts stay with their services.
-    pub fn from_parts_after<'a>(parts: impl IntoIterator<Item = &'a Snapshot>, previous: Option<&Snapshot>) -> Self {
+    /// least one document, made a [`Part`] (a store that keeps its objects
+    /// parsed, as the kubernetes backend does, re-parses only what
+    /// changed). The same documents give the same snapshot either way: a
+    /// key two sources define is a `Duplicate` for the later one, an
+    /// invalid source keeps what it held in `previous`, NodePorts stay
+    /// with their services.
+    pub fn from_parts_after<'a>(parts: impl IntoIterator<Item = &'a Part>, previous: Option<&Snapshot>) -> Self {
         let mut snap = Snapshot::default();
         for p in parts {
             let e = &mut snap.errors;
@@ -359,8 +403,8 @@ impl Snapshot {
                 .extend(p.identities.iter().map(|(k, v)| (*k, v.clone())));
             snap.endpoints.extend(p.endpoints.iter().cloned());
             snap.policies.extend(p.policies.iter().cloned());
-            if p.ipsec_keys.is_some() {
-                snap.ipsec_keys = p.ipsec_keys.clone();
+            if let Some(k) = &p.ipsec_keys {
+                snap.ipsec_keys = Some(k.as_ref().clone());
             }
         }
         if let Some(prev) = previous {
@@ -760,7 +804,7 @@ pub fn check_wireguard_key(text: &str) -> Result<(), String> {
 /// Adds `from` to `into`; a key `into` has is a `Duplicate` of `from`'s.
 fn unique<K: Ord + Clone, V: Clone>(
     into: &mut BTreeMap<K, V>,
-    from: &BTreeMap<K, V>,
+    from: &[(K, V)],
     errors: &mut Vec<ResourceError>,
     kind: &'static str,
     name: impl Fn(&K) -> String,
@@ -1231,9 +1275,9 @@ mod parts_tests {
 
     fn both(docs: &[(String, String)], prev: Option<&Snapshot>) -> (Snapshot, Snapshot) {
         let whole = Snapshot::from_documents_after(docs.iter().map(|(s, t)| (s.clone(), t.as_str())), prev);
-        let parts: Vec<Snapshot> = docs
+        let parts: Vec<Part> = docs
             .iter()
-            .map(|(s, t)| Snapshot::from_documents([(s.clone(), t.as_str())]))
+            .map(|(s, t)| Snapshot::from_documents([(s.clone(), t.as_str())]).into())
             .collect();
         (whole, Snapshot::from_parts_after(&parts, prev))
     }
