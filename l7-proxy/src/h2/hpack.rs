@@ -209,6 +209,11 @@ fn int(src: &[u8], pos: &mut usize, prefix_bits: u32) -> Result<usize, HpackErro
             return Ok(v);
         }
         shift += 7;
+        // Continuation bytes of zeros add nothing but must end: no integer
+        // the decoder accepts needs more than four of them.
+        if shift > 21 {
+            return Err(HpackError::Truncated);
+        }
     }
 }
 
@@ -531,6 +536,12 @@ mod tests {
             d.decode(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], &mut f, 1 << 20),
             Err(HpackError::Truncated)
         );
+        // Found by l7_hpack: an integer of endless zero continuation bytes
+        // (the shift outgrew the word).
+        let mut zeros = vec![0xff, 0xff, 0xff, 0xff];
+        zeros.extend([0x80; 120]);
+        zeros.push(0x86);
+        assert_eq!(d.decode(&zeros, &mut f, 1 << 20), Err(HpackError::Truncated));
     }
 
     #[test]

@@ -900,9 +900,8 @@ impl H2 {
             self.reap();
             return Ok(());
         }
-        st.req.pending.extend_from_slice(&p[s..e]);
         st.req.end |= end;
-        self.pump_req(i);
+        self.pump_req_with(i, &p[s..e]);
         self.reap();
         Ok(())
     }
@@ -1155,18 +1154,29 @@ impl H2 {
     /// Moves request DATA (then trailers or END_STREAM) to the upstream
     /// as its windows allow.
     fn pump_req(&mut self, i: usize) {
+        self.pump_req_with(i, &[]);
+    }
+
+    /// As [`Self::pump_req`], with `fresh` bytes just received after what
+    /// the stream holds: they go straight to the upstream's write buffer
+    /// when nothing waits before them and the windows allow.
+    fn pump_req_with(&mut self, i: usize, fresh: &[u8]) {
         let st = &mut self.streams[i];
-        let (Some(u), true) = (st.up, st.uid != 0) else {
+        let w = match (st.up, st.uid) {
+            (Some(u), uid) if uid != 0 => match self.ups[u].as_mut() {
+                Some(Up {
+                    state: UpState::Ready(w),
+                    ..
+                }) => Some(w),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(w) = w else {
+            st.req.pending.extend_from_slice(fresh);
             return;
         };
-        let Some(Up {
-            state: UpState::Ready(w),
-            ..
-        }) = self.ups[u].as_mut()
-        else {
-            return;
-        };
-        let moved = pump(&mut st.req, w, st.uid);
+        let moved = pump(&mut st.req, w, st.uid, fresh);
         if moved > 0 {
             self.client.give_back_conn(moved);
             give_back_stream(&mut st.req, moved, &mut self.client.wbuf, st.cid);
@@ -1175,11 +1185,16 @@ impl H2 {
 
     /// Moves response DATA (then trailers or END_STREAM) to the client.
     fn pump_resp(&mut self, i: usize) {
+        self.pump_resp_with(i, &[]);
+    }
+
+    fn pump_resp_with(&mut self, i: usize, fresh: &[u8]) {
         let st = &mut self.streams[i];
         if !st.resp_started {
+            st.resp.pending.extend_from_slice(fresh);
             return;
         }
-        let moved = pump(&mut st.resp, &mut self.client, st.cid);
+        let moved = pump(&mut st.resp, &mut self.client, st.cid, fresh);
         if moved > 0 && !st.local {
             if let Some(Up {
                 state: UpState::Ready(w),
@@ -1478,9 +1493,8 @@ impl H2 {
                     return Err(conn_err(PROTOCOL_ERROR, "upstream: DATA out of place"));
                 }
                 st.resp.credit += (h.len - (e - s)) as i64;
-                st.resp.pending.extend_from_slice(&p[s..e]);
                 st.resp.end |= h.flags & END_STREAM != 0;
-                self.pump_resp(i);
+                self.pump_resp_with(i, &p[s..e]);
                 Ok(())
             }
             HEADERS => {
@@ -1710,19 +1724,34 @@ impl H2 {
     }
 }
 
-/// Sends what `half` holds to `w` on stream `sid` as both windows allow,
-/// then its trailers or END_STREAM. Returns the DATA bytes moved.
-fn pump(half: &mut Half, w: &mut Wire, sid: u32) -> usize {
+/// Sends what `half` holds, then `fresh`, to `w` on stream `sid` as both
+/// windows allow, then its trailers or END_STREAM once all is out; what
+/// does not fit stays in `half`. Returns the DATA bytes moved.
+fn pump(half: &mut Half, w: &mut Wire, sid: u32, fresh: &[u8]) -> usize {
     let mut moved = 0;
-    while !half.pending.is_empty() {
+    let mut rest = fresh;
+    loop {
+        let from_pending = !half.pending.is_empty();
+        let avail = if from_pending { half.pending.len() } else { rest.len() };
+        if avail == 0 {
+            break;
+        }
         let room = half.send.min(w.send_conn).min(w.peer_max_frame as i64);
         if room <= 0 {
-            return moved;
+            break;
         }
-        let n = (room as usize).min(half.pending.len());
-        let last = n == half.pending.len() && half.end && half.trailers.is_none();
-        put_data(&mut w.wbuf, sid, &half.pending[..n], last);
-        half.pending.advance(n);
+        let n = (room as usize).min(avail);
+        let last = n == avail
+            && (from_pending && rest.is_empty() || !from_pending && n == rest.len())
+            && half.end
+            && half.trailers.is_none();
+        if from_pending {
+            put_data(&mut w.wbuf, sid, &half.pending[..n], last);
+            half.pending.advance(n);
+        } else {
+            put_data(&mut w.wbuf, sid, &rest[..n], last);
+            rest = &rest[n..];
+        }
         half.send -= n as i64;
         w.send_conn -= n as i64;
         moved += n;
@@ -1730,7 +1759,11 @@ fn pump(half: &mut Half, w: &mut Wire, sid: u32) -> usize {
             half.end_sent = true;
         }
     }
-    if half.end && !half.end_sent {
+    if !rest.is_empty() {
+        half.pending.extend_from_slice(rest);
+        return moved;
+    }
+    if half.end && !half.end_sent && half.pending.is_empty() {
         match half.trailers.take() {
             Some(t) => put_headers(&mut w.wbuf, sid, &t, true, w.peer_max_frame),
             None => put_data(&mut w.wbuf, sid, &[], true),
