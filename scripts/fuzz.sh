@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-TARGETS=(cni_config cni_env policy services flow_record l7_rules l7_path l7_matcher l7_h1codec l7_h2guard)
+TARGETS=(cni_config cni_env policy services flow_record l7_rules l7_path l7_matcher l7_h1codec l7_hpack)
 if [ $# -ge 1 ]; then TARGETS=("$1"); fi
 SECONDS_EACH="${2:-${FUZZ_SECONDS:-5}}"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"

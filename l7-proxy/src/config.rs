@@ -137,7 +137,7 @@ impl Config {
             return Err(ConfigError {
                 name: "max-header-bytes",
                 value: self.limits.max_header_bytes.to_string(),
-                reason: "hyper needs at least 8192 bytes of read buffer",
+                reason: "a request head needs at least 8192 bytes of buffer",
             });
         }
         Ok(())

@@ -1,33 +1,26 @@
-//! One client connection: sniff the protocol, serve HTTP/1.1 (the proxy's
-//! own forwarding path, [`crate::h1`]) or HTTP/2 (hyper) under the
-//! configured limits, judge every request ([`judge`], the same for both),
+//! One client connection: sniff the protocol, serve HTTP/1.1
+//! ([`crate::h1`]) or HTTP/2 ([`crate::h2`]), both the proxy's own
+//! forwarding paths, under the configured limits, judge every request ([`judge`], the same for both),
 //! forward the allowed ones and answer the rest.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::StatusCode;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::events::{Events, Flow};
-use crate::h2guard::{GuardVerdict, H2Guard};
 use crate::listener::canonical;
 use crate::metrics::{DropReason, Metrics, Verdict};
 use crate::rules::{normalize_path, PathError, PeerId, RequestView};
 use crate::srcmap::SourceMap;
 use crate::state::{Direction, SharedState};
-use crate::upstream::{Body, Pool};
+use crate::upstream::Pool;
 
 pub struct Ctx {
     pub state: Arc<SharedState>,
@@ -91,60 +84,6 @@ async fn sniff(s: &mut TcpStream, buf: &mut bytes::BytesMut) -> io::Result<Sniff
     }
 }
 
-/// A connection whose first bytes were already read: they come first.
-struct Prefixed {
-    head: bytes::BytesMut,
-    inner: TcpStream,
-}
-
-impl tokio::io::AsyncRead for Prefixed {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        out: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.head.is_empty() {
-            let n = this.head.len().min(out.remaining());
-            out.put_slice(&this.head.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, out)
-    }
-}
-
-impl tokio::io::AsyncWrite for Prefixed {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        b: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// Whether an address's identity is a reserved one (a node's, or world
-/// when the snapshot lacks the node): the clients whose datapath identity
-/// may differ from their address's. A pod's address names the pod.
 fn is_reserved(identity: u32) -> bool {
     identity < sinew_abi::IDENTITY_MIN_CLUSTER
 }
@@ -156,7 +95,7 @@ pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     dir: Direction,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
     let Ok(local) = stream.local_addr() else {
         return;
@@ -198,178 +137,15 @@ pub async fn serve(
         src_identity,
         served: AtomicU64::new(0),
     });
-    let l = &ctx.limits;
-    let h2_verdict = Arc::new(GuardVerdict::default());
-    let result = match kind {
-        Sniff::Eof => return,
+    match kind {
+        Sniff::Eof => {}
         Sniff::NotHttp => {
             tracing::debug!(%peer, %orig, "not HTTP on an L7 port, closing");
             ctx.metrics.dropped(DropReason::NotHttp);
-            return;
         }
-        Sniff::H1 => {
-            crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await;
-            return;
-        }
-        Sniff::H2 => {
-            let svc = {
-                let ctx = ctx.clone();
-                let conn = conn.clone();
-                service_fn(move |req| handle(ctx.clone(), conn.clone(), req))
-            };
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .max_concurrent_streams(l.h2_max_concurrent_streams)
-                .max_pending_accept_reset_streams(l.h2_max_pending_accept_reset_streams)
-                .max_local_error_reset_streams(l.h2_max_local_error_reset_streams)
-                .max_header_list_size(l.h2_max_header_list_size)
-                .keep_alive_interval(l.h2_keepalive_interval)
-                .keep_alive_timeout(l.h2_keepalive_timeout);
-            let io = H2Guard::new(
-                Prefixed {
-                    head: first,
-                    inner: stream,
-                },
-                h2_verdict.clone(),
-                ctx.metrics.clone(),
-            );
-            let c = b.serve_connection(TokioIo::new(io), svc);
-            tokio::pin!(c);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    r = c.as_mut() => break r,
-                    r = drain.changed(), if !draining => {
-                        if r.is_err() || *drain.borrow() {
-                            draining = true;
-                            c.as_mut().graceful_shutdown();
-                        }
-                    }
-                }
-            }
-        }
-    };
-    if let Some((frame_type, code)) = h2_verdict.get() {
-        // The guard answered a frame h2 would have refused with another
-        // code (h2guard.rs); the connection ended with an I/O error that
-        // `classify` does not count.
-        tracing::debug!(%peer, %orig, frame_type, code, "HTTP/2 connection error, GOAWAY sent");
-        ctx.metrics.dropped(DropReason::H2Protocol);
-        return;
+        Sniff::H1 => crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await,
+        Sniff::H2 => crate::h2::serve(&ctx, &conn, stream, first, drain).await,
     }
-    if let Err(e) = result {
-        if let Some(reason) = classify(&e) {
-            tracing::debug!(%peer, %orig, reason = reason.name(), error = %e, "connection refused");
-            ctx.metrics.dropped(reason);
-        }
-    }
-}
-
-fn has_io_source(e: &hyper::Error) -> bool {
-    let mut s: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(x) = s {
-        if x.is::<io::Error>() {
-            return true;
-        }
-        s = x.source();
-    }
-    false
-}
-
-fn classify(e: &hyper::Error) -> Option<DropReason> {
-    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() || has_io_source(e) {
-        None
-    } else {
-        // GOAWAY for rapid reset or a flood, a client that stopped
-        // answering keep-alive PINGs, or a protocol error.
-        Some(DropReason::H2Protocol)
-    }
-}
-
-fn full(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|n| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
-}
-
-fn grpc_status(code: u32, message: &'static str) -> Response<Body> {
-    // Trailers-only: the status rides in the only HEADERS frame.
-    let mut r = Response::new(Empty::new().map_err(|n| match n {}).boxed());
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-status", HeaderValue::from(code));
-    h.insert("grpc-message", HeaderValue::from_static(message));
-    r
-}
-
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "http2-settings",
-    "trailer",
-];
-
-fn is_hop_by_hop(n: &header::HeaderName) -> bool {
-    HOP_BY_HOP.contains(&n.as_str())
-}
-
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
-    // Most messages carry none: one pass over the names finds out, where
-    // removing each listed name would hash it whether present or not.
-    if !h.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let listed: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .collect();
-    let te_trailers = h
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for n in HOP_BY_HOP {
-        if keep_upgrade && (n == "connection" || n == "upgrade") {
-            continue;
-        }
-        h.remove(n);
-    }
-    if !keep_upgrade {
-        for n in listed {
-            if n != "upgrade" {
-                h.remove(n.as_str());
-            }
-        }
-    }
-    if keep_te_trailers && te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-fn host_of(req: &Request<Incoming>) -> String {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
-        .unwrap_or_default();
-    crate::h1::codec::host_name(raw)
 }
 
 pub(crate) struct Outcome {
@@ -461,14 +237,6 @@ impl Answer {
                 reason: None,
                 grpc_status: if grpc { 14 } else { 0 },
             },
-        }
-    }
-
-    /// As a hyper response (HTTP/2).
-    fn response(&self) -> Response<Body> {
-        match self.grpc {
-            Some((code, message)) => grpc_status(code, message),
-            None => full(self.status, self.body),
         }
     }
 }
@@ -674,99 +442,4 @@ pub(crate) fn record(ctx: &Ctx, dir: Direction, j: Judged, outcome: Outcome) {
         return;
     }
     ctx.events.emit(flow);
-}
-
-/// One HTTP/2 request (hyper's server): judged, then forwarded or answered.
-async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let grpc = is_grpc(req.headers());
-    // The target must be a path: origin form, or the absolute form of
-    // HTTP/2 and proxies. Authority and asterisk forms are not ours.
-    let uri = req.uri();
-    let targets_path = match uri.scheme_str() {
-        None => uri.authority().is_none(),
-        Some(s) => s == "http" || s == "https",
-    } && req.method() != http::Method::CONNECT;
-    let host = host_of(&req);
-    let ask = Ask {
-        protocol: if grpc { "gRPC" } else { "HTTP/2" },
-        method: req.method().clone(),
-        host,
-        path: targets_path.then(|| uri.path()),
-        headers: req.headers(),
-        grpc,
-    };
-    let (judged, decision) = judge(&ctx, &conn, ask);
-    let (resp, outcome) = match decision {
-        Decision::Answer(a) => {
-            let r = a.response();
-            (r, a.outcome)
-        }
-        Decision::Forward { mark, rule } => {
-            let path = judged.flow.path.clone();
-            forward(&ctx, &conn, req, path, mark, rule, grpc).await
-        }
-    };
-    record(&ctx, conn.dir, judged, outcome);
-    Ok(resp)
-}
-
-/// Forwards an allowed HTTP/2 request on the pooled HTTP/2 connection to
-/// its original destination, with the normalised path.
-async fn forward(
-    ctx: &Ctx,
-    conn: &Arc<Conn>,
-    req: Request<Incoming>,
-    path: String,
-    mark: u32,
-    rule: Arc<str>,
-    grpc: bool,
-) -> (Response<Body>, Outcome) {
-    let fail = |e, rule| {
-        let a = Answer::upstream(&ctx.metrics, e, grpc, rule);
-        (a.response(), a.outcome)
-    };
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false, true);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_else(|| conn.orig.to_string());
-    let pq = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    match Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(u) => parts.uri = u,
-        Err(_) => return fail(crate::metrics::UpstreamError::Request, rule),
-    }
-    let up_req = Request::from_parts(parts, body.boxed());
-    let mut sender = match ctx.pool.checkout_h2(conn.orig, mark).await {
-        Ok(s) => s,
-        Err(e) => return fail(e, rule),
-    };
-    let mut resp = match sender.send_request(up_req).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(orig = %conn.orig, error = %e, "upstream request failed");
-            return fail(crate::metrics::UpstreamError::Request, rule);
-        }
-    };
-    let status = resp.status();
-    strip_hop_by_hop(resp.headers_mut(), false, false);
-    (
-        resp.map(|b| b.boxed()),
-        Outcome {
-            status: status.as_u16(),
-            verdict: Verdict::Forwarded,
-            rule: Some(rule),
-            reason: None,
-            grpc_status: 0,
-        },
-    )
 }

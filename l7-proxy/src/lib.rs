@@ -14,7 +14,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod h1;
-pub mod h2guard;
+pub mod h2;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;

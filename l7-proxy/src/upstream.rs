@@ -1,5 +1,6 @@
-//! Connections to original destinations, pooled per (destination, mark,
-//! protocol). Every socket carries the SO_MARK that tells the datapath this
+//! Connections to original destinations. HTTP/1 connections are pooled
+//! per (destination, mark); HTTP/2 ones belong to the client connection
+//! whose streams they carry ([`crate::h2`]). Every socket carries the SO_MARK that tells the datapath this
 //! is the proxy's own traffic for a client of a given identity: it is not
 //! redirected again and is judged at the destination as that client.
 
@@ -8,15 +9,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::combinators::BoxBody;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::BytesMut;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::metrics::{Metrics, UpstreamError};
-
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -67,7 +63,6 @@ impl H1Conn {
 
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<H1Conn>>>,
-    h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
     connect_timeout: Duration,
     idle_per_key: usize,
     idle_timeout: Duration,
@@ -82,7 +77,6 @@ impl Pool {
     pub fn new(connect_timeout: Duration, idle_per_key: usize, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             h1: Mutex::default(),
-            h2: Mutex::default(),
             connect_timeout,
             idle_per_key,
             idle_timeout,
@@ -178,31 +172,6 @@ impl Pool {
         if list.len() < self.idle_per_key && now.duration_since(c.idle_since) < self.idle_timeout {
             list.push(c);
         }
-    }
-
-    /// The pooled HTTP/2 connection to `dst` for `mark`, or a new one.
-    pub async fn checkout_h2(&self, dst: SocketAddr, mark: u32) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let key = Key { dst, mark };
-        if let Some(s) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            if !s.is_closed() && s.is_ready() {
-                return Ok(s.clone());
-            }
-        }
-        let io = TokioIo::new(self.connect(dst, mark).await?);
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .handshake(io)
-            .await
-            .map_err(|_| UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, send.clone());
-        Ok(send)
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -1,10 +1,9 @@
-//! HTTP/2 frame-level conformance of the proxy's h2c server (RFC 9113),
+//! HTTP/2 frame-level conformance of the proxy's own h2c path (RFC 9113),
 //! with raw frames a well-behaved client library would never send. Each
 //! test names the section that defines the behaviour. Connection errors
 //! must end in GOAWAY with the section's error code and be counted as an
 //! `h2_protocol` drop; stream errors reset only that stream (RST_STREAM),
-//! are counted too, and the connection keeps serving. Where h2 answers
-//! with another code than the RFC's, `h2guard.rs` answers first.
+//! are counted too, and the connection keeps serving.
 //!
 //! Each test runs in its own network namespace (needs root) with an
 //! upstream that answers "METHOD PATH" and counts what it served.
@@ -486,8 +485,8 @@ fn rst_stream_with_a_bad_length_or_on_stream_0_is_a_connection_error() {
 
 /// RFC 9113 section 6.3: "A PRIORITY frame with a length other than 5
 /// octets MUST be treated as a stream error of type FRAME_SIZE_ERROR";
-/// the proxy makes it a connection error (section 5.4.1 allows it), as the
-/// guard cannot reset a stream between h2's frames. A well-formed PRIORITY
+/// the proxy makes it a connection error (section 5.4.1 allows it). A
+/// well-formed PRIORITY
 /// (deprecated, section 5.3.2) is ignored.
 #[test]
 fn priority_with_a_bad_length_is_refused_and_a_good_one_ignored() {
@@ -596,28 +595,12 @@ fn unknown_frame_types_are_ignored() {
 
 /// Sends one malformed request on stream 1 and a good one on stream 3:
 /// stream 1 is reset with PROTOCOL_ERROR and counted, nothing reaches the
-/// upstream for it, and stream 3 is served on the same connection.
+/// upstream for it, and stream 3 is served on the same connection. RFC
+/// 9113 section 8.1.1: a malformed request is a stream error of type
+/// PROTOCOL_ERROR; the proxy's own HTTP/2 path keeps it to the stream even
+/// where the field name itself is bad (uppercase, an unknown
+/// pseudo-header), since its HPACK decoder stays in step.
 fn expect_stream_error(w: &World, bad: Vec<u8>, what: &str) {
-    expect_malformed(w, bad, what, false)
-}
-
-/// A malformed request that h2 answers as a connection error: a field
-/// name its HPACK decoder cannot turn into a header name (uppercase, an
-/// unknown pseudo-header) fails the whole header block, so h2 sends GOAWAY
-/// PROTOCOL_ERROR instead of resetting the stream. RFC 9113 section 5.4.1
-/// allows it ("an endpoint MAY choose to treat a stream error as a
-/// connection error"); the request never reaches the upstream either way.
-fn expect_connection_error(w: &World, bad: Vec<u8>, what: &str) {
-    expect_malformed(w, bad, what, true)
-}
-
-fn expect_malformed(w: &World, bad: Vec<u8>, what: &str, whole_connection: bool) {
-    if whole_connection {
-        let hits = w.hits.load(Relaxed);
-        w.expect_goaway(&bad, PROTOCOL_ERROR, what);
-        assert_eq!(w.hits.load(Relaxed), hits, "{what}: nothing went upstream");
-        return;
-    }
     let (hits, drops) = (w.hits.load(Relaxed), w.h2_drops());
     let mut c = w.connect();
     c.send(&bad);
@@ -665,7 +648,7 @@ fn requests_with_bad_pseudo_headers_are_stream_errors() {
             frame(HEADERS, END_STREAM | END_HEADERS, 1, &late),
             "pseudo-header after a regular one",
         );
-        expect_connection_error(
+        expect_stream_error(
             &w,
             frame(
                 HEADERS,
@@ -687,7 +670,7 @@ fn requests_with_bad_pseudo_headers_are_stream_errors() {
 fn uppercase_and_connection_specific_fields_are_stream_errors() {
     in_netns(|| {
         let w = World::new();
-        expect_connection_error(
+        expect_stream_error(
             &w,
             frame(
                 HEADERS,
