@@ -42,6 +42,7 @@ const PROVIDERS: &[(&str, Source)] = &[
     ("iptables-restore", Deb("iptables")),
     ("iperf3", Deb("iperf3")),
     ("tcpdump", Deb("tcpdump")),
+    ("ethtool", Deb("ethtool")),
     ("busybox", Deb("busybox-static")),
     ("containerd", Deb("containerd")),
     ("containerd-shim-runc-v2", Deb("containerd")),
