@@ -31,6 +31,30 @@ pub struct Ctx {
     pub original_dst_override: Option<SocketAddr>,
     /// The datapath's record of ingress clients' identities.
     pub source_map: Option<SourceMap>,
+    /// HTTP/2 client connections grouped to share upstream connections.
+    pub(crate) hubs: crate::h2::Hubs,
+}
+
+/// Counts a client connection as open until it is dropped.
+pub(crate) struct Counted {
+    metrics: Arc<Metrics>,
+    dir: Direction,
+}
+
+impl Counted {
+    fn new(metrics: &Arc<Metrics>, dir: Direction) -> Self {
+        metrics.connection_opened(dir);
+        Counted {
+            metrics: metrics.clone(),
+            dir,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics.connection_closed(self.dir);
+    }
 }
 
 /// One accepted client connection.
@@ -102,14 +126,7 @@ pub async fn serve(
     };
     let peer = canonical(peer);
     let orig = ctx.original_dst_override.unwrap_or(canonical(local));
-    ctx.metrics.connection_opened(dir);
-    struct Guard<'a>(&'a Metrics, Direction);
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            self.0.connection_closed(self.1);
-        }
-    }
-    let _guard = Guard(&ctx.metrics, dir);
+    let counted = Counted::new(&ctx.metrics, dir);
     let _ = stream.set_nodelay(true);
 
     let accepted = Instant::now();
@@ -144,7 +161,7 @@ pub async fn serve(
             ctx.metrics.dropped(DropReason::NotHttp);
         }
         Sniff::H1 => crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await,
-        Sniff::H2 => crate::h2::serve(&ctx, &conn, stream, first, drain).await,
+        Sniff::H2 => crate::h2::serve(&ctx, &conn, stream, first, drain, counted).await,
     }
 }
 

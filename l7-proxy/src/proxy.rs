@@ -111,6 +111,7 @@ impl Proxy {
                     None
                 }
             }),
+            hubs: Default::default(),
         });
         let (drain_tx, drain_rx) = watch::channel(false);
 

@@ -1559,14 +1559,28 @@ fn an_http_1_0_keep_alive_client_is_told_the_connection_stays_open() {
 /// body while it arrives, announcing the default 65,535-octet windows
 /// (RFC 9113 6.9.2), so the proxy waits for its WINDOW_UPDATEs.
 async fn h2_echo_upstream() -> SocketAddr {
+    h2_echo_upstream_counted().await.0
+}
+
+/// An h2c upstream that echoes request bodies, answers `/public/big/N`
+/// with N octets, and counts the connections it accepts.
+async fn h2_echo_upstream_counted() -> (SocketAddr, Arc<AtomicU64>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let a = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (s, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Relaxed);
             tokio::spawn(async move {
                 let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    Ok::<_, Infallible>(http::Response::new(req.into_body()))
+                    if let Some(n) = req.uri().path().strip_prefix("/public/big/") {
+                        let body = vec![b'x'; n.parse().unwrap()];
+                        let r = http::Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+                        return Ok::<_, Infallible>(r);
+                    }
+                    Ok::<_, Infallible>(http::Response::new(req.into_body().boxed()))
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(65_535)
@@ -1576,7 +1590,86 @@ async fn h2_echo_upstream() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
+}
+
+/// HTTP/2 client connections to one destination share the proxy's
+/// upstream connections (as haproxy's `http-reuse` and Envoy's connection
+/// pools do), and sharing never couples them: eight clients with four
+/// streams each reach the upstream over one connection, every body comes
+/// back whole on its own stream, and a client in the same hub that asks
+/// for 32 MB and never reads, with every window wide open, holds only its
+/// own stream while the others go on.
+#[test]
+fn h2c_clients_share_upstream_connections_and_a_stalled_client_holds_only_itself() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, accepted) = rt.block_on(h2_echo_upstream_counted());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+
+        // The client that stops reading: windows open to the maximum, a
+        // 32 MB answer asked for, nothing read.
+        let mut stalled = h2_conn(a);
+        let mut settings = Vec::new();
+        settings.extend(4u16.to_be_bytes());
+        settings.extend(0x7fff_ffffu32.to_be_bytes());
+        stalled.write_all(&frame(4, 0, 0, &settings)).unwrap();
+        stalled
+            .write_all(&frame(8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()))
+            .unwrap();
+        let path = b"/public/big/33554432";
+        let mut head = vec![0x82, 0x86, 0x44, path.len() as u8];
+        head.extend_from_slice(path);
+        head.extend_from_slice(&[0x41, 3, b'w', b'e', b'b']);
+        // HEADERS with END_STREAM and END_HEADERS.
+        stalled.write_all(&frame(1, 0x5, 1, &head)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for c in 0..8u8 {
+                let s = tokio::net::TcpStream::connect(a).await.unwrap();
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                for k in 0..4u8 {
+                    let mut send = send.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let body: Vec<u8> = (0..100_000u32).map(|i| (i as u8) ^ c ^ (k << 4)).collect();
+                        let req = http::Request::post(format!("http://web/public/echo/{c}/{k}"))
+                            .body(Full::new(Bytes::from(body.clone())))
+                            .unwrap();
+                        let r = send.send_request(req).await.unwrap();
+                        assert_eq!(r.status(), 200, "client {c} stream {k}");
+                        let got = r.into_body().collect().await.unwrap().to_bytes();
+                        assert!(
+                            got[..] == body[..],
+                            "client {c} stream {k}: the body changed on the way"
+                        );
+                    }));
+                }
+            }
+            let all = async {
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), all)
+                .await
+                .expect("a client that does not read must not hold the others");
+        });
+        assert_eq!(
+            accepted.load(Relaxed),
+            1,
+            "nine client connections to one destination share one upstream connection"
+        );
+        drop(stalled);
+    });
 }
 
 /// HTTP/2 flow control through the proxy (RFC 9113 5.2 and 6.9): four

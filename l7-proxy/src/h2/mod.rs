@@ -1,8 +1,9 @@
 //! sinew-proxy's own HTTP/2 path.
 //!
-//! One task per client connection owns that connection and the upstream
-//! HTTP/2 connection(s) its allowed streams go to, and moves frames between
-//! them: no task, channel, message object or header map per stream. A
+//! One task, a hub, owns up to [`HUB_CLIENTS`] client connections with the
+//! same original destination and direction, and the upstream HTTP/2
+//! connections their allowed streams go to, and moves frames between them:
+//! no task, channel, message object or header map per stream. A
 //! request's header block is decoded once (HPACK), checked as RFC 9113
 //! section 8 asks, judged with the same [`judge`] as HTTP/1, and written
 //! to the upstream as a new block whose `:path` is the path that was
@@ -12,10 +13,14 @@
 //! is given back only once the bytes have moved on, so a stream never holds
 //! more than the window the proxy announced.
 //!
-//! Upstream connections are per client connection and keyed by
-//! (destination, mark): a client's streams share one, and a connection's
-//! destination is the one the datapath redirected from. Per-request
-//! routing can later pick other keys without changing the driver.
+//! Upstream connections belong to the hub and are keyed by (destination,
+//! mark): the streams of every client in the hub whose source identity
+//! gives the same mark share them, a new one is opened when those are at
+//! the upstream's concurrency limit, and a connection's destination is the
+//! one the datapath redirected from. Per-request routing can later pick
+//! other keys without changing the driver. A client connection joins a
+//! hub when it is sniffed as HTTP/2: sharing upstream connections is what
+//! an upstream server counts, per connection, in its own costs.
 //!
 //! Protection: frames over 16,384 octets, bad lengths and stream ids are
 //! connection errors with the code RFC 9113 names; malformed requests are
@@ -31,21 +36,23 @@ pub mod frame;
 pub mod hpack;
 mod huffman;
 
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-use crate::inbound::{judge, record, Answer, Ask, Conn, Ctx, Decision, Judged, Outcome};
+use crate::inbound::{judge, record, Answer, Ask, Conn, Counted, Ctx, Decision, Judged, Outcome};
 use crate::metrics::{DropReason, UpstreamError, Verdict};
+use crate::state::Direction;
 use frame::*;
 use hpack::{Decoder, Fields};
 
@@ -196,9 +203,10 @@ struct Up {
     state: UpState,
     next_sid: u32,
     active: u32,
-    /// Client stream ids whose HEADERS wait for the connection or for
-    /// room under the upstream's concurrency limit, in order.
-    waiting: std::collections::VecDeque<u32>,
+    /// (client slot, stream id) of streams whose HEADERS wait for the
+    /// connection or for room under the upstream's concurrency limit, in
+    /// order.
+    waiting: std::collections::VecDeque<(u32, u32)>,
     /// The upstream sent GOAWAY: no new stream goes on it.
     closing: bool,
 }
@@ -222,11 +230,8 @@ struct Half {
     send: i64,
 }
 
+/// A stream; its ids are in its [`Key`].
 struct Stream {
-    cid: u32,
-    /// The upstream slot and stream id; uid 0 until its HEADERS are sent.
-    up: Option<usize>,
-    uid: u32,
     req_head: Option<Vec<u8>>,
     req: Half,
     resp: Half,
@@ -344,140 +349,382 @@ fn check_request(f: &Fields) -> Option<ReqHead<'_>> {
     Some(h)
 }
 
-pub(crate) struct H2 {
-    ctx: Arc<Ctx>,
+/// A hub takes at most this many client connections; the next one with
+/// the same key starts a new hub.
+const HUB_CLIENTS: usize = 32;
+/// Streams a connecting upstream is assumed to take before its SETTINGS
+/// say (RFC 9113 6.5.2 recommends no less than 100).
+const UPSTREAM_STREAMS_BEFORE_SETTINGS: u32 = 100;
+/// No upstream connection (in [`Key::up`]).
+const NO_UP: u32 = u32::MAX;
+
+/// The hubs of one proxy, by (original destination, direction): client
+/// connections with the same key share a task, and with it its upstream
+/// connections.
+#[derive(Default)]
+pub(crate) struct Hubs {
+    map: Mutex<HubMap>,
+}
+
+type HubMap = HashMap<(SocketAddr, Direction), Vec<Arc<Inbox>>>;
+
+/// Where a hub takes new client connections.
+struct Inbox {
+    state: Mutex<InboxState>,
+    notify: Notify,
+}
+
+struct InboxState {
+    joining: Vec<Joining>,
+    /// Clients in the hub or on their way in.
+    members: usize,
+    /// False once the hub is ending: it takes no one else.
+    open: bool,
+}
+
+/// A client connection on its way into a hub.
+struct Joining {
     conn: Arc<Conn>,
-    client: Wire,
-    ups: Vec<Option<Up>>,
-    streams: Vec<Stream>,
+    sock: TcpStream,
+    first: BytesMut,
+    counted: Counted,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One client connection in a hub.
+struct Client {
+    conn: Arc<Conn>,
+    wire: Wire,
+    counted: Counted,
     last_cid: u32,
-    fields: Fields,
-    block: Vec<u8>,
     /// GOAWAY sent: the last stream id it named.
     goaway: Option<u32>,
     /// The connection ends once the write buffer is out.
     closing: bool,
     /// The client sent GOAWAY: it opens no more streams.
-    client_goaway: bool,
+    peer_goaway: bool,
     reset_tokens: f64,
     reset_refill: Instant,
     local_errors: usize,
     last_frame: Instant,
     ping_sent: Option<Instant>,
     idle_since: Option<Instant>,
-    timer: Pin<Box<tokio::time::Sleep>>,
     dropped: bool,
+    /// Its streams now.
+    streams: usize,
+    /// Response DATA waits in its streams for its write buffer to drain.
+    stalled: bool,
+}
+
+/// Where stream `i` is, kept apart from [`Stream`] so that finding a
+/// stream reads one small array.
+#[derive(Clone, Copy)]
+struct Key {
+    client: u32,
+    cid: u32,
+    /// The upstream slot, [`NO_UP`] when none.
+    up: u32,
+    /// The upstream stream id; 0 until its HEADERS are sent.
+    uid: u32,
+}
+
+pub(crate) struct H2 {
+    ctx: Arc<Ctx>,
+    key: (SocketAddr, Direction),
+    inbox: Arc<Inbox>,
+    clients: Vec<Option<Client>>,
+    ups: Vec<Option<Up>>,
+    streams: Vec<Stream>,
+    keys: Vec<Key>,
+    fields: Fields,
+    block: Vec<u8>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    draining: bool,
+    /// A frame touched streams other than the one it names: reap them all.
+    reap_all: bool,
 }
 
 /// Serves one HTTP/2 connection whose first bytes (the preface and maybe
-/// more) are in `first`.
+/// more) are in `first`: in a hub that serves others with the same
+/// original destination and direction if one has room, else in a new hub
+/// that this task runs.
 pub(crate) async fn serve(
     ctx: &Arc<Ctx>,
     conn: &Arc<Conn>,
     sock: TcpStream,
     mut first: BytesMut,
     mut drain: watch::Receiver<bool>,
+    counted: Counted,
 ) {
     first.advance(PREFACE.len());
-    let l = &ctx.limits;
-    let mut client = Wire::new(sock, first);
-    client.start(true, l.h2_max_concurrent_streams, l.h2_max_header_list_size);
-    let now = Instant::now();
+    let key = (conn.orig, conn.dir);
+    let joining = Joining {
+        conn: conn.clone(),
+        sock,
+        first,
+        counted,
+    };
+    let inbox = {
+        let mut map = lock(&ctx.hubs.map);
+        let list = map.entry(key).or_default();
+        for ib in list.iter() {
+            let mut s = lock(&ib.state);
+            if s.open && s.members < HUB_CLIENTS {
+                s.members += 1;
+                s.joining.push(joining);
+                drop(s);
+                ib.notify.notify_one();
+                return;
+            }
+        }
+        let ib = Arc::new(Inbox {
+            state: Mutex::new(InboxState {
+                joining: Vec::new(),
+                members: 1,
+                open: true,
+            }),
+            notify: Notify::new(),
+        });
+        list.push(ib.clone());
+        ib
+    };
     let mut h = H2 {
         ctx: ctx.clone(),
-        conn: conn.clone(),
-        client,
+        key,
+        inbox: inbox.clone(),
+        clients: Vec::new(),
         ups: Vec::new(),
         streams: Vec::new(),
-        last_cid: 0,
+        keys: Vec::new(),
         fields: Fields::default(),
         block: Vec::with_capacity(1024),
-        goaway: None,
-        closing: false,
-        client_goaway: false,
-        reset_tokens: l.h2_max_pending_accept_reset_streams as f64,
-        reset_refill: now,
-        local_errors: 0,
-        last_frame: now,
-        ping_sent: None,
-        idle_since: Some(now),
-        timer: Box::pin(tokio::time::sleep(l.h2_keepalive_interval)),
-        dropped: false,
+        timer: Box::pin(tokio::time::sleep(ctx.limits.h2_keepalive_interval)),
+        draining: false,
+        reap_all: false,
     };
-    // The bytes that came with the preface.
-    if let Err(e) = h.client_frames() {
-        h.fail(e);
+    h.join(joining);
+    enum Wake {
+        Done,
+        Joining,
+        Drain(bool),
     }
-    let mut draining = false;
     loop {
-        let drained = tokio::select! {
-            _ = poll_fn(|cx| h.poll(cx)) => break,
-            r = drain.changed(), if !draining => r.is_err() || *drain.borrow(),
+        let wake = tokio::select! {
+            _ = poll_fn(|cx| h.poll(cx)) => Wake::Done,
+            _ = inbox.notify.notified() => Wake::Joining,
+            r = drain.changed(), if !h.draining => Wake::Drain(r.is_err() || *drain.borrow()),
         };
-        if drained {
-            draining = true;
-            h.start_goaway(NO_ERROR);
+        match wake {
+            Wake::Done => break,
+            Wake::Joining => h.take_joining(),
+            Wake::Drain(true) => h.drain(),
+            Wake::Drain(false) => {}
         }
     }
-    h.linger().await;
+}
+
+/// After a client connection's last write: shut down and read (and drop)
+/// what the client still sends for up to a second, so a reset cannot
+/// destroy the GOAWAY it has not read yet.
+async fn linger(mut w: Wire, counted: Counted) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = poll_fn(|cx| w.poll_flush(cx)).await;
+    let _ = w.sock.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = w.sock.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    drop(counted);
 }
 
 impl H2 {
-    fn drop_once(&mut self) {
-        if !self.dropped {
-            self.dropped = true;
+    /// The client in slot `c`. Slots are freed only by [`Self::end_client`],
+    /// between frames, so every frame handler finds its client.
+    fn cl(&mut self, c: usize) -> &mut Client {
+        self.clients[c].as_mut().expect("a client slot in use")
+    }
+
+    fn take_joining(&mut self) {
+        let joining = std::mem::take(&mut lock(&self.inbox.state).joining);
+        for j in joining {
+            self.join(j);
+        }
+    }
+
+    fn join(&mut self, j: Joining) {
+        let l = &self.ctx.limits;
+        let mut wire = Wire::new(j.sock, j.first);
+        wire.start(true, l.h2_max_concurrent_streams, l.h2_max_header_list_size);
+        let now = Instant::now();
+        let client = Client {
+            conn: j.conn,
+            wire,
+            counted: j.counted,
+            last_cid: 0,
+            goaway: None,
+            closing: false,
+            peer_goaway: false,
+            reset_tokens: l.h2_max_pending_accept_reset_streams as f64,
+            reset_refill: now,
+            local_errors: 0,
+            last_frame: now,
+            ping_sent: None,
+            idle_since: Some(now),
+            dropped: false,
+            streams: 0,
+            stalled: false,
+        };
+        let c = match self.clients.iter().position(Option::is_none) {
+            Some(c) => {
+                self.clients[c] = Some(client);
+                c
+            }
+            None => {
+                self.clients.push(Some(client));
+                self.clients.len() - 1
+            }
+        };
+        if self.draining {
+            self.start_goaway(c, NO_ERROR);
+        }
+        // The bytes that came with the preface.
+        if let Err(e) = self.client_frames(c) {
+            self.fail(c, e);
+        }
+    }
+
+    /// The proxy drains: GOAWAY to every client, and no one else joins.
+    fn drain(&mut self) {
+        self.draining = true;
+        self.close_inbox();
+        self.take_joining();
+        for c in 0..self.clients.len() {
+            if self.clients[c].is_some() {
+                self.start_goaway(c, NO_ERROR);
+            }
+        }
+    }
+
+    /// Takes the hub out of the registry. Returns false (and takes them
+    /// in) when clients are still waiting to join.
+    fn close_inbox(&mut self) -> bool {
+        let mut map = lock(&self.ctx.hubs.map);
+        let mut s = lock(&self.inbox.state);
+        if !s.joining.is_empty() && !self.draining {
+            let joining = std::mem::take(&mut s.joining);
+            drop(s);
+            drop(map);
+            for j in joining {
+                self.join(j);
+            }
+            return false;
+        }
+        s.open = false;
+        drop(s);
+        if let Some(list) = map.get_mut(&self.key) {
+            list.retain(|ib| !Arc::ptr_eq(ib, &self.inbox));
+            if list.is_empty() {
+                map.remove(&self.key);
+            }
+        }
+        true
+    }
+
+    fn drop_once(&mut self, c: usize) {
+        let cl = self.cl(c);
+        if !cl.dropped {
+            cl.dropped = true;
             self.ctx.metrics.dropped(DropReason::H2Protocol);
         }
     }
 
-    fn start_goaway(&mut self, code: u32) {
-        if self.goaway.is_none() {
-            put_goaway(&mut self.client.wbuf, self.last_cid, code);
-            self.goaway = Some(self.last_cid);
+    fn start_goaway(&mut self, c: usize, code: u32) {
+        let cl = self.cl(c);
+        if cl.goaway.is_none() {
+            put_goaway(&mut cl.wire.wbuf, cl.last_cid, code);
+            cl.goaway = Some(cl.last_cid);
         }
     }
 
-    /// Ends the connection for a connection error: GOAWAY with the code,
-    /// then close once it is written.
-    fn fail(&mut self, e: ConnError) {
-        tracing::debug!(peer = %self.conn.peer, orig = %self.conn.orig, code = e.code, why = e.why, "HTTP/2 connection error, GOAWAY sent");
-        if self.goaway.is_none() {
-            put_goaway(&mut self.client.wbuf, self.last_cid, e.code);
-            self.goaway = Some(self.last_cid);
-        }
-        self.drop_once();
-        self.closing = true;
-        self.streams.clear();
-        self.ups.clear();
+    /// Ends client `c` for a connection error: GOAWAY with the code, then
+    /// close once it is written.
+    fn fail(&mut self, c: usize, e: ConnError) {
+        let cl = self.cl(c);
+        tracing::debug!(peer = %cl.conn.peer, orig = %cl.conn.orig, code = e.code, why = e.why, "HTTP/2 connection error, GOAWAY sent");
+        self.start_goaway(c, e.code);
+        self.drop_once(c);
+        self.cl(c).closing = true;
+        self.drop_streams_of(c, |_| true);
     }
 
-    /// After the last write: shut down and read (and drop) what the client
-    /// still sends for up to a second, so a reset cannot destroy the
-    /// GOAWAY it has not read yet.
-    async fn linger(mut self) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let _ = poll_fn(|cx| self.client.poll_flush(cx)).await;
-        let _ = self.client.sock.shutdown().await;
-        let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Ok(n) = self.client.sock.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
+    /// Removes client `c`'s streams that `pick` names, cancelling them
+    /// upstream.
+    fn drop_streams_of(&mut self, c: usize, pick: impl Fn(&Stream) -> bool) {
+        let mut i = 0;
+        while i < self.streams.len() {
+            if self.keys[i].client == c as u32 && pick(&self.streams[i]) {
+                self.cancel_upstream(i, CANCEL);
+                self.remove(i);
+            } else {
+                i += 1;
             }
-        })
-        .await;
+        }
+    }
+
+    /// Client `c` is done: its slot is freed and its socket closed (after
+    /// a lingering close unless the client closed first).
+    fn end_client(&mut self, c: usize) {
+        self.drop_streams_of(c, |_| true);
+        let Some(cl) = self.clients[c].take() else {
+            return;
+        };
+        lock(&self.inbox.state).members -= 1;
+        if !(cl.wire.eof && cl.wire.unsent() == 0) {
+            tokio::spawn(linger(cl.wire, cl.counted));
+        }
+    }
+
+    /// Whether client `c` is finished; it may send GOAWAY on the way.
+    fn client_done(&mut self, c: usize) -> bool {
+        let cl = self.cl(c);
+        if cl.closing {
+            return cl.wire.unsent() == 0;
+        }
+        if cl.streams == 0 && cl.wire.unsent() == 0 {
+            if cl.wire.eof {
+                return true;
+            }
+            if cl.peer_goaway || cl.goaway.is_some() {
+                if cl.goaway.is_none() {
+                    self.start_goaway(c, NO_ERROR);
+                    return false;
+                }
+                return true;
+            }
+        }
+        if cl.wire.eof {
+            // A request the client can no longer finish is cancelled.
+            self.drop_streams_of(c, |s| !s.req.end);
+            // Half-closed: answers still go out, then it ends.
+            let unsent = self.cl(c).wire.unsent();
+            let pending_out =
+                (0..self.streams.len()).any(|i| self.keys[i].client == c as u32 && !self.streams[i].resp.end_sent);
+            return unsent == 0 && !pending_out;
+        }
+        false
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut progress = false;
-            if self.closing {
-                return match self.client.poll_flush(cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(_) => Poll::Ready(()),
-                };
-            }
             // Upstream connections being made.
             for i in 0..self.ups.len() {
                 let done = match self.ups[i].as_mut().map(|u| &mut u.state) {
@@ -492,47 +739,54 @@ impl H2 {
                     self.connected(i, r);
                 }
             }
-            // The client.
-            let backlog = self.client.unsent() >= WBUF_HIGH
-                || self.ups.iter().flatten().any(|u| match &u.state {
-                    UpState::Ready(w) => w.unsent() >= WBUF_HIGH,
-                    _ => false,
-                });
-            if !backlog && !self.client.eof {
-                match self.client.poll_fill(cx) {
+            // The clients, unless an upstream has a backlog to write.
+            let up_backlog = self.ups.iter().flatten().any(|u| match &u.state {
+                UpState::Ready(w) => w.unsent() >= WBUF_HIGH,
+                _ => false,
+            });
+            for c in 0..self.clients.len() {
+                let r = match self.clients[c].as_mut() {
+                    Some(cl) if !up_backlog && !cl.closing && !cl.wire.eof && cl.wire.unsent() < WBUF_HIGH => {
+                        cl.wire.poll_fill(cx)
+                    }
+                    _ => continue,
+                };
+                match r {
                     Poll::Ready(Ok(_)) => {
                         progress = true;
-                        self.last_frame = Instant::now();
-                        self.ping_sent = None;
-                        if let Err(e) = self.client_frames() {
-                            self.fail(e);
-                            continue;
+                        let cl = self.cl(c);
+                        cl.last_frame = Instant::now();
+                        cl.ping_sent = None;
+                        if let Err(e) = self.client_frames(c) {
+                            self.fail(c, e);
                         }
                     }
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Err(_)) => {
+                        progress = true;
+                        self.end_client(c);
+                    }
                     Poll::Pending => {}
                 }
             }
-            // The upstreams.
-            if self.client.unsent() < WBUF_HIGH {
-                for i in 0..self.ups.len() {
-                    let r = match self.ups[i].as_mut().map(|u| &mut u.state) {
-                        Some(UpState::Ready(w)) if !w.eof => w.poll_fill(cx),
-                        _ => continue,
-                    };
-                    match r {
-                        Poll::Ready(Ok(_)) => {
-                            progress = true;
-                            if let Err(e) = self.upstream_frames(i) {
-                                self.upstream_failed(i, e.why);
-                            }
+            // The upstreams. A client that does not read holds its
+            // streams' DATA, not the upstream's.
+            for i in 0..self.ups.len() {
+                let r = match self.ups[i].as_mut().map(|u| &mut u.state) {
+                    Some(UpState::Ready(w)) if !w.eof => w.poll_fill(cx),
+                    _ => continue,
+                };
+                match r {
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Err(e) = self.upstream_frames(i) {
+                            self.upstream_failed(i, e.why);
                         }
-                        Poll::Ready(Err(_)) => {
-                            progress = true;
-                            self.upstream_failed(i, "read error");
-                        }
-                        Poll::Pending => {}
                     }
+                    Poll::Ready(Err(_)) => {
+                        progress = true;
+                        self.upstream_failed(i, "read error");
+                    }
+                    Poll::Pending => {}
                 }
             }
             // Writes.
@@ -551,45 +805,51 @@ impl H2 {
                     self.upstream_failed(i, "write error");
                 }
             }
-            if self.client.unsent() > 0 {
-                let before = self.client.unsent();
-                match self.client.poll_flush(cx) {
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    _ => progress |= self.client.unsent() != before,
-                }
-            }
-            // The end: the client is gone, or it (or a drain) said GOAWAY
-            // and every stream is done.
-            if self.streams.is_empty() && self.client.unsent() == 0 {
-                if self.client.eof {
-                    return Poll::Ready(());
-                }
-                if self.client_goaway || self.goaway.is_some() {
-                    if self.goaway.is_none() {
-                        self.start_goaway(NO_ERROR);
-                        continue;
-                    }
-                    return Poll::Ready(());
-                }
-            }
-            if self.client.eof {
-                // A request the client can no longer finish is cancelled.
-                let mut i = 0;
-                while i < self.streams.len() {
-                    if !self.streams[i].req.end {
-                        self.cancel_upstream(i, CANCEL);
-                        self.remove(i);
-                    } else {
-                        i += 1;
+            for c in 0..self.clients.len() {
+                let Some(cl) = self.clients[c].as_mut() else {
+                    continue;
+                };
+                if cl.wire.unsent() > 0 {
+                    let before = cl.wire.unsent();
+                    match cl.wire.poll_flush(cx) {
+                        Poll::Ready(Err(_)) => {
+                            progress = true;
+                            self.end_client(c);
+                            continue;
+                        }
+                        _ => progress |= cl.wire.unsent() != before,
                     }
                 }
+                if cl.stalled && cl.wire.unsent() < WBUF_HIGH {
+                    cl.stalled = false;
+                    progress = true;
+                    for i in 0..self.streams.len() {
+                        if self.keys[i].client == c as u32 {
+                            self.pump_resp(i);
+                        }
+                    }
+                    self.reap();
+                }
             }
-            if self.client.eof && self.client.unsent() == 0 && !progress {
-                // Half-closed client: answers still go out, then it ends.
-                let pending_out = self.streams.iter().any(|s| !s.resp.end_sent);
-                if !pending_out {
+            // The ends.
+            for c in 0..self.clients.len() {
+                let Some(cl) = self.clients[c].as_ref() else {
+                    continue;
+                };
+                let before = (cl.wire.unsent(), self.streams.len());
+                if self.client_done(c) {
+                    progress = true;
+                    self.end_client(c);
+                } else if before != (self.cl(c).wire.unsent(), self.streams.len()) {
+                    // It wrote a GOAWAY or cancelled streams: flush them.
+                    progress = true;
+                }
+            }
+            if self.clients.iter().all(Option::is_none) {
+                if self.close_inbox() {
                     return Poll::Ready(());
                 }
+                continue;
             }
             if !progress {
                 return self.poll_timer(cx);
@@ -597,43 +857,64 @@ impl H2 {
         }
     }
 
-    /// Keep-alive PING, its deadline, and the idle close.
+    /// Keep-alive PINGs, their deadlines, and the idle close, for every
+    /// client; the timer is set for the earliest.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let l = &self.ctx.limits;
+        let ctx = self.ctx.clone();
+        let l = &ctx.limits;
         let now = Instant::now();
-        if self.streams.is_empty() {
-            self.idle_since.get_or_insert(now);
-        } else {
-            self.idle_since = None;
-        }
-        if let Some(sent) = self.ping_sent {
-            if now >= sent + l.h2_keepalive_timeout {
-                tracing::debug!(peer = %self.conn.peer, "HTTP/2 keep-alive PING not answered, closing");
-                self.drop_once();
-                self.closing = true;
-                self.streams.clear();
-                return Poll::Ready(());
+        let mut next: Option<Instant> = None;
+        let mut again = false;
+        for c in 0..self.clients.len() {
+            let Some(cl) = self.clients[c].as_mut() else {
+                continue;
+            };
+            if cl.closing {
+                continue;
             }
-        } else if now >= self.last_frame + l.h2_keepalive_interval {
-            put_ping(&mut self.client.wbuf, 0, b"sinew-ka");
-            self.ping_sent = Some(now);
+            if cl.streams == 0 {
+                cl.idle_since.get_or_insert(now);
+            } else {
+                cl.idle_since = None;
+            }
+            if let Some(sent) = cl.ping_sent {
+                if now >= sent + l.h2_keepalive_timeout {
+                    tracing::debug!(peer = %cl.conn.peer, "HTTP/2 keep-alive PING not answered, closing");
+                    self.drop_once(c);
+                    self.cl(c).closing = true;
+                    self.drop_streams_of(c, |_| true);
+                    again = true;
+                    continue;
+                }
+            } else if now >= cl.last_frame + l.h2_keepalive_interval {
+                put_ping(&mut cl.wire.wbuf, 0, b"sinew-ka");
+                cl.ping_sent = Some(now);
+                again = true;
+                continue;
+            }
+            if let Some(idle) = cl.idle_since {
+                if now >= idle + l.keepalive_timeout && cl.goaway.is_none() {
+                    self.start_goaway(c, NO_ERROR);
+                    again = true;
+                    continue;
+                }
+            }
+            let mut n = match cl.ping_sent {
+                Some(sent) => sent + l.h2_keepalive_timeout,
+                None => cl.last_frame + l.h2_keepalive_interval,
+            };
+            if let (Some(idle), None) = (cl.idle_since, cl.goaway) {
+                n = n.min(idle + l.keepalive_timeout);
+            }
+            next = Some(next.map_or(n, |m| m.min(n)));
+        }
+        if again {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        if let Some(idle) = self.idle_since {
-            if now >= idle + l.keepalive_timeout && self.goaway.is_none() {
-                self.start_goaway(NO_ERROR);
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-        }
-        let mut next = match self.ping_sent {
-            Some(sent) => sent + l.h2_keepalive_timeout,
-            None => self.last_frame + l.h2_keepalive_interval,
+        let Some(next) = next else {
+            return Poll::Pending;
         };
-        if let Some(idle) = self.idle_since {
-            next = next.min(idle + l.keepalive_timeout);
-        }
         let deadline = tokio::time::Instant::from_std(next);
         if self.timer.deadline() != deadline {
             self.timer.as_mut().reset(deadline);
@@ -649,8 +930,8 @@ impl H2 {
 
     // ----- the client side -----
 
-    fn client_frames(&mut self) -> Result<(), ConnError> {
-        let buf = std::mem::take(&mut self.client.rbuf);
+    fn client_frames(&mut self, c: usize) -> Result<(), ConnError> {
+        let buf = std::mem::take(&mut self.cl(c).wire.rbuf);
         let mut pos = 0;
         let mut r = Ok(());
         while let Some(h) = head(&buf[pos..]) {
@@ -663,43 +944,47 @@ impl H2 {
             }
             let p = &buf[pos + HEAD_LEN..pos + HEAD_LEN + h.len];
             pos += HEAD_LEN + h.len;
-            r = self.client_frame(h, p);
-            if r.is_err() || self.closing {
+            r = self.client_frame(c, h, p);
+            if r.is_err() || self.cl(c).closing {
                 break;
             }
         }
         let mut buf = buf;
         buf.advance(pos);
-        self.client.rbuf = buf;
+        self.cl(c).wire.rbuf = buf;
+        if self.reap_all {
+            self.reap_all = false;
+            self.reap();
+        }
         r
     }
 
-    fn client_frame(&mut self, h: Head, p: &[u8]) -> Result<(), ConnError> {
-        if let Some((sid, _, _)) = &self.client.cont {
+    fn client_frame(&mut self, c: usize, h: Head, p: &[u8]) -> Result<(), ConnError> {
+        if let Some((sid, _, _)) = &self.cl(c).wire.cont {
             if h.kind != CONTINUATION || h.stream != *sid {
                 return Err(conn_err(PROTOCOL_ERROR, "a CONTINUATION was expected"));
             }
         }
         match h.kind {
-            DATA => self.client_data(h, p),
+            DATA => self.client_data(c, h, p),
             HEADERS => {
                 if h.stream == 0 {
                     return Err(conn_err(PROTOCOL_ERROR, "HEADERS on stream 0"));
                 }
                 let (s, e) = unpad(&h, p).ok_or(conn_err(PROTOCOL_ERROR, "bad padding"))?;
                 if h.flags & END_HEADERS == 0 {
-                    self.client.cont = Some((h.stream, h.flags, p[s..e].to_vec()));
+                    self.cl(c).wire.cont = Some((h.stream, h.flags, p[s..e].to_vec()));
                     return Ok(());
                 }
                 let mut block = std::mem::take(&mut self.block);
                 block.clear();
                 block.extend_from_slice(&p[s..e]);
-                let r = self.client_headers(h.stream, h.flags, &block);
+                let r = self.client_headers(c, h.stream, h.flags, &block);
                 self.block = block;
                 r
             }
             CONTINUATION => {
-                let Some((sid, flags, mut frag)) = self.client.cont.take() else {
+                let Some((sid, flags, mut frag)) = self.cl(c).wire.cont.take() else {
                     return Err(conn_err(PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
                 };
                 frag.extend_from_slice(p);
@@ -707,10 +992,10 @@ impl H2 {
                     return Err(conn_err(ENHANCE_YOUR_CALM, "header block too long"));
                 }
                 if h.flags & END_HEADERS == 0 {
-                    self.client.cont = Some((sid, flags, frag));
+                    self.cl(c).wire.cont = Some((sid, flags, frag));
                     return Ok(());
                 }
-                self.client_headers(sid, flags, &frag)
+                self.client_headers(c, sid, flags, &frag)
             }
             PRIORITY => {
                 if h.stream == 0 {
@@ -728,12 +1013,12 @@ impl H2 {
                 if h.stream == 0 {
                     return Err(conn_err(PROTOCOL_ERROR, "RST_STREAM on stream 0"));
                 }
-                if h.stream > self.last_cid {
+                if h.stream > self.cl(c).last_cid {
                     return Err(conn_err(PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
                 }
-                self.client_reset(h.stream)
+                self.client_reset(c, h.stream)
             }
-            SETTINGS => self.client_settings(h, p),
+            SETTINGS => self.client_settings(c, h, p),
             PUSH_PROMISE => Err(conn_err(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
             PING => {
                 if h.stream != 0 {
@@ -743,7 +1028,7 @@ impl H2 {
                     return Err(conn_err(FRAME_SIZE_ERROR, "PING not 8 octets"));
                 }
                 if h.flags & ACK == 0 {
-                    put_ping(&mut self.client.wbuf, ACK, p);
+                    put_ping(&mut self.cl(c).wire.wbuf, ACK, p);
                 }
                 Ok(())
             }
@@ -754,7 +1039,7 @@ impl H2 {
                 if h.len < 8 {
                     return Err(conn_err(FRAME_SIZE_ERROR, "GOAWAY under 8 octets"));
                 }
-                self.client_goaway = true;
+                self.cl(c).peer_goaway = true;
                 Ok(())
             }
             WINDOW_UPDATE => {
@@ -766,18 +1051,16 @@ impl H2 {
                     if inc == 0 {
                         return Err(conn_err(PROTOCOL_ERROR, "zero WINDOW_UPDATE on the connection"));
                     }
-                    self.client.send_conn += inc;
-                    if self.client.send_conn > MAX_WINDOW {
+                    let cl = self.cl(c);
+                    cl.wire.send_conn += inc;
+                    if cl.wire.send_conn > MAX_WINDOW {
                         return Err(conn_err(FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
                     }
-                    for i in 0..self.streams.len() {
-                        self.pump_resp(i);
-                    }
-                    self.reap();
+                    self.pump_resp_of(c);
                     return Ok(());
                 }
-                let Some(i) = self.find(h.stream) else {
-                    if h.stream > self.last_cid {
+                let Some(i) = self.find(c, h.stream) else {
+                    if h.stream > self.cl(c).last_cid {
                         return Err(conn_err(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
                     }
                     return Ok(());
@@ -792,14 +1075,24 @@ impl H2 {
                     return Ok(());
                 }
                 self.pump_resp(i);
-                self.reap();
+                self.reap_at(i);
                 Ok(())
             }
             _ => Ok(()),
         }
     }
 
-    fn client_settings(&mut self, h: Head, p: &[u8]) -> Result<(), ConnError> {
+    /// Sends on what every stream of client `c` holds for it.
+    fn pump_resp_of(&mut self, c: usize) {
+        for i in 0..self.streams.len() {
+            if self.keys[i].client == c as u32 {
+                self.pump_resp(i);
+            }
+        }
+        self.reap_all = true;
+    }
+
+    fn client_settings(&mut self, c: usize, h: Head, p: &[u8]) -> Result<(), ConnError> {
         if h.stream != 0 {
             return Err(conn_err(PROTOCOL_ERROR, "SETTINGS on a stream"));
         }
@@ -821,9 +1114,13 @@ impl H2 {
                     if v as i64 > MAX_WINDOW {
                         return Err(conn_err(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE over 2^31-1"));
                     }
-                    let delta = v as i64 - self.client.peer_initial_window;
-                    self.client.peer_initial_window = v as i64;
-                    for s in &mut self.streams {
+                    let cl = self.cl(c);
+                    let delta = v as i64 - cl.wire.peer_initial_window;
+                    cl.wire.peer_initial_window = v as i64;
+                    for (s, k) in self.streams.iter_mut().zip(&self.keys) {
+                        if k.client != c as u32 {
+                            continue;
+                        }
                         s.resp.send += delta;
                         if s.resp.send > MAX_WINDOW {
                             return Err(conn_err(FLOW_CONTROL_ERROR, "a stream window over 2^31-1"));
@@ -834,53 +1131,54 @@ impl H2 {
                     if !(MAX_FRAME as u32..=(1 << 24) - 1).contains(&v) {
                         return Err(conn_err(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
                     }
-                    self.client.peer_max_frame = v as usize;
+                    self.cl(c).wire.peer_max_frame = v as usize;
                 }
-                SETTINGS_MAX_CONCURRENT_STREAMS => self.client.peer_max_streams = v,
+                SETTINGS_MAX_CONCURRENT_STREAMS => self.cl(c).wire.peer_max_streams = v,
                 _ => {}
             }
         }
-        put_head(&mut self.client.wbuf, 0, SETTINGS, ACK, 0);
-        for i in 0..self.streams.len() {
-            self.pump_resp(i);
-        }
-        self.reap();
+        put_head(&mut self.cl(c).wire.wbuf, 0, SETTINGS, ACK, 0);
+        self.pump_resp_of(c);
         Ok(())
     }
 
-    fn find(&self, cid: u32) -> Option<usize> {
-        self.streams.iter().position(|s| s.cid == cid)
+    fn find(&self, c: usize, cid: u32) -> Option<usize> {
+        let c = c as u32;
+        self.keys.iter().position(|k| k.cid == cid && k.client == c)
     }
 
-    fn client_data(&mut self, h: Head, p: &[u8]) -> Result<(), ConnError> {
+    fn client_data(&mut self, c: usize, h: Head, p: &[u8]) -> Result<(), ConnError> {
         if h.stream == 0 {
             return Err(conn_err(PROTOCOL_ERROR, "DATA on stream 0"));
         }
         let (s, e) = unpad(&h, p).ok_or(conn_err(PROTOCOL_ERROR, "bad padding"))?;
         let n = h.len as i64;
-        self.client.recv_conn -= n;
-        if self.client.recv_conn < 0 {
+        let cl = self.cl(c);
+        cl.wire.recv_conn -= n;
+        if cl.wire.recv_conn < 0 {
             return Err(conn_err(FLOW_CONTROL_ERROR, "connection window exceeded"));
         }
-        let Some(i) = self.find(h.stream) else {
-            if h.stream > self.last_cid {
+        let Some(i) = self.find(c, h.stream) else {
+            let cl = self.cl(c);
+            if h.stream > cl.last_cid {
                 return Err(conn_err(PROTOCOL_ERROR, "DATA on an idle stream"));
             }
             // A stream that is closed or was reset: its window comes back.
-            self.client.give_back_conn(h.len);
+            cl.wire.give_back_conn(h.len);
             return Ok(());
         };
+        let w = &mut self.clients[c].as_mut().expect("a client slot in use").wire;
         // Padding is never sent on.
-        self.client.give_back_conn(h.len - (e - s));
+        w.give_back_conn(h.len - (e - s));
         let st = &mut self.streams[i];
         if st.req.end {
-            self.client.give_back_conn(e - s);
+            w.give_back_conn(e - s);
             self.stream_error(i, STREAM_CLOSED);
             return Ok(());
         }
         st.req.recv -= n;
         if st.req.recv < 0 {
-            self.client.give_back_conn(e - s);
+            w.give_back_conn(e - s);
             self.stream_error(i, FLOW_CONTROL_ERROR);
             return Ok(());
         }
@@ -889,38 +1187,38 @@ impl H2 {
         let end = h.flags & END_STREAM != 0;
         if let Some(cl) = st.content_length {
             if st.req_bytes > cl || (end && st.req_bytes != cl) {
-                self.client.give_back_conn(e - s);
+                w.give_back_conn(e - s);
                 self.stream_error(i, PROTOCOL_ERROR);
                 return Ok(());
             }
         }
         if st.local {
             st.req.end |= end;
-            self.client.give_back_conn(e - s);
-            self.reap();
+            w.give_back_conn(e - s);
+            self.reap_at(i);
             return Ok(());
         }
         st.req.end |= end;
         self.pump_req_with(i, &p[s..e]);
-        self.reap();
+        self.reap_at(i);
         Ok(())
     }
 
-    fn client_reset(&mut self, cid: u32) -> Result<(), ConnError> {
-        let Some(i) = self.find(cid) else {
+    fn client_reset(&mut self, c: usize, cid: u32) -> Result<(), ConnError> {
+        let Some(i) = self.find(c, cid) else {
             return Ok(());
         };
         let unanswered = !self.streams[i].resp.end_sent;
         self.cancel_upstream(i, CANCEL);
         self.remove(i);
         if unanswered {
-            let l = &self.ctx.limits;
-            let cap = l.h2_max_pending_accept_reset_streams as f64;
+            let cap = self.ctx.limits.h2_max_pending_accept_reset_streams as f64;
             let now = Instant::now();
-            let refill = now.duration_since(self.reset_refill).as_secs_f64() * cap;
-            self.reset_refill = now;
-            self.reset_tokens = (self.reset_tokens + refill).min(cap) - 1.0;
-            if self.reset_tokens < 0.0 {
+            let cl = self.cl(c);
+            let refill = now.duration_since(cl.reset_refill).as_secs_f64() * cap;
+            cl.reset_refill = now;
+            cl.reset_tokens = (cl.reset_tokens + refill).min(cap) - 1.0;
+            if cl.reset_tokens < 0.0 {
                 return Err(conn_err(
                     ENHANCE_YOUR_CALM,
                     "streams reset faster than the limit (rapid reset)",
@@ -933,36 +1231,52 @@ impl H2 {
     /// A stream error: RST_STREAM to the client, the upstream stream
     /// cancelled, counted.
     fn stream_error(&mut self, i: usize, code: u32) {
-        let cid = self.streams[i].cid;
-        put_rst(&mut self.client.wbuf, cid, code);
+        let k = self.keys[i];
+        let c = k.client as usize;
+        put_rst(&mut self.cl(c).wire.wbuf, k.cid, code);
         self.cancel_upstream(i, CANCEL);
         self.remove(i);
-        self.refused(1);
+        self.refused(c, 1);
     }
 
-    fn refused(&mut self, n: usize) {
+    fn refused(&mut self, c: usize, n: usize) {
         self.ctx.metrics.dropped(DropReason::H2Protocol);
-        self.local_errors += n;
-        if self.local_errors > self.ctx.limits.h2_max_local_error_reset_streams {
-            self.fail(conn_err(ENHANCE_YOUR_CALM, "too many stream errors"));
+        let max = self.ctx.limits.h2_max_local_error_reset_streams;
+        let cl = self.cl(c);
+        cl.local_errors += n;
+        if cl.local_errors > max {
+            self.fail(c, conn_err(ENHANCE_YOUR_CALM, "too many stream errors"));
         }
     }
 
-    fn client_headers(&mut self, sid: u32, flags: u8, block: &[u8]) -> Result<(), ConnError> {
+    fn client_headers(&mut self, c: usize, sid: u32, flags: u8, block: &[u8]) -> Result<(), ConnError> {
         let max_list = self.ctx.limits.h2_max_header_list_size as usize;
         let mut fields = std::mem::take(&mut self.fields);
-        let r = self.client.dec.decode(block, &mut fields, max_list);
+        let r = self.cl(c).wire.dec.decode(block, &mut fields, max_list);
         let out = match r {
             Err(_) => Err(conn_err(COMPRESSION_ERROR, "HPACK decoding failed")),
-            Ok(()) => self.client_head(sid, flags, &fields),
+            Ok(()) => self.client_head(c, sid, flags, &fields),
         };
         self.fields = fields;
         out
     }
 
-    fn client_head(&mut self, sid: u32, flags: u8, f: &Fields) -> Result<(), ConnError> {
+    /// Adds a stream of client `c`; returns its index.
+    fn push_stream(&mut self, c: usize, cid: u32, st: Stream) -> usize {
+        self.cl(c).streams += 1;
+        self.streams.push(st);
+        self.keys.push(Key {
+            client: c as u32,
+            cid,
+            up: NO_UP,
+            uid: 0,
+        });
+        self.streams.len() - 1
+    }
+
+    fn client_head(&mut self, c: usize, sid: u32, flags: u8, f: &Fields) -> Result<(), ConnError> {
         let end = flags & END_STREAM != 0;
-        if let Some(i) = self.find(sid) {
+        if let Some(i) = self.find(c, sid) {
             // Trailers: they end the stream and carry no pseudo-fields.
             let st = &mut self.streams[i];
             if st.req.end {
@@ -986,40 +1300,43 @@ impl H2 {
                 st.req.trailers = Some(t);
                 self.pump_req(i);
             }
-            self.reap();
+            self.reap_at(i);
             return Ok(());
         }
         if sid.is_multiple_of(2) {
             return Err(conn_err(PROTOCOL_ERROR, "a client stream with an even id"));
         }
-        if sid <= self.last_cid {
+        let max_streams = self.ctx.limits.h2_max_concurrent_streams as usize;
+        let cl = self.cl(c);
+        if sid <= cl.last_cid {
             return Err(conn_err(PROTOCOL_ERROR, "a stream id not above the last one"));
         }
-        self.last_cid = sid;
-        if self.goaway.is_some() || self.client_goaway {
-            put_rst(&mut self.client.wbuf, sid, REFUSED_STREAM);
+        cl.last_cid = sid;
+        if cl.goaway.is_some() || cl.peer_goaway {
+            put_rst(&mut cl.wire.wbuf, sid, REFUSED_STREAM);
             return Ok(());
         }
-        if self.streams.len() >= self.ctx.limits.h2_max_concurrent_streams as usize {
-            put_rst(&mut self.client.wbuf, sid, REFUSED_STREAM);
-            self.refused(1);
+        if cl.streams >= max_streams {
+            put_rst(&mut cl.wire.wbuf, sid, REFUSED_STREAM);
+            self.refused(c, 1);
             return Ok(());
         }
         let Some(rh) = check_request(f) else {
-            put_rst(&mut self.client.wbuf, sid, PROTOCOL_ERROR);
-            self.refused(1);
+            put_rst(&mut cl.wire.wbuf, sid, PROTOCOL_ERROR);
+            self.refused(c, 1);
             return Ok(());
         };
         if end && rh.content_length.is_some_and(|cl| cl != 0) {
-            put_rst(&mut self.client.wbuf, sid, PROTOCOL_ERROR);
-            self.refused(1);
+            put_rst(&mut cl.wire.wbuf, sid, PROTOCOL_ERROR);
+            self.refused(c, 1);
             return Ok(());
         }
         let Ok(method) = http::Method::from_bytes(rh.method) else {
-            put_rst(&mut self.client.wbuf, sid, PROTOCOL_ERROR);
-            self.refused(1);
+            put_rst(&mut cl.wire.wbuf, sid, PROTOCOL_ERROR);
+            self.refused(c, 1);
             return Ok(());
         };
+        let peer_initial_window = cl.wire.peer_initial_window;
         let grpc = f
             .get(b"content-type")
             .is_some_and(|v| v.starts_with(b"application/grpc"));
@@ -1037,9 +1354,6 @@ impl H2 {
         let host_raw = rh.authority.or_else(|| f.get(b"host")).unwrap_or_default();
         let host = crate::h1::codec::host_name(std::str::from_utf8(host_raw).unwrap_or_default());
         let mut st = Stream {
-            cid: sid,
-            up: None,
-            uid: 0,
             req_head: None,
             req: Half {
                 recv: STREAM_WINDOW,
@@ -1049,7 +1363,7 @@ impl H2 {
             },
             resp: Half {
                 recv: STREAM_WINDOW,
-                send: self.client.peer_initial_window,
+                send: peer_initial_window,
                 ..Half::default()
             },
             resp_started: false,
@@ -1071,20 +1385,20 @@ impl H2 {
         };
         if too_large {
             // Never judged, as HTTP/1 does with a 431.
-            self.streams.push(st);
-            let i = self.streams.len() - 1;
+            let i = self.push_stream(c, sid, st);
             let a = Answer::refuse_plain(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
             self.ctx.metrics.dropped(DropReason::HeaderTooLarge);
             self.answer(i, None, a);
-            self.reap();
+            self.reap_at(i);
             return Ok(());
         }
-        let (judged, decision) = judge(&self.ctx, &self.conn, ask);
+        let conn = &self.clients[c].as_ref().expect("a client slot in use").conn;
+        let (judged, decision) = judge(&self.ctx, conn, ask);
         match decision {
             Decision::Answer(a) => {
-                self.streams.push(st);
-                let i = self.streams.len() - 1;
+                let i = self.push_stream(c, sid, st);
                 self.answer(i, Some(judged), a);
+                self.reap_at(i);
             }
             Decision::Forward { mark, rule } => {
                 let mut b = Vec::with_capacity(256);
@@ -1107,22 +1421,23 @@ impl H2 {
                 st.req_head = Some(b);
                 st.judged = Some(judged);
                 st.rule = Some(rule);
-                let u = self.upstream_for(self.conn.orig, mark);
-                st.up = Some(u);
-                self.streams.push(st);
+                let u = self.upstream_for(self.key.0, mark);
+                let i = self.push_stream(c, sid, st);
+                self.keys[i].up = u as u32;
                 if let Some(Up { waiting, .. }) = self.ups[u].as_mut() {
-                    waiting.push_back(sid);
+                    waiting.push_back((c as u32, sid));
                 }
                 self.start_waiting(u);
             }
         }
-        self.reap();
         Ok(())
     }
 
     /// The proxy's own answer on stream `i`, recorded now.
     fn answer(&mut self, i: usize, judged: Option<Judged>, a: Answer) {
+        let k = self.keys[i];
         let st = &mut self.streams[i];
+        let cl = self.clients[k.client as usize].as_mut().expect("a client slot in use");
         st.local = true;
         st.resp_started = true;
         let mut b = Vec::with_capacity(96);
@@ -1133,20 +1448,20 @@ impl H2 {
                 hpack::encode(&mut b, b"content-type", b"application/grpc", false);
                 hpack::encode(&mut b, b"grpc-status", code.to_string().as_bytes(), false);
                 hpack::encode(&mut b, b"grpc-message", message.as_bytes(), false);
-                put_headers(&mut self.client.wbuf, st.cid, &b, true, self.client.peer_max_frame);
+                put_headers(&mut cl.wire.wbuf, k.cid, &b, true, cl.wire.peer_max_frame);
                 st.resp.end = true;
                 st.resp.end_sent = true;
             }
             None => {
                 hpack::encode(&mut b, b"content-type", b"text/plain", false);
                 hpack::encode(&mut b, b"content-length", a.body.len().to_string().as_bytes(), false);
-                put_headers(&mut self.client.wbuf, st.cid, &b, false, self.client.peer_max_frame);
+                put_headers(&mut cl.wire.wbuf, k.cid, &b, false, cl.wire.peer_max_frame);
                 st.resp.pending.extend_from_slice(a.body.as_bytes());
                 st.resp.end = true;
             }
         }
         if let Some(j) = judged {
-            record(&self.ctx, self.conn.dir, j, a.outcome);
+            record(&self.ctx, self.key.1, j, a.outcome);
         }
         self.pump_resp(i);
     }
@@ -1161,9 +1476,10 @@ impl H2 {
     /// the stream holds: they go straight to the upstream's write buffer
     /// when nothing waits before them and the windows allow.
     fn pump_req_with(&mut self, i: usize, fresh: &[u8]) {
+        let k = self.keys[i];
         let st = &mut self.streams[i];
-        let w = match (st.up, st.uid) {
-            (Some(u), uid) if uid != 0 => match self.ups[u].as_mut() {
+        let w = match (k.up, k.uid) {
+            (u, uid) if u != NO_UP && uid != 0 => match self.ups[u as usize].as_mut() {
                 Some(Up {
                     state: UpState::Ready(w),
                     ..
@@ -1176,10 +1492,11 @@ impl H2 {
             st.req.pending.extend_from_slice(fresh);
             return;
         };
-        let moved = pump(&mut st.req, w, st.uid, fresh);
+        let (moved, _) = pump(&mut st.req, w, k.uid, fresh, usize::MAX);
         if moved > 0 {
-            self.client.give_back_conn(moved);
-            give_back_stream(&mut st.req, moved, &mut self.client.wbuf, st.cid);
+            let cl = self.clients[k.client as usize].as_mut().expect("a client slot in use");
+            cl.wire.give_back_conn(moved);
+            give_back_stream(&mut st.req, moved, &mut cl.wire.wbuf, k.cid);
         }
     }
 
@@ -1189,96 +1506,135 @@ impl H2 {
     }
 
     fn pump_resp_with(&mut self, i: usize, fresh: &[u8]) {
+        let k = self.keys[i];
         let st = &mut self.streams[i];
         if !st.resp_started {
             st.resp.pending.extend_from_slice(fresh);
             return;
         }
-        let moved = pump(&mut st.resp, &mut self.client, st.cid, fresh);
-        if moved > 0 && !st.local {
+        let Some(cl) = self.clients[k.client as usize].as_mut() else {
+            return;
+        };
+        let room = WBUF_HIGH.saturating_sub(cl.wire.unsent());
+        let (moved, capped) = pump(&mut st.resp, &mut cl.wire, k.cid, fresh, room);
+        cl.stalled |= capped;
+        if moved > 0 && !st.local && k.up != NO_UP {
             if let Some(Up {
                 state: UpState::Ready(w),
                 ..
-            }) = st.up.and_then(|u| self.ups[u].as_mut())
+            }) = self.ups[k.up as usize].as_mut()
             {
                 w.give_back_conn(moved);
-                give_back_stream(&mut st.resp, moved, &mut w.wbuf, st.uid);
+                give_back_stream(&mut st.resp, moved, &mut w.wbuf, k.uid);
             }
         }
     }
 
-    /// Removes streams that are done both ways.
+    /// Whether stream `i` is done both ways, or was answered by the proxy
+    /// before its request ended (it may stop sending: RST_STREAM NO_ERROR).
+    fn finished(&mut self, i: usize) -> bool {
+        let st = &self.streams[i];
+        let req_done = if st.local { st.req.end } else { st.req.end_sent };
+        if st.resp.end_sent && req_done {
+            return true;
+        }
+        if st.resp.end_sent && st.local && !st.req.end {
+            let k = self.keys[i];
+            put_rst(&mut self.cl(k.client as usize).wire.wbuf, k.cid, NO_ERROR);
+            return true;
+        }
+        false
+    }
+
+    /// Removes stream `i` if it is done.
+    fn reap_at(&mut self, i: usize) {
+        if i < self.streams.len() && self.finished(i) {
+            self.remove(i);
+        }
+    }
+
+    /// Removes every stream that is done.
     fn reap(&mut self) {
         let mut i = 0;
         while i < self.streams.len() {
-            let st = &self.streams[i];
-            let req_done = if st.local { st.req.end } else { st.req.end_sent };
-            if st.resp.end_sent && req_done {
+            if self.finished(i) {
                 self.remove(i);
-                continue;
+            } else {
+                i += 1;
             }
-            if st.resp.end_sent && st.local && !st.req.end {
-                // Answered before the request ended: it may stop sending.
-                put_rst(&mut self.client.wbuf, st.cid, NO_ERROR);
-                self.remove(i);
-                continue;
-            }
-            i += 1;
         }
     }
 
     fn remove(&mut self, i: usize) {
         let st = self.streams.swap_remove(i);
-        if let (Some(u), true) = (st.up, st.uid != 0) {
-            if let Some(up) = self.ups[u].as_mut() {
+        let k = self.keys.swap_remove(i);
+        if let Some(cl) = self.clients[k.client as usize].as_mut() {
+            cl.streams -= 1;
+            // The client's share of the window comes back with the stream.
+            if !st.req.pending.is_empty() {
+                cl.wire.give_back_conn(st.req.pending.len());
+            }
+        }
+        if k.up == NO_UP {
+            return;
+        }
+        let u = k.up as usize;
+        if let Some(up) = self.ups[u].as_mut() {
+            if k.uid != 0 {
                 up.active = up.active.saturating_sub(1);
+            } else {
+                up.waiting.retain(|&w| w != (k.client, k.cid));
             }
-            self.start_waiting(u);
-        } else if let Some(u) = st.up {
-            if let Some(up) = self.ups[u].as_mut() {
-                up.waiting.retain(|&c| c != st.cid);
-            }
-        }
-        // The client's share of the window comes back with the stream.
-        let unread = st.req.pending.len();
-        if unread > 0 {
-            self.client.give_back_conn(unread);
-        }
-        if let (Some(u), false) = (st.up, st.resp.pending.is_empty()) {
-            if let Some(Up {
-                state: UpState::Ready(w),
-                ..
-            }) = self.ups[u].as_mut()
-            {
+            if let (UpState::Ready(w), false) = (&mut up.state, st.resp.pending.is_empty()) {
                 w.give_back_conn(st.resp.pending.len());
             }
         }
+        if k.uid != 0 {
+            self.start_waiting(u);
+        }
+    }
+
+    /// Stream `i` leaves its upstream connection (which counts it down).
+    fn detach(&mut self, i: usize) {
+        let k = &mut self.keys[i];
+        if k.up != NO_UP && k.uid != 0 {
+            if let Some(up) = self.ups[k.up as usize].as_mut() {
+                up.active = up.active.saturating_sub(1);
+            }
+        }
+        k.up = NO_UP;
+        k.uid = 0;
     }
 
     fn cancel_upstream(&mut self, i: usize, code: u32) {
+        let k = self.keys[i];
         let st = &self.streams[i];
-        if st.uid == 0 || (st.req.end_sent && st.resp.end) {
+        if k.uid == 0 || k.up == NO_UP || (st.req.end_sent && st.resp.end) {
             return;
         }
         if let Some(Up {
             state: UpState::Ready(w),
             ..
-        }) = st.up.and_then(|u| self.ups[u].as_mut())
+        }) = self.ups[k.up as usize].as_mut()
         {
-            put_rst(&mut w.wbuf, st.uid, code);
+            put_rst(&mut w.wbuf, k.uid, code);
         }
     }
 
     // ----- the upstream side -----
 
-    /// The slot of a usable upstream connection for (dst, mark), made if
-    /// there is none.
+    /// The slot of an upstream connection for (dst, mark) with room for
+    /// one more stream, made if there is none.
     fn upstream_for(&mut self, dst: SocketAddr, mark: u32) -> usize {
-        if let Some(i) = self
-            .ups
-            .iter()
-            .position(|u| u.as_ref().is_some_and(|u| u.dst == dst && u.mark == mark && !u.closing))
-        {
+        if let Some(i) = self.ups.iter().position(|u| {
+            u.as_ref().is_some_and(|u| {
+                let limit = match &u.state {
+                    UpState::Ready(w) => w.peer_max_streams,
+                    UpState::Connecting(_) => UPSTREAM_STREAMS_BEFORE_SETTINGS,
+                };
+                u.dst == dst && u.mark == mark && !u.closing && (u.active as usize + u.waiting.len()) < limit as usize
+            })
+        }) {
             return i;
         }
         let pool = self.ctx.pool.clone();
@@ -1314,7 +1670,7 @@ impl H2 {
                 self.start_waiting(u);
             }
             Err(e) => {
-                tracing::debug!(orig = %self.conn.orig, error = ?e, "upstream HTTP/2 connect failed");
+                tracing::debug!(orig = %self.key.0, error = ?e, "upstream HTTP/2 connect failed");
                 self.drop_upstream(u, Some(e));
             }
         }
@@ -1333,22 +1689,23 @@ impl H2 {
             if up.active >= w.peer_max_streams || up.closing {
                 return;
             }
-            let Some(cid) = up.waiting.pop_front() else {
+            let Some((c, cid)) = up.waiting.pop_front() else {
                 return;
             };
-            let Some(i) = self.streams.iter().position(|s| s.cid == cid) else {
+            let Some(i) = self.keys.iter().position(|k| k.cid == cid && k.client == c) else {
                 continue;
             };
             let st = &mut self.streams[i];
             let Some(block) = st.req_head.take() else {
                 continue;
             };
-            st.uid = up.next_sid;
+            let uid = up.next_sid;
+            self.keys[i].uid = uid;
             up.next_sid += 2;
             up.active += 1;
             st.req.send = w.peer_initial_window;
             let end = st.req.end && st.req.pending.is_empty() && st.req.trailers.is_none();
-            put_headers(&mut w.wbuf, st.uid, &block, end, w.peer_max_frame);
+            put_headers(&mut w.wbuf, uid, &block, end, w.peer_max_frame);
             if end {
                 st.req.end_sent = true;
             }
@@ -1361,26 +1718,23 @@ impl H2 {
     fn drop_upstream(&mut self, u: usize, err: Option<UpstreamError>) {
         self.ups[u] = None;
         let e = err.unwrap_or(UpstreamError::Request);
-        let mut i = 0;
-        while i < self.streams.len() {
-            if self.streams[i].up != Some(u) {
-                i += 1;
-                continue;
+        for i in 0..self.streams.len() {
+            if self.keys[i].up == u as u32 {
+                self.detach(i);
+                self.fail_stream(i, e);
             }
-            self.streams[i].up = None;
-            self.streams[i].uid = 0;
-            self.fail_stream(i, e);
-            i += 1;
         }
         self.reap();
     }
 
     /// Stream `i` lost its upstream.
     fn fail_stream(&mut self, i: usize, e: UpstreamError) {
+        let k = self.keys[i];
         let st = &mut self.streams[i];
         if st.resp_started {
             if !st.resp.end_sent {
-                put_rst(&mut self.client.wbuf, st.cid, INTERNAL_ERROR);
+                put_rst(&mut self.cl(k.client as usize).wire.wbuf, k.cid, INTERNAL_ERROR);
+                let st = &mut self.streams[i];
                 st.resp.end_sent = true;
                 st.req.end = true;
                 st.req.end_sent = true;
@@ -1397,22 +1751,18 @@ impl H2 {
             Some(j) => self.answer(i, Some(j), a),
             None => {
                 self.streams[i].resp.end_sent = true;
-                put_rst(&mut self.client.wbuf, self.streams[i].cid, INTERNAL_ERROR);
+                put_rst(&mut self.cl(k.client as usize).wire.wbuf, k.cid, INTERNAL_ERROR);
             }
         }
     }
 
     fn upstream_failed(&mut self, u: usize, why: &'static str) {
-        tracing::debug!(orig = %self.conn.orig, why, "upstream HTTP/2 connection ended");
+        tracing::debug!(orig = %self.key.0, why, "upstream HTTP/2 connection ended");
         self.drop_upstream(u, None);
     }
 
     fn upstream_frames(&mut self, u: usize) -> Result<(), ConnError> {
-        let Some(Up {
-            state: UpState::Ready(w),
-            ..
-        }) = self.ups[u].as_mut()
-        else {
+        let Some(w) = self.up_wire(u) else {
             return Ok(());
         };
         let eof = w.eof;
@@ -1434,16 +1784,15 @@ impl H2 {
                 break;
             }
         }
-        if let Some(Up {
-            state: UpState::Ready(w),
-            ..
-        }) = self.ups[u].as_mut()
-        {
+        if let Some(w) = self.up_wire(u) {
             let mut buf = buf;
             buf.advance(pos);
             w.rbuf = buf;
         }
-        self.reap();
+        if self.reap_all {
+            self.reap_all = false;
+            self.reap();
+        }
         if r.is_ok() && eof && self.ups[u].is_some() {
             return Err(conn_err(NO_ERROR, "upstream closed"));
         }
@@ -1461,7 +1810,8 @@ impl H2 {
     }
 
     fn find_up(&self, u: usize, uid: u32) -> Option<usize> {
-        self.streams.iter().position(|s| s.uid == uid && s.up == Some(u))
+        let u = u as u32;
+        self.keys.iter().position(|k| k.uid == uid && k.up == u)
     }
 
     fn upstream_frame(&mut self, u: usize, h: Head, p: &[u8]) -> Result<(), ConnError> {
@@ -1495,6 +1845,7 @@ impl H2 {
                 st.resp.credit += (h.len - (e - s)) as i64;
                 st.resp.end |= h.flags & END_STREAM != 0;
                 self.pump_resp_with(i, &p[s..e]);
+                self.reap_at(i);
                 Ok(())
             }
             HEADERS => {
@@ -1503,8 +1854,12 @@ impl H2 {
                     w.cont = Some((h.stream, h.flags, p[s..e].to_vec()));
                     return Ok(());
                 }
-                let frag = p[s..e].to_vec();
-                self.upstream_headers(u, h.stream, h.flags, &frag)
+                let mut block = std::mem::take(&mut self.block);
+                block.clear();
+                block.extend_from_slice(&p[s..e]);
+                let r = self.upstream_headers(u, h.stream, h.flags, &block);
+                self.block = block;
+                r
             }
             CONTINUATION => {
                 let Some((sid, flags, mut frag)) = w.cont.take() else {
@@ -1528,25 +1883,17 @@ impl H2 {
                 let Some(i) = self.find_up(u, h.stream) else {
                     return Ok(());
                 };
+                self.detach(i);
                 let st = &mut self.streams[i];
                 if code == NO_ERROR && st.resp.end {
                     // A whole response: the upstream wants no more of the
                     // request body.
                     st.req.end_sent = true;
                     st.req.pending.clear();
-                    st.uid = 0;
-                    if let Some(up) = self.ups[u].as_mut() {
-                        up.active = up.active.saturating_sub(1);
-                    }
-                    self.streams[i].up = None;
-                    return Ok(());
+                } else {
+                    self.fail_stream(i, UpstreamError::Request);
                 }
-                if let Some(up) = self.ups[u].as_mut() {
-                    up.active = up.active.saturating_sub(1);
-                }
-                st.uid = 0;
-                st.up = None;
-                self.fail_stream(i, UpstreamError::Request);
+                self.reap_at(i);
                 Ok(())
             }
             SETTINGS => {
@@ -1577,12 +1924,13 @@ impl H2 {
                 }
                 put_head(&mut w.wbuf, 0, SETTINGS, ACK, 0);
                 for i in 0..self.streams.len() {
-                    if self.streams[i].up == Some(u) && self.streams[i].uid != 0 {
+                    if self.keys[i].up == u as u32 && self.keys[i].uid != 0 {
                         self.streams[i].req.send += delta;
                         self.pump_req(i);
                     }
                 }
                 self.start_waiting(u);
+                self.reap_all = true;
                 Ok(())
             }
             PING => {
@@ -1602,19 +1950,15 @@ impl H2 {
                 if let Some(up) = self.ups[u].as_mut() {
                     up.closing = true;
                 }
-                // Streams the upstream never saw go on a new connection.
-                let mut moved = Vec::new();
-                for st in self.streams.iter_mut() {
-                    if st.up == Some(u) && st.uid > last {
-                        st.uid = 0;
-                        moved.push(st.cid);
-                    }
-                }
-                for cid in moved {
-                    if let Some(i) = self.find(cid) {
+                // Streams the upstream never saw are answered 502.
+                for i in 0..self.streams.len() {
+                    let k = self.keys[i];
+                    if k.up == u as u32 && k.uid > last {
+                        self.detach(i);
                         self.fail_stream(i, UpstreamError::Request);
                     }
                 }
+                self.reap_all = true;
                 Ok(())
             }
             WINDOW_UPDATE => {
@@ -1625,13 +1969,15 @@ impl H2 {
                 if h.stream == 0 {
                     w.send_conn += inc;
                     for i in 0..self.streams.len() {
-                        if self.streams[i].up == Some(u) {
+                        if self.keys[i].up == u as u32 {
                             self.pump_req(i);
                         }
                     }
+                    self.reap_all = true;
                 } else if let Some(i) = self.find_up(u, h.stream) {
                     self.streams[i].req.send += inc;
                     self.pump_req(i);
+                    self.reap_at(i);
                 }
                 Ok(())
             }
@@ -1662,7 +2008,7 @@ impl H2 {
             return;
         };
         let end = flags & END_STREAM != 0;
-        let max_frame = self.client.peer_max_frame;
+        let k = self.keys[i];
         let st = &mut self.streams[i];
         if st.resp_started {
             // Trailers.
@@ -1675,6 +2021,7 @@ impl H2 {
             st.resp.trailers = Some(t);
             st.resp.end = true;
             self.pump_resp(i);
+            self.reap_at(i);
             return;
         }
         let status = f
@@ -1684,13 +2031,9 @@ impl H2 {
             .filter(|s| (100..=599).contains(s) && *s != 101);
         let Some(status) = status else {
             self.cancel_upstream(i, PROTOCOL_ERROR);
-            let st = &mut self.streams[i];
-            st.uid = 0;
-            st.up = None;
-            if let Some(up) = self.ups[u].as_mut() {
-                up.active = up.active.saturating_sub(1);
-            }
+            self.detach(i);
             self.fail_stream(i, UpstreamError::Request);
+            self.reap_at(i);
             return;
         };
         let mut b = Vec::with_capacity(128);
@@ -1699,16 +2042,17 @@ impl H2 {
                 hpack::encode(&mut b, n, v, x.sensitive);
             }
         }
+        let cl = self.clients[k.client as usize].as_mut().expect("a client slot in use");
+        let max_frame = cl.wire.peer_max_frame;
         if status < 200 {
             // Interim: passed on, the final head is still to come.
-            put_headers(&mut self.client.wbuf, st.cid, &b, false, max_frame);
+            put_headers(&mut cl.wire.wbuf, k.cid, &b, false, max_frame);
             return;
         }
         st.resp_started = true;
         st.resp.end = end;
-        let send_end = end;
-        put_headers(&mut self.client.wbuf, st.cid, &b, send_end, max_frame);
-        if send_end {
+        put_headers(&mut cl.wire.wbuf, k.cid, &b, end, max_frame);
+        if end {
             st.resp.end_sent = true;
         }
         if let Some(j) = st.judged.take() {
@@ -1719,16 +2063,23 @@ impl H2 {
                 reason: None,
                 grpc_status: 0,
             };
-            record(&self.ctx, self.conn.dir, j, outcome);
+            record(&self.ctx, self.key.1, j, outcome);
+        }
+        if end {
+            self.reap_at(i);
+        } else if !st.resp.pending.is_empty() {
+            self.pump_resp(i);
         }
     }
 }
 
 /// Sends what `half` holds, then `fresh`, to `w` on stream `sid` as both
 /// windows allow, then its trailers or END_STREAM once all is out; what
-/// does not fit stays in `half`. Returns the DATA bytes moved.
-fn pump(half: &mut Half, w: &mut Wire, sid: u32, fresh: &[u8]) -> usize {
+/// does not fit stays in `half`. At most `cap` bytes go into `w`'s write
+/// buffer. Returns the DATA bytes moved, and whether `cap` held some back.
+fn pump(half: &mut Half, w: &mut Wire, sid: u32, fresh: &[u8], cap: usize) -> (usize, bool) {
     let mut moved = 0;
+    let mut capped = false;
     let mut rest = fresh;
     loop {
         let from_pending = !half.pending.is_empty();
@@ -1738,6 +2089,11 @@ fn pump(half: &mut Half, w: &mut Wire, sid: u32, fresh: &[u8]) -> usize {
         }
         let room = half.send.min(w.send_conn).min(w.peer_max_frame as i64);
         if room <= 0 {
+            break;
+        }
+        let room = room.min(i64::try_from(cap.saturating_sub(moved)).unwrap_or(i64::MAX));
+        if room <= 0 {
+            capped = true;
             break;
         }
         let n = (room as usize).min(avail);
@@ -1761,7 +2117,7 @@ fn pump(half: &mut Half, w: &mut Wire, sid: u32, fresh: &[u8]) -> usize {
     }
     if !rest.is_empty() {
         half.pending.extend_from_slice(rest);
-        return moved;
+        return (moved, capped);
     }
     if half.end && !half.end_sent && half.pending.is_empty() {
         match half.trailers.take() {
@@ -1770,7 +2126,7 @@ fn pump(half: &mut Half, w: &mut Wire, sid: u32, fresh: &[u8]) -> usize {
         }
         half.end_sent = true;
     }
-    moved
+    (moved, capped)
 }
 
 /// Gives the sender back stream window for bytes that moved on, once half
