@@ -78,37 +78,20 @@ impl Capture {
         let ul = lab.topology().expect("topology").underlay().clone();
         let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
         let _ = std::fs::remove_file(&file);
-        let child = sinew_testvms::lab::netns::command_in(&ul, "tcpdump")
-            .expect("tcpdump in the underlay")
-            .args(["-i", "br0", "-U", "-s", "0", "-w"])
+        let mut cmd = sinew_testvms::lab::netns::command_in(&ul, "tcpdump").expect("tcpdump in the underlay");
+        // Each packet written at once: none of the last ones waits in a
+        // ring block when tcpdump stops.
+        cmd.args(["--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w"])
             .arg(&file)
-            .arg("ip")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump (package tcpdump) must be installed");
-        // tcpdump needs a moment before it captures.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !file.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        Capture { child, file }
+            .arg("ip");
+        Capture::spawn(cmd, file, "br0")
     }
 
-    /// tcpdump of what `iface` in `ns` receives, returned once it says it
-    /// listens (under TCG that can take seconds), each packet written at
-    /// once (`--immediate-mode`: none waits in a ring block when tcpdump
-    /// stops). For captures whose packets are counted.
-    fn listening(ns: &NetNs, iface: &str, filter: &str, name: &str) -> Capture {
+    /// Starts tcpdump and returns once it says it listens (a short
+    /// exchange would otherwise be over before it captures).
+    fn spawn(mut cmd: std::process::Command, file: std::path::PathBuf, iface: &str) -> Capture {
         use std::io::BufRead;
-        let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
-        let _ = std::fs::remove_file(&file);
-        let mut child = sinew_testvms::lab::netns::command_in(ns, "tcpdump")
-            .expect("tcpdump in a lab namespace")
-            .args(["--immediate-mode", "-Q", "in", "-i", iface, "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg(filter)
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -127,6 +110,20 @@ impl Capture {
         // Keeps reading, so that tcpdump never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
         Capture { child, file }
+    }
+
+    /// tcpdump of what `iface` in `ns` receives, returned once it says it
+    /// listens (under TCG that can take seconds), each packet written at
+    /// once (`--immediate-mode`: none waits in a ring block when tcpdump
+    /// stops). For captures whose packets are counted.
+    fn listening(ns: &NetNs, iface: &str, filter: &str, name: &str) -> Capture {
+        let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let mut cmd = sinew_testvms::lab::netns::command_in(ns, "tcpdump").expect("tcpdump in a lab namespace");
+        cmd.args(["--immediate-mode", "-Q", "in", "-i", iface, "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg(filter);
+        Capture::spawn(cmd, file, iface)
     }
 
     /// Stops the capture; returns (packets as tcpdump prints them with
