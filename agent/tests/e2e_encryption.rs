@@ -402,6 +402,28 @@ fn encryption_is_observable(lab: &sinew_testvms::lab::Lab, bytes: u64) {
 /// a datagram node2-pod1 really sends, through encryption, to the same
 /// socket afterwards is the first and only one it reads.
 fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
+    forged_traffic_is_dropped(lab, vxlan, None);
+}
+
+/// ESP in transport mode around `payload` (an IPv4 packet's, protocol
+/// `next`) for an SA with null encryption and no authentication
+/// (`ecb(cipher_null)`): SPI, sequence number, the payload, padding to 4
+/// bytes, pad length, next header.
+fn esp_null(spi: u32, seq: u32, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut e = Vec::with_capacity(payload.len() + 16);
+    e.extend_from_slice(&spi.to_be_bytes());
+    e.extend_from_slice(&seq.to_be_bytes());
+    e.extend_from_slice(payload);
+    let pad = (4 - (payload.len() + 2) % 4) % 4;
+    e.extend((1..=pad as u8).collect::<Vec<_>>());
+    e.extend_from_slice(&[pad as u8, next]);
+    e
+}
+
+/// [`forged_clear_traffic_is_dropped`]; with `foreign_spi`, each forged
+/// VXLAN packet comes in ESP for that SA, which is not Sinew's (another
+/// reqid): XFRM decrypts it, and it must count as clear all the same.
+fn forged_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool, foreign_spi: Option<u32>) {
     use sinew_proto::observer_v1 as pb;
     const FORGED: u64 = 3;
     let (a, c) = ("node1-pod1", "node2-pod1");
@@ -428,8 +450,17 @@ fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
         frame.extend_from_slice(&(identity << 8).to_be_bytes());
         frame.extend_from_slice(&[0x0a, 0x58, 0, 0, 0, 1, 0x02, 0x5e, 0, 0, 0, 2, 0x08, 0x00]);
         frame.extend_from_slice(&inner_ip);
-        let outer = ipv4_packet(node2, node1, 17, 64, 0x4000, &[], &udp_datagram(40001, 8472, &frame));
-        (outer, "VXLAN from node2's address")
+        let udp = udp_datagram(40001, 8472, &frame);
+        match foreign_spi {
+            Some(spi) => (
+                ipv4_packet(node2, node1, 50, 64, 0x4000, &[], &esp_null(spi, 1, 17, &udp)),
+                "VXLAN from node2's address through a foreign SA",
+            ),
+            None => (
+                ipv4_packet(node2, node1, 17, 64, 0x4000, &[], &udp),
+                "VXLAN from node2's address",
+            ),
+        }
     } else {
         (inner_ip, "the pod packet, routed to node1")
     };
@@ -444,8 +475,13 @@ fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let before = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
-    for _ in 0..FORGED {
-        send_raw_ipv4(ext, packet.clone()).unwrap_or_else(|e| panic!("forged {how}: {e}"));
+    for seq in 1..=FORGED as u32 {
+        let mut packet = packet.clone();
+        if foreign_spi.is_some() {
+            // ESP's sequence number (nothing authenticates it).
+            packet[24..28].copy_from_slice(&seq.to_be_bytes());
+        }
+        send_raw_ipv4(ext, packet).unwrap_or_else(|e| panic!("forged {how}: {e}"));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
@@ -1068,8 +1104,54 @@ fn ipsec_decrypted_vxlan_passes_on_both_receive_paths(lab: &sinew_testvms::lab::
         "with esp4_offload and GRO, decrypted VXLAN did not come back through eth0 instead of ESP ({esp} ESP, {vxlan} VXLAN)"
     );
     forged_clear_traffic_is_dropped(lab, true);
+    vxlan_through_a_foreign_sa_is_dropped(lab);
     node1_sh(lab, &["ethtool", "-K", "eth0", "gro", "off"]);
     underlay_tso("on");
+}
+
+/// A second IPsec user on node1: an SA of its own (reqid 7, not Sinew's,
+/// with null encryption so the test can write its packets) from node2's
+/// address. On the XFRM GRO path, VXLAN the attacker sends through it
+/// comes back through eth0 decrypted, with a secpath, as Sinew's own does;
+/// it is dropped as unencrypted_from_peer all the same, and never
+/// delivered. (On the stack path the kernel itself refuses it: Sinew's
+/// inbound policy for node2's VXLAN wants a state of its reqid.)
+fn vxlan_through_a_foreign_sa_is_dropped(lab: &sinew_testvms::lab::Lab) {
+    const SPI: u32 = 0x00f0_0001;
+    let node1 = lab.node("node1").unwrap().address.to_string();
+    let node2 = lab.node("node2").unwrap().address.to_string();
+    let spi = format!("{SPI:#x}");
+    node1_sh(
+        lab,
+        &[
+            "ip",
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            &node2,
+            "dst",
+            &node1,
+            "proto",
+            "esp",
+            "spi",
+            &spi,
+            "reqid",
+            "7",
+            "mode",
+            "transport",
+            "enc",
+            "ecb(cipher_null)",
+            "",
+        ],
+    );
+    forged_traffic_is_dropped(lab, true, Some(SPI));
+    node1_sh(
+        lab,
+        &[
+            "ip", "xfrm", "state", "delete", "src", &node2, "dst", &node1, "proto", "esp", "spi", &spi,
+        ],
+    );
 }
 
 /// node1's SAs and policies flushed behind the agent's back (as `ip xfrm

@@ -118,14 +118,24 @@ static __always_inline int encrypt_enabled(void)
 	return CFG_ENCRYPT_IPSEC || CFG_ENCRYPT_IFINDEX;
 }
 
-/* Whether XFRM decrypted this packet (it has a secpath with a state). */
+/*
+ * Whether XFRM decrypted this packet with one of Sinew's own states: its
+ * secpath holds exactly one state, and that state has the agent's reqid.
+ * A state someone else installed on the node (another reqid, a key that is
+ * not the cluster's) says nothing about who sent the packet, so what it
+ * decrypted is treated as clear; so is a packet with a second layer, which
+ * Sinew never makes.
+ */
 static __always_inline int ipsec_decrypted(struct __sk_buff *skb)
 {
 	struct bpf_xfrm_state xs = {};
 
 	if (!CFG_ENCRYPT_IPSEC)
 		return 0;
-	return bpf_skb_get_xfrm_state(skb, 0, &xs, sizeof(xs), 0) == 0;
+	if (bpf_skb_get_xfrm_state(skb, 0, &xs, sizeof(xs), 0) < 0 ||
+	    xs.reqid != SINEW_IPSEC_REQID)
+		return 0;
+	return bpf_skb_get_xfrm_state(skb, 1, &xs, sizeof(xs), 0) < 0;
 }
 
 /*
