@@ -9,10 +9,13 @@
 //! neither; a node whose key is unknown gets nothing, dropped with its
 //! own reason, never sent in clear; and pod traffic forged in clear on the
 //! underlay (VXLAN, or the pod packet itself with native routing) is
-//! dropped as `unencrypted_from_peer`, never delivered. The IPsec tests
-//! (ESP: the VM tiers) check the same, and that decrypted VXLAN passes on
-//! both of the kernel's receive paths (straight to the VXLAN socket, and
-//! back through the uplink with XFRM GRO).
+//! dropped as `unencrypted_from_peer`, never delivered; with
+//! `--encrypt-node` the nodes' own traffic crosses only in WireGuard and
+//! the same forged in clear is dropped. The IPsec tests (ESP: the VM
+//! tiers) check the same, and that decrypted VXLAN passes on both of the
+//! kernel's receive paths (straight to the VXLAN socket, and back through
+//! the uplink with XFRM GRO), unless an SA that is not Sinew's decrypted
+//! it.
 
 mod e2e;
 
@@ -540,6 +543,129 @@ fn wireguard_encrypts_pod_traffic_vxlan() {
 #[test]
 fn wireguard_encrypts_pod_traffic_native() {
     encrypted_lab("e2e-wgn", Routing::Native);
+}
+
+/// `--encrypt-node`: the nodes' own traffic for each other crosses the
+/// underlay only in WireGuard (a capture during TCP exchanges between the
+/// node addresses, carrying the marker, shows nothing else and never the
+/// marker), and the same in clear is refused on receive. The lab's
+/// external host forges UDP datagrams carrying the marker to a socket on
+/// node1's address, from node2's address and from node2-pod1's: node1
+/// drops each at the uplink as `unencrypted_from_peer` and counts it. The
+/// socket then reads the external host's own datagram (not a node: not
+/// judged) and node2's real one, through WireGuard, and nothing else.
+#[test]
+fn wireguard_encrypt_node_refuses_clear_node_traffic() {
+    let g = lab_with_args(
+        "e2e-wgnode",
+        2,
+        1,
+        Routing::Native,
+        &["--encryption", "wireguard", "--encrypt-node"],
+    );
+    let lab = &g.lab;
+    let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
+    let node1 = lab.node("node1").unwrap().address;
+    let node2 = lab.node("node2").unwrap().address;
+    let ip_c = pod_ip(lab, "node2-pod1");
+    let ctx = |what: &str, e: String| {
+        format!(
+            "{what}: {e}\nagent log node1:\n{}\nagent log node2:\n{}",
+            agent_log_tail(lab, "node1"),
+            agent_log_tail(lab, "node2")
+        )
+    };
+    eventually("node2 -> node1 through WireGuard", || {
+        tcp_roundtrip(&n1, node1, 8079, &n2).map(|_| ())
+    });
+
+    let cap = Capture::start(lab, "e2e-wgnode");
+    marker_exchange(&n1, node1, 7201, &n2).unwrap_or_else(|e| panic!("{}", ctx("marker node2->node1", e)));
+    marker_exchange(&n2, node2, 7202, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->node2", e)));
+    let (lines, raw) = cap.finish();
+    let (a1, a2) = (node1.to_string(), node2.to_string());
+    let between_nodes: Vec<&String> = lines.iter().filter(|l| l.contains(&a1) && l.contains(&a2)).collect();
+    assert!(
+        between_nodes.len() > 20,
+        "too few packets between the nodes captured: {}",
+        between_nodes.len()
+    );
+    let wg = format!(".{WG_PORT}");
+    let clear: Vec<&&String> = between_nodes
+        .iter()
+        .filter(|l| !(l.contains(&format!("{wg} >")) && l.contains(&format!("{wg}: UDP"))))
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "node traffic between the nodes that is not WireGuard:\n{}",
+        clear.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+
+    // Forged in clear from the external host.
+    let port = 7210;
+    let addr = SocketAddr::new(IpAddr::V4(node1), port);
+    let sock = n1
+        .run(move || std::net::UdpSocket::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let topo = lab.topology().expect("topology");
+    let ext = topo.external();
+    let before = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+    let forged = [(node2, "node2's address"), (ip_c, "node2-pod1's address")];
+    for (src, _) in forged {
+        let packet = ipv4_packet(src, node1, 17, 64, 0x4000, &[], &udp_datagram(40000, port, MARKER));
+        send_raw_ipv4(ext, packet).unwrap_or_else(|e| panic!("forged from {src}: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+        if now >= before + forged.len() as u64 {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forged from {forged:?}: node1's unencrypted_from_peer drops {before} -> {now}, not {} more\n{}",
+            forged.len(),
+            agent_log_tail(lab, "node1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let mut buf = [0u8; 256];
+    let mut read_one = |what: &str| {
+        let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("{what}: {e}"));
+        (buf[..n].to_vec(), from.ip())
+    };
+    ext.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"from outside", addr).unwrap();
+    })
+    .unwrap();
+    let outside = IpAddr::V4(sinew_testvms::lab::topology::EXTERNAL_UNDERLAY_ADDR);
+    assert_eq!(
+        read_one("the external host's own datagram"),
+        (b"from outside".to_vec(), outside),
+        "node1 read something else first: a forged datagram was delivered"
+    );
+    n2.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"through wireguard", addr).unwrap();
+    })
+    .unwrap();
+    assert_eq!(
+        read_one("node2's datagram through WireGuard"),
+        (b"through wireguard".to_vec(), IpAddr::V4(node2)),
+    );
+    sock.set_nonblocking(true).unwrap();
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "node1 read more than the two real datagrams"
+    );
+    eprintln!(
+        "encrypt-node: forged clear from node2 and node2-pod1: unencrypted_from_peer {before} -> {after}, none delivered"
+    );
 }
 
 /// With node2's key gone from the datastore, node1 sends it nothing:
