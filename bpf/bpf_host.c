@@ -2,9 +2,12 @@
 /*
  * Uplink device programs (the node's interface to the underlay).
  *
- * from_netdev: TC ingress. With encryption on, VXLAN and another node's
- *              traffic for a local pod that arrive in clear are dropped
- *              (only decrypted traffic may carry another node's pods).
+ * from_netdev: TC ingress. With encryption on, VXLAN, another node's
+ *              traffic for a local pod and another node's pods' traffic
+ *              for this node that arrive in clear are dropped (only
+ *              decrypted traffic may carry another node's pods), and with
+ *              WireGuard and --encrypt-node so is another node's traffic
+ *              for this node but WireGuard's own.
  *              Replies to masqueraded flows are translated back;
  *              node ports go to a backend (on this node with the
  *              client's address kept, or on another node from this node's
@@ -63,6 +66,12 @@ int from_netdev(struct __sk_buff *skb)
 		 * to the kernel's VXLAN socket). */
 		if (CFG_ROUTING_MODE == ROUTING_VXLAN &&
 		    vxlan_in_clear(skb, ip)) {
+			ret = -DROP_UNENCRYPTED_FROM_PEER;
+			goto out;
+		}
+		/* Nor do other nodes' pods (and, with --encrypt-node, the
+		 * nodes) send to this node's address in clear. */
+		if (daddr == CFG_NODE_IP && to_node_in_clear(skb, ip)) {
 			ret = -DROP_UNENCRYPTED_FROM_PEER;
 			goto out;
 		}

@@ -164,7 +164,7 @@ use sinew_netlink::xfrm::{Dir, Mode as XfrmMode, Policy, Prefix, Sa, Selector, T
 
 /// The reqid of every SA and policy template Sinew makes: what marks them
 /// as Sinew's in the kernel (an agent that restarts finds its own).
-pub const REQID: u32 = 0x5153_4e57;
+pub const REQID: u32 = sinew_abi::IPSEC_REQID;
 /// Priority of Sinew's policies (lower wins; below iproute2's default so
 /// that Sinew's win over a broad one someone added by hand).
 pub const PRIORITY: u32 = 1000;

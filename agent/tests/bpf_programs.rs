@@ -979,19 +979,22 @@ fn vxlan_packet_for_a_local_pod_is_unwrapped_at_the_uplink() {
 }
 
 /// Encryption on, the receive side: VXLAN (whole, a first fragment, with IP
-/// options, for a pod here or not) and another node's pod or node address
-/// sending to a pod here, all in clear on the uplink, are dropped as
-/// `unencrypted_from_peer` (decrypted traffic carries a secpath, which
-/// BPF_PROG_TEST_RUN cannot give a packet: the VM tiers' IPsec lab test
-/// covers that side). What is not another node's pod traffic still passes:
-/// a client outside to a pod, other traffic to the node address.
+/// options, for a pod here or not), another node's pod or node address
+/// sending to a pod here, and another node's pod sending to the node
+/// address (a node port here, too), all in clear on the uplink, are
+/// dropped as `unencrypted_from_peer` (decrypted traffic carries a
+/// secpath, which BPF_PROG_TEST_RUN cannot give a packet: the VM tiers'
+/// IPsec lab test covers that side, Sinew's reqid and another's). What is
+/// not another node's pod traffic still passes: a client outside to a pod
+/// or the node port, the peer node's traffic to the node address (no
+/// `--encrypt-node`).
 #[test]
 fn clear_traffic_from_another_node_is_dropped_when_encryption_is_on() {
     let uplink_mac = [0x02, 0, 0, 0, 0xaa, 0x01];
     let router_mac = [0x02, 0, 0, 0, 0xaa, 0x02];
     for (name, routing) in [("ipsec", RoutingMode::Vxlan), ("wireguard", RoutingMode::Native)] {
         in_new_netns(&format!("bpf-unenc-{name}"), move || {
-            let node = Node::with_config(routing, |c| {
+            let mut node = Node::with_config(routing, |c| {
                 if name == "ipsec" {
                     c.encrypt_ipsec = true;
                 } else {
@@ -999,6 +1002,7 @@ fn clear_traffic_from_another_node_is_dropped_when_encryption_is_on() {
                     c.encrypt_ifindex = 1;
                 }
             });
+            nodeport_service(&mut node, 6, 1);
             let b = node.b;
             let dropped = |what: &str, frame: Vec<u8>| {
                 let out = node.run(
@@ -1054,8 +1058,22 @@ fn clear_traffic_from_another_node_is_dropped_when_encryption_is_on() {
                     .macs(uplink_mac, router_mac)
                     .build(),
             );
+            // To the node's own address: a node port would hand it to a
+            // pod here under the remote pod's identity.
+            dropped(
+                "another node's pod to a node port here",
+                Ipv4Frame::tcp((REMOTE_POD, 40000), (NODE_IP, NODE_PORT), TCP_SYN)
+                    .macs(uplink_mac, router_mac)
+                    .build(),
+            );
+            dropped(
+                "another node's pod to the node address",
+                Ipv4Frame::udp((REMOTE_POD, 40000), (NODE_IP, 5000))
+                    .macs(uplink_mac, router_mac)
+                    .build(),
+            );
             passes(
-                "the peer to the node address (not VXLAN)",
+                "the peer to the node address (not VXLAN; no --encrypt-node)",
                 Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000))
                     .macs(uplink_mac, router_mac)
                     .build(),
@@ -1067,6 +1085,106 @@ fn clear_traffic_from_another_node_is_dropped_when_encryption_is_on() {
                     .macs(uplink_mac, router_mac)
                     .build(),
                 TC_ACT_REDIRECT,
+            );
+            passes(
+                "a client outside the cluster to the node port",
+                Ipv4Frame::tcp((OUTSIDE, 40000), (NODE_IP, NODE_PORT), TCP_SYN)
+                    .macs(uplink_mac, router_mac)
+                    .build(),
+                TC_ACT_REDIRECT,
+            );
+        });
+    }
+}
+
+/// WireGuard with `--encrypt-node`: every packet another node sends this
+/// node's address goes through WireGuard, so the same in clear on the
+/// uplink is dropped as `unencrypted_from_peer` (TCP, UDP, ICMP, a first
+/// fragment, VXLAN where it is not used, a UDP source port that only
+/// looks like WireGuard's). What still passes: WireGuard's own packets (to
+/// its port), a later fragment (the first one decides, and nothing
+/// reassembles without it), ARP, and hosts that are not nodes.
+#[test]
+fn clear_node_traffic_is_dropped_with_wireguard_and_encrypt_node() {
+    let uplink_mac = [0x02, 0, 0, 0, 0xaa, 0x01];
+    let router_mac = [0x02, 0, 0, 0, 0xaa, 0x02];
+    for routing in [RoutingMode::Native, RoutingMode::Vxlan] {
+        in_new_netns(&format!("bpf-unenc-node-{routing:?}"), move || {
+            let node = Node::with_config(routing, |c| {
+                c.encrypt_ifindex = 1;
+                c.encrypt_node = true;
+            });
+            let dropped = |what: &str, frame: Ipv4Frame| {
+                let frame = frame.macs(uplink_mac, router_mac).build();
+                let out = node.run(
+                    "from_netdev",
+                    &frame,
+                    node.uplink_ifindex,
+                    (UnencryptedFromPeer, Ingress),
+                );
+                assert_eq!(
+                    out.verdict,
+                    TC_ACT_SHOT,
+                    "{routing:?}: {what}: {}",
+                    verdict_name(out.verdict)
+                );
+            };
+            let passes = |what: &str, frame: Vec<u8>| {
+                let out = node.run("from_netdev", &frame, node.uplink_ifindex, (Forwarded, Ingress));
+                assert_eq!(
+                    out.verdict,
+                    TC_ACT_OK,
+                    "{routing:?}: {what}: {}",
+                    verdict_name(out.verdict)
+                );
+            };
+            dropped(
+                "the peer's TCP to the node",
+                Ipv4Frame::tcp((PEER_NODE_IP, 40000), (NODE_IP, 10250), TCP_SYN),
+            );
+            dropped(
+                "the peer's UDP to the node",
+                Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)),
+            );
+            dropped(
+                "the peer's ping to the node",
+                Ipv4Frame::echo(PEER_NODE_IP, NODE_IP, false, 9),
+            );
+            dropped(
+                "the first fragment of the peer's UDP",
+                Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x2000),
+            );
+            dropped(
+                "the peer's UDP from WireGuard's port to another",
+                Ipv4Frame::udp((PEER_NODE_IP, 51871), (NODE_IP, 5000)),
+            );
+            let inner = Ipv4Frame::tcp((REMOTE_POD, 40000), (node.b.ip, 80), TCP_SYN).build();
+            let vx = packet::vxlan(PEER_NODE_IP, NODE_IP, 4242, &inner)
+                .macs(uplink_mac, router_mac)
+                .build();
+            let out = node.run("from_netdev", &vx, node.uplink_ifindex, (UnencryptedFromPeer, Ingress));
+            assert_eq!(out.verdict, TC_ACT_SHOT, "{routing:?}: clear VXLAN from the peer");
+
+            let ours = |f: Ipv4Frame| f.macs(uplink_mac, router_mac).build();
+            passes(
+                "WireGuard from the peer",
+                ours(Ipv4Frame::udp((PEER_NODE_IP, 51871), (NODE_IP, 51871))),
+            );
+            passes(
+                "WireGuard from another port of the peer",
+                ours(Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 51871))),
+            );
+            passes(
+                "a later fragment from the peer",
+                ours(Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x0010)),
+            );
+            passes(
+                "a host outside the cluster to the node",
+                ours(Ipv4Frame::tcp((OUTSIDE, 40000), (NODE_IP, 10250), TCP_SYN)),
+            );
+            passes(
+                "the peer's ARP request",
+                packet::arp(ARP_REQUEST, [0x02, 0, 0, 0, 0xbb, 0x01], PEER_NODE_IP, [0; 6], NODE_IP),
             );
         });
     }

@@ -9,10 +9,13 @@
 //! neither; a node whose key is unknown gets nothing, dropped with its
 //! own reason, never sent in clear; and pod traffic forged in clear on the
 //! underlay (VXLAN, or the pod packet itself with native routing) is
-//! dropped as `unencrypted_from_peer`, never delivered. The IPsec tests
-//! (ESP: the VM tiers) check the same, and that decrypted VXLAN passes on
-//! both of the kernel's receive paths (straight to the VXLAN socket, and
-//! back through the uplink with XFRM GRO).
+//! dropped as `unencrypted_from_peer`, never delivered; with
+//! `--encrypt-node` the nodes' own traffic crosses only in WireGuard and
+//! the same forged in clear is dropped. The IPsec tests (ESP: the VM
+//! tiers) check the same, and that decrypted VXLAN passes on both of the
+//! kernel's receive paths (straight to the VXLAN socket, and back through
+//! the uplink with XFRM GRO), unless an SA that is not Sinew's decrypted
+//! it.
 
 mod e2e;
 
@@ -78,37 +81,20 @@ impl Capture {
         let ul = lab.topology().expect("topology").underlay().clone();
         let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
         let _ = std::fs::remove_file(&file);
-        let child = sinew_testvms::lab::netns::command_in(&ul, "tcpdump")
-            .expect("tcpdump in the underlay")
-            .args(["-i", "br0", "-U", "-s", "0", "-w"])
+        let mut cmd = sinew_testvms::lab::netns::command_in(&ul, "tcpdump").expect("tcpdump in the underlay");
+        // Each packet written at once: none of the last ones waits in a
+        // ring block when tcpdump stops.
+        cmd.args(["--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w"])
             .arg(&file)
-            .arg("ip")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump (package tcpdump) must be installed");
-        // tcpdump needs a moment before it captures.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !file.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        Capture { child, file }
+            .arg("ip");
+        Capture::spawn(cmd, file, "br0")
     }
 
-    /// tcpdump of what `iface` in `ns` receives, returned once it says it
-    /// listens (under TCG that can take seconds), each packet written at
-    /// once (`--immediate-mode`: none waits in a ring block when tcpdump
-    /// stops). For captures whose packets are counted.
-    fn listening(ns: &NetNs, iface: &str, filter: &str, name: &str) -> Capture {
+    /// Starts tcpdump and returns once it says it listens (a short
+    /// exchange would otherwise be over before it captures).
+    fn spawn(mut cmd: std::process::Command, file: std::path::PathBuf, iface: &str) -> Capture {
         use std::io::BufRead;
-        let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
-        let _ = std::fs::remove_file(&file);
-        let mut child = sinew_testvms::lab::netns::command_in(ns, "tcpdump")
-            .expect("tcpdump in a lab namespace")
-            .args(["--immediate-mode", "-Q", "in", "-i", iface, "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg(filter)
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -127,6 +113,20 @@ impl Capture {
         // Keeps reading, so that tcpdump never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
         Capture { child, file }
+    }
+
+    /// tcpdump of what `iface` in `ns` receives, returned once it says it
+    /// listens (under TCG that can take seconds), each packet written at
+    /// once (`--immediate-mode`: none waits in a ring block when tcpdump
+    /// stops). For captures whose packets are counted.
+    fn listening(ns: &NetNs, iface: &str, filter: &str, name: &str) -> Capture {
+        let file = std::env::temp_dir().join(format!("sinew-{name}-{}.pcap", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let mut cmd = sinew_testvms::lab::netns::command_in(ns, "tcpdump").expect("tcpdump in a lab namespace");
+        cmd.args(["--immediate-mode", "-Q", "in", "-i", iface, "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg(filter);
+        Capture::spawn(cmd, file, iface)
     }
 
     /// Stops the capture; returns (packets as tcpdump prints them with
@@ -405,6 +405,28 @@ fn encryption_is_observable(lab: &sinew_testvms::lab::Lab, bytes: u64) {
 /// a datagram node2-pod1 really sends, through encryption, to the same
 /// socket afterwards is the first and only one it reads.
 fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
+    forged_traffic_is_dropped(lab, vxlan, None);
+}
+
+/// ESP in transport mode around `payload` (an IPv4 packet's, protocol
+/// `next`) for an SA with null encryption and no authentication
+/// (`ecb(cipher_null)`): SPI, sequence number, the payload, padding to 4
+/// bytes, pad length, next header.
+fn esp_null(spi: u32, seq: u32, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut e = Vec::with_capacity(payload.len() + 16);
+    e.extend_from_slice(&spi.to_be_bytes());
+    e.extend_from_slice(&seq.to_be_bytes());
+    e.extend_from_slice(payload);
+    let pad = (4 - (payload.len() + 2) % 4) % 4;
+    e.extend((1..=pad as u8).collect::<Vec<_>>());
+    e.extend_from_slice(&[pad as u8, next]);
+    e
+}
+
+/// [`forged_clear_traffic_is_dropped`]; with `foreign_spi`, each forged
+/// VXLAN packet comes in ESP for that SA, which is not Sinew's (another
+/// reqid): XFRM decrypts it, and it must count as clear all the same.
+fn forged_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool, foreign_spi: Option<u32>) {
     use sinew_proto::observer_v1 as pb;
     const FORGED: u64 = 3;
     let (a, c) = ("node1-pod1", "node2-pod1");
@@ -431,8 +453,17 @@ fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
         frame.extend_from_slice(&(identity << 8).to_be_bytes());
         frame.extend_from_slice(&[0x0a, 0x58, 0, 0, 0, 1, 0x02, 0x5e, 0, 0, 0, 2, 0x08, 0x00]);
         frame.extend_from_slice(&inner_ip);
-        let outer = ipv4_packet(node2, node1, 17, 64, 0x4000, &[], &udp_datagram(40001, 8472, &frame));
-        (outer, "VXLAN from node2's address")
+        let udp = udp_datagram(40001, 8472, &frame);
+        match foreign_spi {
+            Some(spi) => (
+                ipv4_packet(node2, node1, 50, 64, 0x4000, &[], &esp_null(spi, 1, 17, &udp)),
+                "VXLAN from node2's address through a foreign SA",
+            ),
+            None => (
+                ipv4_packet(node2, node1, 17, 64, 0x4000, &[], &udp),
+                "VXLAN from node2's address",
+            ),
+        }
     } else {
         (inner_ip, "the pod packet, routed to node1")
     };
@@ -447,8 +478,13 @@ fn forged_clear_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, vxlan: bool) {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let before = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
-    for _ in 0..FORGED {
-        send_raw_ipv4(ext, packet.clone()).unwrap_or_else(|e| panic!("forged {how}: {e}"));
+    for seq in 1..=FORGED as u32 {
+        let mut packet = packet.clone();
+        if foreign_spi.is_some() {
+            // ESP's sequence number (nothing authenticates it).
+            packet[24..28].copy_from_slice(&seq.to_be_bytes());
+        }
+        send_raw_ipv4(ext, packet).unwrap_or_else(|e| panic!("forged {how}: {e}"));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
@@ -507,6 +543,129 @@ fn wireguard_encrypts_pod_traffic_vxlan() {
 #[test]
 fn wireguard_encrypts_pod_traffic_native() {
     encrypted_lab("e2e-wgn", Routing::Native);
+}
+
+/// `--encrypt-node`: the nodes' own traffic for each other crosses the
+/// underlay only in WireGuard (a capture during TCP exchanges between the
+/// node addresses, carrying the marker, shows nothing else and never the
+/// marker), and the same in clear is refused on receive. The lab's
+/// external host forges UDP datagrams carrying the marker to a socket on
+/// node1's address, from node2's address and from node2-pod1's: node1
+/// drops each at the uplink as `unencrypted_from_peer` and counts it. The
+/// socket then reads the external host's own datagram (not a node: not
+/// judged) and node2's real one, through WireGuard, and nothing else.
+#[test]
+fn wireguard_encrypt_node_refuses_clear_node_traffic() {
+    let g = lab_with_args(
+        "e2e-wgnode",
+        2,
+        1,
+        Routing::Native,
+        &["--encryption", "wireguard", "--encrypt-node"],
+    );
+    let lab = &g.lab;
+    let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
+    let node1 = lab.node("node1").unwrap().address;
+    let node2 = lab.node("node2").unwrap().address;
+    let ip_c = pod_ip(lab, "node2-pod1");
+    let ctx = |what: &str, e: String| {
+        format!(
+            "{what}: {e}\nagent log node1:\n{}\nagent log node2:\n{}",
+            agent_log_tail(lab, "node1"),
+            agent_log_tail(lab, "node2")
+        )
+    };
+    eventually("node2 -> node1 through WireGuard", || {
+        tcp_roundtrip(&n1, node1, 8079, &n2).map(|_| ())
+    });
+
+    let cap = Capture::start(lab, "e2e-wgnode");
+    marker_exchange(&n1, node1, 7201, &n2).unwrap_or_else(|e| panic!("{}", ctx("marker node2->node1", e)));
+    marker_exchange(&n2, node2, 7202, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->node2", e)));
+    let (lines, raw) = cap.finish();
+    let (a1, a2) = (node1.to_string(), node2.to_string());
+    let between_nodes: Vec<&String> = lines.iter().filter(|l| l.contains(&a1) && l.contains(&a2)).collect();
+    assert!(
+        between_nodes.len() > 20,
+        "too few packets between the nodes captured: {}",
+        between_nodes.len()
+    );
+    let wg = format!(".{WG_PORT}");
+    let clear: Vec<&&String> = between_nodes
+        .iter()
+        .filter(|l| !(l.contains(&format!("{wg} >")) && l.contains(&format!("{wg}: UDP"))))
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "node traffic between the nodes that is not WireGuard:\n{}",
+        clear.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+
+    // Forged in clear from the external host.
+    let port = 7210;
+    let addr = SocketAddr::new(IpAddr::V4(node1), port);
+    let sock = n1
+        .run(move || std::net::UdpSocket::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let topo = lab.topology().expect("topology");
+    let ext = topo.external();
+    let before = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+    let forged = [(node2, "node2's address"), (ip_c, "node2-pod1's address")];
+    for (src, _) in forged {
+        let packet = ipv4_packet(src, node1, 17, 64, 0x4000, &[], &udp_datagram(40000, port, MARKER));
+        send_raw_ipv4(ext, packet).unwrap_or_else(|e| panic!("forged from {src}: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = drop_count(lab, "node1", "unencrypted_from_peer", "ingress");
+        if now >= before + forged.len() as u64 {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forged from {forged:?}: node1's unencrypted_from_peer drops {before} -> {now}, not {} more\n{}",
+            forged.len(),
+            agent_log_tail(lab, "node1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let mut buf = [0u8; 256];
+    let mut read_one = |what: &str| {
+        let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("{what}: {e}"));
+        (buf[..n].to_vec(), from.ip())
+    };
+    ext.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"from outside", addr).unwrap();
+    })
+    .unwrap();
+    let outside = IpAddr::V4(sinew_testvms::lab::topology::EXTERNAL_UNDERLAY_ADDR);
+    assert_eq!(
+        read_one("the external host's own datagram"),
+        (b"from outside".to_vec(), outside),
+        "node1 read something else first: a forged datagram was delivered"
+    );
+    n2.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"through wireguard", addr).unwrap();
+    })
+    .unwrap();
+    assert_eq!(
+        read_one("node2's datagram through WireGuard"),
+        (b"through wireguard".to_vec(), IpAddr::V4(node2)),
+    );
+    sock.set_nonblocking(true).unwrap();
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "node1 read more than the two real datagrams"
+    );
+    eprintln!(
+        "encrypt-node: forged clear from node2 and node2-pod1: unencrypted_from_peer {before} -> {after}, none delivered"
+    );
 }
 
 /// With node2's key gone from the datastore, node1 sends it nothing:
@@ -1071,8 +1230,54 @@ fn ipsec_decrypted_vxlan_passes_on_both_receive_paths(lab: &sinew_testvms::lab::
         "with esp4_offload and GRO, decrypted VXLAN did not come back through eth0 instead of ESP ({esp} ESP, {vxlan} VXLAN)"
     );
     forged_clear_traffic_is_dropped(lab, true);
+    vxlan_through_a_foreign_sa_is_dropped(lab);
     node1_sh(lab, &["ethtool", "-K", "eth0", "gro", "off"]);
     underlay_tso("on");
+}
+
+/// A second IPsec user on node1: an SA of its own (reqid 7, not Sinew's,
+/// with null encryption so the test can write its packets) from node2's
+/// address. On the XFRM GRO path, VXLAN the attacker sends through it
+/// comes back through eth0 decrypted, with a secpath, as Sinew's own does;
+/// it is dropped as unencrypted_from_peer all the same, and never
+/// delivered. (On the stack path the kernel itself refuses it: Sinew's
+/// inbound policy for node2's VXLAN wants a state of its reqid.)
+fn vxlan_through_a_foreign_sa_is_dropped(lab: &sinew_testvms::lab::Lab) {
+    const SPI: u32 = 0x00f0_0001;
+    let node1 = lab.node("node1").unwrap().address.to_string();
+    let node2 = lab.node("node2").unwrap().address.to_string();
+    let spi = format!("{SPI:#x}");
+    node1_sh(
+        lab,
+        &[
+            "ip",
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            &node2,
+            "dst",
+            &node1,
+            "proto",
+            "esp",
+            "spi",
+            &spi,
+            "reqid",
+            "7",
+            "mode",
+            "transport",
+            "enc",
+            "ecb(cipher_null)",
+            "",
+        ],
+    );
+    forged_traffic_is_dropped(lab, true, Some(SPI));
+    node1_sh(
+        lab,
+        &[
+            "ip", "xfrm", "state", "delete", "src", &node2, "dst", &node1, "proto", "esp", "spi", &spi,
+        ],
+    );
 }
 
 /// node1's SAs and policies flushed behind the agent's back (as `ip xfrm

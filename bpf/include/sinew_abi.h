@@ -418,4 +418,8 @@ struct lb_nat_entry {
 /* The UDP port of the agent's VXLAN device. */
 #define SINEW_VXLAN_PORT 8472
 
+/* The reqid of every XFRM state and policy template the agent makes
+ * (IPsec): what marks a state as Sinew's, on receive too. */
+#define SINEW_IPSEC_REQID 0x51534e57
+
 #endif

@@ -118,14 +118,24 @@ static __always_inline int encrypt_enabled(void)
 	return CFG_ENCRYPT_IPSEC || CFG_ENCRYPT_IFINDEX;
 }
 
-/* Whether XFRM decrypted this packet (it has a secpath with a state). */
+/*
+ * Whether XFRM decrypted this packet with one of Sinew's own states: its
+ * secpath holds exactly one state, and that state has the agent's reqid.
+ * A state someone else installed on the node (another reqid, a key that is
+ * not the cluster's) says nothing about who sent the packet, so what it
+ * decrypted is treated as clear; so is a packet with a second layer, which
+ * Sinew never makes.
+ */
 static __always_inline int ipsec_decrypted(struct __sk_buff *skb)
 {
 	struct bpf_xfrm_state xs = {};
 
 	if (!CFG_ENCRYPT_IPSEC)
 		return 0;
-	return bpf_skb_get_xfrm_state(skb, 0, &xs, sizeof(xs), 0) == 0;
+	if (bpf_skb_get_xfrm_state(skb, 0, &xs, sizeof(xs), 0) < 0 ||
+	    xs.reqid != SINEW_IPSEC_REQID)
+		return 0;
+	return bpf_skb_get_xfrm_state(skb, 1, &xs, sizeof(xs), 0) < 0;
 }
 
 /*
@@ -157,6 +167,45 @@ static __always_inline int from_peer_in_clear(struct __sk_buff *skb,
 	      (IPCACHE_F_NODE | IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP)))
 		return 0;
 	return !ipsec_decrypted(skb);
+}
+
+/*
+ * A packet for this node's own address, in clear: from another node's pod
+ * (a pod's traffic for another node always goes through encryption, so a
+ * clear one was forged, and a node port would otherwise hand it to a pod
+ * here under that pod's identity), or, with WireGuard and
+ * CFG_ENCRYPT_NODE, from another node's address, whose traffic for this
+ * node all goes through WireGuard (to_netdev on that node), but
+ * WireGuard's own UDP (to its port). Not judged: a later fragment (its first
+ * one was, and nothing reassembles without it), addresses that are not nodes
+ * (external hosts; a node not known yet), anything but IPv4 (ARP). With
+ * IPsec, the kernel's inbound policies refuse another node's clear traffic
+ * themselves (--encrypt-node).
+ */
+static __always_inline int to_node_in_clear(struct __sk_buff *skb,
+					    struct iphdr *ip)
+{
+	struct ipcache_value *src;
+	__be16 dport;
+
+	if (!encrypt_enabled())
+		return 0;
+	src = ipcache_lookup4(ip->saddr);
+	if (!src || !src->tunnel_endpoint)
+		return 0;
+	if (src->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP))
+		return !ipsec_decrypted(skb);
+	if (!(src->flags & IPCACHE_F_NODE) || !CFG_ENCRYPT_NODE ||
+	    !CFG_ENCRYPT_IFINDEX || (ip->frag_off & bpf_htons(0x1fff)))
+		return 0;
+	/* WireGuard sends to its peers' port, the same on every node. */
+	if (ip->protocol == IPPROTO_UDP &&
+	    bpf_skb_load_bytes(
+		skb, IP_OFF + ip->ihl * 4 + offsetof(struct udphdr, dest),
+		&dport, sizeof(dport)) == 0 &&
+	    dport == bpf_htons(CFG_WIREGUARD_PORT))
+		return 0;
+	return 1;
 }
 
 #endif

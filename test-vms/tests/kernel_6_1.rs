@@ -18,7 +18,8 @@
 //! forged in clear on the underlay is dropped as `unencrypted_from_peer`
 //! and never delivered, and decrypted VXLAN passes on both of the
 //! kernel's receive paths (straight to the VXLAN socket; with esp4_offload
-//! and GRO, back through the uplink's TC ingress with a secpath).
+//! and GRO, back through the uplink's TC ingress with a secpath), but not
+//! VXLAN that an SA of another reqid decrypted.
 //!
 //! The same test binary runs twice: on the host it snapshots the already
 //! built binaries and boots the VM; inside the VM (`SINEW_K61_GUEST` set) it

@@ -13,14 +13,17 @@
 //!   agent keeps its device), a node without a key gets nothing in
 //!   clear (dropped as no_encryption_key, counted), and VXLAN forged in
 //!   clear on the underlay is dropped as unencrypted_from_peer, never
-//!   delivered;
+//!   delivered; with `--encrypt-node`, node-to-node traffic crosses only
+//!   in WireGuard, and the same forged in clear (from another node's or
+//!   its pod's address, to the node's) is dropped;
 //! - the same with IPsec (this host's kernel has no ESP; 6.12 has): only
 //!   ESP on the underlay, the matrix, policy by identity, a new cluster key
 //!   (`sinew encryption rotate-ipsec-key`, then `retire-ipsec-keys`) during
 //!   a steady connection and a request loop with nothing lost, and a node
 //!   whose IPsec state is gone gets nothing in clear, forged clear VXLAN
 //!   is dropped and decrypted VXLAN passes on both receive paths (with and
-//!   without XFRM GRO);
+//!   without XFRM GRO), but not VXLAN decrypted by an SA that is not
+//!   Sinew's (another reqid);
 //! - IPsec with the agents on the kubernetes backend (the fake API, the
 //!   keys from the Secret): only ESP on the underlay, a rotation through
 //!   the Secret, every request allowed by the rendered RBAC.
@@ -45,8 +48,8 @@ const GUEST_ENV: &str = "SINEW_K612_GUEST";
 const TEST_NAME: &str = "kernel_wireguard_on_linux_6_12";
 const STEPS: [&str; 3] = ["kernel", "kernel wireguard device", "encryption lab"];
 /// The lab tests the guest runs (all of e2e_encryption but the native
-/// variant: three WireGuard, three IPsec).
-const LAB_TESTS: usize = 6;
+/// variant: four WireGuard, three IPsec).
+const LAB_TESTS: usize = 7;
 
 #[test]
 fn kernel_wireguard_on_linux_6_12() {

@@ -95,6 +95,7 @@ mod tests {
         assert_eq!(number("SINEW_IDENTITY_MIN_CIDR"), IDENTITY_MIN_CIDR);
         assert_eq!(value("PROXY_MARK_ID_MASK"), "(PROXY_MARK_CIDR - 1)");
         assert_eq!(number("SINEW_ABI_VERSION"), crate::ABI_VERSION);
+        assert_eq!(number("SINEW_IPSEC_REQID"), crate::IPSEC_REQID);
         // Not a proxy mark, so a redirected packet is never taken for one.
         assert_eq!(proxy_mark_identity(MARK_TO_PROXY), None);
     }

@@ -13,6 +13,10 @@ pub const IDENTITY_MIN_CLUSTER: u32 = 256;
 /// The UDP port of the agent's VXLAN device (SINEW_VXLAN_PORT).
 pub const VXLAN_PORT: u16 = 8472;
 
+/// The reqid of every XFRM state and policy template the agent makes
+/// (SINEW_IPSEC_REQID): the receive check accepts only these states.
+pub const IPSEC_REQID: u32 = 0x5153_4e57;
+
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
