@@ -9,7 +9,12 @@
  * counts with the same atomic operations the datapath adds them with;
  * user space could only read and delete, and lose what was added between.
  *
- * Returns the number of reports it wrote.
+ * Returns the number of reports it wrote, with FLUSH_MORE set when it
+ * stopped early: a flush writes its reports while the agent's reader
+ * waits for it, so once half of the event ring is waiting it leaves the
+ * rest of the table (counts keep accumulating, nothing is lost) for a run
+ * after the agent has drained the ring. Many flows due at once (up to the
+ * table's 65,536) would otherwise overflow any ring of a few MiB.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -28,7 +33,15 @@
 struct flush_ctx {
 	__u64 now;
 	__u32 reports;
+	__u32 more;
 };
+
+/* Half of the event ring waits for the reader. */
+static __always_inline int ring_half_full(void)
+{
+	return bpf_ringbuf_query(&sinew_events, BPF_RB_AVAIL_DATA) >
+	       bpf_ringbuf_query(&sinew_events, BPF_RB_RING_SIZE) / 2;
+}
 
 static long flush_one(void *map, struct flow_agg_key *k, struct flow_agg *a,
 		      struct flush_ctx *c)
@@ -36,18 +49,26 @@ static long flush_one(void *map, struct flow_agg_key *k, struct flow_agg *a,
 	__u64 idle_after = CFG_EVENT_REPORT_INTERVAL_NS;
 	__u64 seen = a->last_seen_ns, v;
 	struct flow_event e = {};
+	int idle;
 
 	if (a->state == FLOW_CLOSING && idle_after > FLOW_CLOSE_IDLE_NS)
 		idle_after = FLOW_CLOSE_IDLE_NS;
-	if (c->now > seen && c->now - seen >= idle_after) {
+	idle = c->now > seen && c->now - seen >= idle_after;
+	if (!idle &&
+	    (c->now < a->last_report_ns ||
+	     c->now - a->last_report_ns < CFG_EVENT_REPORT_INTERVAL_NS))
+		return 0;
+	/* Due: untouched until the next run if the ring has no room. */
+	if (ring_half_full()) {
+		c->more = 1;
+		return 1;
+	}
+	if (idle) {
 		v = __sync_lock_test_and_set(&a->acc, FLOW_ACC_DEAD);
 		bpf_map_delete_elem(&sinew_flow_agg, k);
 		if (!v || (v & FLOW_ACC_DEAD))
 			return 0;
 	} else {
-		if (c->now < a->last_report_ns ||
-		    c->now - a->last_report_ns < CFG_EVENT_REPORT_INTERVAL_NS)
-			return 0;
 		v = acc_take(a);
 		if (!v)
 			return 0;
@@ -83,7 +104,7 @@ int flush_flows(struct __sk_buff *skb)
 		return 0;
 	c.now = bpf_ktime_get_coarse_ns();
 	bpf_for_each_map_elem(&sinew_flow_agg, flush_one, &c, 0);
-	return c.reports;
+	return c.reports | (c.more ? FLUSH_MORE : 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

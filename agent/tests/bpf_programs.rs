@@ -1235,6 +1235,7 @@ fn flow_reports_count_every_packet_once() {
 
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
     use sinew_abi::{FlowAgg, FlowAggKey, FlowEvent, FLOW_ACC_DEAD};
+    use sinew_agent::datapath::Flushed;
 
     const TCP_FIN: u8 = 0x01;
     in_new_netns("bpf-flowsum", || {
@@ -1299,7 +1300,7 @@ fn flow_reports_count_every_packet_once() {
             3,
             "the UDP flow and the two pings report their first packet"
         );
-        assert_eq!(flusher.run().unwrap(), 0, "nothing is an interval old yet");
+        assert_eq!(flusher.run().unwrap().reports, 0, "nothing is an interval old yet");
 
         // A packet that finds its entry being retired (as by a flush on
         // another CPU) is not in the flush's report: it reports itself.
@@ -1323,11 +1324,14 @@ fn flow_reports_count_every_packet_once() {
         std::thread::sleep(interval + Duration::from_millis(300));
         assert_eq!(
             flusher.run().unwrap(),
-            4,
+            Flushed {
+                reports: 4,
+                more: false
+            },
             "the flush reports the TCP teardown's last ACK, the UDP flow and the two pings"
         );
         assert_eq!(read(&mut reports), 4);
-        assert_eq!(flusher.run().unwrap(), 0, "and only once");
+        assert_eq!(flusher.run().unwrap().reports, 0, "and only once");
         assert_eq!(read(&mut reports), 0);
         assert_eq!(agg.keys().count(), 0, "idle entries are retired");
 
@@ -1346,6 +1350,119 @@ fn flow_reports_count_every_packet_once() {
             g.1 += ev.bytes;
         }
         assert_eq!(got, sent, "reports per flow (packets, bytes) against what was sent");
+    });
+}
+
+/// Flows due all at once fill no ring: the flush stops once half the ring
+/// waits, says so, and the next run after a read goes on where it left
+/// off, until every flow is reported once and none is lost. A ring of one
+/// page (51 records) and 200 idle flows.
+#[test]
+fn the_flush_stops_at_half_a_ring_and_goes_on_after_a_read() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use sinew_abi::{FlowAgg, FlowAggKey, FlowEvent, FLOW_ACC_PKT_SHIFT};
+
+    const FLOWS: u16 = 200;
+    in_new_netns("bpf-flushhalf", || {
+        let mut node = Node::with_config(RoutingMode::Native, |c| c.event_ring_bytes = 4096);
+        let mut ring = node.dp.take_events().expect("event ring");
+        let flusher = node.dp.take_flusher().expect("flow flush");
+        let agg_path = node.dp.config().map_dir().join(sinew_abi::maps::FLOW_AGG);
+        let mut agg: BpfHashMap<MapData, FlowAggKey, FlowAgg> =
+            BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&agg_path).expect("pinned flow_agg"))).unwrap();
+        let (a, b) = (node.a, node.b);
+        for port in 0..FLOWS {
+            let key = FlowAggKey {
+                saddr: u32::from_ne_bytes(a.ip.octets()),
+                daddr: u32::from_ne_bytes(b.ip.octets()),
+                sport: (10_000 + port).to_be(),
+                dport: 53u16.to_be(),
+                proto: 17,
+                hook: 1, // HOOK_FROM_CONTAINER
+                icmp_id: 0,
+            };
+            // Two packets of 100 bytes, the last one long ago: idle.
+            let flow = FlowAgg {
+                acc: (2 << FLOW_ACC_PKT_SHIFT) | 200,
+                last_seen_ns: 1,
+                ifindex: a.ifindex,
+                ..FlowAgg::default()
+            };
+            agg.insert(key, flow, 0).unwrap();
+        }
+        let mut ports = std::collections::BTreeSet::new();
+        let mut runs = 0;
+        loop {
+            let done = flusher.run().unwrap();
+            runs += 1;
+            // Stops at the first due flow past half of 4096 bytes: 26
+            // records of 80 bytes with their headers.
+            assert!(done.reports <= 26, "run {runs}: {done:?}");
+            let mut read = 0;
+            while let Some(item) = ring.next() {
+                let ev = FlowEvent::from_bytes(&item).expect("a whole event");
+                assert_eq!((ev.packets, ev.bytes), (2, 200), "{ev:?}");
+                assert!(ports.insert(u16::from_be(ev.sport)), "reported twice: {ev:?}");
+                read += 1;
+            }
+            assert_eq!(read, done.reports, "run {runs}");
+            if !done.more {
+                break;
+            }
+            assert!(runs < 100, "the flush does not finish");
+        }
+        assert!(runs >= 8, "{runs} runs: the first ones stopped early");
+        assert_eq!(ports.len(), usize::from(FLOWS), "every flow reported once");
+        assert_eq!(agg.keys().count(), 0, "and retired");
+        assert_eq!(node.dp.events_lost().iter().sum::<u64>(), 0, "no report lost");
+    });
+}
+
+/// A restart with another `--event-ring-size` (or a new default) gets a
+/// ring of that size, not the pinned one of the agent before: read with
+/// the new size's mask, the old ring's records would be at the wrong
+/// offsets.
+#[test]
+fn a_restart_with_another_ring_size_replaces_the_pinned_ring() {
+    use aya::maps::MapData;
+    use sinew_abi::FlowEvent;
+    use sinew_agent::datapath::Datapath;
+
+    in_new_netns("bpf-ringsize", || {
+        let mut node = Node::new(RoutingMode::Native);
+        let pin = node.dp.config().map_dir().join(sinew_abi::maps::EVENTS);
+        let size = |pin: &std::path::Path| MapData::from_pin(pin).unwrap().info().unwrap().max_entries();
+        assert_eq!(size(&pin), 1 << 16);
+        let (a, b) = (node.a, node.b);
+        let syn = |port| {
+            Ipv4Frame::tcp((a.ip, port), (b.ip, 80), TCP_SYN)
+                .macs(a.host_mac, a.mac)
+                .build()
+        };
+        // Records read and left behind in the old ring move its positions.
+        let mut ring = node.dp.take_events().expect("event ring");
+        node.run("from_container", &syn(40001), a.ifindex, (Forwarded, Egress));
+        assert!(ring.next().is_some(), "the SYN's report");
+        node.run("from_container", &syn(40002), a.ifindex, (Forwarded, Egress));
+        drop(ring);
+
+        let mut cfg = node.dp.config().clone();
+        cfg.event_ring_bytes = 1 << 14;
+        node.dp = Datapath::load(cfg).unwrap_or_else(|e| panic!("cannot load the datapath again: {e} ({e:?})"));
+        assert_eq!(size(&pin), 1 << 14, "the pinned ring has the new size");
+        let mut ring = node.dp.take_events().expect("event ring");
+        assert!(
+            ring.next().is_none(),
+            "a new ring: the record left in the old one is not read"
+        );
+        node.run("from_container", &syn(40003), a.ifindex, (Forwarded, Egress));
+        let item = ring.next().expect("the new SYN's report");
+        let ev = FlowEvent::from_bytes(&item).expect("a whole event");
+        assert_eq!(
+            (ev.saddr, u16::from_be(ev.sport)),
+            (u32::from_ne_bytes(a.ip.octets()), 40003),
+            "{ev:?}"
+        );
     });
 }
 

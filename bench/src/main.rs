@@ -87,7 +87,12 @@ enum Command {
     L7Untouched,
     /// Flow observability: events per second the agent reads without loss
     /// (CPU, memory), and TCP_RR/CRR/iperf3 with events on vs off.
-    Observe,
+    Observe {
+        /// Only the event rate (events read and lost per step), not the
+        /// overhead on TCP_RR/CRR/iperf3.
+        #[arg(long)]
+        events_only: bool,
+    },
     /// ClusterIP services (issue 5): new connections per second and
     /// first-byte latency with N other services, Sinew vs kube-proxy's
     /// iptables and nftables shapes vs the pod address; iperf3 at 0.
@@ -386,7 +391,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     // The kernel default, which a node agent only changes with --bpf-stats.
     let _stats = BpfStatsOff::new(&mut report);
     let result: anyhow::Result<()> = match &cli.command {
-        Command::Observe => observe::all(&opts, &mut report).map_err(Into::into),
+        Command::Observe { events_only: true } => observe::event_rate(&opts, &mut report).map_err(Into::into),
+        Command::Observe { events_only: false } => observe::all(&opts, &mut report).map_err(Into::into),
         Command::Services { sizes } => {
             let default = if cli.quick { "0,100" } else { "0,1000,10000" };
             services::parse_sizes(sizes.as_deref().unwrap_or(default))
@@ -482,7 +488,7 @@ fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result
         ),
         Command::Policy => policy::all(opts, report),
         Command::L7Untouched => policy::l7_untouched(opts, report),
-        Command::Observe | Command::Services { .. } | Command::Kube => unreachable!("handled in run"),
+        Command::Observe { .. } | Command::Services { .. } | Command::Kube => unreachable!("handled in run"),
         Command::SvcClient(_) | Command::L7Match | Command::L7Proxy { .. } | Command::WireguardUserspace => {
             unreachable!("handled in main")
         }

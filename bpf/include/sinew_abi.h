@@ -286,6 +286,13 @@ struct flow_event {
 #define FLOW_OPEN    0
 #define FLOW_CLOSING 1 /* TCP FIN or RST seen: the last ACKs follow */
 
+/*
+ * Set in flush_flows' return value (beside the number of reports it wrote)
+ * when it stopped with entries left because half of the event ring was
+ * waiting: the agent drains the ring and runs it again.
+ */
+#define FLUSH_MORE (1U << 31)
+
 struct flow_agg_key {
 	__u32 saddr;
 	__u32 daddr;

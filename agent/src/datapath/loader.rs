@@ -131,10 +131,19 @@ pub struct FlowFlusher {
     obj: Ebpf,
 }
 
+/// What one run of the flow flush did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flushed {
+    /// Reports it wrote to the event ring.
+    pub reports: u32,
+    /// It stopped with flows still due because half of the ring was
+    /// waiting: drain the ring and run it again.
+    pub more: bool,
+}
+
 impl FlowFlusher {
-    /// Runs the flush once (BPF_PROG_TEST_RUN); returns how many reports
-    /// it wrote to the event ring.
-    pub fn run(&self) -> Result<u32, DatapathError> {
+    /// Runs the flush once (BPF_PROG_TEST_RUN).
+    pub fn run(&self) -> Result<Flushed, DatapathError> {
         let err = |source| DatapathError::Program {
             program: FLUSH_PROGRAM,
             source: Box::new(source),
@@ -156,7 +165,39 @@ impl FlowFlusher {
                 ..TestRunOptions::default()
             })
             .map_err(err)?;
-        Ok(r.return_value)
+        Ok(Flushed {
+            reports: r.return_value & !sinew_abi::FLUSH_MORE,
+            more: r.return_value & sinew_abi::FLUSH_MORE != 0,
+        })
+    }
+}
+
+/// Unpins the flow event ring an agent before pinned with another size
+/// (`--event-ring-size`, or its default, changed across a restart), so that
+/// the load creates one of the size asked. Re-adopted, the old ring would
+/// be read with the new size's mask: the reader maps only part of it and
+/// finds records at the wrong offsets. The records still in it are lost
+/// to `sinew observe`; the programs that still write to it are replaced
+/// by this load.
+fn drop_resized_ring(pin: &Path, bytes: u32) {
+    let Ok(ring) = MapData::from_pin(pin) else { return };
+    let pinned = match ring.info() {
+        Ok(info) => info.max_entries(),
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "cannot read the size of the pinned flow event ring; keeping it");
+            return;
+        }
+    };
+    if pinned == bytes {
+        return;
+    }
+    match std::fs::remove_file(pin) {
+        Ok(()) => tracing::info!(
+            pinned,
+            bytes,
+            "the pinned flow event ring has another size than --event-ring-size: replacing it (events still in it are not read)"
+        ),
+        Err(e) => tracing::warn!(pin = %pin.display(), error = %e, "cannot unpin the flow event ring of another size"),
     }
 }
 
@@ -171,6 +212,7 @@ impl Datapath {
             })?;
         }
         let maps_reused = map_dir.join(maps::IPCACHE).exists();
+        drop_resized_ring(&map_dir.join(maps::EVENTS), cfg.event_ring_bytes);
         let node_ip = u32::from_ne_bytes(cfg.node_ip.octets());
         let routing = match cfg.routing {
             RoutingMode::Vxlan => sinew_abi::ROUTING_VXLAN,

@@ -10,5 +10,5 @@ mod loader;
 mod pinned;
 
 pub use attach::{detach_pinned, AttachMode, Hook};
-pub use loader::{Datapath, DatapathConfig, DatapathError, FlowFlusher, LbEntries, RoutingMode};
+pub use loader::{Datapath, DatapathConfig, DatapathError, FlowFlusher, Flushed, LbEntries, RoutingMode};
 pub use pinned::{LpmKeyed, PinnedHash, PinnedLpm};

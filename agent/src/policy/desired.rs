@@ -26,6 +26,17 @@ pub fn policies_in_force(path: &std::path::Path) -> Vec<sinew_model::PolicyDoc> 
     }
 }
 
+/// What tells one set of policy documents from another for
+/// [`PolicyState::persisted`]: SipHash with fixed keys, so two different
+/// sets collide with odds of about 2^-64 (the write would then wait for
+/// the next change).
+pub(super) fn docs_hash(docs: &[sinew_model::PolicyDoc]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    docs.hash(&mut h);
+    h.finish()
+}
+
 impl PolicyState {
     /// Re-parses policy documents when the snapshot changed. The datastore
     /// has validated them (an invalid update keeps the version in force);
@@ -48,10 +59,11 @@ impl PolicyState {
         self.resources = resources;
         self.errors = errors;
         if let Some(path) = &self.persist {
-            if self.persisted != snap.policies {
+            let hash = docs_hash(&snap.policies);
+            if self.persisted != hash {
                 let json = serde_json::to_vec(&snap.policies).expect("policy documents serialize");
                 match crate::ipam::write_atomic(path, &json) {
-                    Ok(()) => self.persisted = snap.policies.clone(),
+                    Ok(()) => self.persisted = hash,
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "cannot keep the policies in force for a restart")
                     }
@@ -183,4 +195,59 @@ pub fn named_ports(p: &BTreeMap<String, (String, u16)>) -> sinew_policy::NamedPo
             Some((n.clone(), (proto, *port)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(generation: u64, names: &[&str]) -> Snapshot {
+        let policies = names
+            .iter()
+            .map(|n| sinew_model::PolicyDoc {
+                kind: "NetworkPolicy".into(),
+                namespace: Some("prod".into()),
+                name: (*n).into(),
+                source: "p.yaml".into(),
+                yaml: format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {n}, namespace: prod}}\nspec: {{podSelector: {{}}}}\n"
+                ),
+            })
+            .collect();
+        Snapshot {
+            generation,
+            policies,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn the_policies_in_force_are_written_when_they_change_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.json");
+        std::fs::write(&path, b"from the agent before").unwrap();
+        let mut p = PolicyState {
+            persist: Some(path.clone()),
+            ..PolicyState::default()
+        };
+        p.refresh(&snap(1, &[]));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"from the agent before",
+            "an empty first snapshot writes nothing"
+        );
+        p.refresh(&snap(2, &["a"]));
+        let names = |v: Vec<sinew_model::PolicyDoc>| v.into_iter().map(|d| d.name).collect::<Vec<_>>();
+        assert_eq!(names(policies_in_force(&path)), ["a"]);
+        std::fs::remove_file(&path).unwrap();
+        p.refresh(&snap(3, &["a"]));
+        assert!(
+            !path.exists(),
+            "the same documents in a new snapshot are not written again"
+        );
+        p.refresh(&snap(4, &["a", "b"]));
+        assert_eq!(names(policies_in_force(&path)), ["a", "b"]);
+        p.refresh(&snap(5, &[]));
+        assert!(policies_in_force(&path).is_empty(), "none in force is written too");
+    }
 }

@@ -58,9 +58,13 @@ pub struct PolicyState {
     /// Map writes refused (table full), ever.
     pub overflows: u64,
     /// Where the policy documents in force are kept for the next start
-    /// (`--state-dir`), and what was written there last.
+    /// (`--state-dir`), and a hash of what was written there last (a hash,
+    /// not a copy: the snapshot already holds every document, and at 500
+    /// policies a copy is a few hundred KB more). It starts as the hash of
+    /// no documents, so that an empty first snapshot leaves the file of
+    /// the agent before alone, as the copy did.
     pub persist: Option<std::path::PathBuf>,
-    pub(super) persisted: Vec<sinew_model::PolicyDoc>,
+    pub(super) persisted: u64,
 }
 
 impl Default for PolicyState {
@@ -82,7 +86,7 @@ impl Default for PolicyState {
             proxy: None,
             overflows: 0,
             persist: None,
-            persisted: Vec::new(),
+            persisted: desired::docs_hash(&[]),
         }
     }
 }

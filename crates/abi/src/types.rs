@@ -372,6 +372,9 @@ pub struct FlowAgg {
 /// `flow_agg.acc`: set once the entry is being retired.
 pub const FLOW_ACC_DEAD: u64 = 1 << 63;
 pub const FLOW_ACC_PKT_SHIFT: u32 = 40;
+/// In the flow flush's return value: it stopped with entries left because
+/// half of the event ring was waiting (`FLUSH_MORE` in sinew_abi.h).
+pub const FLUSH_MORE: u32 = 1 << 31;
 
 impl FlowAgg {
     /// (packets, bytes) waiting for a report.

@@ -146,7 +146,7 @@ pub struct PublishedEndpoint {
 /// A policy document as written; the policy crate parses and validates it.
 /// Serializable so that an agent can keep the versions in force across a
 /// restart.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PolicyDoc {
     pub kind: String,
     pub namespace: Option<String>,
