@@ -65,6 +65,33 @@ pub fn head(b: &[u8]) -> Option<Head> {
     })
 }
 
+/// Hands each whole frame at the front of `buf` to `f`, in order, while
+/// `f` returns `Ok(true)`. A frame longer than [`MAX_FRAME`] stops it with
+/// `too_long()`. Returns the octets of the frames handed over (a partial
+/// frame stays for the next read) and the first error.
+pub fn each_frame<E>(
+    buf: &[u8],
+    too_long: impl FnOnce() -> E,
+    mut f: impl FnMut(Head, &[u8]) -> Result<bool, E>,
+) -> (usize, Result<(), E>) {
+    let mut pos = 0;
+    while let Some(h) = head(&buf[pos..]) {
+        if h.len > MAX_FRAME {
+            return (pos, Err(too_long()));
+        }
+        let Some(p) = buf.get(pos + HEAD_LEN..pos + HEAD_LEN + h.len) else {
+            break;
+        };
+        pos += HEAD_LEN + h.len;
+        match f(h, p) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return (pos, Err(e)),
+        }
+    }
+    (pos, Ok(()))
+}
+
 pub fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }

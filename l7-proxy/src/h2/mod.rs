@@ -932,23 +932,14 @@ impl H2 {
 
     fn client_frames(&mut self, c: usize) -> Result<(), ConnError> {
         let buf = std::mem::take(&mut self.cl(c).wire.rbuf);
-        let mut pos = 0;
-        let mut r = Ok(());
-        while let Some(h) = head(&buf[pos..]) {
-            if h.len > MAX_FRAME {
-                r = Err(conn_err(FRAME_SIZE_ERROR, "frame over SETTINGS_MAX_FRAME_SIZE"));
-                break;
-            }
-            if buf.len() - pos < HEAD_LEN + h.len {
-                break;
-            }
-            let p = &buf[pos + HEAD_LEN..pos + HEAD_LEN + h.len];
-            pos += HEAD_LEN + h.len;
-            r = self.client_frame(c, h, p);
-            if r.is_err() || self.cl(c).closing {
-                break;
-            }
-        }
+        let (pos, r) = each_frame(
+            &buf,
+            || conn_err(FRAME_SIZE_ERROR, "frame over SETTINGS_MAX_FRAME_SIZE"),
+            |h, p| {
+                self.client_frame(c, h, p)?;
+                Ok(!self.cl(c).closing)
+            },
+        );
         let mut buf = buf;
         buf.advance(pos);
         self.cl(c).wire.rbuf = buf;
@@ -1767,23 +1758,14 @@ impl H2 {
         };
         let eof = w.eof;
         let buf = std::mem::take(&mut w.rbuf);
-        let mut pos = 0;
-        let mut r = Ok(());
-        while let Some(h) = head(&buf[pos..]) {
-            if h.len > MAX_FRAME {
-                r = Err(conn_err(FRAME_SIZE_ERROR, "upstream frame too long"));
-                break;
-            }
-            if buf.len() - pos < HEAD_LEN + h.len {
-                break;
-            }
-            let p = &buf[pos + HEAD_LEN..pos + HEAD_LEN + h.len];
-            pos += HEAD_LEN + h.len;
-            r = self.upstream_frame(u, h, p);
-            if r.is_err() || self.ups[u].is_none() {
-                break;
-            }
-        }
+        let (pos, r) = each_frame(
+            &buf,
+            || conn_err(FRAME_SIZE_ERROR, "upstream frame too long"),
+            |h, p| {
+                self.upstream_frame(u, h, p)?;
+                Ok(self.ups[u].is_some())
+            },
+        );
         if let Some(w) = self.up_wire(u) {
             let mut buf = buf;
             buf.advance(pos);
