@@ -484,10 +484,12 @@ fn rst_stream_with_a_bad_length_or_on_stream_0_is_a_connection_error() {
 }
 
 /// RFC 9113 section 6.3: "A PRIORITY frame with a length other than 5
-/// octets MUST be treated as a stream error of type FRAME_SIZE_ERROR";
-/// the proxy makes it a connection error (section 5.4.1 allows it). A
-/// well-formed PRIORITY
-/// (deprecated, section 5.3.2) is ignored.
+/// octets MUST be treated as a stream error of type FRAME_SIZE_ERROR". On
+/// an open stream that is RST_STREAM FRAME_SIZE_ERROR for that stream
+/// alone: it is counted, and the connection and its other streams go on.
+/// An idle stream must not get RST_STREAM (section 5.1), so there the
+/// proxy makes it a connection error, as section 5.4.1 allows. A
+/// well-formed PRIORITY (deprecated, section 5.3.2) is ignored.
 #[test]
 fn priority_with_a_bad_length_is_refused_and_a_good_one_ignored() {
     in_netns(|| {
@@ -495,13 +497,23 @@ fn priority_with_a_bad_length_is_refused_and_a_good_one_ignored() {
         w.expect_goaway(
             &frame(PRIORITY, 0, 1, &[0; 4]),
             FRAME_SIZE_ERROR,
-            "PRIORITY of 4 octets",
+            "PRIORITY of 4 octets on an idle stream",
         );
+
         let mut c = w.connect();
-        c.send(&frame(PRIORITY, 0, 3, &[0, 0, 0, 0, 16]));
-        c.send(&get(1, "/public/p"));
+        // Stream 1 open: its request body has not ended.
+        c.send(&frame(HEADERS, END_HEADERS, 1, &request("POST", "/public/open", &[])));
+        let drops = w.h2_drops();
+        c.send(&frame(PRIORITY, 0, 1, &[0; 4]));
         c.wait_stream(1);
-        assert_eq!(c.body(1), "GET /public/p");
+        assert_eq!(c.reset_code(1), Some(FRAME_SIZE_ERROR), "{:?}", c.summary());
+        assert!(w.h2_drops_past(drops) > drops, "the stream error is counted");
+
+        c.send(&frame(PRIORITY, 0, 5, &[0, 0, 0, 0, 16]));
+        c.send(&get(3, "/public/p"));
+        c.wait_stream(3);
+        assert_eq!(c.body(3), "GET /public/p");
+        assert!(c.of(GOAWAY, 0).is_empty(), "{:?}", c.summary());
     });
 }
 

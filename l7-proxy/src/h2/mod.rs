@@ -993,7 +993,19 @@ impl H2 {
                     return Err(conn_err(PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
                 if h.len != 5 {
-                    return Err(conn_err(FRAME_SIZE_ERROR, "PRIORITY not 5 octets"));
+                    // A stream error (RFC 9113 6.3), but an idle stream
+                    // takes no RST_STREAM (5.1): there it is the connection
+                    // error that 5.4.1 allows.
+                    if h.stream > self.cl(c).last_cid {
+                        return Err(conn_err(FRAME_SIZE_ERROR, "PRIORITY not 5 octets on an idle stream"));
+                    }
+                    match self.find(c, h.stream) {
+                        Some(i) => self.stream_error(i, FRAME_SIZE_ERROR),
+                        None => {
+                            put_rst(&mut self.cl(c).wire.wbuf, h.stream, FRAME_SIZE_ERROR);
+                            self.refused(c, 1);
+                        }
+                    }
                 }
                 Ok(())
             }
