@@ -6,8 +6,9 @@
  *              traffic for a local pod and another node's pods' traffic
  *              for this node that arrive in clear are dropped (only
  *              decrypted traffic may carry another node's pods), and with
- *              WireGuard and --encrypt-node so is another node's traffic
- *              for this node but WireGuard's own.
+ *              --encrypt-node so is another node's traffic for this node
+ *              but WireGuard's own, or ESP and what Sinew's IPsec
+ *              decrypted.
  *              Replies to masqueraded flows are translated back;
  *              node ports go to a backend (on this node with the
  *              client's address kept, or on another node from this node's

@@ -12,7 +12,8 @@
 //! dropped as `unencrypted_from_peer`, never delivered; with
 //! `--encrypt-node` the nodes' own traffic crosses only in WireGuard and
 //! the same forged in clear is dropped. The IPsec tests (ESP: the VM
-//! tiers) check the same, and that decrypted VXLAN passes on both of the
+//! tiers) check the same (`--encrypt-node` too: only ESP between the node
+//! addresses), and that decrypted VXLAN passes on both of the
 //! kernel's receive paths (straight to the VXLAN socket, and back through
 //! the uplink with XFRM GRO), unless an SA that is not Sinew's decrypted
 //! it.
@@ -567,7 +568,6 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
     let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
     let node1 = lab.node("node1").unwrap().address;
     let node2 = lab.node("node2").unwrap().address;
-    let ip_c = pod_ip(lab, "node2-pod1");
     let ctx = |what: &str, e: String| {
         format!(
             "{what}: {e}\nagent log node1:\n{}\nagent log node2:\n{}",
@@ -602,8 +602,20 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
     );
     assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
 
-    // Forged in clear from the external host.
-    let port = 7210;
+    forged_clear_node_traffic_is_dropped(lab, 7210, "WireGuard");
+}
+
+/// With `--encrypt-node`: the lab's external host forges UDP datagrams
+/// carrying the marker to a socket on node1's address (`port`), from
+/// node2's address and from node2-pod1's; node1 drops each at the uplink
+/// as `unencrypted_from_peer` and counts it. The socket then reads the
+/// external host's own datagram (not a node: not judged) and node2's real
+/// one, through encryption (`how`), and nothing else.
+fn forged_clear_node_traffic_is_dropped(lab: &sinew_testvms::lab::Lab, port: u16, how: &str) {
+    let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
+    let node1 = lab.node("node1").unwrap().address;
+    let node2 = lab.node("node2").unwrap().address;
+    let ip_c = pod_ip(lab, "node2-pod1");
     let addr = SocketAddr::new(IpAddr::V4(node1), port);
     let sock = n1
         .run(move || std::net::UdpSocket::bind(addr))
@@ -651,12 +663,12 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
     );
     n2.run(move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.send_to(b"through wireguard", addr).unwrap();
+        s.send_to(b"through encryption", addr).unwrap();
     })
     .unwrap();
     assert_eq!(
-        read_one("node2's datagram through WireGuard"),
-        (b"through wireguard".to_vec(), IpAddr::V4(node2)),
+        read_one(&format!("node2's datagram through {how}")),
+        (b"through encryption".to_vec(), IpAddr::V4(node2)),
     );
     sock.set_nonblocking(true).unwrap();
     assert!(
@@ -664,7 +676,7 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
         "node1 read more than the two real datagrams"
     );
     eprintln!(
-        "encrypt-node: forged clear from node2 and node2-pod1: unencrypted_from_peer {before} -> {after}, none delivered"
+        "encrypt-node ({how}): forged clear from node2 and node2-pod1: unencrypted_from_peer {before} -> {after}, none delivered"
     );
 }
 
@@ -958,7 +970,13 @@ fn kernel_has_esp() -> bool {
 /// (this host), asserts that the agents refuse to start, saying why, and
 /// returns None.
 fn ipsec_lab(prefix: &str, pods_per_node: u32) -> Option<LabGuard> {
-    let args = ["--encryption", "ipsec", "--ipsec-key-grace", "5"];
+    ipsec_lab_with(prefix, pods_per_node, &[])
+}
+
+/// [`ipsec_lab`] with more agent arguments.
+fn ipsec_lab_with(prefix: &str, pods_per_node: u32, more: &[&str]) -> Option<LabGuard> {
+    let mut args = vec!["--encryption", "ipsec", "--ipsec-key-grace", "5"];
+    args.extend_from_slice(more);
     if kernel_has_esp() {
         return Some(lab_with_args(prefix, 2, pods_per_node, Routing::Vxlan, &args));
     }
@@ -1145,6 +1163,58 @@ fn ipsec_encrypts_pod_traffic_rotates_keys_and_fails_closed() {
     ipsec_rotation_loses_nothing(&mut g.lab);
     ipsec_state_the_kernel_lost_is_put_back(&g.lab);
     ipsec_a_node_without_state_gets_nothing_in_clear(&g.lab);
+}
+
+/// IPsec with `--encrypt-node`: the policies between the node addresses
+/// cover every protocol, so the nodes' own traffic for each other crosses
+/// the underlay only as ESP (a capture during TCP exchanges between the
+/// node addresses, carrying the marker, shows nothing else and never the
+/// marker), and the same forged in clear by the external host, from
+/// node2's address and from node2-pod1's to node1's, is dropped at node1's
+/// uplink as `unencrypted_from_peer` and counted (without the datapath's
+/// check the kernel's inbound policy would refuse it at the socket,
+/// uncounted), while the external host's own datagram and node2's real
+/// one, through ESP, are read.
+#[test]
+fn ipsec_encrypt_node_refuses_clear_node_traffic() {
+    let Some(g) = ipsec_lab_with("e2e-ipnode", 1, &["--encrypt-node"]) else {
+        return;
+    };
+    let lab = &g.lab;
+    let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
+    let node1 = lab.node("node1").unwrap().address;
+    let node2 = lab.node("node2").unwrap().address;
+    let ctx = |what: &str, e: String| {
+        format!(
+            "{what}: {e}\nagent log node1:\n{}\nagent log node2:\n{}",
+            agent_log_tail(lab, "node1"),
+            agent_log_tail(lab, "node2")
+        )
+    };
+    eventually("node2 -> node1 through ESP", || {
+        tcp_roundtrip(&n1, node1, 8079, &n2).map(|_| ())
+    });
+
+    let cap = Capture::start(lab, "e2e-ipnode");
+    marker_exchange(&n1, node1, 7301, &n2).unwrap_or_else(|e| panic!("{}", ctx("marker node2->node1", e)));
+    marker_exchange(&n2, node2, 7302, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->node2", e)));
+    let (lines, raw) = cap.finish();
+    let (a1, a2) = (node1.to_string(), node2.to_string());
+    let between_nodes: Vec<&String> = lines.iter().filter(|l| l.contains(&a1) && l.contains(&a2)).collect();
+    assert!(
+        between_nodes.len() > 20,
+        "too few packets between the nodes captured: {}",
+        between_nodes.len()
+    );
+    let clear: Vec<&&String> = between_nodes.iter().filter(|l| !l.contains(": ESP(spi=")).collect();
+    assert!(
+        clear.is_empty(),
+        "node traffic between the nodes that is not ESP:\n{}",
+        clear.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
+
+    forged_clear_node_traffic_is_dropped(lab, 7310, "ESP");
 }
 
 /// Pod traffic node1 receives while node2-pod1 and node1-pod1 talk (marker

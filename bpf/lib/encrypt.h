@@ -173,14 +173,18 @@ static __always_inline int from_peer_in_clear(struct __sk_buff *skb,
  * A packet for this node's own address, in clear: from another node's pod
  * (a pod's traffic for another node always goes through encryption, so a
  * clear one was forged, and a node port would otherwise hand it to a pod
- * here under that pod's identity), or, with WireGuard and
- * CFG_ENCRYPT_NODE, from another node's address, whose traffic for this
- * node all goes through WireGuard (to_netdev on that node), but
- * WireGuard's own UDP (to its port). Not judged: a later fragment (its first
- * one was, and nothing reassembles without it), addresses that are not nodes
- * (external hosts; a node not known yet), anything but IPv4 (ARP). With
- * IPsec, the kernel's inbound policies refuse another node's clear traffic
- * themselves (--encrypt-node).
+ * here under that pod's identity), or, with CFG_ENCRYPT_NODE, from another
+ * node's address, whose traffic for this node all goes through encryption
+ * (to_netdev on that node drops what would leave in clear):
+ * - WireGuard: all of it into the device, but WireGuard's own UDP (to its
+ *   port, the same on every node), which passes;
+ * - IPsec: all of it through ESP (the policies between the two node
+ *   addresses cover every protocol), so ESP itself passes, and so does
+ *   what one of Sinew's states decrypted (the XFRM GRO path hands the
+ *   decrypted packet back to the uplink's ingress with its secpath).
+ * Not judged: a later fragment (its first one was, and nothing reassembles
+ * without it), addresses that are not nodes (external hosts; a node not
+ * known yet), anything but IPv4 (ARP).
  */
 static __always_inline int to_node_in_clear(struct __sk_buff *skb,
 					    struct iphdr *ip)
@@ -196,8 +200,10 @@ static __always_inline int to_node_in_clear(struct __sk_buff *skb,
 	if (src->flags & (IPCACHE_F_POD_CIDR | IPCACHE_F_REMOTE_EP))
 		return !ipsec_decrypted(skb);
 	if (!(src->flags & IPCACHE_F_NODE) || !CFG_ENCRYPT_NODE ||
-	    !CFG_ENCRYPT_IFINDEX || (ip->frag_off & bpf_htons(0x1fff)))
+	    (ip->frag_off & bpf_htons(0x1fff)))
 		return 0;
+	if (CFG_ENCRYPT_IPSEC)
+		return ip->protocol != IPPROTO_ESP && !ipsec_decrypted(skb);
 	/* WireGuard sends to its peers' port, the same on every node. */
 	if (ip->protocol == IPPROTO_UDP &&
 	    bpf_skb_load_bytes(

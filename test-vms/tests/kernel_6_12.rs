@@ -23,7 +23,9 @@
 //!   whose IPsec state is gone gets nothing in clear, forged clear VXLAN
 //!   is dropped and decrypted VXLAN passes on both receive paths (with and
 //!   without XFRM GRO), but not VXLAN decrypted by an SA that is not
-//!   Sinew's (another reqid);
+//!   Sinew's (another reqid); with `--encrypt-node`, node-to-node traffic
+//!   crosses only as ESP, and the same forged in clear (from another
+//!   node's or its pod's address, to the node's) is dropped and counted;
 //! - IPsec with the agents on the kubernetes backend (the fake API, the
 //!   keys from the Secret): only ESP on the underlay, a rotation through
 //!   the Secret, every request allowed by the rendered RBAC.
@@ -48,8 +50,8 @@ const GUEST_ENV: &str = "SINEW_K612_GUEST";
 const TEST_NAME: &str = "kernel_wireguard_on_linux_6_12";
 const STEPS: [&str; 3] = ["kernel", "kernel wireguard device", "encryption lab"];
 /// The lab tests the guest runs (all of e2e_encryption but the native
-/// variant: four WireGuard, three IPsec).
-const LAB_TESTS: usize = 7;
+/// variant: four WireGuard, four IPsec).
+const LAB_TESTS: usize = 8;
 
 #[test]
 fn kernel_wireguard_on_linux_6_12() {

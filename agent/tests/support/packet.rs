@@ -12,6 +12,7 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ESP: u8 = 50;
 pub const IPPROTO_SCTP: u8 = 132;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO: u8 = 8;
@@ -81,6 +82,12 @@ pub enum L4 {
         sport: u16,
         dport: u16,
         vtag: u32,
+    },
+    /// ESP: SPI and sequence number, then the payload as it is (what
+    /// encryption made of it; nothing here checks it).
+    Esp {
+        spi: u32,
+        seq: u32,
     },
 }
 
@@ -169,6 +176,10 @@ impl Ipv4Frame {
         )
     }
 
+    pub fn esp(src: Ipv4Addr, dst: Ipv4Addr, spi: u32, seq: u32) -> Self {
+        Self::new(src, dst, L4::Esp { spi, seq })
+    }
+
     pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, reply: bool, id: u16) -> Self {
         Self::new(src, dst, L4::IcmpEcho { reply, id, seq: 7 })
     }
@@ -255,6 +266,12 @@ impl Ipv4Frame {
                 let crc = crc32c(&seg);
                 seg[8..12].copy_from_slice(&crc.to_le_bytes());
                 return (IPPROTO_SCTP, seg);
+            }
+            L4::Esp { spi, seq } => {
+                seg.extend_from_slice(&spi.to_be_bytes());
+                seg.extend_from_slice(&seq.to_be_bytes());
+                seg.extend_from_slice(&self.payload);
+                return (IPPROTO_ESP, seg);
             }
         };
         seg.extend_from_slice(&self.payload);
