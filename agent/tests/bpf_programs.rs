@@ -1097,6 +1097,46 @@ fn clear_traffic_from_another_node_is_dropped_when_encryption_is_on() {
     }
 }
 
+/// What another node sends this node's address in clear, which
+/// `--encrypt-node` drops at the uplink as `unencrypted_from_peer` with
+/// either kind of encryption.
+fn clear_from_peer_node() -> Vec<(&'static str, Ipv4Frame)> {
+    vec![
+        (
+            "the peer's TCP to the node",
+            Ipv4Frame::tcp((PEER_NODE_IP, 40000), (NODE_IP, 10250), TCP_SYN),
+        ),
+        (
+            "the peer's UDP to the node",
+            Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)),
+        ),
+        (
+            "the peer's ping to the node",
+            Ipv4Frame::echo(PEER_NODE_IP, NODE_IP, false, 9),
+        ),
+        (
+            "the first fragment of the peer's UDP",
+            Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x2000),
+        ),
+    ]
+}
+
+/// Clear packets for this node's address that `--encrypt-node` lets
+/// through with either kind: a later fragment (the first one decides) and
+/// a host that is not a node.
+fn passes_to_node_in_clear() -> Vec<(&'static str, Ipv4Frame)> {
+    vec![
+        (
+            "a later fragment from the peer",
+            Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x0010),
+        ),
+        (
+            "a host outside the cluster to the node",
+            Ipv4Frame::tcp((OUTSIDE, 40000), (NODE_IP, 10250), TCP_SYN),
+        ),
+    ]
+}
+
 /// WireGuard with `--encrypt-node`: every packet another node sends this
 /// node's address goes through WireGuard, so the same in clear on the
 /// uplink is dropped as `unencrypted_from_peer` (TCP, UDP, ICMP, a first
@@ -1138,22 +1178,9 @@ fn clear_node_traffic_is_dropped_with_wireguard_and_encrypt_node() {
                     verdict_name(out.verdict)
                 );
             };
-            dropped(
-                "the peer's TCP to the node",
-                Ipv4Frame::tcp((PEER_NODE_IP, 40000), (NODE_IP, 10250), TCP_SYN),
-            );
-            dropped(
-                "the peer's UDP to the node",
-                Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)),
-            );
-            dropped(
-                "the peer's ping to the node",
-                Ipv4Frame::echo(PEER_NODE_IP, NODE_IP, false, 9),
-            );
-            dropped(
-                "the first fragment of the peer's UDP",
-                Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x2000),
-            );
+            for (what, frame) in clear_from_peer_node() {
+                dropped(what, frame);
+            }
             dropped(
                 "the peer's UDP from WireGuard's port to another",
                 Ipv4Frame::udp((PEER_NODE_IP, 51871), (NODE_IP, 5000)),
@@ -1174,14 +1201,9 @@ fn clear_node_traffic_is_dropped_with_wireguard_and_encrypt_node() {
                 "WireGuard from another port of the peer",
                 ours(Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 51871))),
             );
-            passes(
-                "a later fragment from the peer",
-                ours(Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x0010)),
-            );
-            passes(
-                "a host outside the cluster to the node",
-                ours(Ipv4Frame::tcp((OUTSIDE, 40000), (NODE_IP, 10250), TCP_SYN)),
-            );
+            for (what, frame) in passes_to_node_in_clear() {
+                passes(what, ours(frame));
+            }
             passes(
                 "the peer's ARP request",
                 packet::arp(ARP_REQUEST, [0x02, 0, 0, 0, 0xbb, 0x01], PEER_NODE_IP, [0; 6], NODE_IP),
@@ -1216,25 +1238,12 @@ fn clear_node_traffic_is_dropped_with_ipsec_and_encrypt_node() {
         };
         let dropped = |what: &str, frame: Ipv4Frame| run(what, frame, UnencryptedFromPeer, TC_ACT_SHOT);
         let passes = |what: &str, frame: Ipv4Frame| run(what, frame, Forwarded, TC_ACT_OK);
-        dropped(
-            "the peer's TCP to the node",
-            Ipv4Frame::tcp((PEER_NODE_IP, 40000), (NODE_IP, 10250), TCP_SYN),
-        );
-        dropped(
-            "the peer's UDP to the node",
-            Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)),
-        );
-        dropped(
-            "the peer's ping to the node",
-            Ipv4Frame::echo(PEER_NODE_IP, NODE_IP, false, 9),
-        );
+        for (what, frame) in clear_from_peer_node() {
+            dropped(what, frame);
+        }
         dropped(
             "an ICMP error from the peer to the node",
             Ipv4Frame::new(PEER_NODE_IP, NODE_IP, L4::Icmp { ty: 3, code: 3 }),
-        );
-        dropped(
-            "the first fragment of the peer's UDP",
-            Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x2000),
         );
         dropped(
             "the peer's UDP to WireGuard's port",
@@ -1253,14 +1262,9 @@ fn clear_node_traffic_is_dropped_with_ipsec_and_encrypt_node() {
             "the first fragment of the peer's ESP",
             Ipv4Frame::esp(PEER_NODE_IP, NODE_IP, 0x1234_5678, 2).frag(0x2000),
         );
-        passes(
-            "a later fragment from the peer",
-            Ipv4Frame::udp((PEER_NODE_IP, 40000), (NODE_IP, 5000)).frag(0x0010),
-        );
-        passes(
-            "a host outside the cluster to the node",
-            Ipv4Frame::tcp((OUTSIDE, 40000), (NODE_IP, 10250), TCP_SYN),
-        );
+        for (what, frame) in passes_to_node_in_clear() {
+            passes(what, frame);
+        }
         passes(
             "ESP from a host outside the cluster",
             Ipv4Frame::esp(OUTSIDE, NODE_IP, 0x1234_5678, 1),

@@ -564,7 +564,24 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
         Routing::Native,
         &["--encryption", "wireguard", "--encrypt-node"],
     );
-    let lab = &g.lab;
+    let wg = format!(".{WG_PORT}");
+    node_traffic_is_only_encrypted(&g.lab, "e2e-wgnode", 7200, "WireGuard", &|l: &str| {
+        l.contains(&format!("{wg} >")) && l.contains(&format!("{wg}: UDP"))
+    });
+}
+
+/// With `--encrypt-node`: node traffic between node1 and node2 (a marker
+/// both ways on `base_port`+1 and +2) crosses the underlay only as `how`
+/// (`encrypted` tells a tcpdump line of it) and never carries the marker in
+/// clear; then forged clear traffic is dropped
+/// ([`forged_clear_node_traffic_is_dropped`] on `base_port`+10).
+fn node_traffic_is_only_encrypted(
+    lab: &sinew_testvms::lab::Lab,
+    tag: &str,
+    base_port: u16,
+    how: &str,
+    encrypted: &dyn Fn(&str) -> bool,
+) {
     let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
     let node1 = lab.node("node1").unwrap().address;
     let node2 = lab.node("node2").unwrap().address;
@@ -575,13 +592,13 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
             agent_log_tail(lab, "node2")
         )
     };
-    eventually("node2 -> node1 through WireGuard", || {
+    eventually(&format!("node2 -> node1 through {how}"), || {
         tcp_roundtrip(&n1, node1, 8079, &n2).map(|_| ())
     });
 
-    let cap = Capture::start(lab, "e2e-wgnode");
-    marker_exchange(&n1, node1, 7201, &n2).unwrap_or_else(|e| panic!("{}", ctx("marker node2->node1", e)));
-    marker_exchange(&n2, node2, 7202, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->node2", e)));
+    let cap = Capture::start(lab, tag);
+    marker_exchange(&n1, node1, base_port + 1, &n2).unwrap_or_else(|e| panic!("{}", ctx("marker node2->node1", e)));
+    marker_exchange(&n2, node2, base_port + 2, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->node2", e)));
     let (lines, raw) = cap.finish();
     let (a1, a2) = (node1.to_string(), node2.to_string());
     let between_nodes: Vec<&String> = lines.iter().filter(|l| l.contains(&a1) && l.contains(&a2)).collect();
@@ -590,19 +607,15 @@ fn wireguard_encrypt_node_refuses_clear_node_traffic() {
         "too few packets between the nodes captured: {}",
         between_nodes.len()
     );
-    let wg = format!(".{WG_PORT}");
-    let clear: Vec<&&String> = between_nodes
-        .iter()
-        .filter(|l| !(l.contains(&format!("{wg} >")) && l.contains(&format!("{wg}: UDP"))))
-        .collect();
+    let clear: Vec<&&String> = between_nodes.iter().filter(|l| !encrypted(l)).collect();
     assert!(
         clear.is_empty(),
-        "node traffic between the nodes that is not WireGuard:\n{}",
+        "node traffic between the nodes that is not {how}:\n{}",
         clear.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
     );
     assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
 
-    forged_clear_node_traffic_is_dropped(lab, 7210, "WireGuard");
+    forged_clear_node_traffic_is_dropped(lab, base_port + 10, how);
 }
 
 /// With `--encrypt-node`: the lab's external host forges UDP datagrams
@@ -1180,41 +1193,7 @@ fn ipsec_encrypt_node_refuses_clear_node_traffic() {
     let Some(g) = ipsec_lab_with("e2e-ipnode", 1, &["--encrypt-node"]) else {
         return;
     };
-    let lab = &g.lab;
-    let (n1, n2) = (node_ns(lab, "node1"), node_ns(lab, "node2"));
-    let node1 = lab.node("node1").unwrap().address;
-    let node2 = lab.node("node2").unwrap().address;
-    let ctx = |what: &str, e: String| {
-        format!(
-            "{what}: {e}\nagent log node1:\n{}\nagent log node2:\n{}",
-            agent_log_tail(lab, "node1"),
-            agent_log_tail(lab, "node2")
-        )
-    };
-    eventually("node2 -> node1 through ESP", || {
-        tcp_roundtrip(&n1, node1, 8079, &n2).map(|_| ())
-    });
-
-    let cap = Capture::start(lab, "e2e-ipnode");
-    marker_exchange(&n1, node1, 7301, &n2).unwrap_or_else(|e| panic!("{}", ctx("marker node2->node1", e)));
-    marker_exchange(&n2, node2, 7302, &n1).unwrap_or_else(|e| panic!("{}", ctx("marker node1->node2", e)));
-    let (lines, raw) = cap.finish();
-    let (a1, a2) = (node1.to_string(), node2.to_string());
-    let between_nodes: Vec<&String> = lines.iter().filter(|l| l.contains(&a1) && l.contains(&a2)).collect();
-    assert!(
-        between_nodes.len() > 20,
-        "too few packets between the nodes captured: {}",
-        between_nodes.len()
-    );
-    let clear: Vec<&&String> = between_nodes.iter().filter(|l| !l.contains(": ESP(spi=")).collect();
-    assert!(
-        clear.is_empty(),
-        "node traffic between the nodes that is not ESP:\n{}",
-        clear.iter().take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
-    );
-    assert!(!contains(&raw, MARKER), "the marker crossed the underlay in clear");
-
-    forged_clear_node_traffic_is_dropped(lab, 7310, "ESP");
+    node_traffic_is_only_encrypted(&g.lab, "e2e-ipnode", 7300, "ESP", &|l: &str| l.contains(": ESP(spi="));
 }
 
 /// Pod traffic node1 receives while node2-pod1 and node1-pod1 talk (marker

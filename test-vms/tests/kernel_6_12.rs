@@ -33,10 +33,9 @@
 //! The native-routing variant of the lab test runs on the host only (the
 //! datapath is the same; under TCG it would cost another minute).
 //!
-//! One VM boot runs it all: three labs, two at a time (167 s in all with
-//! the IPsec lab, 143 s of it the lab tests, on a 2-core machine; longer
-//! when the host is busy), most of it the agents loading their BPF
-//! programs. The same binary runs twice: on the host it snapshots
+//! One VM boot runs it all: the eight lab tests two at a time (about
+//! 260 s in all on a 2-core machine; longer when the host is busy), most of
+//! it the agents loading their BPF programs. The same binary runs twice: on the host it snapshots
 //! the built binaries and boots the VM; inside (`SINEW_K612_GUEST` set) it
 //! runs the tests. It fails, never skips, when the VM cannot be had.
 

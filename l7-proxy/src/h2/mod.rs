@@ -2061,8 +2061,6 @@ impl H2 {
         }
         if end {
             self.reap_at(i);
-        } else if !st.resp.pending.is_empty() {
-            self.pump_resp(i);
         }
     }
 }
