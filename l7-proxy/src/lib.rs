@@ -18,6 +18,7 @@ pub mod h2;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
+pub mod netio;
 pub mod proxy;
 pub mod rules;
 pub mod srcmap;

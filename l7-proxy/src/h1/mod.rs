@@ -32,10 +32,7 @@ use codec::{BodyKind, ChunkError, Chunked, HeadError, HeadFields, ResponseHead, 
 
 /// Reads more of `s` into `buf`; 0 at its end.
 async fn fill(s: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
-    s.read_buf(buf).await
+    crate::netio::fill(s, buf).await
 }
 
 /// Where a body being copied ends.

@@ -149,24 +149,25 @@ impl Wire {
     }
 
     /// Reads up to [`READ_BUDGET`]; Ready(true) when bytes came or EOF.
+    /// A short read ends it without another read ([`crate::netio`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         let mut got = 0;
         loop {
             if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
                 self.rbuf.reserve(32 * 1024);
             }
-            match self.sock.try_read_buf(&mut self.rbuf) {
-                Ok(0) => {
+            match crate::netio::read_now(&self.sock, &mut self.rbuf) {
+                Ok(Some(0)) => {
                     self.eof = true;
                     return Poll::Ready(Ok(true));
                 }
-                Ok(n) => {
+                Ok(Some(n)) => {
                     got += n;
                     if got >= READ_BUDGET {
                         return Poll::Ready(Ok(true));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(None) => {
                     if got > 0 {
                         return Poll::Ready(Ok(true));
                     }
