@@ -297,13 +297,15 @@ fn failures(m: &Matrix, want: &Matrix) -> Vec<String> {
 #[test]
 fn the_kubernetes_backend_enforces_what_the_local_one_does_and_rides_out_an_api_outage() {
     let t0 = Instant::now();
-    let (local, local_services) = {
+    // Services first: the policy of `scenario` would keep web's backend
+    // port from every client.
+    let (local_services, local) = {
         let w = up("e2e-kl", false);
-        (scenario(&w), services(&w))
+        (services(&w), scenario(&w))
     };
     let w = up("e2e-kk", true);
-    let kube = scenario(&w);
     let kube_services = services(&w);
+    let kube = scenario(&w);
     let want_services = vec![served_by(&BACKENDS), served_by(&["ca"])];
     assert_eq!(local_services, want_services, "services on the local backend");
     assert_eq!(

@@ -206,9 +206,8 @@ pub fn serve(state_dir: &Path) -> Result<(), LabError> {
 /// (one a failed `up` did not record).
 pub(crate) fn api_server_pids(state_dir: &Path, recorded: Option<u32>) -> Vec<u32> {
     let dir = state_dir.display().to_string();
-    let ours = |pid: u32| {
-        process::cmdline(pid).is_some_and(|a| a.iter().any(|x| x == API_SERVER_COMMAND) && a.iter().any(|x| *x == dir))
-    };
+    let ours =
+        |pid: u32| process::cmdline(pid).is_some_and(|a| a.iter().any(|x| x == API_SERVER_COMMAND) && a.contains(&dir));
     let mut pids: Vec<u32> = recorded
         .filter(|&pid| process::is_running(pid) && ours(pid))
         .into_iter()
