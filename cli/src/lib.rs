@@ -726,7 +726,7 @@ fn wait_listed(socket: &Path, refs: &[v1::PolicyRef], present: bool) -> anyhow::
             }
             if std::time::Instant::now() >= deadline {
                 bail!(
-                    "stored in the lab's Kubernetes API, but after {} s the agent at {} {} it; see its `sinew status` (Datastore line) and the API server's log in the lab's state directory",
+                    "stored in the lab's Kubernetes API, but after {} s the agent at {} {} it; see its `sinew status` and the API server's log (api-server.log in the lab's state directory)",
                     KUBE_POLICY_WAIT.as_secs(),
                     socket.display(),
                     if present { "does not list" } else { "still lists" }

@@ -416,6 +416,28 @@ fn lab_on_the_kubernetes_datastore_gives_the_readme_reachability_and_goes_down_c
         text(&out)
     );
 
+    // Deleted from the API; the node's agent no longer lists it when the
+    // command returns, and x/a is open again.
+    let deleted = ok(
+        &lab,
+        &[
+            "--node",
+            "node2",
+            "policy",
+            "delete",
+            "allow-client-a-via-ns-selector-80",
+            "-n",
+            "x",
+        ],
+    );
+    assert_eq!(deleted, "NetworkPolicy allow-client-a-via-ns-selector-80 deleted\n");
+    assert!(!ok(&lab, &["--node", "node2", "policy", "get"]).contains("allow-client-a"));
+    let loaded = Lab::load(&default_state_dir(&lab)).unwrap();
+    let xa_ip = loaded.pod("x/a").unwrap().ip.unwrap().addr().to_string();
+    wait_for("x/b reaches x/a:81 once the policy is deleted", 10, || {
+        connects(&lab, "x/b", &xa_ip, 81)
+    });
+
     let state_dir = guard.lab().state_dir().to_owned();
     let out = sinew(&["--lab", &lab, "lab", "down"]);
     assert!(out.status.success(), "{}", text(&out));
