@@ -305,7 +305,8 @@ fn netpol_xyz_example_gives_the_readme_reachability_and_follows_relabels() {
 
 /// `sinew lab up --datastore kubernetes`: the API server is a lab daemon
 /// on the external host, the agents list and watch it, and everything the
-/// lab's commands write reaches them through it. The README's example
+/// lab's commands write reaches them through it (WireGuard keys too, each
+/// agent's into its SinewNode). The README's example
 /// gives the same reachability as on the local datastore, with the policy
 /// `sinew policy apply` stores in the API (the agents may only read it
 /// there); `sinew lab down` stops the API server and leaves nothing.
@@ -328,7 +329,16 @@ fn lab_on_the_kubernetes_datastore_gives_the_readme_reachability_and_goes_down_c
     let lab = format!("cli-kube-{}", std::process::id());
     let (guard, up) = lab_up(
         &lab,
-        &["--datastore", "kubernetes", "--nodes", "2", "--pods-per-node", "0"],
+        &[
+            "--datastore",
+            "kubernetes",
+            "--encryption",
+            "wireguard",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "0",
+        ],
     );
     let api = guard
         .lab()
@@ -357,6 +367,18 @@ fn lab_on_the_kubernetes_datastore_gives_the_readme_reachability_and_goes_down_c
         )),
         "{status}"
     );
+
+    // The keys go through the API too: into the SinewNodes the API server
+    // made for the nodes, as the operator would.
+    for (node, peer) in [("node1", "node2"), ("node2", "node1")] {
+        wait_for(&format!("{node} has {peer}'s WireGuard key"), 15, || {
+            let out = ok(&lab, &["--node", node, "encryption", "status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["node"] == peer))
+        });
+    }
 
     ok(&lab, &["lab", "apply", "-f", "examples/netpol-xyz.yaml"]);
     let applied = ok(

@@ -173,7 +173,18 @@ pub fn serve(state_dir: &Path) -> Result<(), LabError> {
             ),
         });
     };
-    let kube = KubeApi::start(&lab, &api.kubeconfig, &|_| {})?;
+    // A SinewNode for each node, as the operator creates them: the agents
+    // publish their WireGuard key or IPsec SPIs into its status.
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    let populate = |fake: &FakeApi| {
+        for node in &nodes {
+            fake.put(
+                "/apis/sinew.io/v1alpha1/sinewnodes",
+                serde_json::json!({"metadata": {"name": node}, "spec": {}}),
+            );
+        }
+    };
+    let kube = KubeApi::start(&lab, &api.kubeconfig, &populate)?;
     eprintln!(
         "serving the Kubernetes API on {} (kubeconfig {}), mirroring {}",
         api.address,
