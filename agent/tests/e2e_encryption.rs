@@ -1002,6 +1002,7 @@ fn ipsec_lab_with(prefix: &str, pods_per_node: u32, more: &[&str]) -> Option<Lab
         routing: Routing::Vxlan,
         state_dir: None,
         agent_args: args.iter().map(|a| a.to_string()).collect(),
+        datastore: Default::default(),
     };
     let bins = Binaries::from_current_exe().expect("binaries next to the test");
     let _ = Lab::down(&spec.state_dir());
@@ -1549,6 +1550,7 @@ fn ipsec_on_the_kubernetes_backend() {
             .iter()
             .map(|a| a.to_string())
             .collect(),
+        datastore: Default::default(),
     };
     let bins = Binaries::from_current_exe().expect("binaries next to the test");
     let _ = Lab::down(&spec.state_dir());

@@ -6,6 +6,10 @@
 //! and on the kubernetes one:
 //! - the connectivity and policy matrix (every pod to every other on two
 //!   ports, one NetworkPolicy) is the same on both, and what it should be;
+//! - so are services: a ClusterIP whose EndpointSlice names a backend on
+//!   each node is answered by both from pods on both nodes (socket load
+//!   balancing), and a backend removed from the slice gets no more
+//!   connections;
 //! - on the kubernetes backend, cutting the API off during traffic fails
 //!   no connection, `sinew status` says the agent is disconnected and
 //!   enforcing the last state it read, a policy applied while cut off
@@ -69,6 +73,14 @@ spec:
     - port: 8080
 ";
 
+/// The scenario's Service: a ClusterIP in front of web (node1) and ca
+/// (node2), which answer on [`BACKEND_PORT`] with their name.
+const SERVICE_IP: &str = "10.96.0.40";
+const BACKEND_PORT: u16 = 7070;
+const BACKENDS: [&str; 2] = ["web", "ca"];
+/// Clients of the service, one on each node.
+const SERVICE_CLIENTS: [&str; 2] = ["cb", "ca"];
+
 /// Field order: servers, then agents and lab, then the API.
 struct World {
     _servers: EchoServers,
@@ -91,6 +103,7 @@ fn up(prefix: &str, kubernetes: bool) -> World {
         routing: Routing::Vxlan,
         state_dir: None,
         agent_args: Vec::new(),
+        datastore: Default::default(),
     };
     let bins = Binaries::from_current_exe().expect("binaries next to the test: run `cargo build --workspace` first");
     let opts = UpOptions {
@@ -116,6 +129,9 @@ fn up(prefix: &str, kubernetes: bool) -> World {
             .unwrap_or_else(|e| panic!("add pod {ns}/{pod}: {e}"));
         for port in PORTS {
             servers.tcp(&pod_ns(&g.lab, pod), pod_ip(&g.lab, pod), port);
+        }
+        if BACKENDS.contains(&pod) {
+            servers.tcp_named(&pod_ns(&g.lab, pod), pod_ip(&g.lab, pod), BACKEND_PORT, pod);
         }
     }
     World {
@@ -181,6 +197,82 @@ fn settle(w: &World, want: &Matrix, within: Duration) -> Matrix {
     }
 }
 
+/// The Service, and its EndpointSlice with `backends`, in the lab's
+/// datastore directory (which the kubernetes backend's mirror stores in
+/// the API).
+fn write_service(lab: &Lab, backends: &[&str]) {
+    let mut slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: a\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports:\n- {{name: tcp, port: {BACKEND_PORT}, protocol: TCP}}\nendpoints:\n"
+    );
+    for b in backends {
+        let node = PODS.iter().find(|p| p.0 == *b).unwrap().2;
+        slice.push_str(&format!(
+            "- {{addresses: [{}], nodeName: {node}, conditions: {{ready: true}}}}\n",
+            pod_ip(lab, b)
+        ));
+    }
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: a\nspec:\n  clusterIP: {SERVICE_IP}\n  selector: {{app: echo}}\n  ports:\n  - {{name: tcp, port: 80, targetPort: {BACKEND_PORT}, protocol: TCP}}\n"
+    );
+    let path = lab.datastore_dir().join("services").join("echo.yaml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    sinew_model::write_atomic(&path, format!("{service}---\n{slice}").as_bytes()).unwrap();
+}
+
+/// (client, backends that answered 20 connections to the ClusterIP).
+type Served = Vec<(&'static str, Vec<String>)>;
+
+fn served(lab: &Lab) -> Served {
+    let target = format!("{SERVICE_IP}:80");
+    SERVICE_CLIENTS
+        .iter()
+        .map(|&client| {
+            let mut names: Vec<String> = probe(lab, client, &["tcp", &target, "--count", "20", "--timeout-ms", "500"])
+                .into_iter()
+                .map(|p| {
+                    if p.ok {
+                        p.reply
+                    } else {
+                        format!("failed errno {}", p.errno)
+                    }
+                })
+                .collect();
+            names.sort();
+            names.dedup();
+            (client, names)
+        })
+        .collect()
+}
+
+/// Every client is answered by exactly `backends`.
+fn served_by(backends: &[&str]) -> Served {
+    let mut names: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+    names.sort();
+    SERVICE_CLIENTS.iter().map(|&c| (c, names.clone())).collect()
+}
+
+/// Polls [`served`] until it is `want` (the service reaches the agents
+/// asynchronously); returns the last one.
+fn settle_served(lab: &Lab, want: &Served, within: Duration) -> Served {
+    let start = Instant::now();
+    loop {
+        let got = served(lab);
+        if &got == want || start.elapsed() > within {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The service with both backends, then with ca alone.
+fn services(w: &World) -> Vec<Served> {
+    write_service(&w.g.lab, &BACKENDS);
+    let both = settle_served(&w.g.lab, &served_by(&BACKENDS), Duration::from_secs(15));
+    write_service(&w.g.lab, &["ca"]);
+    let one = settle_served(&w.g.lab, &served_by(&["ca"]), Duration::from_secs(15));
+    vec![both, one]
+}
+
 fn scenario(w: &World) -> Matrix {
     let open = settle(
         w,
@@ -205,12 +297,23 @@ fn failures(m: &Matrix, want: &Matrix) -> Vec<String> {
 #[test]
 fn the_kubernetes_backend_enforces_what_the_local_one_does_and_rides_out_an_api_outage() {
     let t0 = Instant::now();
-    let local = {
+    // Services first: the policy of `scenario` would keep web's backend
+    // port from every client.
+    let (local_services, local) = {
         let w = up("e2e-kl", false);
-        scenario(&w)
+        (services(&w), scenario(&w))
     };
     let w = up("e2e-kk", true);
+    let kube_services = services(&w);
     let kube = scenario(&w);
+    let want_services = vec![served_by(&BACKENDS), served_by(&["ca"])];
+    assert_eq!(local_services, want_services, "services on the local backend");
+    assert_eq!(
+        kube_services,
+        want_services,
+        "services on the kubernetes backend\nagent log node1:\n{}",
+        agent_log_tail(&w.g.lab, "node1")
+    );
     let mut want = expected(&[("cb", "web", 8080), ("cb", "web", 9090), ("ca", "web", 9090)]);
     want.extend(expected(&[]));
     assert_eq!(failures(&local, &want), Vec::<String>::new(), "the local backend");

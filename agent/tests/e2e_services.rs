@@ -11,66 +11,13 @@ mod e2e;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use e2e::*;
 use sinew_proto::v1;
 use sinew_testvms::lab::{Lab, Routing};
-
-fn probe_bin(lab: &Lab) -> PathBuf {
-    let p = lab
-        .binaries()
-        .agent
-        .parent()
-        .expect("binaries have a directory")
-        .join("sinew-probe");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo build -p sinew-testvms --bins` (scripts/test.sh builds the workspace)",
-        p.display()
-    );
-    p
-}
-
-/// One result line of sinew-probe.
-#[derive(Debug, Clone)]
-struct Probe {
-    ok: bool,
-    peer: String,
-    reply: String,
-    errno: i32,
-}
-
-fn parse_probe(line: &str) -> Probe {
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
-            .unwrap_or_default()
-    };
-    Probe {
-        ok: line.starts_with("ok "),
-        peer: field("peer"),
-        reply: field("reply"),
-        errno: field("errno").parse().unwrap_or(0),
-    }
-}
-
-/// Runs sinew-probe in a pod or node; returns one result per line.
-fn probe(lab: &Lab, target: &str, args: &[&str]) -> Vec<Probe> {
-    let bin = probe_bin(lab);
-    let mut argv: Vec<String> = vec![bin.display().to_string()];
-    argv.extend(args.iter().map(|s| s.to_string()));
-    let out = lab.exec_output(target, &argv).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !text.trim().is_empty(),
-        "sinew-probe {args:?} in {target} printed nothing; stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text.lines().map(parse_probe).collect()
-}
 
 fn write_manifest(lab: &Lab, file: &str, yaml: &str) {
     let dir = lab.datastore_dir().join("services");

@@ -457,6 +457,7 @@ pub(crate) fn lab_spec(opts: &Options, nodes: u32, pods_per_node: u32, routing: 
         routing,
         state_dir: None,
         agent_args: opts.agent_args.clone(),
+        datastore: Default::default(),
     }
 }
 

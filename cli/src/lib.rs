@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sinew_lab::manifest::LabelEdit;
-use sinew_lab::{Binaries, Lab, LabSpec, Routing, UpOptions};
+use sinew_lab::{Binaries, DatastoreKind, Lab, LabSpec, Routing, UpOptions};
 use sinew_proto::v1;
 
 pub mod ipsec_keys;
@@ -391,9 +391,22 @@ enum LabCmd {
         /// Encrypt the nodes' own traffic to each other too.
         #[arg(long)]
         encrypt_node: bool,
+        /// Where the agents read the cluster's objects: local (the lab's
+        /// datastore directory) or kubernetes (a Kubernetes API server on
+        /// the external host, 172.30.0.254:6443, holding what the lab
+        /// writes as `kubectl apply` would).
+        #[arg(long, default_value = "local")]
+        datastore: String,
     },
     /// Remove everything the lab made.
     Down,
+    /// Run the Kubernetes API server of a lab on the kubernetes datastore
+    /// until SIGTERM (`lab up` starts it in the external host's namespace).
+    #[command(name = "api-server", hide = true)]
+    ApiServer {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Nodes, pods and each agent's state and socket.
     Status,
     /// Run a command in a pod's network namespace.
@@ -669,8 +682,147 @@ fn rpc_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
+/// The lab `--node` names, when its agents are on the kubernetes
+/// datastore: they may only read policies there, so `policy apply` and
+/// `policy delete` go to the lab's API server as `kubectl` would.
+fn kube_lab(cli: &Cli) -> Option<Lab> {
+    if cli.socket.is_some() || cli.node.is_none() {
+        return None;
+    }
+    Lab::load(&lab_dir(&cli.lab)).ok().filter(|l| l.api_server().is_some())
+}
+
+fn policy_line(r: &v1::PolicyRef) -> String {
+    let ns = if r.namespace.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", r.namespace)
+    };
+    format!("{} {ns}{}", r.kind, r.name)
+}
+
+/// How long `policy apply` and `delete` on a kubernetes lab wait for the
+/// node's agent to read the change from the API.
+const KUBE_POLICY_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until the agent at `socket` lists each of `refs` (or, with
+/// `present` false, none of them).
+fn wait_listed(socket: &Path, refs: &[v1::PolicyRef], present: bool) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let mut c = client(socket).await?;
+        let deadline = std::time::Instant::now() + KUBE_POLICY_WAIT;
+        loop {
+            let listed: Vec<v1::PolicyRef> = c
+                .list_policies(v1::ListPoliciesRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .policies
+                .into_iter()
+                .filter_map(|p| p.r#ref)
+                .collect();
+            if refs.iter().all(|r| listed.contains(r) == present) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "stored in the lab's Kubernetes API, but after {} s the agent at {} {} it; see its `sinew status` and the API server's log (api-server.log in the lab's state directory)",
+                    KUBE_POLICY_WAIT.as_secs(),
+                    socket.display(),
+                    if present { "does not list" } else { "still lists" }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// The one policy the agent lists named `name` in `namespace` (or
+/// cluster-wide), of `kind` if given.
+async fn find_policy(
+    c: &mut sinew_proto::AgentClient<tonic::transport::Channel>,
+    name: &str,
+    namespace: &str,
+    kind: Option<&str>,
+) -> anyhow::Result<v1::PolicyRef> {
+    let list = c.list_policies(v1::ListPoliciesRequest {}).await?.into_inner();
+    let matches: Vec<v1::PolicyRef> = list
+        .policies
+        .into_iter()
+        .filter_map(|p| p.r#ref)
+        .filter(|r| r.name == name && (r.namespace == namespace || r.namespace.is_empty()))
+        .filter(|r| kind.is_none_or(|k| r.kind.eq_ignore_ascii_case(k)))
+        .collect();
+    match matches.as_slice() {
+        [] => anyhow::bail!("no policy {namespace}/{name}; see `sinew policy get`"),
+        [one] => Ok(one.clone()),
+        many => anyhow::bail!(
+            "{} policies are named {name}: pass --kind ({})",
+            many.len(),
+            many.iter().map(|r| r.kind.clone()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// `policy apply` and `delete` in a lab on the kubernetes datastore: the
+/// policies are checked as the agent checks them, stored in the lab's
+/// datastore directory, which its API server holds as `kubectl apply`
+/// would, and the command returns once the node's agent lists them (or
+/// no longer does). `None`: a command that goes to the agent as usual.
+fn kube_lab_policy(lab: &Lab, socket: &Path, cmd: &PolicyCmd) -> Option<anyhow::Result<()>> {
+    match cmd {
+        PolicyCmd::Apply { file } => Some(kube_lab_policy_apply(lab, socket, file)),
+        PolicyCmd::Delete { name, namespace, kind } => {
+            Some(kube_lab_policy_delete(lab, socket, name, namespace, kind.as_deref()))
+        }
+        _ => None,
+    }
+}
+
+fn kube_lab_policy_apply(lab: &Lab, socket: &Path, file: &Path) -> anyhow::Result<()> {
+    let yaml = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let stored = lab.apply_policies(&yaml, &file.display().to_string())?;
+    let refs: Vec<v1::PolicyRef> = stored
+        .into_iter()
+        .map(|(kind, namespace, name)| v1::PolicyRef {
+            kind,
+            namespace: namespace.unwrap_or_default(),
+            name,
+        })
+        .collect();
+    wait_listed(socket, &refs, true)?;
+    for r in &refs {
+        println!("{} applied", policy_line(r));
+    }
+    Ok(())
+}
+
+fn kube_lab_policy_delete(
+    lab: &Lab,
+    socket: &Path,
+    name: &str,
+    namespace: &str,
+    kind: Option<&str>,
+) -> anyhow::Result<()> {
+    let r = runtime()?.block_on(async { find_policy(&mut client(socket).await?, name, namespace, kind).await })?;
+    let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
+    if !lab.delete_stored_policy(&r.kind, ns, &r.name)? {
+        bail!(
+            "{} was not stored by `sinew policy apply`: remove its file from {}",
+            policy_line(&r),
+            lab.datastore_dir().join("policies").display()
+        );
+    }
+    wait_listed(socket, std::slice::from_ref(&r), false)?;
+    println!("{} {} deleted", r.kind, r.name);
+    Ok(())
+}
+
 fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
     let socket = cli.socket()?;
+    if let Some(done) = kube_lab(cli).and_then(|lab| kube_lab_policy(&lab, &socket, cmd)) {
+        return done;
+    }
     let rt = runtime()?;
     match cmd {
         PolicyCmd::Apply { file } => {
@@ -689,12 +841,7 @@ fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
                 .map_err(rpc_error)
             })?;
             for p in r.into_inner().applied {
-                let ns = if p.namespace.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}/", p.namespace)
-                };
-                println!("{} {ns}{} applied", p.kind, p.name);
+                println!("{} applied", policy_line(&p));
             }
         }
         PolicyCmd::Get(o) => {
@@ -746,30 +893,13 @@ fn policy(cli: &Cli, cmd: &PolicyCmd) -> anyhow::Result<()> {
         PolicyCmd::Delete { name, namespace, kind } => {
             let r = rt.block_on(async {
                 let mut c = client(&socket).await?;
-                let list = c.list_policies(v1::ListPoliciesRequest {}).await?.into_inner();
-                let matches: Vec<v1::PolicyRef> = list
-                    .policies
-                    .into_iter()
-                    .filter_map(|p| p.r#ref)
-                    .filter(|r| r.name == *name && (r.namespace == *namespace || r.namespace.is_empty()))
-                    .filter(|r| kind.as_ref().is_none_or(|k| r.kind.eq_ignore_ascii_case(k)))
-                    .collect();
-                match matches.as_slice() {
-                    [] => anyhow::bail!("no policy {namespace}/{name}; see `sinew policy get`"),
-                    [one] => {
-                        c.delete_policy(v1::DeletePolicyRequest {
-                            r#ref: Some(one.clone()),
-                        })
-                        .await
-                        .map_err(rpc_error)?;
-                        Ok(one.clone())
-                    }
-                    many => anyhow::bail!(
-                        "{} policies are named {name}: pass --kind ({})",
-                        many.len(),
-                        many.iter().map(|r| r.kind.clone()).collect::<Vec<_>>().join(", ")
-                    ),
-                }
+                let one = find_policy(&mut c, name, namespace, kind.as_deref()).await?;
+                c.delete_policy(v1::DeletePolicyRequest {
+                    r#ref: Some(one.clone()),
+                })
+                .await
+                .map_err(rpc_error)?;
+                anyhow::Ok(one)
             })?;
             println!("{} {} deleted", r.kind, r.name);
         }
@@ -853,8 +983,10 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
             agent_args,
             encryption,
             encrypt_node,
+            datastore,
         } => {
             let routing: Routing = routing.parse().map_err(|e| anyhow::anyhow!("--routing: {e}"))?;
+            let datastore: DatastoreKind = datastore.parse().map_err(|e| anyhow::anyhow!("--datastore: {e}"))?;
             if !["none", "wireguard", "ipsec"].contains(&encryption.as_str()) {
                 anyhow::bail!("--encryption {encryption:?}: use none, wireguard or ipsec");
             }
@@ -870,6 +1002,7 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
                 routing,
                 state_dir: None,
                 agent_args,
+                datastore,
             };
             spec.validate()?;
             let bins = Binaries::from_current_exe()?;
@@ -882,10 +1015,11 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
                 anyhow::anyhow!("{e}\nthe partial lab is left for inspection; remove it with `sinew lab down`")
             })?;
             eprintln!(
-                "lab {:?} up in {:.1}s ({} routing)",
+                "lab {:?} up in {:.1}s ({} routing, {} datastore)",
                 cli.lab,
                 started.elapsed().as_secs_f64(),
-                spec.routing.as_str()
+                spec.routing.as_str(),
+                spec.datastore
             );
             print_lab(&lab);
             println!();
@@ -907,6 +1041,7 @@ fn lab(cli: &Cli, cmd: &LabCmd) -> anyhow::Result<()> {
             }
             println!("lab {:?} is down; nothing left behind", cli.lab);
         }
+        LabCmd::ApiServer { state_dir } => sinew_lab::kube::serve(state_dir)?,
         LabCmd::Status => print_lab(&load_lab(cli)?),
         LabCmd::Exec { pod, command } => {
             let lab = load_lab(cli)?;
@@ -1010,6 +1145,20 @@ fn try_commands(lab_name: &str, first_pod: Option<&str>) -> Vec<String> {
 }
 
 fn print_lab(lab: &Lab) {
+    match lab.api_server() {
+        Some(api) => println!(
+            "DATASTORE kubernetes: agents list and watch the API server http://{} ({}), kubeconfig {}; it stores {} as `kubectl apply` would",
+            api.address,
+            match api.pid {
+                Some(pid) if lab.api_server_running() => format!("pid {pid}, running"),
+                _ => "NOT RUNNING: `sinew lab down` and up again".to_owned(),
+            },
+            api.kubeconfig.display(),
+            lab.datastore_dir().display()
+        ),
+        None => println!("DATASTORE local: agents read {}", lab.datastore_dir().display()),
+    }
+    println!();
     println!(
         "{:<8} {:<14} {:<16} {:<6} {:<14} SOCKET",
         "NODE", "ADDRESS", "POD CIDR", "PODS", "AGENT"

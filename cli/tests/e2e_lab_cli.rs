@@ -302,3 +302,176 @@ fn netpol_xyz_example_gives_the_readme_reachability_and_follows_relabels() {
         assert_eq!(v.as_array().map(Vec::len), Some(0), "{node}: {eps}");
     }
 }
+
+/// `sinew lab up --datastore kubernetes`: the API server is a lab daemon
+/// on the external host, the agents list and watch it, and everything the
+/// lab's commands write reaches them through it (WireGuard keys too, each
+/// agent's into its SinewNode). The README's example
+/// gives the same reachability as on the local datastore, with the policy
+/// `sinew policy apply` stores in the API (the agents may only read it
+/// there); `sinew lab down` stops the API server and leaves nothing.
+#[test]
+fn lab_on_the_kubernetes_datastore_gives_the_readme_reachability_and_goes_down_clean() {
+    require_root();
+    let t0 = Instant::now();
+    let bad = format!("cli-kbad-{}", std::process::id());
+    let out = sinew(&["--lab", &bad, "lab", "up", "--datastore", "etcd"]);
+    assert!(
+        !out.status.success()
+            && text(&out).contains("\"etcd\"")
+            && text(&out).contains("\"local\"")
+            && text(&out).contains("\"kubernetes\""),
+        "an unknown datastore is refused, naming the valid ones: {}",
+        text(&out)
+    );
+    assert!(!default_state_dir(&bad).exists(), "and nothing is made");
+
+    let lab = format!("cli-kube-{}", std::process::id());
+    let (guard, up) = lab_up(
+        &lab,
+        &[
+            "--datastore",
+            "kubernetes",
+            "--encryption",
+            "wireguard",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "0",
+        ],
+    );
+    let api = guard
+        .lab()
+        .api_server()
+        .expect("the lab records its API server")
+        .clone();
+    let api_pid = api.pid.expect("the API server's pid is recorded");
+    assert!(guard.lab().api_server_running(), "{up}");
+    let cmdline = |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline(api_pid)).contains("api-server"),
+        "pid {api_pid} is the API server"
+    );
+    for n in guard.lab().nodes() {
+        let args = String::from_utf8_lossy(&cmdline(n.agent_pid.unwrap())).replace('\0', " ");
+        assert!(
+            args.contains("--datastore-kind kubernetes") && args.contains(&api.kubeconfig.display().to_string()),
+            "{}: the agent is on the kubernetes backend: {args}",
+            n.name
+        );
+    }
+    let status = ok(&lab, &["lab", "status"]);
+    assert!(
+        status.starts_with(&format!(
+            "DATASTORE kubernetes: agents list and watch the API server http://172.30.0.254:6443 (pid {api_pid}, running)"
+        )),
+        "{status}"
+    );
+
+    // The keys go through the API too: into the SinewNodes the API server
+    // made for the nodes, as the operator would.
+    for (node, peer) in [("node1", "node2"), ("node2", "node1")] {
+        wait_for(&format!("{node} has {peer}'s WireGuard key"), 15, || {
+            let out = ok(&lab, &["--node", node, "encryption", "status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["node"] == peer))
+        });
+    }
+
+    ok(&lab, &["lab", "apply", "-f", "examples/netpol-xyz.yaml"]);
+    let applied = ok(
+        &lab,
+        &[
+            "--node",
+            "node1",
+            "policy",
+            "apply",
+            "-f",
+            "examples/netpol-xyz-policy.yaml",
+        ],
+    );
+    assert!(applied.ends_with(" applied\n"), "{applied}");
+    let listed = ok(&lab, &["--node", "node2", "policy", "get"]);
+    assert!(listed.contains("NetworkPolicy"), "node2's agent reads it too: {listed}");
+    for node in ["node1", "node2"] {
+        wait_for(&format!("{node} knows all 9 pods"), 15, || {
+            known_endpoints(&lab, node) == 9
+        });
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("examples/reachability.sh"))
+        .args(["--lab", &lab, "80", "81"])
+        .env("SINEW", SINEW)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        MATRIX,
+        "the same matrix as on the local datastore"
+    );
+
+    // A bad policy is refused before anything is stored.
+    let bad_policy = std::env::temp_dir().join(format!("{lab}-bad.yaml"));
+    std::fs::write(
+        &bad_policy,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 70000}]}]\n",
+    )
+    .unwrap();
+    let out = sinew(&[
+        "--lab",
+        &lab,
+        "--node",
+        "node1",
+        "policy",
+        "apply",
+        "-f",
+        &bad_policy.display().to_string(),
+    ]);
+    let _ = std::fs::remove_file(&bad_policy);
+    assert!(
+        !out.status.success() && text(&out).contains("policy rejected"),
+        "{}",
+        text(&out)
+    );
+
+    // Deleted from the API; the node's agent no longer lists it when the
+    // command returns, and x/a is open again.
+    let deleted = ok(
+        &lab,
+        &[
+            "--node",
+            "node2",
+            "policy",
+            "delete",
+            "allow-client-a-via-ns-selector-80",
+            "-n",
+            "x",
+        ],
+    );
+    assert_eq!(deleted, "NetworkPolicy allow-client-a-via-ns-selector-80 deleted\n");
+    assert!(!ok(&lab, &["--node", "node2", "policy", "get"]).contains("allow-client-a"));
+    let loaded = Lab::load(&default_state_dir(&lab)).unwrap();
+    let xa_ip = loaded.pod("x/a").unwrap().ip.unwrap().addr().to_string();
+    wait_for("x/b reaches x/a:81 once the policy is deleted", 10, || {
+        connects(&lab, "x/b", &xa_ip, 81)
+    });
+
+    let state_dir = guard.lab().state_dir().to_owned();
+    let out = sinew(&["--lab", &lab, "lab", "down"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!("removed kubernetes API server pid {api_pid}")) && said.contains("nothing left behind"),
+        "{said}"
+    );
+    assert!(
+        !cmdline(api_pid).windows(10).any(|w| w == b"api-server"),
+        "the API server is gone"
+    );
+    assert!(!state_dir.exists());
+    eprintln!("whole test {:?}", t0.elapsed());
+}

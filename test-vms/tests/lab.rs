@@ -103,6 +103,7 @@ fn up_exec_and_down_with_stand_in_binaries() {
         routing: Routing::Native,
         state_dir: None,
         agent_args: Vec::new(),
+        datastore: Default::default(),
     };
     let state_dir = default_state_dir(&spec.name_prefix);
     let mut lines = Vec::new();
@@ -269,6 +270,7 @@ fn down_after_a_failed_up_leaves_nothing() {
         routing: Routing::Vxlan,
         state_dir: Some(std::env::temp_dir().join(format!("{}-state", prefix("fail")))),
         agent_args: Vec::new(),
+        datastore: Default::default(),
     };
     let state_dir = spec.state_dir();
     let up = Lab::up(&spec, &binaries, &mut |_| {});
@@ -304,6 +306,7 @@ fn underlay_only_lab_goes_down_cleanly() {
         routing: Routing::Vxlan,
         state_dir: None,
         agent_args: Vec::new(),
+        datastore: Default::default(),
     };
     let state_dir = spec.state_dir();
     let up = Lab::up_underlay_only(&spec, &fakes.binaries, &mut |_| {});
@@ -384,6 +387,7 @@ fn apply_label_and_delete_documents_with_stand_in_binaries() {
         routing: Routing::Vxlan,
         state_dir: None,
         agent_args: Vec::new(),
+        datastore: Default::default(),
     };
     let state_dir = spec.state_dir();
     let mut guard = LabGuard::up_with(&spec, &fakes.binaries, &UpOptions::default(), &mut |_| {}).unwrap();

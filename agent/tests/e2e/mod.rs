@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sinew_proto::v1;
@@ -72,6 +72,7 @@ pub fn lab(prefix: &str, nodes: u32, pods_per_node: u32, routing: Routing) -> La
         routing,
         state_dir: None,
         agent_args: Vec::new(),
+        datastore: Default::default(),
     };
     let bins = Binaries::from_current_exe().expect("binaries next to the test: run `cargo build --workspace` first");
     let opts = UpOptions {
@@ -325,6 +326,7 @@ pub fn lab_with_args(prefix: &str, nodes: u32, pods_per_node: u32, routing: Rout
         routing,
         state_dir: None,
         agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+        datastore: Default::default(),
     };
     let bins = Binaries::from_current_exe().expect("binaries next to the test: run `cargo build --workspace` first");
     let opts = UpOptions {
@@ -1063,4 +1065,59 @@ pub fn pinned_counter(lab: &Lab, node: &str, map: &str, index: u32) -> u64 {
         let a: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(m).unwrap();
         a.get(&index, 0).unwrap().iter().sum()
     }
+}
+
+// ------------------------------------------------------------------ sinew-probe
+
+pub fn probe_bin(lab: &Lab) -> PathBuf {
+    let p = lab
+        .binaries()
+        .agent
+        .parent()
+        .expect("binaries have a directory")
+        .join("sinew-probe");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with `cargo build -p sinew-testvms --bins` (scripts/test.sh builds the workspace)",
+        p.display()
+    );
+    p
+}
+
+/// One result line of sinew-probe.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub ok: bool,
+    pub peer: String,
+    pub reply: String,
+    pub errno: i32,
+}
+
+pub fn parse_probe(line: &str) -> Probe {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap_or_default()
+    };
+    Probe {
+        ok: line.starts_with("ok "),
+        peer: field("peer"),
+        reply: field("reply"),
+        errno: field("errno").parse().unwrap_or(0),
+    }
+}
+
+/// Runs sinew-probe in a pod or node; returns one result per line.
+pub fn probe(lab: &Lab, target: &str, args: &[&str]) -> Vec<Probe> {
+    let bin = probe_bin(lab);
+    let mut argv: Vec<String> = vec![bin.display().to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let out = lab.exec_output(target, &argv).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.trim().is_empty(),
+        "sinew-probe {args:?} in {target} printed nothing; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(parse_probe).collect()
 }

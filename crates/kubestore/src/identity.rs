@@ -11,8 +11,12 @@ use std::collections::BTreeMap;
 /// The range identities are hashed into: above the reserved ones, below
 /// the node-local CIDR identities.
 pub const FIRST: u32 = sinew_model::FIRST_POD_IDENTITY;
-/// One past the last pod identity (`sinew_crd`'s `MAX_POD_IDENTITY`).
-pub const END: u32 = 0x00ff_ffff;
+/// One past the last identity hashed to: what the L7 proxy's upstream
+/// mark can carry (23 bits, [`sinew_abi::PROXY_MARK_ID_MASK`]). Above it
+/// (up to `sinew_crd`'s `MAX_POD_IDENTITY`, 24 bits) a pod's connections
+/// through an L7 rule would be answered 503 `unmarkable_identity`: about
+/// half the pods, as hashes fall.
+pub const END: u32 = sinew_abi::PROXY_MARK_ID_MASK + 1;
 /// How many numbers one allocation tries before it gives up.
 pub const PROBES: u32 = 64;
 
@@ -44,6 +48,16 @@ mod tests {
             ("app".to_string(), app.to_string()),
             ("sinew.io/namespace".into(), "default".into()),
         ])
+    }
+
+    #[test]
+    fn every_candidate_fits_the_proxy_upstream_mark() {
+        for i in 0..2000 {
+            let id = candidate(&labels(&format!("app{i}")), i % PROBES);
+            assert!(sinew_abi::proxy_upstream_mark(id).is_some(), "{id}");
+        }
+        assert!(sinew_abi::proxy_upstream_mark(END - 1).is_some());
+        const { assert!(END - 1 <= sinew_crd::identity::MAX_POD_IDENTITY) };
     }
 
     #[test]

@@ -192,6 +192,12 @@ impl Lab {
                 .iter()
                 .flat_map(|c| ["--cgroup-root".to_string(), c.display().to_string()]),
         )
+        .chain(
+            self.state
+                .api_server
+                .iter()
+                .flat_map(|api| crate::kube::agent_args(&api.kubeconfig)),
+        )
         .chain(self.state.spec.agent_args.iter().cloned())
         .collect()
     }

@@ -26,6 +26,9 @@ pub enum LabError {
     /// A routing mode that is neither `vxlan` nor `native`.
     #[error("unknown routing mode {0:?}: use \"vxlan\" or \"native\"")]
     UnknownRouting(String),
+    /// A datastore that is neither `local` nor `kubernetes`.
+    #[error("unknown datastore {0:?}: use \"local\" (the lab's datastore directory) or \"kubernetes\" (a Kubernetes API server on the external host)")]
+    UnknownDatastore(String),
     /// The topology could not be built.
     #[error(transparent)]
     Topology(#[from] TopologyError),
@@ -46,6 +49,12 @@ pub enum LabError {
     KubeApi {
         /// What went wrong.
         reason: String,
+    },
+    /// Policies `sinew policy apply` was given are invalid; none was stored.
+    #[error("policy rejected; the policies in force are unchanged:\n{errors}")]
+    PolicyRejected {
+        /// One line per problem.
+        errors: String,
     },
     /// `up` found an existing state file.
     #[error("a lab is already up with state in {0}: run `sinew lab down` first")]

@@ -6,19 +6,25 @@
 //! files would. What the lab writes (pods, namespaces, policies) reaches
 //! the agents through the API's watches instead of the directory.
 
+use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sinew_fakeapi::mirror::DirMirror;
 use sinew_fakeapi::FakeApi;
 
+use crate::agents::log_tail;
 use crate::error::LabError;
 use crate::guard::LabGuard;
 use crate::lab::Lab;
+use crate::netns::{command_in, detach, NetNs};
+use crate::process;
 use crate::spec::{Binaries, LabSpec, UpOptions};
-use crate::topology::EXTERNAL_UNDERLAY_ADDR;
+use crate::state::ApiServerRecord;
+use crate::topology::{Names, EXTERNAL_UNDERLAY_ADDR};
 
 /// The API server's port on the external host.
 pub const API_PORT: u16 = 6443;
@@ -120,6 +126,8 @@ pub fn up(
     binaries.check()?;
     let kubeconfig = kubeconfig_path(&spec.state_dir());
     let mut spec = spec.clone();
+    // The API runs in this process, not as the lab's daemon.
+    spec.datastore = crate::spec::DatastoreKind::Local;
     spec.agent_args.extend(agent_args(&kubeconfig));
     let mut guard = LabGuard::new(Lab::up_underlay_only(&spec, binaries, progress)?);
     crate::bpffs::ensure_mounted()?;
@@ -131,4 +139,304 @@ pub fn up(
         guard.lab_mut().start_agent_with(&node, options)?;
     }
     Ok((guard, kube))
+}
+
+/// The hidden `sinew lab` subcommand that runs a lab's API server
+/// (`sinew lab api-server --state-dir DIR`).
+pub const API_SERVER_COMMAND: &str = "api-server";
+/// How long [`Lab::start_api_server`] waits for the server to listen.
+pub const API_SERVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long stopping the API server waits after SIGTERM before SIGKILL.
+pub const API_SERVER_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The record of a lab in `state_dir` whose agents use the daemon.
+pub(crate) fn api_server_record(state_dir: &Path) -> ApiServerRecord {
+    ApiServerRecord {
+        address: API_ADDR,
+        kubeconfig: kubeconfig_path(state_dir),
+        log: state_dir.join("api-server.log"),
+        pid: None,
+    }
+}
+
+/// Runs the API server of the lab in `state_dir` until SIGTERM or SIGINT:
+/// what `sinew lab api-server` does, in the external host's namespace,
+/// started by [`Lab::start_api_server`]. The kubeconfig is written once
+/// the server listens (that is what `up` waits for) and removed on exit.
+pub fn serve(state_dir: &Path) -> Result<(), LabError> {
+    let lab = Lab::load(state_dir)?;
+    let Some(api) = lab.state.api_server.clone() else {
+        return Err(LabError::KubeApi {
+            reason: format!(
+                "the lab in {} is not on the kubernetes datastore (`sinew lab up --datastore kubernetes`)",
+                state_dir.display()
+            ),
+        });
+    };
+    // A SinewNode for each node, as the operator creates them: the agents
+    // publish their WireGuard key or IPsec SPIs into its status.
+    let nodes: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+    let populate = |fake: &FakeApi| {
+        for node in &nodes {
+            fake.put(
+                "/apis/sinew.io/v1alpha1/sinewnodes",
+                serde_json::json!({"metadata": {"name": node}, "spec": {}}),
+            );
+        }
+    };
+    let kube = KubeApi::start(&lab, &api.kubeconfig, &populate)?;
+    eprintln!(
+        "serving the Kubernetes API on {} (kubeconfig {}), mirroring {}",
+        api.address,
+        api.kubeconfig.display(),
+        lab.datastore_dir().display()
+    );
+    let stopped_by = kube.rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        tokio::select! {
+            _ = term.recv() => Ok::<_, std::io::Error>("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    });
+    let _ = std::fs::remove_file(&api.kubeconfig);
+    drop(kube);
+    match stopped_by {
+        Ok(signal) => {
+            eprintln!("stopped by {signal}");
+            Ok(())
+        }
+        Err(e) => Err(LabError::KubeApi {
+            reason: format!("cannot wait for SIGTERM: {e}"),
+        }),
+    }
+}
+
+/// Pids of `sinew lab api-server` processes of the lab in `state_dir`:
+/// `recorded` if it is still one, and any other found by its arguments
+/// (one a failed `up` did not record).
+pub(crate) fn api_server_pids(state_dir: &Path, recorded: Option<u32>) -> Vec<u32> {
+    let dir = state_dir.display().to_string();
+    let ours =
+        |pid: u32| process::cmdline(pid).is_some_and(|a| a.iter().any(|x| x == API_SERVER_COMMAND) && a.contains(&dir));
+    let mut pids: Vec<u32> = recorded
+        .filter(|&pid| process::is_running(pid) && ours(pid))
+        .into_iter()
+        .collect();
+    for pid in process::find_by_arg(API_SERVER_COMMAND) {
+        if ours(pid) && !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A policy `sinew policy apply` stored in a lab on the kubernetes
+/// datastore: (kind, namespace, name).
+pub type StoredPolicy = (String, Option<String>, String);
+
+impl Lab {
+    /// The API server, when the agents use the `kubernetes` datastore.
+    pub fn api_server(&self) -> Option<&ApiServerRecord> {
+        self.state.api_server.as_ref()
+    }
+
+    /// Whether the recorded API server process is running.
+    pub fn api_server_running(&self) -> bool {
+        let recorded = self.api_server().and_then(|a| a.pid);
+        recorded.is_some_and(|pid| api_server_pids(&self.dir, Some(pid)).contains(&pid))
+    }
+
+    /// Starts the lab's API server (`sinew lab api-server`, detached, in
+    /// the external host's namespace) and waits until it listens, which
+    /// its kubeconfig appearing says. Returns its pid; the one already
+    /// running, if any.
+    pub fn start_api_server(&mut self) -> Result<u32, LabError> {
+        let Some(api) = self.state.api_server.clone() else {
+            return Err(LabError::KubeApi {
+                reason: "this lab's agents use the local datastore; it has no API server".into(),
+            });
+        };
+        if let Some(pid) = api.pid.filter(|_| self.api_server_running()) {
+            return Ok(pid);
+        }
+        let sinew = self.state.binaries.sinew.clone();
+        if !sinew.is_file() {
+            return Err(LabError::MissingBinary {
+                name: "sinew",
+                path: sinew,
+                package: "sinew-cli",
+            });
+        }
+        // A stale kubeconfig would make the wait below succeed at once.
+        match std::fs::remove_file(&api.kubeconfig) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LabError::Io {
+                    what: "cannot remove stale kubeconfig",
+                    path: api.kubeconfig.clone(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        let open_log = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&api.log)
+                .map_err(|source| LabError::Io {
+                    what: "cannot open the API server's log",
+                    path: api.log.clone(),
+                    source,
+                })
+        };
+        let ext = NetNs::named(Names::new(&self.state.spec.name_prefix)?.external())?;
+        let args = [
+            "lab".to_string(),
+            API_SERVER_COMMAND.into(),
+            "--state-dir".into(),
+            self.dir.display().to_string(),
+        ];
+        let mut cmd = command_in(&ext, &sinew)?;
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?);
+        detach(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| LabError::Exec {
+            target: ext.name().to_owned(),
+            argv: std::iter::once(sinew.display().to_string())
+                .chain(args.iter().cloned())
+                .collect(),
+            source,
+        })?;
+        let pid = child.id();
+        tracing::info!(pid, addr = %api.address, "started the lab's Kubernetes API server");
+        if let Some(a) = self.state.api_server.as_mut() {
+            a.pid = Some(pid);
+        }
+        self.save()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(LabError::KubeApi {
+                    reason: format!(
+                        "`sinew lab {API_SERVER_COMMAND}` exited with {status} before it listened; see {}:\n{}",
+                        api.log.display(),
+                        log_tail(&api.log, 20)
+                    ),
+                });
+            }
+            if api.kubeconfig.exists() {
+                return Ok(pid);
+            }
+            if start.elapsed() >= API_SERVER_TIMEOUT {
+                return Err(LabError::KubeApi {
+                    reason: format!(
+                        "not listening on {} within {} s; see {}",
+                        api.address,
+                        API_SERVER_TIMEOUT.as_secs(),
+                        api.log.display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the lab's API server: SIGTERM, then SIGKILL after
+    /// [`API_SERVER_STOP_GRACE`]. Returns whether one was running. The
+    /// agents keep enforcing what they last read until it is back.
+    pub fn stop_api_server(&mut self) -> Result<bool, LabError> {
+        let recorded = self.api_server().and_then(|a| a.pid);
+        let pids = api_server_pids(&self.dir, recorded);
+        for &pid in &pids {
+            if !process::terminate(pid, API_SERVER_STOP_GRACE) {
+                return Err(LabError::KubeApi {
+                    reason: format!("`sinew lab {API_SERVER_COMMAND}` (pid {pid}) did not exit after SIGKILL"),
+                });
+            }
+        }
+        if let Some(a) = self.state.api_server.as_mut() {
+            a.pid = None;
+        }
+        self.save()?;
+        Ok(!pids.is_empty())
+    }
+
+    /// Stores the policies of `yaml` in the lab's datastore directory, all
+    /// or none, as `kubectl apply` stores them in the API (the mirror
+    /// copies them there; the agents watch them): the way to apply
+    /// policies when the agents are on the kubernetes datastore, where
+    /// they may only read them. Each is checked as an agent's `sinew
+    /// policy apply` checks it, and kept where that would keep it on the
+    /// local datastore, so `sinew policy delete` finds it.
+    pub fn apply_policies(&self, yaml: &str, source: &str) -> Result<Vec<StoredPolicy>, LabError> {
+        let docs = sinew_policy::parse_documents(source, yaml).map_err(|errors| LabError::PolicyRejected {
+            errors: errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"),
+        })?;
+        if docs.is_empty() {
+            return Err(LabError::PolicyRejected {
+                errors: format!(
+                    "  {source} holds no NetworkPolicy, SinewNetworkPolicy or SinewClusterwideNetworkPolicy; check its kind: lines"
+                ),
+            });
+        }
+        let mut stored = Vec::new();
+        for d in docs {
+            let r = &d.resource;
+            let (kind, namespace) = (r.kind().as_str().to_owned(), r.namespace().map(str::to_owned));
+            let path = sinew_model::local::policy_path(&self.datastore_dir(), &kind, namespace.as_deref(), r.name());
+            crate::datastore::write_atomic(&path, &d.yaml)?;
+            stored.push((kind, namespace, r.name().to_owned()));
+        }
+        Ok(stored)
+    }
+
+    /// Deletes a policy [`Lab::apply_policies`] stored; whether it existed.
+    pub fn delete_stored_policy(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<bool, LabError> {
+        let path = sinew_model::local::policy_path(&self.datastore_dir(), kind, namespace, name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(LabError::Io {
+                what: "cannot delete the policy file",
+                path,
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    // `is_running` (in `terminate`) reaps the exited child.
+    #[allow(clippy::zombie_processes)]
+    fn api_server_pids_are_those_with_the_subcommand_and_this_state_dir() {
+        let dir = std::env::temp_dir().join(format!("kube-pids-{}", std::process::id()));
+        let dir_text = dir.display().to_string();
+        // `; :` keeps the shell from exec'ing sleep, so its argv stays.
+        let child = std::process::Command::new("sh")
+            .args(["-c", "sleep 5; :", API_SERVER_COMMAND, &dir_text])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !process::cmdline(pid).is_some_and(|a| a.contains(&dir_text)) {
+            assert!(Instant::now() < deadline, "{:?}", process::cmdline(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(api_server_pids(&dir, None), [pid]);
+        assert_eq!(api_server_pids(&dir, Some(pid)), [pid], "recorded and found: once");
+        assert!(api_server_pids(&dir.join("other"), None).is_empty());
+        assert!(
+            api_server_pids(&dir.join("other"), Some(pid)).is_empty(),
+            "a recorded pid that is another lab's is not ours"
+        );
+        assert!(process::terminate(pid, Duration::from_secs(5)));
+        assert!(api_server_pids(&dir, Some(pid)).is_empty());
+    }
 }

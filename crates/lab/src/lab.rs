@@ -1,5 +1,6 @@
 //! A simulated cluster with real agents: the [`Topology`], a `local`
-//! datastore, one `sinew-agent` per node and pods wired up by `sinew-cni`.
+//! datastore (or a Kubernetes API server mirroring it, [`crate::kube`]),
+//! one `sinew-agent` per node and pods wired up by `sinew-cni`.
 //!
 //! A lab is described by a [`LabSpec`] and remembered in a JSON state file,
 //! so that `up`, `exec` and `down` can run as separate processes. All names
@@ -15,7 +16,7 @@ use crate::netns::NetNs;
 use crate::topology::{self, Names, Topology};
 
 use crate::error::LabError;
-use crate::spec::{Binaries, LabSpec, UpOptions, POD_NAMESPACE, SOCKET_ROOT};
+use crate::spec::{Binaries, DatastoreKind, LabSpec, UpOptions, POD_NAMESPACE, SOCKET_ROOT};
 use crate::state::{read_state, LabState, NodeRecord, PodRecord, STATE_FILE, STATE_VERSION};
 
 /// A lab, loaded from or backed by its state directory.
@@ -50,7 +51,8 @@ pub fn ipsec_requested(agent_args: &[String]) -> bool {
 }
 
 impl Lab {
-    /// Brings a lab up: topology, datastore, agents, pods. Progress lines go
+    /// Brings a lab up: topology, datastore (and on the `kubernetes`
+    /// datastore its API server), agents, pods. Progress lines go
     /// to `progress`. On failure the partial lab stays for inspection;
     /// [`Lab::down`] removes it.
     pub fn up(spec: &LabSpec, binaries: &Binaries, progress: &mut dyn FnMut(&str)) -> Result<Lab, LabError> {
@@ -67,6 +69,13 @@ impl Lab {
         binaries.check()?;
         let mut lab = Self::up_underlay_only(spec, binaries, progress)?;
         bpffs::ensure_mounted()?;
+        if lab.state.api_server.is_some() {
+            progress(&format!(
+                "starting the Kubernetes API server on {}",
+                crate::kube::API_ADDR
+            ));
+            lab.start_api_server()?;
+        }
         for i in 0..lab.state.nodes.len() {
             let name = lab.state.nodes[i].name.clone();
             progress(&format!("{name}: starting agent"));
@@ -136,7 +145,7 @@ impl Lab {
         // Written before anything else exists, so `down` can always find
         // what a failed `up` left.
         let lab = Lab {
-            dir,
+            dir: dir.clone(),
             state: LabState {
                 version: STATE_VERSION,
                 spec: spec.clone(),
@@ -144,6 +153,7 @@ impl Lab {
                 nodes,
                 pods: Vec::new(),
                 namespaces: BTreeMap::new(),
+                api_server: (spec.datastore == DatastoreKind::Kubernetes).then(|| crate::kube::api_server_record(&dir)),
             },
         };
         lab.save()?;

@@ -1,7 +1,8 @@
 //! The simulated cluster behind `sinew lab`, kernel integration tests and
 //! benchmarks: node and pod network namespaces on one machine, connected by
 //! veths and a bridge ([`topology`]), a `local` datastore (or the fake
-//! Kubernetes API of `sinew-fakeapi`, [`kube`]), one
+//! Kubernetes API of `sinew-fakeapi` mirroring it, in the caller's process
+//! or as a lab daemon: [`kube`]), one
 //! `sinew-agent` per node and pods wired by `sinew-cni`; users' own
 //! Namespace and Pod documents ([`manifest`]).
 //!
@@ -44,9 +45,9 @@ pub use guard::{tail, LabGuard};
 pub use lab::Lab;
 pub use netns::{command_in, sh, NetNs};
 pub use spec::{
-    default_agent_timeout, default_state_dir, Binaries, LabSpec, Routing, UpOptions, DEFAULT_AGENT_TIMEOUT,
-    DEFAULT_STATE_ROOT, POD_IFNAME, POD_NAMESPACE, SOCKET_ROOT,
+    default_agent_timeout, default_state_dir, Binaries, DatastoreKind, LabSpec, Routing, UpOptions,
+    DEFAULT_AGENT_TIMEOUT, DEFAULT_STATE_ROOT, POD_IFNAME, POD_NAMESPACE, SOCKET_ROOT,
 };
-pub use state::{NodeRecord, PodRecord, STATE_FILE};
+pub use state::{ApiServerRecord, NodeRecord, PodRecord, STATE_FILE};
 pub use teardown::DownSummary;
 pub use topology::Topology;

@@ -61,6 +61,53 @@ impl FromStr for Routing {
     }
 }
 
+/// Where the agents read the cluster's objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatastoreKind {
+    /// The lab's datastore directory, read by each agent
+    /// (`--datastore DIR`).
+    #[default]
+    Local,
+    /// A Kubernetes API server on the external host (a lab daemon running
+    /// the fake API of `sinew-fakeapi`), which stores the lab's datastore
+    /// directory as `kubectl apply` of its files would; the agents list
+    /// and watch it (`--datastore-kind kubernetes`).
+    Kubernetes,
+}
+
+impl DatastoreKind {
+    /// The flag value: `local` or `kubernetes`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatastoreKind::Local => "local",
+            DatastoreKind::Kubernetes => "kubernetes",
+        }
+    }
+
+    fn is_local(&self) -> bool {
+        *self == DatastoreKind::Local
+    }
+}
+
+impl fmt::Display for DatastoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DatastoreKind {
+    type Err = LabError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(DatastoreKind::Local),
+            "kubernetes" => Ok(DatastoreKind::Kubernetes),
+            other => Err(LabError::UnknownDatastore(other.to_owned())),
+        }
+    }
+}
+
 pub(crate) fn default_prefix() -> String {
     topology::DEFAULT_PREFIX.to_owned()
 }
@@ -84,6 +131,9 @@ pub struct LabSpec {
     /// Extra `sinew-agent` flags for every node (e.g. `--policy-map-size`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agent_args: Vec<String>,
+    /// Where the agents read the cluster's objects; default `local`.
+    #[serde(default, skip_serializing_if = "DatastoreKind::is_local")]
+    pub datastore: DatastoreKind,
 }
 
 impl Default for LabSpec {
@@ -95,6 +145,7 @@ impl Default for LabSpec {
             routing: Routing::default(),
             state_dir: None,
             agent_args: Vec::new(),
+            datastore: DatastoreKind::Local,
         }
     }
 }
@@ -265,6 +316,29 @@ mod tests {
         assert!(spec.validate().is_err());
         spec.pods_per_node = 3;
         assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn datastore_kind_round_trips_and_names_the_valid_values() {
+        for d in [DatastoreKind::Local, DatastoreKind::Kubernetes] {
+            assert_eq!(d.to_string().parse::<DatastoreKind>().unwrap(), d);
+        }
+        let err = "etcd".parse::<DatastoreKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("\"etcd\"") && err.contains("local") && err.contains("kubernetes"),
+            "{err}"
+        );
+        // A state file of a lab brought up before the field existed.
+        let spec: LabSpec = serde_json::from_str(r#"{"nodes":1,"pods_per_node":0}"#).unwrap();
+        assert_eq!(spec.datastore, DatastoreKind::Local);
+        let json = serde_json::to_string(&LabSpec::default()).unwrap();
+        assert!(!json.contains("datastore"), "local is the default, not written: {json}");
+        let spec = LabSpec {
+            datastore: DatastoreKind::Kubernetes,
+            ..LabSpec::default()
+        };
+        let back: LabSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back.datastore, DatastoreKind::Kubernetes);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! nodes, pods and namespaces.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -100,6 +100,21 @@ impl PodRecord {
     }
 }
 
+/// The Kubernetes API server of a lab on the `kubernetes` datastore, as
+/// recorded in the state file: a `sinew lab api-server` process in the
+/// external host's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiServerRecord {
+    /// Where the agents reach it.
+    pub address: SocketAddr,
+    /// The kubeconfig the agents are given.
+    pub kubeconfig: PathBuf,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+    /// The running server's pid, if started.
+    pub pid: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LabState {
     pub(crate) version: u32,
@@ -110,6 +125,9 @@ pub(crate) struct LabState {
     /// Namespaces with a manifest, and their labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// The API server, on the `kubernetes` datastore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) api_server: Option<ApiServerRecord>,
 }
 
 pub(crate) fn read_state(state_dir: &Path) -> Result<Option<LabState>, LabError> {

@@ -1,5 +1,6 @@
-//! Taking a lab down: CNI DELs, agents, pod and node namespaces, pins and
-//! cgroups, even from a partial or missing state file.
+//! Taking a lab down: CNI DELs, agents, the Kubernetes API server, pod
+//! and node namespaces, pins and cgroups, even from a partial or missing
+//! state file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,6 +94,16 @@ pub(crate) fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str
         }
     }
 
+    // 2b. The API server, once no agent is left to log its loss.
+    let recorded = state.as_ref().and_then(|st| st.api_server.as_ref()).and_then(|a| a.pid);
+    for pid in crate::kube::api_server_pids(state_dir, recorded) {
+        if process::terminate(pid, crate::kube::API_SERVER_STOP_GRACE) {
+            s.removed.push(format!("kubernetes API server pid {pid}"));
+        } else {
+            s.warnings.push(format!("kubernetes API server pid {pid} did not exit"));
+        }
+    }
+
     // 3. Anything else still running in the lab's namespaces (servers
     //    started with exec) would keep the namespaces alive.
     for name in names.existing_netns() {
@@ -168,6 +179,11 @@ pub(crate) fn down_state(state_dir: &Path, state: Option<LabState>, prefix: &str
             .into_iter()
             .map(|pid| format!("agent pid {pid}")),
     );
+    s.left_behind.extend(
+        crate::kube::api_server_pids(state_dir, None)
+            .into_iter()
+            .map(|pid| format!("kubernetes API server pid {pid}")),
+    );
     s
 }
 
@@ -203,9 +219,9 @@ pub(crate) fn remove_dir(dir: &Path, s: &mut DownSummary) {
 
 impl Lab {
     /// Takes down the lab whose state is in `state_dir`: CNI DEL for every
-    /// pod, agents stopped, every namespace with the lab's prefix deleted
-    /// (also ones a failed `up` did not record), pin dirs, socket dirs and
-    /// the state dir removed. Best effort: a failing step becomes a warning.
+    /// pod, agents and the Kubernetes API server stopped, every namespace
+    /// with the lab's prefix deleted (also ones a failed `up` did not
+    /// record), pin dirs, socket dirs and the state dir removed. Best effort: a failing step becomes a warning.
     /// Running it again, or without a lab, does nothing.
     pub fn down(state_dir: &Path) -> Result<DownSummary, LabError> {
         let state = match read_state(state_dir) {
