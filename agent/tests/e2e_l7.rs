@@ -691,21 +691,6 @@ fn recording_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> Arc<std::sync::Mutex
     seen
 }
 
-fn probe_bin(lab: &Lab) -> std::path::PathBuf {
-    let p = lab
-        .binaries()
-        .agent
-        .parent()
-        .expect("binaries have a directory")
-        .join("sinew-probe");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo build -p sinew-testvms --bins` (scripts/test.sh builds the workspace)",
-        p.display()
-    );
-    p
-}
-
 /// `sinew-probe http` in `pod` (its netns and cgroup, so the socket load
 /// balancer applies): (status, peer the socket saw, body's first line).
 fn probe_http(lab: &Lab, pod: &str, to: &str, path: &str, http10: bool) -> (u16, String, String) {

@@ -176,6 +176,41 @@ fn connects(lab: &str, from: &str, to_ip: &str, port: u16) -> bool {
     .success()
 }
 
+/// Applies the README's example policy through node1 and waits until both
+/// nodes know all 9 pods (up to `secs`); the command's output.
+fn apply_xyz_policy(lab: &str, secs: u64) -> String {
+    let out = ok(
+        lab,
+        &[
+            "--node",
+            "node1",
+            "policy",
+            "apply",
+            "-f",
+            "examples/netpol-xyz-policy.yaml",
+        ],
+    );
+    for node in ["node1", "node2"] {
+        wait_for(&format!("{node} knows all 9 pods"), secs, || {
+            known_endpoints(lab, node) == 9
+        });
+    }
+    out
+}
+
+/// The README's reachability matrix of the lab on ports 80 and 81.
+fn reachability(lab: &str) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("examples/reachability.sh"))
+        .args(["--lab", lab, "80", "81"])
+        .env("SINEW", SINEW)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Endpoints the node's agent knows cluster-wide (its ipcache source).
 fn known_endpoints(lab: &str, node: &str) -> u64 {
     let out = ok(lab, &["--node", node, "identity", "list", "-o", "json"]);
@@ -204,32 +239,8 @@ fn netpol_xyz_example_gives_the_readme_reachability_and_follows_relabels() {
     let again = ok(&lab, &["lab", "apply", "-f", "examples/netpol-xyz.yaml"]);
     assert!(again.lines().all(|l| l.ends_with(" unchanged")), "{again}");
 
-    ok(
-        &lab,
-        &[
-            "--node",
-            "node1",
-            "policy",
-            "apply",
-            "-f",
-            "examples/netpol-xyz-policy.yaml",
-        ],
-    );
-    for node in ["node1", "node2"] {
-        wait_for(&format!("{node} knows all 9 pods"), 10, || {
-            known_endpoints(&lab, node) == 9
-        });
-    }
-    let script = repo().join("examples/reachability.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .args(["--lab", &lab, "80", "81"])
-        .env("SINEW", SINEW)
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), MATRIX);
+    apply_xyz_policy(&lab, 10);
+    assert_eq!(reachability(&lab), MATRIX);
     assert!(readme.contains(MATRIX), "README.md must show the matrix:\n{MATRIX}");
 
     let loaded = Lab::load(&default_state_dir(&lab)).unwrap();
@@ -381,38 +392,11 @@ fn lab_on_the_kubernetes_datastore_gives_the_readme_reachability_and_goes_down_c
     }
 
     ok(&lab, &["lab", "apply", "-f", "examples/netpol-xyz.yaml"]);
-    let applied = ok(
-        &lab,
-        &[
-            "--node",
-            "node1",
-            "policy",
-            "apply",
-            "-f",
-            "examples/netpol-xyz-policy.yaml",
-        ],
-    );
+    let applied = apply_xyz_policy(&lab, 15);
     assert!(applied.ends_with(" applied\n"), "{applied}");
     let listed = ok(&lab, &["--node", "node2", "policy", "get"]);
     assert!(listed.contains("NetworkPolicy"), "node2's agent reads it too: {listed}");
-    for node in ["node1", "node2"] {
-        wait_for(&format!("{node} knows all 9 pods"), 15, || {
-            known_endpoints(&lab, node) == 9
-        });
-    }
-    let out = Command::new("bash")
-        .arg(repo().join("examples/reachability.sh"))
-        .args(["--lab", &lab, "80", "81"])
-        .env("SINEW", SINEW)
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        MATRIX,
-        "the same matrix as on the local datastore"
-    );
+    assert_eq!(reachability(&lab), MATRIX, "the same matrix as on the local datastore");
 
     // A bad policy is refused before anything is stored.
     let bad_policy = std::env::temp_dir().join(format!("{lab}-bad.yaml"));

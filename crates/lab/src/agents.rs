@@ -53,6 +53,31 @@ pub(crate) fn wait_for_agent(rec: &NodeRecord, mut child: Child, options: &UpOpt
     }
 }
 
+/// Removes `path` if it is there (a file a wait would mistake for a fresh one).
+pub(crate) fn remove_stale(path: &Path, what: &'static str) -> Result<(), LabError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LabError::Io {
+            what,
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `path` opened for appending (created if missing): a daemon's log.
+pub(crate) fn append_log(path: &Path, what: &'static str) -> Result<std::fs::File, LabError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| LabError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -79,30 +104,9 @@ impl Lab {
             create_dir(sock_dir)?;
         }
         // A stale socket would make the wait below succeed at once.
-        match std::fs::remove_file(&rec.socket) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(LabError::Io {
-                    what: "cannot remove stale agent socket",
-                    path: rec.socket.clone(),
-                    source: e,
-                })
-            }
-            _ => {}
-        }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&rec.agent_log)
-            .map_err(|source| LabError::Io {
-                what: "cannot open agent log",
-                path: rec.agent_log.clone(),
-                source,
-            })?;
-        let log_err = log.try_clone().map_err(|source| LabError::Io {
-            what: "cannot open agent log",
-            path: rec.agent_log.clone(),
-            source,
-        })?;
+        remove_stale(&rec.socket, "cannot remove stale agent socket")?;
+        let log = append_log(&rec.agent_log, "cannot open agent log")?;
+        let log_err = append_log(&rec.agent_log, "cannot open agent log")?;
         let args = self.agent_args(&rec);
         let mut cmd = command_in(&rec.netns, &self.state.binaries.agent)?;
         crate::cgroup::enter_on_exec(&mut cmd, rec.cgroup.as_deref());

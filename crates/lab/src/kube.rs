@@ -6,7 +6,6 @@
 //! files would. What the lab writes (pods, namespaces, policies) reaches
 //! the agents through the API's watches instead of the directory.
 
-use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 use sinew_fakeapi::mirror::DirMirror;
 use sinew_fakeapi::FakeApi;
 
-use crate::agents::log_tail;
+use crate::agents::{append_log, log_tail, remove_stale};
 use crate::error::LabError;
 use crate::guard::LabGuard;
 use crate::lab::Lab;
@@ -269,27 +268,8 @@ impl Lab {
             });
         }
         // A stale kubeconfig would make the wait below succeed at once.
-        match std::fs::remove_file(&api.kubeconfig) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(LabError::Io {
-                    what: "cannot remove stale kubeconfig",
-                    path: api.kubeconfig.clone(),
-                    source: e,
-                })
-            }
-            _ => {}
-        }
-        let open_log = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&api.log)
-                .map_err(|source| LabError::Io {
-                    what: "cannot open the API server's log",
-                    path: api.log.clone(),
-                    source,
-                })
-        };
+        remove_stale(&api.kubeconfig, "cannot remove stale kubeconfig")?;
+        let open_log = || append_log(&api.log, "cannot open the API server's log");
         let ext = NetNs::named(Names::new(&self.state.spec.name_prefix)?.external())?;
         let args = [
             "lab".to_string(),
