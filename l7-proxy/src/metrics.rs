@@ -83,14 +83,19 @@ pub enum UpstreamError {
     ConnectTimeout,
     Handshake,
     Request,
+    /// The upstream refused the HTTP/2 stream unprocessed (GOAWAY below
+    /// its id, or RST_STREAM REFUSED_STREAM) and it could not go again:
+    /// part of its body had already left, or it was refused on every try.
+    Refused,
 }
 
 impl UpstreamError {
-    pub const ALL: [UpstreamError; 4] = [
+    pub const ALL: [UpstreamError; 5] = [
         UpstreamError::ConnectFailed,
         UpstreamError::ConnectTimeout,
         UpstreamError::Handshake,
         UpstreamError::Request,
+        UpstreamError::Refused,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -98,6 +103,7 @@ impl UpstreamError {
             UpstreamError::ConnectTimeout => "connect_timeout",
             UpstreamError::Handshake => "handshake",
             UpstreamError::Request => "request",
+            UpstreamError::Refused => "refused",
         }
     }
 }
@@ -150,6 +156,9 @@ pub struct Metrics {
     pub snapshots_refused: AtomicU64,
     pub agent_connected: AtomicU64,
     pub events_lost: AtomicU64,
+    /// HTTP/2 requests sent again on another upstream stream because the
+    /// upstream refused them unprocessed (RFC 9113 6.8, 8.7).
+    pub upstream_retries: AtomicU64,
     pub draining: AtomicU64,
     /// 1 once the listeners take connections.
     pub listening: AtomicU64,
@@ -187,6 +196,10 @@ impl Metrics {
     pub fn upstream_error(&self, e: UpstreamError) {
         let i = UpstreamError::ALL.iter().position(|x| *x == e).unwrap_or(0);
         self.upstream_errors[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn upstream_retried(&self) {
+        self.upstream_retries.fetch_add(1, Relaxed);
     }
 
     pub fn upstream_errors(&self, e: UpstreamError) -> u64 {
@@ -323,6 +336,12 @@ impl Metrics {
                 "L7 flow events not delivered to the agent.",
                 "counter",
                 &self.events_lost,
+            ),
+            (
+                "sinew_proxy_upstream_retries_total",
+                "HTTP/2 requests sent again after the upstream refused them unprocessed (GOAWAY, REFUSED_STREAM).",
+                "counter",
+                &self.upstream_retries,
             ),
             (
                 "sinew_proxy_draining",

@@ -1751,3 +1751,214 @@ fn h2c_bodies_larger_than_every_window_stream_through_both_ways() {
         );
     });
 }
+
+/// What one connection of [`scripted_h2_upstream`] does.
+#[derive(Clone, Copy)]
+enum H2Script {
+    /// Holds its answers until it has read `streams` request heads and one
+    /// DATA frame, then sends GOAWAY naming `last`, answers the streams up
+    /// to `last`, and reads on until the proxy closes.
+    GoawayAfter { streams: usize, last: u32 },
+    /// Resets its first stream with REFUSED_STREAM, answers the others.
+    RefuseFirst,
+    /// Resets every stream with REFUSED_STREAM.
+    RefuseAll,
+}
+
+/// An h2c upstream written frame by frame, for exact control of GOAWAY and
+/// RST_STREAM: its n-th connection (from 0) follows `script(n)`. It never
+/// decodes HPACK and answers with the static table's `:status: 200` alone
+/// (0x88, RFC 7541 Appendix A). Reports every HEADERS and DATA frame it
+/// reads, as (type, stream id), on `seen`. Returns its address, the
+/// connections it accepted and those the proxy closed.
+async fn scripted_h2_upstream(
+    script: fn(u64) -> H2Script,
+    seen: tokio::sync::mpsc::UnboundedSender<(u8, u32)>,
+) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (accepted, closed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, c) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mode = script(a.fetch_add(1, Relaxed));
+            let (seen, c) = (seen.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                s.read_exact(&mut preface).await.unwrap();
+                assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                s.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+                let (mut heads, mut data, mut gone_away) = (Vec::new(), false, false);
+                loop {
+                    let mut h = [0u8; 9];
+                    if s.read_exact(&mut h).await.is_err() {
+                        c.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                    let (ty, flags) = (h[3], h[4]);
+                    let sid = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                    let mut p = vec![0u8; len];
+                    s.read_exact(&mut p).await.unwrap();
+                    let mut out = Vec::new();
+                    match ty {
+                        4 if flags & 1 == 0 => out.extend(frame(4, 1, 0, &[])),
+                        1 => {
+                            let _ = seen.send((1, sid));
+                            heads.push(sid);
+                            match mode {
+                                H2Script::RefuseAll => out.extend(frame(3, 0, sid, &7u32.to_be_bytes())),
+                                H2Script::RefuseFirst if heads.len() == 1 => {
+                                    out.extend(frame(3, 0, sid, &7u32.to_be_bytes()))
+                                }
+                                H2Script::RefuseFirst => out.extend(frame(1, 0x5, sid, &[0x88])),
+                                H2Script::GoawayAfter { .. } => {}
+                            }
+                        }
+                        0 => {
+                            let _ = seen.send((0, sid));
+                            data = true;
+                        }
+                        _ => {}
+                    }
+                    if let H2Script::GoawayAfter { streams, last } = mode {
+                        if !gone_away && heads.len() == streams && data {
+                            gone_away = true;
+                            let mut g = last.to_be_bytes().to_vec();
+                            g.extend(0u32.to_be_bytes());
+                            out.extend(frame(7, 0, 0, &g));
+                            for &sid in heads.iter().filter(|&&sid| sid <= last) {
+                                out.extend(frame(1, 0x5, sid, &[0x88]));
+                            }
+                        }
+                    }
+                    s.write_all(&out).await.unwrap();
+                }
+            });
+        }
+    });
+    (addr, accepted, closed)
+}
+
+/// An upstream's graceful GOAWAY and REFUSED_STREAM fail no request that
+/// can go again (RFC 9113 6.8: streams above the GOAWAY's last id "were
+/// not processed" and "can be safely retried using a new connection";
+/// 8.7: a stream reset with REFUSED_STREAM was not processed, so its
+/// request can be retried, whatever its method). nginx sends such a GOAWAY
+/// after `keepalive_requests`. Five requests on one client connection,
+/// sent in order (upstream ids 1..9); the upstream answers 1 and 3 and
+/// sends GOAWAY(last 3). The GETs on 7 and 9 go again on a new connection,
+/// which refuses the first of them: it goes once more, and both get 200.
+/// The POST on 5 had sent its body, which the proxy no longer holds: 502,
+/// counted as refused. The spent connection is closed by the proxy once
+/// its last stream ends. Then an upstream that refuses every stream: the
+/// request goes three more times and is answered 502, never looping.
+#[test]
+fn an_upstream_goaway_or_refused_stream_sends_the_unprocessed_requests_again() {
+    in_netns(|| {
+        let rt = rt();
+        use sinew_proxy::metrics::UpstreamError::Refused;
+        let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let (up, accepted, closed) = rt.block_on(scripted_h2_upstream(
+            |n| match n {
+                0 => H2Script::GoawayAfter { streams: 5, last: 3 },
+                _ => H2Script::RefuseFirst,
+            },
+            tx,
+        ));
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        let statuses = rt.block_on(async {
+            let s = tokio::net::TcpStream::connect(a).await.unwrap();
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut tasks = Vec::new();
+            for (k, body) in ["", "", "hello", "", ""].into_iter().enumerate() {
+                let mut send = send.clone();
+                let method = if body.is_empty() { "GET" } else { "POST" };
+                let req = http::Request::builder()
+                    .method(method)
+                    .uri(format!("http://web/public/{k}"))
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                tasks.push(tokio::spawn(async move {
+                    send.send_request(req).await.unwrap().status().as_u16()
+                }));
+                // The next request only once the upstream has this one
+                // (its body too), so that the upstream ids are in order.
+                let want = if body.is_empty() { 1 } else { 0 };
+                let wait = async { while seen.recv().await.unwrap().0 != want {} };
+                tokio::time::timeout(Duration::from_secs(5), wait)
+                    .await
+                    .unwrap_or_else(|_| panic!("the upstream never saw request {k}"));
+            }
+            let mut statuses = Vec::new();
+            for t in tasks {
+                statuses.push(tokio::time::timeout(Duration::from_secs(5), t).await.unwrap().unwrap());
+            }
+            statuses
+        });
+        assert_eq!(
+            statuses,
+            [200, 200, 502, 200, 200],
+            "answered below the GOAWAY's last id, the POST whose body left refused, the GETs sent again"
+        );
+        assert_eq!(
+            accepted.load(Relaxed),
+            2,
+            "one new upstream connection after the GOAWAY"
+        );
+        assert_eq!(
+            p.metrics.upstream_retries.load(Relaxed),
+            3,
+            "two GETs after the GOAWAY, one after REFUSED_STREAM"
+        );
+        assert_eq!(p.metrics.upstream_errors(Refused), 1);
+        assert_eq!(
+            p.metrics.upstream_errors(sinew_proxy::metrics::UpstreamError::Request),
+            0
+        );
+        let t = Instant::now();
+        while closed.load(Relaxed) < 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the proxy keeps a connection that sent GOAWAY after its last stream ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // Refused on every try: three retries, then 502 (gRPC would get 14).
+        let (tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+        let (up, _, _) = rt.block_on(scripted_h2_upstream(|_| H2Script::RefuseAll, tx));
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let status = rt.block_on(async {
+            let s = tokio::net::TcpStream::connect(p.ingress[0]).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::get("http://web/public/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let r = tokio::time::timeout(Duration::from_secs(5), send.send_request(req));
+            r.await
+                .expect("a refused request must not loop")
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+        assert_eq!(status, 502);
+        assert_eq!(p.metrics.upstream_retries.load(Relaxed), 3);
+        assert_eq!(p.metrics.upstream_errors(Refused), 1);
+    });
+}

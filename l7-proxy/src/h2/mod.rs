@@ -233,7 +233,15 @@ struct Half {
 
 /// A stream; its ids are in its [`Key`].
 struct Stream {
+    /// The request's header block as the upstream gets it, kept until the
+    /// response starts: a stream the upstream refuses unprocessed goes
+    /// again with it.
     req_head: Option<Vec<u8>>,
+    /// Some of the request's DATA or its trailers went upstream: the
+    /// stream can no longer go again.
+    body_sent: bool,
+    /// Times the stream went again after a refusal.
+    retries: u8,
     req: Half,
     resp: Half,
     /// The final response head was sent to the client.
@@ -358,6 +366,9 @@ const HUB_CLIENTS: usize = 32;
 const UPSTREAM_STREAMS_BEFORE_SETTINGS: u32 = 100;
 /// No upstream connection (in [`Key::up`]).
 const NO_UP: u32 = u32::MAX;
+/// Times one stream goes again after the upstream refused it unprocessed;
+/// past that it is answered 502 (gRPC 14).
+const MAX_RETRIES: u8 = 3;
 
 /// The hubs of one proxy, by (original destination, direction): client
 /// connections with the same key share a task, and with it its upstream
@@ -1359,6 +1370,8 @@ impl H2 {
         let host = crate::h1::codec::host_name(std::str::from_utf8(host_raw).unwrap_or_default());
         let mut st = Stream {
             req_head: None,
+            body_sent: false,
+            retries: 0,
             req: Half {
                 recv: STREAM_WINDOW,
                 send: DEFAULT_WINDOW,
@@ -1496,7 +1509,9 @@ impl H2 {
             st.req.pending.extend_from_slice(fresh);
             return;
         };
+        let had_trailers = st.req.trailers.is_some();
         let (moved, _) = pump(&mut st.req, w, k.uid, fresh, usize::MAX);
+        st.body_sent |= moved > 0 || had_trailers && st.req.trailers.is_none();
         if moved > 0 {
             let cl = self.clients[k.client as usize].as_mut().expect("a client slot in use");
             cl.wire.give_back_conn(moved);
@@ -1595,6 +1610,15 @@ impl H2 {
         }
         if k.uid != 0 {
             self.start_waiting(u);
+            self.end_if_spent(u);
+        }
+    }
+
+    /// Closes upstream `u` once it sent GOAWAY and its last stream ended.
+    fn end_if_spent(&mut self, u: usize) {
+        if self.ups[u].as_ref().is_some_and(|up| up.closing && up.active == 0) {
+            tracing::debug!(orig = %self.key.0, "upstream HTTP/2 connection closed after its GOAWAY");
+            self.ups[u] = None;
         }
     }
 
@@ -1700,7 +1724,7 @@ impl H2 {
                 continue;
             };
             let st = &mut self.streams[i];
-            let Some(block) = st.req_head.take() else {
+            let (0, Some(block)) = (self.keys[i].uid, st.req_head.as_deref()) else {
                 continue;
             };
             let uid = up.next_sid;
@@ -1709,7 +1733,7 @@ impl H2 {
             up.active += 1;
             st.req.send = w.peer_initial_window;
             let end = st.req.end && st.req.pending.is_empty() && st.req.trailers.is_none();
-            put_headers(&mut w.wbuf, uid, &block, end, w.peer_max_frame);
+            put_headers(&mut w.wbuf, uid, block, end, w.peer_max_frame);
             if end {
                 st.req.end_sent = true;
             }
@@ -1717,18 +1741,52 @@ impl H2 {
         }
     }
 
-    /// The upstream connection in slot `u` is gone: streams that got no
-    /// response head are answered 502 (gRPC 14), the others reset.
+    /// The upstream connection in slot `u` is gone. Streams that were
+    /// still waiting to be sent on it, on a connection that had been up,
+    /// go on another; of the rest, those that got no response head are
+    /// answered 502 (gRPC 14), the others reset.
     fn drop_upstream(&mut self, u: usize, err: Option<UpstreamError>) {
-        self.ups[u] = None;
+        let Some(old) = self.ups[u].take() else {
+            return;
+        };
+        let was_up = matches!(old.state, UpState::Ready(_));
         let e = err.unwrap_or(UpstreamError::Request);
-        for i in 0..self.streams.len() {
-            if self.keys[i].up == u as u32 {
-                self.detach(i);
+        let on_it: Vec<usize> = (0..self.streams.len())
+            .filter(|&i| self.keys[i].up == u as u32)
+            .collect();
+        for i in on_it {
+            let unsent = self.keys[i].uid == 0;
+            self.detach(i);
+            if !(was_up && unsent && self.retry(i, old.dst, old.mark)) {
                 self.fail_stream(i, e);
             }
         }
         self.reap();
+    }
+
+    /// Sends detached stream `i` again, on a connection to `dst` with
+    /// `mark` that is not closing, if the upstream cannot have seen any of
+    /// it but its head: RFC 9113 8.7 makes such a request safe to retry
+    /// whatever its method (a stream above a GOAWAY's last id, or reset
+    /// with REFUSED_STREAM, was not processed). Once DATA or trailers have
+    /// left, the proxy no longer holds the whole request, and a stream
+    /// refused too often is not tried again: false, and the caller fails it.
+    fn retry(&mut self, i: usize, dst: SocketAddr, mark: u32) -> bool {
+        let st = &mut self.streams[i];
+        if st.body_sent || st.resp_started || st.local || st.req_head.is_none() || st.retries >= MAX_RETRIES {
+            return false;
+        }
+        st.retries += 1;
+        st.req.end_sent = false;
+        self.ctx.metrics.upstream_retried();
+        let k = self.keys[i];
+        let u = self.upstream_for(dst, mark);
+        self.keys[i].up = u as u32;
+        if let Some(up) = self.ups[u].as_mut() {
+            up.waiting.push_back((k.client, k.cid));
+        }
+        self.start_waiting(u);
+        true
     }
 
     /// Stream `i` lost its upstream.
@@ -1885,9 +1943,20 @@ impl H2 {
                     // request body.
                     st.req.end_sent = true;
                     st.req.pending.clear();
+                } else if code == REFUSED_STREAM {
+                    let (dst, mark) = self.ups[u]
+                        .as_ref()
+                        .map(|up| (up.dst, up.mark))
+                        .expect("the upstream in use");
+                    if !self.retry(i, dst, mark) {
+                        self.fail_stream(i, UpstreamError::Refused);
+                    }
                 } else {
                     self.fail_stream(i, UpstreamError::Request);
                 }
+                // The reset stream's place is free.
+                self.start_waiting(u);
+                self.end_if_spent(u);
                 self.reap_at(i);
                 Ok(())
             }
@@ -1942,17 +2011,25 @@ impl H2 {
                     return Err(conn_err(FRAME_SIZE_ERROR, "upstream: GOAWAY length"));
                 }
                 let last = u32_at(p, 0) & 0x7fff_ffff;
-                if let Some(up) = self.ups[u].as_mut() {
-                    up.closing = true;
-                }
-                // Streams the upstream never saw are answered 502.
-                for i in 0..self.streams.len() {
-                    let k = self.keys[i];
-                    if k.up == u as u32 && k.uid > last {
-                        self.detach(i);
-                        self.fail_stream(i, UpstreamError::Request);
+                let Some(up) = self.ups[u].as_mut() else {
+                    return Ok(());
+                };
+                up.closing = true;
+                up.waiting.clear();
+                let (dst, mark) = (up.dst, up.mark);
+                // Streams the upstream did not process (above `last`) and
+                // those still waiting to be sent go on another connection
+                // if they can (RFC 9113 6.8); the rest are answered 502.
+                let refused: Vec<usize> = (0..self.streams.len())
+                    .filter(|&i| self.keys[i].up == u as u32 && (self.keys[i].uid > last || self.keys[i].uid == 0))
+                    .collect();
+                for i in refused {
+                    self.detach(i);
+                    if !self.retry(i, dst, mark) {
+                        self.fail_stream(i, UpstreamError::Refused);
                     }
                 }
+                self.end_if_spent(u);
                 self.reap_all = true;
                 Ok(())
             }
@@ -2045,6 +2122,7 @@ impl H2 {
             return;
         }
         st.resp_started = true;
+        st.req_head = None;
         st.resp.end = end;
         put_headers(&mut cl.wire.wbuf, k.cid, &b, end, max_frame);
         if end {
