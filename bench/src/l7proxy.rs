@@ -229,19 +229,12 @@ impl Proc {
         })
     }
 
-    /// Resident memory of the process and its children, KiB.
-    fn rss_kib(&self) -> u64 {
-        let mut total = 0;
+    /// The process and its children.
+    fn tree(&self) -> Vec<u32> {
+        let mut all = Vec::new();
         let mut todo = vec![self.child.id()];
         while let Some(pid) = todo.pop() {
-            total += std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                })
-                .unwrap_or(0);
+            all.push(pid);
             if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
                 for t in tasks.flatten() {
                     if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
@@ -250,8 +243,47 @@ impl Proc {
                 }
             }
         }
-        total
+        all
     }
+
+    /// Resident memory of the process and its children, KiB.
+    fn rss_kib(&self) -> u64 {
+        self.tree()
+            .into_iter()
+            .filter_map(|pid| {
+                let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    /// CPU time (user and system, every thread) of the process and its
+    /// children so far, seconds.
+    fn cpu_secs(&self) -> f64 {
+        let ticks: u64 = self
+            .tree()
+            .into_iter()
+            .filter_map(|pid| cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
+            .sum();
+        // USER_HZ: 100 on every architecture this runs on (x86, arm64).
+        ticks as f64 / 100.0
+    }
+}
+
+/// utime + stime from a `/proc/PID/stat` line (fields 14 and 15, counted
+/// after the parenthesised command name, which may hold spaces).
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+}
+
+/// How long a run of `secs` lasts as the load generators are told (whole
+/// seconds, at least 1).
+fn whole_secs(secs: Duration) -> u64 {
+    secs.as_secs_f64().max(1.0).round() as u64
 }
 
 impl Drop for Proc {
@@ -608,7 +640,7 @@ pub fn parse_h2load(out: &str, log: &str) -> Option<(Run, bool)> {
 fn drive(arm: Arm, p: Proto, conns: u32, secs: Duration, o: &Options) -> Result<Run, L7ProxyError> {
     let port = port_of(arm, p);
     let url = format!("http://127.0.0.1:{port}/public/x");
-    let secs_s = format!("{}", secs.as_secs_f64().max(1.0).round() as u64);
+    let secs_s = whole_secs(secs).to_string();
     let arm_name = format!("{} {}", arm.name(), p.name());
     match p {
         Proto::KeepAlive | Proto::NewConn => {
@@ -718,6 +750,10 @@ fn own_netns() -> Result<(), L7ProxyError> {
 #[derive(Default)]
 struct Series {
     rate: Samples,
+    /// The arm's CPU per request, us.
+    cpu: Samples,
+    /// The upstream's CPU per request, us.
+    cpu_up: Samples,
     p50: Samples,
     p99: Samples,
     added50: Samples,
@@ -802,24 +838,40 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                 }
                 // A short warm-up fills pools and caches on every arm.
                 let _ = drive(a, p, CONNS, Duration::from_secs(1), o);
+                let cpu0 = (proc.as_ref().map(Proc::cpu_secs), upstream.cpu_secs());
                 let rate = drive(a, p, CONNS, o.rate_for, o)?;
+                // CPU per request during the rate run, in us: the arm's
+                // (on the server CPU) and the upstream's (on the client
+                // CPU, where fewer upstream connections cost it less).
+                let reqs = (rate.rate * whole_secs(o.rate_for) as f64).max(1.0);
+                let cpu_arm = proc
+                    .as_ref()
+                    .zip(cpu0.0)
+                    .map(|(pr, c0)| (pr.cpu_secs() - c0) * 1e6 / reqs);
+                let cpu_up = (upstream.cpu_secs() - cpu0.1) * 1e6 / reqs;
                 let lat = drive(a, p, 1, o.latency_for, o)?;
                 if a == Arm::Direct {
                     direct = lat;
                 }
                 if o.verbose {
                     eprintln!(
-                        "rep {} {} {}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us (1 conn)",
+                        "rep {} {} {}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us (1 conn), CPU per request: {} us, upstream {:.1} us",
                         rep + 1,
                         a.name(),
                         p.name(),
                         rate.rate,
                         lat.p50_us,
-                        lat.p99_us
+                        lat.p99_us,
+                        cpu_arm.map_or("-".into(), |c| format!("{c:.1}")),
+                        cpu_up
                     );
                 }
                 let s = &mut series[idx(a, p)].1;
                 s.rate.push(rate.rate);
+                if let Some(c) = cpu_arm {
+                    s.cpu.push(c);
+                }
+                s.cpu_up.push(cpu_up);
                 s.p50.push(lat.p50_us);
                 s.p99.push(lat.p99_us);
                 s.added50.push(lat.p50_us - direct.p50_us);
@@ -881,6 +933,30 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                 peer.name(),
                 &s.rate,
                 &sinew.rate,
+            ));
+        }
+        for &peer in &peers {
+            let s = &series[idx(peer, p)].1;
+            report.rows.push(row(
+                &sc,
+                "proxy CPU per request",
+                "us",
+                Better::Lower,
+                peer.name(),
+                &s.cpu,
+                &sinew.cpu,
+            ));
+        }
+        for &peer in [Arm::Direct].iter().chain(&peers) {
+            let s = &series[idx(peer, p)].1;
+            report.rows.push(row(
+                &sc,
+                "upstream CPU per request",
+                "us",
+                Better::Lower,
+                peer.name(),
+                &s.cpu_up,
+                &sinew.cpu_up,
             ));
         }
         report.rows.push(row(
@@ -966,6 +1042,13 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
+        let stat = "4242 (a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 123 4096 10";
+        assert_eq!(cpu_ticks(stat), Some(325));
+        assert_eq!(cpu_ticks("4242 (x) S 1"), None);
+    }
 
     #[test]
     fn wrk_output_is_parsed() {
