@@ -280,6 +280,19 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
 }
 
+/// CPU time (user and system) of the children waited for so far and of
+/// this process, seconds.
+fn rusage_secs() -> (f64, f64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let secs = |who| {
+        getrusage(who).map_or(0.0, |r| {
+            let (u, s) = (r.user_time(), r.system_time());
+            (u.tv_sec() + s.tv_sec()) as f64 + (u.tv_usec() + s.tv_usec()) as f64 / 1e6
+        })
+    };
+    (secs(UsageWho::RUSAGE_CHILDREN), secs(UsageWho::RUSAGE_SELF))
+}
+
 /// How long a run of `secs` lasts as the load generators are told (whole
 /// seconds, at least 1).
 fn whole_secs(secs: Duration) -> u64 {
@@ -838,7 +851,7 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                 }
                 // A short warm-up fills pools and caches on every arm.
                 let _ = drive(a, p, CONNS, Duration::from_secs(1), o);
-                let cpu0 = (proc.as_ref().map(Proc::cpu_secs), upstream.cpu_secs());
+                let cpu0 = (proc.as_ref().map(Proc::cpu_secs), upstream.cpu_secs(), rusage_secs());
                 let rate = drive(a, p, CONNS, o.rate_for, o)?;
                 // CPU per request during the rate run, in us: the arm's
                 // (on the server CPU) and the upstream's (on the client
@@ -849,13 +862,18 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                     .zip(cpu0.0)
                     .map(|(pr, c0)| (pr.cpu_secs() - c0) * 1e6 / reqs);
                 let cpu_up = (upstream.cpu_secs() - cpu0.1) * 1e6 / reqs;
+                // The load generator (a child that has exited) and this
+                // process (the stand-in agent taking Sinew's flow events),
+                // both on the client CPU.
+                let r1 = rusage_secs();
+                let (cpu_tool, cpu_agent) = ((r1.0 - cpu0.2 .0) * 1e6 / reqs, (r1.1 - cpu0.2 .1) * 1e6 / reqs);
                 let lat = drive(a, p, 1, o.latency_for, o)?;
                 if a == Arm::Direct {
                     direct = lat;
                 }
                 if o.verbose {
                     eprintln!(
-                        "rep {} {} {}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us (1 conn), CPU per request: {} us, upstream {:.1} us",
+                        "rep {} {} {}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us (1 conn), CPU per request: {} us, upstream {:.1} us, load generator {:.1} us, stand-in agent {:.1} us",
                         rep + 1,
                         a.name(),
                         p.name(),
@@ -863,7 +881,9 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                         lat.p50_us,
                         lat.p99_us,
                         cpu_arm.map_or("-".into(), |c| format!("{c:.1}")),
-                        cpu_up
+                        cpu_up,
+                        cpu_tool,
+                        cpu_agent
                     );
                 }
                 let s = &mut series[idx(a, p)].1;

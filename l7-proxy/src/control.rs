@@ -11,7 +11,7 @@ use sinew_proto::proxy_v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::events::{EventsRx, BATCH};
+use crate::events::{EventsRx, FlowPacker, BATCH};
 use crate::metrics::Metrics;
 use crate::state::SharedState;
 
@@ -60,7 +60,7 @@ async fn session(
     .await?;
     let mut inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
     metrics.agent_connected.store(1, Relaxed);
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = FlowPacker::new();
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -87,9 +87,8 @@ async fn session(
                 let now = metrics.events_lost.load(Relaxed);
                 let lost = now.saturating_sub(*lost_reported);
                 *lost_reported = now;
-                let flows = std::mem::take(&mut batch);
                 tx.send(pb::ProxyMessage {
-                    kind: Some(pb::proxy_message::Kind::Events(pb::FlowEvents { flows, lost })),
+                    kind: Some(pb::proxy_message::Kind::Events(batch.take(lost))),
                 })
                 .await?;
             }

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use sinew_proto::l7pack::Packer;
 use sinew_proto::proxy_v1 as pb;
 use tokio::sync::Notify;
 
@@ -49,42 +50,6 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The event as the agent takes it; its strings move, not copied.
-    pub fn into_proto(self) -> pb::L7Flow {
-        pb::L7Flow {
-            time_unix_nanos: self
-                .time
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-                .unwrap_or(0),
-            direction: self.direction.to_proto() as i32,
-            src_ip: self.src.ip().to_string(),
-            src_port: self.src.port().into(),
-            src_identity: self.src_peer.identity,
-            src_namespace: self.src_peer.namespace.clone(),
-            src_name: self.src_peer.name.clone(),
-            dst_ip: self.dst.ip().to_string(),
-            dst_port: self.dst.port().into(),
-            dst_identity: self.dst_peer.identity,
-            dst_namespace: self.dst_peer.namespace.clone(),
-            dst_name: self.dst_peer.name.clone(),
-            protocol: self.protocol.into(),
-            method: self.method.as_str().into(),
-            host: self.host,
-            path: self.path,
-            status: self.status.into(),
-            latency_micros: u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX),
-            verdict: match self.verdict {
-                Verdict::Forwarded => pb::L7Verdict::Forwarded,
-                Verdict::Denied => pb::L7Verdict::Denied,
-                Verdict::Error => pb::L7Verdict::Error,
-            } as i32,
-            rule: self.rule.as_deref().unwrap_or_default().into(),
-            drop_reason: self.drop_reason.map(|r| r.name()).unwrap_or_default().into(),
-            grpc_status: self.grpc_status,
-        }
-    }
-
     fn access_log_line(&self) -> String {
         format!(
             "{} {} {} -> {} {} {} {}{} {} {}us {} rule={:?} reason={}\n",
@@ -105,6 +70,109 @@ impl Flow {
             self.rule.as_deref().unwrap_or_default(),
             self.drop_reason.map(|r| r.name()).unwrap_or("-"),
         )
+    }
+}
+
+/// Packs the data plane's flows into [`pb::FlowEvents`]: on top of the
+/// batch's string table, each address is formatted and each peer's names
+/// looked up once per batch.
+pub struct FlowPacker {
+    packer: Packer,
+    ips: std::collections::HashMap<std::net::IpAddr, u32>,
+    /// (peer, namespace, name): peers are shared, so a few per batch.
+    peers: Vec<(Arc<Peer>, u32, u32)>,
+}
+
+/// Peers remembered per batch; past that their names are looked up in
+/// the string table each time.
+const PEERS_PER_BATCH: usize = 32;
+
+impl Default for FlowPacker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FlowPacker {
+    pub fn new() -> Self {
+        FlowPacker {
+            packer: Packer::new(),
+            ips: Default::default(),
+            peers: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.packer.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packer.is_empty()
+    }
+
+    fn ip(&mut self, ip: std::net::IpAddr) -> u32 {
+        if let Some(&i) = self.ips.get(&ip) {
+            return i;
+        }
+        let i = self.packer.string(&ip.to_string());
+        self.ips.insert(ip, i);
+        i
+    }
+
+    fn peer(&mut self, p: &Arc<Peer>) -> (u32, u32) {
+        if let Some((_, ns, name)) = self.peers.iter().find(|(q, ..)| Arc::ptr_eq(q, p)) {
+            return (*ns, *name);
+        }
+        let names = (self.packer.string(&p.namespace), self.packer.string(&p.name));
+        if self.peers.len() < PEERS_PER_BATCH {
+            self.peers.push((p.clone(), names.0, names.1));
+        }
+        names
+    }
+
+    pub fn push(&mut self, f: &Flow) {
+        let (src_namespace, src_name) = self.peer(&f.src_peer);
+        let (dst_namespace, dst_name) = self.peer(&f.dst_peer);
+        let packed = pb::PackedFlow {
+            time_unix_nanos: f
+                .time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            direction: f.direction.to_proto() as i32,
+            src_ip: self.ip(f.src.ip()),
+            src_port: f.src.port().into(),
+            src_identity: f.src_peer.identity,
+            src_namespace,
+            src_name,
+            dst_ip: self.ip(f.dst.ip()),
+            dst_port: f.dst.port().into(),
+            dst_identity: f.dst_peer.identity,
+            dst_namespace,
+            dst_name,
+            protocol: self.packer.string(f.protocol),
+            method: self.packer.string(f.method.as_str()),
+            host: self.packer.string(&f.host),
+            path: self.packer.string(&f.path),
+            status: f.status.into(),
+            latency_micros: u64::try_from(f.latency.as_micros()).unwrap_or(u64::MAX),
+            verdict: match f.verdict {
+                Verdict::Forwarded => pb::L7Verdict::Forwarded,
+                Verdict::Denied => pb::L7Verdict::Denied,
+                Verdict::Error => pb::L7Verdict::Error,
+            } as i32,
+            rule: self.packer.string(f.rule.as_deref().unwrap_or_default()),
+            drop_reason: self.packer.string(f.drop_reason.map(|r| r.name()).unwrap_or_default()),
+            grpc_status: f.grpc_status,
+        };
+        self.packer.push(packed);
+    }
+
+    /// The batch so far, with `lost`; the next one starts empty.
+    pub fn take(&mut self, lost: u64) -> pb::FlowEvents {
+        self.ips.clear();
+        self.peers.clear();
+        self.packer.take(lost)
     }
 }
 
@@ -137,22 +205,26 @@ pub struct EventsRx {
 }
 
 impl EventsRx {
-    /// The oldest queued event, if any.
+    /// The oldest queued event, if any, as the agent reads it (packed and
+    /// read back).
     #[allow(clippy::result_unit_err)]
     pub fn try_recv(&mut self) -> Result<pb::L7Flow, ()> {
-        self.q
+        let f = self
+            .q
             .items
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
-            .map(Flow::into_proto)
-            .ok_or(())
+            .ok_or(())?;
+        let mut p = FlowPacker::new();
+        p.push(&f);
+        p.take(0).flow(0).ok_or(())
     }
 
-    /// Waits for events and moves up to `max` of them into `out`: a full
+    /// Waits for events and packs up to `max` of them into `out`: a full
     /// batch at once, else what came within `FLUSH_EVERY` of the first.
-    /// Cancel-safe: events stay queued until moved.
-    pub async fn next_batch(&mut self, out: &mut Vec<pb::L7Flow>, max: usize) {
+    /// Cancel-safe: events stay queued until packed.
+    pub async fn next_batch(&mut self, out: &mut FlowPacker, max: usize) {
         loop {
             let first = self.q.notify.notified();
             let empty = self.q.items.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
@@ -172,7 +244,9 @@ impl EventsRx {
                 let k = g.len().min(max);
                 g.drain(..k).collect()
             };
-            out.extend(taken.into_iter().map(Flow::into_proto));
+            for f in &taken {
+                out.push(f);
+            }
             if !out.is_empty() {
                 return;
             }

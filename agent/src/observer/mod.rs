@@ -249,8 +249,9 @@ impl ObserverStats {
 #[derive(Clone, Debug)]
 pub struct Record {
     pub ev: FlowEvent,
-    /// Set for a request the L7 proxy judged (then `ev` is empty).
-    pub l7: Option<Arc<sinew_proto::proxy_v1::L7Flow>>,
+    /// Set for a request the L7 proxy judged (then `ev` is empty): its
+    /// batch, kept as the proxy packed it, and its place there.
+    pub l7: Option<(Arc<sinew_proto::proxy_v1::FlowEvents>, u32)>,
     pub time_unix_nanos: u64,
     pub sequence: u64,
     /// The index current when the event was read (see [`Names`]).
@@ -404,8 +405,8 @@ impl Observer {
     /// for what that lacks, the newest one.
     pub fn flow(&self, r: &Record, now: &ObserverIndex) -> pb::Flow {
         let names = Names { then: &r.index, now };
-        if let Some(l7) = &r.l7 {
-            return enrich::enrich_l7(l7, names, r.sequence);
+        if let Some(l7) = r.l7.as_ref().and_then(|(batch, i)| batch.flow(*i as usize)) {
+            return enrich::enrich_l7(&l7, names, r.sequence);
         }
         let ifname = match names.interface(r.ev.ifindex) {
             Some(n) => n.to_string(),
@@ -502,26 +503,32 @@ impl Observer {
     /// What the L7 proxy's control stream hands its flow events to.
     pub fn l7_sink(&self) -> crate::proxy::control::FlowSink {
         let obs = self.clone();
-        Arc::new(move |flows, lost| obs.publish_l7(flows, lost))
+        Arc::new(move |batch| obs.publish_l7(batch))
     }
 
     /// Stores the requests the L7 proxy judged, as flows like the
     /// datapath's (same buffer, same sequence numbers, same followers),
-    /// and counts the events it could not send.
-    pub fn publish_l7(&self, flows: Vec<sinew_proto::proxy_v1::L7Flow>, lost: u64) {
+    /// and counts the events it could not send. The batch is kept as it
+    /// came, shared by its records: an event's strings are made only when
+    /// somebody reads it.
+    pub fn publish_l7(&self, batch: sinew_proto::proxy_v1::FlowEvents) {
         let stats = &self.shared.stats;
+        let lost = batch.lost;
         stats.l7_lost.fetch_add(lost, Ordering::Relaxed);
         if lost > 0 {
             tracing::debug!(lost, "L7 flow events lost: the proxy's queue was full");
         }
-        stats.l7_seen.fetch_add(flows.len() as u64, Ordering::Relaxed);
+        stats.l7_seen.fetch_add(batch.flows.len() as u64, Ordering::Relaxed);
         let index = self.current_index();
-        let records = flows
-            .into_iter()
-            .map(|f| Record {
+        let batch = Arc::new(batch);
+        let records = batch
+            .flows
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Record {
                 ev: FlowEvent::default(),
                 time_unix_nanos: f.time_unix_nanos,
-                l7: Some(Arc::new(f)),
+                l7: Some((batch.clone(), i as u32)),
                 sequence: 0,
                 index: index.clone(),
             })

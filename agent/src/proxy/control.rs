@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Publisher;
 
-/// Where L7 flow events go: (flows, events the proxy lost since its last
-/// message).
-pub type FlowSink = Arc<dyn Fn(Vec<pb::L7Flow>, u64) + Send + Sync>;
+/// Where L7 flow events go: a batch as the proxy packed it (its flows, and
+/// the events it lost since its last message).
+pub type FlowSink = Arc<dyn Fn(pb::FlowEvents) + Send + Sync>;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,7 +112,7 @@ async fn run_stream(
                             }
                             publisher.ack(&a);
                         }
-                        Some(pb::proxy_message::Kind::Events(e)) => flows(e.flows, e.lost),
+                        Some(pb::proxy_message::Kind::Events(e)) => flows(e),
                         Some(pb::proxy_message::Kind::Hello(_)) | None => {}
                     },
                     Ok(None) => break false,

@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod addr;
+pub mod l7pack;
 pub mod standin;
 
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
