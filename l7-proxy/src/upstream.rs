@@ -61,6 +61,13 @@ impl H1Conn {
     }
 }
 
+/// Idle connections past `idle_per_key` (up to four times it) stay this
+/// long: when the number of requests in flight dips for a moment, the next
+/// peak finds its connections still open instead of connecting again (a
+/// connection closed and reopened costs both ends a handshake each way;
+/// haproxy's `pool-purge-delay` does the same).
+pub const SURPLUS_IDLE: Duration = Duration::from_secs(2);
+
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<H1Conn>>>,
     connect_timeout: Duration,
@@ -153,8 +160,9 @@ impl Pool {
     }
 
     /// Gives back an HTTP/1 connection whose last exchange ended cleanly
-    /// (at its `idle_since`). Synchronous, no task. Idle connections past
-    /// `idle_per_key`, or idle longer than `idle_timeout`, are closed.
+    /// (at its `idle_since`). Synchronous, no task. Idle connections are
+    /// closed past `idle_timeout`; past `idle_per_key` once idle for
+    /// [`SURPLUS_IDLE`], and none are kept past four times `idle_per_key`.
     pub fn give_back_h1(&self, dst: SocketAddr, c: H1Conn) {
         let now = Instant::now();
         let key = Key { dst, mark: c.mark };
@@ -169,12 +177,59 @@ impl Pool {
             .position(|c| now.duration_since(c.idle_since) < self.idle_timeout)
             .unwrap_or(list.len());
         list.drain(..stale);
-        if list.len() < self.idle_per_key && now.duration_since(c.idle_since) < self.idle_timeout {
+        let surplus = list.len().saturating_sub(self.idle_per_key);
+        let spent = list
+            .iter()
+            .take(surplus)
+            .take_while(|c| now.duration_since(c.idle_since) >= SURPLUS_IDLE)
+            .count();
+        list.drain(..spent);
+        if list.len() < self.idle_per_key.saturating_mul(4) && now.duration_since(c.idle_since) < self.idle_timeout {
             list.push(c);
         }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The idle list of one key after giving back connections idle for
+    /// the given times, oldest first.
+    async fn idle_after(idle_per_key: usize, ages: &[Duration]) -> usize {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = l.local_addr().unwrap();
+        let pool = Pool::new(
+            Duration::from_secs(1),
+            idle_per_key,
+            Duration::from_secs(60),
+            Arc::new(Metrics::default()),
+        );
+        for age in ages {
+            let mut c = pool.connect_h1(dst, 0).await.unwrap();
+            c.idle_since = Instant::now() - *age;
+            pool.give_back_h1(dst, c);
+        }
+        let idle = pool.h1.lock().unwrap();
+        idle.get(&Key { dst, mark: 0 }).map_or(0, Vec::len)
+    }
+
+    #[tokio::test]
+    async fn surplus_idle_connections_outlive_a_dip_but_not_long() {
+        let fresh = Duration::ZERO;
+        let old = SURPLUS_IDLE + Duration::from_secs(1);
+        // Past idle_per_key (2), fresh ones stay, up to four times it.
+        assert_eq!(idle_after(2, &[fresh; 6]).await, 6);
+        assert_eq!(idle_after(2, &[fresh; 12]).await, 8);
+        // Surplus idle past SURPLUS_IDLE goes at the next give-back; the
+        // first idle_per_key stay until idle_timeout.
+        assert_eq!(idle_after(2, &[old, old, old, old, fresh]).await, 3);
+        assert_eq!(idle_after(2, &[old, old]).await, 2);
+        // Past idle_timeout none stay.
+        assert_eq!(idle_after(2, &[Duration::from_secs(61), fresh]).await, 1);
     }
 }
