@@ -702,6 +702,13 @@ fn drive(arm: Arm, p: Proto, conns: u32, secs: Duration, o: &Options) -> Result<
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             let logt = std::fs::read_to_string(&log).unwrap_or_default();
             let _ = std::fs::remove_file(&log);
+            if o.verbose {
+                // What went over the client connections: header bytes
+                // per response show how each proxy encodes its heads.
+                if let Some(t) = text.lines().find(|l| l.starts_with("traffic:")) {
+                    eprintln!("{arm_name} ({conns} conns): {}", t.trim());
+                }
+            }
             match parse_h2load(&text, &logt) {
                 Some((r, true)) if out.status.success() => Ok(r),
                 _ => Err(L7ProxyError::Tool {
