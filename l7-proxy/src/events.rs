@@ -231,6 +231,9 @@ impl EventsRx {
     pub async fn next_batch(&mut self, out: &mut FlowPacker, max: usize) {
         use std::sync::atomic::Ordering::{AcqRel, Release};
         let len = |q: &Queue| q.items.lock().unwrap_or_else(|e| e.into_inner()).len();
+        // Not idle while here and awake (also after a wait that was
+        // cancelled): the data plane leaves the first event to the timer.
+        self.q.idle.store(false, Release);
         // Whether the last wait found nothing.
         let mut dry = false;
         loop {
@@ -276,7 +279,7 @@ impl Events {
         let q = Arc::new(Queue {
             items: Mutex::new(VecDeque::with_capacity(BATCH)),
             notify: Notify::new(),
-            idle: std::sync::atomic::AtomicBool::new(true),
+            idle: std::sync::atomic::AtomicBool::new(false),
         });
         (
             Self {

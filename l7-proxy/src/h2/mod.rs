@@ -1751,12 +1751,16 @@ impl H2 {
         };
         let was_up = matches!(old.state, UpState::Ready(_));
         let e = err.unwrap_or(UpstreamError::Request);
-        let on_it: Vec<usize> = (0..self.streams.len())
+        // (stream, never sent on it): all detached first, while the slot is
+        // empty, since a retry may put a new connection in this slot.
+        let on_it: Vec<(usize, bool)> = (0..self.streams.len())
             .filter(|&i| self.keys[i].up == u as u32)
+            .map(|i| (i, self.keys[i].uid == 0))
             .collect();
-        for i in on_it {
-            let unsent = self.keys[i].uid == 0;
+        for &(i, _) in &on_it {
             self.detach(i);
+        }
+        for (i, unsent) in on_it {
             if !(was_up && unsent && self.retry(i, old.dst, old.mark)) {
                 self.fail_stream(i, e);
             }
