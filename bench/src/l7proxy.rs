@@ -937,122 +937,58 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
     drop(upstream);
 
     let peers: Vec<Arm> = Arm::PEERS.into_iter().filter(|a| o.arms().contains(a)).collect();
+    let direct_and_peers: Vec<Arm> = [Arm::Direct].into_iter().chain(peers.iter().copied()).collect();
     for p in o.protos() {
         let sc = format!("l7-proxy {}", p.name());
         let sinew = &series[idx(Arm::Sinew, p)].1;
-        let direct = &series[idx(Arm::Direct, p)].1;
-        report.rows.push(row(
-            &sc,
-            "requests/s",
-            "req/s",
-            Better::Higher,
-            "direct",
-            &direct.rate,
-            &sinew.rate,
-        ));
-        for &peer in &peers {
-            let s = &series[idx(peer, p)].1;
-            report.rows.push(row(
-                &sc,
-                "requests/s",
-                "req/s",
-                Better::Higher,
-                peer.name(),
-                &s.rate,
-                &sinew.rate,
-            ));
-        }
-        for &peer in &peers {
-            let s = &series[idx(peer, p)].1;
-            report.rows.push(row(
-                &sc,
-                "proxy CPU per request",
-                "us",
-                Better::Lower,
-                peer.name(),
-                &s.cpu,
-                &sinew.cpu,
-            ));
-        }
-        for &peer in [Arm::Direct].iter().chain(&peers) {
-            let s = &series[idx(peer, p)].1;
-            report.rows.push(row(
-                &sc,
-                "upstream CPU per request",
-                "us",
-                Better::Lower,
-                peer.name(),
-                &s.cpu_up,
-                &sinew.cpu_up,
-            ));
-        }
-        report.rows.push(row(
-            &sc,
-            "p50 (1 conn)",
+        // One row per baseline arm: Sinew's samples of a measure against
+        // that arm's.
+        let mut against =
+            |metric: &str, unit: &'static str, better: Better, bases: &[Arm], field: fn(&Series) -> &Samples| {
+                for &b in bases {
+                    let base = &series[idx(b, p)].1;
+                    report
+                        .rows
+                        .push(row(&sc, metric, unit, better, b.name(), field(base), field(sinew)));
+                }
+            };
+        against("requests/s", "req/s", Better::Higher, &direct_and_peers, |s| &s.rate);
+        against("proxy CPU per request", "us", Better::Lower, &peers, |s| &s.cpu);
+        against(
+            "upstream CPU per request",
             "us",
             Better::Lower,
-            "direct",
-            &direct.p50,
-            &sinew.p50,
-        ));
-        report.rows.push(row(
-            &sc,
-            "p99 (1 conn)",
-            "us",
-            Better::Lower,
-            "direct",
-            &direct.p99,
-            &sinew.p99,
-        ));
-        for &peer in &peers {
-            let s = &series[idx(peer, p)].1;
-            report.rows.push(row(
-                &sc,
-                "added p50",
-                "us",
-                Better::Lower,
-                peer.name(),
-                &s.added50,
-                &sinew.added50,
-            ));
-            report.rows.push(row(
-                &sc,
-                "added p99",
-                "us",
-                Better::Lower,
-                peer.name(),
-                &s.added99,
-                &sinew.added99,
-            ));
+            &direct_and_peers,
+            |s| &s.cpu_up,
+        );
+        against("p50 (1 conn)", "us", Better::Lower, &[Arm::Direct], |s| &s.p50);
+        against("p99 (1 conn)", "us", Better::Lower, &[Arm::Direct], |s| &s.p99);
+        for peer in &peers {
+            against("added p50", "us", Better::Lower, std::slice::from_ref(peer), |s| {
+                &s.added50
+            });
+            against("added p99", "us", Better::Lower, std::slice::from_ref(peer), |s| {
+                &s.added99
+            });
         }
     }
     if o.only.speed_only {
         return Ok(());
     }
     let si = Arm::ALL.iter().position(|a| *a == Arm::Sinew).unwrap_or(1);
-    for &peer in &peers {
-        let pi = Arm::ALL.iter().position(|a| *a == peer).unwrap_or(0);
-        report.rows.push(row(
-            "l7-proxy memory",
-            "RSS idle",
-            "MiB",
-            Better::Lower,
-            peer.name(),
-            &rss_idle[pi],
-            &rss_idle[si],
-        ));
-    }
-    for &peer in &peers {
-        let pi = Arm::ALL.iter().position(|a| *a == peer).unwrap_or(0);
-        report.rows.push(row(
-            "l7-proxy memory",
-            "RSS at 1,000 conns",
-            "MiB",
-            Better::Lower,
-            peer.name(),
-            &rss_busy[pi],
-            &rss_busy[si],
-        ));
+    for (metric, samples) in [("RSS idle", &rss_idle), ("RSS at 1,000 conns", &rss_busy)] {
+        for &peer in &peers {
+            let pi = Arm::ALL.iter().position(|a| *a == peer).unwrap_or(0);
+            report.rows.push(row(
+                "l7-proxy memory",
+                metric,
+                "MiB",
+                Better::Lower,
+                peer.name(),
+                &samples[pi],
+                &samples[si],
+            ));
+        }
     }
     report.rows.push(row(
         "l7-proxy many rules",
