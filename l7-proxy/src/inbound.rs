@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::events::{Events, Flow};
 use crate::listener::canonical;
 use crate::metrics::{DropReason, Metrics, Verdict};
+use crate::netio::Client;
 use crate::rules::{normalize_path, PathError, PeerId, RequestView};
 use crate::srcmap::SourceMap;
 use crate::state::{Direction, SharedState};
@@ -85,10 +85,9 @@ fn is_tchar(c: u8) -> bool {
 /// protocol it speaks. The bytes are read, not peeked: they stay in `buf`
 /// for the protocol's parser, and a first line that arrives in pieces is
 /// read as it comes instead of polled for.
-async fn sniff(s: &mut TcpStream, buf: &mut bytes::BytesMut) -> io::Result<Sniff> {
-    use tokio::io::AsyncReadExt as _;
+async fn sniff(s: &mut Client, buf: &mut bytes::BytesMut) -> io::Result<Sniff> {
     loop {
-        if s.read_buf(buf).await? == 0 {
+        if s.fill(buf).await? == 0 {
             return Ok(Sniff::Eof);
         }
         let b = &buf[..buf.len().min(PREFACE.len())];
@@ -114,20 +113,18 @@ fn is_reserved(identity: u32) -> bool {
 
 /// Serves one accepted connection until it ends or the drain completes.
 /// `peer` is the address `accept` returned.
-pub async fn serve(
-    ctx: Arc<Ctx>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    dir: Direction,
-    drain: watch::Receiver<bool>,
-) {
-    let Ok(local) = stream.local_addr() else {
-        return;
+pub async fn serve(ctx: Arc<Ctx>, mut stream: Client, peer: SocketAddr, dir: Direction, drain: watch::Receiver<bool>) {
+    // The original destination is the socket's local address (transparent
+    // listeners), unless configured.
+    let orig = match ctx.original_dst_override {
+        Some(o) => o,
+        None => match stream.local_addr() {
+            Ok(local) => canonical(local),
+            Err(_) => return,
+        },
     };
     let peer = canonical(peer);
-    let orig = ctx.original_dst_override.unwrap_or(canonical(local));
     let counted = Counted::new(&ctx.metrics, dir);
-    let _ = stream.set_nodelay(true);
 
     let accepted = Instant::now();
     let mut first = bytes::BytesMut::with_capacity(8 * 1024);
@@ -161,7 +158,10 @@ pub async fn serve(
             ctx.metrics.dropped(DropReason::NotHttp);
         }
         Sniff::H1 => crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await,
-        Sniff::H2 => crate::h2::serve(&ctx, &conn, stream, first, drain, counted).await,
+        Sniff::H2 => match stream.into_registered() {
+            Ok(s) => crate::h2::serve(&ctx, &conn, s, first, drain, counted).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "cannot register the connection"),
+        },
     }
 }
 

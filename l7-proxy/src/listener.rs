@@ -48,6 +48,9 @@ pub fn bind(addr: SocketAddr, transparent: bool) -> Result<Socket, ListenError> 
             SocketAddr::V6(_) => sock.set_ip_transparent_v6(true).map_err(opt("IPV6_TRANSPARENT"))?,
         }
     }
+    // Accepted sockets inherit it (Linux copies the listener's TCP
+    // options), so no connection needs its own setsockopt.
+    sock.set_tcp_nodelay(true).map_err(opt("TCP_NODELAY"))?;
     sock.set_nonblocking(true).map_err(opt("O_NONBLOCK"))?;
     sock.bind(&addr.into())
         .map_err(|source| ListenError::Bind { addr, source })?;

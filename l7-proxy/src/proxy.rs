@@ -200,7 +200,7 @@ impl Proxy {
                         }
                         for (dir, l) in bound {
                             let l = match listener::listen(l).and_then(|l| {
-                                tokio::net::TcpListener::from_std(l).map_err(|source| listener::ListenError::Bind {
+                                crate::netio::listener(l).map_err(|source| listener::ListenError::Bind {
                                     addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                                     source,
                                 })
@@ -215,8 +215,9 @@ impl Proxy {
                             let drain = drain_rx.clone();
                             accepts.push(tokio::spawn(async move {
                                 loop {
-                                    match l.accept().await {
+                                    match crate::netio::accept(&l).await {
                                         Ok((s, peer)) => {
+                                            let s = crate::netio::Client::new(s);
                                             tokio::spawn(inbound::serve(ctx.clone(), s, peer, dir, drain.clone()));
                                         }
                                         Err(e) => {

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::inbound::{judge, record, Answer, Ask, Conn, Ctx, Decision, Outcome};
 use crate::metrics::{DropReason, UpstreamError, Verdict};
+use crate::netio::Client;
 use crate::upstream::{H1Conn, Pool};
 use codec::{BodyKind, ChunkError, Chunked, HeadError, HeadFields, ResponseHead, Target};
 
@@ -180,9 +181,12 @@ fn write_answer(out: &mut Vec<u8>, a: &Answer, minor: u8, close: bool) {
 /// that were not read would turn the close into a reset, which can destroy
 /// the answer just written before the client reads it: the sending side is
 /// shut first and what still comes is read and dropped, for a moment.
-async fn close_client(mut s: TcpStream, unread: bool) {
+async fn close_client(mut s: Client, unread: bool) {
     if unread {
-        let _ = s.shutdown().await;
+        let _ = s.shutdown_write();
+        let Ok(s) = s.registered() else {
+            return;
+        };
         let mut sink = [0u8; 4096];
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Ok(n) = s.read(&mut sink).await {
@@ -265,7 +269,7 @@ enum Exchange {
 pub(crate) async fn serve(
     ctx: &Ctx,
     conn: &Conn,
-    mut client: TcpStream,
+    mut client: Client,
     mut buf: BytesMut,
     accepted: Instant,
     mut drain: watch::Receiver<bool>,
@@ -310,7 +314,7 @@ pub(crate) async fn serve(
             }
             tokio::select! {
                 biased;
-                r = fill(&mut client, &mut buf) => match r {
+                r = client.fill(&mut buf) => match r {
                     Ok(n) if n > 0 => {
                         if idle {
                             head_deadline = Instant::now() + l.header_read_timeout;
@@ -472,7 +476,7 @@ pub(crate) async fn serve(
 async fn exchange(
     ctx: &Ctx,
     conn: &Conn,
-    client: &mut TcpStream,
+    client: &mut Client,
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
     held: &mut Held<'_>,
@@ -535,7 +539,11 @@ async fn exchange(
         };
         let sent = c.stream.write_all(out).await.is_ok();
         if sent && !whole {
-            match relay(client, buf, &mut c.stream, &mut framer).await {
+            let relayed = match client.registered() {
+                Ok(cs) => relay(cs, buf, &mut c.stream, &mut framer).await,
+                Err(_) => Err(RelayError::Src),
+            };
+            match relayed {
                 Ok(()) => {}
                 Err(RelayError::Malformed) => {
                     refuse_malformed(ctx, client, out, minor).await;
@@ -635,8 +643,8 @@ async fn exchange(
         );
         let ok = client.write_all(out).await.is_ok() && upc.stream.write_all(buf).await.is_ok();
         buf.clear();
-        if ok {
-            let _ = tokio::io::copy_bidirectional(client, &mut upc.stream).await;
+        if let (true, Ok(cs)) = (ok, client.registered()) {
+            let _ = tokio::io::copy_bidirectional(cs, &mut upc.stream).await;
         }
         return Exchange::Gone;
     }
@@ -682,7 +690,11 @@ async fn exchange(
         return Exchange::Gone;
     }
     if !rframer.done() {
-        match relay(&mut upc.stream, &mut upc.buf, client, &mut rframer).await {
+        let relayed = match client.registered() {
+            Ok(cs) => relay(&mut upc.stream, &mut upc.buf, cs, &mut rframer).await,
+            Err(_) => Err(RelayError::Dst),
+        };
+        match relayed {
             Ok(()) => {}
             Err(RelayError::Dst) => return Exchange::Gone,
             Err(_) => {
@@ -703,7 +715,7 @@ async fn exchange(
 /// connection closes), counted as `reason`.
 async fn refuse_head(
     ctx: &Ctx,
-    client: &mut TcpStream,
+    client: &mut Client,
     out: &mut Vec<u8>,
     status: http::StatusCode,
     reason: DropReason,
@@ -716,7 +728,7 @@ async fn refuse_head(
 }
 
 /// A body whose framing broke after the head was judged: 400.
-async fn refuse_malformed(ctx: &Ctx, client: &mut TcpStream, out: &mut Vec<u8>, minor: u8) {
+async fn refuse_malformed(ctx: &Ctx, client: &mut Client, out: &mut Vec<u8>, minor: u8) {
     refuse_head(
         ctx,
         client,
@@ -734,7 +746,7 @@ async fn refuse_malformed(ctx: &Ctx, client: &mut TcpStream, out: &mut Vec<u8>, 
 async fn fail(
     ctx: &Ctx,
     conn: &Conn,
-    client: &mut TcpStream,
+    client: &mut Client,
     out: &mut Vec<u8>,
     e: UpstreamError,
     grpc: bool,
@@ -757,7 +769,7 @@ async fn read_response(
     max_bytes: usize,
     max_headers: usize,
     method_is_head: bool,
-    client: &mut TcpStream,
+    client: &mut Client,
     client_minor: u8,
 ) -> Result<ResponseHead, bool> {
     let method: &[u8] = if method_is_head { b"HEAD" } else { b"GET" };
