@@ -65,6 +65,13 @@ pub fn listen(sock: Socket) -> Result<std::net::TcpListener, ListenError> {
         .and_then(|a| a.as_socket())
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     sock.listen(4096).map_err(|source| ListenError::Bind { addr, source })?;
+    // No ACK of its own for a request that the response will acknowledge
+    // within microseconds (delayed, as haproxy does for HTTP): one segment
+    // less per new connection on both ends. Accepted sockets inherit it;
+    // set after listen(), which resets the delayed-ACK state. A request
+    // answered later is acknowledged by the delayed-ACK timer, and one of
+    // two or more full segments as usual. Best effort: only a cost if lost.
+    let _ = sock.set_tcp_quickack(false);
     Ok(sock.into())
 }
 
@@ -83,5 +90,30 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         IpAddr::V4(_) => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The options set once on the listener are the accepted sockets'
+    /// (Linux copies them), so no connection needs a setsockopt of its own.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_delayed_acks() {
+        let l = listen(bind("127.0.0.1:0".parse().unwrap(), false).unwrap()).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let s = socket2::SockRef::from(&s);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(!s.tcp_quickack().unwrap());
     }
 }
