@@ -21,7 +21,9 @@
 //!
 //! Sinew gets its rules the way it does in a node: over the ProxyControl
 //! stream, from a stand-in agent in this process that also takes the
-//! flow events (the peers emit none).
+//! flow events (the peers emit none). The agent runs on the server CPU,
+//! where a node's agent would, and its CPU counts with the proxy's in
+//! "node CPU per request".
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -458,8 +460,9 @@ struct AgentHandle {
 
 fn start_agent(dir: &Path) -> Result<AgentHandle, L7ProxyError> {
     let socket = dir.join("proxy.sock");
-    // The agent's thread shares the client's CPU: the proxy's stays its own.
-    let rt = cpu::on(Role::Client, || {
+    // The agent runs on the node beside the proxy: its thread shares the
+    // server CPU, and the client CPU carries the same load on every arm.
+    let rt = cpu::on(Role::Server, || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -864,23 +867,27 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                 // (on the server CPU) and the upstream's (on the client
                 // CPU, where fewer upstream connections cost it less).
                 let reqs = (rate.rate * whole_secs(o.rate_for) as f64).max(1.0);
-                let cpu_arm = proc
+                let cpu_proxy = proc
                     .as_ref()
                     .zip(cpu0.0)
                     .map(|(pr, c0)| (pr.cpu_secs() - c0) * 1e6 / reqs);
                 let cpu_up = (upstream.cpu_secs() - cpu0.1) * 1e6 / reqs;
-                // The load generator (a child that has exited) and this
-                // process (the stand-in agent taking Sinew's flow events),
-                // both on the client CPU.
+                // The load generator (a child that has exited, on the
+                // client CPU) and this process (the stand-in agent taking
+                // Sinew's flow events, on the server CPU; next to nothing
+                // for the peers, which send none).
                 let r1 = rusage_secs();
                 let (cpu_tool, cpu_agent) = ((r1.0 - cpu0.2 .0) * 1e6 / reqs, (r1.1 - cpu0.2 .1) * 1e6 / reqs);
+                // What the node spends per request: the proxy and the
+                // agent's share.
+                let cpu_arm = cpu_proxy.map(|c| c + cpu_agent);
                 let lat = drive(a, p, 1, o.latency_for, o)?;
                 if a == Arm::Direct {
                     direct = lat;
                 }
                 if o.verbose {
                     eprintln!(
-                        "rep {} {} {}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us (1 conn), CPU per request: {} us, upstream {:.1} us, load generator {:.1} us, stand-in agent {:.1} us",
+                        "rep {} {} {}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us (1 conn), CPU per request: {} us, upstream {:.1} us, load generator {:.1} us, stand-in agent {:.1} us, proxy {} us",
                         rep + 1,
                         a.name(),
                         p.name(),
@@ -890,7 +897,8 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                         cpu_arm.map_or("-".into(), |c| format!("{c:.1}")),
                         cpu_up,
                         cpu_tool,
-                        cpu_agent
+                        cpu_agent,
+                        cpu_proxy.map_or("-".into(), |c| format!("{c:.1}")),
                     );
                 }
                 let s = &mut series[idx(a, p)].1;
@@ -953,7 +961,13 @@ pub fn run(o: &Options, report: &mut Report) -> Result<(), L7ProxyError> {
                 }
             };
         against("requests/s", "req/s", Better::Higher, &direct_and_peers, |s| &s.rate);
-        against("proxy CPU per request", "us", Better::Lower, &peers, |s| &s.cpu);
+        against(
+            "node CPU per request (proxy + agent)",
+            "us",
+            Better::Lower,
+            &peers,
+            |s| &s.cpu,
+        );
         against(
             "upstream CPU per request",
             "us",

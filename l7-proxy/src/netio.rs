@@ -91,7 +91,13 @@ pub async fn accept(
                 )
             };
             if fd < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // A connection reset while queued, or a signal: the
+                    // next one may be there.
+                    Some(libc::ECONNABORTED | libc::EINTR) => continue,
+                    _ => return Err(e),
+                }
             }
             // SAFETY: accept4 returned a new socket that nothing else owns.
             let s = unsafe { std::net::TcpStream::from_raw_fd(fd) };
