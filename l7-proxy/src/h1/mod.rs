@@ -187,7 +187,9 @@ async fn close_client(mut s: Client, unread: bool) {
         let Ok(s) = s.registered() else {
             return;
         };
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would sit in every connection's
+        // future (this one is inlined in it) for a rare path.
+        let mut sink = vec![0u8; 4096];
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Ok(n) = s.read(&mut sink).await {
                 if n == 0 {
