@@ -1962,3 +1962,109 @@ fn an_upstream_goaway_or_refused_stream_sends_the_unprocessed_requests_again() {
         assert_eq!(p.metrics.upstream_errors(Refused), 1);
     });
 }
+
+/// An h2c upstream that answers 200 "ok", counts the connections it
+/// accepts, and closes every open one when `close` is notified.
+async fn h2_closable_upstream() -> (SocketAddr, Arc<AtomicU64>, Arc<tokio::sync::Notify>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (a, c) = (accepted.clone(), close.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Relaxed);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let serve = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc);
+                // Dropping the connection closes its socket.
+                tokio::select! {
+                    _ = serve => {}
+                    _ = c.notified() => {}
+                }
+            });
+        }
+    });
+    (addr, accepted, close)
+}
+
+/// One h2c request on a connection of its own, closed after the answer;
+/// returns once the proxy has let the connection go.
+async fn h2_one_request(a: SocketAddr, p: &ProxyHandle) -> http::StatusCode {
+    let s = tokio::net::TcpStream::connect(a).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    let req = http::Request::get("http://web/public/x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send.send_request(req).await.unwrap();
+    let status = r.status();
+    let _ = r.into_body().collect().await;
+    drop(send);
+    let _ = task.await;
+    let t = Instant::now();
+    while p.metrics.active_connections() > 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(p.metrics.active_connections(), 0, "the proxy let the client go");
+    // The hub ends with its last client, a moment later.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    status
+}
+
+/// HTTP/2 clients that come and go one after another (each its own hub)
+/// reuse the upstream connection the previous one left idle, as Envoy's
+/// and haproxy's pools do, instead of a handshake each; and an idle
+/// connection the upstream closed meanwhile is never used (RFC 9113 9.1:
+/// either end may close an idle connection at any time), so the next
+/// request opens a new one and succeeds.
+#[test]
+fn h2c_clients_one_after_another_reuse_the_idle_upstream_connection() {
+    in_netns(|| {
+        let rt = rt();
+        let (up, accepted, close) = rt.block_on(h2_closable_upstream());
+        let p = start(up, Duration::from_secs(5));
+        p.state
+            .apply(&snapshot(1, up.port(), vec![any_method_prefix("/public")], vec![]))
+            .unwrap();
+        let a = p.ingress[0];
+        rt.block_on(async {
+            for n in 0..3 {
+                assert_eq!(h2_one_request(a, &p).await, 200, "client {n}");
+            }
+            assert_eq!(
+                accepted.load(Relaxed),
+                1,
+                "three clients in turn, one upstream connection"
+            );
+
+            // The upstream closes its idle connection: the next client
+            // must not be sent down it.
+            close.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                h2_one_request(a, &p).await,
+                200,
+                "after the upstream closed the idle connection"
+            );
+            assert_eq!(
+                accepted.load(Relaxed),
+                2,
+                "a new upstream connection replaced the closed one"
+            );
+            assert_eq!(h2_one_request(a, &p).await, 200);
+            assert_eq!(accepted.load(Relaxed), 2);
+        });
+        assert_eq!(
+            p.metrics.upstream_errors(sinew_proxy::metrics::UpstreamError::Request),
+            0
+        );
+    });
+}

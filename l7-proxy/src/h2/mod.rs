@@ -376,7 +376,14 @@ const MAX_RETRIES: u8 = 3;
 #[derive(Default)]
 pub(crate) struct Hubs {
     map: Mutex<HubMap>,
+    /// Upstream connections that a hub left idle when its last client
+    /// went, by (destination, mark), newest last: the next hub for that
+    /// destination takes one instead of connecting again, so clients that
+    /// come and go do not cost the upstream a handshake each.
+    idle: Mutex<IdleUps>,
 }
+
+type IdleUps = HashMap<(SocketAddr, u32), Vec<(Up, Instant)>>;
 
 type HubMap = HashMap<(SocketAddr, Direction), Vec<Arc<Inbox>>>;
 
@@ -859,6 +866,7 @@ impl H2 {
             }
             if self.clients.iter().all(Option::is_none) {
                 if self.close_inbox() {
+                    self.park_upstreams();
                     return Poll::Ready(());
                 }
                 continue;
@@ -1665,15 +1673,20 @@ impl H2 {
         }) {
             return i;
         }
-        let pool = self.ctx.pool.clone();
-        let up = Up {
-            dst,
-            mark,
-            state: UpState::Connecting(Box::pin(async move { pool.connect(dst, mark).await })),
-            next_sid: 1,
-            active: 0,
-            waiting: Default::default(),
-            closing: false,
+        let up = match self.take_idle(dst, mark) {
+            Some(up) => up,
+            None => {
+                let pool = self.ctx.pool.clone();
+                Up {
+                    dst,
+                    mark,
+                    state: UpState::Connecting(Box::pin(async move { pool.connect(dst, mark).await })),
+                    next_sid: 1,
+                    active: 0,
+                    waiting: Default::default(),
+                    closing: false,
+                }
+            }
         };
         match self.ups.iter().position(Option::is_none) {
             Some(i) => {
@@ -1685,6 +1698,74 @@ impl H2 {
                 self.ups.len() - 1
             }
         }
+    }
+
+    /// Leaves this ending hub's idle upstream connections to the next hub
+    /// (up to `upstream_idle_per_key` per destination, for at most
+    /// `upstream_idle_timeout`). Only a connection with nothing in flight
+    /// and nothing half-read or unsent qualifies; a draining proxy keeps
+    /// none.
+    fn park_upstreams(&mut self) {
+        if self.draining {
+            return;
+        }
+        let l = &self.ctx.limits;
+        let now = Instant::now();
+        let mut idle = lock(&self.ctx.hubs.idle);
+        // Connections idle too long go, whatever their destination (there
+        // is no timer for them; each hub's end sweeps).
+        idle.retain(|_, list| {
+            list.retain(|(_, t)| now.duration_since(*t) < l.upstream_idle_timeout);
+            !list.is_empty()
+        });
+        for slot in self.ups.iter_mut() {
+            let Some(u) = slot.take() else {
+                continue;
+            };
+            let quiet = match &u.state {
+                UpState::Ready(w) => !w.eof && w.unsent() == 0 && w.rbuf.is_empty() && w.cont.is_none(),
+                UpState::Connecting(_) => false,
+            };
+            // Stream ids are 31 bits: one near the end is not worth keeping.
+            if !quiet || u.closing || u.active > 0 || !u.waiting.is_empty() || u.next_sid > 1 << 30 {
+                continue;
+            }
+            let list = idle.entry((u.dst, u.mark)).or_default();
+            if list.len() < l.upstream_idle_per_key {
+                list.push((u, now));
+            }
+        }
+    }
+
+    /// An idle upstream connection to (dst, mark) that another hub left,
+    /// newest first, if one is still open: a read that does not wait must
+    /// find nothing (a FIN, an error, or bytes such as a GOAWAY or PING it
+    /// sent while idle, and the connection is dropped instead).
+    fn take_idle(&self, dst: SocketAddr, mark: u32) -> Option<Up> {
+        let timeout = self.ctx.limits.upstream_idle_timeout;
+        let mut idle = lock(&self.ctx.hubs.idle);
+        let list = idle.get_mut(&(dst, mark))?;
+        let mut found = None;
+        while let Some((mut u, since)) = list.pop() {
+            if since.elapsed() >= timeout {
+                // The rest are older still.
+                list.clear();
+                break;
+            }
+            if let UpState::Ready(w) = &mut u.state {
+                if w.rbuf.capacity() - w.rbuf.len() < 1024 {
+                    w.rbuf.reserve(1024);
+                }
+                if let Ok(None) = crate::netio::read_now(&w.sock, &mut w.rbuf) {
+                    found = Some(u);
+                    break;
+                }
+            }
+        }
+        if list.is_empty() {
+            idle.remove(&(dst, mark));
+        }
+        found
     }
 
     fn connected(&mut self, u: usize, r: Result<TcpStream, UpstreamError>) {
