@@ -44,12 +44,17 @@ pub fn read_now(sock: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize
     }
 }
 
-/// Waits for bytes and reads them into `buf` (growing it when nearly
-/// full); 0 at the end of the stream.
-pub async fn fill(sock: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+/// Grows `buf` when it is nearly full, before a read.
+fn make_room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
+}
+
+/// Waits for bytes and reads them into `buf` (growing it when nearly
+/// full); 0 at the end of the stream.
+pub async fn fill(sock: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    make_room(buf);
     loop {
         if let Some(n) = read_now(sock, buf)? {
             return Ok(n);
@@ -154,11 +159,6 @@ impl Client {
         Client { raw: Some(s), io: None }
     }
 
-    /// A socket already registered (tests, and callers that hold one).
-    pub fn registered_stream(s: TcpStream) -> Self {
-        Client { raw: None, io: Some(s) }
-    }
-
     /// Whether the reactor knows the socket yet.
     pub fn is_registered(&self) -> bool {
         self.io.is_some()
@@ -191,9 +191,7 @@ impl Client {
     /// a plain read; only one that would block registers it.
     pub async fn fill(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         if let Some(s) = &self.raw {
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 * 1024);
-            }
+            make_room(buf);
             match read_raw(s, buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return r,
