@@ -11,11 +11,12 @@
 //! straight to the upstream, so the proxies' added latency is their
 //! percentile minus the direct one, measured in the same repetition.
 //!
-//! Per protocol (HTTP/1.1 keep-alive, h2c, a new connection per request)
-//! it measures requests/s at `CONNS` connections and p50/p99 with one
-//! connection (the latency of one request, not a queue). wrk drives
-//! HTTP/1.1, h2load drives h2c (its per-request log gives the
-//! percentiles). Memory is the resident set of each proxy's processes
+//! Per protocol (HTTP/1.1 keep-alive, h2c, a new connection per request
+//! with HTTP/1.1 and with h2c) it measures requests/s at `CONNS`
+//! connections and p50/p99 with one connection (the latency of one
+//! request, not a queue). wrk drives HTTP/1.1, h2load drives h2c (its
+//! per-request log gives the percentiles), and [`crate::h2client`] drives
+//! h2c clients that connect for each request (h2load cannot). Memory is the resident set of each proxy's processes
 //! idle and with 1,000 open keep-alive connections that each carried one
 //! request. Sinew alone is also measured with 1,000 path rules against 1.
 //!
@@ -162,19 +163,28 @@ pub enum Proto {
     H2c,
     /// HTTP/1.1, a new connection per request.
     NewConn,
+    /// HTTP/2 over cleartext, a new connection per request: clients that
+    /// come and go, so that the proxy's upstream connections must outlive
+    /// its clients'.
+    H2cNewConn,
 }
 
 impl Proto {
-    pub const ALL: [Proto; 3] = [Proto::KeepAlive, Proto::H2c, Proto::NewConn];
+    pub const ALL: [Proto; 4] = [Proto::KeepAlive, Proto::H2c, Proto::NewConn, Proto::H2cNewConn];
     pub fn name(self) -> &'static str {
         match self {
             Proto::KeepAlive => "HTTP/1.1 keep-alive",
             Proto::H2c => "h2c",
             Proto::NewConn => "HTTP/1.1 new conn/req",
+            Proto::H2cNewConn => "h2c new conn/req",
         }
     }
+    /// Whether the client speaks HTTP/2 (and the upstream too).
+    pub fn is_h2(self) -> bool {
+        matches!(self, Proto::H2c | Proto::H2cNewConn)
+    }
     fn upstream(self) -> u16 {
-        if self == Proto::H2c {
+        if self.is_h2() {
             UP_H2
         } else {
             UP_H1
@@ -341,9 +351,10 @@ fn temp_paths(dir: &Path, who: &str) -> String {
 }
 
 fn haproxy_conf(p: Proto) -> String {
-    let (bind, server) = match p {
-        Proto::H2c => (" proto h2", format!("127.0.0.1:{UP_H2} proto h2")),
-        _ => ("", format!("127.0.0.1:{UP_H1}")),
+    let (bind, server) = if p.is_h2() {
+        (" proto h2", format!("127.0.0.1:{UP_H2} proto h2"))
+    } else {
+        ("", format!("127.0.0.1:{UP_H1}"))
     };
     format!(
         "global\n  nbthread 1\n  maxconn 8000\n\n\
@@ -355,7 +366,7 @@ fn haproxy_conf(p: Proto) -> String {
 
 fn nginx_conf(dir: &Path, p: Proto) -> String {
     let d = dir.display();
-    let h2 = if p == Proto::H2c { " http2" } else { "" };
+    let h2 = if p.is_h2() { " http2" } else { "" };
     format!(
         "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
          events {{ worker_connections 8192; }}\nworker_rlimit_nofile 16384;\n\
@@ -369,12 +380,13 @@ fn nginx_conf(dir: &Path, p: Proto) -> String {
 }
 
 fn envoy_conf(p: Proto) -> String {
-    let (port, h2opts) = match p {
-        Proto::H2c => (
+    let (port, h2opts) = if p.is_h2() {
+        (
             UP_H2,
             "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options: {}\n",
-        ),
-        _ => (UP_H1, ""),
+        )
+    } else {
+        (UP_H1, "")
     };
     format!(
         r#"static_resources:
@@ -580,7 +592,7 @@ fn h2_status_of(port: u16, path: &str) -> String {
 /// Checks that an arm forwards /public and refuses /admin.
 fn check_rule(arm: Arm, p: Proto) -> Result<(), L7ProxyError> {
     for (path, want) in [("/public/x", " 200"), ("/admin", " 403")] {
-        let got = if p == Proto::H2c {
+        let got = if p.is_h2() {
             h2_status_of(PROXY_PORT, path)
         } else {
             status_of(PROXY_PORT, path)
@@ -721,6 +733,37 @@ fn drive(arm: Arm, p: Proto, conns: u32, secs: Duration, o: &Options) -> Result<
                     output: text,
                 }),
             }
+        }
+        Proto::H2cNewConn => {
+            let exe = std::env::current_exe()?;
+            let mut c = Command::new(exe);
+            c.arg("h2c-client")
+                .arg(format!("--addr=127.0.0.1:{port}"))
+                .arg(format!("--conns={conns}"))
+                .arg(format!("--secs={secs_s}"));
+            let out = cpu::on(Role::Client, || c.output())?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let fail = |reason: String| L7ProxyError::Tool {
+                tool: "sinew-bench h2c-client",
+                arm: arm_name.clone(),
+                reason,
+                output: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+            };
+            let r: crate::h2client::H2cClientOutput =
+                serde_json::from_str(text.trim()).map_err(|e| fail(format!("its output does not parse: {e}")))?;
+            if !out.status.success() || r.failed > 0 || r.ok == 0 {
+                return Err(fail(format!(
+                    "{} of {} requests failed (first: {})",
+                    r.failed,
+                    r.failed + r.ok,
+                    r.first_error.as_deref().unwrap_or("-")
+                )));
+            }
+            Ok(Run {
+                rate: r.rate,
+                p50_us: r.p50_us as f64,
+                p99_us: r.p99_us as f64,
+            })
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod cpu;
 pub mod envs;
+pub mod h2client;
 pub mod idle;
 pub mod iperf;
 pub mod kube;

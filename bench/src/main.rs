@@ -114,7 +114,7 @@ enum Command {
     /// sinew-proxy against haproxy, nginx and Envoy with the same
     /// allow-by-path rule, and against no proxy: requests/s and added
     /// p50/p99 for HTTP/1.1 keep-alive, h2c and a new connection per
-    /// request; RSS idle and at 1,000 connections; 1,000 path rules vs 1.
+    /// request (HTTP/1.1 and h2c); RSS idle and at 1,000 connections; 1,000 path rules vs 1.
     /// Root (a network namespace of its own); wrk, h2load, haproxy, nginx
     /// and envoy from scripts/install-deps.sh. Use a release build.
     L7Proxy {
@@ -129,7 +129,7 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         arms: Vec<sinew_bench::l7proxy::Arm>,
         /// Only these protocols (comma-separated: keep-alive, h2c,
-        /// new-conn). Default: all.
+        /// new-conn, h2c-new-conn). Default: all.
         #[arg(long, value_delimiter = ',')]
         protos: Vec<sinew_bench::l7proxy::Proto>,
         /// Requests/s and latency only: no memory figures, no many-rules
@@ -146,6 +146,9 @@ enum Command {
     /// The client process of `services` (runs inside a pod; not for users).
     #[command(hide = true)]
     SvcClient(services::ClientArgs),
+    /// The reconnecting h2c load generator of `l7-proxy` (not for users).
+    #[command(hide = true)]
+    H2cClient(sinew_bench::h2client::H2cClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -156,6 +159,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::SvcClient(args) = &cli.command {
         return svc_client(args, cli.duration);
+    }
+    if let Command::H2cClient(args) = &cli.command {
+        return match sinew_bench::h2client::run(args) {
+            Ok(out) => {
+                println!("{}", serde_json::to_string(&out).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("h2c-client: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Command::L7Match = &cli.command {
         return l7_match(&cli);
@@ -489,7 +504,11 @@ fn run_command(command: &Command, opts: &Options, report: &mut Report) -> Result
         Command::Policy => policy::all(opts, report),
         Command::L7Untouched => policy::l7_untouched(opts, report),
         Command::Observe { .. } | Command::Services { .. } | Command::Kube => unreachable!("handled in run"),
-        Command::SvcClient(_) | Command::L7Match | Command::L7Proxy { .. } | Command::WireguardUserspace => {
+        Command::SvcClient(_)
+        | Command::H2cClient(_)
+        | Command::L7Match
+        | Command::L7Proxy { .. }
+        | Command::WireguardUserspace => {
             unreachable!("handled in main")
         }
     }
