@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::events::{Events, Flow};
+use crate::h2::frame::PREFACE;
 use crate::listener::canonical;
 use crate::metrics::{DropReason, Metrics, Verdict};
 use crate::netio::Client;
@@ -71,11 +72,17 @@ pub(crate) struct Conn {
 enum Sniff {
     H1,
     H2,
+    /// HTTP/2's request line ("PRI * HTTP/2.0") followed by something else
+    /// than the rest of its connection preface.
+    BadPreface,
     NotHttp,
     Eof,
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The connection preface's first line: an HTTP/1 server reads it as a
+/// request with method PRI and version HTTP/2.0 (RFC 9113 3.4), which no
+/// HTTP/1 client sends.
+const PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 fn is_tchar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
@@ -96,6 +103,9 @@ async fn sniff(s: &mut Client, buf: &mut bytes::BytesMut) -> io::Result<Sniff> {
         }
         if PREFACE.starts_with(b) {
             continue;
+        }
+        if b.starts_with(PREFACE_LINE) {
+            return Ok(Sniff::BadPreface);
         }
         match b.iter().position(|c| *c == b' ') {
             Some(0) => return Ok(Sniff::NotHttp),
@@ -157,6 +167,13 @@ pub async fn serve(ctx: Arc<Ctx>, mut stream: Client, peer: SocketAddr, dir: Dir
             tracing::debug!(%peer, %orig, "not HTTP on an L7 port, closing");
             ctx.metrics.dropped(DropReason::NotHttp);
         }
+        Sniff::BadPreface => {
+            // An invalid connection preface is a connection error; the
+            // GOAWAY may be left out, since the peer does not speak HTTP/2
+            // (RFC 9113 3.4). Nor does it speak HTTP/1: closed, counted.
+            tracing::debug!(%peer, %orig, "an invalid HTTP/2 connection preface, closing");
+            ctx.metrics.dropped(DropReason::NotHttp);
+        }
         Sniff::H1 => crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await,
         Sniff::H2 => match stream.into_registered() {
             Ok(s) => crate::h2::serve(&ctx, &conn, s, first, drain, counted).await,
@@ -203,12 +220,12 @@ impl Answer {
     }
 
     /// A refusal of a head that was never judged (no flow, no outcome
-    /// counted): 400 or 431.
+    /// counted): 400, 431 or 505.
     pub(crate) fn refuse_plain(status: StatusCode) -> Self {
-        let body = if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
-            "Request Header Fields Too Large\n"
-        } else {
-            "Bad Request\n"
+        let body = match status {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "Request Header Fields Too Large\n",
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED => "HTTP Version Not Supported\n",
+            _ => "Bad Request\n",
         };
         let mut a = Answer::refuse(status, DropReason::MalformedRequest, body);
         a.outcome.reason = None;

@@ -27,7 +27,9 @@ use sinew_proxy::{Config, Proxy, ProxyHandle};
 const NO_ERROR: u32 = 0x0;
 const PROTOCOL_ERROR: u32 = 0x1;
 const FLOW_CONTROL_ERROR: u32 = 0x3;
+const STREAM_CLOSED: u32 = 0x5;
 const FRAME_SIZE_ERROR: u32 = 0x6;
+const CANCEL: u32 = 0x8;
 
 // Frame types (section 6).
 const DATA: u8 = 0x0;
@@ -43,6 +45,7 @@ const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
+const PRIORITY_FLAG: u8 = 0x20;
 
 fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
@@ -334,7 +337,9 @@ fn get(stream: u32, path: &str) -> Vec<u8> {
 
 /// RFC 9113 section 3.4: an invalid connection preface is a connection
 /// error; the GOAWAY may be omitted (the peer does not speak HTTP/2). The
-/// proxy never starts HTTP/2 on it (no SETTINGS), closes it and counts it.
+/// proxy never starts HTTP/2 on it (no SETTINGS), nor answers it as
+/// HTTP/1 (its first line is HTTP/2's), closes it and counts it as not
+/// HTTP.
 #[test]
 fn an_invalid_preface_is_closed_without_http2_and_counted() {
     in_netns(|| {
@@ -346,13 +351,10 @@ fn an_invalid_preface_is_closed_without_http2_and_counted() {
         s.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
-        assert!(
-            out.is_empty() || out.starts_with(b"HTTP/1.1 "),
-            "an HTTP/2 answer to a bad preface: {out:02x?}"
-        );
+        assert!(out.is_empty(), "an answer to a bad preface: {out:02x?}");
         std::thread::sleep(Duration::from_millis(100));
-        let counted = m.drops(DropReason::MalformedRequest) + m.drops(DropReason::NotHttp);
-        assert_eq!(counted, 1, "{}", m.render());
+        assert_eq!(m.drops(DropReason::NotHttp), 1, "{}", m.render());
+        assert_eq!(m.drops(DropReason::MalformedRequest), 0, "{}", m.render());
         assert_eq!(w.hits.load(Relaxed), 0);
     });
 }
@@ -513,6 +515,111 @@ fn priority_with_a_bad_length_is_refused_and_a_good_one_ignored() {
         c.send(&get(3, "/public/p"));
         c.wait_stream(3);
         assert_eq!(c.body(3), "GET /public/p");
+        assert!(c.of(GOAWAY, 0).is_empty(), "{:?}", c.summary());
+    });
+}
+
+/// RFC 7540 section 5.3.1: "A stream cannot depend on itself. An endpoint
+/// MUST treat this as a stream error (Section 5.4.2) of type
+/// PROTOCOL_ERROR" (h2spec http2/5.3.1 #1 and #2; RFC 9113 keeps the
+/// fields). On an idle stream, which takes no RST_STREAM (RFC 9113 5.1),
+/// it is a connection error. The refused HEADERS' block still updates the
+/// HPACK table: the next request may name what it added.
+#[test]
+fn a_stream_that_depends_on_itself_is_a_stream_error() {
+    in_netns(|| {
+        let w = World::new();
+        w.expect_goaway(
+            &frame(PRIORITY, 0, 1, &[0, 0, 0, 1, 16]),
+            PROTOCOL_ERROR,
+            "PRIORITY: idle stream 1 depends on itself",
+        );
+
+        let mut c = w.connect();
+        let drops = w.h2_drops();
+        // :path with incremental indexing (RFC 7541 6.2.1): dynamic index 62.
+        let mut block = vec![0x82, 0x86, 0x44, 13];
+        block.extend(b"/public/after");
+        block.extend([0x01, 3]);
+        block.extend(b"web");
+        let mut payload = vec![0, 0, 0, 1, 16];
+        payload.extend(&block);
+        c.send(&frame(HEADERS, END_STREAM | END_HEADERS | PRIORITY_FLAG, 1, &payload));
+        c.wait_stream(1);
+        assert_eq!(c.reset_code(1), Some(PROTOCOL_ERROR), "{:?}", c.summary());
+        assert!(w.h2_drops_past(drops) > drops, "the stream error is counted");
+
+        // An open stream made to depend on itself by PRIORITY.
+        c.send(&frame(HEADERS, END_HEADERS, 3, &request("POST", "/public/open", &[])));
+        c.send(&frame(PRIORITY, 0, 3, &[0, 0, 0, 3, 16]));
+        c.wait_stream(3);
+        assert_eq!(c.reset_code(3), Some(PROTOCOL_ERROR), "{:?}", c.summary());
+
+        // GET, http, :path from the dynamic table, :authority web.
+        let mut next = vec![0x82, 0x86, 0x80 | 62, 0x01, 3];
+        next.extend(b"web");
+        c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 5, &next));
+        c.wait_stream(5);
+        assert_eq!(c.body(5), "GET /public/after", "{:?}", c.summary());
+        assert!(c.of(GOAWAY, 0).is_empty(), "{:?}", c.summary());
+    });
+}
+
+/// RFC 9113 section 5.1, "closed": "An endpoint that receives any frame
+/// other than PRIORITY after receiving a RST_STREAM MUST treat that as a
+/// stream error (Section 5.4.2) of type STREAM_CLOSED", and so frames
+/// after END_STREAM (h2spec http2/5.1 #8 and #11). But "An endpoint MUST
+/// ignore frames that it receives on closed streams after it has sent a
+/// RST_STREAM frame": the proxy resets such a stream once, and DATA on a
+/// stream it reset itself is let go.
+#[test]
+fn data_on_a_stream_the_client_closed_is_a_stream_error() {
+    in_netns(|| {
+        let w = World::new();
+        let mut c = w.connect();
+        let resets = |c: &Conn, sid: u32| c.of(RST_STREAM, sid).len();
+
+        // Closed by the client's RST_STREAM.
+        c.send(&frame(HEADERS, END_HEADERS, 1, &request("POST", "/public/body", &[])));
+        c.send(&frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes()));
+        let drops = w.h2_drops();
+        c.send(&frame(DATA, END_STREAM, 1, b"test"));
+        c.wait_stream(1);
+        assert_eq!(c.reset_code(1), Some(STREAM_CLOSED), "{:?}", c.summary());
+        assert!(w.h2_drops_past(drops) > drops, "the stream error is counted");
+
+        // Closed both ways: the client's END_STREAM, then the answer.
+        c.send(&get(3, "/public/done"));
+        c.wait_stream(3);
+        assert_eq!(c.body(3), "GET /public/done");
+        c.send(&frame(DATA, END_STREAM, 3, b"late"));
+        c.read_until(Duration::from_secs(5), |f| {
+            f.iter().any(|f| f.ty == RST_STREAM && f.stream == 3)
+        });
+        assert_eq!(c.reset_code(3), Some(STREAM_CLOSED), "{:?}", c.summary());
+
+        // Reset by the proxy (a stream error): its DATA is ignored, and so
+        // is more DATA on streams 1 and 3 after their RST_STREAM.
+        c.send(&frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 5, &{
+            let mut p = vec![0, 0, 0, 5, 16];
+            p.extend(request("POST", "/public/self", &[]));
+            p
+        }));
+        c.wait_stream(5);
+        assert_eq!(c.reset_code(5), Some(PROTOCOL_ERROR), "{:?}", c.summary());
+        for sid in [5, 1, 3] {
+            c.send(&frame(DATA, 0, sid, b"more"));
+        }
+        c.send(&get(7, "/public/after"));
+        c.wait_stream(7);
+        c.read_until(Duration::from_millis(300), |_| false);
+        assert_eq!(c.body(7), "GET /public/after", "{:?}", c.summary());
+        assert_eq!(
+            (resets(&c, 1), resets(&c, 3), resets(&c, 5)),
+            (1, 1, 1),
+            "{:?}",
+            c.summary()
+        );
         assert!(c.of(GOAWAY, 0).is_empty(), "{:?}", c.summary());
     });
 }

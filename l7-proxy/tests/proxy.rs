@@ -652,6 +652,14 @@ fn bad_input_is_refused_counted_and_never_hangs() {
         // A header line without a colon is malformed, not smuggling.
         let out = raw(a, b"GET / HTTP/1.1\r\nHost: web\r\nnocolon\r\n\r\n", "", 0);
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        // An HTTP version other than 1.0 and 1.1: 505 (RFC 9110 15.6.6).
+        let out = raw(a, b"GET / HTTP/2.0\r\nHost: web\r\n\r\n", "", 0);
+        assert!(out.starts_with("HTTP/1.1 505"), "{out}");
+        // A request line that ends in no HTTP version is not HTTP (h2spec
+        // 3.5 #2 sends this as an invalid HTTP/2 preface; RFC 9113 3.4
+        // wants the connection ended): closed without an answer.
+        let out = raw(a, b"INVALID CONNECTION PREFACE\r\n\r\n", "", 0);
+        assert_eq!(out, "");
         // Slow headers: the connection is closed after the timeout.
         let mut s = TcpStream::connect(a).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -669,13 +677,15 @@ fn bad_input_is_refused_counted_and_never_hangs() {
 
         std::thread::sleep(Duration::from_millis(200));
         let m = &p.metrics;
-        // The TLS bytes and the method that is not a token never reach hyper.
-        assert_eq!(m.drops(DropReason::NotHttp), 2, "{}", m.render());
+        // The TLS bytes, the method that is not a token and the line
+        // without a version.
+        assert_eq!(m.drops(DropReason::NotHttp), 3, "{}", m.render());
         assert_eq!(m.drops(DropReason::HeaderTooLarge), 2);
         assert_eq!(m.drops(DropReason::InvalidTarget), 2);
         assert_eq!(m.drops(DropReason::AmbiguousPath), 1, "{}", m.render());
         assert_eq!(m.drops(DropReason::Smuggling), 6, "{}", m.render());
-        assert_eq!(m.drops(DropReason::MalformedRequest), 1, "{}", m.render());
+        // The line without a colon, and the HTTP/2.0 request line.
+        assert_eq!(m.drops(DropReason::MalformedRequest), 2, "{}", m.render());
         assert_eq!(m.drops(DropReason::HeaderTimeout), 2, "{}", m.render());
         assert!(t.elapsed() < Duration::from_secs(20));
         // Still serving.

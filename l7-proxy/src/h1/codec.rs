@@ -44,6 +44,13 @@ pub enum HeadError {
     Smuggling(Finding),
     /// Not a well-formed HTTP/1.x request head (400).
     Malformed,
+    /// A request line whose version is HTTP/x.y but not 1.0 or 1.1 (505,
+    /// RFC 9110 15.6.6).
+    Version,
+    /// A request line that ends in no HTTP version at all: not HTTP (say
+    /// an invalid HTTP/2 connection preface, or HTTP/0.9). Closed without
+    /// an answer, like other bytes that are not HTTP.
+    NotHttp,
     /// A transfer coding other than a final `chunked` (RFC 9112 6.3: the
     /// length cannot be determined; 400).
     BadTransferEncoding,
@@ -256,6 +263,20 @@ fn header_storage<'s, 'b>(
     }
 }
 
+/// What a request line the parser refused for its version is: an HTTP
+/// version it does not speak, or no HTTP version at all.
+fn version_error(buf: &[u8]) -> HeadError {
+    let start = buf.iter().position(|c| *c != b'\r' && *c != b'\n').unwrap_or(0);
+    let line = &buf[start..];
+    let line = &line[..line.iter().position(|c| *c == b'\n').unwrap_or(line.len())];
+    let version = line.rsplit(|c| *c == b' ').next().unwrap_or_default();
+    if version.starts_with(b"HTTP/") {
+        HeadError::Version
+    } else {
+        HeadError::NotHttp
+    }
+}
+
 /// Parses the request head at the start of `buf`. `Ok(None)`: incomplete,
 /// read more (the caller enforces the size limit on what it buffers).
 /// Empty lines before the request line are skipped (RFC 9112 2.2) and
@@ -278,6 +299,7 @@ pub fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<RequestHea
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
         Err(_) if has_obs_fold(buf) => return Err(HeadError::Smuggling(Finding::ObsFold)),
+        Err(httparse::Error::Version) => return Err(version_error(buf)),
         Err(_) => return Err(HeadError::Malformed),
     };
     let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
@@ -772,7 +794,11 @@ mod tests {
             (b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n", HeadError::Malformed),
             (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HeadError::Malformed),
             (b"GET / HTTP/1.1\r\nnocolon\r\n\r\n", HeadError::Malformed),
-            (b"GET / HTTP/2.0\r\n\r\n", HeadError::Malformed),
+            (b"GET / HTTP/2.0\r\n\r\n", HeadError::Version),
+            (b"\r\nGET / HTTP/1.2\r\n\r\n", HeadError::Version),
+            (b"GET / HTTPS/1.1\r\n\r\n", HeadError::NotHttp),
+            // h2spec 3.5 #2: an invalid HTTP/2 connection preface.
+            (b"INVALID CONNECTION PREFACE\r\n\r\n", HeadError::NotHttp),
         ] {
             assert_eq!(req(b), Err(want), "{}", String::from_utf8_lossy(b));
         }

@@ -360,6 +360,15 @@ pub(crate) async fn serve(
                     HeadError::Malformed | HeadError::BadTransferEncoding => {
                         (http::StatusCode::BAD_REQUEST, DropReason::MalformedRequest)
                     }
+                    HeadError::Version => (
+                        http::StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                        DropReason::MalformedRequest,
+                    ),
+                    HeadError::NotHttp => {
+                        tracing::debug!(peer = %conn.peer, orig = %conn.orig, "not HTTP on an L7 port, closing");
+                        ctx.metrics.dropped(DropReason::NotHttp);
+                        return close_client(client, false).await;
+                    }
                 };
                 refuse_head(ctx, &mut client, &mut out, status, reason, 1).await;
                 return close_client(client, true).await;

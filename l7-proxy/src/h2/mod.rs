@@ -366,6 +366,12 @@ const HUB_CLIENTS: usize = 32;
 const UPSTREAM_STREAMS_BEFORE_SETTINGS: u32 = 100;
 /// No upstream connection (in [`Key::up`]).
 const NO_UP: u32 = u32::MAX;
+/// Streams the client closed that a client remembers (see
+/// [`Client::closed`]).
+const CLOSED_KEPT: usize = 8;
+/// A HEADERS flag bit that HTTP/2 does not define, used only inside the
+/// proxy: the block's priority made its stream depend on itself.
+const SELF_DEPENDENT: u8 = 0x40;
 /// Times one stream goes again after the upstream refused it unprocessed;
 /// past that it is answered 502 (gRPC 14).
 const MAX_RETRIES: u8 = 3;
@@ -436,6 +442,20 @@ struct Client {
     streams: usize,
     /// Response DATA waits in its streams for its write buffer to drain.
     stalled: bool,
+    /// The last streams the client itself closed (its END_STREAM, then
+    /// the answer; or its RST_STREAM), 0 for none: a DATA frame on one of
+    /// them is a stream error of type STREAM_CLOSED (RFC 9113 5.1). Any
+    /// other closed stream's DATA is ignored, as it must be on a stream
+    /// the proxy reset (whose DATA may already have been on its way).
+    closed: [u32; CLOSED_KEPT],
+    closed_next: usize,
+}
+
+impl Client {
+    fn closed_by_client(&mut self, cid: u32) {
+        self.closed[self.closed_next] = cid;
+        self.closed_next = (self.closed_next + 1) % CLOSED_KEPT;
+    }
 }
 
 /// Where stream `i` is, kept apart from [`Stream`] so that finding a
@@ -600,6 +620,8 @@ impl H2 {
             dropped: false,
             streams: 0,
             stalled: false,
+            closed: [0; CLOSED_KEPT],
+            closed_next: 0,
         };
         let c = match self.clients.iter().position(Option::is_none) {
             Some(c) => {
@@ -983,14 +1005,20 @@ impl H2 {
                     return Err(conn_err(PROTOCOL_ERROR, "HEADERS on stream 0"));
                 }
                 let (s, e) = unpad(&h, p).ok_or(conn_err(PROTOCOL_ERROR, "bad padding"))?;
+                let mut flags = h.flags & !SELF_DEPENDENT;
+                // The priority's stream dependency sits just before the
+                // block (unpad skipped it).
+                if h.flags & PRIORITY_FLAG != 0 && u32_at(p, s - 5) & 0x7fff_ffff == h.stream {
+                    flags |= SELF_DEPENDENT;
+                }
                 if h.flags & END_HEADERS == 0 {
-                    self.cl(c).wire.cont = Some((h.stream, h.flags, p[s..e].to_vec()));
+                    self.cl(c).wire.cont = Some((h.stream, flags, p[s..e].to_vec()));
                     return Ok(());
                 }
                 let mut block = std::mem::take(&mut self.block);
                 block.clear();
                 block.extend_from_slice(&p[s..e]);
-                let r = self.client_headers(c, h.stream, h.flags, &block);
+                let r = self.client_headers(c, h.stream, flags, &block);
                 self.block = block;
                 r
             }
@@ -1025,6 +1053,18 @@ impl H2 {
                             put_rst(&mut self.cl(c).wire.wbuf, h.stream, FRAME_SIZE_ERROR);
                             self.refused(c, 1);
                         }
+                    }
+                } else if u32_at(p, 0) & 0x7fff_ffff == h.stream {
+                    // A stream cannot depend on itself: a stream error of
+                    // type PROTOCOL_ERROR (RFC 7540 5.3.1; RFC 9113 keeps
+                    // the frame's format), a connection error on an idle
+                    // stream as above. On a closed stream it changes
+                    // nothing and is let go.
+                    if h.stream > self.cl(c).last_cid {
+                        return Err(conn_err(PROTOCOL_ERROR, "PRIORITY: an idle stream depends on itself"));
+                    }
+                    if let Some(i) = self.find(c, h.stream) {
+                        self.stream_error(i, PROTOCOL_ERROR);
                     }
                 }
                 Ok(())
@@ -1188,6 +1228,14 @@ impl H2 {
             }
             // A stream that is closed or was reset: its window comes back.
             cl.wire.give_back_conn(h.len);
+            // After the client's own END_STREAM or RST_STREAM, DATA is a
+            // stream error of type STREAM_CLOSED (RFC 9113 5.1, "closed").
+            // It is reset once: what follows comes after our RST_STREAM.
+            if let Some(slot) = cl.closed.iter_mut().find(|x| **x == h.stream) {
+                *slot = 0;
+                put_rst(&mut cl.wire.wbuf, h.stream, STREAM_CLOSED);
+                self.refused(c, 1);
+            }
             return Ok(());
         };
         let w = &mut self.clients[c].as_mut().expect("a client slot in use").wire;
@@ -1234,6 +1282,7 @@ impl H2 {
         let unanswered = !self.streams[i].resp.end_sent;
         self.cancel_upstream(i, CANCEL);
         self.remove(i);
+        self.cl(c).closed_by_client(cid);
         if unanswered {
             let cap = self.ctx.limits.h2_max_pending_accept_reset_streams as f64;
             let now = Instant::now();
@@ -1299,7 +1348,12 @@ impl H2 {
 
     fn client_head(&mut self, c: usize, sid: u32, flags: u8, f: &Fields) -> Result<(), ConnError> {
         let end = flags & END_STREAM != 0;
+        let self_dependent = flags & SELF_DEPENDENT != 0;
         if let Some(i) = self.find(c, sid) {
+            if self_dependent {
+                self.stream_error(i, PROTOCOL_ERROR);
+                return Ok(());
+            }
             // Trailers: they end the stream and carry no pseudo-fields.
             let st = &mut self.streams[i];
             if st.req.end {
@@ -1337,6 +1391,14 @@ impl H2 {
         cl.last_cid = sid;
         if cl.goaway.is_some() || cl.peer_goaway {
             put_rst(&mut cl.wire.wbuf, sid, REFUSED_STREAM);
+            return Ok(());
+        }
+        if self_dependent {
+            // A stream cannot depend on itself: a stream error of type
+            // PROTOCOL_ERROR (RFC 7540 5.3.1). Its block was decoded, so
+            // the HPACK state stays in step.
+            put_rst(&mut cl.wire.wbuf, sid, PROTOCOL_ERROR);
+            self.refused(c, 1);
             return Ok(());
         }
         if cl.streams >= max_streams {
@@ -1563,6 +1625,11 @@ impl H2 {
         let st = &self.streams[i];
         let req_done = if st.local { st.req.end } else { st.req.end_sent };
         if st.resp.end_sent && req_done {
+            // Closed both ways, the client's half by its END_STREAM.
+            let k = self.keys[i];
+            if let Some(cl) = self.clients[k.client as usize].as_mut() {
+                cl.closed_by_client(k.cid);
+            }
             return true;
         }
         if st.resp.end_sent && st.local && !st.req.end {
