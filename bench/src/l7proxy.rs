@@ -16,9 +16,9 @@
 //! connections and p50/p99 with one connection (the latency of one
 //! request, not a queue). wrk drives HTTP/1.1, h2load drives h2c (its
 //! per-request log gives the percentiles), and [`crate::h2client`] drives
-//! h2c clients that connect for each request (h2load cannot). Memory is the resident set of each proxy's processes
-//! idle and with 1,000 open keep-alive connections that each carried one
-//! request. Sinew alone is also measured with 1,000 path rules against 1.
+//! h2c clients that connect for each request (h2load cannot). Memory is
+//! the resident set of each proxy's processes idle and with 1,000 open
+//! keep-alive connections that each carried one request. Sinew alone is also measured with 1,000 path rules against 1.
 //!
 //! Sinew gets its rules the way it does in a node: over the ProxyControl
 //! stream, from a stand-in agent in this process that also takes the

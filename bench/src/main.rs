@@ -114,7 +114,8 @@ enum Command {
     /// sinew-proxy against haproxy, nginx and Envoy with the same
     /// allow-by-path rule, and against no proxy: requests/s and added
     /// p50/p99 for HTTP/1.1 keep-alive, h2c and a new connection per
-    /// request (HTTP/1.1 and h2c); RSS idle and at 1,000 connections; 1,000 path rules vs 1.
+    /// request (HTTP/1.1 and h2c); RSS idle and at 1,000 connections;
+    /// 1,000 path rules vs 1.
     /// Root (a network namespace of its own); wrk, h2load, haproxy, nginx
     /// and envoy from scripts/install-deps.sh. Use a release build.
     L7Proxy {

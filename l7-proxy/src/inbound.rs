@@ -72,9 +72,6 @@ pub(crate) struct Conn {
 enum Sniff {
     H1,
     H2,
-    /// HTTP/2's request line ("PRI * HTTP/2.0") followed by something else
-    /// than the rest of its connection preface.
-    BadPreface,
     NotHttp,
     Eof,
 }
@@ -105,7 +102,10 @@ async fn sniff(s: &mut Client, buf: &mut bytes::BytesMut) -> io::Result<Sniff> {
             continue;
         }
         if b.starts_with(PREFACE_LINE) {
-            return Ok(Sniff::BadPreface);
+            // An invalid connection preface is a connection error; the
+            // GOAWAY may be left out, since the peer does not speak HTTP/2
+            // (RFC 9113 3.4). Nor does it speak HTTP/1: not HTTP.
+            return Ok(Sniff::NotHttp);
         }
         match b.iter().position(|c| *c == b' ') {
             Some(0) => return Ok(Sniff::NotHttp),
@@ -165,13 +165,6 @@ pub async fn serve(ctx: Arc<Ctx>, mut stream: Client, peer: SocketAddr, dir: Dir
         Sniff::Eof => {}
         Sniff::NotHttp => {
             tracing::debug!(%peer, %orig, "not HTTP on an L7 port, closing");
-            ctx.metrics.dropped(DropReason::NotHttp);
-        }
-        Sniff::BadPreface => {
-            // An invalid connection preface is a connection error; the
-            // GOAWAY may be left out, since the peer does not speak HTTP/2
-            // (RFC 9113 3.4). Nor does it speak HTTP/1: closed, counted.
-            tracing::debug!(%peer, %orig, "an invalid HTTP/2 connection preface, closing");
             ctx.metrics.dropped(DropReason::NotHttp);
         }
         Sniff::H1 => crate::h1::serve(&ctx, &conn, stream, first, accepted, drain).await,
